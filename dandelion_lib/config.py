@@ -1,0 +1,117 @@
+"""One typed settings object for every part of dandelion.
+
+Values come from environment variables prefixed ``DANDELION_`` (or a ``.env`` file),
+falling back to the embedded defaults below, which run everything on one machine:
+a local object store and SQLite-backed MLflow under the work directory.
+
+S3 credentials are never settings: boto3 reads them from its standard chain
+(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, a profile, or an IAM role).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SOURCE = (
+    "https://raw.githubusercontent.com/btphan95/greenr-airflow/refs/heads/master/data"
+)
+
+
+class Settings(BaseSettings):
+    """All configuration; see docs/configuration.md for the full table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DANDELION_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    # --- locations -------------------------------------------------------------------------
+    workdir: Path = Field(Path(".dandelion"), description="Embedded state: store, MLflow DB.")
+    store_url: str | None = Field(
+        None, description="Object store: file:///path or s3://bucket[/prefix]. "
+        "Default: file://<workdir>/store."
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint for MinIO or another S3-compatible server."
+    )
+    s3_region: str = Field("us-east-1", description="S3 region name.")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking/registry URI. Default: sqlite:///<workdir>/mlflow.db."
+    )
+
+    # --- ingestion -------------------------------------------------------------------------
+    source: str = Field(
+        DEFAULT_SOURCE,
+        description="Image source: an HTTP base URL (<label>/<8-digit index>.jpg) or a local "
+        "folder with one sub-folder per label.",
+    )
+    source_start: int = Field(0, description="First image index of the HTTP layout.")
+    source_count: int = Field(200, description="Images per label in the HTTP layout.")
+    http_concurrency: int = Field(16, description="Parallel downloads.")
+    http_timeout_s: float = Field(10.0, description="Per-request timeout.")
+    http_retries: int = Field(3, description="Retries on 5xx and timeouts (never on 404).")
+    min_image_side: int = Field(32, description="Smaller images are rejected.")
+    max_image_pixels: int = Field(
+        40_000_000, description="Larger images are rejected (decompression-bomb guard)."
+    )
+    min_images_per_class: int = Field(20, description="Ingestion fails below this per class.")
+    max_class_imbalance: float = Field(
+        3.0, description="Ingestion fails when largest/smallest class count exceeds this."
+    )
+    split_seed: int = Field(42, description="Seed of the deterministic train/val/test split.")
+
+    # --- model registry --------------------------------------------------------------------
+    experiment: str = Field("dandelion", description="MLflow experiment name.")
+    model_name: str = Field("dandelion", description="Registered model name.")
+    promotion_floor: float = Field(0.90, description="Minimum test accuracy to promote.")
+    promotion_tolerance: float = Field(
+        0.01, description="Allowed accuracy drop versus the current champion."
+    )
+
+    # --- serving ---------------------------------------------------------------------------
+    api_url: str = Field("http://127.0.0.1:8000", description="Where clients reach the API.")
+    api_host: str = Field("127.0.0.1", description="API bind address.")
+    api_port: int = Field(8000, description="API port.")
+    model_alias: str = Field("champion", description="Alias the API serves.")
+    confidence_threshold: float = Field(
+        0.6, description="Below this confidence the answer is 'uncertain'."
+    )
+    max_body_bytes: int = Field(10 * 1024 * 1024, description="Request body limit.")
+    max_batch_images: int = Field(32, description="Images per /predict/batch request.")
+    microbatch_max: int = Field(32, description="Largest micro-batch run by the model.")
+    microbatch_wait_ms: float = Field(5.0, description="Wait for more requests to batch.")
+    queue_size: int = Field(256, description="Pending images before 503 + Retry-After.")
+    reload_interval_s: float = Field(30.0, description="Registry alias polling period.")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for /admin/*; admin endpoints are refused when unset."
+    )
+    feedback_db_url: str | None = Field(
+        None, description="SQLAlchemy URL of the feedback DB. Default: SQLite in workdir."
+    )
+    drift_window: int = Field(200, description="Served images kept for live drift scores.")
+
+    # --- derived ---------------------------------------------------------------------------
+    @property
+    def workdir_path(self) -> Path:
+        return self.workdir.expanduser().resolve()
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or (self.workdir_path / "store").as_uri()
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{self.workdir_path / 'mlflow.db'}"
+
+    @property
+    def resolved_feedback_db_url(self) -> str:
+        return self.feedback_db_url or f"sqlite:///{self.workdir_path / 'feedback.db'}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read once from the environment)."""
+    return Settings()

@@ -1,0 +1,174 @@
+"""Features, defined once: image decoding, the model's input spec and per-image statistics.
+
+* :func:`decode_image` turns untrusted bytes into an RGB ``PIL.Image`` or raises
+  :class:`InvalidImageError` with a short reason code; ingestion, training and serving
+  all decode through it.
+* :class:`FeatureSpec` is the versioned model-input contract (size, colour mode, resize
+  method). Training and the predictor both call :func:`to_model_input`, so there is no
+  training/serving skew. Pixel normalisation lives inside the Keras model, which takes
+  plain RGB pixels (``uint8`` values as float32).
+* :func:`image_stats` computes the per-image statistics stored in the dataset manifest
+  (the feature store's first table) and reused as the reference for drift monitoring.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+FEATURE_SPEC_VERSION = "1"
+
+STAT_COLUMNS: tuple[str, ...] = (
+    "brightness",
+    "contrast",
+    "saturation",
+    "green_fraction",
+    "yellow_fraction",
+    "sharpness",
+)
+"""Per-image statistics (all in [0, 1] except sharpness); drift monitoring uses these."""
+
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MIN_SIDE = 32
+
+
+class InvalidImageError(ValueError):
+    """Bytes that are not a usable image. ``reason`` is a short machine-readable code:
+    ``empty``, ``not_an_image``, ``truncated``, ``too_large``, ``too_small``."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """The model-input contract, logged with every model."""
+
+    version: str = FEATURE_SPEC_VERSION
+    image_size: int = 224
+    color_mode: str = "RGB"
+    resize_method: str = "bilinear"
+    input_dtype: str = "float32"
+    input_range: tuple[float, float] = (0.0, 255.0)
+    normalization: str = "inside the model"
+    labels: tuple[str, ...] = field(default=("dandelion", "grass"))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_range"] = list(self.input_range)
+        d["labels"] = list(self.labels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FeatureSpec:
+        d = dict(d)
+        d["input_range"] = tuple(d.get("input_range", (0.0, 255.0)))
+        d["labels"] = tuple(d.get("labels", ("dandelion", "grass")))
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = DEFAULT_MIN_SIDE,
+) -> Image.Image:
+    """Decode untrusted bytes fully into an RGB image (EXIF orientation applied).
+
+    Raises :class:`InvalidImageError` for empty, non-image, truncated, oversized
+    (decompression bomb) or too small inputs. The first frame of an animation is used.
+    """
+    if not data:
+        raise InvalidImageError("empty", "the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise InvalidImageError(
+                    "too_large",
+                    f"image is {width}x{height} = {width * height:,} pixels; "
+                    f"the limit is {max_pixels:,}",
+                )
+            img.load()
+    except InvalidImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidImageError("too_large", f"image is too large: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise InvalidImageError("not_an_image", "the file is not a supported image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidImageError("truncated", f"the image is truncated or corrupt ({exc})") from None
+    if min(width, height) < min_side:
+        raise InvalidImageError(
+            "too_small", f"image is {width}x{height}; each side must be at least {min_side} px"
+        )
+    try:
+        img = ImageOps.exif_transpose(img) or img
+    except Exception:  # broken EXIF must not reject an otherwise valid image
+        pass
+    return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = float(arr.max()) or 1.0
+        img = Image.fromarray((arr / hi * 255.0).clip(0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def to_model_input(img: Image.Image, spec: FeatureSpec | None = None) -> np.ndarray:
+    """Resize an RGB image to the spec; returns ``float32`` array ``(size, size, 3)`` in [0, 255]."""
+    spec = spec or FeatureSpec()
+    size = (spec.image_size, spec.image_size)
+    if img.mode != spec.color_mode:
+        img = img.convert(spec.color_mode)
+    resized = img.resize(size, _RESAMPLE[spec.resize_method])
+    return np.asarray(resized, dtype=np.float32)
+
+
+def bytes_to_model_input(data: bytes, spec: FeatureSpec | None = None, **limits: int) -> np.ndarray:
+    """:func:`decode_image` then :func:`to_model_input`: the one path from bytes to model input."""
+    return to_model_input(decode_image(data, **limits), spec)
+
+
+def image_stats(img: Image.Image) -> dict[str, float]:
+    """Cheap per-image statistics (on a 64 px thumbnail) used for data checks and drift."""
+    small = img.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR)
+    hsv = np.asarray(small.convert("HSV"), dtype=np.float32) / 255.0
+    hue, sat, val = hsv[..., 0] * 360.0, hsv[..., 1], hsv[..., 2]
+    gray = np.asarray(small.convert("L"), dtype=np.float32) / 255.0
+    colourful = (sat > 0.25) & (val > 0.2)
+    lap = (
+        -4 * gray[1:-1, 1:-1] + gray[:-2, 1:-1] + gray[2:, 1:-1] + gray[1:-1, :-2] + gray[1:-1, 2:]
+    )
+    return {
+        "brightness": float(gray.mean()),
+        "contrast": float(gray.std()),
+        "saturation": float(sat.mean()),
+        "green_fraction": float((colourful & (hue >= 70) & (hue < 170)).mean()),
+        "yellow_fraction": float((colourful & (hue >= 40) & (hue < 70)).mean()),
+        "sharpness": float(min(lap.var() * 100.0, 1.0)),
+    }

@@ -1,0 +1,97 @@
+"""Single entry point for tests, lint, the pipeline, serving and benchmarks.
+
+Every session shares one virtual environment (``.venv``), built with uv from
+``requirements.lock`` and refreshed only when the lock or ``pyproject.toml``
+changes, so TensorFlow and Airflow are installed once, not per session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent.resolve()
+VENV = ROOT / ".venv"
+BIN = VENV / "bin"
+STAMP = VENV / ".dandelion-lock.sha256"
+WORKDIR = Path(os.environ.get("DANDELION_WORKDIR", ROOT / ".dandelion")).resolve()
+
+nox.options.sessions = ["tests"]
+nox.options.default_venv_backend = "none"
+
+
+def _lock_digest() -> str:
+    h = hashlib.sha256()
+    for name in ("requirements.lock", "pyproject.toml"):
+        h.update((ROOT / name).read_bytes())
+    return h.hexdigest()
+
+
+def _env(session: nox.Session) -> dict[str, str]:
+    """Create or refresh the shared venv; return the environment to run in it."""
+    uv = shutil.which("uv")
+    if uv is None:
+        session.error("uv is required: python3 -m pip install uv nox")
+    digest = _lock_digest()
+    if not STAMP.exists() or STAMP.read_text().strip() != digest:
+        if not (BIN / "python").exists():
+            session.run(uv, "venv", "--quiet", "--python", sys.executable, str(VENV), external=True)
+        env = {"VIRTUAL_ENV": str(VENV)}
+        session.run(uv, "pip", "install", "--quiet", "-r", "requirements.lock", env=env, external=True)
+        session.run(uv, "pip", "install", "--quiet", "--no-deps", "-e", ".", env=env, external=True)
+        session.run(
+            str(BIN / "python"), "-m", "ipykernel", "install", "--sys-prefix",
+            "--name", "dandelion", "--display-name", "Python (dandelion)", external=True,
+        )
+        STAMP.write_text(digest)
+    return {
+        "VIRTUAL_ENV": str(VENV),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "JUPYTER_PATH": str(VENV / "share" / "jupyter"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def _run(session: nox.Session, program: str, *args: str, env: dict[str, str] | None = None) -> None:
+    """Run a program of the shared venv."""
+    base = _env(session)
+    base.update(env or {})
+    session.run(str(BIN / program), *args, env=base, external=True)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Default test suite (fast and medium tests; excludes the `slow` marker)."""
+    _run(session, "pytest", *session.posargs)
+
+
+@nox.session
+def slow(session: nox.Session) -> None:
+    """Slow suites: full training, end-to-end pipeline, browser tests."""
+    _run(session, "pytest", "-m", "slow", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (lint + format check) and mypy on the core library."""
+    _run(session, "ruff", "check", ".")
+    _run(session, "ruff", "format", "--check", ".")
+    _run(session, "mypy")
+
+
+@nox.session
+def pipeline(session: nox.Session) -> None:
+    """The main job on embedded defaults: ingest into the local store."""
+    _run(session, "dandelion", "ingest", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks: print figures and ratios against a baseline measured in the same run."""
+    _run(session, "python", "-m", "benchmarks", *session.posargs)
