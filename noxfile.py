@@ -42,11 +42,21 @@ def _env(session: nox.Session) -> dict[str, str]:
         if not (BIN / "python").exists():
             session.run(uv, "venv", "--quiet", "--python", sys.executable, str(VENV), external=True)
         env = {"VIRTUAL_ENV": str(VENV)}
-        session.run(uv, "pip", "install", "--quiet", "-r", "requirements.lock", env=env, external=True)
+        session.run(
+            uv, "pip", "install", "--quiet", "-r", "requirements.lock", env=env, external=True
+        )
         session.run(uv, "pip", "install", "--quiet", "--no-deps", "-e", ".", env=env, external=True)
         session.run(
-            str(BIN / "python"), "-m", "ipykernel", "install", "--sys-prefix",
-            "--name", "dandelion", "--display-name", "Python (dandelion)", external=True,
+            str(BIN / "python"),
+            "-m",
+            "ipykernel",
+            "install",
+            "--sys-prefix",
+            "--name",
+            "dandelion",
+            "--display-name",
+            "Python (dandelion)",
+            external=True,
         )
         STAMP.write_text(digest)
     return {

@@ -16,9 +16,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_SOURCE = (
-    "https://raw.githubusercontent.com/btphan95/greenr-airflow/refs/heads/master/data"
-)
+DEFAULT_SOURCE = "https://raw.githubusercontent.com/btphan95/greenr-airflow/refs/heads/master/data"
 
 
 class Settings(BaseSettings):
@@ -31,8 +29,9 @@ class Settings(BaseSettings):
     # --- locations -------------------------------------------------------------------------
     workdir: Path = Field(Path(".dandelion"), description="Embedded state: store, MLflow DB.")
     store_url: str | None = Field(
-        None, description="Object store: file:///path or s3://bucket[/prefix]. "
-        "Default: file://<workdir>/store."
+        None,
+        description="Object store: file:///path or s3://bucket[/prefix]. "
+        "Default: file://<workdir>/store.",
     )
     s3_endpoint_url: str | None = Field(
         None, description="S3 endpoint for MinIO or another S3-compatible server."

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -99,7 +100,7 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:
                 raise InvalidImageError(
@@ -120,10 +121,9 @@ def decode_image(
         raise InvalidImageError(
             "too_small", f"image is {width}x{height}; each side must be at least {min_side} px"
         )
-    try:
+    # Broken EXIF must not reject an otherwise valid image.
+    with contextlib.suppress(Exception):
         img = ImageOps.exif_transpose(img) or img
-    except Exception:  # broken EXIF must not reject an otherwise valid image
-        pass
     return _to_rgb(img)
 
 

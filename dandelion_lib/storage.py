@@ -136,7 +136,9 @@ class LocalStore(ObjectStore):
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=self.TMP_PREFIX, dir=path.parent)
         except OSError as exc:
-            raise StoreUnavailableError(f"cannot write to local store {self.root}: {exc.strerror}") from exc
+            raise StoreUnavailableError(
+                f"cannot write to local store {self.root}: {exc.strerror}"
+            ) from exc
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -161,7 +163,9 @@ class LocalStore(ObjectStore):
         except FileNotFoundError:
             raise ObjectNotFoundError(f"no object {key!r} in {self.url}") from None
         except OSError as exc:
-            raise StoreUnavailableError(f"cannot read {key!r} from {self.url}: {exc.strerror}") from exc
+            raise StoreUnavailableError(
+                f"cannot read {key!r} from {self.url}: {exc.strerror}"
+            ) from exc
         if verify:
             recorded = self._recorded(key)
             if recorded is not None and recorded != sha256_hex(data):
@@ -210,7 +214,9 @@ class LocalStore(ObjectStore):
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreUnavailableError(f"cannot use local store {self.root}: {exc.strerror}") from exc
+            raise StoreUnavailableError(
+                f"cannot use local store {self.root}: {exc.strerror}"
+            ) from exc
         if not os.access(self.root, os.W_OK):
             raise StoreUnavailableError(f"local store {self.root} is not writable")
 
@@ -308,7 +314,9 @@ class S3Store(ObjectStore):
             raise self._error(exc, "read from") from exc
         recorded = resp.get("Metadata", {}).get("sha256")
         if verify and recorded and recorded != sha256_hex(data):
-            raise CorruptObjectError(f"object {key!r} in {self.url} does not match its recorded sha256")
+            raise CorruptObjectError(
+                f"object {key!r} in {self.url} does not match its recorded sha256"
+            )
         return data
 
     def info(self, key: str) -> ObjectInfo | None:
@@ -339,7 +347,9 @@ class S3Store(ObjectStore):
         return iter(sorted(keys))
 
     def delete(self, key: str) -> None:
-        self._call("delete from", self._client.delete_object, Bucket=self.bucket, Key=self._key(key))
+        self._call(
+            "delete from", self._client.delete_object, Bucket=self.bucket, Key=self._key(key)
+        )
 
     def check(self) -> None:
         self._call("reach", self._client.head_bucket, Bucket=self.bucket)

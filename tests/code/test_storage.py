@@ -78,7 +78,9 @@ def test_corruption_detected_on_s3(s3_server: str, s3_bucket: str) -> None:
     store.put_bytes("raw/x.jpg", b"original")
     # Rewrite the object behind the store's back, keeping the old recorded digest.
     boto3.client("s3", endpoint_url=s3_server).put_object(
-        Bucket=s3_bucket, Key="raw/x.jpg", Body=b"tampered",
+        Bucket=s3_bucket,
+        Key="raw/x.jpg",
+        Body=b"tampered",
         Metadata={"sha256": sha256_hex(b"original")},
     )
     with pytest.raises(CorruptObjectError):
