@@ -3,6 +3,7 @@ has what production needs (probes, resources, hardening, HPA, PDB, policies, mon
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -253,3 +254,33 @@ def test_referenced_configmaps_and_secrets_exist(rendered: Objects, overlay: str
                 if "configMapKeyRef" in ref and not ref["configMapKeyRef"].get("optional"):
                     cm = ref["configMapKeyRef"]
                     assert cm["key"] in configmaps[cm["name"]], cm
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_image_mapping_controls_the_deployed_images(overlay: str, tmp_path: Path) -> None:
+    """CD pins images by editing the overlay's `images:` (kustomize edit set image): that edit
+    must reach every project container, so the base must leave the short names unmapped."""
+    import shutil
+
+    import yaml
+    from deploy_support import run, tool
+
+    copy = tmp_path / "k8s"
+    shutil.copytree(ROOT / "k8s", copy)
+    kustomization = copy / "overlays" / overlay / "kustomization.yaml"
+    data = yaml.safe_load(kustomization.read_text())
+    digest = "sha256:" + "ab" * 32
+    for image in data["images"]:
+        image.pop("newTag", None)
+        image["digest"] = digest
+    kustomization.write_text(yaml.safe_dump(data))
+    proc = run(tool("kubectl"), "kustomize", str(copy / "overlays" / overlay))
+    assert proc.returncode == 0, proc.stderr
+    project = [
+        c["image"]
+        for w in workloads(load_all(proc.stdout))
+        for c in containers(w)
+        if "/dandelion-" in c["image"] or c["image"].startswith("dandelion-")
+    ]
+    assert len(project) == 3
+    assert all(image.endswith("@" + digest) and "ghcr.io/" in image for image in project), project
