@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 AIRFLOW_CHART_VERSION="${AIRFLOW_CHART_VERSION:-1.22.0}"
 
 if [ -n "${KUBECONFIG_DATA:-}" ]; then
-  export KUBECONFIG="$RUNNER_TEMP/kubeconfig"
+  export KUBECONFIG="${RUNNER_TEMP:-$(mktemp -d)}/kubeconfig"
   printf '%s' "$KUBECONFIG_DATA" | base64 -d > "$KUBECONFIG"
   chmod 600 "$KUBECONFIG"
 fi
@@ -29,6 +29,8 @@ cp -r k8s "$work/"
 kustomize build "$work/k8s/overlays/$OVERLAY" > "$work/rendered.yaml"
 grep -q ':latest' "$work/rendered.yaml" && { echo "refusing to deploy a :latest image" >&2; exit 1; }
 
+# A finished one-shot Job (dev bucket set-up) is immutable: replace it rather than patch it.
+kubectl -n "$NAMESPACE" delete job -l app.kubernetes.io/name=minio-init --ignore-not-found
 kubectl apply --server-side -f "$work/rendered.yaml"
 kubectl -n "$NAMESPACE" rollout status deployment/mlflow --timeout=10m
 kubectl -n "$NAMESPACE" rollout status deployment/api --timeout=10m
