@@ -67,3 +67,5 @@ def test_overrides_and_chart_version_are_consistent() -> None:
     assert "AIRFLOW_CHART_VERSION:-1.22.0" in deploy
     assert "--version 1.22.0" in (AIRFLOW / "values.yaml").read_text()
     assert "images.airflow.tag=${VERSION}" in deploy
+    assert "dags.gitSync.repo=${GIT_REPO_URL}" in deploy
+    assert cd.count("GIT_REPO_URL: ${{ github.server_url }}/${{ github.repository }}.git") == 2
