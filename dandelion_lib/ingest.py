@@ -159,7 +159,7 @@ class FolderSource(Source):
     """A local folder with one sub-folder per label (files in any supported format)."""
 
     def __init__(self, root: str | os.PathLike[str], labels: tuple[str, ...], limit: int | None):
-        self.root = Path(root).expanduser().absolute()
+        self.root = Path(os.path.abspath(Path(root).expanduser()))
         self.labels = labels
         self.limit = limit
         self.description = str(self.root)
