@@ -127,3 +127,18 @@ def test_pointer_is_written_last(greenr_dir: Path, tmp_path: Path) -> None:
         .isin(dataset.load_manifest(store)["sha256"])
         .all()
     )
+
+
+def test_rerun_repairs_checksum_lost_in_a_crash(greenr_dir: Path, tmp_path: Path) -> None:
+    """A kill between writing a raw object and its checksum record (local store) and before
+    the index was saved: the re-run records the checksum again."""
+    store = LocalStore(tmp_path / "store")
+    settings = Settings(workdir=tmp_path, source=str(greenr_dir), max_per_class=25)
+    first = ingest(settings, store=store, progress=False)
+    key = dataset.load_manifest(store)["key"].iloc[0]
+    (store.root / LocalStore.META_DIR / f"{key}.sha256").unlink()
+    store.delete(INDEX_KEY)
+    assert store.info(key) is not None and store.info(key).sha256 is None  # type: ignore[union-attr]
+    again = ingest(settings, store=store, progress=False)
+    assert again.version == first.version and again.new == 0
+    assert store.info(key).sha256 == key.rsplit("/", 1)[1].split(".")[0]  # type: ignore[union-attr]

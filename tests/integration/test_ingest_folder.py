@@ -203,3 +203,16 @@ def test_progress_bar_when_asked(
     assert "ingest:   0%|" in capsys.readouterr().err
     ingest(settings, store=LocalStore(tmp_path / "b"))  # not a terminal: no bar
     assert "ingest" not in capsys.readouterr().err
+
+
+def test_invalid_setting_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dandelion_lib.config import get_settings
+    from dandelion_lib.ingest import IngestError, load_settings
+
+    monkeypatch.setenv("DANDELION_LABELS", '["dandelion", "Grass/x"]')
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(IngestError, match=r"^invalid setting labels \(DANDELION_LABELS\)"):
+            load_settings()
+    finally:
+        get_settings.cache_clear()
