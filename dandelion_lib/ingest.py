@@ -537,18 +537,30 @@ class _Worker:
             fmt = ""  # decode_image below reports why
         if fmt and fmt not in FORMAT_EXTENSIONS:
             raise InvalidImageError("unsupported_format", f"{fmt} images are not accepted")
-        img = decode_image(
-            data, max_pixels=self.settings.max_image_pixels, min_side=self.settings.min_image_side
-        )
+        try:
+            img = decode_image(
+                data,
+                max_pixels=self.settings.max_image_pixels,
+                min_side=self.settings.min_image_side,
+            )
+            phash, stats = perceptual_hash(img), image_stats(img)
+        except InvalidImageError:
+            raise
+        except Exception as exc:  # malformed files can make decoders fail in odd ways
+            raise InvalidImageError(
+                "truncated", f"the image is corrupt ({type(exc).__name__}: {_one_line(exc)})"
+            ) from None
+        if fmt not in FORMAT_EXTENSIONS:
+            raise InvalidImageError("unsupported_format", "unrecognised image format")
         return {
             "format": fmt,
             "ext": FORMAT_EXTENSIONS[fmt],
             "width": img.width,
             "height": img.height,
             "bytes": len(data),
-            "phash": perceptual_hash(img),
+            "phash": phash,
             "ingested_at": datetime.now(UTC).isoformat(),
-            "stats": image_stats(img),
+            "stats": stats,
         }
 
 
@@ -647,19 +659,25 @@ def _run_pool(
         unsaved = 0
         with ThreadPoolExecutor(max_workers=src.concurrency) as pool:
             futures = [pool.submit(worker, item) for item in items[1:]]
-            for fut in as_completed(futures):
-                o = fut.result()
-                outcomes.append(o)
-                bar.update(1)
-                if o.status == "new":
-                    unsaved += 1
-                    index.images[o.sha256 or ""] = o.image or {}
-                    if o.entry is not None:
-                        index.sources[o.item.source] = o.entry
-                # Checkpoint now and then, so a killed run does not redo everything.
-                if unsaved >= 50 and time.monotonic() - last_save > 5.0:
-                    index.save()
-                    last_save, unsaved = time.monotonic(), 0
+            try:
+                for fut in as_completed(futures):
+                    o = fut.result()
+                    outcomes.append(o)
+                    bar.update(1)
+                    if o.status == "new":
+                        unsaved += 1
+                        index.images[o.sha256 or ""] = o.image or {}
+                        if o.entry is not None:
+                            index.sources[o.item.source] = o.entry
+                    # Checkpoint now and then, so a killed run does not redo everything.
+                    if unsaved >= 50 and time.monotonic() - last_save > 5.0:
+                        index.save()
+                        last_save, unsaved = time.monotonic(), 0
+            except BaseException:
+                # Fail fast (e.g. the store became unreachable): drop what has not started.
+                for fut in futures:
+                    fut.cancel()
+                raise
     finally:
         bar.close()
     order = {item.source: i for i, item in enumerate(items)}
