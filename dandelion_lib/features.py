@@ -170,7 +170,7 @@ def image_stats(img: Image.Image) -> dict[str, float]:
         "saturation": float(sat.mean()),
         "green_fraction": float((colourful & (hue >= 70) & (hue < 170)).mean()),
         "yellow_fraction": float((colourful & (hue >= 40) & (hue < 70)).mean()),
-        "sharpness": float(min(lap.var() * 100.0, 1.0)),
+        "sharpness": float(min(np.sqrt(lap.var()) * 2.0, 1.0)),  # Laplacian std; ~0.3 typical
     }
 
 
