@@ -34,7 +34,7 @@ STAT_COLUMNS: tuple[str, ...] = (
     "yellow_fraction",
     "sharpness",
 )
-"""Per-image statistics (all in [0, 1] except sharpness); drift monitoring uses these."""
+"""Per-image statistics, each in [0, 1]; data checks and drift monitoring use these."""
 
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MIN_SIDE = 32
