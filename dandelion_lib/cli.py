@@ -17,6 +17,19 @@ from dandelion_lib.errors import DandelionError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("dandelion_lib.ingest", "Ingest images into the store as a new dataset version."),
+    "train": (
+        "dandelion_lib.train",
+        "Train a model on a dataset version; register it as challenger.",
+    ),
+    "evaluate": (
+        "dandelion_lib.evaluate",
+        "Score a model on a labelled folder or a dataset split.",
+    ),
+    "promote": (
+        "dandelion_lib.registry",
+        "Move the champion alias to the challenger if it passes.",
+    ),
+    "predict": ("dandelion_lib.predict", "Classify image files with a registered model."),
 }
 
 

@@ -432,17 +432,37 @@ def build_small_cnn(image_size: int = 224) -> Any:
     return keras.Model(inputs, outputs, name="small_cnn")
 
 
-def build_head(feature_dim: int, num_classes: int = 2, dropout: float = 0.2, seed: int = 0) -> Any:
-    """Classifier head: features -> dropout -> dense softmax."""
+def build_head(
+    feature_dim: int,
+    num_classes: int = 2,
+    dropout: float = 0.0,
+    seed: int = 0,
+    *,
+    l2: float = 0.0,
+    adapt: np.ndarray | None = None,
+) -> Any:
+    """Classifier head: features -> standardisation -> dropout -> dense softmax.
+
+    ``adapt`` (training features) sets the standardisation's mean and variance; without
+    it the head has no standardisation layer. ``l2`` regularises the dense kernel, which
+    makes the head a (multinomial) logistic regression on standardised features.
+    """
     import keras
     from keras import layers
 
     inputs = keras.Input((feature_dim,), name="features")
-    x = layers.Dropout(dropout, seed=seed, name="head_dropout")(inputs)
+    x = inputs
+    if adapt is not None:
+        norm = layers.Normalization(name="standardize")
+        norm.adapt(np.asarray(adapt, dtype=np.float32))
+        x = norm(x)
+    if dropout:
+        x = layers.Dropout(dropout, seed=seed, name="head_dropout")(x)
     outputs = layers.Dense(
         num_classes,
         activation="softmax",
         kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+        kernel_regularizer=keras.regularizers.L2(l2) if l2 else None,
         name="probabilities",
     )(x)
     return keras.Model(inputs, outputs, name="head")

@@ -3,12 +3,17 @@
 It decodes untrusted image bytes safely (:func:`dandelion_lib.features.decode_image`),
 applies the model's logged feature spec, and calls the Keras model directly on a batch
 (``model(x, training=False)``, not ``model.predict`` per call, which costs ~20x here).
+On the TensorFlow backend that call is traced once into a graph (``tf.function`` with a
+dynamic batch dimension), which is ~6x faster than eager execution at batch size 1.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +55,7 @@ class Predictor:
     loaded_at: float = field(default_factory=time.time)
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
+    _call: Any = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def load(cls, uri: str, **limits: int) -> Predictor:
@@ -90,7 +96,7 @@ class Predictor:
 
     def predict_arrays(self, batch: np.ndarray) -> list[Prediction]:
         """Predict a batch of model inputs ``(N, size, size, 3)``."""
-        probs = np.asarray(self.model(batch.astype(np.float32, copy=False), training=False))
+        probs = np.asarray(self._forward(batch.astype(np.float32, copy=False)))
         out = []
         for row in probs:
             i = int(np.argmax(row))
@@ -103,6 +109,11 @@ class Predictor:
             )
         return out
 
+    def _forward(self, batch: np.ndarray) -> Any:
+        if self._call is None:
+            self._call = _compiled_call(self.model, self.spec.image_size)
+        return self._call(batch)
+
     def predict_bytes(self, images: list[bytes]) -> list[Prediction]:
         """Decode and predict several images (raises on the first invalid one)."""
         if not images:
@@ -113,6 +124,18 @@ class Predictor:
         size = self.spec.image_size
         for n in (1, 2):
             self.predict_arrays(np.zeros((n, size, size, 3), dtype=np.float32))
+
+
+def _compiled_call(model: Any, size: int) -> Any:
+    """``model(x, training=False)``, as one graph for any batch size on TensorFlow."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return lambda x: model(x, training=False)
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, size, size, 3], tf.float32)
+    return tf.function(lambda x: model(x, training=False), input_signature=[spec])
 
 
 def _resolve(uri: str) -> tuple[str | None, str | None]:
@@ -128,3 +151,44 @@ def _resolve(uri: str) -> tuple[str | None, str | None]:
         return name, client.get_model_version_by_alias(name, alias).version
     name, _, version = ref.partition("/")
     return name, version or None
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """``dandelion predict``."""
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--model", help="model URI (default: models:/<name>@champion)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def cli(args: argparse.Namespace) -> int:
+    from dandelion_lib import registry
+    from dandelion_lib.config import get_settings
+    from dandelion_lib.features import InvalidImageError
+
+    settings = get_settings()
+    registry.configure_mlflow(settings)
+    uri = args.model or registry.model_uri(settings.model_name, settings.model_alias)
+    predictor = Predictor.load(uri)
+    failed = 0
+    for name in args.images:
+        path = Path(name)
+        try:
+            x, _ = predictor.decode(path.read_bytes())
+        except (InvalidImageError, OSError) as exc:
+            failed += 1
+            reason = getattr(exc, "reason", "unreadable")
+            print(f"{path}: invalid image ({reason}): {exc}")
+            continue
+        p = predictor.predict_arrays(x[None])[0]
+        label = p.label if p.confidence >= settings.confidence_threshold else "uncertain"
+        if args.json:
+            out = {"file": str(path), "label": label, "confidence": p.confidence}
+            print(
+                json.dumps(
+                    out | {"probabilities": p.probabilities, "model_version": predictor.version}
+                )
+            )
+        else:
+            probs = ", ".join(f"{k} {v:.3f}" for k, v in p.probabilities.items())
+            print(f"{path}: {label} (confidence {p.confidence:.3f}; {probs})")
+    return 1 if failed else 0

@@ -1,0 +1,636 @@
+"""Training: a dataset version from the store -> a registered MLflow model (alias ``challenger``).
+
+The default recipe (``backbone="efficientnet_lite0"``) freezes the pretrained backbone and
+caches its features: once for the unaugmented train/val/test images and once for each of
+``augment_copies`` augmented views of every training image (flip, rotation, zoom,
+brightness, contrast). The classification head then trains on cached features in seconds.
+An optional fine-tuning phase unfreezes the top blocks and trains end to end on augmented
+pixels; ``small_cnn`` always trains end to end.
+
+Images go from store bytes to model inputs through :func:`dandelion_lib.features.bytes_to_model_input`,
+the same path the :class:`~dandelion_lib.predict.Predictor` uses when serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dandelion_lib.config import Settings, get_settings
+from dandelion_lib.errors import DandelionError
+from dandelion_lib.features import FeatureSpec, bytes_to_model_input
+
+HEAD_LEARNING_RATE = 0.1
+END_TO_END_LEARNING_RATE = 1e-3
+
+
+class TrainingError(DandelionError):
+    """The training data or configuration cannot produce a model."""
+
+
+@dataclass
+class TrainConfig:
+    """Every training parameter (all logged to MLflow)."""
+
+    dataset_version: str | None = None
+    """Dataset version to train on (default: the store's latest)."""
+    backbone: str = "efficientnet_lite0"
+    """efficientnet_lite0 (offline), mobilenet_v2, efficientnet_b0 (download) or small_cnn."""
+    weights: str = "imagenet"
+    """Backbone initialisation: imagenet or none."""
+    epochs: int = 200
+    """Head epochs on cached features (one full-batch step each; end-to-end epochs for
+    small_cnn and untrained backbones)."""
+    batch_size: int = 64
+    learning_rate: float | None = None
+    """None: 0.1 for the head on cached features (cosine decay), 1e-3 end to end."""
+    l2: float = 1e-2
+    """L2 penalty on the head's dense kernel."""
+    dropout: float = 0.0
+    label_smoothing: float = 0.0
+    patience: int = 100
+    """Early stopping: stop after this many epochs without val_loss improvement."""
+    restore_best_weights: bool = False
+    """On early stopping, go back to the epoch of lowest val_loss (the tiny validation
+    split makes that epoch noisy; the converged head generalises better)."""
+    augment: bool = True
+    augment_copies: int = 2
+    """Augmented views per training image whose backbone features are cached."""
+    flip: bool = True
+    rotation: float = 0.04
+    """Random rotation, as a fraction of a full turn (0.04 = +/- 14 degrees)."""
+    zoom: float = 0.1
+    brightness: float = 0.1
+    contrast: float = 0.1
+    fine_tune_epochs: int = 0
+    """End-to-end epochs with the top blocks unfrozen (0 = no fine-tuning)."""
+    fine_tune_blocks: int = 2
+    fine_tune_learning_rate: float = 1e-5
+    seed: int = 42
+    max_images_per_class: int | None = None
+    """Use at most this many images per class and split (quick runs); None = all."""
+    register: bool = True
+    """Register the model in the registry with alias ``challenger``."""
+
+    def to_params(self) -> dict[str, Any]:
+        return {k: ("None" if v is None else v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    model_uri: str
+    model_version: str | None
+    dataset_version: str
+    metrics: dict[str, float]
+    history: dict[str, list[float]]
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+    model: Any = field(default=None, repr=False)
+    report: Any = field(default=None, repr=False)
+
+
+# --------------------------------------------------------------------------------------
+# Data: store -> model inputs -> tf.data
+# --------------------------------------------------------------------------------------
+
+
+def load_examples(
+    store: Any, rows: pd.DataFrame, spec: FeatureSpec | None = None, workers: int = 4
+) -> np.ndarray:
+    """Model inputs of the manifest ``rows`` as ``uint8`` ``(N, size, size, 3)``.
+
+    Each image goes through :func:`~dandelion_lib.features.bytes_to_model_input` (exactly
+    what the Predictor serves); its values are integers in [0, 255], so ``uint8`` is lossless.
+    """
+    spec = spec or FeatureSpec()
+
+    def one(key: str) -> np.ndarray:
+        return bytes_to_model_input(store.get_bytes(key), spec).astype(np.uint8)
+
+    keys = list(rows["key"])
+    if not keys:
+        return np.zeros((0, spec.image_size, spec.image_size, 3), dtype=np.uint8)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return np.stack(list(pool.map(one, keys)))
+
+
+def make_augmenter(config: TrainConfig) -> Any:
+    """Keras preprocessing layers (pixels in [0, 255]); identity when augmentation is off."""
+    import keras
+    from keras import layers
+
+    seed = config.seed
+    steps: list[Any] = []
+    if config.augment:
+        if config.flip:
+            steps.append(layers.RandomFlip("horizontal", seed=seed))
+        if config.rotation:
+            steps.append(layers.RandomRotation(config.rotation, fill_mode="reflect", seed=seed + 1))
+        if config.zoom:
+            steps.append(layers.RandomZoom(config.zoom, fill_mode="reflect", seed=seed + 2))
+        if config.brightness:
+            steps.append(
+                layers.RandomBrightness(config.brightness, value_range=(0, 255), seed=seed + 3)
+            )
+        if config.contrast:
+            steps.append(
+                layers.RandomContrast(config.contrast, value_range=(0, 255), seed=seed + 4)
+            )
+    return keras.Sequential(steps, name="augment")
+
+
+def make_dataset(
+    pixels: np.ndarray,
+    labels: np.ndarray | None = None,
+    *,
+    batch_size: int = 32,
+    augmenter: Any = None,
+    shuffle_seed: int | None = None,
+    num_classes: int = 2,
+) -> Any:
+    """A ``tf.data`` pipeline: uint8 pixels -> float32 model inputs (optionally augmented).
+
+    With ``labels`` it yields ``(inputs, one-hot labels)``; map calls are sequential so
+    seeded augmentation is reproducible.
+    """
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices(pixels if labels is None else (pixels, labels))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(pixels), seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+
+    def prepare(x: Any, y: Any = None) -> Any:
+        x = tf.cast(x, tf.float32)
+        if augmenter is not None:
+            x = tf.clip_by_value(augmenter(x, training=True), 0.0, 255.0)
+        return x if y is None else (x, tf.one_hot(y, num_classes))
+
+    return ds.map(prepare).prefetch(2)
+
+
+def feature_extractor(backbone: Any) -> Any:
+    """The backbone as one graph (any batch size): float32 pixels -> features."""
+    import tensorflow as tf
+
+    size = int(backbone.model.input_shape[1])
+    spec = tf.TensorSpec([None, size, size, 3], tf.float32)
+    return tf.function(lambda x: backbone.model(x, training=False), input_signature=[spec])
+
+
+def _extract(extractor: Any, dataset: Any, dim: int) -> np.ndarray:
+    parts = [extractor(batch).numpy() for batch in dataset]
+    return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+
+
+class _EpochLog:
+    """Collects per-epoch metrics of every phase (logged to MLflow) and prints progress."""
+
+    def __init__(self, progress: bool):
+        self.progress = progress
+        self.history: dict[str, list[float]] = {}
+        self.step = 0
+
+    def callback(self, phase: str, epochs: int) -> Any:
+        import keras
+
+        outer = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+                logs = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
+                for k, v in logs.items():
+                    outer.history.setdefault(k, []).append(v)
+                outer.history.setdefault("phase", []).append(0.0 if phase == "head" else 1.0)
+                outer.step += 1
+                if outer.progress:
+                    shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(logs.items()))
+                    print(f"[{phase}] epoch {epoch + 1}/{epochs}  {shown}", flush=True)
+
+        return Callback()
+
+    def log_to_mlflow(self) -> None:
+        import mlflow
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        run = mlflow.active_run()
+        if run is None:
+            return
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key=k, value=v, timestamp=now, step=i)
+            for k, values in self.history.items()
+            if k != "phase"
+            for i, v in enumerate(values)
+        ]
+        client = MlflowClient()
+        for start in range(0, len(metrics), 900):
+            client.log_batch(run.info.run_id, metrics=metrics[start : start + 900])
+
+
+def _subset(manifest: pd.DataFrame, limit: int | None) -> pd.DataFrame:
+    """Deterministic subset: at most ``limit`` images per (split, label), by sha256 order."""
+    frame = manifest.sort_values("sha256")
+    if limit is None:
+        return frame.reset_index(drop=True)
+    return frame.groupby(["split", "label"], sort=False).head(limit).reset_index(drop=True)
+
+
+def _one_hot(y: np.ndarray, n: int) -> np.ndarray:
+    return np.eye(n, dtype=np.float32)[y]
+
+
+def fit_head(
+    head: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    val: tuple[np.ndarray, np.ndarray],
+    *,
+    epochs: int,
+    learning_rate: float,
+    patience: int,
+    label_smoothing: float = 0.0,
+    restore_best: bool = False,
+    callback: Any = None,
+) -> int:
+    """Full-batch training of the head on cached features; returns the epochs run.
+
+    One graph step per epoch (cosine-decayed Adam), so hundreds of epochs take about a
+    second: the regularised head converges to the same solution whatever the seed. Early
+    stopping watches ``val_loss`` and restores the best weights.
+    """
+    import keras
+    import tensorflow as tf
+
+    loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, epochs))
+    tx, ty = tf.constant(x, tf.float32), tf.constant(y, tf.float32)
+    vx, vy = tf.constant(val[0], tf.float32), tf.constant(val[1], tf.float32)
+
+    def measure(inputs: Any, targets: Any, training: bool) -> tuple[Any, Any, Any]:
+        probs = head(inputs, training=training)
+        loss = loss_fn(targets, probs) + tf.add_n([tf.constant(0.0), *head.losses])
+        hits = tf.equal(tf.argmax(probs, axis=1), tf.argmax(targets, axis=1))
+        return loss, tf.reduce_mean(tf.cast(hits, tf.float32)), probs
+
+    @tf.function
+    def epoch_step() -> tuple[Any, Any, Any, Any]:
+        with tf.GradientTape() as tape:
+            loss, acc, _ = measure(tx, ty, True)
+        grads = tape.gradient(loss, head.trainable_variables)
+        optimizer.apply_gradients(zip(grads, head.trainable_variables, strict=True))
+        val_loss, val_acc, _ = measure(vx, vy, False)
+        return loss, acc, val_loss, val_acc
+
+    best, best_weights, waited, run = np.inf, head.get_weights(), 0, 0
+    for epoch in range(epochs):
+        loss, acc, val_loss, val_acc = (float(v) for v in epoch_step())
+        run = epoch + 1
+        if callback is not None:
+            logs = {"loss": loss, "accuracy": acc, "val_loss": val_loss, "val_accuracy": val_acc}
+            callback.on_epoch_end(epoch, logs)
+        if val_loss < best - 1e-6:
+            best, best_weights, waited = val_loss, head.get_weights(), 0
+        else:
+            waited += 1
+            if waited >= patience:
+                break
+    if restore_best:
+        head.set_weights(best_weights)
+    return run
+
+
+def _fit(model: Any, data: Any, val: Any, *, epochs: int, config: TrainConfig, cb: Any) -> Any:
+    """Keras ``fit`` for end-to-end phases (pixels through the backbone)."""
+    import keras
+
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_loss",
+        patience=min(config.patience, 10),
+        restore_best_weights=config.restore_best_weights,
+    )
+    return model.fit(data, validation_data=val, epochs=epochs, callbacks=[stop, cb], verbose=0)
+
+
+def train(
+    config: TrainConfig | None = None,
+    settings: Settings | None = None,
+    *,
+    store: Any = None,
+    progress: bool | None = None,
+) -> TrainResult:
+    """Train, evaluate on the test split, log everything to MLflow and register the model."""
+    import keras
+    import mlflow
+    import tensorflow as tf
+
+    from dandelion_lib import dataset, evaluate, monitoring, registry
+    from dandelion_lib import model as model_lib
+    from dandelion_lib.features import STAT_COLUMNS
+    from dandelion_lib.predict import Predictor
+    from dandelion_lib.storage import open_store
+
+    config = config or TrainConfig()
+    settings = settings or get_settings()
+    progress = sys.stdout.isatty() if progress is None else progress
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 3)
+        return now
+
+    store = store or open_store(settings=settings)
+    version = config.dataset_version or dataset.latest_version(store)
+    manifest = dataset.load_manifest(store, version)
+    labels = tuple(getattr(settings, "labels", None) or FeatureSpec().labels)
+    spec = FeatureSpec(labels=labels)
+    unknown = sorted(set(manifest["label"]) - set(labels))
+    if unknown:
+        raise TrainingError(f"dataset {version} has labels {unknown} outside {list(labels)}")
+    data = _subset(manifest, config.max_images_per_class)
+    splits = {s: data[data["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")}
+    for s, rows in splits.items():
+        if rows["label"].nunique() < len(labels):
+            raise TrainingError(f"dataset {version}: the {s} split lacks a class")
+
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+    t = time.perf_counter()
+    pixels = {s: load_examples(store, rows, spec) for s, rows in splits.items()}
+    y = {s: np.asarray([labels.index(v) for v in rows["label"]]) for s, rows in splits.items()}
+    t = lap("load_images", t)
+
+    backbone = model_lib.build_backbone(config.backbone, config.weights, spec.image_size)
+    t = lap("build_backbone", t)
+    augmenter = make_augmenter(config)
+    n = len(labels)
+    log = _EpochLog(progress)
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+    end_to_end = config.backbone == "small_cnn" or not backbone.pretrained
+
+    registry.configure_mlflow(settings)
+    mlflow.set_experiment(settings.experiment)
+    with mlflow.start_run(run_name=f"train-{config.backbone}") as run:
+        mlflow.log_params(config.to_params() | {"dataset_version_resolved": version})
+        _log_dataset(store, manifest, version)
+        mlflow.log_params(
+            {f"images_{s}": len(rows) for s, rows in splits.items()}
+            | {"feature_spec_version": spec.version, "image_size": spec.image_size}
+        )
+
+        if not end_to_end:
+            # Phase 1: frozen backbone, cached features (original + augmented views).
+            backbone.model.trainable = False
+            extractor = feature_extractor(backbone)
+            dim = backbone.feature_dim
+            feats = {s: _extract(extractor, make_dataset(p), dim) for s, p in pixels.items()}
+            train_x, train_y = [feats["train"]], [y["train"]]
+            if config.augment:
+                for copy in range(config.augment_copies):
+                    keras.utils.set_random_seed(config.seed + 1000 + copy)
+                    train_x.append(
+                        _extract(extractor, make_dataset(pixels["train"], augmenter=augmenter), dim)
+                    )
+                    train_y.append(y["train"])
+            t = lap("extract_features", t)
+            keras.utils.set_random_seed(config.seed)
+            head = model_lib.build_head(
+                backbone.feature_dim,
+                n,
+                config.dropout,
+                config.seed,
+                l2=config.l2,
+                adapt=feats["train"],
+            )
+            fit_head(
+                head,
+                np.concatenate(train_x),
+                _one_hot(np.concatenate(train_y), n),
+                (feats["val"], _one_hot(y["val"], n)),
+                epochs=config.epochs,
+                learning_rate=config.learning_rate or HEAD_LEARNING_RATE,
+                patience=config.patience,
+                label_smoothing=config.label_smoothing,
+                restore_best=config.restore_best_weights,
+                callback=log.callback("head", config.epochs),
+            )
+            t = lap("train_head", t)
+        else:
+            head = model_lib.build_head(
+                backbone.feature_dim, n, config.dropout, config.seed, l2=config.l2
+            )
+        full = model_lib.assemble(backbone, head, freeze_batchnorm=not end_to_end)
+
+        # Phase 2 (optional) or end-to-end training on augmented pixels.
+        e2e_epochs = config.epochs if end_to_end else config.fine_tune_epochs
+        if e2e_epochs > 0:
+            if end_to_end:
+                lr = config.learning_rate or END_TO_END_LEARNING_RATE
+                backbone.model.trainable = True
+            else:
+                lr = config.fine_tune_learning_rate
+                model_lib.set_trainable_top(backbone, config.fine_tune_blocks)
+            full.compile(keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"])
+            train_ds = make_dataset(
+                pixels["train"],
+                y["train"],
+                batch_size=config.batch_size,
+                augmenter=augmenter,
+                shuffle_seed=config.seed,
+                num_classes=n,
+            )
+            val_ds = make_dataset(
+                pixels["val"], y["val"], batch_size=config.batch_size, num_classes=n
+            )
+            phase = "end_to_end" if end_to_end else "fine_tune"
+            _fit(
+                full,
+                train_ds,
+                val_ds,
+                epochs=e2e_epochs,
+                config=config,
+                cb=log.callback(phase, e2e_epochs),
+            )
+            t = lap(phase, t)
+        log.log_to_mlflow()
+
+        # Evaluation on the test split, through the serving path.
+        predictor = Predictor(model=full, spec=spec)
+        report = evaluate.evaluate_arrays(
+            predictor,
+            pixels["test"],
+            y["test"],
+            splits["test"],
+            source=f"dataset {version} (test split)",
+        )
+        val_report = evaluate.evaluate_arrays(
+            predictor,
+            pixels["val"],
+            y["val"],
+            splits["val"],
+            source=f"dataset {version} (val split)",
+        )
+        mlflow.log_metrics(val_report.scalar_metrics("val_final_"))
+        evaluate.log_report(report, pixels["test"], prefix="test_")
+        _log_learning_curves(log.history)
+        t = lap("evaluate", t)
+
+        metrics = report.scalar_metrics("test_")
+        reference = monitoring.build_reference(splits["train"][list(STAT_COLUMNS)])
+        sample = pixels["test"][:1].astype(np.float32)
+        logged = registry.log_keras_model(
+            full,
+            feature_spec=spec.to_dict(),
+            drift_reference=reference,
+            metrics=metrics,
+            dataset_version=version,
+            registered_model_name=settings.model_name if config.register else None,
+            input_example=sample,
+        )
+        model_version = None
+        if config.register:
+            model_version = str(logged.version)
+            client = mlflow.MlflowClient()
+            client.set_registered_model_alias(
+                settings.model_name, registry.CHALLENGER, model_version
+            )
+            client.set_model_version_tag(
+                settings.model_name, model_version, "dataset_version", version
+            )
+            uri = f"models:/{settings.model_name}/{model_version}"
+        else:
+            uri = logged.model_uri
+        t = lap("log_model", t)
+        seconds = time.perf_counter() - started
+        mlflow.log_metrics(
+            {"train_seconds": seconds} | {f"seconds_{k}": v for k, v in timings.items()}
+        )
+        run_id = run.info.run_id
+
+    return TrainResult(
+        run_id=run_id,
+        model_uri=uri,
+        model_version=model_version,
+        dataset_version=version,
+        metrics=metrics,
+        history=log.history,
+        seconds=seconds,
+        timings=timings,
+        model=full,
+        report=report,
+    )
+
+
+def _log_dataset(store: Any, manifest: pd.DataFrame, version: str) -> None:
+    """The dataset version as an MLflow dataset input, with the manifest's digest."""
+    import mlflow
+    from mlflow.data.pandas_dataset import from_pandas
+
+    from dandelion_lib import dataset
+
+    key = dataset.manifest_key(version)
+    info = store.info(key)
+    digest = (info.sha256 if info and info.sha256 else None) or hashlib.sha256(
+        pd.util.hash_pandas_object(manifest, index=False).to_numpy().tobytes()
+    ).hexdigest()
+    source = f"{store.url.rstrip('/')}/{key}"
+    try:
+        ds = from_pandas(
+            manifest,
+            source=source,
+            targets="label",
+            name=f"dandelion@{version}",
+            digest=digest[:32],
+        )
+    except Exception:  # an unknown source scheme: keep the dataset, without a resolvable source
+        ds = from_pandas(manifest, targets="label", name=f"dandelion@{version}", digest=digest[:32])
+    mlflow.log_input(ds, context="training", tags={"version": version, "manifest_sha256": digest})
+    mlflow.set_tags(
+        {"dataset_version": version, "dataset_manifest_sha256": digest, "dataset_source": source}
+    )
+
+
+def _log_learning_curves(history: dict[str, list[float]]) -> None:
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    fig = learning_curves_figure(history)
+    mlflow.log_figure(fig, "figures/learning_curves.png")
+    plt.close(fig)
+
+
+def learning_curves_figure(history: dict[str, list[float]]) -> Any:
+    """Loss and accuracy per epoch (train and validation)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for key, style in ((metric, "-"), (f"val_{metric}", "--")):
+            if history.get(key):
+                ax.plot(range(1, len(history[key]) + 1), history[key], style, label=key)
+        phases = history.get("phase", [])
+        if phases and max(phases) > 0:
+            ax.axvline(phases.index(1.0) + 0.5, color="grey", linewidth=0.8)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------
+# CLI: dandelion train
+# --------------------------------------------------------------------------------------
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif default is None:
+            kinds = {"max_images_per_class": int, "learning_rate": float}
+            parser.add_argument(flag, type=kinds.get(f.name, str), default=None)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+
+
+def cli(args: argparse.Namespace) -> int:
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    result = train(config, progress=True)
+    m = result.metrics
+    print(
+        f"trained on dataset {result.dataset_version} in {result.seconds:.1f} s: "
+        f"test accuracy {m['test_accuracy']:.4f}, F1 {m['test_f1']:.4f}, "
+        f"ROC AUC {m.get('test_roc_auc', float('nan')):.4f}, ECE {m['test_ece']:.4f}"
+    )
+    where = (
+        f"registered as {result.model_uri} (alias challenger)"
+        if result.model_version
+        else result.model_uri
+    )
+    print(f"run {result.run_id}; {where}")
+    return 0
