@@ -275,7 +275,7 @@ def promote(
     champion_acc: float | None = None
     champion_report = None
     champion_note = ""
-    if champion is not None and champion.version == candidate.version:
+    if champion is not None and str(champion.version) == str(candidate.version):
         champion_acc = report.accuracy
     elif champion is not None:
         try:

@@ -374,12 +374,12 @@ def train(
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     t = time.perf_counter()
+    # The backbone first: a missing download fails before any image is read.
+    backbone = model_lib.build_backbone(config.backbone, config.weights, spec.image_size)
+    t = lap("build_backbone", t)
     pixels = {s: load_examples(store, rows, spec) for s, rows in splits.items()}
     y = {s: np.asarray([labels.index(v) for v in rows["label"]]) for s, rows in splits.items()}
     t = lap("load_images", t)
-
-    backbone = model_lib.build_backbone(config.backbone, config.weights, spec.image_size)
-    t = lap("build_backbone", t)
     augmenter = make_augmenter(config)
     n = len(labels)
     log = _EpochLog(progress)

@@ -1,10 +1,30 @@
-"""Model-test fixtures: the ported backbone, built once per session."""
+"""Model-test fixtures: the ported backbone, an ingested reference dataset, one tiny trained
+model (shared by every model test) and its Predictor loaded back from the registry.
+
+Everything is real: the local object store, SQLite-backed MLflow under a temporary work
+directory, the reference images.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+from dandelion_lib.config import Settings
+
+TINY_PER_CLASS = 40
+"""Images per class and split for the shared tiny model (train 80, val 60, test 60)."""
+
+
+@dataclass
+class ModelEnv:
+    settings: Settings
+    store: Any
+    version: str
+    manifest: Any
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +35,51 @@ def lite0() -> Any:
     model = build_efficientnet_lite0(weights=True)
     model.trainable = False
     return model
+
+
+@pytest.fixture(scope="session")
+def model_env(tmp_path_factory: pytest.TempPathFactory, greenr_dir: Path) -> ModelEnv:
+    """The reference dataset ingested into a local store; MLflow on SQLite beside it."""
+    from dandelion_lib import dataset
+    from dandelion_lib.ingest import ingest
+    from dandelion_lib.storage import open_store
+
+    work = tmp_path_factory.mktemp("model-work")
+    settings = Settings(workdir=work, store_url=(work / "store").as_uri())
+    store = open_store(settings=settings)
+    report = ingest(settings, source=str(greenr_dir), store=store, progress=False)
+    return ModelEnv(settings, store, report.version, dataset.load_manifest(store, report.version))
+
+
+@pytest.fixture(scope="session")
+def trained(model_env: ModelEnv) -> Any:
+    """One tiny model trained on a subset, logged and registered (alias challenger)."""
+    from dandelion_lib.train import TrainConfig, train
+
+    config = TrainConfig(max_images_per_class=TINY_PER_CLASS, augment_copies=1, seed=7)
+    return train(config, model_env.settings, store=model_env.store, progress=False)
+
+
+@pytest.fixture
+def mlflow_client(model_env: ModelEnv) -> Any:
+    """An MLflow client on the model tests' tracking URI (also set as MLflow's global one)."""
+    from dandelion_lib.registry import configure_mlflow
+
+    return configure_mlflow(model_env.settings)
+
+
+@pytest.fixture(scope="session")
+def predictor(model_env: ModelEnv, trained: Any) -> Any:
+    """The tiny model loaded back from the registry, as the API serves it."""
+    from dandelion_lib.predict import Predictor
+    from dandelion_lib.registry import configure_mlflow
+
+    configure_mlflow(model_env.settings)
+    return Predictor.load(trained.model_uri)
+
+
+@pytest.fixture(scope="session")
+def test_split(model_env: ModelEnv) -> Any:
+    """The full test split of the reference dataset version (manifest rows, sha256 order)."""
+    m = model_env.manifest
+    return m[m["split"] == "test"].sort_values("sha256").reset_index(drop=True)
