@@ -184,11 +184,12 @@ def promotion_gate(
     def decide(ok: bool, reason: str) -> GateDecision:
         return GateDecision(ok, reason, challenger_accuracy, champion_accuracy, floor, tolerance)
 
-    if not challenger_accuracy >= floor:  # also rejects NaN
+    eps = 1e-9  # accuracies are ratios of counts: exact ties must not fail on rounding
+    if not challenger_accuracy >= floor - eps:  # also rejects NaN
         return decide(False, f"accuracy {challenger_accuracy:.4f} is below the floor {floor:.4f}")
     if champion_accuracy is None:
         return decide(True, f"accuracy {challenger_accuracy:.4f} >= floor {floor:.4f}; no champion")
-    if challenger_accuracy < champion_accuracy - tolerance:
+    if challenger_accuracy < champion_accuracy - tolerance - eps:
         return decide(
             False,
             f"accuracy {challenger_accuracy:.4f} is worse than the champion's "

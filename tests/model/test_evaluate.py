@@ -1,0 +1,182 @@
+"""Evaluation metrics, slices, the promotion gate's logic and `dandelion evaluate`."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dandelion_lib import evaluate
+from dandelion_lib.registry import promotion_gate
+
+LABELS = ("dandelion", "grass")
+
+
+def test_classification_metrics_by_hand() -> None:
+    y = np.array([0, 0, 0, 1, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.2, 0.8], [0.4, 0.6], [0.6, 0.4]])
+    m = evaluate.classification_metrics(y, probs, LABELS)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["confusion_matrix"] == [[2, 1], [1, 2]]
+    assert m["precision_dandelion"] == pytest.approx(2 / 3)
+    assert m["recall_grass"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+    # ROC AUC on P(grass): 7 of the 9 (grass, dandelion) pairs are ranked correctly.
+    assert m["roc_auc"] == pytest.approx(7 / 9)
+    expected_loss = -np.mean(np.log([0.9, 0.8, 0.3, 0.8, 0.6, 0.4]))
+    assert m["log_loss"] == pytest.approx(expected_loss)
+    assert m["n"] == 6
+
+
+def test_expected_calibration_error() -> None:
+    # Confidence 0.9 and 90 % right: perfectly calibrated.
+    y = np.array([0] * 9 + [1])
+    probs = np.tile([0.9, 0.1], (10, 1))
+    assert evaluate.expected_calibration_error(y, probs) == pytest.approx(0.0, abs=1e-12)
+    # Confidence 0.9 but only 50 % right: ECE 0.4.
+    y = np.array([0] * 5 + [1] * 5)
+    assert evaluate.expected_calibration_error(y, probs) == pytest.approx(0.4)
+    # Two bins: 0.6 confident and all right (gap 0.4), 1.0 confident and all right (gap 0).
+    probs = np.array([[0.6, 0.4], [0.6, 0.4], [1.0, 0.0], [1.0, 0.0]])
+    assert evaluate.expected_calibration_error(np.zeros(4, int), probs) == pytest.approx(0.2)
+
+
+def test_one_class_only_gives_nan_auc_not_a_crash() -> None:
+    m = evaluate.classification_metrics(np.zeros(3, int), np.tile([0.7, 0.3], (3, 1)), LABELS)
+    assert math.isnan(m["roc_auc"]) and m["accuracy"] == 1.0
+    with pytest.raises(evaluate.EvaluationError):
+        evaluate.classification_metrics(np.zeros(0, int), np.zeros((0, 2)), LABELS)
+
+
+def test_slices() -> None:
+    frame = pd.DataFrame(
+        {
+            "label": ["dandelion", "dandelion", "grass", "grass"],
+            "predicted": ["dandelion", "grass", "grass", "grass"],
+            "width": [100, 300, 500, 224],
+            "height": [150, 200, 224, 224],
+        }
+    )
+    s = evaluate.slice_metrics(frame).set_index("slice")
+    assert s.loc["size=short_side<180", "accuracy"] == 1.0
+    assert s.loc["size=short_side_180-223", "n"] == 1
+    assert s.loc["size=short_side_180-223", "accuracy"] == 0.0
+    assert s.loc["size=short_side>=224", "n"] == 2
+    assert s.loc["orientation=square", "n"] == 1
+    assert s.loc["orientation=portrait", "n"] == 1
+    assert s.loc["label=dandelion", "accuracy"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("challenger", "champion", "promote", "why"),
+    [
+        (0.95, None, True, "no champion"),
+        (0.89, None, False, "below the floor"),
+        (0.90, None, True, "floor"),  # the floor itself passes
+        (0.89, 0.50, False, "below the floor"),  # the floor applies even vs a weak champion
+        (0.95, 0.96, True, "within"),  # 1 point worse: within tolerance
+        (0.94, 0.96, False, "worse than the champion"),
+        (0.99, 0.96, True, "within"),
+        (float("nan"), None, False, "below the floor"),
+    ],
+)
+def test_promotion_gate(challenger: float, champion: float | None, promote: bool, why: str) -> None:
+    d = promotion_gate(challenger, champion, floor=0.90, tolerance=0.01)
+    assert d.promote is promote
+    assert why in d.reason
+    assert d.floor == 0.90 and d.champion_accuracy == champion
+
+
+def test_evaluate_split_uses_the_serving_path(predictor: Any, model_env: Any) -> None:
+    report = evaluate.evaluate_split(predictor, model_env.store, model_env.version)
+    assert report.metrics["n"] == 60
+    assert report.accuracy >= 0.9
+    assert set(report.slices["slice"]) >= {"label=dandelion", "label=grass"}
+    table = report.table()
+    assert "accuracy" in table and "confusion matrix" in table and "ece" in table
+
+
+@pytest.fixture
+def labelled_folder(tmp_path: Path, model_env: Any, test_split: pd.DataFrame) -> Path:
+    """A user's folder: 5 test images per label, plus one broken file and one stray file."""
+    root = tmp_path / "photos"
+    for label in ("dandelion", "grass"):
+        (root / label).mkdir(parents=True)
+        for i, key in enumerate(test_split[test_split["label"] == label]["key"].head(5)):
+            (root / label / f"{i}.jpg").write_bytes(model_env.store.get_bytes(key))
+    (root / "grass" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "notes.txt").write_text("ignored")
+    return root
+
+
+def test_cli_evaluate_images_prints_the_metrics_table(
+    labelled_folder: Path,
+    model_env: Any,
+    trained: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    from dandelion_lib import cli
+    from dandelion_lib.config import get_settings
+    from dandelion_lib.predict import Predictor
+    from dandelion_lib.registry import configure_mlflow
+
+    monkeypatch.setenv("DANDELION_WORKDIR", str(model_env.settings.workdir))
+    get_settings.cache_clear()
+    try:
+        code = cli.main(
+            ["evaluate", "--model", trained.model_uri, "--images", str(labelled_folder)]
+        )
+    finally:
+        get_settings.cache_clear()
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"model:   {trained.model_uri} (version {trained.model_version})" in out
+    assert "(10 images)" in out
+    assert "confusion matrix" in out and "slice" in out
+    assert "skipped" in out and "broken.jpg" in out
+    # The printed accuracy is the one of the serving path on the same files.
+    configure_mlflow(model_env.settings)
+    predictor = Predictor.load(trained.model_uri)
+    report, skipped = evaluate.evaluate_folder(predictor, labelled_folder)
+    assert len(skipped) == 1
+    assert f"{'accuracy':<24}{report.accuracy:>10.4f}" in out
+
+
+def test_cli_evaluate_reports_a_missing_folder_in_one_line(
+    model_env: Any, trained: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from dandelion_lib import cli
+    from dandelion_lib.config import get_settings
+
+    monkeypatch.setenv("DANDELION_WORKDIR", str(model_env.settings.workdir))
+    get_settings.cache_clear()
+    empty = tmp_path / "empty"
+    (empty / "grass").mkdir(parents=True)
+    try:
+        missing = cli.main(
+            ["evaluate", "--model", trained.model_uri, "--images", str(tmp_path / "nope")]
+        )
+        no_images = cli.main(["evaluate", "--model", trained.model_uri, "--images", str(empty)])
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert missing == 2 and no_images == 2
+    assert err[0] == f"dandelion evaluate: error: image folder not found: {tmp_path / 'nope'}"
+    assert "no images in" in err[1] and len(err) == 2
+
+
+def test_folder_listing_ignores_other_labels(tmp_path: Path) -> None:
+    (tmp_path / "dandelion").mkdir()
+    (tmp_path / "cats").mkdir()
+    shutil.copy(
+        Path(__file__).parent / "fixtures" / "tiny_state_dict.pth", tmp_path / "cats" / "a.jpg"
+    )
+    (tmp_path / "dandelion" / "a.JPG").write_bytes(b"x")
+    found = evaluate.list_labelled_folder(tmp_path, LABELS)
+    assert found == [(tmp_path / "dandelion" / "a.JPG", "dandelion")]

@@ -1,0 +1,110 @@
+"""Promotion through the gate on a real (SQLite) MLflow registry: aliases move, versions
+never change, and every decision is recorded on the model version."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dandelion_lib import registry
+
+
+def _tags(client: Any, version: str) -> dict[str, str]:
+    mv = client.get_model_version("dandelion", version)
+    return {
+        k.removeprefix(registry.TAG_PREFIX): v
+        for k, v in mv.tags.items()
+        if k.startswith(registry.TAG_PREFIX)
+    }
+
+
+@pytest.fixture(scope="module")
+def weak_version(model_env: Any, trained: Any) -> str:
+    """A registered version that always answers 50/50 (its head is zeroed): a bad challenger."""
+    import keras
+    import mlflow
+
+    from dandelion_lib.features import FeatureSpec
+
+    client = registry.configure_mlflow(model_env.settings)
+    weak = keras.models.clone_model(trained.model)
+    weak.set_weights(trained.model.get_weights())
+    dense = weak.get_layer("head").get_layer("probabilities")
+    dense.set_weights([np.zeros_like(w) for w in dense.get_weights()])
+    with mlflow.start_run(run_name="weak-model"):
+        mv = registry.log_keras_model(
+            weak,
+            feature_spec=FeatureSpec().to_dict(),
+            dataset_version=model_env.version,
+            registered_model_name="dandelion",
+        )
+    assert client.get_model_version("dandelion", str(mv.version)).version is not None
+    return str(mv.version)
+
+
+def test_promotion_flow(
+    model_env: Any, trained: Any, weak_version: str, mlflow_client: Any
+) -> None:
+    client = mlflow_client
+    good = trained.model_version
+    client.set_registered_model_alias("dandelion", registry.CHALLENGER, good)
+
+    # 1. No champion yet: the challenger passes the floor and becomes champion.
+    first = registry.promote(model_env.settings, store=model_env.store)
+    assert first.promoted and first.champion_version_before is None
+    assert registry.get_alias_version(client, "dandelion", registry.CHAMPION).version in (
+        good,
+        int(good),
+    )
+    tags = _tags(client, good)
+    assert tags["decision"] == "promoted"
+    assert float(tags["challenger_accuracy"]) == pytest.approx(trained.metrics["test_accuracy"])
+    assert tags["champion_version"] == "none" and tags["dataset_version"] == model_env.version
+    assert tags["floor"] == "0.9" and tags["test_images"] == "60"
+    assert client.get_run(tags["run_id"]).data.metrics["test_accuracy"] == pytest.approx(
+        float(tags["challenger_accuracy"])
+    )
+
+    # 2. A weak challenger: below the floor, the champion alias stays where it was.
+    client.set_registered_model_alias("dandelion", registry.CHALLENGER, weak_version)
+    second = registry.promote(model_env.settings, store=model_env.store)
+    assert not second.promoted and "below the floor" in second.decision.reason
+    assert str(registry.get_alias_version(client, "dandelion", registry.CHAMPION).version) == good
+    tags = _tags(client, weak_version)
+    assert tags["decision"] == "rejected"
+    assert float(tags["challenger_accuracy"]) == pytest.approx(0.5)
+    # The champion was re-scored on the same test split.
+    assert tags["champion_version"] == good
+    assert float(tags["champion_accuracy"]) == pytest.approx(
+        float(_tags(client, good)["challenger_accuracy"])
+    )
+
+    # 3. With no floor, the champion comparison decides (and rejects) on its own.
+    third = registry.promote(model_env.settings, store=model_env.store, floor=0.0)
+    assert not third.promoted and "worse than the champion" in third.decision.reason
+    assert str(registry.get_alias_version(client, "dandelion", registry.CHAMPION).version) == good
+
+    # Versions themselves never changed: same sources, same runs.
+    for v in (good, weak_version):
+        assert client.get_model_version("dandelion", v).status == "READY"
+
+
+def test_cli_promote_without_challenger_is_one_line(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from dandelion_lib import cli
+    from dandelion_lib.config import get_settings
+
+    monkeypatch.setenv("DANDELION_WORKDIR", str(tmp_path / "empty-work"))
+    get_settings.cache_clear()
+    try:
+        code = cli.main(["promote"])
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert [ln for ln in err.splitlines() if ln.startswith("dandelion")] == [
+        "dandelion promote: error: no version of model 'dandelion' has the alias 'challenger'; train one first"
+    ]
