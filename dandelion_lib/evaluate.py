@@ -305,9 +305,6 @@ def evaluate_folder(predictor: Any, root: str | Path) -> tuple[EvaluationReport,
 
 
 def confusion_figure(matrix: list[list[int]], labels: tuple[str, ...]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     m = np.asarray(matrix)
@@ -326,13 +323,11 @@ def confusion_figure(matrix: list[list[int]], labels: tuple[str, ...]) -> Any:
     return fig
 
 
-def roc_figure(y_true: np.ndarray, probs: np.ndarray, labels: tuple[str, ...]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+def roc_figure(y_true: Any, probs: np.ndarray, labels: tuple[str, ...]) -> Any:
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
 
+    y_true = np.asarray(y_true, dtype=int)
     fig, ax = plt.subplots(figsize=(3.6, 3.2))
     positive = len(labels) - 1
     if len(np.unique(y_true)) > 1:
@@ -349,9 +344,6 @@ def roc_figure(y_true: np.ndarray, probs: np.ndarray, labels: tuple[str, ...]) -
 
 def calibration_figure(y_true: Any, probs: np.ndarray, bins: int = ECE_BINS) -> Any:
     """Reliability diagram: accuracy against confidence per bin (the diagonal is perfect)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     y_true = np.asarray(y_true, dtype=int)
@@ -377,9 +369,6 @@ def calibration_figure(y_true: Any, probs: np.ndarray, bins: int = ECE_BINS) -> 
 
 def misclassified_figure(pixels: np.ndarray, report: EvaluationReport, max_images: int = 16) -> Any:
     """A grid of misclassified images, titled ``true -> predicted (confidence)``."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     frame = report.predictions

@@ -579,9 +579,6 @@ def _log_learning_curves(history: dict[str, list[float]]) -> None:
 
 def learning_curves_figure(history: dict[str, list[float]]) -> Any:
     """Loss and accuracy per epoch (train and validation)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
