@@ -91,7 +91,7 @@ class ModelManager:
         self.last_check_at: dt.datetime | None = None
         self.last_check: CheckResult | None = None
         self.state = "starting"
-        self.reason = f"loading models:/{self.name}@{self.alias}"
+        self.reason = f"checking the registry for models:/{self.name}@{self.alias}"
 
     # --- public ----------------------------------------------------------------------------
     @property

@@ -66,7 +66,13 @@ def decode(predictor: Predictor, data: bytes) -> Decoded:
     try:
         with Image.open(io.BytesIO(data), formats=SERVING_FORMATS) as probe:
             fmt = probe.format
+    except Image.DecompressionBombError as exc:
+        raise image_problem(InvalidImageError("too_large", f"image is too large: {exc}")) from None
     except Image.UnidentifiedImageError:
+        if _looks_like_supported(data):  # the right signature, but broken inside
+            raise image_problem(
+                InvalidImageError("truncated", "the image is corrupt (its header cannot be read)")
+            ) from None
         raise image_problem(
             InvalidImageError(
                 "not_an_image",
@@ -83,6 +89,21 @@ def decode(predictor: Predictor, data: bytes) -> Decoded:
         log.warning("decoder error", extra={"error": _reason(exc), "format": fmt})
         raise image_problem(InvalidImageError("truncated", _reason(exc))) from None
     return Decoded(array, stats, hashlib.sha256(data).hexdigest())
+
+
+_SIGNATURES = (
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+)
+
+
+def _looks_like_supported(data: bytes) -> bool:
+    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
 def _reason(exc: BaseException) -> str:
