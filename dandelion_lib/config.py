@@ -10,10 +10,11 @@ S3 credentials are never settings: boto3 reads them from its standard chain
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SOURCE = "https://raw.githubusercontent.com/btphan95/greenr-airflow/refs/heads/master/data"
@@ -112,6 +113,16 @@ class Settings(BaseSettings):
         200, description="Latest feedback items behind the live accuracy gauge."
     )
     log_level: str = Field("INFO", description="Log level of the API's JSON logs.")
+
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, labels: tuple[str, ...]) -> tuple[str, ...]:
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ValueError("labels must be at least two distinct names")
+        bad = [lab for lab in labels if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", lab)]
+        if bad:
+            raise ValueError(f"labels must be lower-case names ([a-z0-9_-]): {bad}")
+        return labels
 
     # --- derived ---------------------------------------------------------------------------
     @property
