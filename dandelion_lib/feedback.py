@@ -197,6 +197,7 @@ class FeedbackStore:
         return cls(
             settings.resolved_feedback_db_url,
             store=open_store(settings=settings),
+            labels=settings.labels,
             max_image_pixels=settings.max_image_pixels,
         )
 

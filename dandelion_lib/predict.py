@@ -1,8 +1,9 @@
 """The Predictor: one model loaded from the MLflow registry, used by the API, the app and the CLI.
 
 It decodes untrusted image bytes safely (:func:`dandelion_lib.features.decode_image`),
-applies the model's logged feature spec, and calls the Keras model directly on a batch
-(``model(x, training=False)``, not ``model.predict`` per call, which costs ~20x here).
+applies the model's logged feature spec, and runs the Keras model on a batch through one
+compiled graph with a free batch dimension (traced once, at warm-up). Not ``model.predict``
+per call (~3x slower for one image) nor eager ``model(x)`` (~8x slower on EfficientNet).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Predictor:
     loaded_at: float = field(default_factory=time.time)
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
+    _forward: Any = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def load(cls, uri: str, **limits: int) -> Predictor:
@@ -90,7 +92,9 @@ class Predictor:
 
     def predict_arrays(self, batch: np.ndarray) -> list[Prediction]:
         """Predict a batch of model inputs ``(N, size, size, 3)``."""
-        probs = np.asarray(self.model(batch.astype(np.float32, copy=False), training=False))
+        if self._forward is None:
+            self._forward = _compile(self.model, self.spec.image_size)
+        probs = np.asarray(self._forward(batch.astype(np.float32, copy=False)))
         out = []
         for row in probs:
             i = int(np.argmax(row))
@@ -113,6 +117,22 @@ class Predictor:
         size = self.spec.image_size
         for n in (1, 2):
             self.predict_arrays(np.zeros((n, size, size, 3), dtype=np.float32))
+
+
+def _compile(model: Any, size: int) -> Any:
+    """``model(x, training=False)`` as one graph for any batch size (TensorFlow backend);
+    other backends use Keras' compiled ``predict_on_batch``."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        graph = tf.function(
+            lambda x: model(x, training=False),
+            input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)],
+        )
+        return lambda x: graph(x).numpy()
+    return model.predict_on_batch
 
 
 def _resolve(uri: str) -> tuple[str | None, str | None]:
