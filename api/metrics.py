@@ -99,9 +99,10 @@ class ApiMetrics:
         )
         self.live_accuracy = Gauge(
             "dandelion_live_accuracy",
-            "Share of recent feedback where the model's label was correct.",
+            "Share of recent feedback where the model's label was correct (NaN: no feedback).",
             registry=r,
         )
+        self.live_accuracy.set(float("nan"))
         self.drift_psi = Gauge(
             "dandelion_drift_psi",
             "Population stability index of served images vs the training reference.",

@@ -13,7 +13,15 @@ import time
 import uuid
 from typing import Any
 
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import (
+    ASGIApp,
+    HTTPResponseBodyEvent,
+    HTTPResponseStartEvent,
+    Message,
+    Receive,
+    Scope,
+    Send,
+)
 
 from api.context import request_id_var, request_start_var
 from api.metrics import ApiMetrics
@@ -54,7 +62,7 @@ class RequestContextMiddleware:
                 state["started"] = True
                 headers = list(message.get("headers", []))
                 headers.append((REQUEST_ID_HEADER, request_id.encode()))
-                message = {**message, "headers": headers}  # type: ignore[typeddict-item]
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
@@ -62,14 +70,18 @@ class RequestContextMiddleware:
         except Exception:
             log.exception("request failed outside the handlers")
             if not state["started"]:
-                await send_wrapper(
-                    {
-                        "type": "http.response.start",
-                        "status": 500,
-                        "headers": [(b"content-type", b"application/problem+json")],
-                    }
-                )
-                await send({"type": "http.response.body", "body": _PROBLEM_500})
+                start_event: HTTPResponseStartEvent = {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [(b"content-type", b"application/problem+json")],
+                }
+                await send_wrapper(start_event)
+                body_event: HTTPResponseBodyEvent = {
+                    "type": "http.response.body",
+                    "body": _PROBLEM_500,
+                    "more_body": False,
+                }
+                await send(body_event)
         finally:
             elapsed = time.perf_counter() - start
             route = scope.get("path_template") or "unmatched"

@@ -52,7 +52,10 @@ BATCH_OPERATION = operation_with_body(
     "Several images, each in multipart field `files` (repeated).",
 )
 
-_LABEL = Schema(type=OpenAPIType.STRING, enum=["dandelion", "grass"])
+_LABEL = Schema(
+    type=OpenAPIType.STRING,
+    description="One of the training labels (DANDELION_LABELS), never `uncertain`.",
+)
 _ID = Schema(type=OpenAPIType.STRING, format="uuid")  # type: ignore[arg-type]
 
 FEEDBACK_OPERATION = operation_with_body(

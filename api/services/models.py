@@ -108,7 +108,8 @@ class ModelManager:
         self._thread = threading.Thread(target=self._run, name="model-manager", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop polling (a load in progress cannot be interrupted; the thread is a daemon)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:

@@ -247,19 +247,27 @@ def stop_api(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def api_server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+def api_server(
+    request: pytest.FixtureRequest, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ApiServer]:
     """``python -m api`` against the MLflow server, shared by every API test module.
 
     Started before any version has the ``champion`` alias, so its not-ready answers are
     recorded in ``before_ready``; then the alias is set and the server picks it up.
+    The process starts first, so its start-up overlaps training the first model here.
     """
     workdir = tmp_path_factory.mktemp("api")
     port = free_port()
-    env = api_env(workdir, port, registry.tracking_uri)
-    version = registry.register()
+    env = api_env(workdir, port, mlflow_server)
     log_path = workdir / "server.log"
     proc = start_api(env, log_path)
     url = f"http://127.0.0.1:{port}"
+    try:
+        registry: Registry = request.getfixturevalue("registry")
+        version = registry.register()
+    except BaseException:
+        stop_api(proc)
+        raise
     server = ApiServer(url, proc, log_path, workdir, env, registry)
     try:
         wait_http(f"{url}/health/live", timeout=120, proc=proc)
