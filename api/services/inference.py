@@ -102,7 +102,8 @@ class InferenceQueue:
     def admit(self, n: int = 1) -> Iterator[Ticket]:
         """Reserve room for ``n`` images for the duration of the block (or raise)."""
         with self._cond:
-            if self._admitted + n > self.capacity:
+            # A batch larger than the whole capacity still runs when nothing else is queued.
+            if self._admitted + n > self.capacity and self._admitted > 0:
                 self.metrics.queue_rejections.inc()
                 raise QueueFullError(self.retry_after())
             self._admitted += n

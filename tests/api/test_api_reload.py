@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,13 @@ class Traffic:
                 r = c.post("/predict", content=self.image, headers={"content-type": "image/jpeg"})
                 self.answers[i].append((r.status_code, r.json()))
 
+    def wait(self, condition: Callable[[list[tuple[int, dict[str, Any]]]], bool]) -> None:
+        """Until every client's answers so far satisfy ``condition`` (60 s at most)."""
+        deadline = time.monotonic() + 60
+        while not all(condition(list(a)) for a in self.answers):
+            assert time.monotonic() < deadline, [len(a) for a in self.answers]
+            time.sleep(0.05)
+
     def __enter__(self) -> Traffic:
         for t in self.threads:
             t.start()
@@ -74,10 +82,10 @@ def test_hot_reload_on_alias_move_fails_no_request(api_server: ApiServer, greenr
     new = registry.register(scale=0.5)  # different weights: different probabilities
     image = (greenr_dir / "dandelion" / "00000020.jpg").read_bytes()
     with Traffic(api_server, image) as traffic:
-        time.sleep(1.0)
+        traffic.wait(lambda answers: len(answers) >= 3)
         registry.set_alias(new)  # the server polls the alias every second
         api_server.wait_for_version(new, timeout=120)
-        time.sleep(1.0)
+        traffic.wait(lambda answers: sum(b["model"]["version"] == new for _, b in answers) >= 3)
     answers = [a for client in traffic.answers for a in client]
     assert len(answers) > 20
     assert all(status == 200 for status, _ in answers), {s for s, _ in answers}
