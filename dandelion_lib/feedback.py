@@ -490,3 +490,56 @@ def _record(row: _FeedbackRow) -> FeedbackRecord:
         reviewed_at=_utc(row.reviewed_at),
         accepted=row.accepted,
     )
+
+
+# --- command line: `dandelion feedback` -----------------------------------------------------
+def add_cli_arguments(parser: Any) -> None:
+    import argparse
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print JSON lines")
+    sub = parser.add_subparsers(dest="action", required=True)
+    listing = sub.add_parser("list", help="feedback, newest first", parents=[common])
+    state = listing.add_mutually_exclusive_group()
+    state.add_argument("--pending", action="store_true", help="only feedback not reviewed yet")
+    state.add_argument("--reviewed", action="store_true", help="only reviewed feedback")
+    listing.add_argument("--limit", type=int, default=50, help="at most N rows (default 50)")
+    review = sub.add_parser(
+        "review", help="accept or reject feedback for the next dataset", parents=[common]
+    )
+    review.add_argument("feedback_id")
+    decision = review.add_mutually_exclusive_group(required=True)
+    decision.add_argument("--accept", action="store_true")
+    decision.add_argument("--reject", action="store_true")
+    sub.add_parser(
+        "accepted", help="accepted feedback with images (input for ingestion)", parents=[common]
+    )
+
+
+def cli(args: Any) -> int:
+    import json
+
+    store = FeedbackStore.from_settings()
+    try:
+        if args.action == "list":
+            reviewed = True if args.reviewed else False if args.pending else None
+            records = store.list_feedback(reviewed=reviewed, limit=args.limit)
+        elif args.action == "review":
+            records = [store.review(args.feedback_id, accepted=bool(args.accept))]
+        else:
+            records = store.accepted()
+    finally:
+        store.close()
+    for r in records:
+        if args.json:
+            print(json.dumps(r.to_dict()))
+        else:
+            decision = (
+                "pending" if r.reviewed_at is None else ("accepted" if r.accepted else "rejected")
+            )
+            print(
+                f"{r.feedback_id}  {r.created_at:%Y-%m-%d %H:%M}  {r.correct_label:<10} "
+                f"model said {r.predicted_label:<10} v{r.model_version}  {decision:<8} "
+                f"{r.image_key or '-'}"
+            )
+    return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -312,3 +313,47 @@ def test_feedback_answers_503_when_the_database_is_down(
         assert r.status_code == 503, r.text
         assert r.json()["code"] == "feedback-unavailable"
         assert "retry-after" in r.headers
+
+
+def test_review_from_the_command_line(tmp_path: Path, greenr_dir: Path) -> None:
+    """`dandelion feedback list / review / accepted` on the embedded SQLite database."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    workdir = tmp_path / "work"
+    image = (greenr_dir / GRASS).read_bytes()
+    store = FeedbackStore(
+        f"sqlite:///{workdir / 'feedback.db'}", store=LocalStore(workdir / "store")
+    )
+    pred = _record(image)
+    store.record_predictions([pred])
+    record = store.add_feedback(pred.prediction_id, "grass", image)
+    store.close()
+
+    def dandelion(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DANDELION_")}
+        env["DANDELION_WORKDIR"] = str(workdir)
+        return subprocess.run(
+            [sys.executable, "-m", "dandelion_lib.cli", "feedback", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    pending = dandelion("list", "--pending")
+    assert pending.returncode == 0, pending.stderr
+    assert record.feedback_id in pending.stdout and "pending" in pending.stdout
+    assert dandelion("review", record.feedback_id, "--accept").returncode == 0
+    accepted = dandelion("accepted", "--json")
+    rows = [json.loads(line) for line in accepted.stdout.splitlines()]
+    assert [(r["feedback_id"], r["image_key"], r["accepted"]) for r in rows] == [
+        (record.feedback_id, record.image_key, True)
+    ]
+    missing = dandelion("review", "no-such-id", "--reject")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().count("\n") == 0 and "no feedback with id" in missing.stderr
