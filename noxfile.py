@@ -102,6 +102,12 @@ def pipeline(session: nox.Session) -> None:
 
 
 @nox.session
+def serve(session: nox.Session) -> None:
+    """The prediction API on the embedded defaults (run `nox -s pipeline` first)."""
+    _run(session, "python", "-m", "api")
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks: print figures and ratios against a baseline measured in the same run."""
     _run(session, "python", "-m", "benchmarks", *session.posargs)

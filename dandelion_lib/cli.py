@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Move the champion alias to the challenger if it passes.",
     ),
     "predict": ("dandelion_lib.predict", "Classify image files with a registered model."),
+    "feedback": ("dandelion_lib.feedback", "List and review user feedback on predictions."),
 }
 
 

@@ -109,6 +109,10 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy URL of the feedback DB. Default: SQLite in workdir."
     )
     drift_window: int = Field(200, description="Served images kept for live drift scores.")
+    feedback_accuracy_window: int = Field(
+        200, description="Latest feedback items behind the live accuracy gauge."
+    )
+    log_level: str = Field("INFO", description="Log level of the API's JSON logs.")
 
     @field_validator("labels")
     @classmethod
