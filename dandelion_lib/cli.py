@@ -17,6 +17,10 @@ from dandelion_lib.errors import DandelionError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("dandelion_lib.ingest", "Ingest images into the store as a new dataset version."),
+    "drift": (
+        "dandelion_lib.monitoring",
+        "Check a folder of new images for drift against a model.",
+    ),
 }
 
 

@@ -92,6 +92,15 @@ class Settings(BaseSettings):
     )
     drift_window: int = Field(200, description="Served images kept for live drift scores.")
 
+    # --- monitoring ------------------------------------------------------------------------
+    drift_psi_threshold: float = Field(
+        0.2, description="PSI above which a feature counts as drifted (if also above noise)."
+    )
+    drift_share_threshold: float = Field(
+        0.5, description="Share of drifted features at or above which a batch has drifted."
+    )
+    drift_min_images: int = Field(20, description="Fewest images an offline drift check accepts.")
+
     # --- derived ---------------------------------------------------------------------------
     @property
     def workdir_path(self) -> Path:
