@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 OUT_DIR = HERE / "dashboards"
 DATASOURCE = {"type": "prometheus", "uid": "dandelion-prometheus"}
 RATE = "$__rate_interval"
-API = 'job="dandelion-api"'
+API = 'job="api"'
 DANDELION_DAGS = 'dag_id=~"dandelion.*"'
 
 Target = tuple[str, str]  # (PromQL, legend)

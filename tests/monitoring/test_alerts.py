@@ -128,7 +128,7 @@ def test_alert_metrics_are_catalogued() -> None:
 def test_alert_jobs_are_scraped() -> None:
     config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
     jobs = {sc["job_name"] for sc in config["scrape_configs"]}
-    assert {"dandelion-api", "airflow", "mlflow", "prometheus", "grafana"} <= jobs
+    assert {"api", "statsd-exporter", "prometheus", "grafana"} <= jobs
     assert config["rule_files"] == ["alerts.yml"]
     for rule in alert_rules():
         for m in re.finditer(r'job(=~|=)"([^"]+)"', rule["expr"]):

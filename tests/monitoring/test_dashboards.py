@@ -165,7 +165,7 @@ def test_dashboard_provider_points_at_the_folder_of_json() -> None:
     provider = yaml.safe_load((GRAFANA / "provisioning/dashboards/dandelion.yml").read_text())
     assert provider["apiVersion"] == 1
     (entry,) = provider["providers"]
-    assert entry["type"] == "file" and entry["options"]["path"].endswith("/dandelion")
+    assert entry["type"] == "file" and entry["options"]["path"] == "/var/lib/grafana/dashboards"
 
 
 def test_generator_runs_as_a_script(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from promql_helpers import (
     selectors,
 )
 
-MAPPING = MONITORING / "statsd-mappings.yml"
+MAPPING = MONITORING / "statsd-mapping.yml"
 
 # pkg/mapper/mapper.go
 _STATSD_METRIC = r"[a-zA-Z_](-?[a-zA-Z0-9_])*"
