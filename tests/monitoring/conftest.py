@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageEnhance
+from monitoring_support import darken, grayscale
 
 from dandelion_lib.features import decode_image, image_stats
 from dandelion_lib.monitoring import build_reference
@@ -68,15 +68,6 @@ def _write_variants(paths: list[Path], out: Path, transform) -> Path:
         img = transform(decode_image(p.read_bytes()))
         img.save(out / f"{p.parent.name}-{p.stem}.jpg", quality=90)
     return out
-
-
-def darken(img: Image.Image) -> Image.Image:
-    """A photo taken at dusk: 15% of the brightness."""
-    return ImageEnhance.Brightness(img).enhance(0.15)
-
-
-def grayscale(img: Image.Image) -> Image.Image:
-    return img.convert("L").convert("RGB")
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from promql_helpers import DOC, MONITORING, alert_rules, base_name, catalogue, metric_names
+from monitoring_support import DOC, MONITORING, alert_rules, base_name, catalogue, metric_names
 
 from dandelion_lib.config import Settings
 

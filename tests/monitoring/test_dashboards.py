@@ -11,7 +11,7 @@ from types import ModuleType
 
 import pytest
 import yaml
-from promql_helpers import (
+from monitoring_support import (
     DASHBOARDS,
     MONITORING,
     base_name,
@@ -178,3 +178,11 @@ def test_generator_runs_as_a_script(tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_airflow_panels_are_exactly_the_pipeline_dashboard() -> None:
+    """The live test runs every panel except the Airflow ones (no statsd-exporter here):
+    those are exactly the Pipeline dashboard's, and it has no others."""
+    for board, title, expr in panel_queries():
+        airflow = all(n.startswith("airflow_") for n in metric_names(expr))
+        assert airflow == (board == "pipeline.json"), f"{board}: {title}"

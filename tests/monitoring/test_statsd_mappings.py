@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from promql_helpers import (
+from monitoring_support import (
     MONITORING,
     alert_rules,
     catalogue,

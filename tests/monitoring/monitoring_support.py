@@ -1,5 +1,5 @@
 """Helpers shared by the monitoring tests: metric names in PromQL, the metrics catalogue of
-docs/monitoring.md, the dashboards' queries and the alert rules."""
+docs/monitoring.md, the dashboards' queries, the alert rules, drifted image variants."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from PIL import Image, ImageEnhance
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "monitoring"
@@ -114,3 +115,12 @@ def instant(expr: str, rate_interval: str = "1m") -> str:
 def alert_rules() -> list[dict[str, Any]]:
     rules = yaml.safe_load((MONITORING / "alerts.yml").read_text())
     return [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
+
+
+def darken(img: Image.Image) -> Image.Image:
+    """A photo taken at dusk: 15% of the brightness."""
+    return ImageEnhance.Brightness(img).enhance(0.15)
+
+
+def grayscale(img: Image.Image) -> Image.Image:
+    return img.convert("L").convert("RGB")
