@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "monitoring"
 DASHBOARDS = MONITORING / "grafana" / "dashboards"
 DOC = ROOT / "docs" / "monitoring.md"
+MAPPING = MONITORING / "statsd-mapping.yml"
 
 _KEYWORDS = {
     "sum", "min", "max", "avg", "count", "stddev", "stdvar", "topk", "bottomk", "quantile",
@@ -124,3 +126,128 @@ def darken(img: Image.Image) -> Image.Image:
 
 def grayscale(img: Image.Image) -> Image.Image:
     return img.convert("L").convert("RGB")
+
+
+# --- the statsd-exporter's mapping rules (github.com/prometheus/statsd_exporter pkg/mapper) ---
+_STATSD_METRIC = r"[a-zA-Z_](-?[a-zA-Z0-9_])*"
+_TEMPLATE = r"(\$\{?\d+\}?)"
+METRIC_LINE_RE = re.compile(rf"^(\*\.|{_STATSD_METRIC}\.)+(\*|{_STATSD_METRIC})$")
+METRIC_NAME_RE = re.compile(rf"^([a-zA-Z_]|{_TEMPLATE})([a-zA-Z0-9_]|{_TEMPLATE})*$")
+LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]+$")
+PROM_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+
+STATSD_TYPE = {"counter": "counter", "gauge": "gauge", "timer": "observer"}
+
+
+@dataclass
+class Mapping:
+    match: str
+    name: str
+    labels: dict[str, str] = field(default_factory=dict)
+    match_type: str = "glob"
+    action: str = "map"
+    observer_type: str = ""
+    match_metric_type: str = ""
+    regex: re.Pattern[str] | None = None
+
+
+def load_mappings(text: str) -> list[Mapping]:
+    """Parse and validate like ``MetricMapper.InitFromYAMLString``; raise ValueError."""
+    doc = yaml.safe_load(text)
+    if not isinstance(doc, dict) or not isinstance(doc.get("mappings"), list):
+        raise ValueError("no 'mappings' list")
+    known_top = {"defaults", "mappings"}
+    if set(doc) - known_top:
+        raise ValueError(f"unknown top-level keys {set(doc) - known_top}")
+    defaults = doc.get("defaults") or {}
+    known = {
+        "match", "name", "labels", "observer_type", "timer_type", "buckets", "quantiles",
+        "match_type", "help", "action", "match_metric_type", "ttl", "summary_options",
+        "histogram_options", "scale", "honor_labels",
+    }  # fmt: skip
+    out = []
+    for i, raw in enumerate(doc["mappings"]):
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"mapping {i}: unknown keys {unknown}")
+        labels = {str(k): str(v) for k, v in (raw.get("labels") or {}).items()}
+        for key in labels:
+            if not LABEL_NAME_RE.match(key):
+                raise ValueError(f"invalid label key: {key}")
+        name = raw.get("name") or ""
+        if not name:
+            raise ValueError(f"line {i}: metric mapping didn't set a metric name")
+        if not METRIC_NAME_RE.match(name):
+            raise ValueError(f"metric name {name!r} is invalid")
+        m = Mapping(
+            match=raw["match"],
+            name=name,
+            labels=labels,
+            match_type=raw.get("match_type") or defaults.get("match_type") or "glob",
+            action=raw.get("action") or "map",
+            observer_type=raw.get("observer_type") or defaults.get("observer_type") or "",
+            match_metric_type=raw.get("match_metric_type") or "",
+        )
+        if m.match_type not in ("glob", "regex"):
+            raise ValueError(f"invalid match_type {m.match_type}")
+        if m.action not in ("map", "drop"):
+            raise ValueError(f"invalid action {m.action}")
+        if m.observer_type not in ("", "histogram", "summary"):
+            raise ValueError(f"invalid observer_type {m.observer_type}")
+        if m.match_metric_type not in ("", "counter", "gauge", "observer"):
+            raise ValueError(f"invalid match_metric_type {m.match_metric_type}")
+        if m.observer_type == "histogram" and raw.get("summary_options"):
+            raise ValueError("cannot use histogram observer and summary options at the same time")
+        if m.observer_type == "summary" and raw.get("histogram_options"):
+            raise ValueError("cannot use summary observer and histogram options at the same time")
+        if m.match_type == "glob" and not METRIC_LINE_RE.match(m.match):
+            raise ValueError(f"invalid match: {m.match}")
+        if m.match_type == "regex":
+            m.regex = re.compile(m.match)
+        out.append(m)
+    buckets = (defaults.get("histogram_options") or {}).get("buckets")
+    if buckets is not None and buckets != sorted(buckets):
+        raise ValueError("histogram buckets must be increasing")
+    return out
+
+
+def format_template(template: str, captures: list[str]) -> str:
+    return re.sub(r"\$\{?(\d+)\}?", lambda m: captures[int(m.group(1)) - 1], template)
+
+
+def map_metric(
+    mappings: list[Mapping], name: str, statsd_type: str
+) -> tuple[Mapping, str, dict[str, str]] | None:
+    """The mapping, Prometheus name and labels of one StatsD metric (None: unmatched)."""
+    parts = name.split(".")
+    for m in mappings:  # globs first, in file order (glob_disable_ordering: false)
+        if m.match_type != "glob" or m.match_metric_type not in ("", statsd_type):
+            continue
+        pattern = m.match.split(".")
+        if len(pattern) == len(parts) and all(
+            p in ("*", q) for p, q in zip(pattern, parts, strict=True)
+        ):
+            captures = [q for p, q in zip(pattern, parts, strict=True) if p == "*"]
+            labels = {k: format_template(v, captures) for k, v in m.labels.items()}
+            return m, format_template(m.name, captures), labels
+    for m in mappings:
+        if m.regex is None or m.match_metric_type not in ("", statsd_type):
+            continue
+        found = m.regex.search(name)
+        if found:
+            groups = [found.group(0), *found.groups()]
+
+            def expand(t: str, groups: list[str] = groups) -> str:
+                return re.sub(r"\$\{?(\d+)\}?", lambda g: groups[int(g.group(1))] or "", t)
+
+            return m, expand(m.name), {k: expand(v) for k, v in m.labels.items()}
+    return None
+
+
+def exposed_names(name: str, statsd_type: str, mapping: Mapping) -> list[str]:
+    """The series names the exporter exposes for one mapped metric."""
+    if statsd_type == "observer":
+        if mapping.observer_type == "summary":
+            return [name, f"{name}_sum", f"{name}_count"]
+        return [f"{name}_bucket", f"{name}_sum", f"{name}_count"]
+    return [name]
