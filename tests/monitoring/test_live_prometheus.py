@@ -273,6 +273,7 @@ def test_every_panel_query_returns_data(live: Live) -> None:
 
 def test_drift_gauges_rise_for_the_drifted_batch_only(live: Live) -> None:
     before, after = live.in_dist, live.drifted
+    print(f"\nin distribution: {before}\ndrifted batch:   {after}")
     assert before["window"] == 200 and after["window"] == 200
     assert set(before["psi"]) == {
         "brightness", "contrast", "saturation", "green_fraction", "yellow_fraction", "sharpness"
