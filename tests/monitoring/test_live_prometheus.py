@@ -39,6 +39,7 @@ pytestmark = pytest.mark.slow
 AIRFLOW_BOARD = "pipeline.json"
 RATE_INTERVAL = "15s"  # Grafana's $__rate_interval for a 1 s scrape interval and short ranges
 FEEDBACK = 40
+MODEL_NAME = "dandelion-live-monitoring"
 
 
 @dataclass
@@ -148,11 +149,12 @@ def live(
         train_parts,
     )
 
-    registry = Registry(mlflow_server, s3_server, train_parts(greenr_dir))
+    # A model name of its own: the API tests' server watches theirs in the same MLflow.
+    registry = Registry(mlflow_server, s3_server, train_parts(greenr_dir), name=MODEL_NAME)
     registry.set_alias(registry.register())
     work = tmp_path_factory.mktemp("live")
     api_port, prom_port = free_port(), free_port()
-    env = api_env(work / "api", api_port, mlflow_server)
+    env = api_env(work / "api", api_port, mlflow_server, DANDELION_MODEL_NAME=MODEL_NAME)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (env["PYTHONPATH"], os.environ.get("PYTHONPATH")) if p
     )
