@@ -10,6 +10,7 @@ and its legacy dotted name). test_airflow_statsd.py checks the names a real run 
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 import yaml
 from monitoring_support import (
     MAPPING,
+    MONITORING,
     PROM_NAME_RE,
     STATSD_TYPE,
     Mapping,
@@ -230,3 +232,33 @@ def test_catalogue_lists_exactly_the_produced_airflow_metrics(
             bases[name]["type"]
         ]
         assert doc["type"] == kind, name
+
+
+def test_mappings_are_self_contained_for_the_helm_chart(
+    airflow_metrics: list[tuple[str, str, bool]],
+) -> None:
+    """The chart renders only the ``mappings`` list (``statsd.overrideMappings``): no
+    ``defaults`` may be relied on, so every timer mapping sets its histogram itself."""
+    raw = yaml.safe_load(MAPPING.read_text())
+    assert set(raw) == {"mappings"}
+    mappings = load_mappings(MAPPING.read_text())
+    for statsd_name, statsd_type, _ in airflow_metrics:
+        hit = map_metric(mappings, statsd_name, statsd_type)
+        if statsd_type == "observer" and hit is not None and hit[0].action == "map":
+            entry = raw["mappings"][mappings.index(hit[0])]
+            assert entry.get("observer_type") == "histogram", entry["match"]
+            assert entry["histogram_options"]["buckets"], entry["match"]
+
+
+def test_helm_values_carry_the_same_mappings() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "generate_airflow_values", MONITORING / "generate_airflow_values.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    values_path = MONITORING / "airflow-statsd-values.yaml"
+    assert values_path.read_text() == module.render(), "run monitoring/generate_airflow_values.py"
+    values = yaml.safe_load(values_path.read_text())
+    assert values["statsd"]["overrideMappings"] == yaml.safe_load(MAPPING.read_text())["mappings"]
+    assert module.main(["--check"]) == 0
