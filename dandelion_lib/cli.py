@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "predict": ("dandelion_lib.predict", "Classify image files with a registered model."),
     "feedback": ("dandelion_lib.feedback", "List and review user feedback on predictions."),
+    "drift": (
+        "dandelion_lib.monitoring",
+        "Check a folder of new images for drift against a model.",
+    ),
 }
 
 

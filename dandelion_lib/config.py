@@ -114,6 +114,15 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Log level of the API's JSON logs.")
 
+    # --- monitoring ------------------------------------------------------------------------
+    drift_psi_threshold: float = Field(
+        0.2, description="PSI above which a feature counts as drifted (if also above noise)."
+    )
+    drift_share_threshold: float = Field(
+        0.5, description="Share of drifted features at or above which a batch has drifted."
+    )
+    drift_min_images: int = Field(20, description="Fewest images an offline drift check accepts.")
+
     @field_validator("labels")
     @classmethod
     def _check_labels(cls, labels: tuple[str, ...]) -> tuple[str, ...]:
