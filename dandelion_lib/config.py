@@ -92,6 +92,23 @@ class Settings(BaseSettings):
     )
     drift_window: int = Field(200, description="Served images kept for live drift scores.")
 
+    # --- web app ---------------------------------------------------------------------------
+    app_host: str = Field("127.0.0.1", description="Web app (Voila) bind address.")
+    app_port: int = Field(8866, description="Web app (Voila) port.")
+    app_max_kernels: int = Field(
+        20, description="Concurrent app sessions (one kernel each); more get HTTP 503."
+    )
+    app_cull_idle_s: int = Field(
+        900, description="Shut down an app session's kernel after this many idle seconds."
+    )
+    app_health_interval_s: float = Field(
+        5.0, description="How often the app re-checks the API (banner and recovery)."
+    )
+    app_request_timeout_s: float = Field(30.0, description="App-to-API request timeout.")
+    app_max_upload_bytes: int = Field(
+        64 * 1024 * 1024, description="Largest upload to the app (all files picked at once)."
+    )
+
     # --- derived ---------------------------------------------------------------------------
     @property
     def workdir_path(self) -> Path:
