@@ -24,10 +24,9 @@ from typing import Any
 
 import httpx
 
+from dandelion_lib import LABELS, UNCERTAIN
 from dandelion_lib.errors import DandelionError
 
-LABELS = ("dandelion", "grass")
-UNCERTAIN = "uncertain"
 UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
 CSV_COLUMNS = (
     "time",

@@ -41,7 +41,8 @@ class CappedKernelManager(AsyncMappingKernelManager):
         if (kernel_id is None or kernel_id not in self) and running >= self.max_kernels:
             self.log.warning("refusing a new app session: %d kernels running", running)
             raise web.HTTPError(
-                503, f"The app is at capacity ({self.max_kernels} sessions); try again shortly."
+                503,
+                reason=f"The app is at capacity ({self.max_kernels} sessions); try again shortly",
             )
         return str(await super().start_kernel(*args, **kwargs))
 
@@ -84,11 +85,9 @@ def voila_argv(settings: Settings, notebook: Path = NOTEBOOK) -> list[str]:
         "--VoilaConfiguration.multi_kernel_manager_class=dashboards.serve.CappedKernelManager",
         f"--CappedKernelManager.max_kernels={settings.app_max_kernels}",
         f"--MappingKernelManager.cull_idle_timeout={settings.app_cull_idle_s}",
-        f"--MappingKernelManager.cull_interval={max(10, min(60, settings.app_cull_idle_s))}",
+        f"--MappingKernelManager.cull_interval={max(1, min(60, settings.app_cull_idle_s // 2))}",
         "--MappingKernelManager.cull_connected=True",
         "--MappingKernelManager.cull_busy=False",
-        # All files of one selection arrive in one websocket message (default limit 10 MiB).
-        f"--Voila.tornado_settings={json.dumps({'websocket_max_message_size': settings.app_max_upload_bytes})}",
     ]
 
 
@@ -117,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         f"(API {settings.api_url})",
         flush=True,
     )
-    Voila.launch_instance(argv=args)
+    # All files of one selection arrive in one websocket message (tornado's default cap: 10 MiB).
+    tornado_settings = {"websocket_max_message_size": settings.app_max_upload_bytes}
+    Voila.launch_instance(argv=args, tornado_settings=tornado_settings)
     return 0
 
 

@@ -1,0 +1,48 @@
+"""The production Voila configuration of ``python -m dashboards.serve``, on a real Voila server.
+
+Plain HTTP is enough here: rendering the page runs the notebook in a fresh kernel; the browser
+tests cover what the page then does. The API is down in these tests (nothing listens on its
+port), which the app must survive.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from dashboards.serve import NOTEBOOK
+from tests.app.conftest import dead_url
+
+
+def test_page_is_titled_and_shows_no_source(voila: Callable[..., Any]) -> None:
+    title = json.loads(NOTEBOOK.read_text())["metadata"]["title"]
+    with voila(dead_url()) as url:
+        page = httpx.get(url, timeout=90)
+        assert page.status_code == 200
+        assert f"<title>{title}</title>" in page.text
+        for source in ("DandelionApp.from_settings", "api_url = None", "import "):
+            assert source not in page.text
+        assert "Traceback" not in page.text
+        # Only the notebook is served: neither the app's modules nor other files.
+        for path in ("/voila/files/client.py", "/voila/files/app.ipynb", "/voila/files/ui.py"):
+            assert httpx.get(url + path, timeout=10).status_code in (403, 404), path
+
+
+def test_sessions_are_capped_and_idle_ones_culled(voila: Callable[..., Any]) -> None:
+    with voila(dead_url(), app_max_kernels=1, app_cull_idle_s=2) as url:
+        assert httpx.get(url, timeout=90).status_code == 200  # its kernel stays until culled
+        refused = httpx.get(url, timeout=90)
+        assert refused.status_code == 503
+        assert "capacity" in refused.text
+        deadline = time.monotonic() + 40
+        while True:  # the idle kernel is culled, which frees the slot
+            time.sleep(1)
+            status = httpx.get(url, timeout=90).status_code
+            if status == 200:
+                break
+            assert status == 503
+            assert time.monotonic() < deadline, "idle kernel was not culled within 40 s"
