@@ -27,6 +27,8 @@ import httpx
 from dandelion_lib import LABELS, UNCERTAIN
 from dandelion_lib.errors import DandelionError
 
+UPLOAD_FIELD = "file"
+"""Multipart field of the image in ``POST /predict``."""
 UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
 CSV_COLUMNS = (
     "time",
@@ -297,7 +299,7 @@ class ApiClient:
         result = Result(filename=filename, size=len(data))
         try:
             response = self._request(
-                "POST", "/predict", files={"image": (filename, data, content_type(filename))}
+                "POST", "/predict", files={UPLOAD_FIELD: (filename, data, content_type(filename))}
             )
         except ApiProblemError as exc:
             result.error = str(exc)
@@ -312,15 +314,30 @@ class ApiClient:
         result.latency_ms = float(body["latency_ms"]) if "latency_ms" in body else None
         return result
 
-    def feedback(self, prediction_id: str, correct_label: str) -> dict[str, Any]:
-        """Record the user's verdict on a prediction (``POST /feedback``)."""
+    def feedback(
+        self,
+        prediction_id: str,
+        correct_label: str,
+        image: bytes | None = None,
+        filename: str = "image",
+    ) -> dict[str, Any]:
+        """Record the user's verdict on a prediction (``POST /feedback``).
+
+        With ``image``, the photo is stored with the feedback (multipart), so reviewed
+        feedback can join the next dataset version; without it, a JSON body is sent.
+        """
         if correct_label not in LABELS:
             raise DandelionError(f"correct_label must be one of {', '.join(LABELS)}")
-        response = self._request(
-            "POST",
-            "/feedback",
-            json={"prediction_id": prediction_id, "correct_label": correct_label},
-        )
+        fields = {"prediction_id": prediction_id, "correct_label": correct_label}
+        if image:
+            response = self._request(
+                "POST",
+                "/feedback",
+                data=fields,
+                files={"image": (filename, image, content_type(filename))},
+            )
+        else:
+            response = self._request("POST", "/feedback", json=fields)
         try:
             body = response.json()
         except ValueError:

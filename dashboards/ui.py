@@ -297,13 +297,13 @@ class DandelionApp:
         parts: list[w.Widget] = [w.HTML(result_summary_html(result))]
         if result.ok:
             parts.append(w.HTML(probability_bar_html(result.probabilities)))
-            parts.append(self._feedback_box(result))
+            parts.append(self._feedback_box(result, data if thumb is not None else None))
         card = w.HBox([preview, w.VBox(parts)], layout=w.Layout(align_items="center"))
         card.add_class("dl-card")
         card.add_class("dl-result-error" if not result.ok else f"dl-result-{result.label}")
         return card
 
-    def _feedback_box(self, result: Result) -> w.Widget:
+    def _feedback_box(self, result: Result, image: bytes | None) -> w.Widget:
         note = w.HTML()
         note.add_class("dl-feedback-note")
         buttons = []
@@ -315,17 +315,26 @@ class DandelionApp:
             button.add_class(f"dl-feedback-{correct_label}")
             buttons.append(button)
         for button, (_, correct_label) in zip(buttons, result.feedback_choices(), strict=True):
-            button.on_click(self._feedback_handler(result, correct_label, buttons, note))
+            button.on_click(self._feedback_handler(result, correct_label, image, buttons, note))
         return w.HBox([*buttons, note], layout=w.Layout(align_items="center"))
 
     def _feedback_handler(
-        self, result: Result, correct_label: str, buttons: list[w.Button], note: w.HTML
+        self,
+        result: Result,
+        correct_label: str,
+        image: bytes | None,
+        buttons: list[w.Button],
+        note: w.HTML,
     ) -> Callable[[w.Button], None]:
+        """The click handler of one feedback button (sends the photo along with the verdict)."""
+
         def handle(_: w.Button) -> None:
             for b in buttons:
                 b.disabled = True
             try:
-                self.client.feedback(str(result.prediction_id), correct_label)
+                self.client.feedback(
+                    str(result.prediction_id), correct_label, image=image, filename=result.filename
+                )
             except DandelionError as exc:
                 note.value = f'<span class="dl-error">Feedback not recorded: {_esc(exc)}</span>'
                 for b in buttons:
