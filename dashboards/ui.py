@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 COLORS = {"dandelion": "#e0b000", "grass": "#3a9d23", "uncertain": "#7a7a7a"}
 HISTORY_COLUMNS = ("time", "file", "label", "confidence", "model_version", "feedback", "error")
+"""Columns of the on-page table (the CSV has all of ``client.CSV_COLUMNS``)."""
 
 STYLE = """
 <style>
@@ -56,7 +57,8 @@ STYLE = """
   justify-content: center; background: #f3f3f3; color: #888; font-size: 12px; }
 .dl-history table { border-collapse: collapse; font-size: 12px; }
 .dl-history th, .dl-history td { border-bottom: 1px solid #ddd; padding: 3px 8px;
-  text-align: left; }
+  text-align: left; vertical-align: top; }
+.dl-history th { white-space: nowrap; }
 </style>
 """
 
@@ -110,10 +112,15 @@ def history_html(history: History) -> str:
     if not len(history):
         return '<div class="dl-history"><i>No images classified yet.</i></div>'
     head = "".join(f"<th>{_esc(c.replace('_', ' '))}</th>" for c in HISTORY_COLUMNS)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{_esc(row[c])}</td>" for c in HISTORY_COLUMNS) + "</tr>"
-        for row in history.rows()
-    )
+    rows = []
+    for row in history.rows():
+        shown = {
+            **row,
+            "time": str(row["time"])[11:19],  # HH:MM:SS (UTC); the CSV has the full time
+            "confidence": "" if row["confidence"] == "" else percent(float(row["confidence"])),
+        }
+        rows.append("<tr>" + "".join(f"<td>{_esc(shown[c])}</td>" for c in HISTORY_COLUMNS))
+    body = "</tr>".join(rows) + "</tr>"
     return f'<div class="dl-history"><table><tr>{head}</tr>{body}</table></div>'
 
 
@@ -328,7 +335,7 @@ class DandelionApp:
     ) -> Callable[[w.Button], None]:
         """The click handler of one feedback button (sends the photo along with the verdict)."""
 
-        def handle(_: w.Button) -> None:
+        def handle(clicked: w.Button) -> None:
             for b in buttons:
                 b.disabled = True
             try:
@@ -344,6 +351,7 @@ class DandelionApp:
                 return
             with self._lock:
                 result.feedback = correct_label
+                clicked.button_style = "success"
                 note.value = (
                     f'<span class="dl-feedback-ok">Feedback recorded: it is '
                     f"{_esc(correct_label)}. Thank you!</span>"
