@@ -10,10 +10,11 @@ S3 credentials are never settings: boto3 reads them from its standard chain
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SOURCE = "https://raw.githubusercontent.com/btphan95/greenr-airflow/refs/heads/master/data"
@@ -113,7 +114,7 @@ class Settings(BaseSettings):
     app_host: str = Field("127.0.0.1", description="Web app (Voila) bind address.")
     app_port: int = Field(8866, description="Web app (Voila) port.")
     app_max_kernels: int = Field(
-        20, description="Concurrent app sessions (one kernel each); more get HTTP 503."
+        10, description="Concurrent app sessions (one ~90 MB kernel each); more get HTTP 503."
     )
     app_cull_idle_s: int = Field(
         900, description="Shut down an app session's kernel after this many idle seconds."
@@ -125,6 +126,16 @@ class Settings(BaseSettings):
     app_max_upload_bytes: int = Field(
         64 * 1024 * 1024, description="Largest upload to the app (all files picked at once)."
     )
+
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, labels: tuple[str, ...]) -> tuple[str, ...]:
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ValueError("labels must be at least two distinct names")
+        bad = [lab for lab in labels if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", lab)]
+        if bad:
+            raise ValueError(f"labels must be lower-case names ([a-z0-9_-]): {bad}")
+        return labels
 
     # --- derived ---------------------------------------------------------------------------
     @property

@@ -34,7 +34,7 @@ STAT_COLUMNS: tuple[str, ...] = (
     "yellow_fraction",
     "sharpness",
 )
-"""Per-image statistics (all in [0, 1] except sharpness); drift monitoring uses these."""
+"""Per-image statistics, each in [0, 1]; data checks and drift monitoring use these."""
 
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MIN_SIDE = 32
@@ -170,7 +170,7 @@ def image_stats(img: Image.Image) -> dict[str, float]:
         "saturation": float(sat.mean()),
         "green_fraction": float((colourful & (hue >= 70) & (hue < 170)).mean()),
         "yellow_fraction": float((colourful & (hue >= 40) & (hue < 70)).mean()),
-        "sharpness": float(min(lap.var() * 100.0, 1.0)),
+        "sharpness": float(min(np.sqrt(lap.var()) * 2.0, 1.0)),  # Laplacian std; ~0.3 typical
     }
 
 

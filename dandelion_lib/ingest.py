@@ -158,10 +158,17 @@ class Source(ABC):
 class FolderSource(Source):
     """A local folder with one sub-folder per label (files in any supported format)."""
 
-    def __init__(self, root: str | os.PathLike[str], labels: tuple[str, ...], limit: int | None):
-        self.root = Path(root).expanduser().absolute()
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        labels: tuple[str, ...],
+        limit: int | None = None,
+        max_bytes: int | None = None,
+    ):
+        self.root = Path(os.path.abspath(Path(root).expanduser()))
         self.labels = labels
         self.limit = limit
+        self.max_bytes = max_bytes
         self.description = str(self.root)
         self.concurrency = min(8, (os.cpu_count() or 1) * 2)
 
@@ -191,6 +198,8 @@ class FolderSource(Source):
             validators = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
             if known and all(known.get(k) == v for k, v in validators.items()):
                 return Fetched(None, validators, not_modified=True)
+            if self.max_bytes is not None and st.st_size > self.max_bytes:
+                raise FetchError("too_large", f"more than {self.max_bytes:,} bytes")
             return Fetched(path.read_bytes(), validators)
         except OSError as exc:
             raise FetchError("read_error", f"cannot read {path}: {exc.strerror}") from None
@@ -324,7 +333,7 @@ def make_source(spec: str | None = None, settings: Settings | None = None) -> So
     if parsed.scheme in ("http", "https"):
         return HttpSource(spec, settings)
     path = unquote(parsed.path) if parsed.scheme == "file" else spec
-    return FolderSource(path, settings.labels, settings.max_per_class)
+    return FolderSource(path, settings.labels, settings.max_per_class, settings.max_download_bytes)
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -491,6 +500,7 @@ class _Worker:
     def _ingest_bytes(self, item: SourceItem, data: bytes, content_type: str | None) -> _Outcome:
         sha = sha256_hex(data)
         image = self.index.images.get(sha)
+        described = image is None
         if image is None:
             try:
                 image = self._describe(data)
@@ -502,12 +512,16 @@ class _Worker:
         key = _raw_key(item.label, sha, image["ext"])
         with self._raw_lock:
             stored = key in self.raw
-        if stored:
-            return _Outcome(item, "unchanged", sha256=sha, image=image)
-        self.store.put_bytes(key, data, content_type=f"image/{image['format'].lower()}")
-        with self._raw_lock:
-            self.raw.add(key)
-        return _Outcome(item, "new", sha256=sha, image=image)
+        complete = stored
+        if stored and described:
+            # Stored by an interrupted run: make sure its checksum was recorded too.
+            info = self.store.info(key)
+            complete = info is not None and info.sha256 == sha
+        if not complete:
+            self.store.put_bytes(key, data, content_type=f"image/{image['format'].lower()}")
+            with self._raw_lock:
+                self.raw.add(key)
+        return _Outcome(item, "unchanged" if stored else "new", sha256=sha, image=image)
 
     def _describe(self, data: bytes) -> dict[str, Any]:
         """Validate and describe an image; raises InvalidImageError."""
@@ -523,18 +537,30 @@ class _Worker:
             fmt = ""  # decode_image below reports why
         if fmt and fmt not in FORMAT_EXTENSIONS:
             raise InvalidImageError("unsupported_format", f"{fmt} images are not accepted")
-        img = decode_image(
-            data, max_pixels=self.settings.max_image_pixels, min_side=self.settings.min_image_side
-        )
+        try:
+            img = decode_image(
+                data,
+                max_pixels=self.settings.max_image_pixels,
+                min_side=self.settings.min_image_side,
+            )
+            phash, stats = perceptual_hash(img), image_stats(img)
+        except InvalidImageError:
+            raise
+        except Exception as exc:  # malformed files can make decoders fail in odd ways
+            raise InvalidImageError(
+                "truncated", f"the image is corrupt ({type(exc).__name__}: {_one_line(exc)})"
+            ) from None
+        if fmt not in FORMAT_EXTENSIONS:
+            raise InvalidImageError("unsupported_format", "unrecognised image format")
         return {
             "format": fmt,
             "ext": FORMAT_EXTENSIONS[fmt],
             "width": img.width,
             "height": img.height,
             "bytes": len(data),
-            "phash": perceptual_hash(img),
+            "phash": phash,
             "ingested_at": datetime.now(UTC).isoformat(),
-            "stats": image_stats(img),
+            "stats": stats,
         }
 
 
@@ -633,19 +659,25 @@ def _run_pool(
         unsaved = 0
         with ThreadPoolExecutor(max_workers=src.concurrency) as pool:
             futures = [pool.submit(worker, item) for item in items[1:]]
-            for fut in as_completed(futures):
-                o = fut.result()
-                outcomes.append(o)
-                bar.update(1)
-                if o.status == "new":
-                    unsaved += 1
-                    index.images[o.sha256 or ""] = o.image or {}
-                    if o.entry is not None:
-                        index.sources[o.item.source] = o.entry
-                # Checkpoint now and then, so a killed run does not redo everything.
-                if unsaved >= 50 and time.monotonic() - last_save > 5.0:
-                    index.save()
-                    last_save, unsaved = time.monotonic(), 0
+            try:
+                for fut in as_completed(futures):
+                    o = fut.result()
+                    outcomes.append(o)
+                    bar.update(1)
+                    if o.status == "new":
+                        unsaved += 1
+                        index.images[o.sha256 or ""] = o.image or {}
+                        if o.entry is not None:
+                            index.sources[o.item.source] = o.entry
+                    # Checkpoint now and then, so a killed run does not redo everything.
+                    if unsaved >= 50 and time.monotonic() - last_save > 5.0:
+                        index.save()
+                        last_save, unsaved = time.monotonic(), 0
+            except BaseException:
+                # Fail fast (e.g. the store became unreachable): drop what has not started.
+                for fut in futures:
+                    fut.cancel()
+                raise
     finally:
         bar.close()
     order = {item.source: i for i, item in enumerate(items)}
@@ -755,6 +787,20 @@ def _stored_report(report: IngestReport, settings: Settings) -> dict[str, Any]:
 # --- CLI ----------------------------------------------------------------------------------
 
 
+def load_settings() -> Settings:
+    """The environment's settings; an invalid value is a one-line :class:`IngestError`."""
+    from pydantic import ValidationError
+
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err.get("loc") else "?"
+        raise IngestError(
+            f"invalid setting {name} (DANDELION_{name.upper()}): {err['msg']}"
+        ) from None
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", help="HTTP base URL or local folder (DANDELION_SOURCE)")
     parser.add_argument("--store", help="object store URL (DANDELION_STORE_URL)")
@@ -786,7 +832,7 @@ def cli(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
-    settings = get_settings().model_copy(update=updates)
+    settings = load_settings().model_copy(update=updates)
     report = ingest(settings, extend=args.extend, progress=args.progress)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))

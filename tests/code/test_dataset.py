@@ -134,7 +134,7 @@ def test_versions_are_immutable_and_pointer_moves(store: ObjectStore) -> None:
 
 def test_reading_errors_are_one_line(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
-    with pytest.raises(dataset.DatasetNotFoundError, match="no dataset in .*dandelion ingest"):
+    with pytest.raises(dataset.DatasetNotFoundError, match=r"no dataset in .*dandelion ingest"):
         dataset.latest_version(store)
     with pytest.raises(dataset.DatasetNotFoundError, match="not a dataset version"):
         dataset.load_manifest(store, "../etc")

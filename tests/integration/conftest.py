@@ -2,13 +2,14 @@
 
 It serves ``<root>/<label>/<file>`` like the reference URL layout (with an ETag and
 ``If-None-Match`` → 304, as GitHub's raw file host does) and, per path, can instead answer
-with a fault: 404, N × 5xx then success, a body dripped slower than the client's timeout,
+with a fault: 404, N x 5xx then success, a body dripped slower than the client's timeout,
 a truncated JPEG, an HTML page with 200, a zero-byte file, or arbitrary bytes.
 It stands in for the real remote host, which cannot be reached from the test machines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -81,10 +82,8 @@ def _handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
                 server.hits[rel] += 1
             if server.delay_s:
                 time.sleep(server.delay_s)
-            try:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 self._respond(rel)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
 
         def _respond(self, rel: str) -> None:
             path = server.root / rel

@@ -194,6 +194,25 @@ def test_cli_success_and_one_line_errors(greenr_dir: Path, tmp_path: Path) -> No
     assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
     assert f"cannot reach {unreachable}" in bad.stderr and "DANDELION_SOURCE" in bad.stderr
 
-    small = _cli(tmp_path, "--source", str(greenr_dir), "--max-per-class", "3")
-    assert small.returncode == 2 and small.stderr.count("\n") == 1
-    assert "below the minimum of 20" in small.stderr
+
+def test_progress_bar_when_asked(
+    greenr_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = _settings(tmp_path, greenr_dir, max_per_class=10, min_images_per_class=5)
+    ingest(settings, store=LocalStore(tmp_path / "a"), progress=True)
+    assert "ingest:   0%|" in capsys.readouterr().err
+    ingest(settings, store=LocalStore(tmp_path / "b"))  # not a terminal: no bar
+    assert "ingest" not in capsys.readouterr().err
+
+
+def test_invalid_setting_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dandelion_lib.config import get_settings
+    from dandelion_lib.ingest import IngestError, load_settings
+
+    monkeypatch.setenv("DANDELION_LABELS", '["dandelion", "Grass/x"]')
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(IngestError, match=r"^invalid setting labels \(DANDELION_LABELS\)"):
+            load_settings()
+    finally:
+        get_settings.cache_clear()
