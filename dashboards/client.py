@@ -211,9 +211,12 @@ def make_thumbnail(data: bytes, size: int = 160, max_pixels: int = 40_000_000) -
     """A small JPEG preview of an image, or None when the bytes are not a decodable image.
 
     Only the header is trusted for the pixel count, so a decompression bomb is never decoded.
+    Without Pillow installed (it is optional for the app) there is no preview either.
     """
-    from PIL import Image, ImageOps
-
+    try:
+        from PIL import Image, ImageOps
+    except ImportError:
+        return None
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.width * img.height > max_pixels:

@@ -6,6 +6,9 @@
 * Each browser tab gets its own kernel; at most ``Settings.app_max_kernels`` run at once (more
   tabs get HTTP 503) and a kernel idle for ``Settings.app_cull_idle_s`` is shut down, even
   while its tab is still open.
+* Probes that start no kernel: ``GET /health/live`` (200 while the server runs) and
+  ``GET /health/ready`` (503 while all sessions are taken). Probing ``/`` would start a kernel
+  per probe.
 
 Extra arguments are passed to Voila unchanged (e.g. ``--debug``).
 """
@@ -20,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+from jupyter_server.utils import url_path_join
 from tornado import web
 from traitlets import Integer
+from voila.app import Voila
 
 from dandelion_lib.config import Settings, get_settings
 
@@ -47,6 +52,35 @@ class CappedKernelManager(AsyncMappingKernelManager):
         return str(await super().start_kernel(*args, **kwargs))
 
 
+class HealthHandler(web.RequestHandler):
+    """``/health/live`` and ``/health/ready`` (JSON, no kernel started)."""
+
+    def initialize(self, kernel_manager: Any) -> None:
+        self.kernel_manager = kernel_manager
+
+    def get(self, probe: str) -> None:
+        running = len(self.kernel_manager.list_kernel_ids())
+        cap = getattr(self.kernel_manager, "max_kernels", None)
+        full = probe == "ready" and cap is not None and running >= cap
+        self.set_status(503 if full else 200)
+        self.set_header("Cache-Control", "no-store")
+        self.finish(
+            {"status": "at_capacity" if full else "ok", "sessions": running, "max_sessions": cap}
+        )
+
+
+class DandelionVoila(Voila):
+    """Voila plus the health endpoints (matched before Voila's catch-all notebook route)."""
+
+    def init_handlers(self) -> list[Any]:
+        health = (
+            url_path_join(self.server_url, r"/health/(live|ready)"),
+            HealthHandler,
+            {"kernel_manager": self.kernel_manager},
+        )
+        return [health, *super().init_handlers()]
+
+
 def _kernel_path() -> list[str]:
     """JUPYTER_PATH entries that provide the ``dandelion`` kernel (created when missing)."""
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
@@ -66,6 +100,23 @@ def _kernel_path() -> list[str]:
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     return [str(base)]
+
+
+def _data_dir() -> dict[str, str]:
+    """A writable Jupyter data dir (Voila writes its notebook-signing key there).
+
+    With a read-only home (a hardened container) the default one is not writable, and the
+    page would fail; a fresh temporary one is used instead.
+    """
+    from jupyter_core.paths import jupyter_data_dir
+
+    path = Path(jupyter_data_dir())
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            return {}
+    except OSError:
+        return {"JUPYTER_DATA_DIR": tempfile.mkdtemp(prefix="dandelion-jupyter-data-")}
 
 
 def voila_argv(settings: Settings, notebook: Path = NOTEBOOK) -> list[str]:
@@ -107,9 +158,8 @@ def environment(settings: Settings) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     """Run Voila in this process until interrupted."""
     settings = get_settings()
+    os.environ.update(_data_dir())  # first: the kernel lookup below depends on it
     os.environ.update(environment(settings))
-    from voila.app import Voila
-
     args = [*voila_argv(settings), *(sys.argv[1:] if argv is None else argv)]
     print(
         f"dandelion app on http://{settings.app_host}:{settings.app_port}/ "
@@ -118,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # All files of one selection arrive in one websocket message (tornado's default cap: 10 MiB).
     tornado_settings = {"websocket_max_message_size": settings.app_max_upload_bytes}
-    Voila.launch_instance(argv=args, tornado_settings=tornado_settings)
+    DandelionVoila.launch_instance(argv=args, tornado_settings=tornado_settings)
     return 0
 
 

@@ -27,6 +27,7 @@ from dashboards.client import (
     History,
     ModelInfo,
     Result,
+    content_type,
     make_thumbnail,
     percent,
 )
@@ -299,6 +300,10 @@ class DandelionApp:
         preview: w.Widget
         if thumb is not None:
             preview = w.Image(value=thumb, format="jpeg", layout=w.Layout(width="120px"))
+        elif result.ok:  # no Pillow: the browser scales the photo the API accepted
+            mime = content_type(result.filename)
+            kind = mime.removeprefix("image/") if mime.startswith("image/") else "jpeg"
+            preview = w.Image(value=data, format=kind, layout=w.Layout(width="120px"))
         else:
             preview = w.HTML('<div class="dl-noprev">no preview</div>')
         parts: list[w.Widget] = [w.HTML(result_summary_html(result))]

@@ -11,9 +11,7 @@ from typing import Any
 from tests.app.conftest import ARTIFACTS, dead_url, open_app
 
 
-def test_banner_instead_of_traceback_when_api_is_down(
-    voila: Callable[..., Any], page: Any
-) -> None:
+def test_banner_instead_of_traceback_when_api_is_down(voila: Callable[..., Any], page: Any) -> None:
     api = dead_url()
     with voila(api) as url:
         open_app(page, url)

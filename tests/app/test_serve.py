@@ -20,7 +20,8 @@ from tests.app.conftest import dead_url
 
 def test_page_is_titled_and_shows_no_source(voila: Callable[..., Any]) -> None:
     title = json.loads(NOTEBOOK.read_text())["metadata"]["title"]
-    with voila(dead_url()) as url:
+    # A read-only home (hardened container): Jupyter's data dir is not writable.
+    with voila(dead_url(), env={"JUPYTER_DATA_DIR": "/proc/not-writable"}) as url:
         page = httpx.get(url, timeout=90)
         assert page.status_code == 200
         assert f"<title>{title}</title>" in page.text
@@ -32,12 +33,24 @@ def test_page_is_titled_and_shows_no_source(voila: Callable[..., Any]) -> None:
             assert httpx.get(url + path, timeout=10).status_code in (403, 404), path
 
 
-def test_sessions_are_capped_and_idle_ones_culled(voila: Callable[..., Any]) -> None:
+def test_sessions_are_capped_idle_ones_culled_and_probes_start_none(
+    voila: Callable[..., Any],
+) -> None:
     with voila(dead_url(), app_max_kernels=1, app_cull_idle_s=2) as url:
+        for _ in range(5):  # probes start no kernel, so they never fill the cap
+            assert httpx.get(f"{url}/health/live", timeout=10).status_code == 200
+            ready = httpx.get(f"{url}/health/ready", timeout=10)
+            assert ready.status_code == 200
+        assert ready.json() == {"status": "ok", "sessions": 0, "max_sessions": 1}
+
         assert httpx.get(url, timeout=90).status_code == 200  # its kernel stays until culled
         refused = httpx.get(url, timeout=90)
         assert refused.status_code == 503
         assert "capacity" in refused.text
+        full = httpx.get(f"{url}/health/ready", timeout=10)
+        assert full.status_code == 503 and full.json()["status"] == "at_capacity"
+        assert httpx.get(f"{url}/health/live", timeout=10).status_code == 200
+
         deadline = time.monotonic() + 40
         while True:  # the idle kernel is culled, which frees the slot
             time.sleep(1)
