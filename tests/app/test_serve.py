@@ -13,9 +13,11 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import yaml
 
 from dashboards.serve import NOTEBOOK
 from tests.app.conftest import dead_url
+from tests.conftest import ROOT
 
 
 def test_page_is_titled_and_shows_no_source(voila: Callable[..., Any]) -> None:
@@ -59,3 +61,22 @@ def test_sessions_are_capped_idle_ones_culled_and_probes_start_none(
                 break
             assert status == 503
             assert time.monotonic() < deadline, "idle kernel was not culled within 40 s"
+
+
+def test_deployments_probe_the_kernel_free_endpoints_and_bind_all_interfaces() -> None:
+    """The container set-ups run this launcher: their probes must not start kernels (probing
+    ``/`` would fill the session cap), and in a container the app must bind 0.0.0.0."""
+    deployment = yaml.safe_load((ROOT / "k8s/base/app/deployment.yaml").read_text())
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    paths = {p: container[p]["httpGet"]["path"] for p in container if p.endswith("Probe")}
+    assert paths == {
+        "startupProbe": "/health/live",
+        "livenessProbe": "/health/live",
+        "readinessProbe": "/health/ready",
+    }
+    dockerfile = (ROOT / "docker/app.Dockerfile").read_text()
+    assert "DANDELION_APP_HOST=0.0.0.0" in dockerfile
+    assert '"http://127.0.0.1:8866/health/live"' in dockerfile
+    assert 'CMD ["python", "-m", "dashboards.serve"]' in dockerfile
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    assert compose["services"]["app"]["healthcheck"]["test"][-1].endswith("/health/live")
