@@ -232,7 +232,8 @@ class DandelionApp:
             self.upload.disabled = health is None
             return
         self.banner.value = (
-            f'<div class="dl-banner"><b>{_esc(health.title)}</b>: {_esc(health.reason)}. '
+            f'<div class="dl-banner"><b>{_esc(health.title)}</b>: '
+            f"{_esc(health.reason.rstrip('. '))}. "
             f"Uploads are paused; this page re-checks every {self.health_interval_s:g} s and "
             "resumes by itself.</div>"
         )
@@ -241,6 +242,7 @@ class DandelionApp:
 
     def start(self) -> DandelionApp:
         """Check the API now, then keep re-checking in a background thread."""
+        self._stop.clear()
         self.check()
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="api-health", daemon=True)
@@ -271,16 +273,23 @@ class DandelionApp:
             self.upload.value = ()
 
     def classify(self, files: list[tuple[str, bytes]]) -> list[Result]:
-        """Classify uploaded files one by one, adding a card and a history row for each."""
+        """Classify uploaded files one by one, adding a card and a history row for each.
+
+        Once the API turns out to be unavailable, the remaining files are not sent (their
+        cards say so) and the banner takes over.
+        """
         results = []
-        unavailable = False
+        unavailable: str | None = None
         for i, (name, data) in enumerate(files, 1):
             self.status.value = f"Classifying {i} of {len(files)}: {_esc(name)} …"
-            try:
-                result = self.client.predict(name, data)
-            except ApiUnavailableError as exc:
-                result = Result(filename=name, size=len(data), error=str(exc))
-                unavailable = True
+            if unavailable:
+                result = Result(filename=name, size=len(data), error=f"not sent: {unavailable}")
+            else:
+                try:
+                    result = self.client.predict(name, data)
+                except ApiUnavailableError as exc:
+                    unavailable = str(exc)
+                    result = Result(filename=name, size=len(data), error=unavailable)
             results.append(result)
             with self._lock:
                 self.history.add(result)
