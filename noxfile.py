@@ -108,6 +108,12 @@ def serve(session: nox.Session) -> None:
 
 
 @nox.session
+def app(session: nox.Session) -> None:
+    """The web app (Voila) on http://127.0.0.1:8866; it calls the API of `nox -s serve`."""
+    _run(session, "python", "-m", "dashboards.serve", *session.posargs)
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks: print figures and ratios against a baseline measured in the same run."""
     _run(session, "python", "-m", "benchmarks", *session.posargs)

@@ -123,6 +123,23 @@ class Settings(BaseSettings):
     )
     drift_min_images: int = Field(20, description="Fewest images an offline drift check accepts.")
 
+    # --- web app ---------------------------------------------------------------------------
+    app_host: str = Field("127.0.0.1", description="Web app (Voila) bind address.")
+    app_port: int = Field(8866, description="Web app (Voila) port.")
+    app_max_kernels: int = Field(
+        10, description="Concurrent app sessions (one ~90 MB kernel each); more get HTTP 503."
+    )
+    app_cull_idle_s: int = Field(
+        900, description="Shut down an app session's kernel after this many idle seconds."
+    )
+    app_health_interval_s: float = Field(
+        5.0, description="How often the app re-checks the API (banner and recovery)."
+    )
+    app_request_timeout_s: float = Field(30.0, description="App-to-API request timeout.")
+    app_max_upload_bytes: int = Field(
+        64 * 1024 * 1024, description="Largest upload to the app (all files picked at once)."
+    )
+
     @field_validator("labels")
     @classmethod
     def _check_labels(cls, labels: tuple[str, ...]) -> tuple[str, ...]:
