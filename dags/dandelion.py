@@ -58,6 +58,7 @@ def notebook(task_id: str, parameters: dict[str, str], **kwargs: Any) -> Papermi
         output_nb=f"{{{{ dandelion.output_notebook(run_id, '{task_id}') }}}}",
         parameters={**COMMON, **parameters},
         kernel_name=SETTINGS.kernel_name,
+        language_name="python",
         log_output=True,
         do_xcom_push=False,
         pre_execute=orch.prepare_notebook,
