@@ -10,10 +10,11 @@ S3 credentials are never settings: boto3 reads them from its standard chain
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SOURCE = "https://raw.githubusercontent.com/btphan95/greenr-airflow/refs/heads/master/data"
@@ -47,11 +48,23 @@ class Settings(BaseSettings):
         description="Image source: an HTTP base URL (<label>/<8-digit index>.jpg) or a local "
         "folder with one sub-folder per label.",
     )
+    labels: tuple[str, ...] = Field(
+        ("dandelion", "grass"),
+        description='Class labels, in model output order (env: JSON list, e.g. \'["dandelion","grass"]\').',
+    )
     source_start: int = Field(0, description="First image index of the HTTP layout.")
     source_count: int = Field(200, description="Images per label in the HTTP layout.")
+    max_per_class: int | None = Field(
+        None,
+        description="Take at most this many images per label (first in source order); unset: all.",
+    )
     http_concurrency: int = Field(16, description="Parallel downloads.")
-    http_timeout_s: float = Field(10.0, description="Per-request timeout.")
+    http_timeout_s: float = Field(10.0, description="Per-request timeout (whole response).")
     http_retries: int = Field(3, description="Retries on 5xx and timeouts (never on 404).")
+    http_backoff_s: float = Field(
+        0.5, description="First retry delay; doubles on each further retry."
+    )
+    max_download_bytes: int = Field(50 * 1024 * 1024, description="Larger downloads are rejected.")
     min_image_side: int = Field(32, description="Smaller images are rejected.")
     max_image_pixels: int = Field(
         40_000_000, description="Larger images are rejected (decompression-bomb guard)."
@@ -59,6 +72,11 @@ class Settings(BaseSettings):
     min_images_per_class: int = Field(20, description="Ingestion fails below this per class.")
     max_class_imbalance: float = Field(
         3.0, description="Ingestion fails when largest/smallest class count exceeds this."
+    )
+    near_duplicate_distance: int = Field(
+        8,
+        description="Images whose 64-bit perceptual hashes differ in at most this many bits "
+        "are near-duplicates (kept in one split); -1 disables grouping.",
     )
     split_seed: int = Field(42, description="Seed of the deterministic train/val/test split.")
 
@@ -109,6 +127,16 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy URL of the feedback DB. Default: SQLite in workdir."
     )
     drift_window: int = Field(200, description="Served images kept for live drift scores.")
+
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, labels: tuple[str, ...]) -> tuple[str, ...]:
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ValueError("labels must be at least two distinct names")
+        bad = [lab for lab in labels if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", lab)]
+        if bad:
+            raise ValueError(f"labels must be lower-case names ([a-z0-9_-]): {bad}")
+        return labels
 
     # --- derived ---------------------------------------------------------------------------
     @property

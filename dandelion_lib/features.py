@@ -34,7 +34,7 @@ STAT_COLUMNS: tuple[str, ...] = (
     "yellow_fraction",
     "sharpness",
 )
-"""Per-image statistics (all in [0, 1] except sharpness); drift monitoring uses these."""
+"""Per-image statistics, each in [0, 1]; data checks and drift monitoring use these."""
 
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MIN_SIDE = 32
@@ -170,5 +170,39 @@ def image_stats(img: Image.Image) -> dict[str, float]:
         "saturation": float(sat.mean()),
         "green_fraction": float((colourful & (hue >= 70) & (hue < 170)).mean()),
         "yellow_fraction": float((colourful & (hue >= 40) & (hue < 70)).mean()),
-        "sharpness": float(min(lap.var() * 100.0, 1.0)),
+        "sharpness": float(min(np.sqrt(lap.var()) * 2.0, 1.0)),  # Laplacian std; ~0.3 typical
     }
+
+
+PHASH_BITS = 64
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    m = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+    m[0] /= np.sqrt(2.0)
+    return m
+
+
+_DCT32 = _dct_matrix(32)
+
+
+def perceptual_hash(img: Image.Image) -> str:
+    """64-bit DCT perceptual hash (pHash) as 16 hex digits.
+
+    Visually similar images (resized, re-encoded, lightly edited) have hashes a few bits
+    apart; compare with :func:`hash_distance`.
+    """
+    gray = np.asarray(img.convert("L").resize((32, 32), Image.Resampling.LANCZOS), np.float64)
+    low = (_DCT32 @ gray @ _DCT32.T)[:8, :8].ravel()
+    bits = low > np.median(low[1:])
+    value = 0
+    for bit in bits:
+        value = (value << 1) | int(bit)
+    return f"{value:016x}"
+
+
+def hash_distance(a: str, b: str) -> int:
+    """Hamming distance between two hex perceptual hashes."""
+    return (int(a, 16) ^ int(b, 16)).bit_count()

@@ -1,0 +1,276 @@
+"""Dataset versions: the manifest schema, near-duplicate groups, the split and the store layout.
+
+A dataset version is one Parquet manifest, ``datasets/<version>/manifest.parquet``, with one
+row per image (see :data:`MANIFEST_COLUMNS`). ``<version>`` is derived from the manifest's
+content (which images, their labels, groups and splits), so the same input always yields the
+same version and any change yields a new one. Versions are immutable: an existing manifest is
+never rewritten. ``datasets/latest`` (JSON ``{"version": ...}``) is written last, atomically,
+so readers only ever see complete versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dandelion_lib.errors import DandelionError
+from dandelion_lib.features import STAT_COLUMNS
+from dandelion_lib.storage import ObjectNotFoundError, ObjectStore
+
+MANIFEST_SCHEMA_VERSION = "1"
+
+BASE_COLUMNS: tuple[str, ...] = (
+    "sha256",
+    "label",
+    "key",
+    "source",
+    "width",
+    "height",
+    "format",
+    "bytes",
+    "ingested_at",
+    "phash",
+    "group",
+    "split",
+)
+MANIFEST_COLUMNS: tuple[str, ...] = BASE_COLUMNS + STAT_COLUMNS
+"""Every manifest has exactly these columns, in this order."""
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+SPLIT_FRACTIONS: dict[str, float] = {"train": 0.70, "val": 0.15, "test": 0.15}
+
+DATASETS_PREFIX = "datasets/"
+LATEST_KEY = "datasets/latest"
+_VERSION_RE = re.compile(r"^[0-9a-f]{16}$")
+
+_STRING_COLUMNS = ("sha256", "label", "key", "source", "format", "phash", "group", "split")
+_INT_COLUMNS = ("width", "height", "bytes")
+
+
+class DatasetError(DandelionError):
+    """A dataset version is missing or unusable."""
+
+
+class DatasetNotFoundError(DatasetError):
+    """No dataset version (or not the one asked for) in the store."""
+
+
+def manifest_key(version: str) -> str:
+    return f"{DATASETS_PREFIX}{version}/manifest.parquet"
+
+
+def report_key(version: str) -> str:
+    return f"{DATASETS_PREFIX}{version}/report.json"
+
+
+# --- near-duplicate groups ----------------------------------------------------------------
+
+
+def near_duplicate_groups(sha256s: list[str], phashes: list[str], max_distance: int) -> list[str]:
+    """Group images whose perceptual hashes are within ``max_distance`` bits (transitively).
+
+    Returns one group id per image: the first 16 hex digits of the smallest sha256 in its
+    group, so ids depend only on content. ``max_distance < 0`` disables grouping.
+    """
+    n = len(sha256s)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if n > 1 and max_distance >= 0:
+        values = np.array([int(h, 16) for h in phashes], dtype=np.uint64)
+        bytes_ = values.view(np.uint8).reshape(n, 8)
+        popcount = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1)
+        for i in range(n - 1):
+            dist = popcount[bytes_[i + 1 :] ^ bytes_[i]].sum(axis=1)
+            for j in np.nonzero(dist <= max_distance)[0]:
+                a, b = find(i), find(i + 1 + int(j))
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+    roots: dict[int, str] = {}
+    for i in range(n):
+        r = find(i)
+        if r not in roots or sha256s[i] < roots[r]:
+            roots[r] = sha256s[i]
+    return [roots[find(i)][:16] for i in range(n)]
+
+
+# --- split --------------------------------------------------------------------------------
+
+
+def _rank_key(seed: int, group: str) -> str:
+    return hashlib.sha256(f"{seed}:{group}".encode()).hexdigest()
+
+
+def assign_splits(labels: list[str], groups: list[str], seed: int) -> list[str]:
+    """Deterministic stratified 70/15/15 split that keeps each near-duplicate group whole.
+
+    Each group belongs to the stratum of its most common label. Within a stratum, groups
+    are ordered by a seeded hash of their id and laid end to end; a group goes to the split
+    its midpoint falls in. The result depends only on the content and the seed, and adding
+    an image moves at most the groups next to a split boundary.
+    """
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    strata: dict[str, list[str]] = {}
+    for g, idx in members.items():
+        counts: dict[str, int] = {}
+        for i in idx:
+            counts[labels[i]] = counts.get(labels[i], 0) + 1
+        stratum = min(counts, key=lambda lab: (-counts[lab], lab))
+        strata.setdefault(stratum, []).append(g)
+    out = [""] * len(labels)
+    bounds = np.cumsum([SPLIT_FRACTIONS[s] for s in SPLITS])
+    for stratum_groups in strata.values():
+        ordered = sorted(stratum_groups, key=lambda g: _rank_key(seed, g))
+        total = sum(len(members[g]) for g in ordered)
+        position = 0
+        for g in ordered:
+            size = len(members[g])
+            mid = (position + size / 2) / total
+            split = SPLITS[min(int(np.searchsorted(bounds, mid, side="right")), len(SPLITS) - 1)]
+            for i in members[g]:
+                out[i] = split
+            position += size
+    return out
+
+
+# --- manifest -----------------------------------------------------------------------------
+
+
+def build_manifest(
+    records: Iterable[dict[str, Any]], *, seed: int, near_duplicate_distance: int
+) -> pd.DataFrame:
+    """A manifest from per-image records (every column except ``group`` and ``split``).
+
+    Rows are sorted by ``(label, sha256)``; groups and splits are computed here.
+    """
+    df = pd.DataFrame(list(records))
+    if df.empty:
+        df = pd.DataFrame({c: [] for c in MANIFEST_COLUMNS})
+    df = df.sort_values(["label", "sha256"], kind="stable").reset_index(drop=True)
+    df["group"] = near_duplicate_groups(
+        df["sha256"].tolist(), df["phash"].tolist(), near_duplicate_distance
+    )
+    df["split"] = assign_splits(df["label"].tolist(), df["group"].tolist(), seed)
+    return normalize_manifest(df)
+
+
+def normalize_manifest(df: pd.DataFrame) -> pd.DataFrame:
+    """Columns in schema order with schema dtypes; raises :class:`DatasetError` if any is missing."""
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise DatasetError(f"manifest lacks columns {missing}")
+    out = df.loc[:, list(MANIFEST_COLUMNS)].copy()
+    for c in _STRING_COLUMNS:
+        out[c] = out[c].astype(str)
+    for c in _INT_COLUMNS:
+        out[c] = out[c].astype("int64")
+    for c in STAT_COLUMNS:
+        out[c] = out[c].astype("float64")
+    out["ingested_at"] = pd.to_datetime(out["ingested_at"], utc=True)
+    return out.reset_index(drop=True)
+
+
+def compute_version(df: pd.DataFrame) -> str:
+    """Content-derived version id: 16 hex digits over the images, labels, groups and splits.
+
+    Provenance (``source``, ``ingested_at``) and derived statistics are left out, so the
+    same images ingested from a folder or over HTTP, today or tomorrow, get the same version.
+    """
+    h = hashlib.sha256(f"dandelion-manifest-v{MANIFEST_SCHEMA_VERSION}\n".encode())
+    rows = sorted(zip(df["sha256"], df["label"], df["key"], df["group"], df["split"], strict=True))
+    for row in rows:
+        h.update(("\t".join(row) + "\n").encode())
+    return h.hexdigest()[:16]
+
+
+def manifest_to_parquet(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False, engine="pyarrow")
+    return buf.getvalue()
+
+
+def write_version(
+    store: ObjectStore, df: pd.DataFrame, report: dict[str, Any] | None = None
+) -> tuple[str, bool]:
+    """Write ``df`` as a dataset version unless it exists, then point ``datasets/latest`` at it.
+
+    Order: report, manifest (its presence marks a complete version), then the pointer.
+    Returns ``(version, created)``.
+    """
+    df = normalize_manifest(df)
+    version = compute_version(df)
+    created = not store.exists(manifest_key(version))
+    if created:
+        if report is not None:
+            store.put_json(report_key(version), {**report, "version": version})
+        store.put_bytes(
+            manifest_key(version),
+            manifest_to_parquet(df),
+            content_type="application/vnd.apache.parquet",
+        )
+    store.put_json(LATEST_KEY, {"version": version})
+    return version, created
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+def latest_version(store: ObjectStore) -> str:
+    """The version ``datasets/latest`` points at."""
+    try:
+        pointer = store.get_json(LATEST_KEY)
+    except ObjectNotFoundError:
+        raise DatasetNotFoundError(
+            f"no dataset in {store.url}; run 'dandelion ingest' first"
+        ) from None
+    version = pointer.get("version") if isinstance(pointer, dict) else None
+    if not isinstance(version, str) or not _VERSION_RE.match(version):
+        raise DatasetError(f"{LATEST_KEY} in {store.url} is not a valid pointer: {pointer!r}")
+    return version
+
+
+def list_versions(store: ObjectStore) -> list[str]:
+    """Every complete version in the store (those with a manifest), sorted."""
+    return sorted(
+        key.split("/")[1]
+        for key in store.list(DATASETS_PREFIX)
+        if key.endswith("/manifest.parquet") and key.count("/") == 2
+    )
+
+
+def load_manifest(store: ObjectStore, version: str | None = None) -> pd.DataFrame:
+    """The manifest of ``version`` (default: the latest), checked against its sha256."""
+    version = version or latest_version(store)
+    if not _VERSION_RE.match(version):
+        raise DatasetNotFoundError(f"{version!r} is not a dataset version (16 hex digits)")
+    try:
+        data = store.get_bytes(manifest_key(version))
+    except ObjectNotFoundError:
+        raise DatasetNotFoundError(f"no dataset version {version} in {store.url}") from None
+    df = pd.read_parquet(io.BytesIO(data), engine="pyarrow")
+    df = normalize_manifest(df)
+    df.attrs["version"] = version
+    return df
+
+
+def load_report(store: ObjectStore, version: str | None = None) -> dict[str, Any]:
+    """The ingestion report stored with a version (empty when none was written)."""
+    version = version or latest_version(store)
+    try:
+        report: dict[str, Any] = store.get_json(report_key(version))
+    except ObjectNotFoundError:
+        return {}
+    return report

@@ -1,0 +1,153 @@
+"""Dataset versions: near-duplicate groups, the split, version ids, immutability, reading."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from dandelion_lib import dataset
+from dandelion_lib.features import STAT_COLUMNS, decode_image, hash_distance, perceptual_hash
+from dandelion_lib.storage import LocalStore, ObjectStore
+
+
+def _sha(i: int | str) -> str:
+    return hashlib.sha256(str(i).encode()).hexdigest()
+
+
+def _records(n_per_label: int, labels: tuple[str, ...] = ("dandelion", "grass")) -> list[dict]:
+    rows = []
+    for label in labels:
+        for i in range(n_per_label):
+            sha = _sha(f"{label}{i}")
+            rows.append(
+                {
+                    "sha256": sha,
+                    "label": label,
+                    "key": f"raw/{label}/{sha}.jpg",
+                    "source": f"/src/{label}/{i}.jpg",
+                    "width": 100,
+                    "height": 80,
+                    "format": "JPEG",
+                    "bytes": 1000 + i,
+                    "ingested_at": "2025-01-01T00:00:00+00:00",
+                    "phash": _sha(sha)[:16],
+                    **dict.fromkeys(STAT_COLUMNS, 0.5),
+                }
+            )
+    return rows
+
+
+def test_split_is_stratified_70_15_15_and_deterministic() -> None:
+    labels = ["a"] * 200 + ["b"] * 100
+    groups = [_sha(i)[:16] for i in range(300)]
+    splits = dataset.assign_splits(labels, groups, seed=42)
+    df = pd.DataFrame({"label": labels, "split": splits})
+    counts = df.groupby(["label", "split"]).size().to_dict()
+    assert counts == {
+        ("a", "train"): 140, ("a", "val"): 30, ("a", "test"): 30,
+        ("b", "train"): 70, ("b", "val"): 15, ("b", "test"): 15,
+    }  # fmt: skip
+    assert dataset.assign_splits(labels, groups, seed=42) == splits
+    assert dataset.assign_splits(labels, groups, seed=43) != splits
+
+
+def test_groups_never_straddle_splits() -> None:
+    labels = ["a"] * 100
+    groups = [_sha(i // 4)[:16] for i in range(100)]  # 25 groups of 4
+    splits = dataset.assign_splits(labels, groups, seed=1)
+    by_group: dict[str, set[str]] = {}
+    for g, s in zip(groups, splits, strict=True):
+        by_group.setdefault(g, set()).add(s)
+    assert all(len(s) == 1 for s in by_group.values())
+    assert set(splits) == {"train", "val", "test"}
+
+
+def test_adding_an_image_moves_few_others() -> None:
+    groups = [_sha(i)[:16] for i in range(200)]
+    before = dataset.assign_splits(["a"] * 200, groups, seed=42)
+    after = dataset.assign_splits(["a"] * 201, [*groups, _sha("new")[:16]], seed=42)
+    moved = sum(b != a for b, a in zip(before, after[:200], strict=True))
+    assert moved <= 2
+
+
+def test_near_duplicate_groups_are_transitive_and_thresholded() -> None:
+    shas = [_sha(i) for i in range(4)]
+    # 0 and 1 differ by 4 bits, 1 and 2 by 4 bits (0-2 by 8), 3 is far from all
+    phashes = ["0000000000000000", "000000000000000f", "00000000000000ff", "ffffffffffffffff"]
+    groups = dataset.near_duplicate_groups(shas, phashes, max_distance=4)
+    assert groups[0] == groups[1] == groups[2] == min(shas[:3])[:16]
+    assert groups[3] == shas[3][:16]
+    assert len(set(dataset.near_duplicate_groups(shas, phashes, max_distance=3))) == 4
+    assert len(set(dataset.near_duplicate_groups(shas, phashes, max_distance=-1))) == 4
+
+
+def test_perceptual_hash_finds_resized_copies(greenr_dir: Path) -> None:
+    paths = sorted((greenr_dir / "grass").glob("*.jpg"))[:20]
+    images = [decode_image(p.read_bytes()) for p in paths]
+    hashes = [perceptual_hash(img) for img in images]
+    copy = io.BytesIO()
+    images[0].resize((images[0].width // 2, images[0].height // 2)).save(copy, "JPEG", quality=50)
+    assert hash_distance(hashes[0], perceptual_hash(Image.open(copy))) <= 8
+    assert min(hash_distance(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1 :]) > 8
+
+
+def test_version_depends_on_content_not_provenance_or_order() -> None:
+    df = dataset.build_manifest(_records(20), seed=42, near_duplicate_distance=8)
+    v = dataset.compute_version(df)
+    assert len(v) == 16 and int(v, 16) >= 0
+    shuffled = df.sample(frac=1, random_state=0)
+    shuffled["source"] = "https://elsewhere/" + shuffled["sha256"]
+    shuffled["ingested_at"] = pd.Timestamp("2030-01-01", tz="UTC")
+    assert dataset.compute_version(shuffled) == v
+    relabelled = df.copy()
+    relabelled.loc[0, "label"] = "grass"
+    assert dataset.compute_version(relabelled) != v
+    assert dataset.compute_version(df.iloc[1:]) != v
+
+
+def test_versions_are_immutable_and_pointer_moves(store: ObjectStore) -> None:
+    df = dataset.build_manifest(_records(20), seed=42, near_duplicate_distance=8)
+    v1, created = dataset.write_version(store, df, {"note": "first"})
+    assert created and dataset.latest_version(store) == v1
+    assert store.get_json(dataset.LATEST_KEY) == {"version": v1}
+    assert dataset.load_report(store)["note"] == "first"
+    other = dataset.build_manifest(_records(21), seed=42, near_duplicate_distance=8)
+    v2, _ = dataset.write_version(store, other)
+    assert dataset.latest_version(store) == v2 != v1
+    # Same content again (different provenance): the stored manifest is not rewritten.
+    again = df.copy()
+    again["source"] = "elsewhere"
+    v3, created = dataset.write_version(store, again)
+    assert (v3, created) == (v1, False)
+    assert (dataset.load_manifest(store, v1)["source"] != "elsewhere").all()
+    assert dataset.latest_version(store) == v1
+    assert dataset.list_versions(store) == sorted([v1, v2])
+    loaded = dataset.load_manifest(store)
+    assert loaded.attrs["version"] == v1
+    pd.testing.assert_frame_equal(loaded, dataset.normalize_manifest(df))
+
+
+def test_reading_errors_are_one_line(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    with pytest.raises(dataset.DatasetNotFoundError, match=r"no dataset in .*dandelion ingest"):
+        dataset.latest_version(store)
+    with pytest.raises(dataset.DatasetNotFoundError, match="not a dataset version"):
+        dataset.load_manifest(store, "../etc")
+    with pytest.raises(dataset.DatasetNotFoundError, match="no dataset version 0123456789abcdef"):
+        dataset.load_manifest(store, "0123456789abcdef")
+    store.put_json(dataset.LATEST_KEY, {"version": 3})
+    with pytest.raises(dataset.DatasetError, match="not a valid pointer"):
+        dataset.latest_version(store)
+
+
+def test_manifest_schema_is_enforced() -> None:
+    df = dataset.build_manifest(_records(5), seed=0, near_duplicate_distance=8)
+    assert tuple(df.columns) == dataset.MANIFEST_COLUMNS
+    assert str(df["ingested_at"].dt.tz) == "UTC" and df["width"].dtype == "int64"
+    with pytest.raises(dataset.DatasetError, match="lacks columns"):
+        dataset.normalize_manifest(df.drop(columns=["phash"]))

@@ -1,0 +1,218 @@
+"""Ingestion from a local folder: validation, idempotence, quality gates, the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dandelion_lib import dataset
+from dandelion_lib.config import Settings
+from dandelion_lib.ingest import DatasetQualityError, SourceUnavailableError, ingest
+from dandelion_lib.storage import LocalStore, ObjectStore
+from tests.conftest import free_port
+from tests.integration.conftest import FaultServer
+
+D, G = "dandelion", "grass"
+
+
+def _copy(greenr: Path, dest: Path, label: str, indices: range) -> None:
+    (dest / label).mkdir(parents=True, exist_ok=True)
+    for i in indices:
+        shutil.copy(greenr / label / f"{i:08d}.jpg", dest / label / f"{i:08d}.jpg")
+
+
+def _image_bytes(size: tuple[int, int], fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 180, 20)).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def folder(greenr_dir: Path, tmp_path: Path) -> Path:
+    """30 real images per label plus one of every kind of bad file."""
+    root = tmp_path / "src"
+    _copy(greenr_dir, root, D, range(30))
+    _copy(greenr_dir, root, G, range(30))
+    real = (greenr_dir / D / "00000100.jpg").read_bytes()
+    (root / D / "truncated.jpg").write_bytes(real[: len(real) // 3])
+    (root / D / "notes.jpg").write_text("<html>not an image</html>")
+    (root / D / "empty.jpg").write_bytes(b"")
+    (root / D / "bomb.png").write_bytes(_image_bytes((2000, 1000), "PNG"))
+    (root / D / "tiny.png").write_bytes(_image_bytes((20, 20), "PNG"))
+    (root / D / "icon.ico").write_bytes(_image_bytes((64, 64), "ICO"))
+    (root / D / ".hidden.jpg").write_bytes(real)  # hidden files are not part of the source
+    (root / G / "as-gif.gif").write_bytes(_image_bytes((64, 48), "GIF"))  # valid, other format
+    shutil.copy(root / G / "00000004.jpg", root / G / "copy-of-4.jpg")  # exact duplicate
+    (root / "README.txt").write_text("not a label folder")
+    return root
+
+
+def _settings(tmp_path: Path, source: Path | str, **kw: object) -> Settings:
+    return Settings(workdir=tmp_path / "work", source=str(source), max_image_pixels=1_000_000, **kw)  # type: ignore[arg-type]
+
+
+def test_folder_validation_and_idempotent_rerun(
+    folder: Path, store: ObjectStore, tmp_path: Path
+) -> None:
+    report = ingest(_settings(tmp_path, folder), store=store, progress=False)
+    reasons = {Path(r.source).name: r.reason for r in report.rejected}
+    assert reasons == {
+        "truncated.jpg": "truncated",
+        "notes.jpg": "not_an_image",
+        "empty.jpg": "empty",
+        "bomb.png": "too_large",
+        "tiny.png": "too_small",
+        "icon.ico": "unsupported_format",
+    }
+    assert report.total == 30 + 6 + 30 + 2 and report.fetched == report.total
+    assert report.duplicates == 1 and report.new == report.images == 61
+    df = dataset.load_manifest(store)
+    assert df["label"].value_counts().to_dict() == {D: 30, G: 31}
+    gif = df[df["source"].str.endswith("as-gif.gif")].iloc[0]
+    assert gif["format"] == "GIF" and gif["key"].endswith(".gif") and gif["width"] == 64
+    assert not df["source"].str.contains("hidden").any()
+    assert dataset.load_report(store)["reasons"]["too_large"] == 1
+
+    # Unchanged folder: nothing read again, same version.
+    again = ingest(_settings(tmp_path, folder), store=store, progress=False)
+    assert (again.version, again.fetched, again.new, again.unchanged) == (report.version, 0, 0, 61)
+
+    # One new image: a new version; the old one stays as it was.
+    shutil.copy(folder / G / "00000004.jpg", folder / G / "x.jpg")
+    Image.open(folder / G / "x.jpg").rotate(90, expand=True).save(folder / G / "x.jpg")
+    third = ingest(_settings(tmp_path, folder), store=store, progress=False)
+    assert third.created and third.version != report.version and third.new == 1
+    assert dataset.list_versions(store) == sorted([report.version, third.version])
+    assert len(dataset.load_manifest(store, report.version)) == 61
+    assert len(dataset.load_manifest(store)) == 62
+
+
+def test_same_images_same_version_from_folder_and_http(
+    greenr_dir: Path, http_source: FaultServer, tmp_path: Path
+) -> None:
+    a = ingest(
+        _settings(tmp_path, greenr_dir, max_per_class=25),
+        store=LocalStore(tmp_path / "a"),
+        progress=False,
+    )
+    b = ingest(
+        _settings(tmp_path, http_source.url, max_per_class=25),
+        store=LocalStore(tmp_path / "b"),
+        progress=False,
+    )
+    assert a.images == b.images == 50 and a.version == b.version
+    other_seed = ingest(
+        _settings(tmp_path, greenr_dir, max_per_class=25, split_seed=7),
+        store=LocalStore(tmp_path / "c"),
+        progress=False,
+    )
+    assert other_seed.version != a.version
+
+
+def test_too_few_images_fails_loudly_and_writes_no_version(folder: Path, tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    with pytest.raises(
+        DatasetQualityError, match=r"class 'dandelion' has 30 valid images, below the minimum of 31"
+    ):
+        ingest(_settings(tmp_path, folder, min_images_per_class=31), store=store, progress=False)
+    assert dataset.list_versions(store) == [] and not store.exists(dataset.LATEST_KEY)
+
+
+def test_class_imbalance_fails_loudly(greenr_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    _copy(greenr_dir, root, D, range(40))
+    _copy(greenr_dir, root, G, range(10))
+    store = LocalStore(tmp_path / "store")
+    with pytest.raises(
+        DatasetQualityError, match=r"class balance 4.00:1 .* worse than the limit 3:1"
+    ):
+        ingest(_settings(tmp_path, root, min_images_per_class=5), store=store, progress=False)
+    assert not store.exists(dataset.LATEST_KEY)
+    ok = ingest(
+        _settings(tmp_path, root, min_images_per_class=5, max_class_imbalance=4.0),
+        store=store,
+        progress=False,
+    )
+    assert ok.images == 50
+
+
+def test_extend_keeps_previous_images(greenr_dir: Path, tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    first, second = tmp_path / "first", tmp_path / "second"
+    for label in (D, G):
+        _copy(greenr_dir, first, label, range(25))
+        _copy(greenr_dir, second, label, range(25, 30))
+    ingest(_settings(tmp_path, first, min_images_per_class=5), store=store, progress=False)
+    report = ingest(
+        _settings(tmp_path, second, min_images_per_class=5),
+        store=store,
+        extend=True,
+        progress=False,
+    )
+    df = dataset.load_manifest(store)
+    assert report.images == len(df) == 60 and df["sha256"].is_unique
+
+
+def test_missing_source_folder(tmp_path: Path) -> None:
+    with pytest.raises(SourceUnavailableError, match="does not exist"):
+        ingest(_settings(tmp_path, tmp_path / "nope"), store=LocalStore(tmp_path / "s"))
+    (tmp_path / "half" / D).mkdir(parents=True)
+    with pytest.raises(SourceUnavailableError, match="no sub-folder for label"):
+        ingest(_settings(tmp_path, tmp_path / "half"), store=LocalStore(tmp_path / "s"))
+
+
+def _cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "DANDELION_WORKDIR": str(tmp_path / "work"), **env}
+    return subprocess.run(
+        [sys.executable, "-m", "dandelion_lib.cli", "ingest", *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_success_and_one_line_errors(greenr_dir: Path, tmp_path: Path) -> None:
+    ok = _cli(tmp_path, "--source", str(greenr_dir), "--max-per-class", "25", "--json")
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads(ok.stdout)
+    assert report["images"] == 50 and report["created"] is True
+    store = LocalStore(tmp_path / "work" / "store")
+    assert dataset.latest_version(store) == report["version"]
+
+    unreachable = f"http://127.0.0.1:{free_port()}/data"
+    bad = _cli(tmp_path, DANDELION_SOURCE=unreachable, DANDELION_HTTP_BACKOFF_S="0.01")
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    assert f"cannot reach {unreachable}" in bad.stderr and "DANDELION_SOURCE" in bad.stderr
+
+
+def test_progress_bar_when_asked(
+    greenr_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = _settings(tmp_path, greenr_dir, max_per_class=10, min_images_per_class=5)
+    ingest(settings, store=LocalStore(tmp_path / "a"), progress=True)
+    assert "ingest:   0%|" in capsys.readouterr().err
+    ingest(settings, store=LocalStore(tmp_path / "b"))  # not a terminal: no bar
+    assert "ingest" not in capsys.readouterr().err
+
+
+def test_invalid_setting_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dandelion_lib.config import get_settings
+    from dandelion_lib.ingest import IngestError, load_settings
+
+    monkeypatch.setenv("DANDELION_LABELS", '["dandelion", "Grass/x"]')
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(IngestError, match=r"^invalid setting labels \(DANDELION_LABELS\)"):
+            load_settings()
+    finally:
+        get_settings.cache_clear()
