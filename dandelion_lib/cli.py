@@ -17,6 +17,7 @@ from dandelion_lib.errors import DandelionError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("dandelion_lib.ingest", "Ingest images into the store as a new dataset version."),
+    "pipeline": ("dandelion_lib.pipeline", "Run the whole pipeline through Airflow and summarise."),
 }
 
 

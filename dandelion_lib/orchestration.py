@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow.sdk import Asset
+from airflow.sdk.definitions.retry_policy import RetryDecision, RetryPolicy
 
 from dandelion_lib import pipeline
 from dandelion_lib.config import Settings, get_settings
@@ -82,8 +83,38 @@ class Macros:
 MACROS = {"dandelion": Macros()}
 
 
+class GateRetryPolicy(RetryPolicy):
+    """Retry failures with the task's backoff, except a failed quality gate: never retried.
+
+    A gate that fails inside a notebook surfaces as Papermill's execution error; its
+    ``ename`` names the original exception, which is what is matched here.
+    """
+
+    GATE_ERRORS = frozenset({"DatasetQualityError", "DataValidationError", "KernelMissingError"})
+
+    def evaluate(
+        self,
+        exception: BaseException,
+        try_number: int,
+        max_tries: int,
+        context: Any = None,
+    ) -> RetryDecision:
+        name = getattr(exception, "ename", None) or type(exception).__name__
+        if name in self.GATE_ERRORS:
+            return RetryDecision.fail(f"{name}: a failed quality gate is not retried")
+        return RetryDecision.default()
+
+    def serialize(self) -> dict[str, Any]:
+        return {"gate_errors": sorted(self.GATE_ERRORS)}
+
+    @classmethod
+    def deserialize(cls, data: dict[str, Any]) -> GateRetryPolicy:
+        return cls()
+
+
 def io_retries(settings: Settings | None = None) -> dict[str, Any]:
-    """Retry arguments of the I/O steps: exponential backoff from the settings' delay."""
+    """Retry arguments of the I/O steps: exponential backoff from the settings' delay, and
+    no retry when a quality gate failed (:class:`GateRetryPolicy`)."""
     settings = settings or _settings()
     delay = timedelta(seconds=settings.pipeline_retry_delay_s)
     return {
@@ -91,6 +122,7 @@ def io_retries(settings: Settings | None = None) -> dict[str, Any]:
         "retry_delay": delay,
         "retry_exponential_backoff": 2.0,
         "max_retry_delay": max(delay * 8, timedelta(seconds=1)),
+        "retry_policy": GateRetryPolicy(),
     }
 
 
@@ -181,6 +213,8 @@ def prepare_notebook(context: Any) -> None:
         pipeline.check_kernel(task.kernel_name or _settings().kernel_name)
     except pipeline.KernelMissingError as exc:
         raise _fail(str(exc)) from None
+    if not Path(str(task.input_nb)).is_file():
+        raise _fail(f"notebook {task.input_nb} not found (DANDELION_NOTEBOOKS_DIR)")
     overrides = (context["params"].get("notebook_params") or {}).get(task.task_id) or {}
     task.parameters = {**(task.parameters or {}), **overrides}
     output = _output_path(task)
@@ -371,15 +405,34 @@ def check_changes(dataset_version: str, **context: Any) -> bool:
 
 def promote(model_version: str, dataset_version: str, **context: Any) -> dict[str, Any]:
     """The model gate: move ``champion`` only if the challenger passes; no retry on rejection."""
-    from dandelion_lib import evaluate
+    from dandelion_lib import registry
 
     settings = _settings()
-    decision = evaluate.promote(model_version, dataset_version=dataset_version, settings=settings)
-    result = {"promoted": bool(decision.promoted), "reason": str(decision.reason)}
-    context["ti"].xcom_push(key="promotion", value=result)
-    if not decision.promoted:
-        raise _fail(f"model version {model_version} not promoted: {decision.reason}")
-    return result
+    client = registry.configure_mlflow(settings)
+    challenger = registry.get_alias_version(client, settings.model_name, registry.CHALLENGER)
+    if challenger is None or str(challenger.version) != str(model_version):
+        raise _fail(
+            f"{settings.model_name}@{registry.CHALLENGER} is "
+            f"{'missing' if challenger is None else f'version {challenger.version}'}, "
+            f"not the version {model_version} trained in this run"
+        )
+    os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps(_run_context_tags(context))
+    try:
+        result = registry.promote(settings, dataset_version=dataset_version)
+    finally:
+        os.environ.pop("MLFLOW_RUN_CONTEXT", None)
+    outcome = {
+        "promoted": bool(result.promoted),
+        "reason": str(result.decision.reason),
+        "champion_version": result.champion_version_after,
+    }
+    context["ti"].xcom_push(key="promotion", value=outcome)
+    log.info("%s", result.summary())
+    if not result.promoted:
+        raise _fail(
+            f"{settings.model_name} version {model_version} not promoted: {outcome['reason']}"
+        )
+    return outcome
 
 
 def report(**context: Any) -> dict[str, Any]:
@@ -408,7 +461,11 @@ def report(**context: Any) -> dict[str, Any]:
     summary["dataset_version"] = version
     counts = ti.xcom_pull(task_ids="validate_data")
     if counts:
-        summary["counts"] = {k: counts[k] for k in ("images", "labels", "splits") if k in counts}
+        summary["counts"] = {
+            k: counts[k]
+            for k in ("images", "labels", "splits", "rejected_at_ingest")
+            if k in counts
+        }
     summary["training"] = ti.xcom_pull(task_ids="check_changes", key="decision")
     summary["promotion"] = ti.xcom_pull(task_ids="promote", key="promotion")
     trained = ti.xcom_pull(task_ids="train", key="model_version")

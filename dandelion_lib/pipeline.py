@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dandelion_lib import LABELS
 from dandelion_lib.config import Settings, get_settings
 from dandelion_lib.errors import DandelionError
 
@@ -48,8 +47,6 @@ RUN_ID_TAG = "airflow.run_id"
 TASK_ID_TAG = "airflow.task_id"
 DAG_ID_TAG = "airflow.dag_id"
 
-SPLITS = ("train", "val", "test")
-MANIFEST_COLUMNS = ("sha256", "label", "key", "width", "height", "group", "split")
 
 _CODE_FILES = ("requirements.lock",)
 _CODE_NOTEBOOKS = (NOTEBOOKS["train"], NOTEBOOKS["evaluate"])
@@ -147,48 +144,53 @@ def check_kernel(name: str | None = None) -> Path:
 
 def check_manifest(df: Any, settings: Settings | None = None) -> list[str]:
     """Problems found in a manifest (empty when it passes the data gate)."""
+    from dandelion_lib.dataset import MANIFEST_COLUMNS, SPLITS
+
     settings = settings or get_settings()
+    labels = tuple(settings.labels)
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         return [f"manifest lacks columns {missing}"]
-    problems: list[str] = []
     if len(df) == 0:
         return ["manifest is empty"]
-    unknown = sorted(set(df["label"]) - set(LABELS))
+    problems: list[str] = []
+    if df[list(MANIFEST_COLUMNS)].isna().any().any():
+        problems.append("manifest has missing values")
+    unknown = sorted(set(df["label"]) - set(labels))
     if unknown:
         problems.append(f"unknown labels {unknown}")
     bad_splits = sorted(set(df["split"]) - set(SPLITS))
     if bad_splits:
         problems.append(f"unknown splits {bad_splits}")
     counts = df["label"].value_counts()
-    for label in LABELS:
-        n = int(counts.get(label, 0))
+    present = [int(counts.get(label, 0)) for label in labels]
+    for label, n in zip(labels, present, strict=True):
         if n < settings.min_images_per_class:
             problems.append(f"{label}: {n} images < minimum {settings.min_images_per_class}")
-    present = [int(counts.get(label, 0)) for label in LABELS]
     if min(present) > 0 and max(present) / min(present) > settings.max_class_imbalance:
         problems.append(
-            f"class imbalance {max(present) / min(present):.2f} > {settings.max_class_imbalance}"
+            f"class imbalance {max(present) / min(present):.2f} > {settings.max_class_imbalance:g}"
         )
     for split in SPLITS:
-        labels = set(df.loc[df["split"] == split, "label"])
-        for label in LABELS:
-            if label not in labels:
-                problems.append(f"split {split!r} has no {label!r} image")
+        in_split = set(df.loc[df["split"] == split, "label"])
+        problems += [
+            f"split {split!r} has no {label!r} image" for label in labels if label not in in_split
+        ]
     if df["sha256"].duplicated().any():
-        problems.append(f"{int(df['sha256'].duplicated().sum())} duplicate sha256 rows")
+        problems.append(f"{int(df['sha256'].duplicated().sum())} duplicate images (sha256)")
     straddling = df.groupby("group")["split"].nunique()
-    straddling = straddling[straddling > 1]
-    if len(straddling):
-        problems.append(f"{len(straddling)} near-duplicate groups straddle splits")
+    if (straddling > 1).any():
+        problems.append(f"{int((straddling > 1).sum())} near-duplicate groups straddle splits")
     return problems
 
 
-def dataset_counts(df: Any) -> dict[str, Any]:
+def dataset_counts(df: Any, labels: tuple[str, ...]) -> dict[str, Any]:
     """Image counts of a manifest: total, per label, per split."""
+    from dandelion_lib.dataset import SPLITS
+
     return {
         "images": len(df),
-        "labels": {label: int((df["label"] == label).sum()) for label in LABELS},
+        "labels": {label: int((df["label"] == label).sum()) for label in labels},
         "splits": {split: int((df["split"] == split).sum()) for split in SPLITS},
     }
 
@@ -210,7 +212,12 @@ def validate_dataset(
     problems = check_manifest(df, settings)
     if problems:
         raise DataValidationError(f"dataset {version} failed validation: " + "; ".join(problems))
-    return {"dataset_version": version, **dataset_counts(df)}
+    rejected = len(dataset.load_report(store, version).get("rejected", []))
+    return {
+        "dataset_version": version,
+        **dataset_counts(df, tuple(settings.labels)),
+        "rejected_at_ingest": rejected,
+    }
 
 
 # --- skip if unchanged ---------------------------------------------------------------------
@@ -307,8 +314,14 @@ def where_to_look(settings: Settings, run_id: str | None = None) -> dict[str, st
 
 def _fmt_counts(counts: dict[str, Any]) -> str:
     labels = ", ".join(f"{k} {v}" for k, v in counts.get("labels", {}).items())
-    splits = " / ".join(f"{k} {v}" for k, v in counts.get("splits", {}).items())
-    return f"{counts.get('images', '?')} images ({labels}; {splits})"
+    splits = counts.get("splits", {})
+    order = [s for s in ("train", "val", "test") if s in splits] + sorted(
+        set(splits) - {"train", "val", "test"}
+    )
+    split_text = " / ".join(f"{s} {splits[s]}" for s in order)
+    rejected = counts.get("rejected_at_ingest")
+    tail = f"; {rejected} rejected at ingestion" if rejected else ""
+    return f"{counts.get('images', '?')} images ({labels}; {split_text}{tail})"
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -479,8 +492,10 @@ def cli(args: argparse.Namespace) -> int:
     settings = get_settings()
     check_kernel(settings.kernel_name)
     env = airflow_env(settings)
-    if args.source:
-        env["DANDELION_SOURCE"] = args.source
+    source = args.source or settings.source
+    if "://" not in source:  # a local folder: absolute, whatever the tasks' working directory
+        source = str(Path(source).expanduser().resolve())
+    env["DANDELION_SOURCE"] = source
     home = Path(env["AIRFLOW_HOME"])
     if ensure_airflow_db(env):
         print(f"Airflow DB migrated under {home}", flush=True)
