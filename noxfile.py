@@ -106,3 +106,28 @@ def pipeline(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks: print figures and ratios against a baseline measured in the same run."""
     _run(session, "python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session(venv_backend="uv", python="3.11")
+def deploy_check(session: nox.Session) -> None:
+    """Deployment validation: Dockerfiles, compose, Kubernetes overlays, Airflow values, workflows.
+
+    Runs hadolint, `docker compose config` + the compose-spec schema, `kubectl kustomize`,
+    kubernetes-validate, checkov, check-jsonschema and zizmor (tests/deploy). The validators get
+    their own virtualenv (.nox/deploy_check) from requirements-deploy.txt: their dependencies
+    conflict with the project's lock. Needs `kubectl` on PATH.
+    """
+    if shutil.which("kubectl") is None:
+        session.error("kubectl is required (it renders the kustomize overlays)")
+    session.install("-r", "requirements-deploy.txt")
+    session.run(
+        "pytest",
+        "tests/deploy",
+        "--confcutdir=tests/deploy",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "addopts=-ra --strict-markers",
+        *session.posargs,
+        env={"DANDELION_DEPLOY_CHECK": "1"},
+    )

@@ -1,0 +1,43 @@
+# syntax=docker/dockerfile:1
+# dandelion serving API: `python -m api` (Litestar on uvicorn), port 8000.
+# Build from the repository root:  docker build -f docker/api.Dockerfile -t dandelion-api .
+
+# --- build stage: resolve the project and its `serve` extra from requirements.lock -------------
+FROM python:3.11.14-slim-bookworm AS builder
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy
+RUN pip install --no-cache-dir uv==0.13.9 && python -m venv --without-pip /opt/venv
+WORKDIR /src
+COPY requirements.lock pyproject.toml README.md ./
+COPY dandelion_lib/ dandelion_lib/
+# The lock is the constraint set: exactly the pinned versions, only what `serve` needs.
+RUN uv pip install --python /opt/venv/bin/python --constraint requirements.lock ".[serve]"
+
+# --- runtime stage: no compilers, no uv, no sources beyond the API package --------------------
+FROM python:3.11.14-slim-bookworm
+LABEL org.opencontainers.image.title="dandelion-api" \
+      org.opencontainers.image.description="dandelion prediction API (MLflow champion model)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    HOME=/home/dandelion \
+    KERAS_HOME=/tmp/keras \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    DANDELION_WORKDIR=/var/lib/dandelion \
+    DANDELION_API_HOST=0.0.0.0 \
+    DANDELION_API_PORT=8000
+RUN groupadd --system --gid 10001 dandelion \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /home/dandelion --create-home \
+       --shell /usr/sbin/nologin dandelion \
+    && install -d -o 10001 -g 10001 /var/lib/dandelion \
+    && pip uninstall --no-cache-dir -y -q pip setuptools wheel
+COPY --from=builder /opt/venv /opt/venv
+COPY docker/healthcheck.py /usr/local/bin/dandelion-healthcheck
+WORKDIR /app
+COPY api/ api/
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "/usr/local/bin/dandelion-healthcheck", "http://127.0.0.1:8000/health/live"]
+CMD ["python", "-m", "api"]

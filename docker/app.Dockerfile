@@ -1,0 +1,46 @@
+# syntax=docker/dockerfile:1
+# dandelion web app: Voila serving dashboards/app.ipynb on port 8866 (`python -m dashboards.serve`).
+# The app calls the API over HTTP (DANDELION_API_URL); its kernel needs no TensorFlow, so this
+# image installs only Voila, ipywidgets, httpx and the settings' dependencies, pinned by the lock.
+# Build from the repository root:  docker build -f docker/app.Dockerfile -t dandelion-app .
+
+FROM python:3.11.14-slim-bookworm AS builder
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy
+RUN pip install --no-cache-dir uv==0.13.9 && python -m venv --without-pip /opt/venv
+WORKDIR /src
+COPY requirements.lock ./
+RUN uv pip install --python /opt/venv/bin/python --constraint requirements.lock \
+        voila ipywidgets ipykernel httpx pydantic pydantic-settings \
+    && /opt/venv/bin/python -m ipykernel install --prefix /opt/venv \
+        --name dandelion --display-name "Python (dandelion)"
+
+FROM python:3.11.14-slim-bookworm
+LABEL org.opencontainers.image.title="dandelion-app" \
+      org.opencontainers.image.description="dandelion web app (Voila)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/home/dandelion \
+    JUPYTER_RUNTIME_DIR=/tmp/jupyter-runtime \
+    JUPYTER_CONFIG_DIR=/tmp/jupyter-config \
+    IPYTHONDIR=/tmp/ipython \
+    DANDELION_WORKDIR=/tmp/dandelion \
+    DANDELION_API_URL=http://api:8000
+RUN groupadd --system --gid 10001 dandelion \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /home/dandelion --create-home \
+       --shell /usr/sbin/nologin dandelion \
+    && pip uninstall --no-cache-dir -y -q pip setuptools wheel
+COPY --from=builder /opt/venv /opt/venv
+COPY docker/healthcheck.py /usr/local/bin/dandelion-healthcheck
+WORKDIR /app
+# dandelion_lib is copied as source (only its config module is imported by the app), so the
+# image does not pull the library's TensorFlow dependency.
+COPY dandelion_lib/ dandelion_lib/
+COPY dashboards/ dashboards/
+USER 10001:10001
+EXPOSE 8866
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "/usr/local/bin/dandelion-healthcheck", "http://127.0.0.1:8866/"]
+CMD ["python", "-m", "dashboards.serve"]

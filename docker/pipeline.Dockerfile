@@ -1,0 +1,53 @@
+# syntax=docker/dockerfile:1
+# dandelion pipeline: Apache Airflow 3 (the project's `pipeline` extra) with the DAGs, the
+# notebooks and the `dandelion` Jupyter kernel that Papermill runs them in. One image for every
+# Airflow component (api-server, scheduler, dag-processor, triggerer) and for the pods that the
+# KubernetesExecutor starts per task. Compatible with the official Airflow Helm chart: user
+# 50000 in group 0, AIRFLOW_HOME=/opt/airflow, `airflow` and `bash` on PATH.
+# Build from the repository root:  docker build -f docker/pipeline.Dockerfile -t dandelion-pipeline .
+
+FROM python:3.11.14-slim-bookworm AS builder
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy
+RUN pip install --no-cache-dir uv==0.13.9 && python -m venv --without-pip /opt/venv
+WORKDIR /src
+COPY requirements.lock pyproject.toml README.md ./
+COPY dandelion_lib/ dandelion_lib/
+# psycopg 3 is the PostgreSQL driver of the Airflow metadata DB (sync and async engines).
+RUN uv pip install --python /opt/venv/bin/python --constraint requirements.lock \
+        ".[pipeline]" "psycopg[binary]" \
+    && /opt/venv/bin/python -m ipykernel install --prefix /opt/venv \
+        --name dandelion --display-name "Python (dandelion)"
+
+FROM python:3.11.14-slim-bookworm
+LABEL org.opencontainers.image.title="dandelion-pipeline" \
+      org.opencontainers.image.description="dandelion pipeline: Airflow 3 + Papermill notebooks" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    AIRFLOW_HOME=/opt/airflow \
+    AIRFLOW__CORE__LOAD_EXAMPLES=False \
+    HOME=/home/airflow \
+    KERAS_HOME=/tmp/keras \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    DANDELION_WORKDIR=/opt/airflow/dandelion
+# uid 50000 / gid 0 is what the official Airflow chart and image use (arbitrary-uid friendly).
+RUN useradd --system --uid 50000 --gid 0 --home-dir /home/airflow --create-home \
+       --shell /bin/bash airflow \
+    && install -d -o 50000 -g 0 -m 2775 /opt/airflow /opt/airflow/logs /opt/airflow/dandelion \
+    && pip uninstall --no-cache-dir -y -q pip setuptools wheel
+COPY --from=builder /opt/venv /opt/venv
+COPY docker/healthcheck.py /usr/local/bin/dandelion-healthcheck
+# Baked-in DAGs and notebooks (compose); on Kubernetes git-sync provides the same tree.
+WORKDIR /opt/dandelion
+COPY dags/ dags/
+COPY notebooks/ notebooks/
+WORKDIR /opt/airflow
+USER 50000:0
+EXPOSE 8080
+# Scheduler, dag-processor and triggerer pass when their job heartbeats on this host; compose
+# overrides the check for the api-server (HTTP). Kubernetes uses the chart's own probes.
+HEALTHCHECK --interval=60s --timeout=30s --start-period=120s --retries=3 \
+    CMD ["airflow", "jobs", "check", "--local", "--limit", "1"]
+CMD ["airflow", "version"]

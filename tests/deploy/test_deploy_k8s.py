@@ -1,0 +1,286 @@
+"""Kubernetes manifests: every overlay renders, validates for the stated Kubernetes version, and
+has what production needs (probes, resources, hardening, HPA, PDB, policies, monitoring)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from deploy_support import (
+    KUBERNETES_VERSION,
+    LONG_RUNNING_KINDS,
+    OVERLAYS,
+    ROOT,
+    containers,
+    find,
+    load_all,
+    pod_spec,
+    workloads,
+)
+
+Objects = dict[str, list[dict[str, Any]]]
+CRD_KINDS = {"ServiceMonitor"}  # not in the Kubernetes schemas; checked structurally below
+SECRET_TEMPLATES = ROOT / "k8s" / "secrets" / "secrets.example.yaml"
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def secret_keys() -> dict[str, set[str]]:
+    return {
+        doc["metadata"]["name"]: set(doc["stringData"])
+        for doc in load_all(SECRET_TEMPLATES.read_text())
+    }
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_validates_against_kubernetes_schemas(rendered: Objects, overlay: str) -> None:
+    import kubernetes_validate
+
+    errors = []
+    for obj in rendered[overlay]:
+        if obj["kind"] in CRD_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {exc.message}")
+    assert not errors, "\n".join(errors)
+    assert len(rendered[overlay]) >= 20
+
+
+def test_secret_templates_validate_and_are_not_rendered(rendered: Objects) -> None:
+    import kubernetes_validate
+
+    for doc in load_all(SECRET_TEMPLATES.read_text()):
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        assert all("<" in v for v in doc["stringData"].values()), "placeholders only"
+    for overlay, objs in rendered.items():
+        assert not [o for o in objs if o["kind"] == "Secret"], f"{overlay} renders a Secret"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_namespaced_and_no_default_namespace(rendered: Objects, overlay: str) -> None:
+    namespaces = {o["metadata"]["name"] for o in rendered[overlay] if o["kind"] == "Namespace"}
+    assert len(namespaces) == 1
+    for obj in rendered[overlay]:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"].get("namespace") in namespaces, obj["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_latest_and_pinned_images(rendered: Objects, overlay: str) -> None:
+    for obj in workloads(rendered[overlay]):
+        for c in containers(obj):
+            image = c["image"]
+            name, _, tag = image.rpartition(":")
+            assert name and tag and tag != "latest", f"{obj['metadata']['name']}: {image}"
+            assert "@sha256:" in image or any(ch.isdigit() for ch in tag), image
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_has_requests_limits_and_probes(rendered: Objects, overlay: str) -> None:
+    for obj in workloads(rendered[overlay]):
+        for c in containers(obj):
+            where = f"{obj['kind']}/{obj['metadata']['name']}/{c['name']}"
+            resources = c.get("resources", {})
+            for section in ("requests", "limits"):
+                for resource in ("cpu", "memory"):
+                    assert resource in resources.get(section, {}), f"{where}: {section}.{resource}"
+            if obj["kind"] in LONG_RUNNING_KINDS:
+                assert "livenessProbe" in c and "readinessProbe" in c, f"{where}: probes"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_is_hardened(rendered: Objects, overlay: str) -> None:
+    for obj in workloads(rendered[overlay]):
+        pod = pod_spec(obj)
+        assert pod.get("automountServiceAccountToken") is False, obj["metadata"]["name"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for c in containers(obj):
+            sc = c["securityContext"]
+            where = f"{obj['metadata']['name']}/{c['name']}"
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert sc["runAsNonRoot"] is True, where
+            assert sc["seccompProfile"]["type"] == "RuntimeDefault", where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_api_deployment(rendered: Objects, overlay: str) -> None:
+    api = find(rendered[overlay], "Deployment", "api")
+    (c,) = api["spec"]["template"]["spec"]["containers"]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    assert c["startupProbe"]["httpGet"]["path"] == "/health/live"
+    assert c["ports"][0]["containerPort"] == 8000
+    env = {e["name"]: e for e in c["env"]}
+    # Credentials only by reference to Secrets that the templates define, with those keys.
+    keys = secret_keys()
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "DANDELION_FEEDBACK_DB_URL",
+                 "DANDELION_ADMIN_TOKEN"):  # fmt: skip
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref["key"] in keys[ref["name"]], name
+    assert c["envFrom"] == [{"configMapRef": {"name": "dandelion-config"}}]
+    config = find(rendered[overlay], "ConfigMap", "dandelion-config")["data"]
+    assert config["DANDELION_API_HOST"] == "0.0.0.0"
+    assert config["DANDELION_TRACKING_URI"] == "http://mlflow:5000"
+
+
+def test_external_services_in_prod_and_in_cluster_in_dev(rendered: Objects) -> None:
+    dev, prod = rendered["dev"], rendered["prod"]
+    for name in ("minio", "postgres"):
+        sts = find(dev, "StatefulSet", name)
+        assert sts["spec"]["volumeClaimTemplates"], f"{name} needs a PVC"
+        assert not [o for o in prod if o["metadata"]["name"] == name]
+    dev_config = find(dev, "ConfigMap", "dandelion-config")["data"]
+    prod_config = find(prod, "ConfigMap", "dandelion-config")["data"]
+    assert dev_config["DANDELION_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert "DANDELION_S3_ENDPOINT_URL" not in prod_config
+    assert "MLFLOW_S3_ENDPOINT_URL" not in prod_config
+    assert prod_config["DANDELION_STORE_URL"].startswith("s3://")
+    ingress_tls = [o for o in prod if o["kind"] == "Ingress" and o["spec"].get("tls")]
+    assert len(ingress_tls) == 2
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_hpa_scales_api_on_cpu_and_requests_per_second(rendered: Objects, overlay: str) -> None:
+    hpa = find(rendered[overlay], "HorizontalPodAutoscaler", "api")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": "api"}  # fmt: skip
+    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert metrics["Resource"]["resource"]["name"] == "cpu"
+    assert metrics["Pods"]["pods"]["metric"]["name"] == "dandelion_http_requests_per_second"
+    assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    adapter = (ROOT / "k8s" / "monitoring" / "prometheus-adapter-values.yaml").read_text()
+    assert 'as: "dandelion_http_requests_per_second"' in adapter
+    assert "dandelion_http_requests_total" in adapter
+    if overlay == "prod":
+        assert hpa["spec"]["minReplicas"] >= 3
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pdbs_select_running_pods(rendered: Objects, overlay: str) -> None:
+    objs = rendered[overlay]
+    pdbs = [o for o in objs if o["kind"] == "PodDisruptionBudget"]
+    assert {p["metadata"]["name"] for p in pdbs} >= {"api"}
+    for pdb in pdbs:
+        selector = pdb["spec"]["selector"]["matchLabels"]
+        assert any(
+            selects(selector, w["spec"]["template"]["metadata"]["labels"]) for w in workloads(objs)
+        ), pdb["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_is_covered_by_a_network_policy(rendered: Objects, overlay: str) -> None:
+    objs = rendered[overlay]
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    assert any(p["spec"]["podSelector"] == {} for p in policies), "default deny missing"
+    for w in workloads(objs):
+        labels = w["spec"]["template"]["metadata"]["labels"]
+        specific = [
+            p
+            for p in policies
+            if p["spec"]["podSelector"].get("matchLabels")
+            and selects(p["spec"]["podSelector"]["matchLabels"], labels)
+        ]
+        if w["kind"] in LONG_RUNNING_KINDS:
+            assert specific, f"no NetworkPolicy opens {w['metadata']['name']}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_and_ingresses_resolve(rendered: Objects, overlay: str) -> None:
+    objs = rendered[overlay]
+    services = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Service"}
+    for svc in services.values():
+        selector = svc["spec"]["selector"]
+        backends = [
+            w
+            for w in workloads(objs)
+            if selects(selector, w["spec"]["template"]["metadata"]["labels"])
+        ]
+        assert backends, f"Service {svc['metadata']['name']} selects no pods"
+        port_names = {p.get("name") for w in backends for c in containers(w) for p in c["ports"]}
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in port_names, (svc["metadata"]["name"], port)
+    hosts = set()
+    for ing in (o for o in objs if o["kind"] == "Ingress"):
+        for rule in ing["spec"]["rules"]:
+            hosts.add(rule["host"])
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                svc = services[backend["name"]]
+                assert backend["port"]["name"] in {p["name"] for p in svc["spec"]["ports"]}
+    assert {h.split(".")[0] for h in hosts} == {"api", "app"}, "only the API and the app are public"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_servicemonitor_scrapes_the_api(rendered: Objects, overlay: str) -> None:
+    objs = rendered[overlay]
+    sm = find(objs, "ServiceMonitor", "api")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    svc = find(objs, "Service", "api")
+    assert selects(sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
+    (endpoint,) = sm["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]}
+    assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_referenced_configmaps_and_secrets_exist(rendered: Objects, overlay: str) -> None:
+    objs = rendered[overlay]
+    configmaps = {
+        o["metadata"]["name"]: o.get("data", {}) for o in objs if o["kind"] == "ConfigMap"
+    }
+    keys = secret_keys()
+    for w in workloads(objs):
+        pod = pod_spec(w)
+        for volume in pod.get("volumes", []):
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in configmaps
+        for c in containers(w):
+            for src in c.get("envFrom", []):
+                if "configMapRef" in src:
+                    assert src["configMapRef"]["name"] in configmaps
+            for env in c.get("env", []):
+                ref = env.get("valueFrom", {})
+                if "secretKeyRef" in ref:
+                    name, key = ref["secretKeyRef"]["name"], ref["secretKeyRef"]["key"]
+                    assert key in keys.get(name, set()), f"secret {name}/{key} has no template"
+                if "configMapKeyRef" in ref and not ref["configMapKeyRef"].get("optional"):
+                    cm = ref["configMapKeyRef"]
+                    assert cm["key"] in configmaps[cm["name"]], cm
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_image_mapping_controls_the_deployed_images(overlay: str, tmp_path: Path) -> None:
+    """CD pins images by editing the overlay's `images:` (kustomize edit set image): that edit
+    must reach every project container, so the base must leave the short names unmapped."""
+    import shutil
+
+    import yaml
+    from deploy_support import run, tool
+
+    copy = tmp_path / "k8s"
+    shutil.copytree(ROOT / "k8s", copy)
+    kustomization = copy / "overlays" / overlay / "kustomization.yaml"
+    data = yaml.safe_load(kustomization.read_text())
+    digest = "sha256:" + "ab" * 32
+    for image in data["images"]:
+        image.pop("newTag", None)
+        image["digest"] = digest
+    kustomization.write_text(yaml.safe_dump(data))
+    proc = run(tool("kubectl"), "kustomize", str(copy / "overlays" / overlay))
+    assert proc.returncode == 0, proc.stderr
+    project = [
+        c["image"]
+        for w in workloads(load_all(proc.stdout))
+        for c in containers(w)
+        if "/dandelion-" in c["image"] or c["image"].startswith("dandelion-")
+    ]
+    assert len(project) == 3
+    assert all(image.endswith("@" + digest) and "ghcr.io/" in image for image in project), project

@@ -1,0 +1,23 @@
+"""Shell scripts of the deployment (init, secrets, CD deploy) and the CI entry point: shellcheck
+clean and strict (`set -e…`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from deploy_support import ROOT, run, tool
+
+SCRIPTS = [*sorted((ROOT / "k8s").rglob("*.sh")), ROOT / ".ci" / "run"]
+
+
+def test_scripts_found() -> None:
+    names = {p.name for p in SCRIPTS}
+    assert {"deploy.sh", "create-dev-secrets.sh", "init-buckets.sh", "init-databases.sh"} <= names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shellcheck_clean_and_strict(script: Path) -> None:
+    proc = run(tool("shellcheck"), "--severity=style", str(script))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "set -e" in script.read_text() or "set -eu" in script.read_text()
