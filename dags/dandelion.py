@@ -31,7 +31,7 @@ DAG_ARGS = {
     "start_date": datetime(2026, 1, 1),
     "catchup": False,
     "max_active_runs": 1,
-    "user_defined_macros": orch.MACROS,
+    "user_defined_macros": orch.macros(__file__),
     "on_failure_callback": orch.on_run_failure,
     "default_args": {
         "owner": "dandelion",

@@ -50,7 +50,18 @@ def _settings() -> Settings:
 
 
 class Macros:
-    """``{{ dandelion.* }}`` in the DAGs' templates: values rendered when a task runs."""
+    """``{{ dandelion.* }}`` in the DAGs' templates: values rendered when a task runs.
+
+    ``default_notebooks`` is the ``notebooks/`` folder beside the DAG folder (the repository
+    layout, also in the pipeline image and under git-sync); ``DANDELION_NOTEBOOKS_DIR``
+    overrides it.
+    """
+
+    def __init__(self, default_notebooks: Path):
+        self.default_notebooks = default_notebooks
+
+    def notebooks_dir(self) -> Path:
+        return (_settings().notebooks_dir or self.default_notebooks).expanduser().resolve()
 
     @staticmethod
     def store_url() -> str:
@@ -68,10 +79,9 @@ class Macros:
     def model_name() -> str:
         return _settings().model_name
 
-    @staticmethod
-    def notebook(task_id: str) -> str:
+    def notebook(self, task_id: str) -> str:
         """Absolute path of the notebook a step runs."""
-        return str(_settings().resolved_notebooks_dir / pipeline.NOTEBOOKS[task_id])
+        return str(self.notebooks_dir() / pipeline.NOTEBOOKS[task_id])
 
     @staticmethod
     def output_notebook(run_id: str, task_id: str) -> str:
@@ -80,7 +90,17 @@ class Macros:
         return str(runs / pipeline.run_key(run_id) / pipeline.NOTEBOOKS[task_id])
 
 
-MACROS = {"dandelion": Macros()}
+def macros(dag_file: str) -> dict[str, Any]:
+    """``user_defined_macros`` of a DAG defined in ``dag_file`` (in ``<repo>/dags/``)."""
+    return {"dandelion": Macros(Path(dag_file).resolve().parents[1] / "notebooks")}
+
+
+def _notebooks_dir(context: Any) -> Path:
+    dag = context.get("dag")
+    found = (getattr(dag, "user_defined_macros", None) or {}).get("dandelion")
+    if isinstance(found, Macros):
+        return found.notebooks_dir()
+    return _settings().resolved_notebooks_dir
 
 
 class GateRetryPolicy(RetryPolicy):
@@ -196,7 +216,7 @@ def _run_context_tags(context: Any) -> dict[str, str]:
         pipeline.RUN_ID_TAG: context["run_id"],
         pipeline.TASK_ID_TAG: ti.task_id,
         "airflow.try_number": str(ti.try_number),
-        pipeline.CODE_VERSION_TAG: pipeline.code_version(_settings()),
+        pipeline.CODE_VERSION_TAG: pipeline.code_version(_settings(), _notebooks_dir(context)),
     }
     if params.get("dataset_version"):
         tags[pipeline.DATASET_VERSION_TAG] = str(params["dataset_version"])
@@ -392,11 +412,14 @@ def check_changes(dataset_version: str, **context: Any) -> bool:
             False,
             f"dataset {dataset_version} came from {pipeline.PIPELINE_DAG}, which trains it itself",
             dataset_version,
-            pipeline.code_version(_settings()),
+            pipeline.code_version(_settings(), _notebooks_dir(context)),
         )
     else:
         decision = pipeline.decide_training(
-            dataset_version, _settings(), force=bool(params.get("force_train"))
+            dataset_version,
+            _settings(),
+            force=bool(params.get("force_train")),
+            notebooks_dir=_notebooks_dir(context),
         )
     context["ti"].xcom_push(key="decision", value=decision.to_dict())
     log.info("%s: %s", "TRAIN" if decision.train else "SKIP TRAINING", decision.reason)

@@ -77,7 +77,7 @@ def run_prefix(run_id: str) -> str:
     return f"runs/{run_key(run_id)}/"
 
 
-def code_version(settings: Settings | None = None) -> str:
+def code_version(settings: Settings | None = None, notebooks_dir: Path | None = None) -> str:
     """Digest of the code that shapes a model: ``dandelion_lib``, the training and
     evaluation notebooks (code cells only) and ``requirements.lock`` when present."""
     settings = settings or get_settings()
@@ -86,7 +86,7 @@ def code_version(settings: Settings | None = None) -> str:
     for path in sorted(package.rglob("*.py")):
         h.update(path.relative_to(package).as_posix().encode())
         h.update(path.read_bytes())
-    nb_dir = settings.resolved_notebooks_dir
+    nb_dir = notebooks_dir or settings.resolved_notebooks_dir
     for name in _CODE_NOTEBOOKS:
         path = nb_dir / name
         if path.exists():
@@ -262,11 +262,15 @@ def champion_lineage(settings: Settings | None = None) -> dict[str, Any] | None:
 
 
 def decide_training(
-    dataset_version: str, settings: Settings | None = None, *, force: bool = False
+    dataset_version: str,
+    settings: Settings | None = None,
+    *,
+    force: bool = False,
+    notebooks_dir: Path | None = None,
 ) -> TrainingDecision:
     """Train unless the dataset version and the code are those of the current champion."""
     settings = settings or get_settings()
-    code = code_version(settings)
+    code = code_version(settings, notebooks_dir)
     champion = champion_lineage(settings)
     version = champion["version"] if champion else None
 

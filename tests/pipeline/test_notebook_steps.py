@@ -45,7 +45,7 @@ with DAG(
     "notebook_steps",
     schedule=None,
     start_date=datetime(2026, 1, 1),
-    user_defined_macros=orch.MACROS,
+    user_defined_macros=orch.macros(__file__),
     on_failure_callback=orch.on_run_failure,
     params={"notebook_params": {"evaluate": {"steps": 3}}},
     default_args={
@@ -111,7 +111,6 @@ def run(
     text = DAG_FILE.replace("FAIL_MARKER", repr(str(root / "failed-once")))
     (dags / "notebook_steps.py").write_text(text)
     env["AIRFLOW__CORE__DAGS_FOLDER"] = str(dags)
-    env["DANDELION_NOTEBOOKS_DIR"] = str(root / "notebooks")
     return Run(root, env, dags_test("notebook_steps", env, cwd=root))
 
 
