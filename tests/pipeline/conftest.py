@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -92,50 +92,32 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def serve_dir() -> Iterator[Callable[..., str]]:
-    """Serve a folder on loopback HTTP: ``serve_dir(path, fail_first=0) -> base URL``.
+def serve(path: Path, *, drop_first: int = 0) -> tuple[str, Callable[[], None]]:
+    """Serve a folder on loopback HTTP; returns (base URL, stop).
 
-    ``fail_first=N`` answers the first N requests with 503 (an outage that ends).
+    ``drop_first=N`` closes the connection without an answer on the first N requests: an
+    outage of the source that ends by itself.
     """
-    servers: list[http.server.ThreadingHTTPServer] = []
+    state = {"left": drop_first}
+    lock = threading.Lock()
 
-    def start(path: Path, fail_first: int = 0) -> str:
-        state = {"left": fail_first}
-        lock = threading.Lock()
+    class Handler(_QuietHandler):
+        def do_GET(self) -> None:
+            with lock:
+                dropping = state["left"] > 0
+                state["left"] -= 1
+            if dropping:
+                self.close_connection = True
+                return
+            super().do_GET()
 
-        class Handler(_QuietHandler):
-            def do_GET(self) -> None:
-                with lock:
-                    failing = state["left"] > 0
-                    state["left"] -= 1
-                if failing:
-                    self.send_error(503, "outage")
-                    return
-                super().do_GET()
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(path))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
 
-        handler = functools.partial(Handler, directory=str(path))
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield start
-    for server in servers:
+    def stop() -> None:
         server.shutdown()
         server.server_close()
 
-
-@pytest.fixture
-def greenr_subset(greenr_dir: Path, tmp_path: Path) -> Callable[[int], Path]:
-    """A folder with the first ``n`` reference images per label (symlinks, same layout)."""
-
-    def make(n: int) -> Path:
-        out = tmp_path / f"greenr-{n}"
-        for label_dir in sorted(p for p in greenr_dir.iterdir() if p.is_dir()):
-            (out / label_dir.name).mkdir(parents=True, exist_ok=True)
-            for src in sorted(label_dir.glob("*.jpg"))[:n]:
-                (out / label_dir.name / src.name).symlink_to(src)
-        return out
-
-    return make
+    return f"http://127.0.0.1:{server.server_address[1]}", stop
