@@ -347,7 +347,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         row("dataset", f"{summary['dataset_version']}  {_fmt_counts(counts) if counts else ''}")
     decision = summary.get("training")
     if decision:
-        row("training", ("trained: " if decision["train"] else "skipped: ") + decision["reason"])
+        state = (summary.get("task_states") or {}).get("train", "success")
+        if not decision["train"]:
+            verdict = "skipped"
+        elif state == "success":
+            verdict = "trained"
+        else:
+            verdict = f"not trained (step train {state})"
+        row("training", f"{verdict}: {decision['reason']}")
     model = summary.get("model")
     if model:
         acc = model.get("test_accuracy")
