@@ -50,7 +50,7 @@ DAG_ARGS = {
 }
 
 
-def notebook(task_id: str, parameters: dict[str, str], **kwargs: Any) -> PapermillOperator:
+def notebook(task_id: str, parameters: dict[str, Any], **kwargs: Any) -> PapermillOperator:
     """A notebook step: Papermill runs notebooks/<step>.ipynb in the dandelion kernel."""
     return PapermillOperator(
         task_id=task_id,
@@ -88,12 +88,13 @@ def training_steps(version_from: str) -> tuple[PythonOperator, PythonOperator]:
     train = notebook(
         "train", {"tracking_uri": "{{ dandelion.tracking_uri() }}", "dataset_version": validated}
     )
+    # evaluate reports on the challenger; promotion is the separate gate step below
     evaluate = notebook(
         "evaluate",
         {
             "tracking_uri": "{{ dandelion.tracking_uri() }}",
             "dataset_version": validated,
-            "model_version": model_version,
+            "promote": False,
         },
     )
     promote = PythonOperator(
