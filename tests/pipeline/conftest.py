@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,7 @@ def make_pipeline_env(root: Path, airflow_db: Path) -> dict[str, str]:
     home = work / "airflow"
     home.mkdir(parents=True)
     shutil.copy(airflow_db, home / "airflow.db")
+    (home / ".db-migrated").write_text(version("apache-airflow"))  # as `dandelion pipeline` does
     env = {
         **os.environ,
         **airflow_env(Settings(workdir=work)),

@@ -1,15 +1,18 @@
 """End to end: ``airflow dags test dandelion_pipeline`` with the real notebooks.
 
 A subset of the reference images is served on loopback HTTP; the source drops the first
-connection (an outage that ends), so ingestion fails once and Airflow's retry succeeds. Then:
-a re-run with nothing changed skips training, and a run whose quality gate cannot pass ends
-without promotion and leaves the champion where it was. The promotion floor is lowered to
+connection (an outage that ends), so ingestion fails once and Airflow's retry succeeds. Then,
+through ``dandelion pipeline`` (what ``nox -s pipeline`` runs): a re-run with nothing changed
+skips training, and a run whose quality gate cannot pass ends without promotion, exits
+non-zero and leaves the champion where it was. The promotion floor is lowered to
 0.8 for the first run because the test split of the subset is small.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +51,22 @@ class Pipeline:
 
     def run(self, conf: dict[str, Any] | None = None, **env: str) -> Run:
         proc = dags_test("dandelion_pipeline", {**self.env, **env}, conf or {}, cwd=self.root)
+        latest = self.store.get_json("runs/latest")
+        key = latest["run_id"].replace(":", "_").replace("+", "_")
+        summary = self.store.get_json(f"runs/{key}/summary.json")
+        return Run(proc.returncode, proc.stdout + proc.stderr, key, summary)
+
+    def cli(self, *args: str, **env: str) -> Run:
+        """``dandelion pipeline`` (what ``nox -s pipeline`` runs): its output and exit code."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "dandelion_lib.cli", "pipeline", *args],
+            env={**self.env, **env},
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
         latest = self.store.get_json("runs/latest")
         key = latest["run_id"].replace(":", "_").replace("+", "_")
         summary = self.store.get_json(f"runs/{key}/summary.json")
@@ -132,7 +151,7 @@ def test_executed_notebooks_stored(pipeline: Pipeline, first: Run) -> None:
 
 @pytest.fixture(scope="module")
 def rerun(pipeline: Pipeline, first: Run) -> Run:
-    return pipeline.run()
+    return pipeline.cli()
 
 
 def test_rerun_with_nothing_changed_skips_training(
@@ -145,11 +164,17 @@ def test_rerun_with_nothing_changed_skips_training(
     states = rerun.summary["task_states"]
     assert states["train"] == states["evaluate"] == states["promote"] == "skipped"
     assert pipeline.alias("champion") == first.summary["model"]["version"]
+    # what the user sees at the end of `nox -s pipeline`
+    assert "dandelion pipeline: SUCCEEDED" in rerun.log
+    assert "  training   skipped: dataset " in rerun.log
+    assert f"  model      dandelion version {first.summary['model']['version']}" in rerun.log
+    assert "  mlflow     mlflow ui --backend-store-uri sqlite:///" in rerun.log
+    assert "Airflow DB migrated" not in rerun.log
 
 
 @pytest.fixture(scope="module")
 def gated(pipeline: Pipeline, rerun: Run) -> Run:
-    return pipeline.run({"force_train": True}, DANDELION_PROMOTION_FLOOR="1.01")
+    return pipeline.cli("--force-train", DANDELION_PROMOTION_FLOOR="1.01")
 
 
 def test_failing_gate_ends_the_run_and_keeps_the_champion(
@@ -167,3 +192,4 @@ def test_failing_gate_ends_the_run_and_keeps_the_champion(
     assert failure["try_number"] == 1, "a failed gate must not be retried"
     assert "dandelion: step 'promote' failed (try 1)\n" in gated.log
     assert pipeline.store.exists(f"runs/{gated.run_key}/FAILED.txt")
+    assert "dandelion pipeline: FAILED" in gated.log and "  promotion  not promoted: " in gated.log

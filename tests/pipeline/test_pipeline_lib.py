@@ -7,6 +7,9 @@ change detection runs against a real MLflow registry (SQLite) and real notebooks
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -284,3 +287,19 @@ def test_airflow_env_is_embedded_under_the_workdir(tmp_path: Path) -> None:
     assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == f"sqlite:///{tmp_path}/airflow/airflow.db"
     assert env["AIRFLOW__CORE__LOAD_EXAMPLES"] == "False"
     assert Path(env["AIRFLOW__CORE__DAGS_FOLDER"], "dandelion.py").is_file()
+
+
+def test_pipeline_command_without_kernel_fails_in_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "DANDELION_WORKDIR": str(tmp_path), "DANDELION_KERNEL_NAME": "nope"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dandelion_lib.cli", "pipeline"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("dandelion pipeline: error: Jupyter kernel 'nope' is not")
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "airflow").exists(), "nothing started before the check"
