@@ -105,13 +105,51 @@ def _notebooks_dir(context: Any) -> Path:
 
 
 class GateRetryPolicy(RetryPolicy):
-    """Retry failures with the task's backoff, except a failed quality gate: never retried.
+    """Retry transient failures with the task's backoff; never a failed quality gate, never a
+    deterministic error inside a notebook.
 
-    A gate that fails inside a notebook surfaces as Papermill's execution error; its
-    ``ename`` names the original exception, which is what is matched here.
+    A notebook's exception surfaces as Papermill's execution error, whose ``ename`` names the
+    original exception: a failed gate (:attr:`GATE_ERRORS`) fails at once, and so does any
+    error not in :attr:`TRANSIENT_ERRORS` (a bug or bad data does not heal by re-running the
+    notebook). Exceptions of the Python steps follow the task's retries, except the gates'.
     """
 
     GATE_ERRORS = frozenset({"DatasetQualityError", "DataValidationError", "KernelMissingError"})
+    TRANSIENT_ERRORS = frozenset(
+        {
+            # builtins
+            "OSError",
+            "ConnectionError",
+            "ConnectionResetError",
+            "ConnectionRefusedError",
+            "ConnectionAbortedError",
+            "BrokenPipeError",
+            "TimeoutError",
+            # dandelion
+            "StoreUnavailableError",
+            "SourceUnavailableError",
+            # httpx, urllib3, requests, botocore, SQLAlchemy
+            "TransportError",
+            "NetworkError",
+            "ConnectError",
+            "ReadError",
+            "WriteError",
+            "RemoteProtocolError",
+            "TimeoutException",
+            "ConnectTimeout",
+            "ReadTimeout",
+            "WriteTimeout",
+            "PoolTimeout",
+            "ProtocolError",
+            "MaxRetryError",
+            "NewConnectionError",
+            "EndpointConnectionError",
+            "ConnectTimeoutError",
+            "ReadTimeoutError",
+            "ConnectionClosedError",
+            "OperationalError",
+        }
+    )
 
     def evaluate(
         self,
@@ -120,9 +158,12 @@ class GateRetryPolicy(RetryPolicy):
         max_tries: int,
         context: Any = None,
     ) -> RetryDecision:
-        name = getattr(exception, "ename", None) or type(exception).__name__
+        notebook_error = getattr(exception, "ename", None)
+        name = notebook_error or type(exception).__name__
         if name in self.GATE_ERRORS:
             return RetryDecision.fail(f"{name}: a failed quality gate is not retried")
+        if notebook_error and notebook_error not in self.TRANSIENT_ERRORS:
+            return RetryDecision.fail(f"the notebook raised {name}, which is not transient")
         return RetryDecision.default()
 
     def serialize(self) -> dict[str, Any]:
@@ -134,8 +175,8 @@ class GateRetryPolicy(RetryPolicy):
 
 
 def io_retries(settings: Settings | None = None) -> dict[str, Any]:
-    """Retry arguments of the I/O steps: exponential backoff from the settings' delay, and
-    no retry when a quality gate failed (:class:`GateRetryPolicy`)."""
+    """Retry arguments of the I/O steps: exponential backoff from the settings' delay; no
+    retry of a failed quality gate or a non-transient notebook error (:class:`GateRetryPolicy`)."""
     settings = settings or _settings()
     delay = timedelta(seconds=settings.pipeline_retry_delay_s)
     return {

@@ -242,13 +242,17 @@ def _papermill_error(ename: str) -> PapermillExecutionError:
 @pytest.mark.parametrize(
     ("error", "action"),
     [
-        (_papermill_error("DatasetQualityError"), "fail"),
-        (pipeline.DataValidationError("bad"), "fail"),
+        (_papermill_error("DatasetQualityError"), "fail"),  # a gate inside a notebook
+        (pipeline.DataValidationError("bad"), "fail"),  # the data gate step
+        (_papermill_error("NameError"), "fail"),  # a bug: re-running will not help
         (_papermill_error("ConnectionError"), "default"),
+        (_papermill_error("SourceUnavailableError"), "default"),
+        (_papermill_error("StoreUnavailableError"), "default"),
         (ConnectionError("reset"), "default"),
+        (KeyError("x"), "default"),  # Python steps follow the task's retries
     ],
 )
-def test_quality_gate_failures_are_never_retried(error: BaseException, action: str) -> None:
+def test_retry_policy(error: BaseException, action: str) -> None:
     assert GateRetryPolicy().evaluate(error, 1, 3).action.value == action
 
 
