@@ -37,6 +37,7 @@ class Run:
     log: str
     run_key: str
     summary: dict[str, Any]
+    airflow_log: str = ""
 
 
 class Pipeline:
@@ -67,10 +68,12 @@ class Pipeline:
             timeout=900,
             check=False,
         )
+        output = proc.stdout + proc.stderr
+        log_file = Path(output.split("(log: ", 1)[1].split(")", 1)[0])
         latest = self.store.get_json("runs/latest")
         key = latest["run_id"].replace(":", "_").replace("+", "_")
         summary = self.store.get_json(f"runs/{key}/summary.json")
-        return Run(proc.returncode, proc.stdout + proc.stderr, key, summary)
+        return Run(proc.returncode, output, key, summary, log_file.read_text())
 
     def alias(self, alias: str) -> str | None:
         try:
@@ -190,6 +193,6 @@ def test_failing_gate_ends_the_run_and_keeps_the_champion(
     assert gated.summary["model"]["version"] != champion
     failure = pipeline.store.get_json(f"runs/{gated.run_key}/failures/promote.json")
     assert failure["try_number"] == 1, "a failed gate must not be retried"
-    assert "dandelion: step 'promote' failed (try 1)\n" in gated.log
+    assert "dandelion: step 'promote' failed (try 1)\n" in gated.airflow_log
     assert pipeline.store.exists(f"runs/{gated.run_key}/FAILED.txt")
     assert "dandelion pipeline: FAILED" in gated.log and "  promotion  not promoted: " in gated.log
