@@ -100,7 +100,7 @@ class Settings(BaseSettings):
         2, description="Retries of the pipeline's I/O steps (never of a failed quality gate)."
     )
     pipeline_retry_delay_s: float = Field(
-        30.0, description="First retry delay of a pipeline step; doubles on each retry."
+        10.0, description="First retry delay of a pipeline step; doubles on each retry."
     )
     retrain_cron: str = Field(
         "0 3 * * 1", description="Weekly retraining schedule (cron, UTC) besides new datasets."

@@ -350,6 +350,21 @@ def _after_train(context: Any, runs: list[str], url: str | None) -> None:
     log.info("registered %s version %s (MLflow run %s)", mv.name, mv.version, mv.run_id)
 
 
+def _one_line(error: BaseException | None) -> str:
+    """``Name: message`` on one line; a notebook's error is named by its original exception."""
+    if error is None:
+        return "unknown error"
+    name = getattr(error, "ename", None)
+    if name:  # papermill: the notebook raised it
+        message = str(getattr(error, "evalue", "") or "")
+        cell = getattr(error, "exec_count", None)
+        where = f" (notebook cell [{cell}])" if cell else " (in the notebook)"
+    else:
+        name, message, where = type(error).__name__, str(error), ""
+    first = next((ln.strip() for ln in message.splitlines() if ln.strip()), "")
+    return f"{name}: {first}{where}" if first else f"{name}{where}"
+
+
 def _failure_record(context: Any, *, will_retry: bool) -> dict[str, Any]:
     ti = context["ti"]
     error = context.get("exception")
@@ -359,7 +374,7 @@ def _failure_record(context: Any, *, will_retry: bool) -> dict[str, Any]:
         "task_id": ti.task_id,
         "try_number": ti.try_number,
         "will_retry": will_retry,
-        "error": f"{type(error).__name__}: {error}" if error else "unknown error",
+        "error": _one_line(error),
     }
     if ti.task_id in NOTEBOOK_TASKS:
         os.environ.pop("MLFLOW_RUN_CONTEXT", None)

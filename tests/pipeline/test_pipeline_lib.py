@@ -21,7 +21,7 @@ from papermill.exceptions import PapermillExecutionError
 from dandelion_lib import pipeline
 from dandelion_lib.config import Settings
 from dandelion_lib.ingest import ingest
-from dandelion_lib.orchestration import GateRetryPolicy
+from dandelion_lib.orchestration import GateRetryPolicy, _one_line
 from dandelion_lib.storage import LocalStore
 
 
@@ -254,6 +254,14 @@ def _papermill_error(ename: str) -> PapermillExecutionError:
 )
 def test_retry_policy(error: BaseException, action: str) -> None:
     assert GateRetryPolicy().evaluate(error, 1, 3).action.value == action
+
+
+def test_failure_records_name_the_notebook_error_in_one_line() -> None:
+    error = PapermillExecutionError(
+        3, 7, "ingest()", "SourceUnavailableError", "cannot reach http://x\nmore", ["tb"]
+    )
+    assert _one_line(error) == ("SourceUnavailableError: cannot reach http://x (notebook cell [7])")
+    assert _one_line(ValueError("bad\nvalue")) == "ValueError: bad"
 
 
 def test_summary_is_short_and_says_where_to_look(tmp_path: Path) -> None:
