@@ -396,6 +396,35 @@ def airflow_env(settings: Settings | None = None) -> dict[str, str]:
     }
 
 
+def task_env(settings: Settings, source: str | None = None) -> dict[str, str]:
+    """:func:`airflow_env` plus the settings the tasks need when they run in the work dir.
+
+    The tasks run with the work directory as their current directory (so that nothing a
+    library writes relative to it lands in the checkout); the ``DANDELION_*`` values of a
+    ``.env`` file here are passed on, and relative paths are made absolute.
+    """
+    env = airflow_env(settings)
+    if Path(".env").is_file():
+        from dotenv import dotenv_values
+
+        for key, value in dotenv_values(".env").items():
+            if key.upper().startswith("DANDELION_") and value is not None:
+                env.setdefault(key.upper(), os.environ.get(key, value))
+    src = source or settings.source
+    if "://" not in src:  # a local folder
+        src = str(Path(src).expanduser().resolve())
+    env["DANDELION_SOURCE"] = src
+    if settings.notebooks_dir is not None:
+        env["DANDELION_NOTEBOOKS_DIR"] = str(settings.resolved_notebooks_dir)
+    if settings.airflow_home is not None:
+        env["DANDELION_AIRFLOW_HOME"] = str(settings.resolved_airflow_home)
+    store = settings.resolved_store_url
+    if "://" not in store:  # a plain local path
+        store = Path(store).expanduser().resolve().as_uri()
+    env["DANDELION_STORE_URL"] = store
+    return env
+
+
 def _airflow_exe() -> str:
     exe = Path(sys.executable).parent / "airflow"
     if not exe.exists():
@@ -441,14 +470,18 @@ def run_dag(
     *,
     log_path: Path,
     verbose: bool = False,
+    cwd: Path | None = None,
 ) -> int:
     """``airflow dags test <dag_id>``; streams progress, keeps the full log; returns its status."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     cmd = [_airflow_exe(), "dags", "test", dag_id, "-c", json.dumps(conf)]
     with log_path.open("w") as log:
+        if cwd is not None:
+            cwd.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(
             cmd,
+            cwd=cwd,
             env={**os.environ, **env},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -502,11 +535,7 @@ def cli(args: argparse.Namespace) -> int:
     """Run a DAG with ``airflow dags test`` on the embedded defaults and print its summary."""
     settings = get_settings()
     check_kernel(settings.kernel_name)
-    env = airflow_env(settings)
-    source = args.source or settings.source
-    if "://" not in source:  # a local folder: absolute, whatever the tasks' working directory
-        source = str(Path(source).expanduser().resolve())
-    env["DANDELION_SOURCE"] = source
+    env = task_env(settings, source=args.source)
     home = Path(env["AIRFLOW_HOME"])
     if ensure_airflow_db(env):
         print(f"Airflow DB migrated under {home}", flush=True)
@@ -515,7 +544,9 @@ def cli(args: argparse.Namespace) -> int:
     log_path = home / "logs" / "dags-test" / f"{time.strftime('%Y%m%dT%H%M%S')}-{args.dag}.log"
     print(f"airflow dags test {args.dag}  (log: {log_path})", flush=True)
     start = time.monotonic()
-    rc = run_dag(args.dag, conf, env, log_path=log_path, verbose=args.verbose)
+    rc = run_dag(
+        args.dag, conf, env, log_path=log_path, verbose=args.verbose, cwd=settings.workdir_path
+    )
     elapsed = time.monotonic() - start
     summary = read_summary(settings, trigger)
     print()

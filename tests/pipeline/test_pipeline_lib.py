@@ -315,3 +315,20 @@ def test_pipeline_command_without_kernel_fails_in_one_line(tmp_path: Path) -> No
     assert proc.stderr.startswith("dandelion pipeline: error: Jupyter kernel 'nope' is not")
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert not (tmp_path / "airflow").exists(), "nothing started before the check"
+
+
+def test_task_env_carries_dotenv_settings_and_absolute_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tasks run in the work dir: what the settings read here must still apply there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    (tmp_path / ".env").write_text("DANDELION_MIN_IMAGES_PER_CLASS=7\nOTHER=1\n")
+    monkeypatch.delenv("DANDELION_MIN_IMAGES_PER_CLASS", raising=False)
+    settings = Settings(workdir=Path("w"), source="images", store_url="st")
+    env = pipeline.task_env(settings)
+    assert env["DANDELION_MIN_IMAGES_PER_CLASS"] == "7" and "OTHER" not in env
+    assert env["DANDELION_SOURCE"] == str(tmp_path / "images")
+    assert env["DANDELION_STORE_URL"] == (tmp_path / "st").as_uri()
+    assert env["DANDELION_WORKDIR"] == str(tmp_path / "w")
+    assert pipeline.task_env(settings, source="http://h/x")["DANDELION_SOURCE"] == "http://h/x"
