@@ -97,8 +97,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def pipeline(session: nox.Session) -> None:
-    """The main job on embedded defaults: ingest into the local store."""
-    _run(session, "dandelion", "ingest", *session.posargs)
+    """The main job: ingest -> validate -> train -> evaluate -> promote -> report, run by
+    Airflow (`airflow dags test dandelion_pipeline`) on the embedded defaults."""
+    _run(session, "dandelion", "pipeline", *session.posargs)
 
 
 @nox.session

@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dandelion_lib.monitoring",
         "Check a folder of new images for drift against a model.",
     ),
+    "pipeline": ("dandelion_lib.pipeline", "Run the whole pipeline through Airflow and summarise."),
 }
 
 

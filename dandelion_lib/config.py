@@ -88,6 +88,24 @@ class Settings(BaseSettings):
         0.01, description="Allowed accuracy drop versus the current champion."
     )
 
+    # --- orchestration (Airflow) -----------------------------------------------------------
+    notebooks_dir: Path | None = Field(
+        None, description="Notebooks the pipeline runs. Default: the project's notebooks/ folder."
+    )
+    kernel_name: str = Field("dandelion", description="Jupyter kernel the notebooks run in.")
+    airflow_home: Path | None = Field(
+        None, description="AIRFLOW_HOME of the embedded pipeline. Default: <workdir>/airflow."
+    )
+    pipeline_retries: int = Field(
+        2, description="Retries of the pipeline's I/O steps (never of a failed quality gate)."
+    )
+    pipeline_retry_delay_s: float = Field(
+        10.0, description="First retry delay of a pipeline step; doubles on each retry."
+    )
+    retrain_cron: str = Field(
+        "0 3 * * 1", description="Weekly retraining schedule (cron, UTC) besides new datasets."
+    )
+
     # --- serving ---------------------------------------------------------------------------
     api_url: str = Field("http://127.0.0.1:8000", description="Where clients reach the API.")
     api_host: str = Field("127.0.0.1", description="API bind address.")
@@ -162,6 +180,15 @@ class Settings(BaseSettings):
     @property
     def resolved_tracking_uri(self) -> str:
         return self.tracking_uri or f"sqlite:///{self.workdir_path / 'mlflow.db'}"
+
+    @property
+    def resolved_airflow_home(self) -> Path:
+        return (self.airflow_home or self.workdir_path / "airflow").expanduser().resolve()
+
+    @property
+    def resolved_notebooks_dir(self) -> Path:
+        default = Path(__file__).resolve().parents[1] / "notebooks"
+        return (self.notebooks_dir or default).expanduser().resolve()
 
     @property
     def resolved_feedback_db_url(self) -> str:
