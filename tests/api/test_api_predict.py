@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import time
 import uuid
 from pathlib import Path
 
@@ -176,7 +177,13 @@ def test_logs_are_json_with_request_prediction_and_model_ids(
         )
     assert r.headers["x-request-id"] == request_id
     prediction_id = r.json()["prediction_id"]
-    lines = [entry for entry in api_server.logs() if entry.get("request_id") == request_id]
+    # The access line is written once the response has gone out: wait for it.
+    deadline = time.monotonic() + 30
+    while True:
+        lines = [entry for entry in api_server.logs() if entry.get("request_id") == request_id]
+        if any(e["message"] == "request" for e in lines) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     predictions = [e for e in lines if e["message"] == "prediction"]
     assert len(predictions) == 1
     assert predictions[0]["prediction_id"] == prediction_id
