@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,9 +65,13 @@ class Predictor:
         from mlflow.exceptions import MlflowException
 
         try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
-            meta = mlflow.models.Model.load(local).metadata or {}
-            model = mlflow.keras.load_model(local)
+            # No progress bar in CLI output or the API's JSON logs (unless asked for).
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+            # The weights are read into memory, so the download is removed right after.
+            with tempfile.TemporaryDirectory(prefix="dandelion-model-") as tmp:
+                local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+                meta = mlflow.models.Model.load(local).metadata or {}
+                model = mlflow.keras.load_model(local)
         except (MlflowException, OSError, ValueError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelUnavailableError(f"cannot load model {uri}: {first}") from exc

@@ -44,6 +44,24 @@ def configure_mlflow(settings: Settings | None = None) -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def use_experiment(settings: Settings | None = None) -> str:
+    """Make the settings' experiment active; returns its id.
+
+    With a database-backed tracking URI and no server (the embedded default), MLflow would
+    put artifacts in ``./mlruns`` of whatever the current directory is; the experiment is
+    created with its artifacts under the work dir instead. A tracking server decides its
+    own artifact location.
+    """
+    import mlflow
+
+    settings = settings or get_settings()
+    uri = settings.resolved_tracking_uri
+    if mlflow.get_experiment_by_name(settings.experiment) is None and not uri.startswith("http"):
+        location = (settings.workdir_path / "mlartifacts").as_uri()
+        mlflow.create_experiment(settings.experiment, artifact_location=location)
+    return str(mlflow.set_experiment(settings.experiment).experiment_id)
+
+
 def _pip_requirements() -> list[str]:
     """Pinned serving requirements (skips MLflow's slow requirement inference)."""
     from importlib import metadata
@@ -289,7 +307,7 @@ def promote(
     if champion_note:
         decision = GateDecision(**{**decision.__dict__, "reason": decision.reason + champion_note})
 
-    mlflow.set_experiment(settings.experiment)
+    use_experiment(settings)
     with mlflow.start_run(run_name=f"promote-v{candidate.version}") as run:
         mlflow.set_tags(
             {

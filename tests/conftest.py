@@ -109,7 +109,12 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> I
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     workdir = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server}
+    env = {
+        **os.environ,
+        "MLFLOW_S3_ENDPOINT_URL": s3_server,
+        # The server's background job workers (GenAI jobs) are not used by dandelion.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
     log = open(workdir / "server.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [
