@@ -10,6 +10,11 @@ carries everything a server needs besides the weights:
 
 The model maps float32 RGB pixels ``(N, size, size, 3)`` in [0, 255] to class
 probabilities ``(N, len(labels))`` (softmax, label order of the feature spec).
+
+Promotion (:func:`promote`, ``dandelion promote``): the ``challenger`` and the current
+``champion`` are re-scored on the same test split; :func:`promotion_gate` decides (accuracy
+floor, tolerance versus the champion); the decision and its numbers become ``promotion.*``
+tags on the challenger's model version, and only the ``champion`` alias moves.
 """
 
 from __future__ import annotations
