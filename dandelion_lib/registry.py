@@ -20,6 +20,7 @@ tags on the challenger's model version, and only the ``champion`` alias moves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,29 @@ def configure_mlflow(settings: Settings | None = None) -> Any:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def use_experiment(settings: Settings | None = None) -> str:
+    """Make the settings' experiment the active one (creating it if needed); returns its id.
+
+    On the embedded SQLite backend a new experiment keeps its artifacts under the work
+    directory (``<workdir>/mlartifacts``); MLflow's default would be ``./mlruns`` in
+    whatever the current directory is. A tracking server decides for itself.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    settings = settings or get_settings()
+    uri = settings.resolved_tracking_uri
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_experiment_by_name(settings.experiment) is None:
+        location = None
+        if uri.startswith("sqlite:"):
+            location = (settings.workdir_path / "mlartifacts").as_uri()
+        with contextlib.suppress(MlflowException):  # created meanwhile by another process
+            client.create_experiment(settings.experiment, artifact_location=location)
+    return str(mlflow.set_experiment(settings.experiment).experiment_id)
 
 
 def _pip_requirements() -> list[str]:
@@ -294,7 +318,7 @@ def promote(
     if champion_note:
         decision = GateDecision(**{**decision.__dict__, "reason": decision.reason + champion_note})
 
-    mlflow.set_experiment(settings.experiment)
+    use_experiment(settings)
     with mlflow.start_run(run_name=f"promote-v{candidate.version}") as run:
         mlflow.set_tags(
             {

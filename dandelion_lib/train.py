@@ -394,7 +394,7 @@ def train(
     end_to_end = config.backbone == "small_cnn" or not backbone.pretrained
 
     registry.configure_mlflow(settings)
-    mlflow.set_experiment(settings.experiment)
+    registry.use_experiment(settings)
     with mlflow.start_run(run_name=f"train-{config.backbone}") as run:
         mlflow.log_params(config.to_params() | {"dataset_version_resolved": version})
         _log_dataset(store, manifest, version)
