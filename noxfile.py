@@ -97,8 +97,21 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def pipeline(session: nox.Session) -> None:
-    """The main job on embedded defaults: ingest into the local store."""
-    _run(session, "dandelion", "ingest", *session.posargs)
+    """The main job: ingest -> validate -> train -> evaluate -> promote -> report, run by
+    Airflow (`airflow dags test dandelion_pipeline`) on the embedded defaults."""
+    _run(session, "dandelion", "pipeline", *session.posargs)
+
+
+@nox.session
+def serve(session: nox.Session) -> None:
+    """The prediction API on the embedded defaults (run `nox -s pipeline` first)."""
+    _run(session, "python", "-m", "api")
+
+
+@nox.session
+def app(session: nox.Session) -> None:
+    """The web app (Voila) on http://127.0.0.1:8866; it calls the API of `nox -s serve`."""
+    _run(session, "python", "-m", "dashboards.serve", *session.posargs)
 
 
 @nox.session

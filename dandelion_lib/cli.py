@@ -30,6 +30,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Move the champion alias to the challenger if it passes.",
     ),
     "predict": ("dandelion_lib.predict", "Classify image files with a registered model."),
+    "feedback": ("dandelion_lib.feedback", "List and review user feedback on predictions."),
+    "drift": (
+        "dandelion_lib.monitoring",
+        "Check a folder of new images for drift against a model.",
+    ),
+    "pipeline": ("dandelion_lib.pipeline", "Run the whole pipeline through Airflow and summarise."),
 }
 
 

@@ -88,6 +88,24 @@ class Settings(BaseSettings):
         0.01, description="Allowed accuracy drop versus the current champion."
     )
 
+    # --- orchestration (Airflow) -----------------------------------------------------------
+    notebooks_dir: Path | None = Field(
+        None, description="Notebooks the pipeline runs. Default: the project's notebooks/ folder."
+    )
+    kernel_name: str = Field("dandelion", description="Jupyter kernel the notebooks run in.")
+    airflow_home: Path | None = Field(
+        None, description="AIRFLOW_HOME of the embedded pipeline. Default: <workdir>/airflow."
+    )
+    pipeline_retries: int = Field(
+        2, description="Retries of the pipeline's I/O steps (never of a failed quality gate)."
+    )
+    pipeline_retry_delay_s: float = Field(
+        10.0, description="First retry delay of a pipeline step; doubles on each retry."
+    )
+    retrain_cron: str = Field(
+        "0 3 * * 1", description="Weekly retraining schedule (cron, UTC) besides new datasets."
+    )
+
     # --- serving ---------------------------------------------------------------------------
     api_url: str = Field("http://127.0.0.1:8000", description="Where clients reach the API.")
     api_host: str = Field("127.0.0.1", description="API bind address.")
@@ -109,6 +127,36 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy URL of the feedback DB. Default: SQLite in workdir."
     )
     drift_window: int = Field(200, description="Served images kept for live drift scores.")
+    feedback_accuracy_window: int = Field(
+        200, description="Latest feedback items behind the live accuracy gauge."
+    )
+    log_level: str = Field("INFO", description="Log level of the API's JSON logs.")
+
+    # --- monitoring ------------------------------------------------------------------------
+    drift_psi_threshold: float = Field(
+        0.2, description="PSI above which a feature counts as drifted (if also above noise)."
+    )
+    drift_share_threshold: float = Field(
+        0.5, description="Share of drifted features at or above which a batch has drifted."
+    )
+    drift_min_images: int = Field(20, description="Fewest images an offline drift check accepts.")
+
+    # --- web app ---------------------------------------------------------------------------
+    app_host: str = Field("127.0.0.1", description="Web app (Voila) bind address.")
+    app_port: int = Field(8866, description="Web app (Voila) port.")
+    app_max_kernels: int = Field(
+        10, description="Concurrent app sessions (one ~90 MB kernel each); more get HTTP 503."
+    )
+    app_cull_idle_s: int = Field(
+        900, description="Shut down an app session's kernel after this many idle seconds."
+    )
+    app_health_interval_s: float = Field(
+        5.0, description="How often the app re-checks the API (banner and recovery)."
+    )
+    app_request_timeout_s: float = Field(30.0, description="App-to-API request timeout.")
+    app_max_upload_bytes: int = Field(
+        64 * 1024 * 1024, description="Largest upload to the app (all files picked at once)."
+    )
 
     @field_validator("labels")
     @classmethod
@@ -132,6 +180,15 @@ class Settings(BaseSettings):
     @property
     def resolved_tracking_uri(self) -> str:
         return self.tracking_uri or f"sqlite:///{self.workdir_path / 'mlflow.db'}"
+
+    @property
+    def resolved_airflow_home(self) -> Path:
+        return (self.airflow_home or self.workdir_path / "airflow").expanduser().resolve()
+
+    @property
+    def resolved_notebooks_dir(self) -> Path:
+        default = Path(__file__).resolve().parents[1] / "notebooks"
+        return (self.notebooks_dir or default).expanduser().resolve()
 
     @property
     def resolved_feedback_db_url(self) -> str:

@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # dandelion web app: Voila serving dashboards/app.ipynb on port 8866 (`python -m dashboards.serve`).
 # The app calls the API over HTTP (DANDELION_API_URL); its kernel needs no TensorFlow, so this
-# image installs only Voila, ipywidgets, httpx and the settings' dependencies, pinned by the lock.
+# image installs only Voila, ipywidgets, httpx, Pillow (thumbnails) and the settings'
+# dependencies, pinned by the lock.
 # Build from the repository root:  docker build -f docker/app.Dockerfile -t dandelion-app .
 
 FROM python:3.11.14-slim-bookworm AS builder
@@ -10,7 +11,7 @@ RUN pip install --no-cache-dir uv==0.13.9 && python -m venv --without-pip /opt/v
 WORKDIR /src
 COPY requirements.lock ./
 RUN uv pip install --python /opt/venv/bin/python --constraint requirements.lock \
-        voila ipywidgets ipykernel httpx pydantic pydantic-settings \
+        voila ipywidgets ipykernel httpx pillow pydantic pydantic-settings \
     && /opt/venv/bin/python -m ipykernel install --prefix /opt/venv \
         --name dandelion --display-name "Python (dandelion)"
 
@@ -27,6 +28,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     JUPYTER_CONFIG_DIR=/tmp/jupyter-config \
     IPYTHONDIR=/tmp/ipython \
     DANDELION_WORKDIR=/tmp/dandelion \
+    DANDELION_APP_HOST=0.0.0.0 \
     DANDELION_API_URL=http://api:8000
 RUN groupadd --system --gid 10001 dandelion \
     && useradd --system --uid 10001 --gid 10001 --home-dir /home/dandelion --create-home \
@@ -42,5 +44,5 @@ COPY dashboards/ dashboards/
 USER 10001:10001
 EXPOSE 8866
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "/usr/local/bin/dandelion-healthcheck", "http://127.0.0.1:8866/"]
+    CMD ["python", "/usr/local/bin/dandelion-healthcheck", "http://127.0.0.1:8866/health/live"]
 CMD ["python", "-m", "dashboards.serve"]

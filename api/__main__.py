@@ -1,0 +1,32 @@
+"""``python -m api``: serve the API with uvicorn on the configured host and port."""
+
+from __future__ import annotations
+
+import os
+
+
+def main() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import uvicorn
+
+    from api.logs import configure_logging
+    from dandelion_lib.config import get_settings
+
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=settings.api_host,
+        port=settings.api_port,
+        workers=1,
+        log_config=None,
+        access_log=False,
+        proxy_headers=True,
+        server_header=False,
+        timeout_graceful_shutdown=20,
+    )
+
+
+if __name__ == "__main__":
+    main()

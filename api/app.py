@@ -1,0 +1,94 @@
+"""The Litestar application: wiring of settings, services, handlers and error handling."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Litestar, Request, Response
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+
+from api.middleware import RequestContextMiddleware
+from api.problems import Problem, from_exception, problem_response
+from api.routes import ROUTES
+from api.services import Services
+from dandelion_lib import __version__
+from dandelion_lib.config import Settings, get_settings
+
+log = logging.getLogger("api")
+
+INPUT_STATUSES = frozenset({400, 413, 415, 422})
+
+
+def create_app(settings: Settings | None = None, *, services: Services | None = None) -> Litestar:
+    """Build the API. ``services`` lets tests inject prepared services (default: built
+    from ``settings``, which default to the environment)."""
+    settings = settings or get_settings()
+    svc = services or Services.build(settings)
+
+    def handle_exception(request: Request, exc: Exception) -> Response[Any]:
+        problem: Problem = from_exception(exc, max_body_bytes=settings.max_body_bytes)
+        if problem.status in INPUT_STATUSES:
+            svc.metrics.count_invalid(problem.code)
+        return problem_response(problem, request)
+
+    def on_startup() -> None:
+        svc.start()
+        log.info(
+            "api started",
+            extra={
+                "model": f"models:/{settings.model_name}@{settings.model_alias}",
+                "tracking_uri": _redact(settings.resolved_tracking_uri),
+                "microbatch_max": settings.microbatch_max,
+                "queue_size": settings.queue_size,
+            },
+        )
+
+    def on_shutdown() -> None:
+        svc.stop()
+
+    app = Litestar(
+        route_handlers=ROUTES,
+        dependencies={
+            "settings": Provide(lambda: settings, sync_to_thread=False),
+            "predictions": Provide(lambda: svc.predictions, sync_to_thread=False),
+            "feedback": Provide(lambda: svc.feedback, sync_to_thread=False),
+            "models": Provide(lambda: svc.models, sync_to_thread=False),
+            "metrics": Provide(lambda: svc.metrics, sync_to_thread=False),
+        },
+        exception_handlers={Exception: handle_exception},
+        on_startup=[on_startup],
+        on_shutdown=[on_shutdown],
+        openapi_config=OpenAPIConfig(
+            title="dandelion API",
+            version=__version__,
+            description="Classifies photos as dandelion or grass. Errors are RFC 9457 "
+            "problem details (application/problem+json).",
+            path="/schema",
+            render_plugins=[ScalarRenderPlugin()],
+            components=Components(
+                security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}
+            ),
+        ),
+        request_max_body_size=settings.max_body_bytes,
+        multipart_form_part_limit=settings.max_batch_images + 16,
+        logging_config=None,
+        debug=False,
+    )
+    app.state.services = svc
+    # Outermost layer (also sees requests that match no route).
+    app.asgi_handler = RequestContextMiddleware(app.asgi_handler, svc.metrics)
+    return app
+
+
+def _redact(uri: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password:
+        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return uri

@@ -1,0 +1,143 @@
+"""Prometheus metrics of the API (prefix ``dandelion_``), on a registry owned by the app.
+
+The names are a shared contract (dashboards and alert rules use them); see docs/api.md.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from dandelion_lib.monitoring import PSI_DRIFT_THRESHOLD, DriftMonitor
+
+__all__ = ["CONTENT_TYPE_LATEST", "ApiMetrics"]
+
+# ``*_created`` timestamp series add nothing to dashboards here and double the output.
+disable_created_metrics()
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+CONFIDENCE_BUCKETS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class ApiMetrics:
+    """Every metric the API exports, registered on a private ``CollectorRegistry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.http_requests = Counter(
+            "dandelion_http_requests",
+            "HTTP requests by route template, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "dandelion_http_request_duration_seconds",
+            "HTTP request duration by route template and method.",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.predictions = Counter(
+            "dandelion_predictions", "Predictions served, by answered label.", ["label"], registry=r
+        )
+        self.confidence = Histogram(
+            "dandelion_prediction_confidence",
+            "Confidence (top probability) of served predictions.",
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.model_info = Info("dandelion_model", "The model version being served.", registry=r)
+        self.model_loaded = Gauge(
+            "dandelion_model_loaded", "1 when a model is loaded and warm.", registry=r
+        )
+        self.reload_failures = Counter(
+            "dandelion_model_reload_failures",
+            "Model versions that failed to load (the previous one kept serving).",
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "dandelion_inference_batch_size",
+            "Images per model call (micro-batching).",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "dandelion_queue_depth", "Images admitted and not yet answered.", registry=r
+        )
+        self.queue_capacity = Gauge(
+            "dandelion_queue_capacity", "Images admitted at most before 503.", registry=r
+        )
+        self.queue_rejections = Counter(
+            "dandelion_queue_rejections",
+            "Requests answered 503 because the queue was full.",
+            registry=r,
+        )
+        self.invalid_inputs = Counter(
+            "dandelion_invalid_inputs", "Rejected inputs, by reason.", ["reason"], registry=r
+        )
+        self.feedback = Counter(
+            "dandelion_feedback",
+            "Feedback received, by whether the model agreed.",
+            ["agreement"],
+            registry=r,
+        )
+        self.live_accuracy = Gauge(
+            "dandelion_live_accuracy",
+            "Share of recent feedback where the model's label was correct (NaN: no feedback).",
+            registry=r,
+        )
+        self.live_accuracy.set(float("nan"))
+        self.drift_psi = Gauge(
+            "dandelion_drift_psi",
+            "Population stability index of served images vs the training reference.",
+            ["feature"],
+            registry=r,
+        )
+        self.drift_share = Gauge(
+            "dandelion_drift_share",
+            f"Share of features whose PSI exceeds {PSI_DRIFT_THRESHOLD}.",
+            registry=r,
+        )
+        self.drift_window = Gauge(
+            "dandelion_drift_window_images", "Served images in the drift window.", registry=r
+        )
+        for agreement in ("agree", "disagree"):
+            self.feedback.labels(agreement=agreement)
+
+    def set_model(self, name: str | None, version: str | None, alias: str) -> None:
+        self.model_info.info({"name": name or "", "version": version or "", "alias": alias})
+        self.model_loaded.set(1)
+
+    def update_drift(self, monitor: DriftMonitor | None) -> None:
+        if monitor is None:
+            self.drift_window.set(0)
+            return
+        scores = monitor.scores()
+        for feature, value in scores.items():
+            self.drift_psi.labels(feature=feature).set(value)
+        self.drift_share.set(
+            sum(v > PSI_DRIFT_THRESHOLD for v in scores.values()) / len(scores) if scores else 0.0
+        )
+        self.drift_window.set(len(monitor))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def count_invalid(self, reason: str, n: int = 1) -> None:
+        self.invalid_inputs.labels(reason=reason).inc(n)

@@ -1,0 +1,105 @@
+"""Request and response bodies (msgspec structs; they also generate the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class ModelRef(msgspec.Struct):
+    name: str | None
+    version: str | None
+
+
+class PredictResponse(msgspec.Struct):
+    prediction_id: str
+    label: str
+    probabilities: dict[str, float]
+    confidence: float
+    model: ModelRef
+    latency_ms: float
+
+
+class ProblemDetail(msgspec.Struct, omit_defaults=True):
+    """RFC 9457 problem details (``application/problem+json``)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    instance: str | None = None
+    request_id: str | None = None
+    reason: str | None = None
+    errors: list[Any] | None = None
+
+
+class BatchItem(msgspec.Struct, omit_defaults=True):
+    """One image of a batch: ``prediction`` on success, ``error`` (a problem) otherwise."""
+
+    index: int
+    filename: str | None = None
+    prediction: PredictResponse | None = None
+    error: ProblemDetail | None = None
+
+
+class BatchResponse(msgspec.Struct):
+    results: list[BatchItem]
+    succeeded: int
+    failed: int
+
+
+class Liveness(msgspec.Struct):
+    status: str
+
+
+class Readiness(msgspec.Struct, omit_defaults=True):
+    status: str
+    model: ModelRef | None = None
+    reason: str | None = None
+
+
+class LoadFailureInfo(msgspec.Struct):
+    version: str | None
+    error: str
+    at: str
+
+
+class ModelInfo(msgspec.Struct):
+    name: str
+    alias: str
+    state: str
+    reason: str | None
+    version: str | None
+    uri: str | None
+    loaded_at: str | None
+    dataset_version: str | None
+    feature_spec: dict[str, Any] | None
+    metrics: dict[str, Any]
+    last_failure: LoadFailureInfo | None
+    last_check_at: str | None
+    reload_interval_s: float
+
+
+class FeedbackRequest(msgspec.Struct, forbid_unknown_fields=True):
+    prediction_id: str
+    correct_label: str
+
+
+class FeedbackResponse(msgspec.Struct):
+    feedback_id: str
+    prediction_id: str
+    correct_label: str
+    predicted_label: str
+    agree: bool
+    model: ModelRef
+    image_key: str | None
+    created_at: str
+
+
+class ReloadResponse(msgspec.Struct):
+    action: str
+    version: str | None
+    detail: str
+    model: ModelInfo

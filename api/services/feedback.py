@@ -1,0 +1,87 @@
+"""Feedback: match a user's correct label to a served prediction and store it durably."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from api.metrics import ApiMetrics
+from api.problems import Problem
+from api.services.recording import PredictionLog
+from dandelion_lib.feedback import (
+    DuplicateFeedbackError,
+    FeedbackRecord,
+    FeedbackStore,
+    FeedbackUnavailableError,
+    InvalidFeedbackError,
+    UnknownPredictionError,
+)
+from dandelion_lib.storage import StoreError
+
+log = logging.getLogger("api.feedback")
+
+
+class FeedbackService:
+    def __init__(
+        self,
+        store: FeedbackStore,
+        predictions: PredictionLog,
+        metrics: ApiMetrics,
+        *,
+        accuracy_window: int = 200,
+    ):
+        self.store = store
+        self.predictions = predictions
+        self.metrics = metrics
+        self.accuracy_window = accuracy_window
+
+    def submit(self, prediction_id: str, correct_label: str, image: bytes | None) -> FeedbackRecord:
+        """Store feedback (blocking: call from a worker thread); raises :class:`Problem`."""
+        try:
+            uuid.UUID(prediction_id)
+        except ValueError:
+            raise Problem(
+                422, "invalid-feedback", "prediction_id must be the id returned by /predict"
+            ) from None
+        try:
+            prediction = self.predictions.get(prediction_id)
+            if prediction is None:
+                raise UnknownPredictionError(f"no prediction with id {prediction_id!r} is recorded")
+            record = self.store.add_feedback(
+                prediction_id, correct_label, image, prediction=prediction
+            )
+        except UnknownPredictionError as exc:
+            raise Problem(404, "unknown-prediction", str(exc)) from None
+        except DuplicateFeedbackError as exc:
+            raise Problem(409, "duplicate-feedback", str(exc)) from None
+        except InvalidFeedbackError as exc:
+            raise Problem(422, "invalid-feedback", str(exc)) from None
+        except (FeedbackUnavailableError, StoreError) as exc:
+            log.error("feedback not stored: %s", exc)
+            raise Problem(
+                503, "feedback-unavailable", str(exc), headers={"Retry-After": "10"}
+            ) from None
+        self.metrics.feedback.labels(agreement="agree" if record.agree else "disagree").inc()
+        self.refresh_accuracy()
+        log.info(
+            "feedback",
+            extra={
+                "feedback_id": record.feedback_id,
+                "prediction_id": record.prediction_id,
+                "correct_label": record.correct_label,
+                "agree": record.agree,
+                "model_version": record.model_version,
+                "image_key": record.image_key,
+            },
+        )
+        return record
+
+    def refresh_accuracy(self) -> None:
+        """Set the live accuracy gauge from the latest feedback in the database."""
+        try:
+            accuracy, _count = self.store.recent_accuracy(self.accuracy_window)
+        except FeedbackUnavailableError as exc:
+            log.warning("live accuracy not updated: %s", exc)
+            return
+        if accuracy is not None:
+            self.metrics.live_accuracy.set(accuracy)

@@ -1,0 +1,269 @@
+"""The served model: background loading, alias polling and atomic hot swaps.
+
+:class:`ModelManager` loads ``models:/<name>@<alias>`` in a background thread, then checks
+the alias every ``reload_interval_s``. When the alias points to a new version it loads
+that exact version (``models:/<name>/<version>``), warms it, and swaps one reference:
+requests already decoded for the old version finish on it, new ones use the new one, so
+no request fails during a swap. A version that fails to load is recorded (``/model``,
+logs, ``dandelion_model_reload_failures_total``) and the previous model keeps serving; it
+is not retried until the alias moves again or an admin forces a reload.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from api.metrics import ApiMetrics
+from dandelion_lib.config import Settings
+from dandelion_lib.monitoring import DriftMonitor
+from dandelion_lib.predict import Predictor
+from dandelion_lib.registry import configure_mlflow
+
+log = logging.getLogger("api.model")
+
+Loader = Callable[[str], Predictor]
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """One loaded version and its live drift window (replaced as a whole on swap)."""
+
+    predictor: Predictor
+    alias: str
+    loaded_at: dt.datetime
+    drift: DriftMonitor
+
+    @property
+    def name(self) -> str | None:
+        return self.predictor.name
+
+    @property
+    def version(self) -> str | None:
+        return self.predictor.version
+
+
+@dataclass
+class LoadFailure:
+    version: str | None
+    error: str
+    at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "error": self.error, "at": self.at.isoformat()}
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Outcome of one registry check."""
+
+    action: str  # "loaded" | "unchanged" | "failed" | "skipped" | "no-alias" | "registry-error"
+    version: str | None
+    detail: str = ""
+
+
+class ModelManager:
+    """Keeps the current :class:`ServingModel` in sync with the registry alias."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: ApiMetrics,
+        *,
+        loader: Loader | None = None,
+    ):
+        self.settings = settings
+        self.metrics = metrics
+        self.name = settings.model_name
+        self.alias = settings.model_alias
+        self._loader = loader or self._default_loader
+        self._current: ServingModel | None = None
+        self._check_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: Any = None
+        self.last_failure: LoadFailure | None = None
+        self.last_check_at: dt.datetime | None = None
+        self.last_check: CheckResult | None = None
+        self.state = "starting"
+        self.reason = f"checking the registry for models:/{self.name}@{self.alias}"
+
+    # --- public ----------------------------------------------------------------------------
+    @property
+    def current(self) -> ServingModel | None:
+        """The model serving now (one atomic reference read)."""
+        return self._current
+
+    @property
+    def ready(self) -> bool:
+        return self._current is not None
+
+    def start(self) -> None:
+        """Load in the background and poll the alias until :meth:`stop`."""
+        self._thread = threading.Thread(target=self._run, name="model-manager", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop polling (a load in progress cannot be interrupted; the thread is a daemon)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def check(self, force: bool = False) -> CheckResult:
+        """Resolve the alias now and load the version it names when it is new.
+
+        ``force`` also retries a version that failed before.
+        """
+        with self._check_lock:
+            result = self._check(force)
+            self.last_check = result
+            self.last_check_at = dt.datetime.now(dt.UTC)
+            return result
+
+    # --- internals -------------------------------------------------------------------------
+    def _default_loader(self, uri: str) -> Predictor:
+        return Predictor.load(
+            uri,
+            max_pixels=self.settings.max_image_pixels,
+            min_side=self.settings.min_image_side,
+        )
+
+    def _registry(self) -> Any:
+        if self._client is None:
+            self._client = configure_mlflow(self.settings)
+        return self._client
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.check()
+            except Exception:  # never let the poller die
+                log.exception("model check failed unexpectedly")
+            # First load: retry sooner while nothing is served.
+            interval = self.settings.reload_interval_s
+            if self._current is None:
+                interval = min(interval, 5.0)
+            self._wake.wait(interval)
+            self._wake.clear()
+
+    def _check(self, force: bool) -> CheckResult:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self._registry().get_model_version_by_alias(self.name, self.alias)
+        except MlflowException as exc:
+            message = _first_line(exc)
+            if "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")) or (
+                "not found" in message.lower() or "does not exist" in message.lower()
+            ):
+                return self._no_alias(message)
+            return self._registry_error(message)
+        except Exception as exc:
+            return self._registry_error(_first_line(exc))
+        version = str(mv.version)
+        current = self._current
+        if current is not None and current.version == version:
+            return CheckResult("unchanged", version)
+        failed = self.last_failure
+        if not force and failed is not None and failed.version == version:
+            return CheckResult("skipped", version, f"version {version} failed to load before")
+        return self._load(version)
+
+    def _no_alias(self, message: str) -> CheckResult:
+        detail = f"no version of model {self.name!r} has alias {self.alias!r}"
+        if self._current is None:
+            self.state, self.reason = "waiting", detail
+        log.warning("registry check: %s", detail, extra={"detail": message})
+        return CheckResult("no-alias", None, detail)
+
+    def _registry_error(self, message: str) -> CheckResult:
+        detail = f"model registry unavailable: {message}"
+        if self._current is None:
+            self.state, self.reason = "waiting", detail
+        log.warning("registry check failed: %s", message)
+        return CheckResult("registry-error", None, detail)
+
+    def _load(self, version: str) -> CheckResult:
+        uri = f"models:/{self.name}/{version}"
+        log.info("loading model", extra={"model_uri": uri, "model_version": version})
+        if self._current is None:
+            self.state, self.reason = "loading", f"loading {uri}"
+        try:
+            predictor = self._loader(uri)
+        except Exception as exc:
+            message = _first_line(exc)
+            self.last_failure = LoadFailure(version, message)
+            self.metrics.reload_failures.inc()
+            if self._current is None:
+                self.state, self.reason = "failed", f"cannot load {uri}: {message}"
+            log.error(
+                "model version failed to load; %s",
+                "keeping the current one" if self._current else "no model is served",
+                extra={
+                    "model_uri": uri,
+                    "model_version": version,
+                    "serving_version": self._current.version if self._current else None,
+                    "error": message,
+                },
+            )
+            return CheckResult("failed", version, message)
+        previous = self._current
+        self._current = ServingModel(
+            predictor=predictor,
+            alias=self.alias,
+            loaded_at=dt.datetime.now(dt.UTC),
+            drift=DriftMonitor(predictor.drift_reference, window=self.settings.drift_window),
+        )
+        self.last_failure = None
+        self.state, self.reason = "ready", ""
+        self.metrics.set_model(predictor.name or self.name, predictor.version, self.alias)
+        log.info(
+            "model swapped in" if previous else "model loaded",
+            extra={
+                "model_uri": uri,
+                "model_version": predictor.version,
+                "previous_version": previous.version if previous else None,
+            },
+        )
+        return CheckResult("loaded", version)
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /model`` shows."""
+        cur = self._current
+        out: dict[str, Any] = {
+            "name": self.name,
+            "alias": self.alias,
+            "state": self.state,
+            "reason": self.reason or None,
+            "version": None,
+            "uri": None,
+            "loaded_at": None,
+            "dataset_version": None,
+            "feature_spec": None,
+            "metrics": {},
+            "last_failure": self.last_failure.to_dict() if self.last_failure else None,
+            "last_check_at": self.last_check_at.isoformat() if self.last_check_at else None,
+            "reload_interval_s": self.settings.reload_interval_s,
+        }
+        if cur is not None:
+            p = cur.predictor
+            out.update(
+                version=p.version,
+                uri=p.uri,
+                loaded_at=cur.loaded_at.isoformat(),
+                dataset_version=p.dataset_version,
+                feature_spec=p.spec.to_dict(),
+                metrics=dict(p.metrics),
+            )
+        return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:500] if text else type(exc).__name__

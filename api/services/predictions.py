@@ -1,0 +1,244 @@
+"""Predictions: decode untrusted bytes off the event loop, batch through the model, record.
+
+Decoding runs in worker threads through :meth:`Predictor.decode` (the one decoding path
+shared with training), after a header sniff that admits only common photo formats. Any
+decoder failure is the input's fault and becomes a 4xx problem, never a 500.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import anyio.to_thread
+import numpy as np
+from PIL import Image
+
+from api.context import request_id_var, request_start_var
+from api.metrics import ApiMetrics
+from api.problems import Problem
+from api.services.inference import InferenceQueue, QueueFullError
+from api.services.models import ModelManager, ServingModel
+from api.services.recording import PredictionLog
+from api.uploads import Upload
+from dandelion_lib.features import InvalidImageError
+from dandelion_lib.feedback import PredictionRecord
+from dandelion_lib.predict import Prediction, Predictor
+
+log = logging.getLogger("api.predict")
+
+UNCERTAIN = "uncertain"
+
+SERVING_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes MPO
+"""Formats the API decodes; anything else (SVG, PDF, PSD, EPS, ...) is refused unread."""
+
+_IMAGE_PROBLEMS = {
+    # reason of InvalidImageError -> (status, problem code)
+    "empty": (400, "empty-image"),
+    "not_an_image": (415, "unsupported-image"),
+    "truncated": (422, "corrupt-image"),
+    "too_large": (413, "image-too-large"),
+    "too_small": (422, "image-too-small"),
+}
+
+
+@dataclass(frozen=True)
+class Decoded:
+    array: np.ndarray
+    stats: dict[str, float]
+    sha256: str
+
+
+def image_problem(exc: InvalidImageError) -> Problem:
+    status, code = _IMAGE_PROBLEMS.get(exc.reason, (422, "corrupt-image"))
+    return Problem(status, code, str(exc), reason=exc.reason)
+
+
+def decode(predictor: Predictor, data: bytes) -> Decoded:
+    """Bytes -> model input + statistics, or :class:`Problem` (runs in a worker thread)."""
+    if not data:
+        raise image_problem(InvalidImageError("empty", "the image is empty (0 bytes)"))
+    try:
+        with Image.open(io.BytesIO(data), formats=SERVING_FORMATS) as probe:
+            fmt = probe.format
+    except Image.DecompressionBombError as exc:
+        raise image_problem(InvalidImageError("too_large", f"image is too large: {exc}")) from None
+    except Image.UnidentifiedImageError:
+        if _looks_like_supported(data):  # the right signature, but broken inside
+            raise image_problem(
+                InvalidImageError("truncated", "the image is corrupt (its header cannot be read)")
+            ) from None
+        raise image_problem(
+            InvalidImageError(
+                "not_an_image",
+                "not a supported image; send JPEG, PNG, WebP, GIF, BMP or TIFF",
+            )
+        ) from None
+    except Exception as exc:
+        raise image_problem(InvalidImageError("truncated", _reason(exc))) from None
+    try:
+        array, stats = predictor.decode(data)
+    except InvalidImageError as exc:
+        raise image_problem(exc) from None
+    except Exception as exc:  # decoders raise many types on hostile input
+        log.warning("decoder error", extra={"error": _reason(exc), "format": fmt})
+        raise image_problem(InvalidImageError("truncated", _reason(exc))) from None
+    return Decoded(array, stats, hashlib.sha256(data).hexdigest())
+
+
+_SIGNATURES = (
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+)
+
+
+def _looks_like_supported(data: bytes) -> bool:
+    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"the image cannot be decoded ({text[0][:200] if text else type(exc).__name__})"
+
+
+class PredictionService:
+    """Everything between received bytes and a prediction answer."""
+
+    def __init__(
+        self,
+        *,
+        models: ModelManager,
+        queue: InferenceQueue,
+        metrics: ApiMetrics,
+        recorder: PredictionLog | None,
+        confidence_threshold: float,
+    ):
+        self.models = models
+        self.queue = queue
+        self.metrics = metrics
+        self.recorder = recorder
+        self.threshold = confidence_threshold
+
+    def serving(self) -> ServingModel:
+        model = self.models.current
+        if model is None:
+            raise Problem(
+                503,
+                "model-unavailable",
+                f"no model is loaded yet ({self.models.reason})",
+                headers={"Retry-After": "5"},
+            )
+        return model
+
+    def _queue_full(self, exc: QueueFullError) -> Problem:
+        return Problem(
+            503,
+            "queue-full",
+            str(exc),
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+
+    async def predict_one(self, upload: Upload) -> dict[str, Any]:
+        model = self.serving()
+        try:
+            with self.queue.admit(1) as ticket:
+                try:
+                    decoded = await anyio.to_thread.run_sync(decode, model.predictor, upload.data)
+                except Problem as problem:
+                    self.queue.discard(ticket)
+                    raise problem from None
+                (pred,) = await self.queue.predict(ticket, [decoded.array], model.predictor)
+        except QueueFullError as exc:
+            raise self._queue_full(exc) from None
+        return self._answer(model, pred, decoded)
+
+    async def predict_batch(self, uploads: list[Upload]) -> list[dict[str, Any]]:
+        """Per-item results in order: ``{"prediction": ...}`` or ``{"error": problem}``."""
+        model = self.serving()
+        results: list[dict[str, Any]] = [
+            {"index": i, "filename": u.filename} for i, u in enumerate(uploads)
+        ]
+        try:
+            with self.queue.admit(len(uploads)) as ticket:
+                decoded = await anyio.to_thread.run_sync(self._decode_all, model, uploads)
+                good = [i for i, d in enumerate(decoded) if isinstance(d, Decoded)]
+                self.queue.discard(ticket, len(uploads) - len(good))
+                preds = await self.queue.predict(
+                    ticket,
+                    [decoded[i].array for i in good],  # type: ignore[union-attr]
+                    model.predictor,
+                )
+        except QueueFullError as exc:
+            raise self._queue_full(exc) from None
+        for i, item in enumerate(decoded):
+            if isinstance(item, Problem):
+                self.metrics.count_invalid(item.code)
+                results[i]["error"] = item.body()
+        for i, pred in zip(good, preds, strict=True):
+            results[i]["prediction"] = self._answer(model, pred, decoded[i])  # type: ignore[arg-type]
+        return results
+
+    @staticmethod
+    def _decode_all(model: ServingModel, uploads: list[Upload]) -> list[Decoded | Problem]:
+        out: list[Decoded | Problem] = []
+        for upload in uploads:
+            if upload.error is not None:
+                out.append(upload.error)
+                continue
+            try:
+                out.append(decode(model.predictor, upload.data))
+            except Problem as problem:
+                out.append(problem)
+        return out
+
+    def _answer(self, model: ServingModel, pred: Prediction, decoded: Decoded) -> dict[str, Any]:
+        prediction_id = str(uuid.uuid4())
+        label = pred.label if pred.confidence >= self.threshold else UNCERTAIN
+        predictor = model.predictor
+        started = request_start_var.get()
+        latency_ms = (time.perf_counter() - started) * 1000.0 if started else 0.0
+        model.drift.add(decoded.stats)
+        self.metrics.predictions.labels(label=label).inc()
+        self.metrics.confidence.observe(pred.confidence)
+        if self.recorder is not None:
+            self.recorder.add(
+                PredictionRecord(
+                    prediction_id=prediction_id,
+                    label=label,
+                    top_label=pred.label,
+                    confidence=pred.confidence,
+                    probabilities=pred.probabilities,
+                    model_name=predictor.name,
+                    model_version=predictor.version,
+                    image_sha256=decoded.sha256,
+                    request_id=request_id_var.get(),
+                )
+            )
+        log.info(
+            "prediction",
+            extra={
+                "prediction_id": prediction_id,
+                "label": label,
+                "confidence": round(pred.confidence, 4),
+                "model_name": predictor.name,
+                "model_version": predictor.version,
+            },
+        )
+        return {
+            "prediction_id": prediction_id,
+            "label": label,
+            "probabilities": pred.probabilities,
+            "confidence": pred.confidence,
+            "model": {"name": predictor.name, "version": predictor.version},
+            "latency_ms": round(latency_ms, 3),
+        }

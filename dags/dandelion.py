@@ -1,0 +1,141 @@
+"""dandelion's DAGs: the end-to-end pipeline and the retraining DAG.
+
+``dandelion_pipeline``: ingest -> validate_data -> check_changes -> train -> evaluate ->
+promote -> report. ``dandelion_retrain`` (on each new dataset version and weekly):
+resolve_dataset -> validate_data -> check_changes -> train -> evaluate -> promote -> report.
+
+Notebook steps run ``notebooks/*.ipynb`` through Papermill in the ``dandelion`` kernel;
+the other steps call ``dandelion_lib``. This file only wires tasks: nothing heavy is imported
+here (see docs/pipeline.md).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from airflow.providers.papermill.operators.papermill import PapermillOperator
+from airflow.providers.standard.operators.python import PythonOperator, ShortCircuitOperator
+from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param
+
+from dandelion_lib import orchestration as orch
+from dandelion_lib.config import get_settings
+
+SETTINGS = get_settings()
+IO_RETRIES = orch.io_retries(SETTINGS)
+COMMON = {
+    "store_url": "{{ dandelion.store_url() }}",
+    "run_id": "{{ run_id }}",
+}
+DAG_ARGS = {
+    "start_date": datetime(2026, 1, 1),
+    "catchup": False,
+    "max_active_runs": 1,
+    "user_defined_macros": orch.macros(__file__),
+    "on_failure_callback": orch.on_run_failure,
+    "default_args": {
+        "owner": "dandelion",
+        "retries": 0,
+        "on_failure_callback": orch.on_task_failure,
+        "on_retry_callback": orch.on_task_retry,
+    },
+    "params": {
+        "force_train": Param(False, type="boolean", description="Train even if unchanged."),
+        "notebook_params": Param(
+            {}, type="object", description='Per-step notebook overrides: {"train": {...}}.'
+        ),
+        "trigger": Param("", type="string", description="Tag of the caller (run summary)."),
+    },
+    "tags": ["dandelion"],
+}
+
+
+def notebook(task_id: str, parameters: dict[str, Any], **kwargs: Any) -> PapermillOperator:
+    """A notebook step: Papermill runs notebooks/<step>.ipynb in the dandelion kernel."""
+    return PapermillOperator(
+        task_id=task_id,
+        input_nb=f"{{{{ dandelion.notebook('{task_id}') }}}}",
+        output_nb=f"{{{{ dandelion.output_notebook(run_id, '{task_id}') }}}}",
+        parameters={**COMMON, **parameters},
+        kernel_name=SETTINGS.kernel_name,
+        language_name="python",
+        log_output=True,
+        do_xcom_push=False,
+        pre_execute=orch.prepare_notebook,
+        post_execute=orch.finish_notebook,
+        **{**IO_RETRIES, **kwargs},
+    )
+
+
+def training_steps(version_from: str) -> tuple[PythonOperator, PythonOperator]:
+    """validate_data -> check_changes -> train -> evaluate -> promote -> report."""
+    version = f"{{{{ ti.xcom_pull(task_ids='{version_from}', key='dataset_version') }}}}"
+    validated = "{{ ti.xcom_pull(task_ids='validate_data', key='dataset_version') }}"
+    model_version = "{{ ti.xcom_pull(task_ids='train', key='model_version') }}"
+    validate = PythonOperator(
+        task_id="validate_data",
+        python_callable=orch.validate_data,
+        op_kwargs={"dataset_version": version},
+        **IO_RETRIES,
+    )
+    check = ShortCircuitOperator(
+        task_id="check_changes",
+        python_callable=orch.check_changes,
+        op_kwargs={"dataset_version": validated},
+        ignore_downstream_trigger_rules=False,
+        **IO_RETRIES,
+    )
+    train = notebook(
+        "train", {"tracking_uri": "{{ dandelion.tracking_uri() }}", "dataset_version": validated}
+    )
+    # evaluate reports on the challenger; promotion is the separate gate step below
+    evaluate = notebook(
+        "evaluate",
+        {
+            "tracking_uri": "{{ dandelion.tracking_uri() }}",
+            "dataset_version": validated,
+            "promote": False,
+        },
+    )
+    promote = PythonOperator(
+        task_id="promote",
+        python_callable=orch.promote,
+        op_kwargs={"model_version": model_version, "dataset_version": validated},
+        **IO_RETRIES,
+    )
+    report = PythonOperator(
+        task_id="report", python_callable=orch.report, **IO_RETRIES
+    ).as_teardown()
+    validate >> check >> train >> evaluate >> promote >> report
+    return validate, report
+
+
+with DAG(
+    dag_id="dandelion_pipeline",
+    description="Ingest, validate, train, evaluate, promote and report, end to end.",
+    schedule=None,
+    doc_md=__doc__,
+    **DAG_ARGS,
+):
+    ingest = notebook(
+        "ingest", {"source": "{{ dandelion.source() }}"}, outlets=[orch.DATASET_ASSET]
+    )
+    first, _ = training_steps("ingest")
+    ingest >> first
+
+
+with DAG(
+    dag_id="dandelion_retrain",
+    description="Retrain on each new dataset version and weekly; skips when nothing changed.",
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(SETTINGS.retrain_cron, timezone="UTC"),
+        assets=orch.DATASET_ASSET,
+    ),
+    doc_md=__doc__,
+    **DAG_ARGS,
+):
+    resolve = PythonOperator(
+        task_id="resolve_dataset", python_callable=orch.resolve_dataset, **IO_RETRIES
+    )
+    first, _ = training_steps("resolve_dataset")
+    resolve >> first

@@ -1,0 +1,545 @@
+"""User feedback on predictions, stored durably for live accuracy and the next dataset.
+
+Two tables, created on first use with SQLAlchemy (SQLite by default, PostgreSQL in production):
+
+* ``predictions`` — one row per served prediction (label, probabilities, model version,
+  sha256 of the image bytes), written by the API so feedback can be matched to what the
+  model answered, on any replica;
+* ``feedback`` — at most one row per prediction: the label the user says is correct,
+  whether the model agreed, and the store key of the image when the user sent it.
+
+Feedback images go to the object store as ``feedback/<correct_label>/<sha256>.<ext>``
+before the row that references them is committed, so a row never points at a missing
+object. A reviewer accepts or rejects feedback (:meth:`FeedbackStore.review`);
+ingestion reads :meth:`FeedbackStore.accepted` to add reviewed images to the next
+dataset version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import threading
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    String,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from dandelion_lib.config import Settings, get_settings
+from dandelion_lib.errors import DandelionError
+from dandelion_lib.features import FeatureSpec, InvalidImageError, decode_image
+from dandelion_lib.storage import ObjectStore, open_store, sha256_hex
+
+TRAINING_LABELS: tuple[str, ...] = FeatureSpec().labels
+"""Labels feedback may carry (``uncertain`` is an answer, never a training label)."""
+
+_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}
+
+
+class FeedbackError(DandelionError):
+    """Base class of feedback errors (one user-facing line)."""
+
+
+class UnknownPredictionError(FeedbackError):
+    """No prediction with that id was recorded."""
+
+
+class DuplicateFeedbackError(FeedbackError):
+    """Feedback for that prediction was already recorded."""
+
+
+class InvalidFeedbackError(FeedbackError):
+    """The feedback itself is unusable (bad label, image that does not match, ...)."""
+
+
+class FeedbackUnavailableError(FeedbackError):
+    """The feedback database cannot be reached."""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _PredictionRow(_Base):
+    __tablename__ = "predictions"
+
+    prediction_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    label: Mapped[str] = mapped_column(String(32))
+    top_label: Mapped[str] = mapped_column(String(32))
+    confidence: Mapped[float] = mapped_column(Float)
+    probabilities: Mapped[dict[str, float]] = mapped_column(JSON)
+    model_name: Mapped[str | None] = mapped_column(String(256))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    image_sha256: Mapped[str | None] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(String(128))
+
+
+class _FeedbackRow(_Base):
+    __tablename__ = "feedback"
+
+    feedback_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    prediction_id: Mapped[str] = mapped_column(String(36), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    correct_label: Mapped[str] = mapped_column(String(32))
+    predicted_label: Mapped[str] = mapped_column(String(32))
+    agree: Mapped[bool] = mapped_column(Boolean)
+    model_name: Mapped[str | None] = mapped_column(String(256))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    image_key: Mapped[str | None] = mapped_column(String(512))
+    image_sha256: Mapped[str | None] = mapped_column(String(64))
+    reviewed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    accepted: Mapped[bool | None] = mapped_column(Boolean)
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    """One served prediction. ``top_label`` is the model's argmax, ``label`` the answer
+    given (``uncertain`` below the confidence threshold)."""
+
+    prediction_id: str
+    label: str
+    top_label: str
+    confidence: float
+    probabilities: dict[str, float]
+    model_name: str | None = None
+    model_version: str | None = None
+    image_sha256: str | None = None
+    request_id: str | None = None
+    created_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    feedback_id: str
+    prediction_id: str
+    correct_label: str
+    predicted_label: str
+    agree: bool
+    model_name: str | None
+    model_version: str | None
+    image_key: str | None
+    image_sha256: str | None
+    created_at: dt.datetime
+    reviewed_at: dt.datetime | None = None
+    accepted: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        for k in ("created_at", "reviewed_at"):
+            d[k] = d[k].isoformat() if d[k] else None
+        return d
+
+
+def normalize_db_url(url: str) -> str:
+    """Use the psycopg 3 driver for plain ``postgresql://`` / ``postgres://`` URLs."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def _redacted(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<invalid URL>"
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    # SQLite returns naive datetimes; every value stored here is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value
+
+
+class FeedbackStore:
+    """Predictions and feedback in a SQL database; feedback images in the object store."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        store: ObjectStore | None = None,
+        labels: Sequence[str] = TRAINING_LABELS,
+        max_image_pixels: int | None = None,
+    ):
+        self.url = normalize_db_url(url)
+        self.store = store
+        self.labels = tuple(labels)
+        self.max_image_pixels = max_image_pixels
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> FeedbackStore:
+        settings = settings or get_settings()
+        return cls(
+            settings.resolved_feedback_db_url,
+            store=open_store(settings=settings),
+            labels=settings.labels,
+            max_image_pixels=settings.max_image_pixels,
+        )
+
+    # --- connection ----------------------------------------------------------------------
+    @property
+    def engine(self) -> Engine:
+        """The engine, created (with the tables) on first use."""
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = self._connect()
+            return self._engine
+
+    def _connect(self) -> Engine:
+        try:
+            url = make_url(self.url)
+        except Exception as exc:
+            raise FeedbackUnavailableError(f"invalid feedback database URL: {exc}") from None
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if url.get_backend_name() == "sqlite":
+            if url.database and url.database != ":memory:":
+                Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        else:
+            kwargs["connect_args"] = {"connect_timeout": 10}
+        try:
+            engine = create_engine(url, **kwargs)
+        except Exception as exc:
+            raise FeedbackUnavailableError(
+                f"cannot use feedback database {_redacted(self.url)}: {exc}"
+            ) from None
+        if url.get_backend_name() == "sqlite":
+
+            @event.listens_for(engine, "connect")
+            def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.close()
+
+        try:
+            _Base.metadata.create_all(engine)
+        except SQLAlchemyError as exc:
+            engine.dispose()
+            raise self._unavailable(exc) from None
+        return engine
+
+    def _unavailable(self, exc: Exception) -> FeedbackUnavailableError:
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        reason = first[0] if first else type(exc).__name__
+        return FeedbackUnavailableError(
+            f"feedback database {_redacted(self.url)} is unavailable: {reason}"
+        )
+
+    def check(self) -> None:
+        """Raise :class:`FeedbackUnavailableError` unless the database answers."""
+        from sqlalchemy import text
+
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc) from None
+
+    def close(self) -> None:
+        with self._engine_lock:
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None
+
+    # --- predictions ---------------------------------------------------------------------
+    def record_predictions(self, records: Iterable[PredictionRecord]) -> int:
+        """Insert predictions (ids already present are skipped); returns how many were new."""
+        rows = list(records)
+        if not rows:
+            return 0
+        try:
+            with Session(self.engine) as session, session.begin():
+                ids = [r.prediction_id for r in rows]
+                existing = set(
+                    session.scalars(
+                        select(_PredictionRow.prediction_id).where(
+                            _PredictionRow.prediction_id.in_(ids)
+                        )
+                    )
+                )
+                new = [r for r in rows if r.prediction_id not in existing]
+                session.add_all(
+                    _PredictionRow(
+                        prediction_id=r.prediction_id,
+                        created_at=r.created_at or _now(),
+                        label=r.label,
+                        top_label=r.top_label,
+                        confidence=float(r.confidence),
+                        probabilities={k: float(v) for k, v in r.probabilities.items()},
+                        model_name=r.model_name,
+                        model_version=r.model_version,
+                        image_sha256=r.image_sha256,
+                        request_id=r.request_id,
+                    )
+                    for r in new
+                )
+            return len(new)
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc) from None
+
+    def get_prediction(self, prediction_id: str) -> PredictionRecord | None:
+        try:
+            with Session(self.engine) as session:
+                row = session.get(_PredictionRow, prediction_id)
+                if row is None:
+                    return None
+                return PredictionRecord(
+                    prediction_id=row.prediction_id,
+                    label=row.label,
+                    top_label=row.top_label,
+                    confidence=row.confidence,
+                    probabilities=dict(row.probabilities),
+                    model_name=row.model_name,
+                    model_version=row.model_version,
+                    image_sha256=row.image_sha256,
+                    request_id=row.request_id,
+                    created_at=_utc(row.created_at),
+                )
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc) from None
+
+    # --- feedback ------------------------------------------------------------------------
+    def add_feedback(
+        self,
+        prediction_id: str,
+        correct_label: str,
+        image: bytes | None = None,
+        *,
+        prediction: PredictionRecord | None = None,
+    ) -> FeedbackRecord:
+        """Record that ``correct_label`` is the right answer for a prediction.
+
+        ``prediction`` may be passed when the caller already holds it (otherwise it is
+        read from the ``predictions`` table). The optional image must be the bytes that
+        were predicted (same sha256) when the prediction recorded one.
+        """
+        if correct_label not in self.labels:
+            raise InvalidFeedbackError(
+                f"correct_label must be one of {', '.join(self.labels)}, not {correct_label!r}"
+            )
+        prediction = prediction or self.get_prediction(prediction_id)
+        if prediction is None:
+            raise UnknownPredictionError(f"no prediction with id {prediction_id!r} is recorded")
+        if self._feedback_exists(prediction_id):
+            raise DuplicateFeedbackError(
+                f"feedback for prediction {prediction_id!r} is already recorded"
+            )
+        image_key = image_sha = None
+        if image:
+            image_key, image_sha = self._save_image(image, correct_label, prediction)
+        row = _FeedbackRow(
+            feedback_id=str(uuid.uuid4()),
+            prediction_id=prediction_id,
+            created_at=_now(),
+            correct_label=correct_label,
+            predicted_label=prediction.top_label,
+            agree=prediction.top_label == correct_label,
+            model_name=prediction.model_name,
+            model_version=prediction.model_version,
+            image_key=image_key,
+            image_sha256=image_sha,
+        )
+        try:
+            with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                session.add(row)
+        except IntegrityError:
+            raise DuplicateFeedbackError(
+                f"feedback for prediction {prediction_id!r} is already recorded"
+            ) from None
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc) from None
+        return _record(row)
+
+    def _feedback_exists(self, prediction_id: str) -> bool:
+        try:
+            with Session(self.engine) as session:
+                return (
+                    session.scalar(
+                        select(_FeedbackRow.feedback_id).where(
+                            _FeedbackRow.prediction_id == prediction_id
+                        )
+                    )
+                    is not None
+                )
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc) from None
+
+    def _save_image(
+        self, image: bytes, label: str, prediction: PredictionRecord
+    ) -> tuple[str, str]:
+        digest = sha256_hex(image)
+        if prediction.image_sha256 and prediction.image_sha256 != digest:
+            raise InvalidFeedbackError(
+                "the image is not the one that was predicted (sha256 differs)"
+            )
+        if self.store is None:
+            raise InvalidFeedbackError("this feedback store keeps no images")
+        try:
+            limits = {"max_pixels": self.max_image_pixels} if self.max_image_pixels else {}
+            decode_image(image, **limits)
+            fmt = Image.open(io.BytesIO(image)).format or ""
+        except InvalidImageError as exc:
+            raise InvalidFeedbackError(f"the feedback image is unusable: {exc}") from None
+        ext = _EXTENSIONS.get(fmt.upper(), fmt.lower() or "bin")
+        key = f"feedback/{label}/{digest}.{ext}"
+        self.store.put_bytes(key, image, content_type=f"image/{ext.replace('jpg', 'jpeg')}")
+        return key, digest
+
+    def get_feedback(self, feedback_id: str) -> FeedbackRecord | None:
+        try:
+            with Session(self.engine) as session:
+                row = session.get(_FeedbackRow, feedback_id)
+                return _record(row) if row is not None else None
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc) from None
+
+    def list_feedback(
+        self, *, reviewed: bool | None = None, limit: int | None = None
+    ) -> list[FeedbackRecord]:
+        """Feedback, newest first; ``reviewed`` filters on whether a reviewer decided."""
+        query = select(_FeedbackRow).order_by(_FeedbackRow.created_at.desc())
+        if reviewed is True:
+            query = query.where(_FeedbackRow.reviewed_at.is_not(None))
+        elif reviewed is False:
+            query = query.where(_FeedbackRow.reviewed_at.is_(None))
+        if limit is not None:
+            query = query.limit(limit)
+        try:
+            with Session(self.engine) as session:
+                return [_record(r) for r in session.scalars(query)]
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc) from None
+
+    def review(self, feedback_id: str, accepted: bool) -> FeedbackRecord:
+        """A reviewer's decision: accepted feedback images may join the next dataset."""
+        try:
+            with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                row = session.get(_FeedbackRow, feedback_id)
+                if row is None:
+                    raise FeedbackError(f"no feedback with id {feedback_id!r}")
+                row.reviewed_at = _now()
+                row.accepted = accepted
+            return _record(row)
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc) from None
+
+    def accepted(self) -> list[FeedbackRecord]:
+        """Reviewed, accepted feedback that carries an image: input for ingestion."""
+        query = (
+            select(_FeedbackRow)
+            .where(_FeedbackRow.accepted.is_(True), _FeedbackRow.image_key.is_not(None))
+            .order_by(_FeedbackRow.created_at)
+        )
+        try:
+            with Session(self.engine) as session:
+                return [_record(r) for r in session.scalars(query)]
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc) from None
+
+    def recent_accuracy(self, window: int = 200) -> tuple[float | None, int]:
+        """Share of the last ``window`` feedback items where the model agreed, and the count."""
+        query = select(_FeedbackRow.agree).order_by(_FeedbackRow.created_at.desc()).limit(window)
+        try:
+            with Session(self.engine) as session:
+                values = list(session.scalars(query))
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc) from None
+        if not values:
+            return None, 0
+        return sum(bool(v) for v in values) / len(values), len(values)
+
+
+def _record(row: _FeedbackRow) -> FeedbackRecord:
+    return FeedbackRecord(
+        feedback_id=row.feedback_id,
+        prediction_id=row.prediction_id,
+        correct_label=row.correct_label,
+        predicted_label=row.predicted_label,
+        agree=bool(row.agree),
+        model_name=row.model_name,
+        model_version=row.model_version,
+        image_key=row.image_key,
+        image_sha256=row.image_sha256,
+        created_at=_utc(row.created_at) or _now(),
+        reviewed_at=_utc(row.reviewed_at),
+        accepted=row.accepted,
+    )
+
+
+# --- command line: `dandelion feedback` -----------------------------------------------------
+def add_cli_arguments(parser: Any) -> None:
+    import argparse
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print JSON lines")
+    sub = parser.add_subparsers(dest="action", required=True)
+    listing = sub.add_parser("list", help="feedback, newest first", parents=[common])
+    state = listing.add_mutually_exclusive_group()
+    state.add_argument("--pending", action="store_true", help="only feedback not reviewed yet")
+    state.add_argument("--reviewed", action="store_true", help="only reviewed feedback")
+    listing.add_argument("--limit", type=int, default=50, help="at most N rows (default 50)")
+    review = sub.add_parser(
+        "review", help="accept or reject feedback for the next dataset", parents=[common]
+    )
+    review.add_argument("feedback_id")
+    decision = review.add_mutually_exclusive_group(required=True)
+    decision.add_argument("--accept", action="store_true")
+    decision.add_argument("--reject", action="store_true")
+    sub.add_parser(
+        "accepted", help="accepted feedback with images (input for ingestion)", parents=[common]
+    )
+
+
+def cli(args: Any) -> int:
+    import json
+
+    store = FeedbackStore.from_settings()
+    try:
+        if args.action == "list":
+            reviewed = True if args.reviewed else False if args.pending else None
+            records = store.list_feedback(reviewed=reviewed, limit=args.limit)
+        elif args.action == "review":
+            records = [store.review(args.feedback_id, accepted=bool(args.accept))]
+        else:
+            records = store.accepted()
+    finally:
+        store.close()
+    for r in records:
+        if args.json:
+            print(json.dumps(r.to_dict()))
+        else:
+            decision = (
+                "pending" if r.reviewed_at is None else ("accepted" if r.accepted else "rejected")
+            )
+            print(
+                f"{r.feedback_id}  {r.created_at:%Y-%m-%d %H:%M}  {r.correct_label:<10} "
+                f"model said {r.predicted_label:<10} v{r.model_version}  {decision:<8} "
+                f"{r.image_key or '-'}"
+            )
+    return 0

@@ -1,0 +1,176 @@
+"""Serve the web app with Voila, configured for production: ``python -m dashboards.serve``.
+
+* Binds ``Settings.app_host:app_port`` (default 127.0.0.1:8866); the app calls the API at
+  ``Settings.api_url``.
+* Only ``dashboards/app.ipynb`` is served; no code is shown and tracebacks never reach the page.
+* Each browser tab gets its own kernel; at most ``Settings.app_max_kernels`` run at once (more
+  tabs get HTTP 503) and a kernel idle for ``Settings.app_cull_idle_s`` is shut down, even
+  while its tab is still open.
+* Probes that start no kernel: ``GET /health/live`` (200 while the server runs) and
+  ``GET /health/ready`` (503 while all sessions are taken). Probing ``/`` would start a kernel
+  per probe.
+
+Extra arguments are passed to Voila unchanged (e.g. ``--debug``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+from jupyter_server.utils import url_path_join
+from tornado import web
+from traitlets import Integer
+from voila.app import Voila
+
+from dandelion_lib.config import Settings, get_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "dashboards" / "app.ipynb"
+KERNEL = "dandelion"
+
+
+class CappedKernelManager(AsyncMappingKernelManager):
+    """The default kernel manager with a cap on running kernels (HTTP 503 beyond it)."""
+
+    max_kernels = Integer(20, config=True, help="Most kernels running at once.")
+
+    async def start_kernel(self, *args: Any, **kwargs: Any) -> str:  # type: ignore[override]
+        kernel_id = kwargs.get("kernel_id")
+        running = len(self.list_kernel_ids())
+        if (kernel_id is None or kernel_id not in self) and running >= self.max_kernels:
+            self.log.warning("refusing a new app session: %d kernels running", running)
+            raise web.HTTPError(
+                503,
+                reason=f"The app is at capacity ({self.max_kernels} sessions); try again shortly",
+            )
+        return str(await super().start_kernel(*args, **kwargs))
+
+
+class HealthHandler(web.RequestHandler):
+    """``/health/live`` and ``/health/ready`` (JSON, no kernel started)."""
+
+    def initialize(self, kernel_manager: Any) -> None:
+        self.kernel_manager = kernel_manager
+
+    def get(self, probe: str) -> None:
+        running = len(self.kernel_manager.list_kernel_ids())
+        cap = getattr(self.kernel_manager, "max_kernels", None)
+        full = probe == "ready" and cap is not None and running >= cap
+        self.set_status(503 if full else 200)
+        self.set_header("Cache-Control", "no-store")
+        self.finish(
+            {"status": "at_capacity" if full else "ok", "sessions": running, "max_sessions": cap}
+        )
+
+
+class DandelionVoila(Voila):
+    """Voila plus the health endpoints (matched before Voila's catch-all notebook route)."""
+
+    def init_handlers(self) -> list[Any]:
+        health = (
+            url_path_join(self.server_url, r"/health/(live|ready)"),
+            HealthHandler,
+            {"kernel_manager": self.kernel_manager},
+        )
+        return [health, *super().init_handlers()]
+
+
+def _kernel_path() -> list[str]:
+    """JUPYTER_PATH entries that provide the ``dandelion`` kernel (created when missing)."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec(KERNEL)
+        return []
+    except NoSuchKernel:
+        pass
+    base = Path(tempfile.mkdtemp(prefix="dandelion-jupyter-"))
+    spec_dir = base / "kernels" / KERNEL
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python (dandelion)",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    return [str(base)]
+
+
+def _data_dir() -> dict[str, str]:
+    """A writable Jupyter data dir (Voila writes its notebook-signing key there).
+
+    With a read-only home (a hardened container) the default one is not writable, and the
+    page would fail; a fresh temporary one is used instead.
+    """
+    from jupyter_core.paths import jupyter_data_dir
+
+    path = Path(jupyter_data_dir())
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            return {}
+    except OSError:
+        return {"JUPYTER_DATA_DIR": tempfile.mkdtemp(prefix="dandelion-jupyter-data-")}
+
+
+def voila_argv(settings: Settings, notebook: Path = NOTEBOOK) -> list[str]:
+    """Voila's command-line arguments for the production configuration."""
+    return [
+        str(notebook),
+        "--no-browser",
+        f"--Voila.ip={settings.app_host}",
+        f"--port={settings.app_port}",
+        "--Voila.port_retries=0",
+        "--theme=light",
+        "--template=lab",
+        "--strip_sources=True",
+        "--show_tracebacks=False",
+        "--VoilaConfiguration.allow_template_override=NO",
+        "--VoilaConfiguration.allow_theme_override=NO",
+        "--VoilaConfiguration.multi_kernel_manager_class=dashboards.serve.CappedKernelManager",
+        f"--CappedKernelManager.max_kernels={settings.app_max_kernels}",
+        f"--MappingKernelManager.cull_idle_timeout={settings.app_cull_idle_s}",
+        f"--MappingKernelManager.cull_interval={max(1, min(60, settings.app_cull_idle_s // 2))}",
+        "--MappingKernelManager.cull_connected=True",
+        "--MappingKernelManager.cull_busy=False",
+    ]
+
+
+def environment(settings: Settings) -> dict[str, str]:
+    """The environment Voila and its kernels run in: ``dashboards`` importable, our kernel."""
+    env: dict[str, str] = {}
+    pythonpath = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(pythonpath))
+    extra = _kernel_path()
+    if extra:
+        jp = [*extra, *filter(None, os.environ.get("JUPYTER_PATH", "").split(os.pathsep))]
+        env["JUPYTER_PATH"] = os.pathsep.join(jp)
+    env["DANDELION_API_URL"] = settings.api_url
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run Voila in this process until interrupted."""
+    settings = get_settings()
+    os.environ.update(_data_dir())  # first: the kernel lookup below depends on it
+    os.environ.update(environment(settings))
+    args = [*voila_argv(settings), *(sys.argv[1:] if argv is None else argv)]
+    print(
+        f"dandelion app on http://{settings.app_host}:{settings.app_port}/ "
+        f"(API {settings.api_url})",
+        flush=True,
+    )
+    # All files of one selection arrive in one websocket message (tornado's default cap: 10 MiB).
+    tornado_settings = {"websocket_max_message_size": settings.app_max_upload_bytes}
+    DandelionVoila.launch_instance(argv=args, tornado_settings=tornado_settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""Fixtures of the API tests: real models in a real MLflow registry, a real API server
+process (``python -m api``), and a real PostgreSQL server.
+
+The model is tiny but real and trained here: Rescaling + GlobalAveragePooling2D + a softmax
+Dense layer whose weights come from a logistic regression on the mean colour of a quarter
+of the reference images (about 70% accurate on the others). Every test module shares one API server process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, free_port, wait_http
+
+MODEL_NAME = "dandelion-api-test"
+ADMIN_TOKEN = "test-admin-token"  # a throwaway token for the loopback server only
+
+
+# --- models -----------------------------------------------------------------------------
+def dataset_images(greenr: Path, parity: int) -> list[tuple[Path, int]]:
+    """Half of the reference images (even or odd index), label 0=dandelion, 1=grass."""
+    out = []
+    for label, y in (("dandelion", 0), ("grass", 1)):
+        files = sorted((greenr / label).glob("*.jpg"))
+        out += [(p, y) for i, p in enumerate(files) if i % 2 == parity]
+    return out
+
+
+@dataclass
+class TrainedParts:
+    coef: np.ndarray  # (3,)
+    intercept: float
+    reference: dict[str, Any]
+
+
+def train_parts(greenr: Path) -> TrainedParts:
+    """Fit the tiny model's weights and the drift reference on the training half."""
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+
+    from dandelion_lib.features import decode_image, image_stats, to_model_input
+    from dandelion_lib.monitoring import build_reference
+
+    xs, ys, stats = [], [], []
+    for path, y in dataset_images(greenr, parity=0)[::2]:
+        img = decode_image(path.read_bytes())
+        xs.append(to_model_input(img).mean(axis=(0, 1)) / 255.0)
+        ys.append(y)
+        stats.append(image_stats(img))
+    lr = LogisticRegression(C=100.0).fit(np.asarray(xs), np.asarray(ys))
+    return TrainedParts(lr.coef_[0], float(lr.intercept_[0]), build_reference(pd.DataFrame(stats)))
+
+
+def build_tiny_model(coef: np.ndarray, intercept: float) -> Any:
+    """Rescaling -> GlobalAveragePooling2D -> Dense(2, softmax): p(grass) = sigmoid(coef.x + b)."""
+    import keras
+
+    inputs = keras.Input((224, 224, 3))
+    x = keras.layers.Rescaling(1.0 / 255.0)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(2, activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    w = np.stack([-coef / 2.0, coef / 2.0], axis=1).astype("float32")
+    b = np.asarray([-intercept / 2.0, intercept / 2.0], dtype="float32")
+    model.layers[-1].set_weights([w, b])
+    return model
+
+
+@dataclass
+class Registry:
+    """Registers real model versions in the MLflow server and moves aliases."""
+
+    tracking_uri: str
+    s3_endpoint: str
+    parts: TrainedParts
+    name: str = MODEL_NAME
+    models: dict[str, Any] = field(default_factory=dict)  # version -> keras model
+
+    def client(self) -> Any:
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def register(self, scale: float = 1.0) -> str:
+        """Log and register a new version (``scale`` changes its weights); returns it."""
+        import mlflow
+
+        from dandelion_lib.features import FeatureSpec
+        from dandelion_lib.registry import log_keras_model
+
+        model = build_tiny_model(self.parts.coef * scale, self.parts.intercept * scale)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        mlflow.set_experiment("dandelion-api-test")
+        with mlflow.start_run():
+            mv = log_keras_model(
+                model,
+                feature_spec=FeatureSpec().to_dict(),
+                drift_reference=self.parts.reference,
+                metrics={"test_accuracy": 0.7},
+                dataset_version="test",
+                registered_model_name=self.name,
+            )
+        self.models[str(mv.version)] = model
+        return str(mv.version)
+
+    def register_broken(self) -> str:
+        """A version whose stored ``model.keras`` is garbage (as after a bad upload)."""
+        import boto3
+
+        version = self.register()
+        source = self.client().get_model_version(self.name, version).source
+        model_id = source.rstrip("/").split("/")[-1]  # models:/m-<id>
+        s3 = boto3.client("s3", endpoint_url=self.s3_endpoint, region_name="us-east-1")
+        hits = []
+        for bucket in s3.list_buckets()["Buckets"]:
+            pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"])
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    if model_id in obj["Key"] and obj["Key"].endswith("model.keras"):
+                        hits.append((bucket["Name"], obj["Key"]))
+        assert hits, f"stored model file of {source} not found"
+        for bucket_name, key in hits:
+            s3.put_object(Bucket=bucket_name, Key=key, Body=b"this is not a keras archive")
+        self.models.pop(version)
+        return version
+
+    def set_alias(self, version: str, alias: str = "champion") -> None:
+        self.client().set_registered_model_alias(self.name, alias, version)
+
+    def predictor(self, version: str) -> Any:
+        """An in-process Predictor on the same Keras model (the reference answer)."""
+        from dandelion_lib.features import FeatureSpec
+        from dandelion_lib.predict import Predictor
+
+        return Predictor(model=self.models[version], spec=FeatureSpec(), version=version)
+
+
+@pytest.fixture(scope="session")
+def trained_parts(greenr_dir: Path) -> TrainedParts:
+    return train_parts(greenr_dir)
+
+
+@pytest.fixture(scope="session")
+def registry(mlflow_server: str, s3_server: str, trained_parts: TrainedParts) -> Registry:
+    return Registry(mlflow_server, s3_server, trained_parts)
+
+
+# --- the API server process -------------------------------------------------------------
+@dataclass
+class ApiServer:
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+    workdir: Path
+    env: dict[str, str]
+    registry: Registry
+    before_ready: dict[str, Any] = field(default_factory=dict)
+    first_version: str = ""
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
+
+    def logs(self) -> list[dict[str, Any]]:
+        """The server's JSON log lines so far (non-JSON lines, e.g. from TensorFlow, skipped)."""
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    out.append(json.loads(line))
+        return out
+
+    def model(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/model", timeout=30).json()
+
+    def wait_for_version(self, version: str, timeout: float = 90.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.model()
+            if info["version"] == version:
+                return info
+            time.sleep(0.3)
+        raise TimeoutError(f"server did not load version {version}: {self.model()}")
+
+
+def api_env(workdir: Path, port: int, tracking_uri: str, **overrides: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("DANDELION_") or k == "DANDELION_TEST_DATASET"
+    }
+    env.update(
+        {
+            "PYTHONPATH": str(ROOT),
+            "DANDELION_WORKDIR": str(workdir),
+            "DANDELION_API_HOST": "127.0.0.1",
+            "DANDELION_API_PORT": str(port),
+            "DANDELION_TRACKING_URI": tracking_uri,
+            "DANDELION_MODEL_NAME": MODEL_NAME,
+            "DANDELION_MODEL_ALIAS": "champion",
+            "DANDELION_RELOAD_INTERVAL_S": "1",
+            "DANDELION_ADMIN_TOKEN": ADMIN_TOKEN,
+            "DANDELION_LOG_LEVEL": "INFO",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+    )
+    env.update(overrides)
+    return env
+
+
+def start_api(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "wb")  # noqa: SIM115 - closed by the caller via proc
+    return subprocess.Popen(
+        [sys.executable, "-m", "api"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def stop_api(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def api_server(
+    request: pytest.FixtureRequest, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ApiServer]:
+    """``python -m api`` against the MLflow server, shared by every API test module.
+
+    Started before any version has the ``champion`` alias, so its not-ready answers are
+    recorded in ``before_ready``; then the alias is set and the server picks it up.
+    The process starts first, so its start-up overlaps training the first model here.
+    """
+    workdir = tmp_path_factory.mktemp("api")
+    port = free_port()
+    env = api_env(workdir, port, mlflow_server)
+    log_path = workdir / "server.log"
+    proc = start_api(env, log_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        registry: Registry = request.getfixturevalue("registry")
+        version = registry.register()
+    except BaseException:
+        stop_api(proc)
+        raise
+    server = ApiServer(url, proc, log_path, workdir, env, registry)
+    try:
+        wait_http(f"{url}/health/live", timeout=120, proc=proc)
+        deadline = time.monotonic() + 180
+        while server.model()["state"] == "starting":  # first registry check still running
+            assert time.monotonic() < deadline, "the first registry check never finished"
+            time.sleep(0.3)
+        ready = httpx.get(f"{url}/health/ready", timeout=30)
+        image = (ROOT.parent / "shared/datasets/greenr/grass/00000000.jpg").read_bytes()
+        predict = httpx.post(f"{url}/predict", files={"file": ("g.jpg", image)}, timeout=30)
+        server.before_ready = {
+            "ready_status": ready.status_code,
+            "ready_body": ready.json(),
+            "predict_status": predict.status_code,
+            "predict_headers": dict(predict.headers),
+            "predict_body": predict.json(),
+            "model": server.model(),
+        }
+        registry.set_alias(version)
+        server.wait_for_version(version, timeout=180)
+        server.first_version = version
+        yield server
+    finally:
+        stop_api(proc)
+
+
+# --- PostgreSQL -------------------------------------------------------------------------
+def _pg_bin(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    for base in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (base / name).exists():
+            return str(base / name)
+    pytest.fail(
+        f"PostgreSQL's {name} not found: install it with `bash scripts/install-system-deps.sh`"
+    )
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A real PostgreSQL server (Debian's packages) in a temp dir on a free loopback port.
+
+    PostgreSQL refuses to run as root, so as root it runs as the ``postgres`` user.
+    """
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    base = Path(tempfile.mkdtemp(prefix="dandelion-pg-"))
+    data, sock = base / "data", base / "sock"
+    sock.mkdir()
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+        shutil.chown(sock, "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    run = {"check": True, "capture_output": True, "cwd": base}
+    subprocess.run(
+        [*prefix, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+        **run,  # type: ignore[arg-type]
+    )
+    opts = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(
+        [*prefix, pg_ctl, "-D", str(data), "-o", opts, "-l", str(base / "pg.log"), "-w", "start"],
+        **run,  # type: ignore[arg-type]
+    )
+    try:
+        import psycopg
+
+        with psycopg.connect(
+            f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True
+        ) as conn:
+            conn.execute("CREATE DATABASE dandelion_feedback")
+        yield f"postgresql://postgres@127.0.0.1:{port}/dandelion_feedback"
+    finally:
+        subprocess.run(
+            [*prefix, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"],
+            capture_output=True,
+            cwd=base,
+        )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def unique_id() -> str:
+    return uuid.uuid4().hex[:8]

@@ -1,0 +1,82 @@
+"""The production Voila configuration of ``python -m dashboards.serve``, on a real Voila server.
+
+Plain HTTP is enough here: rendering the page runs the notebook in a fresh kernel; the browser
+tests cover what the page then does. The API is down in these tests (nothing listens on its
+port), which the app must survive.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import yaml
+
+from dashboards.serve import NOTEBOOK
+from tests.app.conftest import dead_url
+from tests.conftest import ROOT
+
+
+def test_page_is_titled_and_shows_no_source(voila: Callable[..., Any]) -> None:
+    title = json.loads(NOTEBOOK.read_text())["metadata"]["title"]
+    # A read-only home (hardened container): Jupyter's data dir is not writable.
+    with voila(dead_url(), env={"JUPYTER_DATA_DIR": "/proc/not-writable"}) as url:
+        page = httpx.get(url, timeout=90)
+        assert page.status_code == 200
+        assert f"<title>{title}</title>" in page.text
+        for source in ("DandelionApp.from_settings", "api_url = None", "import "):
+            assert source not in page.text
+        assert "Traceback" not in page.text
+        # Only the notebook is served: neither the app's modules nor other files.
+        for path in ("/voila/files/client.py", "/voila/files/app.ipynb", "/voila/files/ui.py"):
+            assert httpx.get(url + path, timeout=10).status_code in (403, 404), path
+
+
+def test_sessions_are_capped_idle_ones_culled_and_probes_start_none(
+    voila: Callable[..., Any],
+) -> None:
+    with voila(dead_url(), app_max_kernels=1, app_cull_idle_s=2) as url:
+        for _ in range(5):  # probes start no kernel, so they never fill the cap
+            assert httpx.get(f"{url}/health/live", timeout=10).status_code == 200
+            ready = httpx.get(f"{url}/health/ready", timeout=10)
+            assert ready.status_code == 200
+        assert ready.json() == {"status": "ok", "sessions": 0, "max_sessions": 1}
+
+        assert httpx.get(url, timeout=90).status_code == 200  # its kernel stays until culled
+        refused = httpx.get(url, timeout=90)
+        assert refused.status_code == 503
+        assert "capacity" in refused.text
+        full = httpx.get(f"{url}/health/ready", timeout=10)
+        assert full.status_code == 503 and full.json()["status"] == "at_capacity"
+        assert httpx.get(f"{url}/health/live", timeout=10).status_code == 200
+
+        deadline = time.monotonic() + 40
+        while True:  # the idle kernel is culled, which frees the slot
+            time.sleep(1)
+            status = httpx.get(url, timeout=90).status_code
+            if status == 200:
+                break
+            assert status == 503
+            assert time.monotonic() < deadline, "idle kernel was not culled within 40 s"
+
+
+def test_deployments_probe_the_kernel_free_endpoints_and_bind_all_interfaces() -> None:
+    """The container set-ups run this launcher: their probes must not start kernels (probing
+    ``/`` would fill the session cap), and in a container the app must bind 0.0.0.0."""
+    deployment = yaml.safe_load((ROOT / "k8s/base/app/deployment.yaml").read_text())
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    paths = {p: container[p]["httpGet"]["path"] for p in container if p.endswith("Probe")}
+    assert paths == {
+        "startupProbe": "/health/live",
+        "livenessProbe": "/health/live",
+        "readinessProbe": "/health/ready",
+    }
+    dockerfile = (ROOT / "docker/app.Dockerfile").read_text()
+    assert "DANDELION_APP_HOST=0.0.0.0" in dockerfile
+    assert '"http://127.0.0.1:8866/health/live"' in dockerfile
+    assert 'CMD ["python", "-m", "dashboards.serve"]' in dockerfile
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    assert compose["services"]["app"]["healthcheck"]["test"][-1].endswith("/health/live")
