@@ -10,11 +10,17 @@ carries everything a server needs besides the weights:
 
 The model maps float32 RGB pixels ``(N, size, size, 3)`` in [0, 255] to class
 probabilities ``(N, len(labels))`` (softmax, label order of the feature spec).
+
+Promotion (:func:`promote`, ``dandelion promote``): the ``challenger`` and the current
+``champion`` are re-scored on the same test split; :func:`promotion_gate` decides (accuracy
+floor, tolerance versus the champion); the decision and its numbers become ``promotion.*``
+tags on the challenger's model version, and only the ``champion`` alias moves.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,20 +51,25 @@ def configure_mlflow(settings: Settings | None = None) -> Any:
 
 
 def use_experiment(settings: Settings | None = None) -> str:
-    """Make the settings' experiment active; returns its id.
+    """Make the settings' experiment the active one (creating it if needed); returns its id.
 
-    With a database-backed tracking URI and no server (the embedded default), MLflow would
-    put artifacts in ``./mlruns`` of whatever the current directory is; the experiment is
-    created with its artifacts under the work dir instead. A tracking server decides its
-    own artifact location.
+    On the embedded SQLite backend a new experiment keeps its artifacts under the work
+    directory (``<workdir>/mlartifacts``); MLflow's default would be ``./mlruns`` in
+    whatever the current directory is. A tracking server decides for itself.
     """
     import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     settings = settings or get_settings()
     uri = settings.resolved_tracking_uri
-    if mlflow.get_experiment_by_name(settings.experiment) is None and not uri.startswith("http"):
-        location = (settings.workdir_path / "mlartifacts").as_uri()
-        mlflow.create_experiment(settings.experiment, artifact_location=location)
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_experiment_by_name(settings.experiment) is None:
+        location = None
+        if uri.startswith("sqlite:"):
+            location = (settings.workdir_path / "mlartifacts").as_uri()
+        with contextlib.suppress(MlflowException):  # created meanwhile by another process
+            client.create_experiment(settings.experiment, artifact_location=location)
     return str(mlflow.set_experiment(settings.experiment).experiment_id)
 
 

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     patience: int = 100
     """Early stopping: stop after this many epochs without val_loss improvement."""
+    refit_with_val: bool = True
+    """After early stopping, refit the head on train + val for the same number of epochs
+    (cached-feature training only); the validation figures logged are those of the first fit."""
     restore_best_weights: bool = False
     """On early stopping, go back to the epoch of lowest val_loss (the tiny validation
     split makes that epoch noisy; the converged head generalises better)."""
@@ -214,9 +218,12 @@ class _EpochLog:
         class Callback(keras.callbacks.Callback):
             def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
                 logs = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
+                if phase == "refit":  # validation data is in the training set here
+                    logs = {f"refit_{k}": v for k, v in logs.items() if not k.startswith("val_")}
+                else:
+                    outer.history.setdefault("phase", []).append(0.0 if phase == "head" else 1.0)
                 for k, v in logs.items():
                     outer.history.setdefault(k, []).append(v)
-                outer.history.setdefault("phase", []).append(0.0 if phase == "head" else 1.0)
                 outer.step += 1
                 if outer.progress:
                     shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(logs.items()))
@@ -289,7 +296,7 @@ def fit_head(
         hits = tf.equal(tf.argmax(probs, axis=1), tf.argmax(targets, axis=1))
         return loss, tf.reduce_mean(tf.cast(hits, tf.float32)), probs
 
-    @tf.function
+    @tf.function(autograph=False)
     def epoch_step() -> tuple[Any, Any, Any, Any]:
         with tf.GradientTape() as tape:
             loss, acc, _ = measure(tx, ty, True)
@@ -432,6 +439,29 @@ def train(
                 restore_best=config.restore_best_weights,
                 callback=log.callback("head", config.epochs),
             )
+            if config.refit_with_val:
+                # Same recipe, same number of epochs, on train + val: 60 more real images.
+                epochs_run = len(log.history["loss"])
+                keras.utils.set_random_seed(config.seed)
+                head = model_lib.build_head(
+                    backbone.feature_dim,
+                    n,
+                    config.dropout,
+                    config.seed,
+                    l2=config.l2,
+                    adapt=np.concatenate([feats["train"], feats["val"]]),
+                )
+                fit_head(
+                    head,
+                    np.concatenate([*train_x, feats["val"]]),
+                    _one_hot(np.concatenate([*train_y, y["val"]]), n),
+                    (feats["val"], _one_hot(y["val"], n)),
+                    epochs=epochs_run,
+                    learning_rate=config.learning_rate or HEAD_LEARNING_RATE,
+                    patience=epochs_run + 1,
+                    label_smoothing=config.label_smoothing,
+                    callback=log.callback("refit", epochs_run),
+                )
             t = lap("train_head", t)
         else:
             head = model_lib.build_head(
@@ -488,7 +518,8 @@ def train(
             splits["val"],
             source=f"dataset {version} (val split)",
         )
-        mlflow.log_metrics(val_report.scalar_metrics("val_final_"))
+        if end_to_end or not config.refit_with_val:
+            mlflow.log_metrics(val_report.scalar_metrics("val_final_"))
         evaluate.log_report(report, pixels["test"], prefix="test_")
         _log_learning_curves(log.history)
         t = lap("evaluate", t)
@@ -552,17 +583,24 @@ def _log_dataset(store: Any, manifest: pd.DataFrame, version: str) -> None:
         pd.util.hash_pandas_object(manifest, index=False).to_numpy().tobytes()
     ).hexdigest()
     source = f"{store.url.rstrip('/')}/{key}"
-    try:
-        ds = from_pandas(
-            manifest,
-            source=source,
-            targets="label",
-            name=f"dandelion@{version}",
-            digest=digest[:32],
+    with warnings.catch_warnings():
+        # MLflow hints about integer columns and ambiguous local sources: not actionable here.
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            ds = from_pandas(
+                manifest,
+                source=source,
+                targets="label",
+                name=f"dandelion@{version}",
+                digest=digest[:32],
+            )
+        except Exception:  # an unknown source scheme: keep the dataset, without its source
+            ds = from_pandas(
+                manifest, targets="label", name=f"dandelion@{version}", digest=digest[:32]
+            )
+        mlflow.log_input(
+            ds, context="training", tags={"version": version, "manifest_sha256": digest}
         )
-    except Exception:  # an unknown source scheme: keep the dataset, without a resolvable source
-        ds = from_pandas(manifest, targets="label", name=f"dandelion@{version}", digest=digest[:32])
-    mlflow.log_input(ds, context="training", tags={"version": version, "manifest_sha256": digest})
     mlflow.set_tags(
         {"dataset_version": version, "dataset_manifest_sha256": digest, "dataset_source": source}
     )
@@ -583,7 +621,7 @@ def learning_curves_figure(history: dict[str, list[float]]) -> Any:
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
     for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
-        for key, style in ((metric, "-"), (f"val_{metric}", "--")):
+        for key, style in ((metric, "-"), (f"val_{metric}", "--"), (f"refit_{metric}", ":")):
             if history.get(key):
                 ax.plot(range(1, len(history[key]) + 1), history[key], style, label=key)
         phases = history.get("phase", [])

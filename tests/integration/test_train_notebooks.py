@@ -51,6 +51,7 @@ def _outputs(nb: nbformat.NotebookNode) -> tuple[str, int]:
     return text, sum("image/png" in o.get("data", {}) for o in outputs)
 
 
+@pytest.mark.slow  # two kernels, each importing TensorFlow, plus a training run: ~1 min
 def test_train_then_evaluate_notebooks(greenr_dir: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
     settings = Settings(workdir=work, max_per_class=50)

@@ -50,45 +50,53 @@ def test_promotion_flow(
     client = mlflow_client
     good = trained.model_version
     client.set_registered_model_alias("dandelion", registry.CHALLENGER, good)
+    try:
+        # 1. No champion yet: the challenger passes the floor and becomes champion.
+        first = registry.promote(model_env.settings, store=model_env.store)
+        assert first.promoted and first.champion_version_before is None
+        assert registry.get_alias_version(client, "dandelion", registry.CHAMPION).version in (
+            good,
+            int(good),
+        )
+        tags = _tags(client, good)
+        assert tags["decision"] == "promoted"
+        assert float(tags["challenger_accuracy"]) == pytest.approx(trained.metrics["test_accuracy"])
+        assert tags["champion_version"] == "none" and tags["dataset_version"] == model_env.version
+        assert tags["floor"] == "0.9" and tags["test_images"] == "60"
+        assert client.get_run(tags["run_id"]).data.metrics["test_accuracy"] == pytest.approx(
+            float(tags["challenger_accuracy"])
+        )
 
-    # 1. No champion yet: the challenger passes the floor and becomes champion.
-    first = registry.promote(model_env.settings, store=model_env.store)
-    assert first.promoted and first.champion_version_before is None
-    assert registry.get_alias_version(client, "dandelion", registry.CHAMPION).version in (
-        good,
-        int(good),
-    )
-    tags = _tags(client, good)
-    assert tags["decision"] == "promoted"
-    assert float(tags["challenger_accuracy"]) == pytest.approx(trained.metrics["test_accuracy"])
-    assert tags["champion_version"] == "none" and tags["dataset_version"] == model_env.version
-    assert tags["floor"] == "0.9" and tags["test_images"] == "60"
-    assert client.get_run(tags["run_id"]).data.metrics["test_accuracy"] == pytest.approx(
-        float(tags["challenger_accuracy"])
-    )
+        # 2. A weak challenger: below the floor, the champion alias stays where it was.
+        client.set_registered_model_alias("dandelion", registry.CHALLENGER, weak_version)
+        second = registry.promote(model_env.settings, store=model_env.store)
+        assert not second.promoted and "below the floor" in second.decision.reason
+        assert (
+            str(registry.get_alias_version(client, "dandelion", registry.CHAMPION).version) == good
+        )
+        tags = _tags(client, weak_version)
+        assert tags["decision"] == "rejected"
+        assert float(tags["challenger_accuracy"]) == pytest.approx(0.5)
+        # The champion was re-scored on the same test split.
+        assert tags["champion_version"] == good
+        assert float(tags["champion_accuracy"]) == pytest.approx(
+            float(_tags(client, good)["challenger_accuracy"])
+        )
 
-    # 2. A weak challenger: below the floor, the champion alias stays where it was.
-    client.set_registered_model_alias("dandelion", registry.CHALLENGER, weak_version)
-    second = registry.promote(model_env.settings, store=model_env.store)
-    assert not second.promoted and "below the floor" in second.decision.reason
-    assert str(registry.get_alias_version(client, "dandelion", registry.CHAMPION).version) == good
-    tags = _tags(client, weak_version)
-    assert tags["decision"] == "rejected"
-    assert float(tags["challenger_accuracy"]) == pytest.approx(0.5)
-    # The champion was re-scored on the same test split.
-    assert tags["champion_version"] == good
-    assert float(tags["champion_accuracy"]) == pytest.approx(
-        float(_tags(client, good)["challenger_accuracy"])
-    )
+        # 3. With no floor, the champion comparison decides (and rejects) on its own.
+        third = registry.promote(model_env.settings, store=model_env.store, floor=0.0)
+        assert not third.promoted and "worse than the champion" in third.decision.reason
+        assert (
+            str(registry.get_alias_version(client, "dandelion", registry.CHAMPION).version) == good
+        )
 
-    # 3. With no floor, the champion comparison decides (and rejects) on its own.
-    third = registry.promote(model_env.settings, store=model_env.store, floor=0.0)
-    assert not third.promoted and "worse than the champion" in third.decision.reason
-    assert str(registry.get_alias_version(client, "dandelion", registry.CHAMPION).version) == good
+        # Versions themselves never changed: same sources, same runs.
+        for v in (good, weak_version):
+            assert client.get_model_version("dandelion", v).status == "READY"
 
-    # Versions themselves never changed: same sources, same runs.
-    for v in (good, weak_version):
-        assert client.get_model_version("dandelion", v).status == "READY"
+    finally:  # leave the registry as training left it for the other model tests
+        client.set_registered_model_alias("dandelion", registry.CHALLENGER, good)
+        client.delete_registered_model_alias("dandelion", registry.CHAMPION)
 
 
 def test_cli_promote_without_challenger_is_one_line(

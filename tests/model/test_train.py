@@ -27,6 +27,9 @@ def test_run_logs_params_epochs_and_dataset(
     trained: Any, mlflow_client: Any, model_env: Any
 ) -> None:
     run = mlflow_client.get_run(trained.run_id)
+    # Embedded default: artifacts live in the work directory, not in ./mlruns of the caller.
+    workdir = model_env.settings.workdir_path
+    assert run.info.artifact_uri.startswith((workdir / "mlartifacts").as_uri())
     params = run.data.params
     for f in dataclasses.fields(TrainConfig):
         assert f.name in params, f.name
