@@ -19,7 +19,6 @@ Notebook steps are ``PapermillOperator`` tasks with three hooks from this module
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -498,9 +497,7 @@ def promote(model_version: str, dataset_version: str, **context: Any) -> dict[st
         )
     os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps(_run_context_tags(context))
     try:
-        # the model gate of dandelion_lib.registry (looked up at run time)
-        gate = importlib.import_module("dandelion_lib.registry").promote
-        result = gate(settings, dataset_version=dataset_version)
+        result = registry.promote(settings, dataset_version=dataset_version)
     finally:
         os.environ.pop("MLFLOW_RUN_CONTEXT", None)
     outcome = {
