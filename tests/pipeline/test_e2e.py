@@ -11,6 +11,7 @@ non-zero and leaves the champion where it was. The promotion floor is lowered to
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -123,6 +124,23 @@ def test_dataset_version_in_the_store(pipeline: Pipeline, first: Run) -> None:
     assert first.summary["dataset_version"] == version
     assert pipeline.store.exists(f"datasets/{version}/manifest.parquet")
     assert first.summary["counts"]["labels"] == {"dandelion": PER_CLASS, "grass": PER_CLASS}
+
+
+def test_ingestion_emitted_the_dataset_asset_for_retraining(pipeline: Pipeline, first: Run) -> None:
+    db = Path(pipeline.env["AIRFLOW_HOME"]) / "airflow.db"
+    with sqlite3.connect(db) as con:
+        events = con.execute(
+            "select a.name, e.extra, e.source_dag_id, e.source_task_id from asset_event e "
+            "join asset a on a.id = e.asset_id"
+        ).fetchall()
+        queued = con.execute(
+            "select q.target_dag_id from asset_dag_run_queue q join asset a on a.id = q.asset_id"
+        ).fetchall()
+    version = first.summary["dataset_version"]
+    assert [(n, json.loads(x), d, t) for n, x, d, t in events] == [
+        ("dandelion_dataset", {"dataset_version": version}, "dandelion_pipeline", "ingest")
+    ]
+    assert queued == [("dandelion_retrain",)], "the retraining DAG is scheduled on the asset"
 
 
 def test_mlflow_run_with_metrics_and_linked_notebooks(pipeline: Pipeline, first: Run) -> None:
