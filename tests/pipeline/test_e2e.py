@@ -214,3 +214,20 @@ def test_failing_gate_ends_the_run_and_keeps_the_champion(
     assert "dandelion: step 'promote' failed (try 1)\n" in gated.airflow_log
     assert pipeline.store.exists(f"runs/{gated.run_key}/FAILED.txt")
     assert "dandelion pipeline: FAILED" in gated.log and "  promotion  not promoted: " in gated.log
+
+
+def test_retraining_dag_skips_when_nothing_changed(
+    pipeline: Pipeline, first: Run, gated: Run
+) -> None:
+    """A weekly (time-triggered) retraining run: latest dataset, same code as the champion."""
+    proc = dags_test("dandelion_retrain", pipeline.env, cwd=pipeline.root)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    latest = pipeline.store.get_json("runs/latest")
+    summary = pipeline.store.get_json(
+        f"runs/{latest['run_id'].replace(':', '_').replace('+', '_')}/summary.json"
+    )
+    assert summary["dag_id"] == "dandelion_retrain" and summary["status"] == "succeeded"
+    assert summary["dataset_version"] == first.summary["dataset_version"]
+    assert summary["training"]["train"] is False
+    assert summary["task_states"]["train"] == "skipped"
+    assert pipeline.alias("champion") == first.summary["model"]["version"]
