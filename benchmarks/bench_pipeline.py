@@ -4,7 +4,8 @@ Three measurements in one run, each in a fresh work directory, the 400 reference
 served on loopback HTTP:
 
 * baseline — the same stages called directly in one fresh Python process (imports included),
-  no Airflow, no Papermill: ingest -> validate -> train -> promote;
+  no Airflow, no Papermill, no notebook figures: ingest -> validate -> train -> evaluate ->
+  promote;
 * pipeline, cold — ``dandelion pipeline`` (what ``nox -s pipeline`` runs): Airflow DB migration,
   ``airflow dags test dandelion_pipeline``, notebooks through Papermill, summary;
 * pipeline, re-run — the same again: nothing to download, training skipped.
@@ -44,9 +45,11 @@ def _serve(path: Path) -> tuple[str, http.server.ThreadingHTTPServer]:
 
 def _baseline(workdir: Path, source: str) -> dict[str, Any]:
     """The stages in-process, in the pipeline's order, with the same settings."""
-    from dandelion_lib import pipeline, registry, train
+    from dandelion_lib import evaluate, pipeline, registry, train
     from dandelion_lib.config import Settings
     from dandelion_lib.ingest import ingest
+    from dandelion_lib.predict import Predictor
+    from dandelion_lib.storage import open_store
 
     settings = Settings(workdir=workdir, source=source)
     laps: dict[str, float] = {}
@@ -59,6 +62,10 @@ def _baseline(workdir: Path, source: str) -> dict[str, Any]:
     t = time.perf_counter()
     result = train.train(train.TrainConfig(dataset_version=report.version), settings)
     laps["train"] = time.perf_counter() - t
+    t = time.perf_counter()
+    predictor = Predictor.load(registry.model_uri(settings.model_name, registry.CHALLENGER))
+    evaluate.evaluate_split(predictor, open_store(settings=settings), report.version)
+    laps["evaluate"] = time.perf_counter() - t
     t = time.perf_counter()
     promotion = registry.promote(settings, dataset_version=report.version)
     laps["promote"] = time.perf_counter() - t

@@ -19,7 +19,6 @@ Notebook steps are ``PapermillOperator`` tasks with three hooks from this module
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -43,7 +42,7 @@ DATASET_ASSET = Asset(
 )
 """Emitted by ingestion for each dataset version; the retraining DAG is scheduled on it."""
 
-NOTEBOOK_TASKS = {task_id: name for task_id, name in pipeline.NOTEBOOKS.items()}
+NOTEBOOK_TASKS = dict(pipeline.NOTEBOOKS)
 
 
 def _settings() -> Settings:
@@ -300,7 +299,6 @@ def finish_notebook(context: Any, result: Any = None) -> None:
         return
     runs = [r.info.run_id for r in _mlflow_runs_of_task(context)]
     if task_id == "train":
-        runs = runs or []
         _after_train(context, runs, url)
     elif not runs:
         train_run = ti.xcom_pull(task_ids="train", key="mlflow_run_id")
@@ -380,6 +378,9 @@ def _failure_record(context: Any, *, will_retry: bool) -> dict[str, Any]:
         os.environ.pop("MLFLOW_RUN_CONTEXT", None)
         try:
             record["notebook"] = _store_notebook(context)
+            runs = [r.info.run_id for r in _mlflow_runs_of_task(context)]
+            _link_notebook(context, record["notebook"], runs)
+            record["mlflow_runs"] = runs
         except Exception as exc:  # the record matters more than the copy
             record["notebook_error"] = str(exc)
     return record
@@ -498,9 +499,7 @@ def promote(model_version: str, dataset_version: str, **context: Any) -> dict[st
         )
     os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps(_run_context_tags(context))
     try:
-        # the model gate of dandelion_lib.registry (looked up at run time)
-        gate = importlib.import_module("dandelion_lib.registry").promote
-        result = gate(settings, dataset_version=dataset_version)
+        result = registry.promote(settings, dataset_version=dataset_version)
     finally:
         os.environ.pop("MLFLOW_RUN_CONTEXT", None)
     outcome = {

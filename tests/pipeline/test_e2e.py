@@ -11,6 +11,7 @@ non-zero and leaves the champion where it was. The promotion floor is lowered to
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -125,6 +126,23 @@ def test_dataset_version_in_the_store(pipeline: Pipeline, first: Run) -> None:
     assert first.summary["counts"]["labels"] == {"dandelion": PER_CLASS, "grass": PER_CLASS}
 
 
+def test_ingestion_emitted_the_dataset_asset_for_retraining(pipeline: Pipeline, first: Run) -> None:
+    db = Path(pipeline.env["AIRFLOW_HOME"]) / "airflow.db"
+    with sqlite3.connect(db) as con:
+        events = con.execute(
+            "select a.name, e.extra, e.source_dag_id, e.source_task_id from asset_event e "
+            "join asset a on a.id = e.asset_id"
+        ).fetchall()
+        queued = con.execute(
+            "select q.target_dag_id from asset_dag_run_queue q join asset a on a.id = q.asset_id"
+        ).fetchall()
+    version = first.summary["dataset_version"]
+    assert [(n, json.loads(x), d, t) for n, x, d, t in events] == [
+        ("dandelion_dataset", {"dataset_version": version}, "dandelion_pipeline", "ingest")
+    ]
+    assert queued == [("dandelion_retrain",)], "the retraining DAG is scheduled on the asset"
+
+
 def test_mlflow_run_with_metrics_and_linked_notebooks(pipeline: Pipeline, first: Run) -> None:
     model = first.summary["model"]
     run = pipeline.client.get_run(model["mlflow_run_id"])
@@ -196,3 +214,20 @@ def test_failing_gate_ends_the_run_and_keeps_the_champion(
     assert "dandelion: step 'promote' failed (try 1)\n" in gated.airflow_log
     assert pipeline.store.exists(f"runs/{gated.run_key}/FAILED.txt")
     assert "dandelion pipeline: FAILED" in gated.log and "  promotion  not promoted: " in gated.log
+
+
+def test_retraining_dag_skips_when_nothing_changed(
+    pipeline: Pipeline, first: Run, gated: Run
+) -> None:
+    """A weekly (time-triggered) retraining run: latest dataset, same code as the champion."""
+    proc = dags_test("dandelion_retrain", pipeline.env, cwd=pipeline.root)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    latest = pipeline.store.get_json("runs/latest")
+    summary = pipeline.store.get_json(
+        f"runs/{latest['run_id'].replace(':', '_').replace('+', '_')}/summary.json"
+    )
+    assert summary["dag_id"] == "dandelion_retrain" and summary["status"] == "succeeded"
+    assert summary["dataset_version"] == first.summary["dataset_version"]
+    assert summary["training"]["train"] is False
+    assert summary["task_states"]["train"] == "skipped"
+    assert pipeline.alias("champion") == first.summary["model"]["version"]
