@@ -332,7 +332,9 @@ def _fit(model: Any, data: Any, val: Any, *, epochs: int, config: TrainConfig, c
         patience=min(config.patience, 10),
         restore_best_weights=config.restore_best_weights,
     )
-    return model.fit(data, validation_data=val, epochs=epochs, callbacks=[stop, cb], verbose=0)
+    return model.fit(
+        data, validation_data=val, epochs=epochs, callbacks=[stop, cb], verbose=0, shuffle=False
+    )
 
 
 def train(

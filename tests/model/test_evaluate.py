@@ -180,3 +180,35 @@ def test_folder_listing_ignores_other_labels(tmp_path: Path) -> None:
     (tmp_path / "dandelion" / "a.JPG").write_bytes(b"x")
     found = evaluate.list_labelled_folder(tmp_path, LABELS)
     assert found == [(tmp_path / "dandelion" / "a.JPG", "dandelion")]
+
+
+def test_cli_predict_prints_labels_and_flags_invalid_files(
+    tmp_path: Path,
+    model_env: Any,
+    trained: Any,
+    test_split: pd.DataFrame,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    from dandelion_lib import cli
+    from dandelion_lib.config import get_settings
+
+    rows = test_split.groupby("label").head(1)
+    files = []
+    for key, label in zip(rows["key"], rows["label"], strict=True):
+        path = tmp_path / f"{label}.jpg"
+        path.write_bytes(model_env.store.get_bytes(key))
+        files.append(str(path))
+    bad = tmp_path / "page.jpg"
+    bad.write_text("<html>not an image</html>")
+    monkeypatch.setenv("DANDELION_WORKDIR", str(model_env.settings.workdir))
+    get_settings.cache_clear()
+    try:
+        code = cli.main(["predict", "--model", trained.model_uri, *files, str(bad)])
+    finally:
+        get_settings.cache_clear()
+    out = capsys.readouterr().out.splitlines()
+    assert code == 1  # one file was not an image
+    assert out[-1] == f"{bad}: invalid image (not_an_image): the file is not a supported image"
+    for line, label in zip(out[-3:-1], rows["label"], strict=True):
+        assert line.startswith(f"{tmp_path / label}.jpg: {label} (confidence ")
