@@ -225,7 +225,9 @@ class _EpochLog:
                 for k, v in logs.items():
                     outer.history.setdefault(k, []).append(v)
                 outer.step += 1
-                if outer.progress:
+                # Every epoch of slow phases; every 10th of the fast head fits.
+                every = 10 if phase in ("head", "refit") else 1
+                if outer.progress and (epoch % every == every - 1 or epoch + 1 == epochs):
                     shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(logs.items()))
                     print(f"[{phase}] epoch {epoch + 1}/{epochs}  {shown}", flush=True)
 
