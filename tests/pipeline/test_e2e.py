@@ -49,7 +49,9 @@ class Pipeline:
         self.env = env
         self.settings = Settings(workdir=Path(env["DANDELION_WORKDIR"]))
         self.store = LocalStore(self.settings.workdir_path / "store")
-        self.client = MlflowClient(self.settings.resolved_tracking_uri)
+        uri = self.settings.resolved_tracking_uri
+        # Both URIs explicit: other tests in the same process may have set global ones.
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     def run(self, conf: dict[str, Any] | None = None, **env: str) -> Run:
         proc = dags_test("dandelion_pipeline", {**self.env, **env}, conf or {}, cwd=self.root)
