@@ -111,7 +111,8 @@ class ApiMetrics:
         )
         self.drift_share = Gauge(
             "dandelion_drift_share",
-            f"Share of features whose PSI exceeds {PSI_DRIFT_THRESHOLD}.",
+            f"Share of features whose PSI exceeds both {PSI_DRIFT_THRESHOLD} and the noise floor "
+            "of the current window size.",
             registry=r,
         )
         self.drift_window = Gauge(
@@ -128,12 +129,10 @@ class ApiMetrics:
         if monitor is None:
             self.drift_window.set(0)
             return
-        scores = monitor.scores()
+        scores, share = monitor.snapshot()
         for feature, value in scores.items():
             self.drift_psi.labels(feature=feature).set(value)
-        self.drift_share.set(
-            sum(v > PSI_DRIFT_THRESHOLD for v in scores.values()) / len(scores) if scores else 0.0
-        )
+        self.drift_share.set(share)
         self.drift_window.set(len(monitor))
 
     def render(self) -> bytes:

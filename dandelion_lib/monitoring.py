@@ -254,8 +254,16 @@ class DriftMonitor:
 
     def drifted_share(self, threshold: float | None = None) -> float:
         """Share of features that drifted, in [0, 1] (0 when no reference or no images)."""
-        flags = self.drifted(threshold)
-        return sum(flags.values()) / len(flags) if flags else 0.0
+        return self.snapshot(threshold)[1]
+
+    def snapshot(self, threshold: float | None = None) -> tuple[dict[str, float], float]:
+        """PSI per feature and the drifted share, both from one copy of the window."""
+        rows = self._rows()
+        scores = _scores(self.reference, rows)
+        flags = drifted_features(
+            scores, self.reference, len(rows), self.threshold if threshold is None else threshold
+        )
+        return scores, (sum(flags.values()) / len(flags) if flags else 0.0)
 
 
 def _scores(reference: dict[str, Any], rows: list[dict[str, float]]) -> dict[str, float]:

@@ -204,3 +204,26 @@ def test_monitor_reads_while_a_writer_appends(drift_reference: dict) -> None:
         stop.set()
         t.join()
     assert not errors
+
+
+def test_api_drift_gauges_apply_the_noise_floor(
+    drift_reference: dict, heldout_paths: list[Path], dark_dir: Path
+) -> None:
+    """The API's ``dandelion_drift_share`` counts a feature only above the noise floor:
+    a handful of in-distribution photos (raw PSI high by chance) reads 0, dark photos do not."""
+    from api.metrics import ApiMetrics
+
+    metrics = ApiMetrics()
+    monitor = DriftMonitor(drift_reference, window=120)
+    for row in _stats(heldout_paths[:4] + heldout_paths[-4:]):
+        monitor.add(row)
+    metrics.update_drift(monitor)
+    registry = metrics.registry
+    raw = {f: registry.get_sample_value("dandelion_drift_psi", {"feature": f}) for f in STAT_COLUMNS}
+    assert max(v for v in raw.values() if v is not None) > monitoring.PSI_DRIFT_THRESHOLD
+    assert registry.get_sample_value("dandelion_drift_share") == 0.0
+    assert registry.get_sample_value("dandelion_drift_window_images") == 8
+    for row in _stats(sorted(dark_dir.glob("*.jpg"))):
+        monitor.add(row)
+    metrics.update_drift(monitor)
+    assert registry.get_sample_value("dandelion_drift_share") == monitor.drifted_share() >= 0.5
