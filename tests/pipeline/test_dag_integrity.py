@@ -54,6 +54,7 @@ for path in sorted(Path(sys.argv[1]).glob("*.py")):
                 "teardown": t.is_teardown,
                 "kernel": getattr(t, "kernel_name", None),
                 "input_nb": getattr(t, "input_nb", None),
+                "parameters": sorted(getattr(t, "parameters", None) or {}),
                 "pre_execute": getattr(t._pre_execute_hook, "__name__", None),
                 "post_execute": getattr(t._post_execute_hook, "__name__", None),
                 "outlets": [getattr(o, "name", str(o)) for o in t.outlets],
@@ -147,6 +148,21 @@ def test_notebook_steps_are_papermill_in_dandelion_kernel(parsed: dict[str, Any]
         assert f"notebook('{task_id}')" in task["input_nb"]
         assert task["pre_execute"] == "prepare_notebook"
         assert task["post_execute"] == "finish_notebook"
+
+
+@pytest.mark.parametrize("dag_id", ["dandelion_pipeline", "dandelion_retrain"])
+def test_every_parameter_the_dag_passes_is_declared_by_its_notebook(
+    parsed: dict[str, Any], dag_id: str
+) -> None:
+    """Papermill only warns about an undeclared parameter; a typo would go unnoticed."""
+    import papermill
+
+    for task_id, task in parsed["dags"][dag_id]["tasks"].items():
+        if task["type"] != "PapermillOperator":
+            continue
+        declared = set(papermill.inspect_notebook(ROOT / "notebooks" / NOTEBOOKS[task_id]))
+        assert task["parameters"], task_id
+        assert set(task["parameters"]) <= declared, (task_id, set(task["parameters"]) - declared)
 
 
 def test_retries_on_io_steps_and_failure_callbacks(parsed: dict[str, Any]) -> None:
