@@ -219,7 +219,9 @@ def test_api_drift_gauges_apply_the_noise_floor(
         monitor.add(row)
     metrics.update_drift(monitor)
     registry = metrics.registry
-    raw = {f: registry.get_sample_value("dandelion_drift_psi", {"feature": f}) for f in STAT_COLUMNS}
+    raw = {
+        f: registry.get_sample_value("dandelion_drift_psi", {"feature": f}) for f in STAT_COLUMNS
+    }
     assert max(v for v in raw.values() if v is not None) > monitoring.PSI_DRIFT_THRESHOLD
     assert registry.get_sample_value("dandelion_drift_share") == 0.0
     assert registry.get_sample_value("dandelion_drift_window_images") == 8
