@@ -7,9 +7,9 @@
 * (c) baseline — how typical projects serve: a Litestar app whose handler decodes with
   PIL and calls ``model.predict`` per request (in the thread pool), same clients.
 
-The model is a real-size network with random weights (EfficientNet-B0 from
-``keras.applications``, ~0.4 GFLOPs, normalisation inside the model, built-in layers only)
-registered in an embedded MLflow registry; both servers load it from there. Images: the
+The model is the served architecture (EfficientNet-Lite0 with its ImageNet weights,
+normalisation inside the model, and an untrained two-class head), registered in an
+embedded MLflow registry; both servers load it from there. Images: the
 400 reference JPEGs, cycled. Targets: API p50 at c=1 <= 1.5x the floor's p50; API
 throughput at c=16 >= 3x the baseline's. Servers run one at a time on the same cores.
 """
@@ -167,11 +167,11 @@ def _batches(url: str) -> tuple[float, float]:
 
 # --- the model ----------------------------------------------------------------------------
 def _build_model() -> Any:
-    import keras
+    """The served architecture: EfficientNet-Lite0 (ImageNet weights) + a head (untrained)."""
+    from dandelion_lib import model as model_lib
 
-    return keras.applications.EfficientNetB0(
-        weights=None, input_shape=(224, 224, 3), classes=2, classifier_activation="softmax"
-    )
+    backbone = model_lib.build_backbone("efficientnet_lite0")
+    return model_lib.assemble(backbone, model_lib.build_head(backbone.feature_dim, 2))
 
 
 def _register(workdir: Path) -> str:
@@ -269,7 +269,9 @@ def main() -> None:
         os.environ["DANDELION_WORKDIR"] = str(workdir)
         t0 = time.perf_counter()
         uri = _register(workdir)
-        print(f"model registered in {time.perf_counter() - t0:.0f} s: {uri} (EfficientNet-B0)")
+        print(
+            f"model registered in {time.perf_counter() - t0:.0f} s: {uri} (EfficientNet-Lite0 + head)"
+        )
         floor = _floor(uri, images)
 
         port = _port()

@@ -81,8 +81,9 @@ def main() -> None:
         )
 
         rng = np.random.default_rng(0)
-        one = rng.uniform(0, 255, (1, 224, 224, 3)).astype(np.float32)
-        batch = rng.uniform(0, 255, (32, 224, 224, 3)).astype(np.float32)
+        size = predictor.spec.image_size
+        one = rng.uniform(0, 255, (1, size, size, 3)).astype(np.float32)
+        batch = rng.uniform(0, 255, (32, size, size, 3)).astype(np.float32)
         model = predictor.model
         b1 = statistics.median(_timed(lambda: predictor.predict_arrays(one), 30))
         b1_eager = statistics.median(_timed(lambda: model(one, training=False), 10))

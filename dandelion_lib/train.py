@@ -28,7 +28,7 @@ import pandas as pd
 
 from dandelion_lib.config import Settings, get_settings
 from dandelion_lib.errors import DandelionError
-from dandelion_lib.features import FeatureSpec, bytes_to_model_input
+from dandelion_lib.features import DEFAULT_IMAGE_SIZE, FeatureSpec, bytes_to_model_input
 
 HEAD_LEARNING_RATE = 0.1
 END_TO_END_LEARNING_RATE = 1e-3
@@ -48,13 +48,15 @@ class TrainConfig:
     """efficientnet_lite0 (offline), mobilenet_v2, efficientnet_b0 (download) or small_cnn."""
     weights: str = "imagenet"
     """Backbone initialisation: imagenet or none."""
+    image_size: int = DEFAULT_IMAGE_SIZE
+    """Model input size in pixels (square; logged in the feature spec)."""
     epochs: int = 200
     """Head epochs on cached features (one full-batch step each; end-to-end epochs for
     small_cnn and untrained backbones)."""
     batch_size: int = 64
     learning_rate: float | None = None
     """None: 0.1 for the head on cached features (cosine decay), 1e-3 end to end."""
-    l2: float = 1e-2
+    l2: float = 2e-2
     """L2 penalty on the head's dense kernel."""
     dropout: float = 0.0
     label_smoothing: float = 0.0
@@ -67,7 +69,7 @@ class TrainConfig:
     """On early stopping, go back to the epoch of lowest val_loss (the tiny validation
     split makes that epoch noisy; the converged head generalises better)."""
     augment: bool = True
-    augment_copies: int = 2
+    augment_copies: int = 4
     """Augmented views per training image whose backbone features are cached."""
     flip: bool = True
     rotation: float = 0.04
@@ -372,7 +374,7 @@ def train(
     version = config.dataset_version or dataset.latest_version(store)
     manifest = dataset.load_manifest(store, version)
     labels = tuple(getattr(settings, "labels", None) or FeatureSpec().labels)
-    spec = FeatureSpec(labels=labels)
+    spec = FeatureSpec(labels=labels, image_size=config.image_size)
     unknown = sorted(set(manifest["label"]) - set(labels))
     if unknown:
         raise TrainingError(f"dataset {version} has labels {unknown} outside {list(labels)}")
@@ -422,30 +424,17 @@ def train(
                     )
                     train_y.append(y["train"])
             t = lap("extract_features", t)
-            keras.utils.set_random_seed(config.seed)
-            head = model_lib.build_head(
-                backbone.feature_dim,
-                n,
-                config.dropout,
-                config.seed,
-                l2=config.l2,
-                adapt=feats["train"],
-            )
-            fit_head(
-                head,
-                np.concatenate(train_x),
-                _one_hot(np.concatenate(train_y), n),
-                (feats["val"], _one_hot(y["val"], n)),
-                epochs=config.epochs,
-                learning_rate=config.learning_rate or HEAD_LEARNING_RATE,
-                patience=config.patience,
-                label_smoothing=config.label_smoothing,
-                restore_best=config.restore_best_weights,
-                callback=log.callback("head", config.epochs),
-            )
-            if config.refit_with_val:
-                # Same recipe, same number of epochs, on train + val: 60 more real images.
-                epochs_run = len(log.history["loss"])
+            val = (feats["val"], _one_hot(y["val"], n))
+
+            def head_fit(
+                originals: list[np.ndarray],
+                x: list[np.ndarray],
+                labels: list[Any],
+                epochs: int,
+                phase: str,
+                early_stop: bool,
+            ) -> Any:
+                """A fresh head standardised on ``originals``, trained on ``x``."""
                 keras.utils.set_random_seed(config.seed)
                 head = model_lib.build_head(
                     backbone.feature_dim,
@@ -453,18 +442,32 @@ def train(
                     config.dropout,
                     config.seed,
                     l2=config.l2,
-                    adapt=np.concatenate([feats["train"], feats["val"]]),
+                    adapt=np.concatenate(originals),
                 )
                 fit_head(
                     head,
-                    np.concatenate([*train_x, feats["val"]]),
-                    _one_hot(np.concatenate([*train_y, y["val"]]), n),
-                    (feats["val"], _one_hot(y["val"], n)),
-                    epochs=epochs_run,
+                    np.concatenate(x),
+                    _one_hot(np.concatenate(labels), n),
+                    val,
+                    epochs=epochs,
                     learning_rate=config.learning_rate or HEAD_LEARNING_RATE,
-                    patience=epochs_run + 1,
+                    patience=config.patience if early_stop else epochs + 1,
                     label_smoothing=config.label_smoothing,
-                    callback=log.callback("refit", epochs_run),
+                    restore_best=early_stop and config.restore_best_weights,
+                    callback=log.callback(phase, epochs),
+                )
+                return head
+
+            head = head_fit([feats["train"]], train_x, train_y, config.epochs, "head", True)
+            if config.refit_with_val:
+                # Same recipe, same number of epochs, on train + val: 60 more real images.
+                head = head_fit(
+                    [feats["train"], feats["val"]],
+                    [*train_x, feats["val"]],
+                    [*train_y, y["val"]],
+                    len(log.history["loss"]),
+                    "refit",
+                    False,
                 )
             t = lap("train_head", t)
         else:

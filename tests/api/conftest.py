@@ -72,7 +72,10 @@ def build_tiny_model(coef: np.ndarray, intercept: float) -> Any:
     """Rescaling -> GlobalAveragePooling2D -> Dense(2, softmax): p(grass) = sigmoid(coef.x + b)."""
     import keras
 
-    inputs = keras.Input((224, 224, 3))
+    from dandelion_lib.features import FeatureSpec
+
+    size = FeatureSpec().image_size
+    inputs = keras.Input((size, size, 3))
     x = keras.layers.Rescaling(1.0 / 255.0)(inputs)
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(2, activation="softmax")(x)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dandelion_lib.features import FeatureSpec
 from tests.api.conftest import ApiServer
 
 PROBLEM = "application/problem+json"
@@ -157,7 +158,7 @@ def test_model_endpoint_describes_the_loaded_version(api_server: ApiServer) -> N
     assert info["state"] == "ready"
     assert info["version"] in api_server.registry.models
     assert info["uri"] == f"models:/{api_server.registry.name}/{info['version']}"
-    assert info["feature_spec"]["image_size"] == 224
+    assert info["feature_spec"]["image_size"] == FeatureSpec().image_size
     assert info["feature_spec"]["labels"] == ["dandelion", "grass"]
     assert info["metrics"] == {"test_accuracy": 0.7}
     assert info["dataset_version"] == "test"

@@ -30,7 +30,8 @@ def test_training_and_serving_inputs_are_identical(
     train_inputs = _training_inputs(model_env.store, rows, predictor.spec)
     served = np.stack([predictor.decode(model_env.store.get_bytes(k))[0] for k in rows["key"]])
     assert train_inputs.dtype == served.dtype == np.float32
-    assert train_inputs.shape == served.shape == (12, 224, 224, 3)
+    size = predictor.spec.image_size
+    assert train_inputs.shape == served.shape == (12, size, size, 3)
     np.testing.assert_array_equal(train_inputs, served)
     assert served.max() > 200 and served.min() < 50  # real pixels in [0, 255], unnormalised
 

@@ -117,6 +117,22 @@ def test_lite0_architecture(lite0: object) -> None:
     assert not any(isinstance(ly, layers.Multiply | layers.Lambda) for ly in model.layers)  # type: ignore[attr-defined]
 
 
+def test_lite0_backbone_pools_the_head_and_the_last_block(lite0: object) -> None:
+    """The backbone's 1600-d features: the port's pooled head, then the last block pooled."""
+    import keras
+
+    ref = np.load(FIXTURES / "lite0_reference.npz")
+    x = reference_inputs(ref)
+    backbone = model_lib.build_backbone("efficientnet_lite0", image_size=x.shape[1])
+    assert backbone.feature_dim == 1600
+    features = np.asarray(backbone.model(x, training=False))
+    np.testing.assert_allclose(features[:, :1280], ref["features"], rtol=1e-3, atol=2e-4)
+    last = keras.Model(lite0.input, lite0.get_layer(model_lib.LITE0_LAST_BLOCK).output)  # type: ignore[attr-defined]
+    pooled = np.asarray(last(x, training=False)).mean(axis=(1, 2))
+    np.testing.assert_allclose(features[:, 1280:], pooled, rtol=1e-4, atol=1e-4)
+    assert np.abs(pooled[0] - pooled[1]).max() > 0.5
+
+
 def test_full_model_saves_and_loads_without_custom_objects(tmp_path: Path, lite0: object) -> None:
     import keras
 
@@ -175,7 +191,7 @@ def test_offline_keras_applications_name_the_offline_backbone(
 
 
 def test_small_cnn_builds_offline_from_scratch() -> None:
-    backbone = model_lib.build_backbone("small_cnn")
+    backbone = model_lib.build_backbone("small_cnn", image_size=224)
     assert not backbone.pretrained and backbone.feature_dim == 128
     out = backbone.model(np.zeros((1, 224, 224, 3), np.float32))
     assert tuple(out.shape) == (1, 128)

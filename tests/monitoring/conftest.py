@@ -103,7 +103,8 @@ def registered_model(mlflow_server: str, drift_reference: dict) -> Iterator[str]
 
     previous = mlflow.get_tracking_uri()
     client = configure_mlflow(Settings(tracking_uri=mlflow_server))
-    inputs = keras.Input((224, 224, 3))
+    size = FeatureSpec().image_size
+    inputs = keras.Input((size, size, 3))
     x = keras.layers.Rescaling(1 / 255.0)(inputs)
     x = keras.layers.GlobalAveragePooling2D()(x)
     model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
