@@ -31,7 +31,8 @@ SIZE_BUCKETS: tuple[tuple[str, int, int], ...] = (
     ("short_side_180-223", 180, 224),
     ("short_side>=224", 224, 1 << 30),
 )
-"""Image size slices by the shorter side in pixels (the model input is 224 px)."""
+"""Image size slices by the shorter side in pixels (small, typical, larger photos of the
+reference data; every one is resized to the model input size)."""
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 

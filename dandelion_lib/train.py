@@ -199,6 +199,31 @@ def _extract(extractor: Any, dataset: Any, dim: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
+def extract_features(extractor: Any, pixels: np.ndarray, dim: int) -> np.ndarray:
+    """Backbone features of ``pixels`` (uint8 model inputs), unaugmented."""
+    return _extract(extractor, make_dataset(pixels), dim)
+
+
+def augmented_features(
+    extractor: Any, pixels: np.ndarray, dim: int, config: TrainConfig
+) -> list[np.ndarray]:
+    """Backbone features of ``config.augment_copies`` augmented views of ``pixels``.
+
+    View ``i`` is drawn with the seed ``config.seed + 1000 + i``, so the views are
+    reproducible and independent of what ran before.
+    """
+    import keras
+
+    if not config.augment:
+        return []
+    augmenter = make_augmenter(config)
+    views = []
+    for copy in range(config.augment_copies):
+        keras.utils.set_random_seed(config.seed + 1000 + copy)
+        views.append(_extract(extractor, make_dataset(pixels, augmenter=augmenter), dim))
+    return views
+
+
 # --------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------
@@ -414,15 +439,9 @@ def train(
             backbone.model.trainable = False
             extractor = feature_extractor(backbone)
             dim = backbone.feature_dim
-            feats = {s: _extract(extractor, make_dataset(p), dim) for s, p in pixels.items()}
-            train_x, train_y = [feats["train"]], [y["train"]]
-            if config.augment:
-                for copy in range(config.augment_copies):
-                    keras.utils.set_random_seed(config.seed + 1000 + copy)
-                    train_x.append(
-                        _extract(extractor, make_dataset(pixels["train"], augmenter=augmenter), dim)
-                    )
-                    train_y.append(y["train"])
+            feats = {s: extract_features(extractor, p, dim) for s, p in pixels.items()}
+            train_x = [feats["train"], *augmented_features(extractor, pixels["train"], dim, config)]
+            train_y = [y["train"]] * len(train_x)
             t = lap("extract_features", t)
             val = (feats["val"], _one_hot(y["val"], n))
 
