@@ -11,56 +11,15 @@ Targets (2 cores): cold <= 10 s, re-run <= 3 s.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+
+from tests.process_support import free_port, running
 
 ROOT = Path(__file__).resolve().parents[1]
 GREENR = Path(os.environ.get("DANDELION_TEST_DATASET", ROOT.parent / "shared/datasets/greenr"))
 LABELS = ("dandelion", "grass")
 COUNT = 200
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(url: str, proc: subprocess.Popen[bytes]) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server for {url} exited with {proc.returncode}")
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise TimeoutError(url)
-
-
-@contextmanager
-def _server(args: list[str], url: str) -> Iterator[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        _wait(url, proc)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _baseline(source: str, endpoint: str, bucket: str) -> float:
@@ -88,13 +47,11 @@ def main() -> None:
     # Dummy credentials for the loopback S3 server only.
     for k, v in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench")):
         os.environ.setdefault(k, v)
-    http_port, s3_port = _port(), _port()
+    http_port, s3_port = free_port(), free_port()
     http_args = ["http.server", str(http_port), "--bind", "127.0.0.1", "--directory", str(GREENR)]
     s3_args = ["moto.server", "-H", "127.0.0.1", "-p", str(s3_port)]
-    with (
-        _server(http_args, f"http://127.0.0.1:{http_port}") as source,
-        _server(s3_args, f"http://127.0.0.1:{s3_port}") as endpoint,
-    ):
+    source, endpoint = f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{s3_port}"
+    with running(["-m", *http_args], source), running(["-m", *s3_args], endpoint):
         bucket = "bench"
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
             Bucket=bucket

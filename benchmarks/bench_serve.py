@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from tests.process_support import free_port, running
 
 ROOT = Path(__file__).resolve().parents[1]
 GREENR = Path(os.environ.get("DANDELION_TEST_DATASET", ROOT.parent / "shared/datasets/greenr"))
@@ -40,12 +38,6 @@ WARMUP = 24
 
 
 # --- helpers ------------------------------------------------------------------------------
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _images() -> list[bytes]:
     files = sorted(GREENR.glob("*/*.jpg"))
     if not files:
@@ -78,34 +70,15 @@ def _env(workdir: Path, port: int) -> dict[str, str]:
     return env
 
 
-@contextmanager
-def _server(args: list[str], env: dict[str, str], ready_url: str, log: Path) -> Iterator[None]:
-    import httpx
-
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-        try:
-            deadline = time.monotonic() + 600
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{args} exited with {proc.returncode}; see {log}")
-                try:
-                    if httpx.get(ready_url, timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{ready_url} not ready; see {log}")
-                time.sleep(0.5)
-            yield
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+def _server_options(workdir: Path, port: int, tmp: str, name: str = "api") -> dict[str, Any]:
+    """Options of :func:`running`: ready on 200 only, 10 minutes to load the model."""
+    return {
+        "env": _env(workdir, port),
+        "cwd": ROOT,
+        "log": Path(tmp) / f"{name}.log",
+        "timeout": 600,
+        "ready": lambda status: status == 200,
+    }
 
 
 def _load(url: str, images: list[bytes], clients: int, total: int) -> dict[str, float]:
@@ -274,21 +247,19 @@ def main() -> None:
         )
         floor = _floor(uri, images)
 
-        port = _port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         results: dict[str, dict[str, float]] = {}
-        with _server(
-            ["-m", "api"], _env(workdir, port), f"{url}/health/ready", Path(tmp) / "api.log"
-        ):
+        with running(["-m", "api"], f"{url}/health/ready", **_server_options(workdir, port, tmp)):
             results["api c=1"] = _load(url, images, 1, N_C1)
             before = _batches(url)
             results["api c=16"] = _load(url, images, 16, N_C16)
             after = _batches(url)
         mean_batch = (after[1] - before[1]) / max(after[0] - before[0], 1)
-        port = _port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         naive = ["-m", "benchmarks.bench_serve", "naive", uri, str(port)]
-        with _server(naive, _env(workdir, port), f"{url}/ready", Path(tmp) / "naive.log"):
+        with running(naive, f"{url}/ready", **_server_options(workdir, port, tmp, "naive")):
             results["baseline c=1"] = _load(url, images, 1, N_C1)
             results["baseline c=16"] = _load(url, images, 16, N_C16 // 2)
 
