@@ -200,9 +200,10 @@ def naive_app(uri: str) -> Any:
 
     model = mlflow.keras.load_model(uri)
     labels = ("dandelion", "grass")
+    size = (int(model.input_shape[2]), int(model.input_shape[1]))
 
     def infer(data: bytes) -> dict[str, Any]:
-        img = Image.open(io.BytesIO(data)).convert("RGB").resize((224, 224))
+        img = Image.open(io.BytesIO(data)).convert("RGB").resize(size)
         x = np.asarray(img, dtype=np.float32)[None]
         probs = model.predict(x, verbose=0)[0]
         i = int(np.argmax(probs))
