@@ -8,12 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nbformat
 import pytest
 
 from dandelion_lib.monitoring import DriftError, drift_report, load_reference
+from tests.notebook_support import ROOT, assert_clean_and_parameterized, outputs, run_papermill
 
-ROOT = Path(__file__).resolve().parents[2]
+DRIFT_NOTEBOOK = ROOT / "notebooks" / "04_drift.ipynb"
 
 
 def _run_cli(args: list[str], tracking_uri: str, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -98,38 +98,19 @@ def test_report_from_a_loaded_predictor(registered_model: str, gray_dir: Path) -
 def test_notebook_runs_with_papermill(
     registered_model: str, mlflow_server: str, dark_dir: Path, tmp_path: Path
 ) -> None:
-    out = tmp_path / "04_drift.out.ipynb"
-    env = {
-        **os.environ,
-        "JUPYTER_PATH": str(Path(sys.prefix) / "share" / "jupyter"),
-        "PYTHONPATH": str(ROOT),
-    }
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "04_drift.ipynb"), str(out),
-            "-k", "dandelion",
-            "-p", "model_uri", registered_model,
-            "-p", "images_dir", str(dark_dir),
-            "-p", "tracking_uri", mlflow_server,
-        ],
-        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    nb = nbformat.read(out, as_version=4)
-    text = "\n".join(
-        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+    nb = run_papermill(
+        DRIFT_NOTEBOOK,
+        tmp_path / "04_drift.out.ipynb",
+        *("-p", "model_uri", registered_model),
+        *("-p", "images_dir", str(dark_dir)),
+        *("-p", "tracking_uri", mlflow_server),
+        timeout=300,
+        cwd=tmp_path,
     )
+    text, images = outputs(nb)
     assert "verdict: DRIFT" in text
-    images = [
-        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-        if "image/png" in o.get("data", {})
-    ]  # fmt: skip
     assert images, "the decile plot was not rendered"
 
 
 def test_committed_notebook_is_clean_and_parameterized() -> None:
-    nb = nbformat.read(ROOT / "notebooks" / "04_drift.ipynb", as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert "parameters" in code[0].metadata.get("tags", [])
-    assert nb.metadata["kernelspec"]["name"] == "dandelion"
-    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
+    assert_clean_and_parameterized(DRIFT_NOTEBOOK)
