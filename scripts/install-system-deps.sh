@@ -2,7 +2,14 @@
 # System packages the test suites use: Prometheus (+ promtool), Chromium (browser tests),
 # PostgreSQL (feedback DB tests). Idempotent; installs only what is missing. Needs root/sudo.
 set -euo pipefail
-packages=(prometheus chromium postgresql)
+packages=(prometheus postgresql)
+# The browser: Debian's chromium. On Ubuntu that package is a snap stub that cannot run in
+# CI; GitHub's Ubuntu runners ship Google Chrome, which the browser tests use instead.
+if [ -x /usr/bin/google-chrome ] && ! grep -q '^ID=debian' /etc/os-release; then
+  echo "browser: /usr/bin/google-chrome"
+else
+  packages+=(chromium)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,9 +1,10 @@
-"""Fixtures of the web app tests: a real Voila server and Debian's Chromium (via Playwright)."""
+"""Fixtures of the web app tests: a real Voila server and a Chromium-family browser (Playwright)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +21,19 @@ import pytest
 
 from tests.conftest import ROOT, free_port, wait_http
 
-CHROMIUM = "/usr/bin/chromium"
+# Debian's Chromium; GitHub's Ubuntu runners ship Google Chrome instead (Ubuntu's `chromium`
+# package is a snap stub that cannot run there). DANDELION_TEST_BROWSER overrides both.
+BROWSERS = ("/usr/bin/chromium", "/usr/bin/google-chrome")
+
+
+def browser_path() -> str | None:
+    """The Chromium-family browser the browser tests drive, or None when there is none."""
+    chosen = os.environ.get("DANDELION_TEST_BROWSER")
+    if chosen:
+        return shutil.which(chosen) or (chosen if Path(chosen).exists() else None)
+    return next((b for b in BROWSERS if Path(b).exists()), None)
+
+
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -91,13 +104,17 @@ def voila(tmp_path: Path) -> Callable[..., Any]:
 
 @pytest.fixture(scope="session")
 def browser() -> Iterator[Any]:
-    """Debian's Chromium driven by Playwright (headless)."""
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} missing: run `bash scripts/install-system-deps.sh`")
+    """Debian's Chromium (or Google Chrome) driven by Playwright (headless)."""
+    executable = browser_path()
+    if executable is None:
+        pytest.fail(
+            f"no browser among {', '.join(BROWSERS)} (or DANDELION_TEST_BROWSER): "
+            "run `bash scripts/install-system-deps.sh`"
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        chromium = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
             yield chromium
         finally:
