@@ -2,7 +2,8 @@
 # MLflow tracking + registry server: PostgreSQL backend store, S3 (MinIO) artifacts proxied by
 # the server (clients never need S3 credentials for models). Configured by environment:
 # MLFLOW_BACKEND_STORE_URI, MLFLOW_ARTIFACTS_DESTINATION, MLFLOW_SERVER_ALLOWED_HOSTS,
-# AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / MLFLOW_S3_ENDPOINT_URL.
+# AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / MLFLOW_S3_ENDPOINT_URL. Prometheus metrics on
+# /metrics (--expose-prometheus; the workers share them through files under /tmp).
 # Build from the repository root:  docker build -f docker/mlflow.Dockerfile -t dandelion-mlflow .
 
 FROM python:3.11.14-slim-bookworm AS builder
@@ -11,7 +12,7 @@ RUN pip install --no-cache-dir uv==0.13.9 && python -m venv --without-pip /opt/v
 WORKDIR /src
 COPY requirements.lock ./
 RUN uv pip install --python /opt/venv/bin/python --constraint requirements.lock \
-        mlflow boto3 "psycopg[binary]"
+        mlflow boto3 "psycopg[binary]" prometheus-flask-exporter
 
 FROM python:3.11.14-slim-bookworm
 LABEL org.opencontainers.image.title="dandelion-mlflow" \
@@ -33,4 +34,5 @@ USER 10001:10001
 EXPOSE 5000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "/usr/local/bin/dandelion-healthcheck", "http://127.0.0.1:5000/health"]
-CMD ["mlflow", "server", "--host", "0.0.0.0", "--port", "5000", "--workers", "2", "--serve-artifacts"]
+CMD ["mlflow", "server", "--host", "0.0.0.0", "--port", "5000", "--workers", "2", "--serve-artifacts", \
+     "--expose-prometheus", "/tmp/mlflow-metrics"]

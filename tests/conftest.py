@@ -111,6 +111,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> I
             f"sqlite:///{workdir / 'mlflow.db'}",
             "--artifacts-destination",
             f"s3://{bucket}/artifacts",
+            "--expose-prometheus",  # /metrics, as the deployed server runs
+            str(workdir / "prometheus"),
         ],
         env=env,
         stdout=log,

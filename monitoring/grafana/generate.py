@@ -23,6 +23,7 @@ OUT_DIR = HERE / "dashboards"
 DATASOURCE = {"type": "prometheus", "uid": "dandelion-prometheus"}
 RATE = "$__rate_interval"
 API = 'job="api"'
+MLFLOW = 'job="mlflow"'
 DANDELION_DAGS = 'dag_id=~"dandelion.*"'
 
 Target = tuple[str, str]  # (PromQL, legend)
@@ -381,6 +382,25 @@ def service_overview() -> dict:
             [(f"sum(rate(dandelion_inference_batch_size_count{{{API}}}[{RATE}]))", "batches")],
             unit="ops",
         ),
+        row(lay, "Tracking server (MLflow)"),
+        timeseries(
+            lay,
+            "MLflow requests / s by status",
+            [
+                (
+                    f"sum by (status) (rate(mlflow_http_request_total{{{MLFLOW}}}[{RATE}]))",
+                    "{{status}}",
+                )
+            ],
+            unit="reqps",
+            description="The API, the pipeline and people's notebooks all go through MLflow.",
+        ),
+        timeseries(
+            lay,
+            "MLflow latency p95",
+            [(_quantile(0.95, "mlflow_http_request_duration_seconds", MLFLOW), "p95")],
+            unit="s",
+        ),
         row(lay, "Resources"),
         timeseries(
             lay,
@@ -398,7 +418,7 @@ def service_overview() -> dict:
     return dashboard(
         "dandelion-service",
         DASHBOARD_TITLES["dandelion-service"],
-        "The prediction API: traffic, latency, errors, saturation, CPU and memory.",
+        "The prediction API: traffic, latency, errors, saturation, CPU and memory; the MLflow tracking server's traffic.",
         panels,
     )
 

@@ -218,16 +218,22 @@ def test_services_and_ingresses_resolve(rendered: Objects, overlay: str) -> None
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_servicemonitor_scrapes_the_api(rendered: Objects, overlay: str) -> None:
+@pytest.mark.parametrize("service", ["api", "mlflow"])
+def test_servicemonitors_scrape_the_api_and_mlflow(
+    rendered: Objects, overlay: str, service: str
+) -> None:
     objs = rendered[overlay]
-    sm = find(objs, "ServiceMonitor", "api")
+    sm = find(objs, "ServiceMonitor", service)
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
-    svc = find(objs, "Service", "api")
+    svc = find(objs, "Service", service)
     assert selects(sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
     (endpoint,) = sm["spec"]["endpoints"]
     assert endpoint["path"] == "/metrics"
     assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]}
     assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout"}
+    if service == "mlflow":  # /metrics exists only with --expose-prometheus
+        (container,) = find(objs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+        assert "--expose-prometheus" in container["args"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

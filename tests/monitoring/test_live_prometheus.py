@@ -66,15 +66,16 @@ class Live:
         return float(result[0]["value"][1]) if result else math.nan
 
 
-def _prometheus_config(api_port: int, prom_port: int, folder: Path) -> Path:
+def _prometheus_config(api_port: int, prom_port: int, mlflow: str, folder: Path) -> Path:
     """monitoring/prometheus.yml with loopback targets and a 1 s scrape interval; the jobs
     that cannot run here (statsd-exporter, grafana) are left out."""
     config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
     jobs = {sc["job_name"]: sc for sc in config["scrape_configs"]}
-    assert {"api", "prometheus"} <= set(jobs)
+    assert {"api", "prometheus", "mlflow"} <= set(jobs)
     jobs["api"]["static_configs"] = [{"targets": [f"127.0.0.1:{api_port}"]}]
     jobs["prometheus"]["static_configs"] = [{"targets": [f"127.0.0.1:{prom_port}"]}]
-    config["scrape_configs"] = [jobs["api"], jobs["prometheus"]]
+    jobs["mlflow"]["static_configs"] = [{"targets": [mlflow.removeprefix("http://")]}]
+    config["scrape_configs"] = [jobs["api"], jobs["prometheus"], jobs["mlflow"]]
     config["global"].update({"scrape_interval": "1s", "evaluation_interval": "1s"})
     (folder / "alerts.yml").write_text((MONITORING / "alerts.yml").read_text())
     path = folder / "prometheus.yml"
@@ -168,7 +169,7 @@ def live(
             assert api_proc.poll() is None and time.monotonic() < deadline, "API never ready"
             time.sleep(0.5)
 
-        config = _prometheus_config(api_port, prom_port, work)
+        config = _prometheus_config(api_port, prom_port, mlflow_server, work)
         prom_log = open(work / "prometheus.log", "wb")  # noqa: SIM115
         prom_proc = subprocess.Popen(
             [
@@ -184,8 +185,8 @@ def live(
         wait_http(f"{prom}/-/ready", timeout=60, proc=prom_proc)
         state = Live(prom=prom, api=api, start=time.time())
         deadline = time.monotonic() + 60
-        while state.value('up{job="api"}') != 1:
-            assert time.monotonic() < deadline, "Prometheus never scraped the API"
+        while state.value('up{job="api"}') != 1 or state.value('up{job="mlflow"}') != 1:
+            assert time.monotonic() < deadline, "Prometheus never scraped the API and MLflow"
             time.sleep(0.5)
 
         heldout = dataset_images(greenr_dir, parity=1)  # never in the drift reference
@@ -242,6 +243,13 @@ def live(
             except subprocess.TimeoutExpired:
                 prom_proc.kill()
         stop_api(api_proc)
+
+
+def test_mlflow_server_requests_are_scraped(live: Live) -> None:
+    """The tracking server's own /metrics (``--expose-prometheus``), as the API used it."""
+    assert live.value('up{job="mlflow"}') == 1
+    served = live.value('sum(mlflow_http_request_total{job="mlflow", status="200"})')
+    assert served > 0, "no successful MLflow request counted"
 
 
 def test_the_load_was_served(live: Live) -> None:
