@@ -64,7 +64,7 @@ def _baseline(workdir: Path, source: str) -> dict[str, Any]:
     laps["train"] = time.perf_counter() - t
     t = time.perf_counter()
     predictor = Predictor.load(registry.model_uri(settings.model_name, registry.CHALLENGER))
-    evaluate.evaluate_split(predictor, open_store(settings=settings), report.version)
+    evaluate.evaluate_split(predictor, open_store(settings=settings), result.dataset_version)
     laps["evaluate"] = time.perf_counter() - t
     t = time.perf_counter()
     promotion = registry.promote(settings, dataset_version=report.version)
