@@ -9,7 +9,7 @@ Each candidate is one input size and one feature set of the EfficientNet-Lite0 b
 pooled head and the pooled projection of the last block, 1600-d). Everything else is the
 default ``TrainConfig``: the same cached features with ``augment_copies`` augmented views of
 each training image, the same head (standardisation, L2-regularised softmax) fitted by
-``train.fit_head`` for the configured epochs. Figures: mean held-out accuracy and log
+``train.fit_cached_head`` for the configured epochs. Figures: mean held-out accuracy and log
 loss per candidate, and their ratio to the 224 px ``head`` baseline measured in this run.
 """
 
@@ -41,12 +41,11 @@ def main() -> None:
     from dandelion_lib.ingest import ingest
     from dandelion_lib.storage import open_store
     from dandelion_lib.train import (
-        HEAD_LEARNING_RATE,
         TrainConfig,
         augmented_features,
         extract_features,
         feature_extractor,
-        fit_head,
+        fit_cached_head,
         load_examples,
     )
 
@@ -83,23 +82,17 @@ def main() -> None:
             extracted = time.perf_counter() - start
             for name, cols in FEATURES.items():
                 accs, losses = [], []
+                x_orig, x_views = originals[:, cols], [v[:, cols] for v in views]
                 for train_idx, held_idx in folds:
-                    x_orig = originals[:, cols]
-                    head = model_lib.build_head(
-                        x_orig.shape[1],
+                    head = fit_cached_head(
+                        config,
                         len(labels),
-                        seed=config.seed,
-                        l2=config.l2,
-                        adapt=x_orig[train_idx],
-                    )
-                    fit_head(
-                        head,
-                        np.concatenate([x_orig[train_idx]] + [v[train_idx, cols] for v in views]),
-                        np.tile(onehot[train_idx], (len(views) + 1, 1)),
+                        x_orig[train_idx],
+                        np.concatenate([x[train_idx] for x in (x_orig, *x_views)]),
+                        np.tile(y[train_idx], len(x_views) + 1),
                         (x_orig[held_idx], onehot[held_idx]),
                         epochs=config.epochs,
-                        learning_rate=config.learning_rate or HEAD_LEARNING_RATE,
-                        patience=config.epochs + 1,  # no early stopping on the held-out fold
+                        early_stop=False,  # no early stopping on the held-out fold
                     )
                     probs = np.asarray(head(x_orig[held_idx], training=False))
                     truth = y[held_idx]

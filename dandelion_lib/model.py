@@ -1,8 +1,9 @@
 """Model builders: backbones, the classification head, and the EfficientNet-Lite0 port.
 
 Every model maps float32 RGB pixels ``(N, S, S, 3)`` in [0, 255] (``S``: the feature
-spec's image size, 352 px by default) to softmax probabilities; normalisation is a layer inside the model. Only built-in Keras layers
-are used, so a saved model loads with no custom objects.
+spec's image size, 352 px by default) to softmax probabilities; normalisation is a layer
+inside the model. Only built-in Keras layers are used, so a saved model loads with no
+custom objects.
 
 Backbones (one parameter, ``backbone``):
 

@@ -244,13 +244,7 @@ class DriftMonitor:
 
     def drifted(self, threshold: float | None = None) -> dict[str, bool]:
         """Per feature: drifted or not (see :func:`drifted_features`)."""
-        rows = self._rows()
-        return drifted_features(
-            _scores(self.reference, rows),
-            self.reference,
-            len(rows),
-            self.threshold if threshold is None else threshold,
-        )
+        return self._judge(threshold)[1]
 
     def drifted_share(self, threshold: float | None = None) -> float:
         """Share of features that drifted, in [0, 1] (0 when no reference or no images)."""
@@ -258,12 +252,17 @@ class DriftMonitor:
 
     def snapshot(self, threshold: float | None = None) -> tuple[dict[str, float], float]:
         """PSI per feature and the drifted share, both from one copy of the window."""
+        scores, flags = self._judge(threshold)
+        return scores, (sum(flags.values()) / len(flags) if flags else 0.0)
+
+    def _judge(self, threshold: float | None) -> tuple[dict[str, float], dict[str, bool]]:
+        """PSI and drift flags per feature, from one copy of the window."""
         rows = self._rows()
         scores = _scores(self.reference, rows)
         flags = drifted_features(
             scores, self.reference, len(rows), self.threshold if threshold is None else threshold
         )
-        return scores, (sum(flags.values()) / len(flags) if flags else 0.0)
+        return scores, flags
 
 
 def _scores(reference: dict[str, Any], rows: list[dict[str, float]]) -> dict[str, float]:

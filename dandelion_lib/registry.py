@@ -128,7 +128,7 @@ def log_keras_model(
     size = int(feature_spec["image_size"])
     expected = (size, size, 3)
     shape = tuple(model.input_shape[1:])
-    if any(want not in (None, got) for got, want in zip(expected, shape, strict=True)):
+    if any(got not in (None, want) for want, got in zip(expected, shape, strict=True)):
         raise DandelionError(
             f"the model takes inputs of shape {shape}, but its feature spec says {expected}"
         )

@@ -352,6 +352,52 @@ def fit_head(
     return run
 
 
+def fit_cached_head(
+    config: TrainConfig,
+    num_classes: int,
+    originals: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    val: tuple[np.ndarray, np.ndarray],
+    *,
+    epochs: int,
+    early_stop: bool = True,
+    callback: Any = None,
+) -> Any:
+    """A fresh head of ``config``'s recipe, trained on cached features.
+
+    The head standardises with the statistics of ``originals`` (the unaugmented features),
+    then :func:`fit_head` trains it on ``x`` with integer labels ``y``. Without
+    ``early_stop`` it runs all ``epochs`` (``val`` is then only measured).
+    """
+    import keras
+
+    from dandelion_lib import model as model_lib
+
+    keras.utils.set_random_seed(config.seed)
+    head = model_lib.build_head(
+        originals.shape[1],
+        num_classes,
+        config.dropout,
+        config.seed,
+        l2=config.l2,
+        adapt=originals,
+    )
+    fit_head(
+        head,
+        x,
+        _one_hot(y, num_classes),
+        val,
+        epochs=epochs,
+        learning_rate=config.learning_rate or HEAD_LEARNING_RATE,
+        patience=config.patience if early_stop else epochs + 1,
+        label_smoothing=config.label_smoothing,
+        restore_best=early_stop and config.restore_best_weights,
+        callback=callback,
+    )
+    return head
+
+
 def _fit(model: Any, data: Any, val: Any, *, epochs: int, config: TrainConfig, cb: Any) -> Any:
     """Keras ``fit`` for end-to-end phases (pixels through the backbone)."""
     import keras
@@ -441,52 +487,31 @@ def train(
             dim = backbone.feature_dim
             feats = {s: extract_features(extractor, p, dim) for s, p in pixels.items()}
             train_x = [feats["train"], *augmented_features(extractor, pixels["train"], dim, config)]
-            train_y = [y["train"]] * len(train_x)
             t = lap("extract_features", t)
             val = (feats["val"], _one_hot(y["val"], n))
-
-            def head_fit(
-                originals: list[np.ndarray],
-                x: list[np.ndarray],
-                labels: list[Any],
-                epochs: int,
-                phase: str,
-                early_stop: bool,
-            ) -> Any:
-                """A fresh head standardised on ``originals``, trained on ``x``."""
-                keras.utils.set_random_seed(config.seed)
-                head = model_lib.build_head(
-                    backbone.feature_dim,
-                    n,
-                    config.dropout,
-                    config.seed,
-                    l2=config.l2,
-                    adapt=np.concatenate(originals),
-                )
-                fit_head(
-                    head,
-                    np.concatenate(x),
-                    _one_hot(np.concatenate(labels), n),
-                    val,
-                    epochs=epochs,
-                    learning_rate=config.learning_rate or HEAD_LEARNING_RATE,
-                    patience=config.patience if early_stop else epochs + 1,
-                    label_smoothing=config.label_smoothing,
-                    restore_best=early_stop and config.restore_best_weights,
-                    callback=log.callback(phase, epochs),
-                )
-                return head
-
-            head = head_fit([feats["train"]], train_x, train_y, config.epochs, "head", True)
+            head = fit_cached_head(
+                config,
+                n,
+                feats["train"],
+                np.concatenate(train_x),
+                np.concatenate([y["train"]] * len(train_x)),
+                val,
+                epochs=config.epochs,
+                callback=log.callback("head", config.epochs),
+            )
             if config.refit_with_val:
                 # Same recipe, same number of epochs, on train + val: 60 more real images.
-                head = head_fit(
-                    [feats["train"], feats["val"]],
-                    [*train_x, feats["val"]],
-                    [*train_y, y["val"]],
-                    len(log.history["loss"]),
-                    "refit",
-                    False,
+                epochs_run = len(log.history["loss"])
+                head = fit_cached_head(
+                    config,
+                    n,
+                    np.concatenate([feats["train"], feats["val"]]),
+                    np.concatenate([*train_x, feats["val"]]),
+                    np.concatenate([y["train"]] * len(train_x) + [y["val"]]),
+                    val,
+                    epochs=epochs_run,
+                    early_stop=False,
+                    callback=log.callback("refit", epochs_run),
                 )
             t = lap("train_head", t)
         else:
