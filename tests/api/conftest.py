@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, free_port, wait_http
+from tests.process_support import stop
 
 MODEL_NAME = "dandelion-api-test"
 ADMIN_TOKEN = "test-admin-token"  # a throwaway token for the loopback server only
@@ -240,13 +241,7 @@ def start_api(env: dict[str, str], log_path: Path) -> subprocess.Popen:
 
 
 def stop_api(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    stop(proc, timeout=30, sig=signal.SIGINT)
 
 
 @pytest.fixture(scope="session")

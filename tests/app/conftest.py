@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, free_port, wait_http
+from tests.process_support import stop
 
 # Debian's Chromium; GitHub's Ubuntu runners ship Google Chrome instead (Ubuntu's `chromium`
 # package is a snap stub that cannot run there). DANDELION_TEST_BROWSER overrides both.
@@ -84,12 +85,7 @@ def voila_server(
             wait_http(f"{url}/health/live", timeout=60, proc=proc)  # starts no kernel
             yield url
         finally:
-            proc.send_signal(signal.SIGTERM)  # Voila shuts its kernels down on SIGTERM
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc, timeout=30, sig=signal.SIGTERM)  # Voila shuts its kernels down on SIGTERM
 
 
 @pytest.fixture

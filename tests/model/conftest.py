@@ -19,6 +19,14 @@ TINY_PER_CLASS = 40
 """Images per class and split for the shared tiny model (train 80, val 60, test 60)."""
 
 
+def tiny_config(**changes: Any) -> Any:
+    """The shared tiny model's training config (``changes`` override fields)."""
+    from dandelion_lib.train import TrainConfig
+
+    fields = {"max_images_per_class": TINY_PER_CLASS, "augment_copies": 1, "seed": 7}
+    return TrainConfig(**(fields | changes))
+
+
 @dataclass
 class ModelEnv:
     settings: Settings
@@ -54,10 +62,9 @@ def model_env(tmp_path_factory: pytest.TempPathFactory, greenr_dir: Path) -> Mod
 @pytest.fixture(scope="session")
 def trained(model_env: ModelEnv) -> Any:
     """One tiny model trained on a subset, logged and registered (alias challenger)."""
-    from dandelion_lib.train import TrainConfig, train
+    from dandelion_lib.train import train
 
-    config = TrainConfig(max_images_per_class=TINY_PER_CLASS, augment_copies=1, seed=7)
-    return train(config, model_env.settings, store=model_env.store, progress=False)
+    return train(tiny_config(), model_env.settings, store=model_env.store, progress=False)
 
 
 @pytest.fixture

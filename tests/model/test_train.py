@@ -11,7 +11,7 @@ import pytest
 
 from dandelion_lib.features import STAT_COLUMNS, FeatureSpec
 from dandelion_lib.train import TrainConfig
-from tests.model.conftest import TINY_PER_CLASS
+from tests.model.conftest import tiny_config
 
 
 def test_tiny_model_learns(trained: Any) -> None:
@@ -144,10 +144,9 @@ def test_training_is_deterministic_for_a_seed(trained: Any, model_env: Any) -> N
     views, so a different head (the comparison is not vacuous)."""
     from dandelion_lib.train import train
 
-    base = TrainConfig(max_images_per_class=TINY_PER_CLASS, augment_copies=1, seed=7)
     assert trained.model is not None
     again = train(
-        dataclasses.replace(base, register=False),
+        tiny_config(register=False),
         model_env.settings,
         store=model_env.store,
         progress=False,
@@ -157,7 +156,7 @@ def test_training_is_deterministic_for_a_seed(trained: Any, model_env: Any) -> N
     assert again.metrics == trained.metrics
 
     other = train(
-        dataclasses.replace(base, seed=8, register=False),
+        tiny_config(seed=8, register=False),
         model_env.settings,
         store=model_env.store,
         progress=False,

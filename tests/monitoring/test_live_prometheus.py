@@ -33,6 +33,7 @@ from monitoring_support import (
 
 from dandelion_lib.features import decode_image
 from tests.conftest import free_port, wait_http
+from tests.process_support import stop
 
 pytestmark = pytest.mark.slow
 
@@ -237,11 +238,7 @@ def live(
         yield state
     finally:
         if prom_proc is not None:
-            prom_proc.terminate()
-            try:
-                prom_proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                prom_proc.kill()
+            stop(prom_proc)
         stop_api(api_proc)
 
 
