@@ -52,3 +52,7 @@ create airflow-metadata \
 create airflow-fernet-key --from-literal=fernet-key="$(fernet)"
 create airflow-api-secret-key --from-literal=api-secret-key="$(rand)"
 create airflow-jwt-secret --from-literal=jwt-secret="$(rand)"
+# The Airflow admin: read the password with
+#   kubectl -n <ns> get secret airflow-admin -o jsonpath='{.data.password}' | base64 -d
+create airflow-admin --from-literal=username=admin --from-literal=password="$(rand)" \
+  --from-literal=email=admin@dandelion.local
