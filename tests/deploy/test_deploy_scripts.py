@@ -8,12 +8,20 @@ from pathlib import Path
 import pytest
 from deploy_support import ROOT, run, tool
 
-SCRIPTS = [*sorted((ROOT / "k8s").rglob("*.sh")), ROOT / ".ci" / "run"]
+SCRIPTS = [
+    *sorted((ROOT / "k8s").rglob("*.sh")),
+    *sorted((ROOT / "scripts").glob("backup-*.sh")),
+    *sorted((ROOT / "scripts").glob("restore-*.sh")),
+    ROOT / "scripts" / "object-store-env.sh",
+    ROOT / ".ci" / "run",
+]
 
 
 def test_scripts_found() -> None:
     names = {p.name for p in SCRIPTS}
-    assert {"deploy.sh", "create-dev-secrets.sh", "init-buckets.sh", "init-databases.sh"} <= names
+    assert {"deploy.sh", "create-dev-secrets.sh", "init-buckets.sh", "init-databases.sh",
+            "db-upgrade.sh", "backup-postgres.sh", "restore-postgres.sh",
+            "backup-object-store.sh", "restore-object-store.sh"} <= names  # fmt: skip
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))

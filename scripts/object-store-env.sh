@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Sourced by scripts/backup-object-store.sh and restore-object-store.sh: sets `endpoint_args`
+# for the AWS CLI. With S3_ENDPOINT_URL (or AWS credentials for AWS S3) in the environment it
+# uses them; otherwise it port-forwards the dev overlay's MinIO and takes the platform's keys
+# from the dandelion-s3 Secret (stopped when the calling script exits).
+set -euo pipefail
+
+# shellcheck disable=SC2034  # endpoint_args is read by the sourcing script
+object_store_env() {
+  local ns="$1"
+  endpoint_args=()
+  if [ -n "${S3_ENDPOINT_URL:-}" ]; then
+    endpoint_args=(--endpoint-url "$S3_ENDPOINT_URL")
+  elif [ -z "${AWS_ACCESS_KEY_ID:-}" ] && kubectl -n "$ns" get service minio >/dev/null 2>&1; then
+    local port=19000
+    kubectl -n "$ns" port-forward service/minio "${port}:9000" >/dev/null 2>&1 &
+    forward_pid=$!
+    trap 'kill "$forward_pid" 2>/dev/null || true' EXIT
+    for _ in $(seq 30); do
+      curl -sf "http://127.0.0.1:${port}/minio/health/live" >/dev/null && break
+      sleep 1
+    done
+    AWS_ACCESS_KEY_ID="$(kubectl -n "$ns" get secret dandelion-s3 -o 'jsonpath={.data.access-key-id}' | base64 -d)"
+    AWS_SECRET_ACCESS_KEY="$(kubectl -n "$ns" get secret dandelion-s3 -o 'jsonpath={.data.secret-access-key}' | base64 -d)"
+    export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}"
+    endpoint_args=(--endpoint-url "http://127.0.0.1:${port}")
+  fi
+}
