@@ -309,7 +309,9 @@ def chart_policies(
 
 def chart_pods(namespace: str, release: str = "airflow") -> dict[str, Pod]:
     """The chart's pods with the labels its templates give them (`tier`, `component`,
-    `release`), KubernetesExecutor task pods (pod-template-file: component=worker) included."""
+    `release`), KubernetesExecutor task pods included: chart/files/
+    pod-template-file.kubernetes-helm-yaml labels them tier=airflow, component=worker,
+    release=<release> (and mounts the top-level `volumes`/`volumeMounts` values)."""
 
     def pod(component: str, ports: tuple[tuple[str | None, int, str], ...] = ()) -> Pod:
         labels = {"tier": "airflow", "component": component, "release": release}
@@ -360,3 +362,58 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
         else:
             merged[key] = value
     return merged
+
+
+def chart_services(namespace: str, release: str = "airflow") -> list[dict[str, Any]]:
+    """The chart's statsd Service (chart templates/statsd/statsd-service.yaml): labels and
+    selector tier=airflow, component=statsd, release=<release>; ports statsd-ingest (UDP 9125)
+    and statsd-scrape (TCP 9102), each targeting the same number."""
+    labels = {"tier": "airflow", "component": "statsd", "release": release}
+    return [
+        {
+            "kind": "Service",
+            "metadata": {"name": f"{release}-statsd", "namespace": namespace, "labels": labels},
+            "spec": {
+                "selector": labels,
+                "ports": [
+                    {"name": "statsd-ingest", "protocol": "UDP", "port": 9125, "targetPort": 9125},
+                    {"name": "statsd-scrape", "protocol": "TCP", "port": 9102, "targetPort": 9102},
+                ],
+            },
+        }
+    ]
+
+
+def scrape_targets(
+    monitors: list[dict[str, Any]], services: list[dict[str, Any]], pods: list[Pod]
+) -> list[tuple[str, Pod, int]]:
+    """(monitor, pod, container port) for every endpoint of every ServiceMonitor: its selected
+    Services in its namespace, the named Service port, the targetPort resolved on each pod."""
+    targets = []
+    for monitor in monitors:
+        ns = monitor["metadata"]["namespace"]
+        selected = [
+            svc
+            for svc in services
+            if svc["metadata"]["namespace"] == ns
+            and matches(monitor["spec"]["selector"], svc["metadata"].get("labels", {}))
+        ]
+        assert selected, f"ServiceMonitor {monitor['metadata']['name']} selects no Service"
+        for endpoint in monitor["spec"]["endpoints"]:
+            for svc in selected:
+                (port,) = [p for p in svc["spec"]["ports"] if p.get("name") == endpoint["port"]]
+                backends = [
+                    pod
+                    for pod in pods
+                    if pod.namespace == ns
+                    and matches({"matchLabels": svc["spec"]["selector"]}, pod.labels)
+                ]
+                assert backends, f"Service {svc['metadata']['name']} selects no pod"
+                for pod in backends:
+                    target = port.get("targetPort", port["port"])
+                    if isinstance(target, str):
+                        (number,) = [n for name, n, _ in pod.ports if name == target]
+                    else:
+                        number = int(target)
+                    targets.append((monitor["metadata"]["name"], pod, number))
+    return targets

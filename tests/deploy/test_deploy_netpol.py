@@ -10,7 +10,17 @@ from typing import Any
 
 import pytest
 from deploy_support import OVERLAYS, ROOT, load, load_all, run, tool
-from netpol import Cluster, External, Pod, chart_pods, chart_policies, deep_merge, workload_pods
+from netpol import (
+    Cluster,
+    External,
+    Pod,
+    chart_pods,
+    chart_policies,
+    chart_services,
+    deep_merge,
+    scrape_targets,
+    workload_pods,
+)
 
 Objects = dict[str, list[dict[str, Any]]]
 AIRFLOW = ROOT / "k8s" / "airflow"
@@ -151,6 +161,28 @@ def test_unlisted_flows_are_denied(live: tuple[str, Cluster, dict]) -> None:
     overlay, cluster, env = live
     open_ = [flow for flow in DENIED if _check(cluster, env, flow)]
     assert not open_, f"{overlay}: flows outside the architecture are open: {open_}"
+
+
+def test_prometheus_reaches_every_target_of_every_servicemonitor(
+    live: tuple[str, Cluster, dict], rendered: Objects
+) -> None:
+    """Derived from the rendered ServiceMonitors (not a hand list): each endpoint's Service,
+    port and backing pods, the chart's statsd Service included."""
+    overlay, cluster, env = live
+    objs = rendered[overlay]
+    monitors = [o for o in objs if o["kind"] == "ServiceMonitor"]
+    ns = monitors[0]["metadata"]["namespace"]
+    services = [o for o in objs if o["kind"] == "Service"] + chart_services(ns)
+    pods = [p for p in env["pods"].values() if isinstance(p, Pod)]
+    targets = scrape_targets(monitors, services, pods)
+    assert {m["metadata"]["name"] for m in monitors} <= {t[0] for t in targets}
+    assert len(monitors) >= 3
+    blocked = [
+        (name, pod.name, port)
+        for name, pod, port in targets
+        if not cluster.allowed(env["pods"]["prometheus"], pod, port)
+    ]
+    assert not blocked, f"{overlay}: Prometheus cannot scrape {blocked}"
 
 
 def test_every_pod_of_ours_is_isolated_for_ingress(live: tuple[str, Cluster, dict]) -> None:
