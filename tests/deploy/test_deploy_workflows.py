@@ -90,15 +90,30 @@ def test_repository_ci_script_runs_deploy_check() -> None:
 DEPLOY = ROOT / "k8s" / "deploy.sh"
 
 
-def worst_case_seconds() -> int:
-    """deploy.sh's WORST_CASE_S, computed by bash from the script's own timeout block."""
+def budget(name: str) -> int:
+    """A variable of deploy.sh's timeout block, computed by bash from the script's own text."""
     text = DEPLOY.read_text()
     block = text[
         text.index("# Bounds of each waiting step") : text.index("# Which rendered objects")
     ]
-    proc = run("bash", "-c", block + '\necho "$WORST_CASE_S"')
+    proc = run("bash", "-c", block + f'\necho "${name}"')
     assert proc.returncode == 0, proc.stderr
     return int(proc.stdout.strip())
+
+
+def worst_case_seconds() -> int:
+    return budget("WORST_CASE_S")
+
+
+def test_finding_5_jobs_give_up_before_deploy_sh_stops_waiting() -> None:
+    """A Job's own deadline is inside the wait deploy.sh gives it, so a stuck Job fails as
+    itself (with its logs) rather than as a wait timeout."""
+    jobs = {
+        "MLFLOW_SCHEMA_TIMEOUT_S": ROOT / "k8s" / "base" / "mlflow" / "db-upgrade-job.yaml",
+        "ADMIN_TIMEOUT_S": ROOT / "k8s" / "airflow" / "admin-user" / "job.yaml",
+    }
+    for variable, path in jobs.items():
+        assert load(path)["spec"]["activeDeadlineSeconds"] < budget(variable), path.name
 
 
 def test_finding_5_job_timeouts_cover_the_scripts_worst_case() -> None:
