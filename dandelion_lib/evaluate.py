@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import mlflow
 import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
@@ -388,7 +389,6 @@ def log_report(
     report: EvaluationReport, pixels: np.ndarray | None = None, prefix: str = "test_"
 ) -> None:
     """Log a report's metrics, slices and figures into the active MLflow run."""
-    import mlflow
 
     mlflow.log_metrics(report.scalar_metrics(prefix))
     mlflow.log_metrics(

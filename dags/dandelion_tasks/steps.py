@@ -29,6 +29,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from airflow.exceptions import AirflowFailException
 from airflow.sdk import Asset
 from airflow.sdk.definitions.retry_policy import RetryDecision, RetryPolicy
 
@@ -209,8 +210,6 @@ def io_retries(settings: Settings | None = None) -> dict[str, Any]:
 
 def _fail(message: str) -> Exception:
     """An exception that fails the task at once (no retry): a failed gate or a setup error."""
-    from airflow.exceptions import AirflowFailException
-
     return AirflowFailException(message)
 
 
