@@ -17,8 +17,9 @@ dataset version.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
-import io
+import json
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
@@ -26,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -36,20 +36,19 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from dandelion_lib.config import Settings, get_settings
+from dandelion_lib.config import DEFAULT_LABELS, Settings, get_settings
 from dandelion_lib.errors import DandelionError
-from dandelion_lib.features import FeatureSpec, InvalidImageError, decode_image
+from dandelion_lib.images import ImageLimits, InvalidImageError, accept_image
 from dandelion_lib.storage import ObjectStore, open_store, sha256_hex
 
-TRAINING_LABELS: tuple[str, ...] = FeatureSpec().labels
+TRAINING_LABELS: tuple[str, ...] = DEFAULT_LABELS
 """Labels feedback may carry (``uncertain`` is an answer, never a training label)."""
-
-_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}
 
 
 class FeedbackError(DandelionError):
@@ -253,8 +252,6 @@ class FeedbackStore:
 
     def check(self) -> None:
         """Raise :class:`FeedbackUnavailableError` unless the database answers."""
-        from sqlalchemy import text
-
         try:
             with self.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
@@ -401,12 +398,10 @@ class FeedbackStore:
         if self.store is None:
             raise InvalidFeedbackError("this feedback store keeps no images")
         try:
-            limits = {"max_pixels": self.max_image_pixels} if self.max_image_pixels else {}
-            decode_image(image, **limits)
-            fmt = Image.open(io.BytesIO(image)).format or ""
+            limits = ImageLimits(self.max_image_pixels) if self.max_image_pixels else None
+            ext = accept_image(image, limits).ext
         except InvalidImageError as exc:
             raise InvalidFeedbackError(f"the feedback image is unusable: {exc}") from None
-        ext = _EXTENSIONS.get(fmt.upper(), fmt.lower() or "bin")
         key = f"feedback/{label}/{digest}.{ext}"
         self.store.put_bytes(key, image, content_type=f"image/{ext.replace('jpg', 'jpeg')}")
         return key, digest
@@ -494,8 +489,6 @@ def _record(row: _FeedbackRow) -> FeedbackRecord:
 
 # --- command line: `dandelion feedback` -----------------------------------------------------
 def add_cli_arguments(parser: Any) -> None:
-    import argparse
-
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print JSON lines")
     sub = parser.add_subparsers(dest="action", required=True)
@@ -517,8 +510,6 @@ def add_cli_arguments(parser: Any) -> None:
 
 
 def cli(args: Any) -> int:
-    import json
-
     store = FeedbackStore.from_settings()
     try:
         if args.action == "list":
