@@ -138,5 +138,10 @@ class ApiMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def scrape(self, drift: DriftMonitor | None) -> bytes:
+        """The exposition text for ``GET /metrics``, with the drift gauges brought up to date."""
+        self.update_drift(drift)
+        return self.render()
+
     def count_invalid(self, reason: str, n: int = 1) -> None:
         self.invalid_inputs.labels(reason=reason).inc(n)

@@ -13,7 +13,6 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import anyio.to_thread
 import numpy as np
@@ -22,6 +21,7 @@ from PIL import Image
 from api.context import request_id_var, request_start_var
 from api.metrics import ApiMetrics
 from api.problems import Problem
+from api.schemas import BatchItem, BatchResponse, ModelRef, PredictResponse
 from api.services.inference import InferenceQueue, QueueFullError
 from api.services.models import ModelManager, ServingModel
 from api.services.recording import PredictionLog
@@ -148,7 +148,7 @@ class PredictionService:
             headers={"Retry-After": str(exc.retry_after)},
         )
 
-    async def predict_one(self, upload: Upload) -> dict[str, Any]:
+    async def predict_one(self, upload: Upload) -> PredictResponse:
         model = self.serving()
         try:
             with self.queue.admit(1) as ticket:
@@ -162,31 +162,28 @@ class PredictionService:
             raise self._queue_full(exc) from None
         return self._answer(model, pred, decoded)
 
-    async def predict_batch(self, uploads: list[Upload]) -> list[dict[str, Any]]:
-        """Per-item results in order: ``{"prediction": ...}`` or ``{"error": problem}``."""
+    async def predict_batch(self, uploads: list[Upload]) -> BatchResponse:
+        """Per-item results in order: a ``prediction`` or an ``error`` (a problem) each."""
         model = self.serving()
-        results: list[dict[str, Any]] = [
-            {"index": i, "filename": u.filename} for i, u in enumerate(uploads)
-        ]
+        items = [BatchItem(index=i, filename=u.filename) for i, u in enumerate(uploads)]
         try:
             with self.queue.admit(len(uploads)) as ticket:
                 decoded = await anyio.to_thread.run_sync(self._decode_all, model, uploads)
-                good = [i for i, d in enumerate(decoded) if isinstance(d, Decoded)]
+                good = [(i, d) for i, d in enumerate(decoded) if isinstance(d, Decoded)]
                 self.queue.discard(ticket, len(uploads) - len(good))
                 preds = await self.queue.predict(
-                    ticket,
-                    [decoded[i].array for i in good],  # type: ignore[union-attr]
-                    model.predictor,
+                    ticket, [d.array for _, d in good], model.predictor
                 )
         except QueueFullError as exc:
             raise self._queue_full(exc) from None
         for i, item in enumerate(decoded):
             if isinstance(item, Problem):
                 self.metrics.count_invalid(item.code)
-                results[i]["error"] = item.body()
-        for i, pred in zip(good, preds, strict=True):
-            results[i]["prediction"] = self._answer(model, pred, decoded[i])  # type: ignore[arg-type]
-        return results
+                items[i].error = item.detail_struct()
+        for (i, image), pred in zip(good, preds, strict=True):
+            items[i].prediction = self._answer(model, pred, image)
+        failed = sum(item.error is not None for item in items)
+        return BatchResponse(results=items, succeeded=len(items) - failed, failed=failed)
 
     @staticmethod
     def _decode_all(model: ServingModel, uploads: list[Upload]) -> list[Decoded | Problem]:
@@ -201,7 +198,7 @@ class PredictionService:
                 out.append(problem)
         return out
 
-    def _answer(self, model: ServingModel, pred: Prediction, decoded: Decoded) -> dict[str, Any]:
+    def _answer(self, model: ServingModel, pred: Prediction, decoded: Decoded) -> PredictResponse:
         prediction_id = str(uuid.uuid4())
         label = pred.label if pred.confidence >= self.threshold else UNCERTAIN
         predictor = model.predictor
@@ -234,11 +231,11 @@ class PredictionService:
                 "model_version": predictor.version,
             },
         )
-        return {
-            "prediction_id": prediction_id,
-            "label": label,
-            "probabilities": pred.probabilities,
-            "confidence": pred.confidence,
-            "model": {"name": predictor.name, "version": predictor.version},
-            "latency_ms": round(latency_ms, 3),
-        }
+        return PredictResponse(
+            prediction_id=prediction_id,
+            label=label,
+            probabilities=pred.probabilities,
+            confidence=pred.confidence,
+            model=ModelRef(name=predictor.name, version=predictor.version),
+            latency_ms=round(latency_ms, 3),
+        )
