@@ -89,7 +89,7 @@ def slow(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff (lint + format check) and mypy on the core library."""
+    """ruff (lint + format check) and mypy (strict on api, dashboards, benchmarks; see pyproject)."""
     _run(session, "ruff", "check", ".")
     _run(session, "ruff", "format", "--check", ".")
     _run(session, "mypy")

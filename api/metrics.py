@@ -24,7 +24,7 @@ from dandelion_lib.monitoring import PSI_DRIFT_THRESHOLD, DriftMonitor
 __all__ = ["CONTENT_TYPE_LATEST", "ApiMetrics"]
 
 # ``*_created`` timestamp series add nothing to dashboards here and double the output.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 CONFIDENCE_BUCKETS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -117,7 +117,7 @@ def decode_image(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidImageError("too_large", f"image is too large: {exc}") from None
-    except Image.UnidentifiedImageError:
+    except UnidentifiedImageError:
         raise InvalidImageError("not_an_image", "the file is not a supported image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidImageError("truncated", f"the image is truncated or corrupt ({exc})") from None

@@ -17,10 +17,10 @@ from typing import Any
 
 import ipywidgets as w
 
+from dandelion_lib import LABELS
 from dandelion_lib.config import Settings
 from dandelion_lib.errors import DandelionError
 from dashboards.client import (
-    LABELS,
     ApiClient,
     ApiUnavailableError,
     Health,

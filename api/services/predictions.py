@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import anyio.to_thread
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from api.context import request_id_var, request_start_var
 from api.metrics import ApiMetrics
@@ -68,7 +68,7 @@ def decode(predictor: Predictor, data: bytes) -> Decoded:
             fmt = probe.format
     except Image.DecompressionBombError as exc:
         raise image_problem(InvalidImageError("too_large", f"image is too large: {exc}")) from None
-    except Image.UnidentifiedImageError:
+    except UnidentifiedImageError:
         if _looks_like_supported(data):  # the right signature, but broken inside
             raise image_problem(
                 InvalidImageError("truncated", "the image is corrupt (its header cannot be read)")
