@@ -1,9 +1,8 @@
 """dandelion: classify photos as dandelion or grass, end to end."""
 
+from dandelion_lib.config import DEFAULT_LABELS as LABELS
+from dandelion_lib.config import UNCERTAIN
+
 __version__ = "0.1.0"
 
-LABELS: tuple[str, ...] = ("dandelion", "grass")
-"""Training labels, in class-index order."""
-
-UNCERTAIN = "uncertain"
-"""Answer given below the confidence threshold; never a training label."""
+__all__ = ["LABELS", "UNCERTAIN", "__version__"]

@@ -17,6 +17,12 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+DEFAULT_LABELS: tuple[str, ...] = ("dandelion", "grass")
+"""Training labels, in class-index order (the default of ``DANDELION_LABELS``)."""
+
+UNCERTAIN = "uncertain"
+"""Answer given below the confidence threshold; never a training label."""
+
 DEFAULT_SOURCE = "https://raw.githubusercontent.com/btphan95/greenr-airflow/refs/heads/master/data"
 
 
@@ -49,7 +55,7 @@ class Settings(BaseSettings):
         "folder with one sub-folder per label.",
     )
     labels: tuple[str, ...] = Field(
-        ("dandelion", "grass"),
+        DEFAULT_LABELS,
         description='Class labels, in model output order (env: JSON list, e.g. \'["dandelion","grass"]\').',
     )
     source_start: int = Field(0, description="First image index of the HTTP layout.")

@@ -276,16 +276,16 @@ def list_labelled_folder(root: str | Path, labels: tuple[str, ...]) -> list[tupl
 
 def evaluate_folder(predictor: Any, root: str | Path) -> tuple[EvaluationReport, list[str]]:
     """Score every image of a labelled folder; returns the report and skipped files (reasons)."""
-    from dandelion_lib.features import InvalidImageError, decode_image, to_model_input
+    from dandelion_lib.features import to_model_input
+    from dandelion_lib.images import ImageLimits, InvalidImageError, accept_image
 
     labels = tuple(predictor.labels)
     pixels, y, meta, skipped = [], [], [], []
     for path, label in list_labelled_folder(root, labels):
         try:
-            # The predictor's own decoding path (see Predictor.decode), keeping the image size.
-            img = decode_image(
-                path.read_bytes(), max_pixels=predictor.max_pixels, min_side=predictor.min_side
-            )
+            # The predictor's own acceptance rule (see Predictor.decode), keeping the image size.
+            limits = ImageLimits(max_pixels=predictor.max_pixels, min_side=predictor.min_side)
+            img = accept_image(path.read_bytes(), limits).image
         except (InvalidImageError, OSError) as exc:
             skipped.append(f"{path}: {exc}")
             continue

@@ -1,8 +1,7 @@
-"""Features, defined once: image decoding, the model's input spec and per-image statistics.
+"""Features, defined once: the model's input spec and per-image statistics.
 
-* :func:`decode_image` turns untrusted bytes into an RGB ``PIL.Image`` or raises
-  :class:`InvalidImageError` with a short reason code; ingestion, training and serving
-  all decode through it.
+* Bytes become an RGB ``PIL.Image`` through :func:`dandelion_lib.images.decode_image`
+  (image acceptance lives in :mod:`dandelion_lib.images`; re-exported here).
 * :class:`FeatureSpec` is the versioned model-input contract (size, colour mode, resize
   method). Training and the predictor both call :func:`to_model_input`, so there is no
   training/serving skew. Pixel normalisation lives inside the Keras model, which takes
@@ -13,16 +12,27 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+from dandelion_lib.config import DEFAULT_LABELS
+from dandelion_lib.images import InvalidImageError, decode_image
+
+__all__ = [
+    "DEFAULT_IMAGE_SIZE",
+    "STAT_COLUMNS",
+    "FeatureSpec",
+    "InvalidImageError",
+    "bytes_to_model_input",
+    "decode_image",
+    "hash_distance",
+    "image_stats",
+    "perceptual_hash",
+    "to_model_input",
+]
 
 FEATURE_SPEC_VERSION = "1"
 DEFAULT_IMAGE_SIZE = 352
@@ -40,18 +50,6 @@ STAT_COLUMNS: tuple[str, ...] = (
 )
 """Per-image statistics, each in [0, 1]; data checks and drift monitoring use these."""
 
-DEFAULT_MAX_PIXELS = 40_000_000
-DEFAULT_MIN_SIDE = 32
-
-
-class InvalidImageError(ValueError):
-    """Bytes that are not a usable image. ``reason`` is a short machine-readable code:
-    ``empty``, ``not_an_image``, ``truncated``, ``too_large``, ``too_small``."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
 
 @dataclass(frozen=True)
 class FeatureSpec:
@@ -64,7 +62,7 @@ class FeatureSpec:
     input_dtype: str = "float32"
     input_range: tuple[float, float] = (0.0, 255.0)
     normalization: str = "inside the model"
-    labels: tuple[str, ...] = field(default=("dandelion", "grass"))
+    labels: tuple[str, ...] = field(default=DEFAULT_LABELS)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -76,7 +74,7 @@ class FeatureSpec:
     def from_dict(cls, d: dict[str, Any]) -> FeatureSpec:
         d = dict(d)
         d["input_range"] = tuple(d.get("input_range", (0.0, 255.0)))
-        d["labels"] = tuple(d.get("labels", ("dandelion", "grass")))
+        d["labels"] = tuple(d.get("labels", DEFAULT_LABELS))
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -86,61 +84,6 @@ _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
 }
-
-
-def decode_image(
-    data: bytes,
-    *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    min_side: int = DEFAULT_MIN_SIDE,
-) -> Image.Image:
-    """Decode untrusted bytes fully into an RGB image (EXIF orientation applied).
-
-    Raises :class:`InvalidImageError` for empty, non-image, truncated, oversized
-    (decompression bomb) or too small inputs. The first frame of an animation is used.
-    """
-    if not data:
-        raise InvalidImageError("empty", "the file is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img: Image.Image = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                raise InvalidImageError(
-                    "too_large",
-                    f"image is {width}x{height} = {width * height:,} pixels; "
-                    f"the limit is {max_pixels:,}",
-                )
-            img.load()
-    except InvalidImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidImageError("too_large", f"image is too large: {exc}") from None
-    except UnidentifiedImageError:
-        raise InvalidImageError("not_an_image", "the file is not a supported image") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InvalidImageError("truncated", f"the image is truncated or corrupt ({exc})") from None
-    if min(width, height) < min_side:
-        raise InvalidImageError(
-            "too_small", f"image is {width}x{height}; each side must be at least {min_side} px"
-        )
-    # Broken EXIF must not reject an otherwise valid image.
-    with contextlib.suppress(Exception):
-        img = ImageOps.exif_transpose(img) or img
-    return _to_rgb(img)
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = float(arr.max()) or 1.0
-        img = Image.fromarray((arr / hi * 255.0).clip(0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB") if img.mode != "RGB" else img
 
 
 def to_model_input(img: Image.Image, spec: FeatureSpec | None = None) -> np.ndarray:

@@ -18,7 +18,6 @@ dataset version.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
@@ -26,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -41,15 +39,13 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from dandelion_lib.config import Settings, get_settings
+from dandelion_lib.config import DEFAULT_LABELS, Settings, get_settings
 from dandelion_lib.errors import DandelionError
-from dandelion_lib.features import FeatureSpec, InvalidImageError, decode_image
+from dandelion_lib.images import ImageLimits, InvalidImageError, accept_image
 from dandelion_lib.storage import ObjectStore, open_store, sha256_hex
 
-TRAINING_LABELS: tuple[str, ...] = FeatureSpec().labels
+TRAINING_LABELS: tuple[str, ...] = DEFAULT_LABELS
 """Labels feedback may carry (``uncertain`` is an answer, never a training label)."""
-
-_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}
 
 
 class FeedbackError(DandelionError):
@@ -401,12 +397,10 @@ class FeedbackStore:
         if self.store is None:
             raise InvalidFeedbackError("this feedback store keeps no images")
         try:
-            limits = {"max_pixels": self.max_image_pixels} if self.max_image_pixels else {}
-            decode_image(image, **limits)
-            fmt = Image.open(io.BytesIO(image)).format or ""
+            limits = ImageLimits(self.max_image_pixels) if self.max_image_pixels else None
+            ext = accept_image(image, limits).ext
         except InvalidImageError as exc:
             raise InvalidFeedbackError(f"the feedback image is unusable: {exc}") from None
-        ext = _EXTENSIONS.get(fmt.upper(), fmt.lower() or "bin")
         key = f"feedback/{label}/{digest}.{ext}"
         self.store.put_bytes(key, image, content_type=f"image/{ext.replace('jpg', 'jpeg')}")
         return key, digest

@@ -7,8 +7,8 @@ Sources (chosen by :func:`make_source` from ``Settings.source``):
   on 5xx, 429 and timeouts (never on 404) and conditional requests on re-runs;
 * :class:`FolderSource`: a local folder with one sub-folder per label.
 
-Every item is validated with :func:`dandelion_lib.features.decode_image` (full decode,
-RGB); rejected items (with a reason code) never reach the store. Valid images are stored
+Every item is accepted or refused by :func:`dandelion_lib.images.accept_image` (format
+sniff, size limits, full decode); rejected items (with a reason code) never reach the store. Valid images are stored
 once under ``raw/<label>/<sha256>.<ext>`` (original bytes), exact duplicates collapse,
 near-duplicates share a group, and :mod:`dandelion_lib.dataset` writes the manifest and
 moves ``datasets/latest``.
@@ -21,7 +21,6 @@ over an unchanged source downloads and decodes nothing already stored.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
@@ -38,17 +37,16 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import pandas as pd
-from PIL import Image
 
 from dandelion_lib import dataset
 from dandelion_lib.config import Settings, get_settings
 from dandelion_lib.errors import DandelionError
-from dandelion_lib.features import (
-    STAT_COLUMNS,
+from dandelion_lib.features import STAT_COLUMNS, image_stats, perceptual_hash
+from dandelion_lib.images import (
+    ImageLimits,
     InvalidImageError,
-    decode_image,
-    image_stats,
-    perceptual_hash,
+    RejectReason,
+    accept_image,
 )
 from dandelion_lib.storage import (
     CorruptObjectError,
@@ -64,29 +62,13 @@ INDEX_KEY = "ingest/index.json"
 INDEX_SCHEMA = 1
 RAW_PREFIX = "raw/"
 
-FORMAT_EXTENSIONS: dict[str, str] = {
-    "JPEG": "jpg",
-    "PNG": "png",
-    "WEBP": "webp",
-    "GIF": "gif",
-    "BMP": "bmp",
-    "TIFF": "tif",
-}
-"""Accepted image formats and the extension of their raw objects."""
-
 REJECTION_REASONS: dict[str, str] = {
     "not_found": "the source answered 404/410 (not retried)",
     "http_error": "the source answered another HTTP error, or 5xx/429 after all retries",
     "timeout": "no complete response within the per-request timeout, after all retries",
     "connection_error": "the source could not be reached, after all retries",
     "read_error": "the local file could not be read",
-    "empty": "zero-byte file",
-    "not_an_image": "not a decodable image (e.g. an HTML error page served with 200)",
-    "unsupported_format": "an image format outside FORMAT_EXTENSIONS",
-    "truncated": "truncated or corrupt image data",
-    "too_large": "more pixels than max_image_pixels (decompression bomb) or bytes than "
-    "max_download_bytes",
-    "too_small": "a side shorter than min_image_side",
+    **{reason.value: reason.description for reason in RejectReason},
     "label_conflict": "the same bytes appear under more than one label",
 }
 """Every reason code an item can be rejected with (documented in docs/data.md)."""
@@ -452,6 +434,7 @@ class _Worker:
         self.source = source
         self.store = store
         self.settings = settings
+        self.limits = ImageLimits.from_settings(settings, with_bytes=True)
         self.index = index
         self.raw = raw
         self._raw_lock = threading.Lock()
@@ -525,36 +508,12 @@ class _Worker:
 
     def _describe(self, data: bytes) -> dict[str, Any]:
         """Validate and describe an image; raises InvalidImageError."""
-        if not data:
-            raise InvalidImageError("empty", "the file is empty")
-        if len(data) > self.settings.max_download_bytes:
-            raise InvalidImageError(
-                "too_large", f"more than {self.settings.max_download_bytes:,} bytes"
-            )
-        try:
-            fmt = Image.open(io.BytesIO(data)).format or ""
-        except Exception:
-            fmt = ""  # decode_image below reports why
-        if fmt and fmt not in FORMAT_EXTENSIONS:
-            raise InvalidImageError("unsupported_format", f"{fmt} images are not accepted")
-        try:
-            img = decode_image(
-                data,
-                max_pixels=self.settings.max_image_pixels,
-                min_side=self.settings.min_image_side,
-            )
-            phash, stats = perceptual_hash(img), image_stats(img)
-        except InvalidImageError:
-            raise
-        except Exception as exc:  # malformed files can make decoders fail in odd ways
-            raise InvalidImageError(
-                "truncated", f"the image is corrupt ({type(exc).__name__}: {_one_line(exc)})"
-            ) from None
-        if fmt not in FORMAT_EXTENSIONS:
-            raise InvalidImageError("unsupported_format", "unrecognised image format")
+        accepted = accept_image(data, self.limits)
+        img, fmt = accepted.image, accepted.format
+        phash, stats = perceptual_hash(img), image_stats(img)
         return {
             "format": fmt,
-            "ext": FORMAT_EXTENSIONS[fmt],
+            "ext": accepted.ext,
             "width": img.width,
             "height": img.height,
             "bytes": len(data),

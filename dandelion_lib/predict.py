@@ -1,9 +1,11 @@
 """The Predictor: one model loaded from the MLflow registry, used by the API, the app and the CLI.
 
-It decodes untrusted image bytes safely (:func:`dandelion_lib.features.decode_image`),
-applies the model's logged feature spec, and runs the Keras model on a batch through one
-compiled graph with a free batch dimension (traced once, at warm-up). Not ``model.predict``
-per call (~3x slower for one image) nor eager ``model(x)`` (~8x slower on EfficientNet).
+Its one job: turn image bytes into an answer. It accepts untrusted bytes through
+:func:`dandelion_lib.images.accept_image` (formats, size limits), applies the model's logged
+feature spec, runs the Keras model on a batch through one compiled graph with a free batch
+dimension (traced once, at warm-up; not ``model.predict`` per call, ~3x slower for one image,
+nor eager ``model(x)``, ~8x slower on EfficientNet), and answers through its
+:class:`AnswerPolicy`: the one place that decides a label versus ``uncertain``.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ from typing import Any
 
 import numpy as np
 
+from dandelion_lib.config import UNCERTAIN, Settings
 from dandelion_lib.errors import DandelionError
-from dandelion_lib.features import (
+from dandelion_lib.features import FeatureSpec, image_stats, to_model_input
+from dandelion_lib.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIDE,
-    FeatureSpec,
-    decode_image,
-    image_stats,
-    to_model_input,
+    ImageLimits,
+    InvalidImageError,
+    accept_image,
 )
 
 
@@ -39,6 +42,26 @@ class Prediction:
     label: str
     probabilities: dict[str, float]
     confidence: float
+
+
+@dataclass(frozen=True)
+class AnswerPolicy:
+    """The answer to a prediction: the top label, or ``uncertain`` below the threshold.
+
+    ``ood_score`` (how far the image is from the training domain) is ``None`` today; an
+    ``unknown`` answer for out-of-domain images will be decided here, next to ``uncertain``.
+    """
+
+    threshold: float = float(Settings.model_fields["confidence_threshold"].default)
+    uncertain: str = UNCERTAIN
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AnswerPolicy:
+        return cls(threshold=settings.confidence_threshold)
+
+    def answer(self, prediction: Prediction, ood_score: float | None = None) -> str:
+        del ood_score  # no out-of-domain rule yet
+        return prediction.label if prediction.confidence >= self.threshold else self.uncertain
 
 
 @dataclass
@@ -56,10 +79,11 @@ class Predictor:
     loaded_at: float = field(default_factory=time.time)
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
+    policy: AnswerPolicy = field(default_factory=AnswerPolicy)
     _forward: Any = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
-    def load(cls, uri: str, **limits: int) -> Predictor:
+    def load(cls, uri: str, **options: Any) -> Predictor:
         """Load ``models:/<name>@<alias>`` (or any MLflow model URI) and warm it up."""
         import mlflow
         from mlflow.exceptions import MlflowException
@@ -85,7 +109,7 @@ class Predictor:
             metrics=meta.get("metrics") or {},
             drift_reference=meta.get("drift_reference") or {},
             dataset_version=meta.get("dataset_version"),
-            **limits,
+            **options,
         )
         predictor.warmup()
         return predictor
@@ -94,10 +118,18 @@ class Predictor:
     def labels(self) -> tuple[str, ...]:
         return self.spec.labels
 
+    @property
+    def limits(self) -> ImageLimits:
+        return ImageLimits(max_pixels=self.max_pixels, min_side=self.min_side)
+
     def decode(self, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
         """Bytes -> (model input, image statistics). Raises InvalidImageError."""
-        img = decode_image(data, max_pixels=self.max_pixels, min_side=self.min_side)
+        img = accept_image(data, self.limits).image
         return to_model_input(img, self.spec), image_stats(img)
+
+    def answer(self, prediction: Prediction, ood_score: float | None = None) -> str:
+        """The label to give for ``prediction`` (see :class:`AnswerPolicy`)."""
+        return self.policy.answer(prediction, ood_score)
 
     def predict_arrays(self, batch: np.ndarray) -> list[Prediction]:
         """Predict a batch of model inputs ``(N, size, size, 3)``."""
@@ -169,12 +201,16 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def cli(args: argparse.Namespace) -> int:
     from dandelion_lib import registry
     from dandelion_lib.config import get_settings
-    from dandelion_lib.features import InvalidImageError
 
     settings = get_settings()
     registry.configure_mlflow(settings)
     uri = args.model or registry.model_uri(settings.model_name, settings.model_alias)
-    predictor = Predictor.load(uri)
+    predictor = Predictor.load(
+        uri,
+        max_pixels=settings.max_image_pixels,
+        min_side=settings.min_image_side,
+        policy=AnswerPolicy.from_settings(settings),
+    )
     failed = 0
     for name in args.images:
         path = Path(name)
@@ -186,7 +222,7 @@ def cli(args: argparse.Namespace) -> int:
             print(f"{path}: invalid image ({reason}): {exc}")
             continue
         p = predictor.predict_arrays(x[None])[0]
-        label = p.label if p.confidence >= settings.confidence_threshold else "uncertain"
+        label = predictor.answer(p)
         if args.json:
             out = {"file": str(path), "label": label, "confidence": p.confidence}
             print(

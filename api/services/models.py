@@ -242,7 +242,11 @@ class ModelManager:
             predictor=predictor,
             alias=self.alias,
             loaded_at=dt.datetime.now(dt.UTC),
-            drift=DriftMonitor(predictor.drift_reference, window=self.settings.drift_window),
+            drift=DriftMonitor(
+                predictor.drift_reference,
+                window=self.settings.drift_window,
+                threshold=self.settings.drift_psi_threshold,
+            ),
         )
         self.last_failure = None
         self.state, self.reason = "ready", ""

@@ -28,11 +28,9 @@ from api.services.recording import PredictionLog
 from api.uploads import Upload
 from dandelion_lib.features import InvalidImageError
 from dandelion_lib.feedback import PredictionRecord
-from dandelion_lib.predict import Prediction, Predictor
+from dandelion_lib.predict import AnswerPolicy, Prediction, Predictor
 
 log = logging.getLogger("api.predict")
-
-UNCERTAIN = "uncertain"
 
 SERVING_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes MPO
 """Formats the API decodes; anything else (SVG, PDF, PSD, EPS, ...) is refused unread."""
@@ -128,6 +126,7 @@ class PredictionService:
         self.metrics = metrics
         self.recorder = recorder
         self.threshold = confidence_threshold
+        self.policy = AnswerPolicy(confidence_threshold)
 
     def serving(self) -> ServingModel:
         model = self.models.current
@@ -200,7 +199,7 @@ class PredictionService:
 
     def _answer(self, model: ServingModel, pred: Prediction, decoded: Decoded) -> PredictResponse:
         prediction_id = str(uuid.uuid4())
-        label = pred.label if pred.confidence >= self.threshold else UNCERTAIN
+        label = self.policy.answer(pred)
         predictor = model.predictor
         started = request_start_var.get()
         latency_ms = (time.perf_counter() - started) * 1000.0 if started else 0.0

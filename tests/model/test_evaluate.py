@@ -209,6 +209,9 @@ def test_cli_predict_prints_labels_and_flags_invalid_files(
         get_settings.cache_clear()
     out = capsys.readouterr().out.splitlines()
     assert code == 1  # one file was not an image
-    assert out[-1] == f"{bad}: invalid image (not_an_image): the file is not a supported image"
+    assert out[-1] == (
+        f"{bad}: invalid image (not_an_image): the file is not a supported image; "
+        "send JPEG, PNG, WebP, GIF, BMP or TIFF"
+    )
     for line, label in zip(out[-3:-1], rows["label"], strict=True):
         assert line.startswith(f"{tmp_path / label}.jpg: {label} (confidence ")
