@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from dandelion_lib.config import Settings
 
@@ -147,7 +147,7 @@ def sniff_format(data: bytes) -> str:
             fmt = probe.format or ""
     except Image.DecompressionBombError as exc:
         raise InvalidImageError(RejectReason.TOO_LARGE, f"image is too large: {exc}") from None
-    except Image.UnidentifiedImageError:
+    except UnidentifiedImageError:
         other = _other_format(data)
         if other:
             raise InvalidImageError(
@@ -205,7 +205,7 @@ def decode_image(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidImageError(RejectReason.TOO_LARGE, f"image is too large: {exc}") from None
-    except Image.UnidentifiedImageError:
+    except UnidentifiedImageError:
         raise InvalidImageError(
             RejectReason.NOT_AN_IMAGE, "the file is not a supported image"
         ) from None
