@@ -19,7 +19,8 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from dandelion_lib.monitoring import PSI_DRIFT_THRESHOLD, DriftMonitor
+from dandelion_lib.config import Settings
+from dandelion_lib.monitoring import DriftMonitor
 
 __all__ = ["CONTENT_TYPE_LATEST", "ApiMetrics"]
 
@@ -32,9 +33,20 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class ApiMetrics:
-    """Every metric the API exports, registered on a private ``CollectorRegistry``."""
+    """Every metric the API exports, registered on a private ``CollectorRegistry``.
 
-    def __init__(self, registry: CollectorRegistry | None = None):
+    ``drift_psi_threshold`` only names the threshold in the drift share's help text; the
+    served model's :class:`DriftMonitor` applies it (both from ``Settings``).
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        drift_psi_threshold: float | None = None,
+    ):
+        if drift_psi_threshold is None:
+            drift_psi_threshold = float(Settings.model_fields["drift_psi_threshold"].default)
         self.registry = registry or CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)
@@ -111,7 +123,8 @@ class ApiMetrics:
         )
         self.drift_share = Gauge(
             "dandelion_drift_share",
-            f"Share of features whose PSI exceeds both {PSI_DRIFT_THRESHOLD} and the noise floor "
+            f"Share of features whose PSI exceeds both {drift_psi_threshold} "
+            "(DANDELION_DRIFT_PSI_THRESHOLD) and the noise floor "
             "of the current window size.",
             registry=r,
         )

@@ -22,7 +22,7 @@ from api.metrics import ApiMetrics
 from api.schemas import LoadFailureInfo, ModelInfo, ModelRef, Readiness, ReloadResponse
 from dandelion_lib.config import Settings
 from dandelion_lib.monitoring import DriftMonitor
-from dandelion_lib.predict import Predictor
+from dandelion_lib.predict import AnswerPolicy, Predictor
 from dandelion_lib.registry import configure_mlflow
 
 log = logging.getLogger("api.model")
@@ -156,6 +156,7 @@ class ModelManager:
             uri,
             max_pixels=self.settings.max_image_pixels,
             min_side=self.settings.min_image_side,
+            policy=AnswerPolicy.from_settings(self.settings),
         )
 
     def _registry(self) -> Any:

@@ -1,14 +1,14 @@
 """Predictions: decode untrusted bytes off the event loop, batch through the model, record.
 
-Decoding runs in worker threads through :meth:`Predictor.decode` (the one decoding path
-shared with training), after a header sniff that admits only common photo formats. Any
-decoder failure is the input's fault and becomes a 4xx problem, never a 500.
+Decoding runs in worker threads through :meth:`Predictor.decode`, which accepts images by the
+one rule of :mod:`dandelion_lib.images` (formats, size limits, reject reasons with their HTTP
+status and problem code). Any decoder failure is the input's fault and becomes a 4xx problem,
+never a 500. The answer (a label or ``uncertain``) is the Predictor's.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import time
 import uuid
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import anyio.to_thread
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from api.context import request_id_var, request_start_var
 from api.metrics import ApiMetrics
@@ -26,23 +25,11 @@ from api.services.inference import InferenceQueue, QueueFullError
 from api.services.models import ModelManager, ServingModel
 from api.services.recording import PredictionLog
 from api.uploads import Upload
-from dandelion_lib.features import InvalidImageError
 from dandelion_lib.feedback import PredictionRecord
-from dandelion_lib.predict import AnswerPolicy, Prediction, Predictor
+from dandelion_lib.images import InvalidImageError, RejectReason
+from dandelion_lib.predict import Prediction, Predictor
 
 log = logging.getLogger("api.predict")
-
-SERVING_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes MPO
-"""Formats the API decodes; anything else (SVG, PDF, PSD, EPS, ...) is refused unread."""
-
-_IMAGE_PROBLEMS = {
-    # reason of InvalidImageError -> (status, problem code)
-    "empty": (400, "empty-image"),
-    "not_an_image": (415, "unsupported-image"),
-    "truncated": (422, "corrupt-image"),
-    "too_large": (413, "image-too-large"),
-    "too_small": (422, "image-too-small"),
-}
 
 
 @dataclass(frozen=True)
@@ -53,60 +40,23 @@ class Decoded:
 
 
 def image_problem(exc: InvalidImageError) -> Problem:
-    status, code = _IMAGE_PROBLEMS.get(exc.reason, (422, "corrupt-image"))
-    return Problem(status, code, str(exc), reason=exc.reason)
+    """The problem answer for a refused image: status and code come with its reason."""
+    reason = exc.reason
+    return Problem(reason.status, reason.problem, str(exc), reason=reason.value)
 
 
 def decode(predictor: Predictor, data: bytes) -> Decoded:
     """Bytes -> model input + statistics, or :class:`Problem` (runs in a worker thread)."""
-    if not data:
-        raise image_problem(InvalidImageError("empty", "the image is empty (0 bytes)"))
-    try:
-        with Image.open(io.BytesIO(data), formats=SERVING_FORMATS) as probe:
-            fmt = probe.format
-    except Image.DecompressionBombError as exc:
-        raise image_problem(InvalidImageError("too_large", f"image is too large: {exc}")) from None
-    except UnidentifiedImageError:
-        if _looks_like_supported(data):  # the right signature, but broken inside
-            raise image_problem(
-                InvalidImageError("truncated", "the image is corrupt (its header cannot be read)")
-            ) from None
-        raise image_problem(
-            InvalidImageError(
-                "not_an_image",
-                "not a supported image; send JPEG, PNG, WebP, GIF, BMP or TIFF",
-            )
-        ) from None
-    except Exception as exc:
-        raise image_problem(InvalidImageError("truncated", _reason(exc))) from None
     try:
         array, stats = predictor.decode(data)
     except InvalidImageError as exc:
         raise image_problem(exc) from None
-    except Exception as exc:  # decoders raise many types on hostile input
-        log.warning("decoder error", extra={"error": _reason(exc), "format": fmt})
-        raise image_problem(InvalidImageError("truncated", _reason(exc))) from None
+    except Exception as exc:  # preprocessing an accepted image failed: still the input's fault
+        text = str(exc).strip().splitlines()
+        detail = f"the image cannot be decoded ({text[0][:200] if text else type(exc).__name__})"
+        log.warning("decoder error", extra={"error": detail})
+        raise image_problem(InvalidImageError(RejectReason.TRUNCATED, detail)) from None
     return Decoded(array, stats, hashlib.sha256(data).hexdigest())
-
-
-_SIGNATURES = (
-    b"\xff\xd8\xff",
-    b"\x89PNG\r\n\x1a\n",
-    b"GIF87a",
-    b"GIF89a",
-    b"BM",
-    b"II*\x00",
-    b"MM\x00*",
-)
-
-
-def _looks_like_supported(data: bytes) -> bool:
-    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"the image cannot be decoded ({text[0][:200] if text else type(exc).__name__})"
 
 
 class PredictionService:
@@ -119,14 +69,11 @@ class PredictionService:
         queue: InferenceQueue,
         metrics: ApiMetrics,
         recorder: PredictionLog | None,
-        confidence_threshold: float,
     ):
         self.models = models
         self.queue = queue
         self.metrics = metrics
         self.recorder = recorder
-        self.threshold = confidence_threshold
-        self.policy = AnswerPolicy(confidence_threshold)
 
     def serving(self) -> ServingModel:
         model = self.models.current
@@ -199,7 +146,7 @@ class PredictionService:
 
     def _answer(self, model: ServingModel, pred: Prediction, decoded: Decoded) -> PredictResponse:
         prediction_id = str(uuid.uuid4())
-        label = self.policy.answer(pred)
+        label = model.predictor.answer(pred)
         predictor = model.predictor
         started = request_start_var.get()
         latency_ms = (time.perf_counter() - started) * 1000.0 if started else 0.0
