@@ -89,10 +89,12 @@ def slow(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff (lint + format check) and mypy (strict on api, dashboards, benchmarks; see pyproject)."""
+    """ruff (lint + format check), mypy, and the import-linter contracts (pyproject.toml)."""
     _run(session, "ruff", "check", ".")
     _run(session, "ruff", "format", "--check", ".")
     _run(session, "mypy")
+    # dags/ is on sys.path under Airflow; the contracts see dandelion_tasks the same way.
+    _run(session, "lint-imports", env={"PYTHONPATH": str(ROOT / "dags")})
 
 
 @nox.session

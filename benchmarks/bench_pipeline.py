@@ -45,7 +45,7 @@ def _serve(path: Path) -> tuple[str, http.server.ThreadingHTTPServer]:
 
 def _baseline(workdir: Path, source: str) -> dict[str, Any]:
     """The stages in-process, in the pipeline's order, with the same settings."""
-    from dandelion_lib import evaluate, pipeline, registry, train
+    from dandelion_lib import datagate, evaluate, promotion, registry, train
     from dandelion_lib.config import Settings
     from dandelion_lib.ingest import ingest
     from dandelion_lib.predict import Predictor
@@ -57,7 +57,7 @@ def _baseline(workdir: Path, source: str) -> dict[str, Any]:
     report = ingest(settings, progress=False)
     laps["ingest"] = time.perf_counter() - start
     t = time.perf_counter()
-    pipeline.validate_dataset(report.version, settings)
+    datagate.validate_dataset(report.version, settings)
     laps["validate"] = time.perf_counter() - t
     t = time.perf_counter()
     result = train.train(train.TrainConfig(dataset_version=report.version), settings)
@@ -67,13 +67,13 @@ def _baseline(workdir: Path, source: str) -> dict[str, Any]:
     evaluate.evaluate_split(predictor, open_store(settings=settings), result.dataset_version)
     laps["evaluate"] = time.perf_counter() - t
     t = time.perf_counter()
-    promotion = registry.promote(settings, dataset_version=report.version)
+    promoted = promotion.promote(settings, dataset_version=report.version)
     laps["promote"] = time.perf_counter() - t
     return {
         "seconds": time.perf_counter() - start,
         "laps": laps,
         "test_accuracy": result.metrics.get("test_accuracy"),
-        "promoted": promotion.promoted,
+        "promoted": promoted.promoted,
     }
 
 

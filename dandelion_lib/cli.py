@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Score a model on a labelled folder or a dataset split.",
     ),
     "promote": (
-        "dandelion_lib.registry",
+        "dandelion_lib.promotion",
         "Move the champion alias to the challenger if it passes.",
     ),
     "predict": ("dandelion_lib.predict", "Classify image files with a registered model."),

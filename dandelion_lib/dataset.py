@@ -14,13 +14,14 @@ import hashlib
 import io
 import re
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from dandelion_lib.errors import DandelionError
-from dandelion_lib.features import STAT_COLUMNS
+from dandelion_lib.features import STAT_COLUMNS, FeatureSpec, bytes_to_model_input
 from dandelion_lib.storage import ObjectNotFoundError, ObjectStore
 
 MANIFEST_SCHEMA_VERSION = "1"
@@ -274,3 +275,23 @@ def load_report(store: ObjectStore, version: str | None = None) -> dict[str, Any
     except ObjectNotFoundError:
         return {}
     return report
+
+
+def load_examples(
+    store: Any, rows: pd.DataFrame, spec: FeatureSpec | None = None, workers: int = 4
+) -> np.ndarray:
+    """Model inputs of the manifest ``rows`` as ``uint8`` ``(N, size, size, 3)``.
+
+    Each image goes through :func:`~dandelion_lib.features.bytes_to_model_input` (exactly
+    what the Predictor serves); its values are integers in [0, 255], so ``uint8`` is lossless.
+    """
+    spec = spec or FeatureSpec()
+
+    def one(key: str) -> np.ndarray:
+        return bytes_to_model_input(store.get_bytes(key), spec).astype(np.uint8)
+
+    keys = list(rows["key"])
+    if not keys:
+        return np.zeros((0, spec.image_size, spec.image_size, 3), dtype=np.uint8)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return np.stack(list(pool.map(one, keys)))

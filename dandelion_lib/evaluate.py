@@ -20,10 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
+import mlflow
 import numpy as np
 import pandas as pd
+from sklearn import metrics as skm
+from sklearn.metrics import roc_auc_score, roc_curve
 
+from dandelion_lib import dataset, registry
+from dandelion_lib.config import get_settings
 from dandelion_lib.errors import DandelionError
+from dandelion_lib.features import to_model_input
+from dandelion_lib.images import ImageLimits, InvalidImageError, accept_image
+from dandelion_lib.predict import Predictor
+from dandelion_lib.storage import open_store
 
 ECE_BINS = 10
 SIZE_BUCKETS: tuple[tuple[str, int, int], ...] = (
@@ -62,7 +72,6 @@ def classification_metrics(
     y_true: np.ndarray, probs: np.ndarray, labels: tuple[str, ...]
 ) -> dict[str, Any]:
     """Scalar metrics (floats) plus ``confusion_matrix`` (rows: true, columns: predicted)."""
-    from sklearn import metrics as skm
 
     y_true = np.asarray(y_true, dtype=int)
     probs = np.asarray(probs, dtype=np.float64)
@@ -100,7 +109,6 @@ def _log_loss(y_true: np.ndarray, probs: np.ndarray) -> float:
 
 
 def _roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
 
     if len(np.unique(y_true)) < 2:
         return float("nan")
@@ -239,9 +247,6 @@ def evaluate_split(
     predictor: Any, store: Any, version: str, split: str = "test", *, manifest: Any = None
 ) -> EvaluationReport:
     """Score ``predictor`` on one split of a dataset version from the store."""
-    from dandelion_lib import dataset
-    from dandelion_lib.train import load_examples
-
     manifest = manifest if manifest is not None else dataset.load_manifest(store, version)
     rows = manifest[manifest["split"] == split].sort_values("sha256").reset_index(drop=True)
     if rows.empty:
@@ -250,7 +255,7 @@ def evaluate_split(
     unknown = sorted(set(rows["label"]) - set(labels))
     if unknown:
         raise EvaluationError(f"dataset labels {unknown} are not model labels {list(labels)}")
-    pixels = load_examples(store, rows, predictor.spec)
+    pixels = dataset.load_examples(store, rows, predictor.spec)
     y = np.asarray([labels.index(lab) for lab in rows["label"]])
     return evaluate_arrays(predictor, pixels, y, rows, source=f"dataset {version} ({split} split)")
 
@@ -276,9 +281,6 @@ def list_labelled_folder(root: str | Path, labels: tuple[str, ...]) -> list[tupl
 
 def evaluate_folder(predictor: Any, root: str | Path) -> tuple[EvaluationReport, list[str]]:
     """Score every image of a labelled folder; returns the report and skipped files (reasons)."""
-    from dandelion_lib.features import to_model_input
-    from dandelion_lib.images import ImageLimits, InvalidImageError, accept_image
-
     labels = tuple(predictor.labels)
     pixels, y, meta, skipped = [], [], [], []
     for path, label in list_labelled_folder(root, labels):
@@ -306,7 +308,6 @@ def evaluate_folder(predictor: Any, root: str | Path) -> tuple[EvaluationReport,
 
 
 def confusion_figure(matrix: list[list[int]], labels: tuple[str, ...]) -> Any:
-    import matplotlib.pyplot as plt
 
     m = np.asarray(matrix)
     fig, ax = plt.subplots(figsize=(3.6, 3.2))
@@ -325,8 +326,6 @@ def confusion_figure(matrix: list[list[int]], labels: tuple[str, ...]) -> Any:
 
 
 def roc_figure(y_true: Any, probs: np.ndarray, labels: tuple[str, ...]) -> Any:
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
 
     y_true = np.asarray(y_true, dtype=int)
     fig, ax = plt.subplots(figsize=(3.6, 3.2))
@@ -345,7 +344,6 @@ def roc_figure(y_true: Any, probs: np.ndarray, labels: tuple[str, ...]) -> Any:
 
 def calibration_figure(y_true: Any, probs: np.ndarray, bins: int = ECE_BINS) -> Any:
     """Reliability diagram: accuracy against confidence per bin (the diagonal is perfect)."""
-    import matplotlib.pyplot as plt
 
     y_true = np.asarray(y_true, dtype=int)
     confidence = probs.max(axis=1)
@@ -370,7 +368,6 @@ def calibration_figure(y_true: Any, probs: np.ndarray, bins: int = ECE_BINS) -> 
 
 def misclassified_figure(pixels: np.ndarray, report: EvaluationReport, max_images: int = 16) -> Any:
     """A grid of misclassified images, titled ``true -> predicted (confidence)``."""
-    import matplotlib.pyplot as plt
 
     frame = report.predictions
     wrong = np.flatnonzero((frame["label"] != frame["predicted"]).to_numpy())[:max_images]
@@ -392,8 +389,6 @@ def log_report(
     report: EvaluationReport, pixels: np.ndarray | None = None, prefix: str = "test_"
 ) -> None:
     """Log a report's metrics, slices and figures into the active MLflow run."""
-    import matplotlib.pyplot as plt
-    import mlflow
 
     mlflow.log_metrics(report.scalar_metrics(prefix))
     mlflow.log_metrics(
@@ -444,10 +439,6 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli(args: argparse.Namespace) -> int:
-    from dandelion_lib import registry
-    from dandelion_lib.config import get_settings
-    from dandelion_lib.predict import Predictor
-
     settings = get_settings()
     registry.configure_mlflow(settings)
     uri = args.model or registry.model_uri(settings.model_name, registry.CHAMPION)
@@ -456,8 +447,6 @@ def cli(args: argparse.Namespace) -> int:
     if args.images:
         report, skipped = evaluate_folder(predictor, args.images)
     else:
-        from dandelion_lib.storage import open_store
-
         version = args.dataset_version or predictor.dataset_version
         if not version:
             raise EvaluationError(f"{uri} records no dataset version; pass --dataset-version")

@@ -17,7 +17,9 @@ dataset version.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
+import json
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
@@ -34,6 +36,7 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -249,8 +252,6 @@ class FeedbackStore:
 
     def check(self) -> None:
         """Raise :class:`FeedbackUnavailableError` unless the database answers."""
-        from sqlalchemy import text
-
         try:
             with self.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
@@ -488,8 +489,6 @@ def _record(row: _FeedbackRow) -> FeedbackRecord:
 
 # --- command line: `dandelion feedback` -----------------------------------------------------
 def add_cli_arguments(parser: Any) -> None:
-    import argparse
-
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print JSON lines")
     sub = parser.add_subparsers(dest="action", required=True)
@@ -511,8 +510,6 @@ def add_cli_arguments(parser: Any) -> None:
 
 
 def cli(args: Any) -> int:
-    import json
-
     store = FeedbackStore.from_settings()
     try:
         if args.action == "list":

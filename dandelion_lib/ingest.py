@@ -36,7 +36,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+import httpx
 import pandas as pd
+from pydantic import ValidationError
+from tqdm import tqdm
 
 from dandelion_lib import dataset
 from dandelion_lib.config import Settings, get_settings
@@ -147,7 +150,7 @@ class FolderSource(Source):
         limit: int | None = None,
         max_bytes: int | None = None,
     ):
-        self.root = Path(os.path.abspath(Path(root).expanduser()))
+        self.root = Path(os.path.abspath(Path(root).expanduser()))  # noqa: PTH100 - no symlink resolving
         self.labels = labels
         self.limit = limit
         self.max_bytes = max_bytes
@@ -193,8 +196,6 @@ class HttpSource(Source):
     RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
     def __init__(self, base_url: str, settings: Settings):
-        import httpx
-
         self.base_url = base_url.rstrip("/")
         self.description = self.base_url
         self.settings = settings
@@ -242,8 +243,6 @@ class HttpSource(Source):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _get(self, url: str, headers: dict[str, str], conditional: bool) -> Fetched:
-        import httpx
-
         timeout = self.settings.http_timeout_s
         deadline = time.monotonic() + timeout
         try:
@@ -524,8 +523,6 @@ class _Worker:
 
 
 def _progress_bar(total: int, enabled: bool | None) -> Any:
-    from tqdm import tqdm
-
     if enabled is None:
         enabled = sys.stderr.isatty()
     return tqdm(total=total, unit="img", desc="ingest", disable=not enabled, leave=False)
@@ -748,8 +745,6 @@ def _stored_report(report: IngestReport, settings: Settings) -> dict[str, Any]:
 
 def load_settings() -> Settings:
     """The environment's settings; an invalid value is a one-line :class:`IngestError`."""
-    from pydantic import ValidationError
-
     try:
         return get_settings()
     except ValidationError as exc:

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
+import keras
 import numpy as np
+from keras import layers
 
 from dandelion_lib.errors import DandelionError
 from dandelion_lib.features import DEFAULT_IMAGE_SIZE
@@ -267,8 +269,6 @@ def build_efficientnet_lite0(weights: bool = True, image_size: int = 224) -> Any
     Layer names follow the original checkpoint: ``stem_*``, ``block{i}_*`` (i = 0..15),
     ``head_*``.
     """
-    import keras
-    from keras import layers
 
     def bn(name: str) -> Any:
         return layers.BatchNormalization(epsilon=BN_EPSILON, momentum=0.99, name=name)
@@ -322,7 +322,6 @@ def _lite0_name_map() -> dict[str, str]:
 
 def load_lite0_weights(model: Any, state: dict[str, np.ndarray]) -> None:
     """Copy a lukemelas-style EfficientNet-Lite0 ``state_dict`` into the Keras model."""
-    from keras import layers
 
     used: set[str] = set()
     for layer_name, src in _lite0_name_map().items():
@@ -379,8 +378,6 @@ def build_backbone(
     ``keras.applications`` backbones download their ImageNet weights; offline this raises
     :class:`BackboneUnavailableError` naming the backbone that works offline.
     """
-    import keras
-    from keras import layers
 
     if name not in BACKBONES:
         raise DandelionError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
@@ -428,8 +425,6 @@ def build_backbone(
 
 def build_small_cnn(image_size: int = DEFAULT_IMAGE_SIZE) -> Any:
     """A small from-scratch CNN feature extractor (pixels in [0, 255] -> 128-d features)."""
-    import keras
-    from keras import layers
 
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
     x = layers.Rescaling(1.0 / 255.0, name="normalize")(inputs)
@@ -460,8 +455,6 @@ def build_head(
     it the head has no standardisation layer. ``l2`` regularises the dense kernel, which
     makes the head a (multinomial) logistic regression on standardised features.
     """
-    import keras
-    from keras import layers
 
     inputs = keras.Input((feature_dim,), name="features")
     x = inputs
@@ -488,7 +481,6 @@ def assemble(backbone: Backbone, head: Any, freeze_batchnorm: bool = True) -> An
     mode, so fine-tuning never updates its batch-norm statistics; a from-scratch backbone
     needs them to train.
     """
-    import keras
 
     inputs = keras.Input(backbone.model.input_shape[1:], name="pixels")
     features = (
@@ -504,7 +496,6 @@ def set_trainable_top(backbone: Backbone, blocks: int) -> int:
     Batch-norm layers stay frozen (they run in inference mode inside :func:`assemble`).
     For ``keras.applications`` backbones the last ``blocks * 6`` layers are unfrozen.
     """
-    from keras import layers
 
     model = backbone.model
     model.trainable = True

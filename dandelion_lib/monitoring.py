@@ -35,13 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dandelion_lib.config import Settings, get_settings
 from dandelion_lib.errors import DandelionError
-from dandelion_lib.features import STAT_COLUMNS, InvalidImageError, decode_image, image_stats
+from dandelion_lib.features import STAT_COLUMNS, image_stats
+from dandelion_lib.images import ImageLimits, InvalidImageError, accept_image
+from dandelion_lib.registry import configure_mlflow, model_uri
 
 if TYPE_CHECKING:
     import pandas as pd
-
-    from dandelion_lib.config import Settings
 
 REFERENCE_BINS = 10
 REFERENCE_QUANTILES = 101
@@ -365,17 +366,12 @@ def batch_stats(
     paths: list[Path], settings: Settings | None = None
 ) -> tuple[list[dict[str, float]], list[tuple[str, str]]]:
     """Per-image statistics of image files; unreadable ones are returned as (path, reason)."""
-    from dandelion_lib.config import get_settings
-
     settings = settings or get_settings()
+    limits = ImageLimits.from_settings(settings)
     rows, skipped = [], []
     for path in paths:
         try:
-            img = decode_image(
-                path.read_bytes(),
-                max_pixels=settings.max_image_pixels,
-                min_side=settings.min_image_side,
-            )
+            img = accept_image(path.read_bytes(), limits).image
         except InvalidImageError as exc:
             skipped.append((str(path), str(exc)))
             continue
@@ -401,8 +397,6 @@ def drift_report(
     Raises :class:`DriftError` when there is no reference or fewer than
     ``settings.drift_min_images`` readable images.
     """
-    from dandelion_lib.config import get_settings
-
     settings = settings or get_settings()
     threshold = settings.drift_psi_threshold if threshold is None else threshold
     share_threshold = settings.drift_share_threshold if share_threshold is None else share_threshold
@@ -513,9 +507,6 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     """Print per-feature scores and a verdict; exit status 1 when the batch drifted."""
-    from dandelion_lib.config import get_settings
-    from dandelion_lib.registry import configure_mlflow, model_uri
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # clean stderr
     settings = get_settings()
     configure_mlflow(settings)

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from dandelion_lib.config import UNCERTAIN, Settings
+from dandelion_lib import registry
+from dandelion_lib.config import UNCERTAIN, Settings, get_settings
 from dandelion_lib.errors import DandelionError
 from dandelion_lib.features import FeatureSpec, image_stats, to_model_input
 from dandelion_lib.images import (
@@ -199,9 +200,6 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli(args: argparse.Namespace) -> int:
-    from dandelion_lib import registry
-    from dandelion_lib.config import get_settings
-
     settings = get_settings()
     registry.configure_mlflow(settings)
     uri = args.model or registry.model_uri(settings.model_name, settings.model_alias)

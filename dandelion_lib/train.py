@@ -7,8 +7,12 @@ brightness, contrast). The classification head then trains on cached features in
 An optional fine-tuning phase unfreezes the top blocks and trains end to end on augmented
 pixels; ``small_cnn`` always trains end to end.
 
-Images go from store bytes to model inputs through :func:`dandelion_lib.features.bytes_to_model_input`,
-the same path the :class:`~dandelion_lib.predict.Predictor` uses when serving.
+Its one job: turn a dataset version into a registered ``challenger``. :func:`train` reads top
+to bottom as named steps (load data, load pixels, cache features and fit the head, refit,
+optional pixel training, evaluate, log to MLflow, register the challenger); it never moves
+``champion`` (:mod:`dandelion_lib.promotion` does). Images go from store bytes to model inputs
+through :func:`dandelion_lib.dataset.load_examples`, the same path the
+:class:`~dandelion_lib.predict.Predictor` uses when serving.
 """
 
 from __future__ import annotations
@@ -19,16 +23,28 @@ import hashlib
 import sys
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import keras
+import matplotlib.pyplot as plt
+import mlflow
 import numpy as np
 import pandas as pd
+import tensorflow as tf
+from keras import layers
+from mlflow import MlflowClient
+from mlflow.data.pandas_dataset import from_pandas
+from mlflow.entities import Metric
 
+from dandelion_lib import dataset, evaluate, monitoring, registry
+from dandelion_lib import model as model_lib
 from dandelion_lib.config import Settings, get_settings
+from dandelion_lib.dataset import load_examples
 from dandelion_lib.errors import DandelionError
-from dandelion_lib.features import DEFAULT_IMAGE_SIZE, FeatureSpec, bytes_to_model_input
+from dandelion_lib.features import DEFAULT_IMAGE_SIZE, STAT_COLUMNS, FeatureSpec
+from dandelion_lib.predict import Predictor
+from dandelion_lib.storage import open_store
 
 HEAD_LEARNING_RATE = 0.1
 END_TO_END_LEARNING_RATE = 1e-3
@@ -110,30 +126,8 @@ class TrainResult:
 # --------------------------------------------------------------------------------------
 
 
-def load_examples(
-    store: Any, rows: pd.DataFrame, spec: FeatureSpec | None = None, workers: int = 4
-) -> np.ndarray:
-    """Model inputs of the manifest ``rows`` as ``uint8`` ``(N, size, size, 3)``.
-
-    Each image goes through :func:`~dandelion_lib.features.bytes_to_model_input` (exactly
-    what the Predictor serves); its values are integers in [0, 255], so ``uint8`` is lossless.
-    """
-    spec = spec or FeatureSpec()
-
-    def one(key: str) -> np.ndarray:
-        return bytes_to_model_input(store.get_bytes(key), spec).astype(np.uint8)
-
-    keys = list(rows["key"])
-    if not keys:
-        return np.zeros((0, spec.image_size, spec.image_size, 3), dtype=np.uint8)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return np.stack(list(pool.map(one, keys)))
-
-
 def make_augmenter(config: TrainConfig) -> Any:
     """Keras preprocessing layers (pixels in [0, 255]); identity when augmentation is off."""
-    import keras
-    from keras import layers
 
     seed = config.seed
     steps: list[Any] = []
@@ -169,7 +163,6 @@ def make_dataset(
     With ``labels`` it yields ``(inputs, one-hot labels)``; map calls are sequential so
     seeded augmentation is reproducible.
     """
-    import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices(pixels if labels is None else (pixels, labels))
     if shuffle_seed is not None:
@@ -187,7 +180,6 @@ def make_dataset(
 
 def feature_extractor(backbone: Any) -> Any:
     """The backbone as one graph (any batch size): float32 pixels -> features."""
-    import tensorflow as tf
 
     size = int(backbone.model.input_shape[1])
     spec = tf.TensorSpec([None, size, size, 3], tf.float32)
@@ -212,7 +204,6 @@ def augmented_features(
     View ``i`` is drawn with the seed ``config.seed + 1000 + i``, so the views are
     reproducible and independent of what ran before.
     """
-    import keras
 
     if not config.augment:
         return []
@@ -238,7 +229,6 @@ class _EpochLog:
         self.step = 0
 
     def callback(self, phase: str, epochs: int) -> Any:
-        import keras
 
         outer = self
 
@@ -261,9 +251,6 @@ class _EpochLog:
         return Callback()
 
     def log_to_mlflow(self) -> None:
-        import mlflow
-        from mlflow import MlflowClient
-        from mlflow.entities import Metric
 
         run = mlflow.active_run()
         if run is None:
@@ -311,8 +298,6 @@ def fit_head(
     second: the regularised head converges to the same solution whatever the seed. Early
     stopping watches ``val_loss`` and restores the best weights.
     """
-    import keras
-    import tensorflow as tf
 
     loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
     optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, epochs))
@@ -370,9 +355,6 @@ def fit_cached_head(
     then :func:`fit_head` trains it on ``x`` with integer labels ``y``. Without
     ``early_stop`` it runs all ``epochs`` (``val`` is then only measured).
     """
-    import keras
-
-    from dandelion_lib import model as model_lib
 
     keras.utils.set_random_seed(config.seed)
     head = model_lib.build_head(
@@ -400,7 +382,6 @@ def fit_cached_head(
 
 def _fit(model: Any, data: Any, val: Any, *, epochs: int, config: TrainConfig, cb: Any) -> Any:
     """Keras ``fit`` for end-to-end phases (pixels through the backbone)."""
-    import keras
 
     stop = keras.callbacks.EarlyStopping(
         monitor="val_loss",
@@ -412,39 +393,44 @@ def _fit(model: Any, data: Any, val: Any, *, epochs: int, config: TrainConfig, c
     )
 
 
-def train(
-    config: TrainConfig | None = None,
-    settings: Settings | None = None,
-    *,
-    store: Any = None,
-    progress: bool | None = None,
-) -> TrainResult:
-    """Train, evaluate on the test split, log everything to MLflow and register the model."""
-    import keras
-    import mlflow
-    import tensorflow as tf
+@dataclass
+class TrainingData:
+    """A dataset version resolved for training: its manifest, splits and model inputs."""
 
-    from dandelion_lib import dataset, evaluate, monitoring, registry
-    from dandelion_lib import model as model_lib
-    from dandelion_lib.features import STAT_COLUMNS
-    from dandelion_lib.predict import Predictor
-    from dandelion_lib.storage import open_store
+    version: str
+    manifest: pd.DataFrame
+    spec: FeatureSpec
+    splits: dict[str, pd.DataFrame]
+    pixels: dict[str, np.ndarray] = field(default_factory=dict)
+    y: dict[str, np.ndarray] = field(default_factory=dict)
 
-    config = config or TrainConfig()
-    settings = settings or get_settings()
-    progress = sys.stdout.isatty() if progress is None else progress
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.spec.labels
 
-    def lap(name: str, since: float) -> float:
+
+class _Laps:
+    """Wall-clock seconds of each training step (logged as ``seconds_<step>``)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.mark = self.started
+        self.timings: dict[str, float] = {}
+
+    def restart(self) -> None:
+        self.mark = time.perf_counter()
+
+    def lap(self, name: str) -> None:
         now = time.perf_counter()
-        timings[name] = round(now - since, 3)
-        return now
+        self.timings[name] = round(now - self.mark, 3)
+        self.mark = now
 
-    store = store or open_store(settings=settings)
+
+def load_data(config: TrainConfig, settings: Settings, store: Any) -> TrainingData:
+    """Step 1: resolve the dataset version, check its labels, take the (sub)set per split."""
     version = config.dataset_version or dataset.latest_version(store)
     manifest = dataset.load_manifest(store, version)
-    labels = tuple(getattr(settings, "labels", None) or FeatureSpec().labels)
+    labels = tuple(settings.labels)
     spec = FeatureSpec(labels=labels, image_size=config.image_size)
     unknown = sorted(set(manifest["label"]) - set(labels))
     if unknown:
@@ -454,156 +440,211 @@ def train(
     for s, rows in splits.items():
         if rows["label"].nunique() < len(labels):
             raise TrainingError(f"dataset {version}: the {s} split lacks a class")
+    return TrainingData(version, manifest, spec, splits)
+
+
+def load_pixels(data: TrainingData, store: Any) -> None:
+    """Step 2: every split's model inputs and class indices, through the serving path."""
+    labels = data.labels
+    data.pixels = {s: load_examples(store, rows, data.spec) for s, rows in data.splits.items()}
+    data.y = {
+        s: np.asarray([labels.index(v) for v in rows["label"]]) for s, rows in data.splits.items()
+    }
+
+
+def fit_cached(
+    config: TrainConfig, backbone: Any, data: TrainingData, log: _EpochLog, laps: _Laps
+) -> Any:
+    """Steps 3-4: cache the frozen backbone's features (original and augmented views), fit
+    the head on them and, with ``refit_with_val``, refit it on train + val."""
+    n = len(data.labels)
+    pixels, y = data.pixels, data.y
+    backbone.model.trainable = False
+    extractor = feature_extractor(backbone)
+    dim = backbone.feature_dim
+    feats = {s: extract_features(extractor, p, dim) for s, p in pixels.items()}
+    train_x = [feats["train"], *augmented_features(extractor, pixels["train"], dim, config)]
+    laps.lap("extract_features")
+    val = (feats["val"], _one_hot(y["val"], n))
+    head = fit_cached_head(
+        config,
+        n,
+        feats["train"],
+        np.concatenate(train_x),
+        np.concatenate([y["train"]] * len(train_x)),
+        val,
+        epochs=config.epochs,
+        callback=log.callback("head", config.epochs),
+    )
+    if config.refit_with_val:
+        # Same recipe, same number of epochs, on train + val: 60 more real images.
+        epochs_run = len(log.history["loss"])
+        head = fit_cached_head(
+            config,
+            n,
+            np.concatenate([feats["train"], feats["val"]]),
+            np.concatenate([*train_x, feats["val"]]),
+            np.concatenate([y["train"]] * len(train_x) + [y["val"]]),
+            val,
+            epochs=epochs_run,
+            early_stop=False,
+            callback=log.callback("refit", epochs_run),
+        )
+    laps.lap("train_head")
+    return head
+
+
+def fit_pixels(
+    config: TrainConfig,
+    backbone: Any,
+    full: Any,
+    data: TrainingData,
+    augmenter: Any,
+    log: _EpochLog,
+    laps: _Laps,
+    *,
+    end_to_end: bool,
+) -> None:
+    """Step 5 (optional): fine-tune the top blocks, or train end to end, on augmented pixels."""
+    epochs = config.epochs if end_to_end else config.fine_tune_epochs
+    if epochs <= 0:
+        return
+    if end_to_end:
+        lr = config.learning_rate or END_TO_END_LEARNING_RATE
+        backbone.model.trainable = True
+    else:
+        lr = config.fine_tune_learning_rate
+        model_lib.set_trainable_top(backbone, config.fine_tune_blocks)
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+    full.compile(keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"])
+    n = len(data.labels)
+    train_ds = make_dataset(
+        data.pixels["train"],
+        data.y["train"],
+        batch_size=config.batch_size,
+        augmenter=augmenter,
+        shuffle_seed=config.seed,
+        num_classes=n,
+    )
+    val_ds = make_dataset(
+        data.pixels["val"], data.y["val"], batch_size=config.batch_size, num_classes=n
+    )
+    phase = "end_to_end" if end_to_end else "fine_tune"
+    _fit(full, train_ds, val_ds, epochs=epochs, config=config, cb=log.callback(phase, epochs))
+    laps.lap(phase)
+
+
+def evaluate_model(
+    full: Any, data: TrainingData, history: dict[str, list[float]], *, log_val: bool
+) -> evaluate.EvaluationReport:
+    """Step 6: score the test (and val) split through the serving path; log both."""
+    predictor = Predictor(model=full, spec=data.spec)
+    report, val_report = (
+        evaluate.evaluate_arrays(
+            predictor,
+            data.pixels[split],
+            data.y[split],
+            data.splits[split],
+            source=f"dataset {data.version} ({split} split)",
+        )
+        for split in ("test", "val")
+    )
+    if log_val:
+        mlflow.log_metrics(val_report.scalar_metrics("val_final_"))
+    evaluate.log_report(report, data.pixels["test"], prefix="test_")
+    _log_learning_curves(history)
+    return report
+
+
+def log_run_inputs(config: TrainConfig, store: Any, data: TrainingData) -> None:
+    """Step 7a: the configuration, the dataset version and the split sizes, to MLflow."""
+    mlflow.log_params(config.to_params() | {"dataset_version_resolved": data.version})
+    _log_dataset(store, data.manifest, data.version)
+    mlflow.log_params(
+        {f"images_{s}": len(rows) for s, rows in data.splits.items()}
+        | {"feature_spec_version": data.spec.version, "image_size": data.spec.image_size}
+    )
+
+
+def log_model(
+    full: Any,
+    data: TrainingData,
+    metrics: dict[str, float],
+    settings: Settings,
+    *,
+    register: bool,
+) -> tuple[str, str | None]:
+    """Step 7b: log the model with its metadata; with ``register``, register it as the
+    ``challenger`` (and nothing more: promotion is :mod:`dandelion_lib.promotion`'s job).
+    Returns the model URI and the registered version."""
+    reference = monitoring.build_reference(data.splits["train"][list(STAT_COLUMNS)])
+    logged = registry.log_keras_model(
+        full,
+        feature_spec=data.spec.to_dict(),
+        drift_reference=reference,
+        metrics=metrics,
+        dataset_version=data.version,
+        registered_model_name=settings.model_name if register else None,
+        input_example=data.pixels["test"][:1].astype(np.float32),
+    )
+    if not register:
+        return logged.model_uri, None
+    version = str(logged.version)
+    registry.register_challenger(mlflow.MlflowClient(), settings.model_name, version, data.version)
+    return f"models:/{settings.model_name}/{version}", version
+
+
+def train(
+    config: TrainConfig | None = None,
+    settings: Settings | None = None,
+    *,
+    store: Any = None,
+    progress: bool | None = None,
+) -> TrainResult:
+    """Train, evaluate on the test split, log everything to MLflow and register the model
+    as the ``challenger``. Each step is a function above; this reads them in order."""
+    config = config or TrainConfig()
+    settings = settings or get_settings()
+    progress = sys.stdout.isatty() if progress is None else progress
+    laps = _Laps()
+    store = store or open_store(settings=settings)
+    data = load_data(config, settings, store)
 
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
-    t = time.perf_counter()
+    laps.restart()
     # The backbone first: a missing download fails before any image is read.
-    backbone = model_lib.build_backbone(config.backbone, config.weights, spec.image_size)
-    t = lap("build_backbone", t)
-    pixels = {s: load_examples(store, rows, spec) for s, rows in splits.items()}
-    y = {s: np.asarray([labels.index(v) for v in rows["label"]]) for s, rows in splits.items()}
-    t = lap("load_images", t)
+    backbone = model_lib.build_backbone(config.backbone, config.weights, data.spec.image_size)
+    laps.lap("build_backbone")
+    load_pixels(data, store)
+    laps.lap("load_images")
     augmenter = make_augmenter(config)
-    n = len(labels)
     log = _EpochLog(progress)
-    loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
     end_to_end = config.backbone == "small_cnn" or not backbone.pretrained
 
     registry.configure_mlflow(settings)
     registry.use_experiment(settings)
     with mlflow.start_run(run_name=f"train-{config.backbone}") as run:
-        mlflow.log_params(config.to_params() | {"dataset_version_resolved": version})
-        _log_dataset(store, manifest, version)
-        mlflow.log_params(
-            {f"images_{s}": len(rows) for s, rows in splits.items()}
-            | {"feature_spec_version": spec.version, "image_size": spec.image_size}
-        )
-
-        if not end_to_end:
-            # Phase 1: frozen backbone, cached features (original + augmented views).
-            backbone.model.trainable = False
-            extractor = feature_extractor(backbone)
-            dim = backbone.feature_dim
-            feats = {s: extract_features(extractor, p, dim) for s, p in pixels.items()}
-            train_x = [feats["train"], *augmented_features(extractor, pixels["train"], dim, config)]
-            t = lap("extract_features", t)
-            val = (feats["val"], _one_hot(y["val"], n))
-            head = fit_cached_head(
-                config,
-                n,
-                feats["train"],
-                np.concatenate(train_x),
-                np.concatenate([y["train"]] * len(train_x)),
-                val,
-                epochs=config.epochs,
-                callback=log.callback("head", config.epochs),
-            )
-            if config.refit_with_val:
-                # Same recipe, same number of epochs, on train + val: 60 more real images.
-                epochs_run = len(log.history["loss"])
-                head = fit_cached_head(
-                    config,
-                    n,
-                    np.concatenate([feats["train"], feats["val"]]),
-                    np.concatenate([*train_x, feats["val"]]),
-                    np.concatenate([y["train"]] * len(train_x) + [y["val"]]),
-                    val,
-                    epochs=epochs_run,
-                    early_stop=False,
-                    callback=log.callback("refit", epochs_run),
-                )
-            t = lap("train_head", t)
-        else:
+        log_run_inputs(config, store, data)
+        if end_to_end:
             head = model_lib.build_head(
-                backbone.feature_dim, n, config.dropout, config.seed, l2=config.l2
+                backbone.feature_dim, len(data.labels), config.dropout, config.seed, l2=config.l2
             )
+        else:
+            head = fit_cached(config, backbone, data, log, laps)
         full = model_lib.assemble(backbone, head, freeze_batchnorm=not end_to_end)
-
-        # Phase 2 (optional) or end-to-end training on augmented pixels.
-        e2e_epochs = config.epochs if end_to_end else config.fine_tune_epochs
-        if e2e_epochs > 0:
-            if end_to_end:
-                lr = config.learning_rate or END_TO_END_LEARNING_RATE
-                backbone.model.trainable = True
-            else:
-                lr = config.fine_tune_learning_rate
-                model_lib.set_trainable_top(backbone, config.fine_tune_blocks)
-            full.compile(keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"])
-            train_ds = make_dataset(
-                pixels["train"],
-                y["train"],
-                batch_size=config.batch_size,
-                augmenter=augmenter,
-                shuffle_seed=config.seed,
-                num_classes=n,
-            )
-            val_ds = make_dataset(
-                pixels["val"], y["val"], batch_size=config.batch_size, num_classes=n
-            )
-            phase = "end_to_end" if end_to_end else "fine_tune"
-            _fit(
-                full,
-                train_ds,
-                val_ds,
-                epochs=e2e_epochs,
-                config=config,
-                cb=log.callback(phase, e2e_epochs),
-            )
-            t = lap(phase, t)
+        fit_pixels(config, backbone, full, data, augmenter, log, laps, end_to_end=end_to_end)
         log.log_to_mlflow()
 
-        # Evaluation on the test split, through the serving path.
-        predictor = Predictor(model=full, spec=spec)
-        report = evaluate.evaluate_arrays(
-            predictor,
-            pixels["test"],
-            y["test"],
-            splits["test"],
-            source=f"dataset {version} (test split)",
-        )
-        val_report = evaluate.evaluate_arrays(
-            predictor,
-            pixels["val"],
-            y["val"],
-            splits["val"],
-            source=f"dataset {version} (val split)",
-        )
-        if end_to_end or not config.refit_with_val:
-            mlflow.log_metrics(val_report.scalar_metrics("val_final_"))
-        evaluate.log_report(report, pixels["test"], prefix="test_")
-        _log_learning_curves(log.history)
-        t = lap("evaluate", t)
-
+        log_val = end_to_end or not config.refit_with_val
+        report = evaluate_model(full, data, log.history, log_val=log_val)
+        laps.lap("evaluate")
         metrics = report.scalar_metrics("test_")
-        reference = monitoring.build_reference(splits["train"][list(STAT_COLUMNS)])
-        sample = pixels["test"][:1].astype(np.float32)
-        logged = registry.log_keras_model(
-            full,
-            feature_spec=spec.to_dict(),
-            drift_reference=reference,
-            metrics=metrics,
-            dataset_version=version,
-            registered_model_name=settings.model_name if config.register else None,
-            input_example=sample,
-        )
-        model_version = None
-        if config.register:
-            model_version = str(logged.version)
-            client = mlflow.MlflowClient()
-            client.set_registered_model_alias(
-                settings.model_name, registry.CHALLENGER, model_version
-            )
-            client.set_model_version_tag(
-                settings.model_name, model_version, "dataset_version", version
-            )
-            uri = f"models:/{settings.model_name}/{model_version}"
-        else:
-            uri = logged.model_uri
-        t = lap("log_model", t)
-        seconds = time.perf_counter() - started
+        uri, model_version = log_model(full, data, metrics, settings, register=config.register)
+        laps.lap("log_model")
+        seconds = time.perf_counter() - laps.started
         mlflow.log_metrics(
-            {"train_seconds": seconds} | {f"seconds_{k}": v for k, v in timings.items()}
+            {"train_seconds": seconds} | {f"seconds_{k}": v for k, v in laps.timings.items()}
         )
         run_id = run.info.run_id
 
@@ -611,11 +652,11 @@ def train(
         run_id=run_id,
         model_uri=uri,
         model_version=model_version,
-        dataset_version=version,
+        dataset_version=data.version,
         metrics=metrics,
         history=log.history,
         seconds=seconds,
-        timings=timings,
+        timings=laps.timings,
         model=full,
         report=report,
     )
@@ -623,10 +664,6 @@ def train(
 
 def _log_dataset(store: Any, manifest: pd.DataFrame, version: str) -> None:
     """The dataset version as an MLflow dataset input, with the manifest's digest."""
-    import mlflow
-    from mlflow.data.pandas_dataset import from_pandas
-
-    from dandelion_lib import dataset
 
     key = dataset.manifest_key(version)
     info = store.info(key)
@@ -658,8 +695,6 @@ def _log_dataset(store: Any, manifest: pd.DataFrame, version: str) -> None:
 
 
 def _log_learning_curves(history: dict[str, list[float]]) -> None:
-    import matplotlib.pyplot as plt
-    import mlflow
 
     fig = learning_curves_figure(history)
     mlflow.log_figure(fig, "figures/learning_curves.png")
@@ -668,7 +703,6 @@ def _log_learning_curves(history: dict[str, list[float]]) -> None:
 
 def learning_curves_figure(history: dict[str, list[float]]) -> Any:
     """Loss and accuracy per epoch (train and validation)."""
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
     for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):

@@ -94,7 +94,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> I
         # The server's background job workers (GenAI jobs) are not used by dandelion.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
-    log = open(workdir / "server.log", "wb")  # noqa: SIM115
+    log = (workdir / "server.log").open("wb")
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -67,7 +67,7 @@ def running(
     **popen: object,
 ) -> Iterator[subprocess.Popen]:
     """``sys.executable *args`` until the block ends, once ``ready_url`` answers."""
-    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    out = Path(log).open("wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     try:
         proc = subprocess.Popen(
             [sys.executable, *args],

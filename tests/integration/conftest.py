@@ -54,7 +54,7 @@ class FaultServer:
         return sum(1 for _, s in self.statuses if s == status)
 
 
-def _handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
+def _handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:  # noqa: C901 - one branch per fault
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 

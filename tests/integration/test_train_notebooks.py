@@ -38,7 +38,8 @@ def test_train_then_evaluate_notebooks(greenr_dir: Path, tmp_path: Path) -> None
     assert f"dataset {version}:" in text and "models:/dandelion/1" in text
     assert images >= 4  # learning curves, confusion matrix, ROC, misclassified grid
 
-    evaluated = run_papermill(NOTEBOOKS[1], tmp_path / "03.ipynb", env=env)
+    # Promoting is asked for explicitly: it is promotion.promote, as in the DAG and the CLI.
+    evaluated = run_papermill(NOTEBOOKS[1], tmp_path / "03.ipynb", "-p", "promote", "True", env=env)
     text, images = outputs(evaluated)
     assert "confusion matrix" in text and images >= 3  # confusion, ROC, calibration
     assert "PROMOTED: dandelion version 1" in text

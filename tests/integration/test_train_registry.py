@@ -10,7 +10,7 @@ import boto3
 import numpy as np
 import pytest
 
-from dandelion_lib import dataset, registry
+from dandelion_lib import dataset, promotion, registry
 from dandelion_lib.config import Settings
 from dandelion_lib.ingest import ingest
 from dandelion_lib.predict import Predictor
@@ -41,8 +41,8 @@ def test_train_register_promote_and_serve_the_champion(
     challenger = client.get_model_version_by_alias("dandelion", registry.CHALLENGER)
     assert str(challenger.version) == result.model_version
 
-    promotion = registry.promote(settings, store=store)
-    assert promotion.promoted, promotion.decision.reason
+    promoted = promotion.promote(settings, store=store)
+    assert promoted.promoted, promoted.decision.reason
     tags = client.get_model_version("dandelion", result.model_version).tags
     assert tags["promotion.decision"] == "promoted"
 
@@ -73,5 +73,5 @@ def test_train_register_promote_and_serve_the_champion(
 
 def test_promotion_needs_a_challenger(mlflow_server: str, tmp_path: Path) -> None:
     settings = Settings(workdir=tmp_path, tracking_uri=mlflow_server, model_name="nobody")
-    with pytest.raises(registry.PromotionError, match="no version of model 'nobody'"):
-        registry.promote(settings)
+    with pytest.raises(promotion.PromotionError, match="no version of model 'nobody'"):
+        promotion.promote(settings)

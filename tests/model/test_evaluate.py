@@ -1,4 +1,4 @@
-"""Evaluation metrics, slices, the promotion gate's logic and `dandelion evaluate`."""
+"""Evaluation metrics, slices and `dandelion evaluate`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 
 from dandelion_lib import evaluate
-from dandelion_lib.registry import promotion_gate
 
 LABELS = ("dandelion", "grass")
 
@@ -70,26 +69,6 @@ def test_slices() -> None:
     assert s.loc["orientation=square", "n"] == 1
     assert s.loc["orientation=portrait", "n"] == 1
     assert s.loc["label=dandelion", "accuracy"] == 0.5
-
-
-@pytest.mark.parametrize(
-    ("challenger", "champion", "promote", "why"),
-    [
-        (0.95, None, True, "no champion"),
-        (0.89, None, False, "below the floor"),
-        (0.90, None, True, "floor"),  # the floor itself passes
-        (0.89, 0.50, False, "below the floor"),  # the floor applies even vs a weak champion
-        (0.95, 0.96, True, "within"),  # 1 point worse: within tolerance
-        (0.94, 0.96, False, "worse than the champion"),
-        (0.99, 0.96, True, "within"),
-        (float("nan"), None, False, "below the floor"),
-    ],
-)
-def test_promotion_gate(challenger: float, champion: float | None, promote: bool, why: str) -> None:
-    d = promotion_gate(challenger, champion, floor=0.90, tolerance=0.01)
-    assert d.promote is promote
-    assert why in d.reason
-    assert d.floor == 0.90 and d.champion_accuracy == champion
 
 
 def test_evaluate_split_uses_the_serving_path(predictor: Any, model_env: Any) -> None:

@@ -8,15 +8,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dandelion_lib import registry
+from dandelion_lib import promotion, registry
 
 
 def _tags(client: Any, version: str) -> dict[str, str]:
     mv = client.get_model_version("dandelion", version)
     return {
-        k.removeprefix(registry.TAG_PREFIX): v
+        k.removeprefix(promotion.TAG_PREFIX): v
         for k, v in mv.tags.items()
-        if k.startswith(registry.TAG_PREFIX)
+        if k.startswith(promotion.TAG_PREFIX)
     }
 
 
@@ -52,7 +52,7 @@ def test_promotion_flow(
     client.set_registered_model_alias("dandelion", registry.CHALLENGER, good)
     try:
         # 1. No champion yet: the challenger passes the floor and becomes champion.
-        first = registry.promote(model_env.settings, store=model_env.store)
+        first = promotion.promote(model_env.settings, store=model_env.store)
         assert first.promoted and first.champion_version_before is None
         assert registry.get_alias_version(client, "dandelion", registry.CHAMPION).version in (
             good,
@@ -69,7 +69,7 @@ def test_promotion_flow(
 
         # 2. A weak challenger: below the floor, the champion alias stays where it was.
         client.set_registered_model_alias("dandelion", registry.CHALLENGER, weak_version)
-        second = registry.promote(model_env.settings, store=model_env.store)
+        second = promotion.promote(model_env.settings, store=model_env.store)
         assert not second.promoted and "below the floor" in second.decision.reason
         assert (
             str(registry.get_alias_version(client, "dandelion", registry.CHAMPION).version) == good
@@ -84,7 +84,7 @@ def test_promotion_flow(
         )
 
         # 3. With no floor, the champion comparison decides (and rejects) on its own.
-        third = registry.promote(model_env.settings, store=model_env.store, floor=0.0)
+        third = promotion.promote(model_env.settings, store=model_env.store, floor=0.0)
         assert not third.promoted and "worse than the champion" in third.decision.reason
         assert (
             str(registry.get_alias_version(client, "dandelion", registry.CHAMPION).version) == good

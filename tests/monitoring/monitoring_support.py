@@ -151,7 +151,7 @@ class Mapping:
     regex: re.Pattern[str] | None = None
 
 
-def load_mappings(text: str) -> list[Mapping]:
+def load_mappings(text: str) -> list[Mapping]:  # noqa: C901 - mirrors the exporter checks
     """Parse and validate like ``MetricMapper.InitFromYAMLString``; raise ValueError."""
     doc = yaml.safe_load(text)
     if not isinstance(doc, dict) or not isinstance(doc.get("mappings"), list):

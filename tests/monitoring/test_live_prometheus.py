@@ -171,7 +171,7 @@ def live(
             time.sleep(0.5)
 
         config = _prometheus_config(api_port, prom_port, mlflow_server, work)
-        prom_log = open(work / "prometheus.log", "wb")  # noqa: SIM115
+        prom_log = (work / "prometheus.log").open("wb")
         prom_proc = subprocess.Popen(
             [
                 prometheus_bin,

@@ -47,7 +47,8 @@ def make_pipeline_env(root: Path, airflow_db: Path) -> dict[str, str]:
         "DANDELION_WORKDIR": str(work),
         "DANDELION_PIPELINE_RETRY_DELAY_S": "1",
         "JUPYTER_PATH": str(Path(sys.prefix) / "share" / "jupyter"),
-        "PYTHONPATH": str(ROOT),
+        # The project (tests import it) and dags/ (test DAGs import dandelion_tasks).
+        "PYTHONPATH": os.pathsep.join((str(ROOT), str(ROOT / "dags"))),
     }
     for key in ("DANDELION_STORE_URL", "DANDELION_TRACKING_URI", "DANDELION_SOURCE"):
         env.pop(key, None)

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from dandelion_lib.config import Settings
-from dandelion_lib.pipeline import NOTEBOOKS, airflow_env
+from dandelion_lib.pipeline import airflow_env
+from dandelion_lib.runs import NOTEBOOKS
 
 ROOT = Path(__file__).resolve().parents[2]
 DAGS = ROOT / "dags"
@@ -81,6 +82,9 @@ print("RESULT" + json.dumps(out))
 def parsed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     home = tmp_path_factory.mktemp("airflow-parse")
     env = {**os.environ, **airflow_env(Settings(workdir=home, airflow_home=home))}
+    # Airflow's DAG processor puts the DAG folder (the bundle's root) on sys.path; a plain
+    # DagBag does not, so the parse below gets it the same way.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(DAGS), env.get("PYTHONPATH")) if p)
     proc = subprocess.run(
         [sys.executable, "-c", PARSE_SCRIPT, str(DAGS)],
         env=env,

@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 
 from dandelion_lib.config import Settings
-from dandelion_lib.pipeline import run_prefix
+from dandelion_lib.runs import run_prefix
 from dandelion_lib.storage import LocalStore
 from tests.pipeline.conftest import dags_test
 
@@ -39,7 +39,7 @@ DAG_FILE = """
 from datetime import datetime
 from airflow.providers.papermill.operators.papermill import PapermillOperator
 from airflow.sdk import DAG
-from dandelion_lib import orchestration as orch
+from dandelion_tasks import steps as orch
 
 with DAG(
     "notebook_steps",

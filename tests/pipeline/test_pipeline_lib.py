@@ -18,18 +18,18 @@ import pytest
 from mlflow import MlflowClient
 from papermill.exceptions import PapermillExecutionError
 
-from dandelion_lib import pipeline
+from dandelion_lib import changes, datagate, pipeline, runs, summary
 from dandelion_lib.config import Settings
 from dandelion_lib.ingest import ingest
-from dandelion_lib.orchestration import GateRetryPolicy, _one_line
 from dandelion_lib.storage import LocalStore
+from dandelion_tasks.steps import GateRetryPolicy, _one_line
 
 
 def test_run_key_is_store_safe() -> None:
-    assert pipeline.run_key("manual__2026-01-01T00:00:00.5+00:00") == (
+    assert runs.run_key("manual__2026-01-01T00:00:00.5+00:00") == (
         "manual__2026-01-01T00_00_00.5_00_00"
     )
-    assert pipeline.run_prefix("scheduled__x") == "runs/scheduled__x/"
+    assert runs.run_prefix("scheduled__x") == "runs/scheduled__x/"
 
 
 # --- code version --------------------------------------------------------------------------
@@ -49,16 +49,16 @@ def test_code_version_follows_notebook_code_not_outputs(tmp_path: Path) -> None:
     settings = Settings(workdir=tmp_path / "w", notebooks_dir=tmp_path / "nb")
     _notebook(tmp_path / "nb" / "02_train.ipynb", "epochs = 3")
     _notebook(tmp_path / "nb" / "03_evaluate.ipynb", "x = 1")
-    first = pipeline.code_version(settings)
-    assert len(first) == 12 and first == pipeline.code_version(settings)
+    first = changes.code_version(settings)
+    assert len(first) == 12 and first == changes.code_version(settings)
 
     _notebook(tmp_path / "nb" / "02_train.ipynb", "epochs = 3", output="loss 0.1")
-    assert pipeline.code_version(settings) == first, "outputs are not code"
+    assert changes.code_version(settings) == first, "outputs are not code"
     _notebook(tmp_path / "nb" / "01_ingest.ipynb", "anything = 1")
-    assert pipeline.code_version(settings) == first, "ingestion does not shape the model"
+    assert changes.code_version(settings) == first, "ingestion does not shape the model"
 
     _notebook(tmp_path / "nb" / "02_train.ipynb", "epochs = 4")
-    assert pipeline.code_version(settings) != first
+    assert changes.code_version(settings) != first
 
 
 # --- kernel --------------------------------------------------------------------------------
@@ -114,12 +114,12 @@ def ingested(
 
 def test_validate_dataset_passes_and_counts(ingested: tuple[Settings, LocalStore, str]) -> None:
     settings, store, version = ingested
-    result = pipeline.validate_dataset(version, settings, store)
+    result = datagate.validate_dataset(version, settings, store)
     assert result["dataset_version"] == version
     assert result["labels"] == {"dandelion": 12, "grass": 12}
     assert sum(result["splits"].values()) == result["images"] == 24
     assert result["rejected_at_ingest"] == 0
-    assert pipeline.validate_dataset(None, settings, store)["dataset_version"] == version
+    assert datagate.validate_dataset(None, settings, store)["dataset_version"] == version
 
 
 def _manifest(ingested: tuple[Settings, LocalStore, str]) -> tuple[Settings, pd.DataFrame]:
@@ -133,11 +133,11 @@ def test_gate_flags_a_near_duplicate_group_straddling_splits(
     ingested: tuple[Settings, LocalStore, str],
 ) -> None:
     settings, df = _manifest(ingested)
-    assert pipeline.check_manifest(df, settings) == []
+    assert datagate.check_manifest(df, settings) == []
     train = df.index[df["split"] == "train"][0]
     test = df.index[df["split"] == "test"][0]
     df.loc[test, "group"] = df.loc[train, "group"]
-    assert pipeline.check_manifest(df, settings) == ["1 near-duplicate groups straddle splits"]
+    assert datagate.check_manifest(df, settings) == ["1 near-duplicate groups straddle splits"]
 
 
 def test_gate_flags_small_unbalanced_or_unknown_classes(
@@ -147,14 +147,14 @@ def test_gate_flags_small_unbalanced_or_unknown_classes(
     strict = settings.model_copy(update={"min_images_per_class": 20, "max_class_imbalance": 1.5})
     grass = df[df["label"] == "grass"]
     dropped = df.drop(grass.index[grass["split"] == "train"][:7])  # 5 grass left
-    problems = pipeline.check_manifest(dropped, strict)
+    problems = datagate.check_manifest(dropped, strict)
     assert "dandelion: 12 images < minimum 20" in problems
     assert "grass: 5 images < minimum 20" in problems
     assert "class imbalance 2.40 > 1.5" in problems
 
     renamed = df.copy()
     renamed.loc[renamed.index[0], "label"] = "daisy"
-    assert "unknown labels ['daisy']" in pipeline.check_manifest(renamed, settings)
+    assert "unknown labels ['daisy']" in datagate.check_manifest(renamed, settings)
 
 
 def test_gate_flags_an_empty_split_class_and_duplicates(
@@ -162,10 +162,10 @@ def test_gate_flags_an_empty_split_class_and_duplicates(
 ) -> None:
     settings, df = _manifest(ingested)
     no_val_grass = df[~((df["split"] == "val") & (df["label"] == "grass"))]
-    assert "split 'val' has no 'grass' image" in pipeline.check_manifest(no_val_grass, settings)
+    assert "split 'val' has no 'grass' image" in datagate.check_manifest(no_val_grass, settings)
     doubled = pd.concat([df, df.iloc[:1]])
-    assert "1 duplicate images (sha256)" in pipeline.check_manifest(doubled, settings)
-    assert pipeline.check_manifest(df.drop(columns=["split"]), settings) == [
+    assert "1 duplicate images (sha256)" in datagate.check_manifest(doubled, settings)
+    assert datagate.check_manifest(df.drop(columns=["split"]), settings) == [
         "manifest lacks columns ['split']"
     ]
 
@@ -175,8 +175,8 @@ def test_validate_dataset_raises_one_line_naming_the_problems(
 ) -> None:
     settings, store, version = ingested
     strict = settings.model_copy(update={"min_images_per_class": 50})
-    with pytest.raises(pipeline.DataValidationError) as err:
-        pipeline.validate_dataset(version, strict, store)
+    with pytest.raises(datagate.DataValidationError) as err:
+        datagate.validate_dataset(version, strict, store)
     assert str(err.value) == (
         f"dataset {version} failed validation: dandelion: 12 images < minimum 50; "
         "grass: 12 images < minimum 50"
@@ -194,7 +194,7 @@ def _register_champion(settings: Settings, *, dataset: str, code: str, on_run: b
     exp = client.get_experiment_by_name(settings.experiment) or client.get_experiment(
         client.create_experiment(settings.experiment)
     )
-    lineage = {pipeline.DATASET_VERSION_TAG: dataset, pipeline.CODE_VERSION_TAG: code}
+    lineage = {runs.DATASET_VERSION_TAG: dataset, runs.CODE_VERSION_TAG: code}
     run = client.create_run(exp.experiment_id, tags=lineage if on_run else {})
     client.set_terminated(run.info.run_id)
     if not client.search_registered_models(f"name = '{settings.model_name}'"):
@@ -211,23 +211,23 @@ def _register_champion(settings: Settings, *, dataset: str, code: str, on_run: b
 
 def test_training_decisions(tmp_path: Path) -> None:
     settings = Settings(workdir=tmp_path, notebooks_dir=tmp_path / "nb")
-    code = pipeline.code_version(settings)
+    code = changes.code_version(settings)
 
-    first = pipeline.decide_training("a" * 16, settings)
+    first = changes.decide_training("a" * 16, settings)
     assert first.train and first.reason == "no dandelion@champion yet"
     assert first.code_version == code and first.champion_version is None
 
     v1 = _register_champion(settings, dataset="a" * 16, code=code, on_run=False)
-    same = pipeline.decide_training("a" * 16, settings)
+    same = changes.decide_training("a" * 16, settings)
     assert not same.train and same.champion_version == v1
     assert same.reason == f"dataset {'a' * 16} and code {code} unchanged since champion v{v1}"
-    assert pipeline.decide_training("a" * 16, settings, force=True).train
+    assert changes.decide_training("a" * 16, settings, force=True).train
 
-    new_data = pipeline.decide_training("b" * 16, settings)
+    new_data = changes.decide_training("b" * 16, settings)
     assert new_data.train and new_data.reason.startswith(f"new dataset version {'b' * 16}")
 
     v2 = _register_champion(settings, dataset="b" * 16, code="0" * 12, on_run=True)
-    changed = pipeline.decide_training("b" * 16, settings)  # lineage read from the run's tags
+    changed = changes.decide_training("b" * 16, settings)  # lineage read from the run's tags
     assert changed.train and changed.champion_version == v2
     assert changed.reason.startswith(f"code changed: {code}")
 
@@ -243,7 +243,7 @@ def _papermill_error(ename: str) -> PapermillExecutionError:
     ("error", "action"),
     [
         (_papermill_error("DatasetQualityError"), "fail"),  # a gate inside a notebook
-        (pipeline.DataValidationError("bad"), "fail"),  # the data gate step
+        (datagate.DataValidationError("bad"), "fail"),  # the data gate step
         (_papermill_error("NameError"), "fail"),  # a bug: re-running will not help
         (_papermill_error("ConnectionError"), "default"),
         (_papermill_error("SourceUnavailableError"), "default"),
@@ -266,7 +266,7 @@ def test_failure_records_name_the_notebook_error_in_one_line() -> None:
 
 def test_summary_is_short_and_says_where_to_look(tmp_path: Path) -> None:
     settings = Settings(workdir=tmp_path)
-    summary = {
+    record = {
         "status": "succeeded",
         "dag_id": "dandelion_pipeline",
         "run_id": "manual__x",
@@ -280,9 +280,9 @@ def test_summary_is_short_and_says_where_to_look(tmp_path: Path) -> None:
         "model": {"name": "dandelion", "version": "1", "test_accuracy": 0.98333},
         "promotion": {"promoted": True, "reason": "accuracy 0.9833 >= floor 0.9000; no champion"},
         "aliases": {"champion": "1", "challenger": "1"},
-        "look": pipeline.where_to_look(settings, "manual__x"),
+        "look": summary.where_to_look(settings, "manual__x"),
     }
-    text = pipeline.format_summary(summary)
+    text = summary.format_summary(record)
     assert "SUCCEEDED" in text
     assert "400 images (dandelion 200, grass 200; train 280 / val 60 / test 60)" in text
     assert "test accuracy 0.9833" in text

@@ -1,6 +1,9 @@
-"""Airflow glue of the dandelion DAGs: hooks, callbacks and the Python steps.
+"""Airflow glue of the dandelion DAGs: hooks, callbacks and the Python steps (the only module
+besides the DAG files that imports Airflow; ``dandelion_lib`` never does).
 
-The DAG files in ``dags/`` only wire tasks together; everything they call lives here, and
+The DAG files in ``dags/`` only wire tasks together; everything they call lives here (Airflow
+puts the DAG folder on ``sys.path``, so the DAG file imports it as ``dandelion_tasks.steps``). The
+rules themselves live in ``dandelion_lib`` (data gate, change detection, promotion, summary);
 everything heavy (pandas, MLflow, papermill's results) is imported inside the functions, so
 parsing a DAG file stays well under a second.
 
@@ -26,11 +29,26 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from airflow.exceptions import AirflowFailException
 from airflow.sdk import Asset
 from airflow.sdk.definitions.retry_policy import RetryDecision, RetryPolicy
 
-from dandelion_lib import pipeline
+from dandelion_lib import registry
 from dandelion_lib.config import Settings, get_settings
+from dandelion_lib.runs import (
+    CODE_VERSION_TAG,
+    DAG_ID_TAG,
+    DATASET_VERSION_TAG,
+    NOTEBOOK_TAG,
+    NOTEBOOKS,
+    PIPELINE_DAG,
+    RUN_ID_TAG,
+    TASK_ID_TAG,
+    run_key,
+    run_prefix,
+)
+from dandelion_lib.storage import open_store
+from dandelion_lib.summary import format_summary, where_to_look
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +60,7 @@ DATASET_ASSET = Asset(
 )
 """Emitted by ingestion for each dataset version; the retraining DAG is scheduled on it."""
 
-NOTEBOOK_TASKS = dict(pipeline.NOTEBOOKS)
+NOTEBOOK_TASKS = dict(NOTEBOOKS)
 
 
 def _settings() -> Settings:
@@ -81,13 +99,13 @@ class Macros:
 
     def notebook(self, task_id: str) -> str:
         """Absolute path of the notebook a step runs."""
-        return str(self.notebooks_dir() / pipeline.NOTEBOOKS[task_id])
+        return str(self.notebooks_dir() / NOTEBOOKS[task_id])
 
     @staticmethod
     def output_notebook(run_id: str, task_id: str) -> str:
         """Local path papermill writes the executed notebook to."""
         runs = _settings().workdir_path / "runs"
-        return str(runs / pipeline.run_key(run_id) / pipeline.NOTEBOOKS[task_id])
+        return str(runs / run_key(run_id) / NOTEBOOKS[task_id])
 
 
 def macros(dag_file: str) -> dict[str, Any]:
@@ -192,14 +210,10 @@ def io_retries(settings: Settings | None = None) -> dict[str, Any]:
 
 def _fail(message: str) -> Exception:
     """An exception that fails the task at once (no retry): a failed gate or a setup error."""
-    from airflow.exceptions import AirflowFailException
-
     return AirflowFailException(message)
 
 
 def _store(settings: Settings | None = None) -> Any:
-    from dandelion_lib.storage import open_store
-
     return open_store(settings=settings or _settings())
 
 
@@ -215,23 +229,21 @@ def _store_notebook(context: Any) -> str | None:
     if path is None or not path.exists():
         return None
     store = _store()
-    key = pipeline.run_prefix(context["run_id"]) + path.name
+    key = run_prefix(context["run_id"]) + path.name
     store.put_file(key, path)
     return f"{store.url.rstrip('/')}/{key}"
 
 
 def _mlflow_runs_of_task(context: Any) -> list[Any]:
     """MLflow runs the notebook of this task started (tagged through MLFLOW_RUN_CONTEXT)."""
-    from dandelion_lib import registry
-
     settings = _settings()
     client = registry.configure_mlflow(settings)
     experiment = client.get_experiment_by_name(settings.experiment)
     if experiment is None:
         return []
     query = (
-        f"tags.`{pipeline.RUN_ID_TAG}` = '{context['run_id']}' and "
-        f"tags.`{pipeline.TASK_ID_TAG}` = '{context['task'].task_id}'"
+        f"tags.`{RUN_ID_TAG}` = '{context['run_id']}' and "
+        f"tags.`{TASK_ID_TAG}` = '{context['task'].task_id}'"
     )
     return list(client.search_runs([experiment.experiment_id], filter_string=query))
 
@@ -241,26 +253,26 @@ def _link_notebook(context: Any, url: str | None, run_ids: list[str]) -> None:
     path = _output_path(context["task"])
     if url is None or path is None or not run_ids:
         return
-    from dandelion_lib import registry
-
     client = registry.configure_mlflow(_settings())
     for run_id in run_ids:
         client.log_artifact(run_id, str(path), artifact_path="notebooks")
-        client.set_tag(run_id, f"{pipeline.NOTEBOOK_TAG}.{context['task'].task_id}", url)
+        client.set_tag(run_id, f"{NOTEBOOK_TAG}.{context['task'].task_id}", url)
 
 
 def _run_context_tags(context: Any) -> dict[str, str]:
+    from dandelion_lib import changes  # imports MLflow: not at DAG parse time
+
     ti = context["ti"]
     params = getattr(context["task"], "parameters", None) or {}
     tags = {
-        pipeline.DAG_ID_TAG: ti.dag_id,
-        pipeline.RUN_ID_TAG: context["run_id"],
-        pipeline.TASK_ID_TAG: ti.task_id,
+        DAG_ID_TAG: ti.dag_id,
+        RUN_ID_TAG: context["run_id"],
+        TASK_ID_TAG: ti.task_id,
         "airflow.try_number": str(ti.try_number),
-        pipeline.CODE_VERSION_TAG: pipeline.code_version(_settings(), _notebooks_dir(context)),
+        CODE_VERSION_TAG: changes.code_version(_settings(), _notebooks_dir(context)),
     }
     if params.get("dataset_version"):
-        tags[pipeline.DATASET_VERSION_TAG] = str(params["dataset_version"])
+        tags[DATASET_VERSION_TAG] = str(params["dataset_version"])
     return tags
 
 
@@ -269,6 +281,8 @@ def _run_context_tags(context: Any) -> dict[str, str]:
 
 def prepare_notebook(context: Any) -> None:
     """``pre_execute`` of a notebook step (see the module docstring)."""
+    from dandelion_lib import pipeline  # imports jupyter_client: not at DAG parse time
+
     task = context["task"]
     try:
         pipeline.check_kernel(task.kernel_name or _settings().kernel_name)
@@ -307,7 +321,7 @@ def finish_notebook(context: Any, result: Any = None) -> None:
 
 
 def _after_ingest(context: Any) -> None:
-    from dandelion_lib import dataset
+    from dandelion_lib import dataset  # imports pandas: not at DAG parse time
 
     version = dataset.latest_version(_store())
     context["ti"].xcom_push(key="dataset_version", value=version)
@@ -317,8 +331,6 @@ def _after_ingest(context: Any) -> None:
 
 def _after_train(context: Any, runs: list[str], url: str | None) -> None:
     """Find the model version the training notebook registered; record its lineage."""
-    from dandelion_lib import registry
-
     settings = _settings()
     client = registry.configure_mlflow(settings)
     versions = [
@@ -334,14 +346,12 @@ def _after_train(context: Any, runs: list[str], url: str | None) -> None:
         )
     mv = max(versions, key=lambda v: int(v.version))
     tags = _run_context_tags(context)
-    for key in (pipeline.CODE_VERSION_TAG, pipeline.DATASET_VERSION_TAG, pipeline.RUN_ID_TAG):
+    for key in (CODE_VERSION_TAG, DATASET_VERSION_TAG, RUN_ID_TAG):
         if key in tags:
             client.set_model_version_tag(settings.model_name, mv.version, key, tags[key])
     if url:
         notebooks = url.rsplit("/", 1)[0] + "/"
-        client.set_model_version_tag(
-            settings.model_name, mv.version, pipeline.NOTEBOOK_TAG, notebooks
-        )
+        client.set_model_version_tag(settings.model_name, mv.version, NOTEBOOK_TAG, notebooks)
     ti = context["ti"]
     ti.xcom_push(key="model_version", value=str(mv.version))
     ti.xcom_push(key="mlflow_run_id", value=mv.run_id)
@@ -387,7 +397,7 @@ def _failure_record(context: Any, *, will_retry: bool) -> dict[str, Any]:
 
 
 def _write_failure(record: dict[str, Any]) -> None:
-    prefix = pipeline.run_prefix(record["run_id"])
+    prefix = run_prefix(record["run_id"])
     _store().put_json(f"{prefix}failures/{record['task_id']}.json", record)
     lines = [
         f"dandelion: step {record['task_id']!r} failed (try {record['try_number']})"
@@ -414,7 +424,7 @@ def on_run_failure(context: Any) -> None:
     dag_run = context["dag_run"]
     run_id = dag_run.run_id
     store = _store()
-    prefix = pipeline.run_prefix(run_id)
+    prefix = run_prefix(run_id)
     failures = [store.get_json(k) for k in store.list(f"{prefix}failures/") if k.endswith(".json")]
     failures = [f for f in failures if not f.get("will_retry")]
     lines = [f"dandelion: run {run_id} of {dag_run.dag_id} FAILED ({context.get('reason', '')})"]
@@ -422,7 +432,7 @@ def on_run_failure(context: Any) -> None:
         lines.append(f"  {f['task_id']}: {f['error']}")
         if f.get("notebook"):
             lines.append(f"    executed notebook: {f['notebook']}")
-    look = pipeline.where_to_look(_settings(), run_id)
+    look = where_to_look(_settings(), run_id)
     lines += [f"  {k}: {v}" for k, v in look.items()]
     text = "\n".join(lines)
     store.put_bytes(f"{prefix}FAILED.txt", (text + "\n").encode())
@@ -434,7 +444,7 @@ def on_run_failure(context: Any) -> None:
 
 def resolve_dataset(**context: Any) -> dict[str, Any]:
     """Retraining: the dataset version of the triggering asset events, else the latest."""
-    from dandelion_lib import dataset
+    from dandelion_lib import dataset  # imports pandas: not at DAG parse time
 
     version = None
     sources: set[str] = set()
@@ -451,9 +461,11 @@ def resolve_dataset(**context: Any) -> dict[str, Any]:
 
 def validate_data(dataset_version: str, **context: Any) -> dict[str, Any]:
     """The data gate: a failure ends the run at once (no retry); I/O errors are retried."""
+    from dandelion_lib import datagate  # imports pandas: not at DAG parse time
+
     try:
-        report = pipeline.validate_dataset(dataset_version or None, _settings())
-    except pipeline.DataValidationError as exc:
+        report = datagate.validate_dataset(dataset_version or None, _settings())
+    except datagate.DataValidationError as exc:
         raise _fail(str(exc)) from None
     context["ti"].xcom_push(key="dataset_version", value=report["dataset_version"])
     log.info("dataset %s passed validation: %s", report["dataset_version"], report)
@@ -462,18 +474,20 @@ def validate_data(dataset_version: str, **context: Any) -> dict[str, Any]:
 
 def check_changes(dataset_version: str, **context: Any) -> bool:
     """Short-circuit: False (training skipped, logged) when nothing changed since the champion."""
+    from dandelion_lib import changes  # imports MLflow: not at DAG parse time
+
     params = context["params"]
     upstream = context["ti"].xcom_pull(task_ids="resolve_dataset") or {}
     triggered_by = upstream.get("triggered_by") or []
-    if triggered_by and set(triggered_by) == {pipeline.PIPELINE_DAG}:
-        decision = pipeline.TrainingDecision(
+    if triggered_by and set(triggered_by) == {PIPELINE_DAG}:
+        decision = changes.TrainingDecision(
             False,
-            f"dataset {dataset_version} came from {pipeline.PIPELINE_DAG}, which trains it itself",
+            f"dataset {dataset_version} came from {PIPELINE_DAG}, which trains it itself",
             dataset_version,
-            pipeline.code_version(_settings(), _notebooks_dir(context)),
+            changes.code_version(_settings(), _notebooks_dir(context)),
         )
     else:
-        decision = pipeline.decide_training(
+        decision = changes.decide_training(
             dataset_version,
             _settings(),
             force=bool(params.get("force_train")),
@@ -486,7 +500,7 @@ def check_changes(dataset_version: str, **context: Any) -> bool:
 
 def promote(model_version: str, dataset_version: str, **context: Any) -> dict[str, Any]:
     """The model gate: move ``champion`` only if the challenger passes; no retry on rejection."""
-    from dandelion_lib import registry
+    from dandelion_lib import promotion  # imports MLflow: not at DAG parse time
 
     settings = _settings()
     client = registry.configure_mlflow(settings)
@@ -499,7 +513,7 @@ def promote(model_version: str, dataset_version: str, **context: Any) -> dict[st
         )
     os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps(_run_context_tags(context))
     try:
-        result = registry.promote(settings, dataset_version=dataset_version)
+        result = promotion.promote(settings, dataset_version=dataset_version)
     finally:
         os.environ.pop("MLFLOW_RUN_CONTEXT", None)
     outcome = {
@@ -523,7 +537,7 @@ def report(**context: Any) -> dict[str, Any]:
     settings = _settings()
     states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[run_id]).get(run_id, {})
     store = _store(settings)
-    prefix = pipeline.run_prefix(run_id)
+    prefix = run_prefix(run_id)
     failures = [store.get_json(k) for k in store.list(f"{prefix}failures/") if k.endswith(".json")]
     failed = {t for t, s in states.items() if s in ("failed", "upstream_failed")}
     summary: dict[str, Any] = {
@@ -559,17 +573,15 @@ def report(**context: Any) -> dict[str, Any]:
             + (f"; champion stays version {champion}" if champion else ""),
         }
     summary["notebooks"] = [k for k in store.list(prefix) if k.endswith(".ipynb")]
-    summary["look"] = pipeline.where_to_look(settings, run_id)
+    summary["look"] = where_to_look(settings, run_id)
     store.put_json(f"{prefix}summary.json", summary)
     store.put_json("runs/latest", {"run_id": run_id, "trigger": summary["trigger"]})
-    log.info("\n%s", pipeline.format_summary(summary))
+    log.info("\n%s", format_summary(summary))
     return {"status": summary["status"]}
 
 
 def _model_summary(settings: Settings, trained: str | None) -> dict[str, Any]:
     """Model row (the version trained in this run, else the champion) and current aliases."""
-    from dandelion_lib import registry
-
     client = registry.configure_mlflow(settings)
     aliases: dict[str, str] = {}
     for alias in (registry.CHAMPION, registry.CHALLENGER):

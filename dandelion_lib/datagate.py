@@ -1,0 +1,87 @@
+"""The data gate between ingestion and training: a dataset version passes, or the run stops
+with every problem named (:class:`DataValidationError`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dandelion_lib import dataset
+from dandelion_lib.config import Settings, get_settings
+from dandelion_lib.dataset import MANIFEST_COLUMNS, SPLITS
+from dandelion_lib.errors import DandelionError
+from dandelion_lib.storage import open_store
+
+
+class DataValidationError(DandelionError):
+    """A dataset version failed the data quality gate."""
+
+
+def check_manifest(df: Any, settings: Settings | None = None) -> list[str]:
+    """Problems found in a manifest (empty when it passes the data gate)."""
+    settings = settings or get_settings()
+    labels = tuple(settings.labels)
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        return [f"manifest lacks columns {missing}"]
+    if len(df) == 0:
+        return ["manifest is empty"]
+    problems: list[str] = []
+    if df[list(MANIFEST_COLUMNS)].isna().any().any():
+        problems.append("manifest has missing values")
+    unknown = sorted(set(df["label"]) - set(labels))
+    if unknown:
+        problems.append(f"unknown labels {unknown}")
+    bad_splits = sorted(set(df["split"]) - set(SPLITS))
+    if bad_splits:
+        problems.append(f"unknown splits {bad_splits}")
+    counts = df["label"].value_counts()
+    present = [int(counts.get(label, 0)) for label in labels]
+    for label, n in zip(labels, present, strict=True):
+        if n < settings.min_images_per_class:
+            problems.append(f"{label}: {n} images < minimum {settings.min_images_per_class}")
+    if min(present) > 0 and max(present) / min(present) > settings.max_class_imbalance:
+        problems.append(
+            f"class imbalance {max(present) / min(present):.2f} > {settings.max_class_imbalance:g}"
+        )
+    for split in SPLITS:
+        in_split = set(df.loc[df["split"] == split, "label"])
+        problems += [
+            f"split {split!r} has no {label!r} image" for label in labels if label not in in_split
+        ]
+    if df["sha256"].duplicated().any():
+        problems.append(f"{int(df['sha256'].duplicated().sum())} duplicate images (sha256)")
+    straddling = df.groupby("group")["split"].nunique()
+    if (straddling > 1).any():
+        problems.append(f"{int((straddling > 1).sum())} near-duplicate groups straddle splits")
+    return problems
+
+
+def dataset_counts(df: Any, labels: tuple[str, ...]) -> dict[str, Any]:
+    """Image counts of a manifest: total, per label, per split."""
+    return {
+        "images": len(df),
+        "labels": {label: int((df["label"] == label).sum()) for label in labels},
+        "splits": {split: int((df["split"] == split).sum()) for split in SPLITS},
+    }
+
+
+def validate_dataset(
+    version: str | None = None, settings: Settings | None = None, store: Any = None
+) -> dict[str, Any]:
+    """Load a dataset version and run the data gate; return its counts.
+
+    Raises :class:`DataValidationError` naming every problem when the gate fails.
+    """
+    settings = settings or get_settings()
+    store = store or open_store(settings=settings)
+    version = version or dataset.latest_version(store)
+    df = dataset.load_manifest(store, version)
+    problems = check_manifest(df, settings)
+    if problems:
+        raise DataValidationError(f"dataset {version} failed validation: " + "; ".join(problems))
+    rejected = len(dataset.load_report(store, version).get("rejected", []))
+    return {
+        "dataset_version": version,
+        **dataset_counts(df, tuple(settings.labels)),
+        "rejected_at_ingest": rejected,
+    }

@@ -1,0 +1,94 @@
+"""The run summary: what one pipeline run did, in a few lines, and where to look next."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dandelion_lib.config import Settings
+from dandelion_lib.runs import run_prefix
+from dandelion_lib.storage import ObjectNotFoundError, open_store
+
+
+def where_to_look(settings: Settings, run_id: str | None = None) -> dict[str, str]:
+    """Commands and paths a user opens after a run."""
+    uri = settings.resolved_tracking_uri
+    if uri.startswith(("http://", "https://")):
+        mlflow = f"open {uri}"
+    else:
+        mlflow = f"mlflow ui --backend-store-uri {uri} --port 5000"
+    store = settings.resolved_store_url
+    look = {"mlflow": mlflow, "store": store.removeprefix("file://")}
+    if run_id:
+        look["notebooks"] = f"{look['store'].rstrip('/')}/{run_prefix(run_id)}"
+    return look
+
+
+def _fmt_counts(counts: dict[str, Any]) -> str:
+    labels = ", ".join(f"{k} {v}" for k, v in counts.get("labels", {}).items())
+    splits = counts.get("splits", {})
+    order = [s for s in ("train", "val", "test") if s in splits] + sorted(
+        set(splits) - {"train", "val", "test"}
+    )
+    split_text = " / ".join(f"{s} {splits[s]}" for s in order)
+    rejected = counts.get("rejected_at_ingest")
+    tail = f"; {rejected} rejected at ingestion" if rejected else ""
+    return f"{counts.get('images', '?')} images ({labels}; {split_text}{tail})"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The short, human summary of one run (printed by ``dandelion pipeline``)."""
+    lines = [
+        f"dandelion pipeline: {summary.get('status', 'unknown').upper()}  "
+        f"(dag {summary.get('dag_id')}, run {summary.get('run_id')})"
+    ]
+
+    def row(name: str, text: str) -> None:
+        lines.append(f"  {name:<10} {text}")
+
+    for failure in summary.get("failures", []):
+        row("failed", f"{failure['task_id']}: {failure['error']}")
+        if failure.get("notebook"):
+            row("", f"executed notebook: {failure['notebook']}")
+    if summary.get("dataset_version"):
+        counts = summary.get("counts") or {}
+        row("dataset", f"{summary['dataset_version']}  {_fmt_counts(counts) if counts else ''}")
+    decision = summary.get("training")
+    if decision:
+        state = (summary.get("task_states") or {}).get("train", "success")
+        if not decision["train"]:
+            verdict = "skipped"
+        elif state == "success":
+            verdict = "trained"
+        else:
+            verdict = f"not trained (step train {state})"
+        row("training", f"{verdict}: {decision['reason']}")
+    model = summary.get("model")
+    if model:
+        acc = model.get("test_accuracy")
+        acc_text = f"test accuracy {acc:.4f}" if isinstance(acc, float) else "no test accuracy"
+        row("model", f"{model['name']} version {model['version']}  {acc_text}")
+    promotion = summary.get("promotion")
+    if promotion:
+        row(
+            "promotion",
+            ("promoted: " if promotion["promoted"] else "not promoted: ") + promotion["reason"],
+        )
+    aliases = summary.get("aliases")
+    if aliases:
+        row("aliases", ", ".join(f"{a} -> v{v}" for a, v in aliases.items()) or "none")
+    for name, text in (summary.get("look") or {}).items():
+        row(name, text)
+    return "\n".join(lines)
+
+
+def read_summary(settings: Settings, trigger: str) -> dict[str, Any] | None:
+    """The summary written by the run started with ``trigger`` (None when absent)."""
+    store = open_store(settings=settings)
+    try:
+        latest = store.get_json("runs/latest")
+        if latest.get("trigger") != trigger:
+            return None
+        summary: dict[str, Any] = store.get_json(f"{run_prefix(latest['run_id'])}summary.json")
+        return summary
+    except ObjectNotFoundError:
+        return None
