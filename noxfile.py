@@ -77,8 +77,16 @@ def _run(session: nox.Session, program: str, *args: str, env: dict[str, str] | N
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Default test suite (fast and medium tests; excludes the `slow` marker)."""
-    _run(session, "pytest", *session.posargs)
+    """Default test suite (fast and medium tests; excludes the `slow` marker), with coverage
+    of dandelion_lib, api and dashboards, also in the processes the tests start.
+
+    The floor (``fail_under`` in pyproject's ``[tool.coverage.report]``) applies to the full
+    suite; a run limited by arguments (``nox -s tests -- tests/api``) only reports.
+    """
+    cov = ["--cov", "--cov-report=term:skip-covered"]
+    if session.posargs:
+        cov.append("--cov-fail-under=0")
+    _run(session, "pytest", *cov, *session.posargs)
 
 
 @nox.session

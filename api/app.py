@@ -6,11 +6,12 @@ import logging
 from typing import Any
 
 from litestar import Litestar, Request, Response
-from litestar.di import Provide
+from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
+from api.dependencies import DEPENDENCIES
 from api.middleware import RequestContextMiddleware
 from api.problems import Problem, from_exception, problem_response
 from api.routes import ROUTES
@@ -29,7 +30,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     settings = settings or get_settings()
     svc = services or Services.build(settings)
 
-    def handle_exception(request: Request, exc: Exception) -> Response[Any]:
+    def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
         problem: Problem = from_exception(exc, max_body_bytes=settings.max_body_bytes)
         if problem.status in INPUT_STATUSES:
             svc.metrics.count_invalid(problem.code)
@@ -52,13 +53,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     app = Litestar(
         route_handlers=ROUTES,
-        dependencies={
-            "settings": Provide(lambda: settings, sync_to_thread=False),
-            "predictions": Provide(lambda: svc.predictions, sync_to_thread=False),
-            "feedback": Provide(lambda: svc.feedback, sync_to_thread=False),
-            "models": Provide(lambda: svc.models, sync_to_thread=False),
-            "metrics": Provide(lambda: svc.metrics, sync_to_thread=False),
-        },
+        dependencies=DEPENDENCIES,
+        state=State({"services": svc}),
         exception_handlers={Exception: handle_exception},
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],
@@ -78,7 +74,6 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         logging_config=None,
         debug=False,
     )
-    app.state.services = svc
     # Outermost layer (also sees requests that match no route).
     app.asgi_handler = RequestContextMiddleware(app.asgi_handler, svc.metrics)
     return app

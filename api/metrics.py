@@ -19,12 +19,13 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from dandelion_lib.monitoring import PSI_DRIFT_THRESHOLD, DriftMonitor
+from dandelion_lib.config import Settings
+from dandelion_lib.monitoring import DriftMonitor
 
 __all__ = ["CONTENT_TYPE_LATEST", "ApiMetrics"]
 
 # ``*_created`` timestamp series add nothing to dashboards here and double the output.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 CONFIDENCE_BUCKETS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0)
@@ -32,9 +33,20 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class ApiMetrics:
-    """Every metric the API exports, registered on a private ``CollectorRegistry``."""
+    """Every metric the API exports, registered on a private ``CollectorRegistry``.
 
-    def __init__(self, registry: CollectorRegistry | None = None):
+    ``drift_psi_threshold`` only names the threshold in the drift share's help text; the
+    served model's :class:`DriftMonitor` applies it (both from ``Settings``).
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        drift_psi_threshold: float | None = None,
+    ):
+        if drift_psi_threshold is None:
+            drift_psi_threshold = float(Settings.model_fields["drift_psi_threshold"].default)
         self.registry = registry or CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)
@@ -111,7 +123,8 @@ class ApiMetrics:
         )
         self.drift_share = Gauge(
             "dandelion_drift_share",
-            f"Share of features whose PSI exceeds both {PSI_DRIFT_THRESHOLD} and the noise floor "
+            f"Share of features whose PSI exceeds both {drift_psi_threshold} "
+            "(DANDELION_DRIFT_PSI_THRESHOLD) and the noise floor "
             "of the current window size.",
             registry=r,
         )
@@ -137,6 +150,11 @@ class ApiMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def scrape(self, drift: DriftMonitor | None) -> bytes:
+        """The exposition text for ``GET /metrics``, with the drift gauges brought up to date."""
+        self.update_drift(drift)
+        return self.render()
 
     def count_invalid(self, reason: str, n: int = 1) -> None:
         self.invalid_inputs.labels(reason=reason).inc(n)

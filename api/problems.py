@@ -12,10 +12,12 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
+import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
 from api.context import request_id_var
+from api.schemas import ProblemDetail
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 TYPE_PREFIX = "urn:dandelion:problem:"
@@ -60,8 +62,14 @@ class Problem(Exception):
         body.update(self.extra)
         return body
 
+    def detail_struct(self, instance: str | None = None) -> ProblemDetail:
+        """The body as a typed structure (a batch item's ``error``)."""
+        return msgspec.convert(self.body(instance), ProblemDetail)
 
-def problem_response(problem: Problem, request: Request | None = None) -> Response[Any]:
+
+def problem_response(
+    problem: Problem, request: Request[Any, Any, Any] | None = None
+) -> Response[Any]:
     instance = request.url.path if request is not None else None
     return Response(
         content=problem.body(instance),

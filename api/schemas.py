@@ -1,4 +1,8 @@
-"""Request and response bodies (msgspec structs; they also generate the OpenAPI schema)."""
+"""Typed request and response bodies (msgspec structs).
+
+The services return these structures and the handlers return them unchanged, so the OpenAPI
+schema is generated from exactly what the services produce.
+"""
 
 from __future__ import annotations
 
@@ -83,8 +87,18 @@ class ModelInfo(msgspec.Struct):
 
 
 class FeedbackRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """The JSON body of ``POST /feedback``."""
+
     prediction_id: str
     correct_label: str
+
+
+class FeedbackSubmission(msgspec.Struct, frozen=True):
+    """Feedback as read from a JSON or multipart request (the image only from multipart)."""
+
+    prediction_id: str
+    correct_label: str
+    image: bytes | None = None
 
 
 class FeedbackResponse(msgspec.Struct):

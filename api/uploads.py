@@ -1,4 +1,9 @@
-"""Reading images out of requests: a multipart field or a raw ``image/*`` body.
+"""Typed request data the handlers receive as dependencies: images and feedback.
+
+``POST /predict`` takes a multipart field or a raw ``image/*`` body and ``POST /feedback``
+takes JSON or multipart, which one Litestar ``data`` parameter (one media type) cannot
+express; these providers read either form into one typed value (:class:`Upload`, a list of
+them, :class:`~api.schemas.FeedbackSubmission`) or raise a :class:`Problem`.
 
 Only the framing is checked here (content type, field names, counts, sizes); whether the
 bytes are a usable image is decided when they are decoded.
@@ -7,11 +12,15 @@ bytes are a usable image is decided when they are decoded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import msgspec
 from litestar import Request
 from litestar.datastructures import UploadFile
 
 from api.problems import Problem
+from api.schemas import FeedbackRequest, FeedbackSubmission
+from dandelion_lib.config import Settings
 
 SINGLE_FIELD = "file"
 BATCH_FIELD = "files"
@@ -27,7 +36,7 @@ class Upload:
     error: Problem | None = None
 
 
-def _media_type(request: Request) -> str:
+def _media_type(request: Request[Any, Any, Any]) -> str:
     media_type, _ = request.content_type
     return media_type.strip().lower()
 
@@ -55,7 +64,7 @@ def _unsupported(media_type: str, *, raw_allowed: bool) -> Problem:
     return Problem(415, "unsupported-media-type", f"expected {expected}; got {sent}")
 
 
-async def read_single_image(request: Request) -> Upload:
+async def read_single_image(request: Request[Any, Any, Any]) -> Upload:
     """The one image of ``POST /predict``."""
     media_type = _media_type(request)
     if media_type == "multipart/form-data":
@@ -86,8 +95,9 @@ async def read_single_image(request: Request) -> Upload:
     raise _unsupported(media_type, raw_allowed=True)
 
 
-async def read_batch_images(request: Request, max_images: int) -> list[Upload]:
+async def read_batch_images(request: Request[Any, Any, Any], settings: Settings) -> list[Upload]:
     """The images of ``POST /predict/batch`` (in order)."""
+    max_images = settings.max_batch_images
     media_type = _media_type(request)
     if media_type != "multipart/form-data":
         body = await request.body()
@@ -111,3 +121,43 @@ async def read_batch_images(request: Request, max_images: int) -> list[Upload]:
             f"{len(values)} images sent; the limit per batch is {max_images}",
         )
     return [await _read_upload(v, BATCH_FIELD) for v in values]
+
+
+async def read_feedback(request: Request[Any, Any, Any]) -> FeedbackSubmission:
+    """The body of ``POST /feedback``: JSON, or multipart with an optional ``image`` file."""
+    media_type = _media_type(request)
+    if media_type == "application/json":
+        try:
+            data = msgspec.json.decode(await request.body(), type=FeedbackRequest)
+        except msgspec.ValidationError as exc:
+            raise Problem(422, "invalid-feedback", f"invalid feedback: {exc}") from None
+        except msgspec.DecodeError:
+            raise Problem(400, "invalid-json", "the body is not valid JSON") from None
+        return FeedbackSubmission(data.prediction_id, data.correct_label)
+    if media_type == "multipart/form-data":
+        return await _read_feedback_form(request)
+    raise Problem(
+        415,
+        "unsupported-media-type",
+        f"send application/json or multipart/form-data; got {media_type or 'no Content-Type'}",
+    )
+
+
+async def _read_feedback_form(request: Request[Any, Any, Any]) -> FeedbackSubmission:
+    form = await request.form()
+    fields: dict[str, str] = {}
+    for name in ("prediction_id", "correct_label"):
+        value = form.get(name)
+        if not isinstance(value, str) or not value:
+            raise Problem(422, "invalid-feedback", f"form field {name!r} is required")
+        fields[name] = value
+    image = form.get("image")
+    data: bytes | None = None
+    if isinstance(image, UploadFile):
+        data = await image.read()
+        await image.close()
+        if not data:
+            raise Problem(400, "empty-image", "the feedback image is empty (0 bytes)")
+    elif image is not None:
+        raise Problem(422, "invalid-feedback", "form field 'image' must be a file upload")
+    return FeedbackSubmission(fields["prediction_id"], fields["correct_label"], data)

@@ -210,7 +210,7 @@ def naive_app(uri: str) -> Any:
         return {"label": labels[i], "confidence": float(probs[i])}
 
     @post("/predict", status_code=200)
-    async def predict(request: Request) -> dict[str, Any]:
+    async def predict(request: Request[Any, Any, Any]) -> dict[str, Any]:
         return await anyio.to_thread.run_sync(infer, await request.body())
 
     @get("/ready")

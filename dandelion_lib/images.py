@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from dandelion_lib.config import Settings
 
@@ -147,7 +147,11 @@ def sniff_format(data: bytes) -> str:
             fmt = probe.format or ""
     except Image.DecompressionBombError as exc:
         raise InvalidImageError(RejectReason.TOO_LARGE, f"image is too large: {exc}") from None
-    except Image.UnidentifiedImageError:
+    except UnidentifiedImageError:
+        if _signature_of(data, ACCEPTED_FORMATS):  # an accepted format, broken inside
+            raise InvalidImageError(
+                RejectReason.TRUNCATED, "the image is corrupt (its header cannot be read)"
+            ) from None
         other = _other_format(data)
         if other:
             raise InvalidImageError(
@@ -161,6 +165,20 @@ def sniff_format(data: bytes) -> str:
     except Exception as exc:  # a broken header of an accepted format
         raise InvalidImageError(RejectReason.TRUNCATED, _corrupt(exc)) from None
     return _FORMAT_ALIASES.get(fmt, fmt)
+
+
+def _signature_of(data: bytes, formats: tuple[str, ...]) -> str | None:
+    """The first of ``formats`` whose header signature ``data`` has (Pillow's check only)."""
+    Image.init()
+    prefix = data[:16]
+    for fmt in formats:
+        _factory, accept = Image.OPEN.get(fmt, (None, None))
+        if accept is None:
+            continue
+        with contextlib.suppress(Exception):
+            if accept(prefix):
+                return fmt
+    return None
 
 
 def _other_format(data: bytes) -> str | None:
@@ -205,7 +223,7 @@ def decode_image(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidImageError(RejectReason.TOO_LARGE, f"image is too large: {exc}") from None
-    except Image.UnidentifiedImageError:
+    except UnidentifiedImageError:
         raise InvalidImageError(
             RejectReason.NOT_AN_IMAGE, "the file is not a supported image"
         ) from None

@@ -24,8 +24,9 @@ from typing import Any
 
 import httpx
 
-from dandelion_lib import LABELS, UNCERTAIN
+from dandelion_lib.config import UNCERTAIN, Settings
 from dandelion_lib.errors import DandelionError
+from dandelion_lib.images import DEFAULT_MAX_PIXELS
 
 UPLOAD_FIELD = "file"
 """Multipart field of the image in ``POST /predict``."""
@@ -149,12 +150,16 @@ class Result:
         return self.label == UNCERTAIN
 
     def feedback_choices(self) -> list[tuple[str, str]]:
-        """``(button text, correct_label)`` pairs offered to the user for this result."""
-        if not self.ok or not self.prediction_id:
+        """``(button text, correct_label)`` pairs offered to the user for this result.
+
+        The labels are the model's own: the keys of the answer's ``probabilities``.
+        """
+        labels = list(self.probabilities)
+        if not self.ok or not self.prediction_id or not labels:
             return []
-        if self.uncertain or self.label not in LABELS:
-            return [(f"It is {lab}", lab) for lab in LABELS]
-        other = next(lab for lab in LABELS if lab != self.label)
+        if self.uncertain or self.label not in labels:
+            return [(f"It is {lab}", lab) for lab in labels]
+        other = next(lab for lab in labels if lab != self.label)
         return [("Correct", str(self.label)), (f"Wrong: it is {other}", other)]
 
     def row(self) -> dict[str, Any]:
@@ -207,7 +212,9 @@ def content_type(filename: str) -> str:
     return mimetypes.guess_type(filename)[0] or "application/octet-stream"
 
 
-def make_thumbnail(data: bytes, size: int = 160, max_pixels: int = 40_000_000) -> bytes | None:
+def make_thumbnail(
+    data: bytes, size: int = 160, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> bytes | None:
     """A small JPEG preview of an image, or None when the bytes are not a decodable image.
 
     Only the header is trusted for the pixel count, so a decompression bomb is never decoded.
@@ -231,6 +238,12 @@ def make_thumbnail(data: bytes, size: int = 160, max_pixels: int = 40_000_000) -
         return None
 
 
+def _default_labels() -> tuple[str, ...]:
+    labels = Settings.model_fields["labels"].default
+    assert isinstance(labels, tuple)
+    return labels
+
+
 class ApiClient:
     """Synchronous client of the dandelion API (one connection pool per app session)."""
 
@@ -240,8 +253,10 @@ class ApiClient:
         *,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        labels: tuple[str, ...] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.labels = labels or _default_labels()
         self._http = httpx.Client(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
@@ -329,8 +344,8 @@ class ApiClient:
         With ``image``, the photo is stored with the feedback (multipart), so reviewed
         feedback can join the next dataset version; without it, a JSON body is sent.
         """
-        if correct_label not in LABELS:
-            raise DandelionError(f"correct_label must be one of {', '.join(LABELS)}")
+        if correct_label not in self.labels:
+            raise DandelionError(f"correct_label must be one of {', '.join(self.labels)}")
         fields = {"prediction_id": prediction_id, "correct_label": correct_label}
         if image:
             response = self._request(

@@ -69,7 +69,7 @@ class HealthHandler(web.RequestHandler):
         )
 
 
-class DandelionVoila(Voila):
+class DandelionVoila(Voila):  # type: ignore[misc]  # voila has no type hints: Voila is Any
     """Voila plus the health endpoints (matched before Voila's catch-all notebook route)."""
 
     def init_handlers(self) -> list[Any]:

@@ -20,7 +20,6 @@ import ipywidgets as w
 from dandelion_lib.config import Settings
 from dandelion_lib.errors import DandelionError
 from dashboards.client import (
-    LABELS,
     ApiClient,
     ApiUnavailableError,
     Health,
@@ -81,10 +80,11 @@ def probability_bar_html(probabilities: dict[str, float]) -> str:
     """A stacked bar of the class probabilities with a legend underneath."""
     segments = []
     legend = []
-    for lab in LABELS:
-        p = max(0.0, min(1.0, float(probabilities.get(lab, 0.0))))
+    for lab, value in probabilities.items():
+        p = max(0.0, min(1.0, float(value)))
+        color = COLORS.get(lab, COLORS["uncertain"])
         segments.append(
-            f'<div class="dl-bar-{lab}" style="width:{100 * p:.2f}%;background:{COLORS[lab]}"></div>'
+            f'<div class="dl-bar-{lab}" style="width:{100 * p:.2f}%;background:{color}"></div>'
         )
         legend.append(f"{lab} {percent(p)}")
     return (
@@ -194,7 +194,11 @@ class DandelionApp:
 
     @classmethod
     def from_settings(cls, settings: Settings, api_url: str | None = None) -> DandelionApp:
-        client = ApiClient(api_url or settings.api_url, timeout=settings.app_request_timeout_s)
+        client = ApiClient(
+            api_url or settings.api_url,
+            timeout=settings.app_request_timeout_s,
+            labels=settings.labels,
+        )
         return cls(
             client,
             health_interval_s=settings.app_health_interval_s,

@@ -36,7 +36,7 @@ class Services:
         loader: Loader | None = None,
         feedback_store: FeedbackStore | None = None,
     ) -> Services:
-        metrics = ApiMetrics()
+        metrics = ApiMetrics(drift_psi_threshold=settings.drift_psi_threshold)
         models = ModelManager(settings, metrics, loader=loader)
         queue = InferenceQueue(
             metrics,
@@ -57,7 +57,6 @@ class Services:
                 queue=queue,
                 metrics=metrics,
                 recorder=recorder,
-                confidence_threshold=settings.confidence_threshold,
             ),
             feedback=FeedbackService(
                 store, recorder, metrics, accuracy_window=settings.feedback_accuracy_window

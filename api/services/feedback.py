@@ -7,6 +7,7 @@ import uuid
 
 from api.metrics import ApiMetrics
 from api.problems import Problem
+from api.schemas import FeedbackResponse, FeedbackSubmission, ModelRef
 from api.services.recording import PredictionLog
 from dandelion_lib.feedback import (
     DuplicateFeedbackError,
@@ -35,8 +36,21 @@ class FeedbackService:
         self.metrics = metrics
         self.accuracy_window = accuracy_window
 
-    def submit(self, prediction_id: str, correct_label: str, image: bytes | None) -> FeedbackRecord:
+    def submit(self, submission: FeedbackSubmission) -> FeedbackResponse:
         """Store feedback (blocking: call from a worker thread); raises :class:`Problem`."""
+        record = self._store(submission.prediction_id, submission.correct_label, submission.image)
+        return FeedbackResponse(
+            feedback_id=record.feedback_id,
+            prediction_id=record.prediction_id,
+            correct_label=record.correct_label,
+            predicted_label=record.predicted_label,
+            agree=record.agree,
+            model=ModelRef(name=record.model_name, version=record.model_version),
+            image_key=record.image_key,
+            created_at=record.created_at.isoformat(),
+        )
+
+    def _store(self, prediction_id: str, correct_label: str, image: bytes | None) -> FeedbackRecord:
         try:
             uuid.UUID(prediction_id)
         except ValueError:

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from api.metrics import ApiMetrics
+from api.schemas import LoadFailureInfo, ModelInfo, ModelRef, Readiness, ReloadResponse
 from dandelion_lib.config import Settings
 from dandelion_lib.monitoring import DriftMonitor
-from dandelion_lib.predict import Predictor
+from dandelion_lib.predict import AnswerPolicy, Predictor
 from dandelion_lib.registry import configure_mlflow
 
 log = logging.getLogger("api.model")
@@ -53,8 +54,8 @@ class LoadFailure:
     error: str
     at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "error": self.error, "at": self.at.isoformat()}
+    def info(self) -> LoadFailureInfo:
+        return LoadFailureInfo(version=self.version, error=self.error, at=self.at.isoformat())
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,29 @@ class ModelManager:
     def ready(self) -> bool:
         return self._current is not None
 
+    @property
+    def drift(self) -> DriftMonitor | None:
+        """The live drift window of the model serving now (``None`` before the first load)."""
+        current = self._current
+        return current.drift if current is not None else None
+
+    def readiness(self) -> Readiness:
+        """What ``GET /health/ready`` shows (``status`` is ``ready`` or ``not_ready``)."""
+        current = self._current
+        if current is None:
+            return Readiness(status="not_ready", reason=self.reason or self.state)
+        return Readiness(status="ready", model=ModelRef(name=current.name, version=current.version))
+
+    def reload(self) -> ReloadResponse:
+        """Check the registry now, retrying a version that failed before (blocking)."""
+        result = self.check(force=True)
+        return ReloadResponse(
+            action=result.action,
+            version=result.version,
+            detail=result.detail,
+            model=self.describe(),
+        )
+
     def start(self) -> None:
         """Load in the background and poll the alias until :meth:`stop`."""
         self._thread = threading.Thread(target=self._run, name="model-manager", daemon=True)
@@ -132,6 +156,7 @@ class ModelManager:
             uri,
             max_pixels=self.settings.max_image_pixels,
             min_side=self.settings.min_image_side,
+            policy=AnswerPolicy.from_settings(self.settings),
         )
 
     def _registry(self) -> Any:
@@ -237,35 +262,25 @@ class ModelManager:
         )
         return CheckResult("loaded", version)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> ModelInfo:
         """What ``GET /model`` shows."""
         cur = self._current
-        out: dict[str, Any] = {
-            "name": self.name,
-            "alias": self.alias,
-            "state": self.state,
-            "reason": self.reason or None,
-            "version": None,
-            "uri": None,
-            "loaded_at": None,
-            "dataset_version": None,
-            "feature_spec": None,
-            "metrics": {},
-            "last_failure": self.last_failure.to_dict() if self.last_failure else None,
-            "last_check_at": self.last_check_at.isoformat() if self.last_check_at else None,
-            "reload_interval_s": self.settings.reload_interval_s,
-        }
-        if cur is not None:
-            p = cur.predictor
-            out.update(
-                version=p.version,
-                uri=p.uri,
-                loaded_at=cur.loaded_at.isoformat(),
-                dataset_version=p.dataset_version,
-                feature_spec=p.spec.to_dict(),
-                metrics=dict(p.metrics),
-            )
-        return out
+        p = cur.predictor if cur is not None else None
+        return ModelInfo(
+            name=self.name,
+            alias=self.alias,
+            state=self.state,
+            reason=self.reason or None,
+            version=p.version if p else None,
+            uri=p.uri if p else None,
+            loaded_at=cur.loaded_at.isoformat() if cur else None,
+            dataset_version=p.dataset_version if p else None,
+            feature_spec=p.spec.to_dict() if p else None,
+            metrics=dict(p.metrics) if p else {},
+            last_failure=self.last_failure.info() if self.last_failure else None,
+            last_check_at=self.last_check_at.isoformat() if self.last_check_at else None,
+            reload_interval_s=self.settings.reload_interval_s,
+        )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,48 +1,35 @@
 """Predictions: decode untrusted bytes off the event loop, batch through the model, record.
 
-Decoding runs in worker threads through :meth:`Predictor.decode` (the one decoding path
-shared with training), after a header sniff that admits only common photo formats. Any
-decoder failure is the input's fault and becomes a 4xx problem, never a 500.
+Decoding runs in worker threads through :meth:`Predictor.decode`, which accepts images by the
+one rule of :mod:`dandelion_lib.images` (formats, size limits, reject reasons with their HTTP
+status and problem code). Any decoder failure is the input's fault and becomes a 4xx problem,
+never a 500. The answer (a label or ``uncertain``) is the Predictor's.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import anyio.to_thread
 import numpy as np
-from PIL import Image
 
 from api.context import request_id_var, request_start_var
 from api.metrics import ApiMetrics
 from api.problems import Problem
+from api.schemas import BatchItem, BatchResponse, ModelRef, PredictResponse
 from api.services.inference import InferenceQueue, QueueFullError
 from api.services.models import ModelManager, ServingModel
 from api.services.recording import PredictionLog
 from api.uploads import Upload
-from dandelion_lib.features import InvalidImageError
 from dandelion_lib.feedback import PredictionRecord
-from dandelion_lib.predict import AnswerPolicy, Prediction, Predictor
+from dandelion_lib.images import InvalidImageError, RejectReason
+from dandelion_lib.predict import Prediction, Predictor
 
 log = logging.getLogger("api.predict")
-
-SERVING_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes MPO
-"""Formats the API decodes; anything else (SVG, PDF, PSD, EPS, ...) is refused unread."""
-
-_IMAGE_PROBLEMS = {
-    # reason of InvalidImageError -> (status, problem code)
-    "empty": (400, "empty-image"),
-    "not_an_image": (415, "unsupported-image"),
-    "truncated": (422, "corrupt-image"),
-    "too_large": (413, "image-too-large"),
-    "too_small": (422, "image-too-small"),
-}
 
 
 @dataclass(frozen=True)
@@ -53,60 +40,23 @@ class Decoded:
 
 
 def image_problem(exc: InvalidImageError) -> Problem:
-    status, code = _IMAGE_PROBLEMS.get(exc.reason, (422, "corrupt-image"))
-    return Problem(status, code, str(exc), reason=exc.reason)
+    """The problem answer for a refused image: status and code come with its reason."""
+    reason = exc.reason
+    return Problem(reason.status, reason.problem, str(exc), reason=reason.value)
 
 
 def decode(predictor: Predictor, data: bytes) -> Decoded:
     """Bytes -> model input + statistics, or :class:`Problem` (runs in a worker thread)."""
-    if not data:
-        raise image_problem(InvalidImageError("empty", "the image is empty (0 bytes)"))
-    try:
-        with Image.open(io.BytesIO(data), formats=SERVING_FORMATS) as probe:
-            fmt = probe.format
-    except Image.DecompressionBombError as exc:
-        raise image_problem(InvalidImageError("too_large", f"image is too large: {exc}")) from None
-    except Image.UnidentifiedImageError:
-        if _looks_like_supported(data):  # the right signature, but broken inside
-            raise image_problem(
-                InvalidImageError("truncated", "the image is corrupt (its header cannot be read)")
-            ) from None
-        raise image_problem(
-            InvalidImageError(
-                "not_an_image",
-                "not a supported image; send JPEG, PNG, WebP, GIF, BMP or TIFF",
-            )
-        ) from None
-    except Exception as exc:
-        raise image_problem(InvalidImageError("truncated", _reason(exc))) from None
     try:
         array, stats = predictor.decode(data)
     except InvalidImageError as exc:
         raise image_problem(exc) from None
-    except Exception as exc:  # decoders raise many types on hostile input
-        log.warning("decoder error", extra={"error": _reason(exc), "format": fmt})
-        raise image_problem(InvalidImageError("truncated", _reason(exc))) from None
+    except Exception as exc:  # preprocessing an accepted image failed: still the input's fault
+        text = str(exc).strip().splitlines()
+        detail = f"the image cannot be decoded ({text[0][:200] if text else type(exc).__name__})"
+        log.warning("decoder error", extra={"error": detail})
+        raise image_problem(InvalidImageError(RejectReason.TRUNCATED, detail)) from None
     return Decoded(array, stats, hashlib.sha256(data).hexdigest())
-
-
-_SIGNATURES = (
-    b"\xff\xd8\xff",
-    b"\x89PNG\r\n\x1a\n",
-    b"GIF87a",
-    b"GIF89a",
-    b"BM",
-    b"II*\x00",
-    b"MM\x00*",
-)
-
-
-def _looks_like_supported(data: bytes) -> bool:
-    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"the image cannot be decoded ({text[0][:200] if text else type(exc).__name__})"
 
 
 class PredictionService:
@@ -119,14 +69,11 @@ class PredictionService:
         queue: InferenceQueue,
         metrics: ApiMetrics,
         recorder: PredictionLog | None,
-        confidence_threshold: float,
     ):
         self.models = models
         self.queue = queue
         self.metrics = metrics
         self.recorder = recorder
-        self.threshold = confidence_threshold
-        self.policy = AnswerPolicy(confidence_threshold)
 
     def serving(self) -> ServingModel:
         model = self.models.current
@@ -147,7 +94,7 @@ class PredictionService:
             headers={"Retry-After": str(exc.retry_after)},
         )
 
-    async def predict_one(self, upload: Upload) -> dict[str, Any]:
+    async def predict_one(self, upload: Upload) -> PredictResponse:
         model = self.serving()
         try:
             with self.queue.admit(1) as ticket:
@@ -161,31 +108,28 @@ class PredictionService:
             raise self._queue_full(exc) from None
         return self._answer(model, pred, decoded)
 
-    async def predict_batch(self, uploads: list[Upload]) -> list[dict[str, Any]]:
-        """Per-item results in order: ``{"prediction": ...}`` or ``{"error": problem}``."""
+    async def predict_batch(self, uploads: list[Upload]) -> BatchResponse:
+        """Per-item results in order: a ``prediction`` or an ``error`` (a problem) each."""
         model = self.serving()
-        results: list[dict[str, Any]] = [
-            {"index": i, "filename": u.filename} for i, u in enumerate(uploads)
-        ]
+        items = [BatchItem(index=i, filename=u.filename) for i, u in enumerate(uploads)]
         try:
             with self.queue.admit(len(uploads)) as ticket:
                 decoded = await anyio.to_thread.run_sync(self._decode_all, model, uploads)
-                good = [i for i, d in enumerate(decoded) if isinstance(d, Decoded)]
+                good = [(i, d) for i, d in enumerate(decoded) if isinstance(d, Decoded)]
                 self.queue.discard(ticket, len(uploads) - len(good))
                 preds = await self.queue.predict(
-                    ticket,
-                    [decoded[i].array for i in good],  # type: ignore[union-attr]
-                    model.predictor,
+                    ticket, [d.array for _, d in good], model.predictor
                 )
         except QueueFullError as exc:
             raise self._queue_full(exc) from None
         for i, item in enumerate(decoded):
             if isinstance(item, Problem):
                 self.metrics.count_invalid(item.code)
-                results[i]["error"] = item.body()
-        for i, pred in zip(good, preds, strict=True):
-            results[i]["prediction"] = self._answer(model, pred, decoded[i])  # type: ignore[arg-type]
-        return results
+                items[i].error = item.detail_struct()
+        for (i, image), pred in zip(good, preds, strict=True):
+            items[i].prediction = self._answer(model, pred, image)
+        failed = sum(item.error is not None for item in items)
+        return BatchResponse(results=items, succeeded=len(items) - failed, failed=failed)
 
     @staticmethod
     def _decode_all(model: ServingModel, uploads: list[Upload]) -> list[Decoded | Problem]:
@@ -200,9 +144,9 @@ class PredictionService:
                 out.append(problem)
         return out
 
-    def _answer(self, model: ServingModel, pred: Prediction, decoded: Decoded) -> dict[str, Any]:
+    def _answer(self, model: ServingModel, pred: Prediction, decoded: Decoded) -> PredictResponse:
         prediction_id = str(uuid.uuid4())
-        label = self.policy.answer(pred)
+        label = model.predictor.answer(pred)
         predictor = model.predictor
         started = request_start_var.get()
         latency_ms = (time.perf_counter() - started) * 1000.0 if started else 0.0
@@ -233,11 +177,11 @@ class PredictionService:
                 "model_version": predictor.version,
             },
         )
-        return {
-            "prediction_id": prediction_id,
-            "label": label,
-            "probabilities": pred.probabilities,
-            "confidence": pred.confidence,
-            "model": {"name": predictor.name, "version": predictor.version},
-            "latency_ms": round(latency_ms, 3),
-        }
+        return PredictResponse(
+            prediction_id=prediction_id,
+            label=label,
+            probabilities=pred.probabilities,
+            confidence=pred.confidence,
+            model=ModelRef(name=predictor.name, version=predictor.version),
+            latency_ms=round(latency_ms, 3),
+        )

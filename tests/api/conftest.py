@@ -230,7 +230,7 @@ def api_env(workdir: Path, port: int, tracking_uri: str, **overrides: str) -> di
 
 
 def start_api(env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    log = open(log_path, "wb")  # noqa: SIM115 - closed by the caller via proc
+    log = log_path.open("wb")  # closed by the caller, after the process ends
     return subprocess.Popen(
         [sys.executable, "-m", "api"],
         cwd=ROOT,

@@ -72,7 +72,7 @@ def voila_server(
     env.update({f"DANDELION_{k.upper()}": str(v) for k, v in settings.items()})
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"voila-{port}.log"
-    with open(log_path, "wb") as log:
+    with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "dashboards.serve"],
             cwd=ROOT,
