@@ -152,7 +152,7 @@ def test_load_of_a_non_artifact_is_a_clear_error(tmp_path: object) -> None:
 
 
 def test_score_checks_its_input(domain: dict[str, np.ndarray]) -> None:
-    det = OpenSetDetector()
+    det = OpenSetDetector(method="knn")
     with pytest.raises(OpenSetError, match="not fitted"):
         det.score(domain["val"])
     det.fit(domain["train"], domain["labels"])
@@ -169,6 +169,13 @@ def test_score_checks_its_input(domain: dict[str, np.ndarray]) -> None:
             )
     with pytest.raises(OpenSetError, match="unknown method"):
         OpenSetDetector(method="forest")  # type: ignore[arg-type]
+
+
+def test_default_is_the_benchmarked_choice(domain: dict[str, np.ndarray]) -> None:
+    det = OpenSetDetector().fit(domain["train"], domain["labels"], negatives=domain["negatives"])
+    assert det.to_dict()["method"] == "logistic" and det.l2 == 0.1
+    # the "other" logit: negatives score above in-domain photos
+    assert det.score(domain["negatives"]).min() > det.score(domain["train"]).max()
 
 
 def test_knn_distance_of_a_training_point_is_zero_with_k_1(
