@@ -10,9 +10,11 @@ the training photos, for the two-class head that gives the in-domain answers.
 Choice (nothing from the in-domain test split or the ood-dev ``eval`` part is read):
 5-fold cross-validation over the in-domain train+val photos and the ``fit`` part of ood-dev.
 In each fold every candidate is fitted on 4/5 of the in-domain photos (and 4/5 of the
-negatives where it uses them), its threshold is set to keep 97 % of the held-out in-domain
-photos of the fold, and the held-out negatives it rejects are counted. The candidate with the
-highest pooled rejection at that retention wins (ties: pooled ROC AUC).
+negatives where it uses them), its threshold is calibrated (conformal) to keep 97 % of the
+held-out in-domain photos of the fold, and the held-out negatives it rejects are counted.
+Candidates that use negatives are also measured leave-one-folder-out (the negatives of one
+ood-dev folder are never fitted on and their rejection is counted: a kind of photo never
+seen). The candidate with the highest mean of the two rejections wins (ties: ROC AUC).
 
 Report: the chosen candidate is fitted on the train split (and all ``fit`` negatives if it
 uses them), its threshold calibrated on the val split for 97 % retention, and evaluated on
