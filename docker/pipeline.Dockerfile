@@ -12,7 +12,8 @@ FROM python:3.11.14-slim-bookworm AS builder
 # --build-arg UV_DEFAULT_INDEX=URL. Build stage only: nothing of it reaches the final image.
 ARG PIP_INDEX_URL
 ARG UV_DEFAULT_INDEX
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy \
+    UV_NO_CACHE=1
 RUN pip install --no-cache-dir uv==0.13.9 && python -m venv --without-pip /opt/venv
 WORKDIR /src
 COPY requirements.lock pyproject.toml README.md ./

@@ -61,6 +61,7 @@ build_python() {
     # As in the official image: a pip installed by pip (so `pip uninstall` works), no PEP 668
     # marker. Debian disables ensurepip; its bundled pip wheel installs itself instead.
     rm -f "$root"/usr/lib/python3.11/EXTERNALLY-MANAGED
+    # shellcheck disable=SC2016  # expanded by the chroot's shell
     chroot "$root" sh -c 'w=$(ls /usr/share/python-wheels/pip-*.whl) && \
         python3 "$w/pip" install -q --no-index --no-cache-dir "$w"' >/dev/null 2>&1
     import_rootfs "$root" "$PYTHON_TAG" "LANG=C.UTF-8" \
