@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# The Kubernetes tree the container is derived from (another checkout's k8s/ to try its values).
+K8S = Path(os.environ.get("DANDELION_K8S_DIR", ROOT / "k8s")).resolve()
 FAB_AUTH_MANAGER = "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
 # Where the chart mounts the rendered config, and the logs emptyDir (logs.persistence off).
 AIRFLOW_CFG = "/opt/airflow/airflow.cfg"
@@ -39,7 +41,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def load_values(overlay: str = "dev") -> dict[str, Any]:
     """values.yaml merged with values-<overlay>.yaml, as `helm -f values.yaml -f ...` does."""
-    folder = Path(os.environ.get("DANDELION_AIRFLOW_VALUES_DIR", ROOT / "k8s" / "airflow"))
+    folder = K8S / "airflow"
     values: dict[str, Any] = yaml.safe_load((folder / "values.yaml").read_text()) or {}
     extra = folder / f"values-{overlay}.yaml"
     if extra.exists():
@@ -50,7 +52,7 @@ def load_values(overlay: str = "dev") -> dict[str, Any]:
 def overlay_configmaps(overlay: str = "dev") -> dict[str, dict[str, str]]:
     """ConfigMaps of the rendered overlay (kubectl kustomize), by name."""
     rendered = subprocess.run(
-        ["kubectl", "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
+        ["kubectl", "kustomize", str(K8S / "overlays" / overlay)],
         capture_output=True,
         text=True,
         check=True,

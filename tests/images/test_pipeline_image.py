@@ -43,7 +43,7 @@ GREENR = Path(os.environ.get("DANDELION_TEST_DATASET", ROOT.parent / "shared/dat
 STAND_INS = dk.STAND_INS_IMAGE
 KUBECONFIG = """apiVersion: v1
 kind: Config
-clusters: [{name: none, cluster: {server: "https://127.0.0.1:1", insecure-skip-tls-verify: true}}]
+clusters: [{name: none, cluster: {server: "http://kubernetes:8001"}}]
 users: [{name: none, user: {token: none}}]
 contexts: [{name: none, context: {cluster: none, user: none, namespace: dandelion-dev}}]
 current-context: none
@@ -88,8 +88,13 @@ def cluster() -> Iterator[Cluster]:
     dk.docker("network", "create", network)
     try:
         pw = {k: secrets.token_hex(12) for k in ("postgres", "airflow", "s3key", "s3secret")}
-        pg, s3 = f"k8s-postgres-{tag}", f"k8s-minio-{tag}"
-        names += [pg, s3]
+        pg, s3, kube = f"k8s-postgres-{tag}", f"k8s-minio-{tag}", f"k8s-kube-api-{tag}"
+        names += [pg, s3, kube]
+        fake = Path(__file__).with_name("fake_kube_api.py")
+        dk.docker(
+            "run", "-d", "--name", kube, "--network", network, "--network-alias", "kubernetes",
+            "-v", f"{fake}:/fake_kube_api.py:ro", STAND_INS, "python", "/fake_kube_api.py", "8001",
+        )  # fmt: skip
         init = ROOT / "k8s/overlays/dev/postgres/init-databases.sh"
         dk.docker(
             "run", "-d", "--name", pg, "--network", network, "--network-alias", "postgres",
