@@ -24,17 +24,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path, _, query = self.path.partition("?")
-        if path == "/version":
+        if path == "/api":
+            self._json(200, {"kind": "APIVersions", "versions": ["v1"],
+                             "serverAddressByClientCIDRs": []})  # fmt: skip
+        elif path == "/apis":
+            self._json(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+        elif path == "/api/v1":
+            verbs = ["create", "delete", "deletecollection", "get", "list", "patch", "watch"]
+            resources = [
+                {"name": n, "singularName": n[:-1], "namespaced": True, "kind": k, "verbs": verbs}
+                for n, k in (("pods", "Pod"), ("events", "Event"), ("configmaps", "ConfigMap"))
+            ]
+            self._json(200, {"kind": "APIResourceList", "groupVersion": "v1",
+                             "resources": resources})  # fmt: skip
+        elif path == "/version":
             self._json(200, {"major": "1", "minor": "33", "gitVersion": "v1.33.0-fake"})
-        elif "watch=true" in query or "watch=1" in query:
+        elif "watch=true" in query.lower() or "watch=1" in query:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             time.sleep(30)  # no events; the client re-watches
             self.wfile.write(b"0\r\n\r\n")
-        elif path.endswith("/pods"):
-            self._json(200, {"kind": "PodList", "apiVersion": "v1", "items": [],
+        elif path.endswith(("/pods", "/events", "/configmaps")):
+            self._json(200, {"kind": "List", "apiVersion": "v1", "items": [],
                              "metadata": {"resourceVersion": "1"}})  # fmt: skip
         else:
             self._json(404, {"kind": "Status", "status": "Failure", "code": 404})
