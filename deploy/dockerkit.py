@@ -21,7 +21,9 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("DANDELION_DOCKER_CACHE", ROOT / ".cache" / "docker")).resolve()
+# Wheelhouse and base root filesystems, shared by every checkout on the machine (CI clones anew).
+_XDG = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+CACHE = Path(os.environ.get("DANDELION_DOCKER_CACHE", _XDG / "dandelion" / "docker")).resolve()
 PROJECT_IMAGES = ("api", "app", "pipeline", "mlflow")
 STAND_INS_IMAGE = "dandelion-rehearsal/stand-ins:local"
 

@@ -11,11 +11,11 @@
 #                                  images of compose.yaml: PostgreSQL 15 and Prometheus (Debian
 #                                  packages) + Python (moto S3 server, statsd receiver).
 # A tag that already exists is kept (delete it to rebuild). Root filesystems are cached as
-# tarballs under $DANDELION_DOCKER_CACHE (default: .cache/docker in the repository).
+# tarballs under $DANDELION_DOCKER_CACHE (default: ~/.cache/dandelion/docker, shared by checkouts).
 # Usage: scripts/docker-stand-ins.sh            (needs root, debootstrap and a running dockerd)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CACHE="${DANDELION_DOCKER_CACHE:-$PWD/.cache/docker}"
+CACHE="${DANDELION_DOCKER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dandelion/docker}"
 MIRROR="${DANDELION_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 PYTHON_TAG="python:3.11.14-slim-bookworm"
 SERVICES_TAG="dandelion-rehearsal/services:bookworm"

@@ -6,7 +6,7 @@
 # Usage: scripts/docker-wheelhouse.sh [DIR]     (default: $DANDELION_DOCKER_CACHE/wheelhouse)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CACHE="${DANDELION_DOCKER_CACHE:-$PWD/.cache/docker}"
+CACHE="${DANDELION_DOCKER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dandelion/docker}"
 DEST="${1:-$CACHE/wheelhouse}"
 mkdir -p "$DEST"
 reqs="$(mktemp)"

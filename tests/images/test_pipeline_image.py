@@ -109,6 +109,20 @@ def cluster() -> Iterator[Cluster]:
             "-e", "S3_ENDPOINT_URL=http://127.0.0.1:9000",
             STAND_INS, "moto_server", "-H", "0.0.0.0", "-p", "9000",
         )  # fmt: skip
+        # The tracking server the ConfigMap names (our MLflow image; SQLite backend in its tmpfs).
+        mlflow = f"k8s-mlflow-{tag}"
+        names.append(mlflow)
+        dk.docker(
+            "run", "-d", "--name", mlflow, "--network", network, "--network-alias", "mlflow",
+            "--read-only", "--tmpfs", "/tmp",
+            "-e", "MLFLOW_BACKEND_STORE_URI=sqlite:////tmp/mlflow.db",
+            "-e", "MLFLOW_ARTIFACTS_DESTINATION=s3://mlflow",
+            "-e", "MLFLOW_S3_ENDPOINT_URL=http://minio:9000",
+            "-e", "MLFLOW_SERVER_ALLOWED_HOSTS=mlflow,mlflow:5000,localhost:5000,127.0.0.1:5000",
+            "-e", f"AWS_ACCESS_KEY_ID={pw['s3key']}", "-e", f"AWS_SECRET_ACCESS_KEY={pw['s3secret']}",
+            "-e", "AWS_DEFAULT_REGION=us-east-1",
+            dk.image_tag("mlflow"),
+        )  # fmt: skip
         _wait_exec(pg, ["pg_isready", "-h", "127.0.0.1", "-U", "postgres"], 120)
         _wait_exec(s3, ["python", "/usr/local/bin/s3-init", "dandelion", "mlflow"], 60)
         db = f"airflow:{pw['airflow']}@postgres:5432/airflow"
