@@ -8,7 +8,7 @@ FROM dandelion-rehearsal/services:bookworm
 ARG PIP_INDEX_URL
 RUN python3 -m venv /opt/moto \
     && /opt/moto/bin/pip install --no-cache-dir --disable-pip-version-check -q \
-       moto[server] boto3
+       "moto[server]" boto3
 COPY deploy/rehearsal/postgres-entrypoint.sh /usr/local/bin/postgres-entrypoint
 COPY deploy/rehearsal/s3_init.py /usr/local/bin/s3-init
 COPY deploy/rehearsal/statsd_stand_in.py /usr/local/bin/statsd-stand-in
