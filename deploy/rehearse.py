@@ -99,7 +99,9 @@ class Rehearsal:
         try:
             detail = action()
             ok = True
-        except (StepFailed, AssertionError, subprocess.SubprocessError, OSError) as exc:
+        except (
+            StepFailed, AssertionError, subprocess.SubprocessError, OSError, ValueError, KeyError
+        ) as exc:  # fmt: skip
             detail, ok = f"{type(exc).__name__}: {exc}"[-3000:], False
         took = time.monotonic() - start
         self.steps.append(Step(name, took, ok, detail))
@@ -206,10 +208,17 @@ def _airflow(r: Rehearsal, *args: str, timeout: float = 120) -> str:
     return r.exec("airflow-scheduler", "airflow", *args, timeout=timeout)
 
 
+def _json_out(text: str) -> Any:
+    """The JSON document of an Airflow CLI output (it may print warnings before it)."""
+    lines = text.splitlines()
+    first = next((i for i, line in enumerate(lines) if line[:1] in ("[", "{")), 0)
+    return json.loads("\n".join(lines[first:]))
+
+
 def _run_state(r: Rehearsal, run_id: str) -> tuple[str, dict[str, str]]:
-    runs = json.loads(_airflow(r, "dags", "list-runs", DAG, "-o", "json"))
+    runs = _json_out(_airflow(r, "dags", "list-runs", DAG, "-o", "json"))
     state = next((x["state"] for x in runs if x["run_id"] == run_id), "missing")
-    tasks = json.loads(_airflow(r, "tasks", "states-for-dag-run", DAG, run_id, "-o", "json"))
+    tasks = _json_out(_airflow(r, "tasks", "states-for-dag-run", DAG, run_id, "-o", "json"))
     return state, {t["task_id"]: str(t["state"]) for t in tasks}
 
 
