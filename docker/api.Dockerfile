@@ -4,6 +4,11 @@
 
 # --- build stage: resolve the project and its `serve` extra from requirements.lock -------------
 FROM python:3.11.14-slim-bookworm AS builder
+# Optional: another package index (a mirror, or the loopback wheelhouse index of
+# `nox -s images` on machines without index access): --build-arg PIP_INDEX_URL=URL
+# --build-arg UV_DEFAULT_INDEX=URL. Build stage only: nothing of it reaches the final image.
+ARG PIP_INDEX_URL
+ARG UV_DEFAULT_INDEX
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy
 RUN pip install --no-cache-dir uv==0.13.9 && python -m venv --without-pip /opt/venv
 WORKDIR /src

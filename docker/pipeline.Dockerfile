@@ -7,7 +7,13 @@
 # Build from the repository root:  docker build -f docker/pipeline.Dockerfile -t dandelion-pipeline .
 
 FROM python:3.11.14-slim-bookworm AS builder
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy
+# Optional: another package index (a mirror, or the loopback wheelhouse index of
+# `nox -s images` on machines without index access): --build-arg PIP_INDEX_URL=URL
+# --build-arg UV_DEFAULT_INDEX=URL. Build stage only: nothing of it reaches the final image.
+ARG PIP_INDEX_URL
+ARG UV_DEFAULT_INDEX
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy \
+    UV_NO_CACHE=1
 RUN pip install --no-cache-dir uv==0.13.9 && python -m venv --without-pip /opt/venv
 WORKDIR /src
 COPY requirements.lock pyproject.toml README.md ./
@@ -33,9 +39,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     MPLCONFIGDIR=/tmp/matplotlib \
     DANDELION_WORKDIR=/opt/airflow/dandelion
 # uid 50000 / gid 0 is what the official Airflow chart and image use (arbitrary-uid friendly).
+# /var/lib/dandelion is the workdir the Kubernetes ConfigMap names (DANDELION_WORKDIR); with a
+# read-only root filesystem it is a mount point for a writable volume.
 RUN useradd --system --uid 50000 --gid 0 --home-dir /home/airflow --create-home \
        --shell /bin/bash airflow \
     && install -d -o 50000 -g 0 -m 2775 /opt/airflow /opt/airflow/logs /opt/airflow/dandelion \
+       /var/lib/dandelion \
     && pip uninstall --no-cache-dir -y -q pip setuptools wheel
 COPY --from=builder /opt/venv /opt/venv
 COPY docker/healthcheck.py /usr/local/bin/dandelion-healthcheck
