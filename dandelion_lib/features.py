@@ -13,9 +13,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 
 from dandelion_lib.config import DEFAULT_LABELS
@@ -124,12 +125,12 @@ def image_stats(img: Image.Image) -> dict[str, float]:
 PHASH_BITS = 64
 
 
-def _dct_matrix(n: int) -> np.ndarray:
+def _dct_matrix(n: int) -> npt.NDArray[np.float64]:
     k = np.arange(n)[:, None]
     i = np.arange(n)[None, :]
     m = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
     m[0] /= np.sqrt(2.0)
-    return m
+    return cast("npt.NDArray[np.float64]", m)
 
 
 _DCT32 = _dct_matrix(32)
