@@ -177,7 +177,7 @@ def _fit_logistic(
     return w, b
 
 
-def _as_2d(features: Any, name: str, dim: int | None = None) -> np.ndarray:
+def _as_2d(features: Any, name: str, dim: int | None = None) -> npt.NDArray[np.float32]:
     x = np.asarray(features, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] == 0:
         raise OpenSetError(f"{name} must be a non-empty 2-d array, got shape {x.shape}")
@@ -351,7 +351,7 @@ class OpenSetDetector:
         self.calibration_size = len(scores)
         return self.threshold
 
-    def is_unknown(self, features: Any) -> np.ndarray:
+    def is_unknown(self, features: Any) -> npt.NDArray[np.bool_]:
         """Boolean per row: the photo is out of domain (score above the threshold)."""
         if self.threshold is None:
             raise OpenSetError("the detector has no threshold; call calibrate first")
@@ -434,6 +434,8 @@ class OpenSetDetector:
         """Write the detector as one compressed ``.npz`` (no pickles)."""
         path = Path(path)
         with path.open("wb") as fh:
+            # savez_compressed also takes allow_pickle: bool by keyword, so mypy rejects any
+            # **dict[str, ndarray] (none of these keys is named allow_pickle)
             np.savez_compressed(fh, **self.to_arrays())  # type: ignore[arg-type]
         return path
 
