@@ -87,7 +87,7 @@ _RESAMPLE = {
 }
 
 
-def to_model_input(img: Image.Image, spec: FeatureSpec | None = None) -> np.ndarray:
+def to_model_input(img: Image.Image, spec: FeatureSpec | None = None) -> npt.NDArray[np.float32]:
     """Resize an RGB image to the spec; returns ``float32`` array ``(size, size, 3)`` in [0, 255]."""
     spec = spec or FeatureSpec()
     size = (spec.image_size, spec.image_size)
@@ -97,7 +97,9 @@ def to_model_input(img: Image.Image, spec: FeatureSpec | None = None) -> np.ndar
     return np.asarray(resized, dtype=np.float32)
 
 
-def bytes_to_model_input(data: bytes, spec: FeatureSpec | None = None, **limits: int) -> np.ndarray:
+def bytes_to_model_input(
+    data: bytes, spec: FeatureSpec | None = None, **limits: int
+) -> npt.NDArray[np.float32]:
     """:func:`decode_image` then :func:`to_model_input`: the one path from bytes to model input."""
     return to_model_input(decode_image(data, **limits), spec)
 

@@ -188,19 +188,19 @@ def feature_extractor(backbone: Any) -> Any:
     return tf.function(lambda x: backbone.model(x, training=False), input_signature=[spec])
 
 
-def _extract(extractor: Any, dataset: Any, dim: int) -> np.ndarray:
+def _extract(extractor: Any, dataset: Any, dim: int) -> npt.NDArray[np.float32]:
     parts = [extractor(batch).numpy() for batch in dataset]
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
-def extract_features(extractor: Any, pixels: np.ndarray, dim: int) -> np.ndarray:
+def extract_features(extractor: Any, pixels: np.ndarray, dim: int) -> npt.NDArray[np.float32]:
     """Backbone features of ``pixels`` (uint8 model inputs), unaugmented."""
     return _extract(extractor, make_dataset(pixels), dim)
 
 
 def augmented_features(
     extractor: Any, pixels: np.ndarray, dim: int, config: TrainConfig
-) -> list[np.ndarray]:
+) -> list[npt.NDArray[np.float32]]:
     """Backbone features of ``config.augment_copies`` augmented views of ``pixels``.
 
     View ``i`` is drawn with the seed ``config.seed + 1000 + i``, so the views are
