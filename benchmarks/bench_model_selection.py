@@ -37,6 +37,7 @@ def main() -> None:
     from dandelion_lib import dataset
     from dandelion_lib import model as model_lib
     from dandelion_lib.config import Settings
+    from dandelion_lib.dataset import load_examples
     from dandelion_lib.features import FeatureSpec
     from dandelion_lib.ingest import ingest
     from dandelion_lib.storage import open_store
@@ -46,7 +47,6 @@ def main() -> None:
         extract_features,
         feature_extractor,
         fit_cached_head,
-        load_examples,
     )
 
     config = TrainConfig()

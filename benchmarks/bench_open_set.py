@@ -77,6 +77,7 @@ def extract(settings_dir: Path) -> Features:
     from dandelion_lib import dataset, openset
     from dandelion_lib import model as model_lib
     from dandelion_lib.config import Settings
+    from dandelion_lib.dataset import load_examples
     from dandelion_lib.features import FeatureSpec, bytes_to_model_input
     from dandelion_lib.ingest import ingest
     from dandelion_lib.storage import open_store
@@ -85,7 +86,6 @@ def extract(settings_dir: Path) -> Features:
         augmented_features,
         extract_features,
         feature_extractor,
-        load_examples,
     )
 
     config = TrainConfig()

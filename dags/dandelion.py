@@ -11,8 +11,9 @@ here (see docs/pipeline.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from airflow.providers.papermill.operators.papermill import PapermillOperator
 from airflow.providers.standard.operators.python import PythonOperator, ShortCircuitOperator
@@ -27,7 +28,22 @@ COMMON = {
     "store_url": "{{ dandelion.store_url() }}",
     "run_id": "{{ run_id }}",
 }
-DAG_ARGS = {
+
+
+class _DagArgs(TypedDict):
+    """The arguments both DAGs share (checked against ``DAG``'s keyword arguments)."""
+
+    start_date: datetime
+    catchup: bool
+    max_active_runs: int
+    user_defined_macros: dict[str, Any]
+    on_failure_callback: Callable[[Any], None]
+    default_args: dict[str, Any]
+    params: dict[str, Param]
+    tags: list[str]
+
+
+DAG_ARGS: _DagArgs = {
     "start_date": datetime(2026, 1, 1),
     "catchup": False,
     "max_active_runs": 1,

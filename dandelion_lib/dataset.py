@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from dandelion_lib.errors import DandelionError
@@ -279,7 +280,7 @@ def load_report(store: ObjectStore, version: str | None = None) -> dict[str, Any
 
 def load_examples(
     store: Any, rows: pd.DataFrame, spec: FeatureSpec | None = None, workers: int = 4
-) -> np.ndarray:
+) -> npt.NDArray[np.uint8]:
     """Model inputs of the manifest ``rows`` as ``uint8`` ``(N, size, size, 3)``.
 
     Each image goes through :func:`~dandelion_lib.features.bytes_to_model_input` (exactly
@@ -287,7 +288,7 @@ def load_examples(
     """
     spec = spec or FeatureSpec()
 
-    def one(key: str) -> np.ndarray:
+    def one(key: str) -> npt.NDArray[np.uint8]:
         return bytes_to_model_input(store.get_bytes(key), spec).astype(np.uint8)
 
     keys = list(rows["key"])

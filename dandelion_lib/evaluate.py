@@ -23,6 +23,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from sklearn import metrics as skm
 from sklearn.metrics import roc_auc_score, roc_curve
@@ -233,7 +234,9 @@ def evaluate_arrays(
     )
 
 
-def predict_probabilities(predictor: Any, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
+def predict_probabilities(
+    predictor: Any, pixels: np.ndarray, batch_size: int = 32
+) -> npt.NDArray[np.float64]:
     """Class probabilities ``(N, classes)`` through the predictor, in batches."""
     out = []
     for start in range(0, len(pixels), batch_size):

@@ -13,9 +13,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 
 from dandelion_lib.config import DEFAULT_LABELS
@@ -86,7 +87,7 @@ _RESAMPLE = {
 }
 
 
-def to_model_input(img: Image.Image, spec: FeatureSpec | None = None) -> np.ndarray:
+def to_model_input(img: Image.Image, spec: FeatureSpec | None = None) -> npt.NDArray[np.float32]:
     """Resize an RGB image to the spec; returns ``float32`` array ``(size, size, 3)`` in [0, 255]."""
     spec = spec or FeatureSpec()
     size = (spec.image_size, spec.image_size)
@@ -96,7 +97,9 @@ def to_model_input(img: Image.Image, spec: FeatureSpec | None = None) -> np.ndar
     return np.asarray(resized, dtype=np.float32)
 
 
-def bytes_to_model_input(data: bytes, spec: FeatureSpec | None = None, **limits: int) -> np.ndarray:
+def bytes_to_model_input(
+    data: bytes, spec: FeatureSpec | None = None, **limits: int
+) -> npt.NDArray[np.float32]:
     """:func:`decode_image` then :func:`to_model_input`: the one path from bytes to model input."""
     return to_model_input(decode_image(data, **limits), spec)
 
@@ -124,12 +127,12 @@ def image_stats(img: Image.Image) -> dict[str, float]:
 PHASH_BITS = 64
 
 
-def _dct_matrix(n: int) -> np.ndarray:
+def _dct_matrix(n: int) -> npt.NDArray[np.float64]:
     k = np.arange(n)[:, None]
     i = np.arange(n)[None, :]
     m = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
     m[0] /= np.sqrt(2.0)
-    return m
+    return cast("npt.NDArray[np.float64]", m)
 
 
 _DCT32 = _dct_matrix(32)

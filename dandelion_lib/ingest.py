@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlparse
 
 import httpx
@@ -688,7 +688,10 @@ def _previous_records(store: ObjectStore, exclude: set[str]) -> list[dict[str, A
     except dataset.DatasetNotFoundError:
         return []
     previous = previous[~previous["sha256"].isin(exclude)]
-    return previous.drop(columns=["group", "split"]).to_dict("records")  # type: ignore[return-value]
+    # pandas types record keys as Hashable; the manifest's column labels are all str
+    return cast(
+        "list[dict[str, Any]]", previous.drop(columns=["group", "split"]).to_dict("records")
+    )
 
 
 def _summarise(manifest: pd.DataFrame, report: IngestReport, labels: tuple[str, ...]) -> None:

@@ -31,7 +31,7 @@ import threading
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -181,10 +181,12 @@ def ks(reference: dict[str, Any], values: np.ndarray) -> tuple[float, float] | N
     return stat, float(kstwo.sf(stat, max(round(n_eff), 1)))
 
 
-def _reference_cdf(x: np.ndarray, q: np.ndarray, probs: np.ndarray, side: str) -> np.ndarray:
+def _reference_cdf(
+    x: np.ndarray, q: np.ndarray, probs: np.ndarray, side: Literal["left", "right"]
+) -> np.ndarray:
     """Piecewise-linear CDF through (q, probs): its value (``side="right"``) or its left
     limit (``side="left"``) at each x."""
-    idx = np.searchsorted(q, x, side=side)  # type: ignore[call-overload]
+    idx = np.searchsorted(q, x, side=side)
     lo = np.clip(idx - 1, 0, len(q) - 1)
     hi = np.clip(idx, 0, len(q) - 1)
     span = q[hi] - q[lo]

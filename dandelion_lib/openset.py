@@ -51,9 +51,10 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from dandelion_lib.errors import DandelionError
 
@@ -176,7 +177,7 @@ def _fit_logistic(
     return w, b
 
 
-def _as_2d(features: Any, name: str, dim: int | None = None) -> np.ndarray:
+def _as_2d(features: Any, name: str, dim: int | None = None) -> npt.NDArray[np.float32]:
     x = np.asarray(features, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] == 0:
         raise OpenSetError(f"{name} must be a non-empty 2-d array, got shape {x.shape}")
@@ -187,22 +188,22 @@ def _as_2d(features: Any, name: str, dim: int | None = None) -> np.ndarray:
     return x
 
 
-def _normalise(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
+def _normalise(x: np.ndarray, mean: np.ndarray) -> npt.NDArray[np.float32]:
     z = x - mean
     norms = np.linalg.norm(z, axis=1, keepdims=True)
-    return (z / np.maximum(norms, 1e-12)).astype(np.float32)
+    return cast("npt.NDArray[np.float32]", (z / np.maximum(norms, 1e-12)).astype(np.float32))
 
 
 def _knn_distance(
     queries: np.ndarray, reference: np.ndarray, k: int, exclude_self: bool = False
-) -> np.ndarray:
+) -> npt.NDArray[np.float64]:
     """Mean cosine distance of each (normalised) query to its ``k`` nearest references."""
     sims = queries @ reference.T
     if exclude_self:
         np.fill_diagonal(sims, -np.inf)
     k = min(k, reference.shape[0] - int(exclude_self))
     top = -np.partition(-sims, k - 1, axis=1)[:, :k]
-    return (1.0 - top.astype(np.float64)).mean(axis=1)
+    return cast("npt.NDArray[np.float64]", (1.0 - top.astype(np.float64)).mean(axis=1))
 
 
 @dataclass
@@ -306,7 +307,7 @@ class OpenSetDetector:
 
     # -- scoring -------------------------------------------------------------------------
 
-    def score(self, features: Any) -> np.ndarray:
+    def score(self, features: Any) -> npt.NDArray[np.float64]:
         """Out-of-domain score per row of ``features`` ``(N, D)``; higher = more out-of-domain."""
         if self.mean is None:
             raise OpenSetError("the detector is not fitted")
@@ -318,11 +319,17 @@ class OpenSetDetector:
                 d = x.astype(np.float64) - mu
                 dists.append(np.einsum("ij,jk,ik->i", d, self.precision.astype(np.float64), d))
             # square root of a squared distance, scaled per dimension for readable values
-            return np.sqrt(np.maximum(np.min(dists, axis=0), 0.0) / x.shape[1])
+            return cast(
+                "npt.NDArray[np.float64]",
+                np.sqrt(np.maximum(np.min(dists, axis=0), 0.0) / x.shape[1]),
+            )
         if self.method == "logistic":
             assert self.scale is not None and self.coef is not None
             z = (x.astype(np.float64) - self.mean) / self.scale
-            return z @ self.coef[:-1].astype(np.float64) + float(self.coef[-1])
+            return cast(
+                "npt.NDArray[np.float64]",
+                z @ self.coef[:-1].astype(np.float64) + float(self.coef[-1]),
+            )
         assert self.reference is not None
         q = _normalise(x, self.mean)
         near = _knn_distance(q, self.reference, self.k)
@@ -344,7 +351,7 @@ class OpenSetDetector:
         self.calibration_size = len(scores)
         return self.threshold
 
-    def is_unknown(self, features: Any) -> np.ndarray:
+    def is_unknown(self, features: Any) -> npt.NDArray[np.bool_]:
         """Boolean per row: the photo is out of domain (score above the threshold)."""
         if self.threshold is None:
             raise OpenSetError("the detector has no threshold; call calibrate first")
@@ -427,6 +434,8 @@ class OpenSetDetector:
         """Write the detector as one compressed ``.npz`` (no pickles)."""
         path = Path(path)
         with path.open("wb") as fh:
+            # savez_compressed also takes allow_pickle: bool by keyword, so mypy rejects any
+            # **dict[str, ndarray] (none of these keys is named allow_pickle)
             np.savez_compressed(fh, **self.to_arrays())  # type: ignore[arg-type]
         return path
 

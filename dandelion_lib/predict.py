@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from dandelion_lib import registry
 from dandelion_lib.config import UNCERTAIN, Settings, get_settings
@@ -123,7 +124,7 @@ class Predictor:
     def limits(self) -> ImageLimits:
         return ImageLimits(max_pixels=self.max_pixels, min_side=self.min_side)
 
-    def decode(self, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
+    def decode(self, data: bytes) -> tuple[npt.NDArray[np.float32], dict[str, float]]:
         """Bytes -> (model input, image statistics). Raises InvalidImageError."""
         img = accept_image(data, self.limits).image
         return to_model_input(img, self.spec), image_stats(img)

@@ -23,13 +23,15 @@ import hashlib
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import keras
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import tensorflow as tf
 from keras import layers
@@ -186,19 +188,19 @@ def feature_extractor(backbone: Any) -> Any:
     return tf.function(lambda x: backbone.model(x, training=False), input_signature=[spec])
 
 
-def _extract(extractor: Any, dataset: Any, dim: int) -> np.ndarray:
+def _extract(extractor: Any, dataset: Any, dim: int) -> npt.NDArray[np.float32]:
     parts = [extractor(batch).numpy() for batch in dataset]
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
-def extract_features(extractor: Any, pixels: np.ndarray, dim: int) -> np.ndarray:
+def extract_features(extractor: Any, pixels: np.ndarray, dim: int) -> npt.NDArray[np.float32]:
     """Backbone features of ``pixels`` (uint8 model inputs), unaugmented."""
     return _extract(extractor, make_dataset(pixels), dim)
 
 
 def augmented_features(
     extractor: Any, pixels: np.ndarray, dim: int, config: TrainConfig
-) -> list[np.ndarray]:
+) -> list[npt.NDArray[np.float32]]:
     """Backbone features of ``config.augment_copies`` augmented views of ``pixels``.
 
     View ``i`` is drawn with the seed ``config.seed + 1000 + i``, so the views are
@@ -232,7 +234,8 @@ class _EpochLog:
 
         outer = self
 
-        class Callback(keras.callbacks.Callback):
+        # keras ships no type information, so its Callback base class is Any to mypy.
+        class Callback(keras.callbacks.Callback):  # type: ignore[misc]
             def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
                 logs = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
                 if phase == "refit":  # validation data is in the training set here
@@ -275,8 +278,8 @@ def _subset(manifest: pd.DataFrame, limit: int | None) -> pd.DataFrame:
     return frame.groupby(["split", "label"], sort=False).head(limit).reset_index(drop=True)
 
 
-def _one_hot(y: np.ndarray, n: int) -> np.ndarray:
-    return np.eye(n, dtype=np.float32)[y]
+def _one_hot(y: np.ndarray, n: int) -> npt.NDArray[np.float32]:
+    return cast("npt.NDArray[np.float32]", np.eye(n, dtype=np.float32)[y])
 
 
 def fit_head(
@@ -310,7 +313,11 @@ def fit_head(
         hits = tf.equal(tf.argmax(probs, axis=1), tf.argmax(targets, axis=1))
         return loss, tf.reduce_mean(tf.cast(hits, tf.float32)), probs
 
-    @tf.function(autograph=False)
+    # tf.function is untyped; the graph function it returns keeps the Python signature.
+    @cast(
+        "Callable[[Callable[[], tuple[Any, Any, Any, Any]]], Callable[[], tuple[Any, Any, Any, Any]]]",
+        tf.function(autograph=False),
+    )
     def epoch_step() -> tuple[Any, Any, Any, Any]:
         with tf.GradientTape() as tape:
             loss, acc, _ = measure(tx, ty, True)

@@ -27,7 +27,7 @@ import logging
 import os
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from airflow.exceptions import AirflowFailException
 from airflow.sdk import Asset
@@ -210,7 +210,8 @@ def io_retries(settings: Settings | None = None) -> dict[str, Any]:
 
 def _fail(message: str) -> Exception:
     """An exception that fails the task at once (no retry): a failed gate or a setup error."""
-    return AirflowFailException(message)
+    # airflow.exceptions resolves AirflowFailException lazily (module __getattr__): Any to mypy
+    return cast(Exception, AirflowFailException(message))
 
 
 def _store(settings: Settings | None = None) -> Any:
