@@ -65,6 +65,9 @@ def _env(session: nox.Session) -> dict[str, str]:
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "JUPYTER_PATH": str(VENV / "share" / "jupyter"),
         "TF_CPP_MIN_LOG_LEVEL": "2",
+        # MLflow's usage telemetry sets and unsets an environment variable from a thread while
+        # requests iterates os.environ (a KeyError race); the machines here have no egress anyway.
+        "MLFLOW_DISABLE_TELEMETRY": "true",
         "PYTHONUNBUFFERED": "1",
     }
 

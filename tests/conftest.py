@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 GREENR = Path(os.environ.get("DANDELION_TEST_DATASET", ROOT.parent / "shared/datasets/greenr"))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# MLflow's telemetry thread sets and unsets a variable while requests iterates os.environ
+# (KeyError '_MLFLOW_TELEMETRY_SESSION_ID'); tests and the processes they start run without it.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # Dummy credentials for the loopback S3 server only; never real ones.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
