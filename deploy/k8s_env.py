@@ -29,14 +29,15 @@ AIRFLOW_CFG = "/opt/airflow/airflow.cfg"
 LOGS_DIR = "/opt/airflow/logs"
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Helm's merge of values files: maps merge key by key, everything else is replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
         else:
-            out[key] = value
-    return out
+            merged[key] = value
+    return merged
 
 
 def load_values(overlay: str = "dev") -> dict[str, Any]:
@@ -45,7 +46,7 @@ def load_values(overlay: str = "dev") -> dict[str, Any]:
     values: dict[str, Any] = yaml.safe_load((folder / "values.yaml").read_text()) or {}
     extra = folder / f"values-{overlay}.yaml"
     if extra.exists():
-        values = _merge(values, yaml.safe_load(extra.read_text()) or {})
+        values = deep_merge(values, yaml.safe_load(extra.read_text()) or {})
     return values
 
 

@@ -353,17 +353,6 @@ def workload_pods(objs: list[dict[str, Any]]) -> dict[str, Pod]:
     return pods
 
 
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Helm's merge of values files: maps merge key by key, everything else is replaced."""
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def chart_services(namespace: str, release: str = "airflow") -> list[dict[str, Any]]:
     """The chart's statsd Service (chart templates/statsd/statsd-service.yaml): labels and
     selector tier=airflow, component=statsd, release=<release>; ports statsd-ingest (UDP 9125)

@@ -17,10 +17,11 @@ from netpol import (
     chart_pods,
     chart_policies,
     chart_services,
-    deep_merge,
     scrape_targets,
     workload_pods,
 )
+
+from deploy.k8s_env import deep_merge
 
 Objects = dict[str, list[dict[str, Any]]]
 AIRFLOW = ROOT / "k8s" / "airflow"
