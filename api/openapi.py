@@ -54,7 +54,8 @@ BATCH_OPERATION = operation_with_body(
 
 _LABEL = Schema(
     type=OpenAPIType.STRING,
-    description="One of the training labels (DANDELION_LABELS), never `uncertain`.",
+    description="One of the training labels (DANDELION_LABELS), or `neither` when the photo "
+    "shows neither class; never `uncertain` or `unknown`.",
 )
 _ID = Schema(type=OpenAPIType.STRING, format="uuid")  # type: ignore[arg-type]
 

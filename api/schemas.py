@@ -17,12 +17,19 @@ class ModelRef(msgspec.Struct):
 
 
 class PredictResponse(msgspec.Struct):
+    """``label`` is a training label, ``uncertain`` (in-domain, not sure) or ``unknown``
+    (neither class); ``reason`` says why for the last two (``low_confidence``,
+    ``out_of_domain``); ``ood_score`` is the out-of-domain score (``None`` for a model
+    without an open-set detector)."""
+
     prediction_id: str
     label: str
     probabilities: dict[str, float]
     confidence: float
     model: ModelRef
     latency_ms: float
+    reason: str | None = None
+    ood_score: float | None = None
 
 
 class ProblemDetail(msgspec.Struct, omit_defaults=True):
@@ -81,6 +88,7 @@ class ModelInfo(msgspec.Struct):
     dataset_version: str | None
     feature_spec: dict[str, Any] | None
     metrics: dict[str, Any]
+    openset: dict[str, Any] | None
     last_failure: LoadFailureInfo | None
     last_check_at: str | None
     reload_interval_s: float

@@ -23,6 +23,14 @@ DEFAULT_LABELS: tuple[str, ...] = ("dandelion", "grass")
 UNCERTAIN = "uncertain"
 """Answer given below the confidence threshold; never a training label."""
 
+UNKNOWN = "unknown"
+"""Answer for a photo that is neither class (out of domain); never a training label. It is
+also the manifest label of the ``negatives`` source: out-of-domain photos the open-set
+detector is fitted on."""
+
+NEITHER = "neither"
+"""Feedback label: the photo shows neither class (after review, a negative example)."""
+
 DEFAULT_SOURCE = "https://raw.githubusercontent.com/btphan95/greenr-airflow/refs/heads/master/data"
 
 
@@ -53,6 +61,12 @@ class Settings(BaseSettings):
         DEFAULT_SOURCE,
         description="Image source: an HTTP base URL (<label>/<8-digit index>.jpg) or a local "
         "folder with one sub-folder per label.",
+    )
+    negatives_source: str | None = Field(
+        None,
+        description="Out-of-domain photos (neither class) ingested as the `negatives` source: a "
+        "local folder with one sub-folder per kind (e.g. daisy/, objects/). The open-set "
+        "detector is fitted on them; unset: no negatives (a distance-only detector).",
     )
     labels: tuple[str, ...] = Field(
         DEFAULT_LABELS,
@@ -92,6 +106,11 @@ class Settings(BaseSettings):
     promotion_floor: float = Field(0.90, description="Minimum test accuracy to promote.")
     promotion_tolerance: float = Field(
         0.01, description="Allowed accuracy drop versus the current champion."
+    )
+    promotion_ood_tolerance: float = Field(
+        0.05,
+        description="Allowed drop of the share of out-of-domain test photos answered 'unknown' "
+        "versus the current champion.",
     )
 
     # --- orchestration (Airflow) -----------------------------------------------------------

@@ -6,6 +6,11 @@ content (which images, their labels, groups and splits), so the same input alway
 same version and any change yields a new one. Versions are immutable: an existing manifest is
 never rewritten. ``datasets/latest`` (JSON ``{"version": ...}``) is written last, atomically,
 so readers only ever see complete versions.
+
+Rows labelled :data:`~dandelion_lib.config.UNKNOWN` are the ``negatives`` source: photos that
+are neither class, which the open-set detector is fitted on (never a class of the model).
+Their split is :func:`dandelion_lib.openset.split_ood`'s, stratified by kind (the photo's
+folder): ``fit`` photos are their ``train`` split, ``eval`` photos their ``test`` split.
 """
 
 from __future__ import annotations
@@ -15,14 +20,17 @@ import io
 import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from dandelion_lib.config import UNKNOWN
 from dandelion_lib.errors import DandelionError
 from dandelion_lib.features import STAT_COLUMNS, FeatureSpec, bytes_to_model_input
+from dandelion_lib.openset import split_ood
 from dandelion_lib.storage import ObjectNotFoundError, ObjectStore
 
 MANIFEST_SCHEMA_VERSION = "1"
@@ -148,6 +156,23 @@ def assign_splits(labels: list[str], groups: list[str], seed: int) -> list[str]:
     return out
 
 
+def negative_kind(source: str) -> str:
+    """The kind of a negative photo: the name of the folder it came from (``daisy``...)."""
+    parent = PurePosixPath(source.replace("\\", "/")).parent.name
+    return parent or "other"
+
+
+def is_negative(frame: pd.DataFrame) -> pd.Series:
+    """Rows of the ``negatives`` source (label ``unknown``)."""
+    return frame["label"] == UNKNOWN
+
+
+def assign_negative_splits(sha256s: list[str], kinds: list[str], seed: int) -> list[str]:
+    """``train`` (may be fitted on) or ``test`` (evaluation only) for each negative photo."""
+    parts = split_ood(sha256s, kinds, seed=seed)
+    return ["train" if part == "fit" else "test" for part in parts]
+
+
 # --- manifest -----------------------------------------------------------------------------
 
 
@@ -165,7 +190,17 @@ def build_manifest(
     df["group"] = near_duplicate_groups(
         df["sha256"].tolist(), df["phash"].tolist(), near_duplicate_distance
     )
-    df["split"] = assign_splits(df["label"].tolist(), df["group"].tolist(), seed)
+    negative = is_negative(df).to_numpy()
+    split = np.empty(len(df), dtype=object)
+    split[~negative] = assign_splits(
+        df.loc[~negative, "label"].tolist(), df.loc[~negative, "group"].tolist(), seed
+    )
+    split[negative] = assign_negative_splits(
+        df.loc[negative, "sha256"].tolist(),
+        [negative_kind(s) for s in df.loc[negative, "source"]],
+        seed,
+    )
+    df["split"] = split.tolist()
     return normalize_manifest(df)
 
 

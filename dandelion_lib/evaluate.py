@@ -7,6 +7,12 @@
 * :func:`evaluate_split` scores a model on a split of a dataset version from the store;
   :func:`evaluate_folder` scores any labelled folder (``DIR/<label>/*``), which is what
   ``dandelion evaluate --images DIR`` does.
+* Open-set figures (a model with an out-of-domain detector): the share of in-domain photos
+  wrongly answered ``unknown`` and the accuracy on those answered; with out-of-domain photos
+  (the ``negatives`` of the split, or ``--negatives DIR``) also ROC AUC in-domain vs
+  out-of-domain and the share of them answered ``unknown``, overall and per kind
+  (:func:`dandelion_lib.openset.ood_metrics`; keys ``ood_*``, ``in_domain_unknown_share``,
+  ``answered_accuracy``).
 
 Scoring always goes through :class:`dandelion_lib.predict.Predictor`, the serving path.
 """
@@ -28,12 +34,12 @@ import pandas as pd
 from sklearn import metrics as skm
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from dandelion_lib import dataset, registry
+from dandelion_lib import dataset, openset, registry
 from dandelion_lib.config import get_settings
 from dandelion_lib.errors import DandelionError
 from dandelion_lib.features import to_model_input
 from dandelion_lib.images import ImageLimits, InvalidImageError, accept_image
-from dandelion_lib.predict import Predictor
+from dandelion_lib.predict import AnswerPolicy, Prediction, Predictor
 from dandelion_lib.storage import open_store
 
 ECE_BINS = 10
@@ -190,6 +196,17 @@ class EvaluationReport:
         for label in self.labels:
             for m in ("precision", "recall", "f1"):
                 lines.append(f"{m + '_' + label:<24}{self.metrics[f'{m}_{label}']:>10.4f}")
+        open_set = [
+            k
+            for k in self.metrics
+            if k.startswith("ood_") or k in ("in_domain_unknown_share", "answered_accuracy")
+        ]
+        if open_set:
+            lines += ["", "open set (out-of-domain photos answered 'unknown')"]
+            for k in open_set:
+                value = self.metrics[k]
+                if isinstance(value, float) and not math.isnan(value):
+                    lines.append(f"{k:<32}{value:>10.4f}")
         lines += ["", "confusion matrix (rows: true, columns: predicted)"]
         width = max(len(lab) for lab in self.labels) + 2
         lines.append(" " * width + "".join(f"{lab:>{width}}" for lab in self.labels))
@@ -209,41 +226,77 @@ def evaluate_arrays(
     *,
     source: str,
     batch_size: int = 32,
+    negatives: tuple[np.ndarray | None, list[str]] | None = None,
 ) -> EvaluationReport:
     """Score model inputs (``(N, size, size, 3)``) with their labels and metadata.
 
     ``meta`` has one row per image with at least ``width`` and ``height`` (original size).
+    ``negatives`` (model inputs of out-of-domain photos and their kinds) adds the open-set
+    figures for a predictor with a detector. The ``answer`` column is what the user would
+    be told (a label, ``uncertain`` or ``unknown``).
     """
     labels = tuple(predictor.labels)
-    probs = predict_probabilities(predictor, pixels, batch_size)
+    preds = predict_all(predictor, pixels, batch_size)
+    probs = _probabilities(preds, labels)
     pred = probs.argmax(axis=1)
+    policy: AnswerPolicy = getattr(predictor, "policy", AnswerPolicy())
     frame = meta.reset_index(drop=True).assign(
         label=[labels[i] for i in y_true],
         predicted=[labels[i] for i in pred],
         confidence=probs.max(axis=1),
+        answer=[policy.answer(p) for p in preds],
+        ood_score=[np.nan if p.ood_score is None else p.ood_score for p in preds],
     )
+    metrics = classification_metrics(y_true, probs, labels)
+    metrics["uncertain_share"] = (
+        float(np.mean(frame["answer"] == policy.uncertain)) if len(frame) else 0.0
+    )
+    if policy.ood_threshold is not None and preds and all(p.ood_score is not None for p in preds):
+        neg_pixels, kinds = negatives if negatives is not None else (None, [])
+        neg_scores: list[float] = []
+        if neg_pixels is not None and len(neg_pixels):
+            neg_scores = [
+                float(p.ood_score or 0.0) for p in predict_all(predictor, neg_pixels, batch_size)
+            ]
+        metrics |= openset.ood_metrics(
+            frame["ood_score"].to_numpy(),
+            np.asarray(neg_scores),
+            policy.ood_threshold,
+            ood_groups=kinds if neg_scores else None,
+            in_correct=pred == np.asarray(y_true),
+        )
     return EvaluationReport(
         model_uri=getattr(predictor, "uri", None),
         model_version=getattr(predictor, "version", None),
         source=source,
         labels=labels,
-        metrics=classification_metrics(y_true, probs, labels),
+        metrics=metrics,
         slices=slice_metrics(frame),
         predictions=frame,
         probabilities=probs,
     )
 
 
+def predict_all(predictor: Any, pixels: np.ndarray, batch_size: int = 32) -> list[Prediction]:
+    """The predictor's :class:`~dandelion_lib.predict.Prediction` of every input, in batches."""
+    out: list[Prediction] = []
+    for start in range(0, len(pixels), batch_size):
+        batch = np.asarray(pixels[start : start + batch_size], dtype=np.float32)
+        out += predictor.predict_arrays(batch)
+    return out
+
+
+def _probabilities(preds: list[Prediction], labels: tuple[str, ...]) -> npt.NDArray[np.float64]:
+    if not preds:
+        return np.zeros((0, len(labels)))
+    return np.asarray([[p.probabilities[lab] for lab in labels] for p in preds], dtype=np.float64)
+
+
 def predict_probabilities(
     predictor: Any, pixels: np.ndarray, batch_size: int = 32
 ) -> npt.NDArray[np.float64]:
     """Class probabilities ``(N, classes)`` through the predictor, in batches."""
-    out = []
-    for start in range(0, len(pixels), batch_size):
-        batch = np.asarray(pixels[start : start + batch_size], dtype=np.float32)
-        preds = predictor.predict_arrays(batch)
-        out.append([[p.probabilities[lab] for lab in predictor.labels] for p in preds])
-    return np.asarray(np.concatenate(out) if out else np.zeros((0, len(predictor.labels))))
+    return _probabilities(predict_all(predictor, pixels, batch_size), tuple(predictor.labels))
 
 
 def evaluate_split(
@@ -252,6 +305,8 @@ def evaluate_split(
     """Score ``predictor`` on one split of a dataset version from the store."""
     manifest = manifest if manifest is not None else dataset.load_manifest(store, version)
     rows = manifest[manifest["split"] == split].sort_values("sha256").reset_index(drop=True)
+    negative = dataset.is_negative(rows)
+    rows, neg = rows[~negative].reset_index(drop=True), rows[negative].reset_index(drop=True)
     if rows.empty:
         raise EvaluationError(f"dataset version {version} has no {split!r} images")
     labels = tuple(predictor.labels)
@@ -260,7 +315,18 @@ def evaluate_split(
         raise EvaluationError(f"dataset labels {unknown} are not model labels {list(labels)}")
     pixels = dataset.load_examples(store, rows, predictor.spec)
     y = np.asarray([labels.index(lab) for lab in rows["label"]])
-    return evaluate_arrays(predictor, pixels, y, rows, source=f"dataset {version} ({split} split)")
+    negatives = None
+    if len(neg) and getattr(predictor, "detector", None) is not None:
+        kinds = [dataset.negative_kind(s) for s in neg["source"]]
+        negatives = (dataset.load_examples(store, neg, predictor.spec), kinds)
+    return evaluate_arrays(
+        predictor,
+        pixels,
+        y,
+        rows,
+        source=f"dataset {version} ({split} split)",
+        negatives=negatives,
+    )
 
 
 def list_labelled_folder(root: str | Path, labels: tuple[str, ...]) -> list[tuple[Path, str]]:
@@ -282,25 +348,63 @@ def list_labelled_folder(root: str | Path, labels: tuple[str, ...]) -> list[tupl
     return found
 
 
-def evaluate_folder(predictor: Any, root: str | Path) -> tuple[EvaluationReport, list[str]]:
-    """Score every image of a labelled folder; returns the report and skipped files (reasons)."""
-    labels = tuple(predictor.labels)
-    pixels, y, meta, skipped = [], [], [], []
-    for path, label in list_labelled_folder(root, labels):
+def _read_folder(
+    predictor: Any, found: list[tuple[Path, str]], skipped: list[str]
+) -> tuple[list[np.ndarray], list[str], list[dict[str, Any]]]:
+    """Model inputs, labels (or kinds) and metadata of readable images; others -> skipped."""
+    # The predictor's own acceptance rule (see Predictor.decode), keeping the image size.
+    limits = ImageLimits(max_pixels=predictor.max_pixels, min_side=predictor.min_side)
+    pixels, names, meta = [], [], []
+    for path, name in found:
         try:
-            # The predictor's own acceptance rule (see Predictor.decode), keeping the image size.
-            limits = ImageLimits(max_pixels=predictor.max_pixels, min_side=predictor.min_side)
             img = accept_image(path.read_bytes(), limits).image
         except (InvalidImageError, OSError) as exc:
             skipped.append(f"{path}: {exc}")
             continue
         pixels.append(to_model_input(img, predictor.spec))
-        y.append(labels.index(label))
+        names.append(name)
         meta.append({"path": str(path), "width": img.width, "height": img.height})
+    return pixels, names, meta
+
+
+def list_negatives_folder(root: str | Path) -> list[tuple[Path, str]]:
+    """``(path, kind)`` for every image file under ``root/<kind>/`` (sorted)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise EvaluationError(f"image folder not found: {root}")
+    found = [
+        (p, kind.name)
+        for kind in sorted(root.iterdir())
+        if kind.is_dir() and not kind.name.startswith(".")
+        for p in sorted(kind.rglob("*"))
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not found:
+        raise EvaluationError(f"no images in {root}: expected one sub-folder per kind of photo")
+    return found
+
+
+def evaluate_folder(
+    predictor: Any, root: str | Path, negatives: str | Path | None = None
+) -> tuple[EvaluationReport, list[str]]:
+    """Score every image of a labelled folder (and, for the open-set figures, of a folder of
+    out-of-domain photos, ``negatives/<kind>/*``); returns the report and skipped files."""
+    labels = tuple(predictor.labels)
+    skipped: list[str] = []
+    pixels, names, meta = _read_folder(predictor, list_labelled_folder(root, labels), skipped)
     if not pixels:
         raise EvaluationError(f"no readable images in {root}")
+    neg = None
+    if negatives is not None:
+        neg_pixels, kinds, _ = _read_folder(predictor, list_negatives_folder(negatives), skipped)
+        neg = (np.stack(neg_pixels) if neg_pixels else None, kinds)
     report = evaluate_arrays(
-        predictor, np.stack(pixels), np.asarray(y), pd.DataFrame(meta), source=str(root)
+        predictor,
+        np.stack(pixels),
+        np.asarray([labels.index(n) for n in names]),
+        pd.DataFrame(meta),
+        source=str(root),
+        negatives=neg,
     )
     return report, skipped
 
@@ -438,6 +542,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="score the test split of this dataset version (default: the model's own)",
     )
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    parser.add_argument(
+        "--negatives",
+        help="with --images: folder of photos that are neither class, DIR/<kind>/<files>",
+    )
     parser.add_argument("--json", action="store_true", help="print metrics as JSON")
 
 
@@ -445,10 +553,17 @@ def cli(args: argparse.Namespace) -> int:
     settings = get_settings()
     registry.configure_mlflow(settings)
     uri = args.model or registry.model_uri(settings.model_name, registry.CHAMPION)
-    predictor = Predictor.load(uri)
+    predictor = Predictor.load(
+        uri,
+        max_pixels=settings.max_image_pixels,
+        min_side=settings.min_image_side,
+        policy=AnswerPolicy.from_settings(settings),
+    )
     skipped: list[str] = []
+    if args.negatives and not args.images:
+        raise EvaluationError("--negatives goes with --images (a dataset split has its own)")
     if args.images:
-        report, skipped = evaluate_folder(predictor, args.images)
+        report, skipped = evaluate_folder(predictor, args.images, args.negatives)
     else:
         version = args.dataset_version or predictor.dataset_version
         if not version:

@@ -42,13 +42,22 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from dandelion_lib.config import DEFAULT_LABELS, Settings, get_settings
+from dandelion_lib.config import DEFAULT_LABELS, NEITHER, UNKNOWN, Settings, get_settings
 from dandelion_lib.errors import DandelionError
 from dandelion_lib.images import ImageLimits, InvalidImageError, accept_image
 from dandelion_lib.storage import ObjectStore, open_store, sha256_hex
 
 TRAINING_LABELS: tuple[str, ...] = DEFAULT_LABELS
-"""Labels feedback may carry (``uncertain`` is an answer, never a training label)."""
+"""The training labels feedback may carry (``uncertain`` and ``unknown`` are answers, never
+training labels); besides them, feedback may say :data:`NEITHER`."""
+
+
+def agrees(correct_label: str, prediction: PredictionRecord) -> bool:
+    """Whether the model was right: ``neither`` agrees with an ``unknown`` answer, a training
+    label with the model's top label."""
+    if correct_label == NEITHER:
+        return prediction.label == UNKNOWN
+    return prediction.top_label == correct_label
 
 
 class FeedbackError(DandelionError):
@@ -189,6 +198,11 @@ class FeedbackStore:
         self.max_image_pixels = max_image_pixels
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
+
+    @property
+    def feedback_labels(self) -> tuple[str, ...]:
+        """What a user may answer: a training label, or ``neither`` (neither class)."""
+        return (*self.labels, NEITHER)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> FeedbackStore:
@@ -336,9 +350,10 @@ class FeedbackStore:
         read from the ``predictions`` table). The optional image must be the bytes that
         were predicted (same sha256) when the prediction recorded one.
         """
-        if correct_label not in self.labels:
+        if correct_label not in self.feedback_labels:
             raise InvalidFeedbackError(
-                f"correct_label must be one of {', '.join(self.labels)}, not {correct_label!r}"
+                f"correct_label must be one of {', '.join(self.feedback_labels)}, "
+                f"not {correct_label!r}"
             )
         prediction = prediction or self.get_prediction(prediction_id)
         if prediction is None:
@@ -356,7 +371,7 @@ class FeedbackStore:
             created_at=_now(),
             correct_label=correct_label,
             predicted_label=prediction.top_label,
-            agree=prediction.top_label == correct_label,
+            agree=agrees(correct_label, prediction),
             model_name=prediction.model_name,
             model_version=prediction.model_version,
             image_key=image_key,

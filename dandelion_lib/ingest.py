@@ -7,6 +7,12 @@ Sources (chosen by :func:`make_source` from ``Settings.source``):
   on 5xx, 429 and timeouts (never on 404) and conditional requests on re-runs;
 * :class:`FolderSource`: a local folder with one sub-folder per label.
 
+``Settings.negatives_source`` (optional) adds a second source, ``negatives``: a local folder
+of photos that are neither class, one sub-folder per kind (:class:`NegativesSource`). They
+are stored and versioned like every other image, with the label ``unknown`` (the answer they
+should get; never a class of the model) and their path as provenance; the open-set detector
+is fitted on them (see :mod:`dandelion_lib.dataset` for their split).
+
 Every item is accepted or refused by :func:`dandelion_lib.images.accept_image` (format
 sniff, size limits, full decode); rejected items (with a reason code) never reach the store. Valid images are stored
 once under ``raw/<label>/<sha256>.<ext>`` (original bytes), exact duplicates collapse,
@@ -42,7 +48,7 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from dandelion_lib import dataset
-from dandelion_lib.config import Settings, get_settings
+from dandelion_lib.config import UNKNOWN, Settings, get_settings
 from dandelion_lib.errors import DandelionError
 from dandelion_lib.features import STAT_COLUMNS, image_stats, perceptual_hash
 from dandelion_lib.images import (
@@ -306,6 +312,54 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+class NegativesSource(FolderSource):
+    """The ``negatives`` source: every file in the sub-folders (kinds) of a local folder,
+    labelled ``unknown``. Files at the top level (a README, a list of origins) are not photos
+    and are left out."""
+
+    def __init__(self, root: str | os.PathLike[str], max_bytes: int | None = None):
+        super().__init__(root, (UNKNOWN,), None, max_bytes)
+        self.description = f"negatives {self.root}"
+
+    def items(self) -> list[SourceItem]:
+        if not self.root.is_dir():
+            raise SourceUnavailableError(
+                f"negatives folder {self.root} does not exist (DANDELION_NEGATIVES_SOURCE)"
+            )
+        kinds = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not kinds:
+            raise SourceUnavailableError(
+                f"negatives folder {self.root} has no sub-folders (one per kind of photo)"
+            )
+        return [
+            SourceItem(UNKNOWN, str(p))
+            for kind in kinds
+            for p in sorted(kind.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(kind).parts)
+        ]
+
+
+class CombinedSource(Source):
+    """The labelled source plus the ``negatives`` source, ingested as one dataset version."""
+
+    def __init__(self, labelled: Source, negatives: Source):
+        self.labelled = labelled
+        self.negatives = negatives
+        self.description = f"{labelled.description} + {negatives.description}"
+        self.concurrency = labelled.concurrency
+
+    def items(self) -> list[SourceItem]:
+        return self.labelled.items() + self.negatives.items()
+
+    def fetch(self, item: SourceItem, known: dict[str, Any] | None) -> Fetched:
+        source = self.negatives if item.label == UNKNOWN else self.labelled
+        return source.fetch(item, known)
+
+    def close(self) -> None:
+        self.labelled.close()
+        self.negatives.close()
+
+
 def make_source(spec: str | None = None, settings: Settings | None = None) -> Source:
     """An HTTP source for ``http(s)://`` URLs, otherwise a local folder (path or file:// URL)."""
     settings = settings or get_settings()
@@ -315,6 +369,15 @@ def make_source(spec: str | None = None, settings: Settings | None = None) -> So
         return HttpSource(spec, settings)
     path = unquote(parsed.path) if parsed.scheme == "file" else spec
     return FolderSource(path, settings.labels, settings.max_per_class, settings.max_download_bytes)
+
+
+def make_negatives_source(spec: str, settings: Settings) -> NegativesSource:
+    """The ``negatives`` source of a local folder (path or file:// URL)."""
+    parsed = urlparse(spec)
+    if parsed.scheme not in ("", "file"):
+        raise IngestError(f"DANDELION_NEGATIVES_SOURCE must be a local folder, got {spec!r}")
+    path = unquote(parsed.path) if parsed.scheme == "file" else spec
+    return NegativesSource(path, settings.max_download_bytes)
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -535,8 +598,12 @@ def ingest(
     store: ObjectStore | None = None,
     extend: bool = False,
     progress: bool | None = None,
+    negatives: str | None = None,
 ) -> IngestReport:
     """Ingest ``source`` (default: ``settings.source``) into ``store`` as a dataset version.
+
+    ``negatives`` (default: ``settings.negatives_source``; unset: none) is a folder of
+    out-of-domain photos ingested alongside as the ``negatives`` source.
 
     With ``extend``, the images of the current latest version are kept alongside the
     source's. Raises :class:`SourceUnavailableError` when the source cannot be read at all and
@@ -547,6 +614,9 @@ def ingest(
     start = time.monotonic()
     store = store or open_store(settings=settings)
     src = source if isinstance(source, Source) else make_source(source, settings)
+    negatives = negatives or settings.negatives_source
+    if negatives:
+        src = CombinedSource(src, make_negatives_source(negatives, settings))
     store.check()
     with src:
         items = src.items()
@@ -732,6 +802,7 @@ def _stored_report(report: IngestReport, settings: Settings) -> dict[str, Any]:
         k: getattr(settings, k)
         for k in (
             "labels",
+            "negatives_source",
             "split_seed",
             "near_duplicate_distance",
             "min_image_side",
@@ -767,6 +838,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--extend", action="store_true", help="keep the images of the latest version too"
     )
+    parser.add_argument(
+        "--negatives", help="folder of photos that are neither class (DANDELION_NEGATIVES_SOURCE)"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
         "--progress",
@@ -786,6 +860,7 @@ def cli(args: argparse.Namespace) -> int:
             "source_start": args.start,
             "source_count": args.count,
             "max_per_class": args.max_per_class,
+            "negatives_source": args.negatives,
         }.items()
         if v is not None
     }

@@ -98,6 +98,9 @@ def task_env(settings: Settings, source: str | None = None) -> dict[str, str]:
     if "://" not in src:  # a local folder
         src = str(Path(src).expanduser().resolve())
     env["DANDELION_SOURCE"] = src
+    negatives = settings.negatives_source
+    if negatives and "://" not in negatives:
+        env["DANDELION_NEGATIVES_SOURCE"] = str(Path(negatives).expanduser().resolve())
     if settings.notebooks_dir is not None:
         env["DANDELION_NOTEBOOKS_DIR"] = str(settings.resolved_notebooks_dir)
     if settings.airflow_home is not None:

@@ -1,7 +1,8 @@
 """Promotion: the gate rule and the one place that moves the ``champion`` alias.
 
 The ``challenger`` and the current ``champion`` are re-scored on the same test split;
-:func:`promotion_gate` decides (accuracy floor, tolerance versus the champion); the decision
+:func:`promotion_gate` decides (accuracy floor, tolerance versus the champion, and no
+regression in how many of the split's out-of-domain photos are answered ``unknown``); the decision
 and its numbers become ``promotion.*`` tags on the challenger's model version, and only the
 ``champion`` alias moves. Notebook 03, the DAG's ``promote`` step and ``dandelion promote``
 all call :func:`promote`; training only registers a ``challenger``.
@@ -10,6 +11,7 @@ all call :func:`promote`; training only registers a ``challenger``.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -47,6 +49,10 @@ class GateDecision:
     champion_accuracy: float | None
     floor: float
     tolerance: float
+    challenger_ood_unknown: float | None = None
+    """Share of the split's out-of-domain photos the challenger answers ``unknown``."""
+    champion_ood_unknown: float | None = None
+    ood_tolerance: float | None = None
 
 
 def promotion_gate(
@@ -55,12 +61,28 @@ def promotion_gate(
     *,
     floor: float,
     tolerance: float,
+    challenger_ood_unknown: float | None = None,
+    champion_ood_unknown: float | None = None,
+    ood_tolerance: float = 0.05,
 ) -> GateDecision:
     """Promote when accuracy >= ``floor`` and not worse than the champion by more than
-    ``tolerance`` (both measured on the same test split)."""
+    ``tolerance`` (both measured on the same test split), and when the share of the split's
+    out-of-domain photos answered ``unknown`` has not dropped below the champion's by more
+    than ``ood_tolerance`` (a challenger without a detector answers none of them)."""
+    ood_measured = champion_ood_unknown is not None
 
     def decide(ok: bool, reason: str) -> GateDecision:
-        return GateDecision(ok, reason, challenger_accuracy, champion_accuracy, floor, tolerance)
+        return GateDecision(
+            ok,
+            reason,
+            challenger_accuracy,
+            champion_accuracy,
+            floor,
+            tolerance,
+            challenger_ood_unknown,
+            champion_ood_unknown,
+            ood_tolerance if ood_measured or challenger_ood_unknown is not None else None,
+        )
 
     eps = 1e-9  # accuracies are ratios of counts: exact ties must not fail on rounding
     if not challenger_accuracy >= floor - eps:  # also rejects NaN
@@ -73,10 +95,23 @@ def promotion_gate(
             f"accuracy {challenger_accuracy:.4f} is worse than the champion's "
             f"{champion_accuracy:.4f} by more than {tolerance:.4f}",
         )
+    ood_note = ""
+    if champion_ood_unknown is not None:
+        challenger_ood = challenger_ood_unknown if challenger_ood_unknown is not None else 0.0
+        if not challenger_ood >= champion_ood_unknown - ood_tolerance - eps:
+            return decide(
+                False,
+                f"out-of-domain photos answered 'unknown' {challenger_ood:.4f} is below the "
+                f"champion's {champion_ood_unknown:.4f} by more than {ood_tolerance:.4f}",
+            )
+        ood_note = (
+            f"; out-of-domain rejection {challenger_ood:.4f} within {ood_tolerance:.4f} "
+            f"of (or above) the champion's {champion_ood_unknown:.4f}"
+        )
     return decide(
         True,
         f"accuracy {challenger_accuracy:.4f} >= floor {floor:.4f} and within {tolerance:.4f} "
-        f"of (or above) the champion's {champion_accuracy:.4f}",
+        f"of (or above) the champion's {champion_accuracy:.4f}{ood_note}",
     )
 
 
@@ -154,7 +189,20 @@ def promote(
             champion_acc = champion_report.accuracy
         except (ModelUnavailableError, evaluate.EvaluationError) as exc:
             champion_note = f" (champion version {champion.version} could not be re-scored: {exc})"
-    decision = promotion_gate(report.accuracy, champion_acc, floor=floor, tolerance=tolerance)
+    champion_ood: float | None = None
+    if champion_report is not None:
+        champion_ood = _ood_unknown_share(champion_report)
+    elif champion_acc is not None:  # the candidate is the champion already
+        champion_ood = _ood_unknown_share(report)
+    decision = promotion_gate(
+        report.accuracy,
+        champion_acc,
+        floor=floor,
+        tolerance=tolerance,
+        challenger_ood_unknown=_ood_unknown_share(report),
+        champion_ood_unknown=champion_ood,
+        ood_tolerance=settings.promotion_ood_tolerance,
+    )
     if champion_note:
         decision = GateDecision(**{**decision.__dict__, "reason": decision.reason + champion_note})
 
@@ -187,6 +235,9 @@ def promote(
         "tolerance": str(tolerance),
         "dataset_version": version,
         "test_images": str(report.metrics["n"]),
+        "challenger_ood_unknown_share": _tag_value(decision.challenger_ood_unknown),
+        "champion_ood_unknown_share": _tag_value(decision.champion_ood_unknown),
+        "ood_tolerance": str(settings.promotion_ood_tolerance),
         "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "run_id": run_id,
     }
@@ -207,6 +258,19 @@ def promote(
         challenger_report=report,
         champion_report=champion_report,
     )
+
+
+def _ood_unknown_share(report: Any) -> float | None:
+    """The share of the split's out-of-domain photos answered ``unknown`` (None when the
+    split has none or the model has no detector)."""
+    value = report.metrics.get("ood_unknown_share")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return float(value)
+
+
+def _tag_value(value: float | None) -> str:
+    return "none" if value is None else f"{value:.6f}"
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:

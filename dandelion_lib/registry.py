@@ -6,7 +6,10 @@ carries everything a server needs besides the weights:
 * ``feature_spec`` — :meth:`dandelion_lib.features.FeatureSpec.to_dict`;
 * ``drift_reference`` — :func:`dandelion_lib.monitoring.build_reference` of the training split;
 * ``metrics`` — test metrics of the run (e.g. ``test_accuracy``);
-* ``dataset_version`` — the dataset version it was trained on.
+* ``dataset_version`` — the dataset version it was trained on;
+* ``openset`` — :meth:`dandelion_lib.openset.OpenSetDetector.to_dict` (method, threshold,
+  retention...) of the open-set detector saved beside the Keras model as ``openset.npz``
+  (``None`` for a model without one).
 
 The model maps float32 RGB pixels ``(N, size, size, 3)`` in [0, 255] to class
 probabilities ``(N, len(labels))`` (softmax, label order of the feature spec).
@@ -28,6 +31,7 @@ import numpy as np
 
 from dandelion_lib.config import Settings, get_settings
 from dandelion_lib.errors import DandelionError
+from dandelion_lib.openset import ARTIFACT_NAME, OpenSetDetector
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -98,8 +102,11 @@ def _save_keras_flavor(path: str, **kwargs: Any) -> None:
     import mlflow
 
     kwargs.pop("validate_serving_input", None)
+    detector = kwargs.pop("detector", None)
     Path(path).mkdir(parents=True, exist_ok=True)
     mlflow.keras.save_model(path=path, **kwargs)
+    if detector is not None:
+        detector.save(Path(path) / ARTIFACT_NAME)
 
 
 def log_keras_model(
@@ -111,11 +118,13 @@ def log_keras_model(
     dataset_version: str | None = None,
     registered_model_name: str | None = None,
     input_example: Any = None,
+    detector: OpenSetDetector | None = None,
 ) -> Any:
     """Log a Keras model (inside an active MLflow run) and register a new version.
 
     The model is stored with its signature, an input example (the given one, else a black
-    image) and the dandelion metadata. Returns the ``ModelVersion`` (or the ``ModelInfo``
+    image) and the dandelion metadata; an open-set ``detector`` is saved beside the Keras
+    model as ``openset.npz`` and its parameters go into the metadata (``openset``). Returns the ``ModelVersion`` (or the ``ModelInfo``
     when not registering).
     """
     from mlflow.models import Model, infer_signature
@@ -147,7 +156,9 @@ def log_keras_model(
         validate_serving_input=False,
         pip_requirements=_pip_requirements(),
         registered_model_name=registered_model_name,
+        detector=detector,
         metadata={
+            "openset": detector.to_dict() if detector is not None else None,
             "feature_spec": feature_spec,
             "drift_reference": drift_reference or {},
             "metrics": metrics or {},

@@ -9,7 +9,8 @@ pixels; ``small_cnn`` always trains end to end.
 
 Its one job: turn a dataset version into a registered ``challenger``. :func:`train` reads top
 to bottom as named steps (load data, load pixels, cache features and fit the head, refit,
-optional pixel training, evaluate, log to MLflow, register the challenger); it never moves
+optional pixel training, fit the open-set detector, evaluate, log to MLflow, register the
+challenger); it never moves
 ``champion`` (:mod:`dandelion_lib.promotion` does). Images go from store bytes to model inputs
 through :func:`dandelion_lib.dataset.load_examples`, the same path the
 :class:`~dandelion_lib.predict.Predictor` uses when serving.
@@ -39,9 +40,9 @@ from mlflow import MlflowClient
 from mlflow.data.pandas_dataset import from_pandas
 from mlflow.entities import Metric
 
-from dandelion_lib import dataset, evaluate, monitoring, registry
+from dandelion_lib import dataset, evaluate, monitoring, openset, registry
 from dandelion_lib import model as model_lib
-from dandelion_lib.config import Settings, get_settings
+from dandelion_lib.config import UNKNOWN, Settings, get_settings
 from dandelion_lib.dataset import load_examples
 from dandelion_lib.errors import DandelionError
 from dandelion_lib.features import DEFAULT_IMAGE_SIZE, STAT_COLUMNS, FeatureSpec
@@ -104,6 +105,11 @@ class TrainConfig:
     """Use at most this many images per class and split (quick runs); None = all."""
     register: bool = True
     """Register the model in the registry with alias ``challenger``."""
+    openset_method: str = "auto"
+    """Open-set detector: ``auto`` (``logistic`` with negatives in the dataset, else
+    ``mahalanobis``), one of :data:`dandelion_lib.openset.METHODS`, or ``none``."""
+    openset_retention: float = openset.DEFAULT_RETENTION
+    """Share of in-domain photos the detector's threshold keeps (calibrated on val)."""
 
     def to_params(self) -> dict[str, Any]:
         return {k: ("None" if v is None else v) for k, v in dataclasses.asdict(self).items()}
@@ -408,12 +414,21 @@ class TrainingData:
     manifest: pd.DataFrame
     spec: FeatureSpec
     splits: dict[str, pd.DataFrame]
+    negatives: dict[str, pd.DataFrame] = field(default_factory=dict)
+    """The ``negatives`` source's rows (label ``unknown``) per split (train, test)."""
     pixels: dict[str, np.ndarray] = field(default_factory=dict)
     y: dict[str, np.ndarray] = field(default_factory=dict)
+    negative_pixels: dict[str, np.ndarray] = field(default_factory=dict)
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    """Unaugmented backbone features per split, when the backbone stayed frozen."""
 
     @property
     def labels(self) -> tuple[str, ...]:
         return self.spec.labels
+
+    def negative_kinds(self, split: str) -> list[str]:
+        rows = self.negatives.get(split)
+        return [] if rows is None else [dataset.negative_kind(s) for s in rows["source"]]
 
 
 class _Laps:
@@ -439,15 +454,18 @@ def load_data(config: TrainConfig, settings: Settings, store: Any) -> TrainingDa
     manifest = dataset.load_manifest(store, version)
     labels = tuple(settings.labels)
     spec = FeatureSpec(labels=labels, image_size=config.image_size)
-    unknown = sorted(set(manifest["label"]) - set(labels))
+    unknown = sorted(set(manifest["label"]) - set(labels) - {UNKNOWN})
     if unknown:
         raise TrainingError(f"dataset {version} has labels {unknown} outside {list(labels)}")
     data = _subset(manifest, config.max_images_per_class)
+    negative = dataset.is_negative(data)
+    data, neg = data[~negative], data[negative]
     splits = {s: data[data["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")}
     for s, rows in splits.items():
         if rows["label"].nunique() < len(labels):
             raise TrainingError(f"dataset {version}: the {s} split lacks a class")
-    return TrainingData(version, manifest, spec, splits)
+    negatives = {s: neg[neg["split"] == s].reset_index(drop=True) for s in ("train", "test")}
+    return TrainingData(version, manifest, spec, splits, negatives)
 
 
 def load_pixels(data: TrainingData, store: Any) -> None:
@@ -456,6 +474,9 @@ def load_pixels(data: TrainingData, store: Any) -> None:
     data.pixels = {s: load_examples(store, rows, data.spec) for s, rows in data.splits.items()}
     data.y = {
         s: np.asarray([labels.index(v) for v in rows["label"]]) for s, rows in data.splits.items()
+    }
+    data.negative_pixels = {
+        s: load_examples(store, rows, data.spec) for s, rows in data.negatives.items()
     }
 
 
@@ -470,6 +491,7 @@ def fit_cached(
     extractor = feature_extractor(backbone)
     dim = backbone.feature_dim
     feats = {s: extract_features(extractor, p, dim) for s, p in pixels.items()}
+    data.features = feats
     train_x = [feats["train"], *augmented_features(extractor, pixels["train"], dim, config)]
     laps.lap("extract_features")
     val = (feats["val"], _one_hot(y["val"], n))
@@ -541,11 +563,71 @@ def fit_pixels(
     laps.lap(phase)
 
 
+def resolve_openset_method(config: TrainConfig, data: TrainingData) -> str:
+    """The open-set method to fit: ``auto`` is ``logistic`` with negatives, else
+    ``mahalanobis`` (the best method without negatives, docs/open-set.md)."""
+    has_negatives = len(data.negatives.get("train", ())) > 0
+    method = config.openset_method
+    if method == "auto":
+        return "logistic" if has_negatives else "mahalanobis"
+    if method != "none" and method not in openset.METHODS:
+        raise TrainingError(
+            f"unknown open-set method {method!r}; choose auto, none or one of {openset.METHODS}"
+        )
+    if method in openset.NEGATIVE_METHODS and not has_negatives:
+        raise TrainingError(
+            f"open-set method {method!r} needs negatives in the dataset "
+            "(ingest them with DANDELION_NEGATIVES_SOURCE)"
+        )
+    return method
+
+
+def fit_open_set(
+    config: TrainConfig, full: Any, data: TrainingData, laps: _Laps
+) -> openset.OpenSetDetector | None:
+    """Step 6: fit the out-of-domain detector on the final model's features of the train
+    split (and the negatives' train split), then calibrate its threshold on the val split
+    for ``openset_retention``. The features are the served ones (the cached features when
+    the backbone stayed frozen)."""
+    method = resolve_openset_method(config, data)
+    if method == "none":
+        return None
+    served = Predictor(model=full, spec=data.spec)
+    frozen = config.fine_tune_epochs <= 0
+
+    def features(split: str) -> np.ndarray:
+        if frozen and split in data.features:
+            return data.features[split]
+        return served.features(data.pixels[split])
+
+    neg = data.negative_pixels.get("train")
+    negatives = served.features(neg) if neg is not None and len(neg) else None
+    detector = openset.OpenSetDetector(method=cast("openset.Method", method))
+    detector.fit(features("train"), data.y["train"], negatives=negatives)
+    detector.calibrate(features("val"), config.openset_retention)
+    mlflow.log_params(
+        {
+            "openset_method_resolved": method,
+            "negatives_train": 0 if negatives is None else len(negatives),
+            "negatives_test": len(data.negatives.get("test", ())),
+        }
+    )
+    mlflow.log_metric("openset_threshold", float(detector.threshold or 0.0))
+    laps.lap("fit_open_set")
+    return detector
+
+
 def evaluate_model(
-    full: Any, data: TrainingData, history: dict[str, list[float]], *, log_val: bool
+    full: Any,
+    data: TrainingData,
+    history: dict[str, list[float]],
+    *,
+    log_val: bool,
+    detector: openset.OpenSetDetector | None = None,
 ) -> evaluate.EvaluationReport:
-    """Step 6: score the test (and val) split through the serving path; log both."""
-    predictor = Predictor(model=full, spec=data.spec)
+    """Step 7: score the test (and val) split through the serving path, with the open-set
+    detector and the negatives' test split; log both."""
+    predictor = Predictor(model=full, spec=data.spec, detector=detector)
     report, val_report = (
         evaluate.evaluate_arrays(
             predictor,
@@ -553,6 +635,7 @@ def evaluate_model(
             data.y[split],
             data.splits[split],
             source=f"dataset {data.version} ({split} split)",
+            negatives=(data.negative_pixels.get(split), data.negative_kinds(split)),
         )
         for split in ("test", "val")
     )
@@ -564,7 +647,7 @@ def evaluate_model(
 
 
 def log_run_inputs(config: TrainConfig, store: Any, data: TrainingData) -> None:
-    """Step 7a: the configuration, the dataset version and the split sizes, to MLflow."""
+    """Step 8a: the configuration, the dataset version and the split sizes, to MLflow."""
     mlflow.log_params(config.to_params() | {"dataset_version_resolved": data.version})
     _log_dataset(store, data.manifest, data.version)
     mlflow.log_params(
@@ -580,8 +663,9 @@ def log_model(
     settings: Settings,
     *,
     register: bool,
+    detector: openset.OpenSetDetector | None = None,
 ) -> tuple[str, str | None]:
-    """Step 7b: log the model with its metadata; with ``register``, register it as the
+    """Step 8b: log the model (and its open-set detector) with its metadata; with ``register``, register it as the
     ``challenger`` (and nothing more: promotion is :mod:`dandelion_lib.promotion`'s job).
     Returns the model URI and the registered version."""
     reference = monitoring.build_reference(data.splits["train"][list(STAT_COLUMNS)])
@@ -593,6 +677,7 @@ def log_model(
         dataset_version=data.version,
         registered_model_name=settings.model_name if register else None,
         input_example=data.pixels["test"][:1].astype(np.float32),
+        detector=detector,
     )
     if not register:
         return logged.model_uri, None
@@ -643,11 +728,14 @@ def train(
         fit_pixels(config, backbone, full, data, augmenter, log, laps, end_to_end=end_to_end)
         log.log_to_mlflow()
 
+        detector = fit_open_set(config, full, data, laps)
         log_val = end_to_end or not config.refit_with_val
-        report = evaluate_model(full, data, log.history, log_val=log_val)
+        report = evaluate_model(full, data, log.history, log_val=log_val, detector=detector)
         laps.lap("evaluate")
         metrics = report.scalar_metrics("test_")
-        uri, model_version = log_model(full, data, metrics, settings, register=config.register)
+        uri, model_version = log_model(
+            full, data, metrics, settings, register=config.register, detector=detector
+        )
         laps.lap("log_model")
         seconds = time.perf_counter() - laps.started
         mlflow.log_metrics(

@@ -277,6 +277,7 @@ class ModelManager:
             dataset_version=p.dataset_version if p else None,
             feature_spec=p.spec.to_dict() if p else None,
             metrics=dict(p.metrics) if p else {},
+            openset=p.detector.to_dict() if p and p.detector is not None else None,
             last_failure=self.last_failure.info() if self.last_failure else None,
             last_check_at=self.last_check_at.isoformat() if self.last_check_at else None,
             reload_interval_s=self.settings.reload_interval_s,

@@ -3,7 +3,8 @@
 Decoding runs in worker threads through :meth:`Predictor.decode`, which accepts images by the
 one rule of :mod:`dandelion_lib.images` (formats, size limits, reject reasons with their HTTP
 status and problem code). Any decoder failure is the input's fault and becomes a 4xx problem,
-never a 500. The answer (a label or ``uncertain``) is the Predictor's.
+never a 500. The answer (a label, ``uncertain`` or ``unknown``, with its reason) is the
+Predictor's answer policy's.
 """
 
 from __future__ import annotations
@@ -146,8 +147,9 @@ class PredictionService:
 
     def _answer(self, model: ServingModel, pred: Prediction, decoded: Decoded) -> PredictResponse:
         prediction_id = str(uuid.uuid4())
-        label = model.predictor.answer(pred)
         predictor = model.predictor
+        answer = predictor.decide(pred)
+        label = answer.label
         started = request_start_var.get()
         latency_ms = (time.perf_counter() - started) * 1000.0 if started else 0.0
         model.drift.add(decoded.stats)
@@ -173,6 +175,7 @@ class PredictionService:
                 "prediction_id": prediction_id,
                 "label": label,
                 "confidence": round(pred.confidence, 4),
+                "ood_score": None if pred.ood_score is None else round(pred.ood_score, 4),
                 "model_name": predictor.name,
                 "model_version": predictor.version,
             },
@@ -184,4 +187,6 @@ class PredictionService:
             confidence=pred.confidence,
             model=ModelRef(name=predictor.name, version=predictor.version),
             latency_ms=round(latency_ms, 3),
+            reason=answer.reason,
+            ood_score=pred.ood_score,
         )

@@ -29,6 +29,40 @@ def test_promotion_gate(challenger: float, champion: float | None, promote: bool
     assert d.floor == 0.90 and d.champion_accuracy == champion
 
 
+@pytest.mark.parametrize(
+    ("challenger_ood", "champion_ood", "promote", "why"),
+    [
+        (0.90, None, True, "no champion"),  # nothing to compare with
+        (0.90, 0.95, True, "out-of-domain rejection 0.9000 within 0.0500"),
+        (0.89, 0.95, False, "answered 'unknown' 0.8900 is below the champion's 0.9500"),
+        (None, 0.95, False, "answered 'unknown' 0.0000"),  # a challenger without a detector
+        (0.99, 0.50, True, "within"),
+    ],
+)
+def test_gate_refuses_an_out_of_domain_regression(
+    challenger_ood: float | None, champion_ood: float | None, promote: bool, why: str
+) -> None:
+    d = promotion_gate(
+        0.97,
+        None if why == "no champion" else 0.97,
+        floor=0.90,
+        tolerance=0.01,
+        challenger_ood_unknown=challenger_ood,
+        champion_ood_unknown=champion_ood,
+        ood_tolerance=0.05,
+    )
+    assert d.promote is promote, d.reason
+    assert why in d.reason
+    assert d.champion_ood_unknown == champion_ood
+
+
+def test_accuracy_still_decides_first() -> None:
+    d = promotion_gate(
+        0.80, 0.97, floor=0.90, tolerance=0.01, challenger_ood_unknown=1.0, champion_ood_unknown=0.5
+    )
+    assert not d.promote and "below the floor" in d.reason
+
+
 def test_promote_is_the_cli_command() -> None:
     from dandelion_lib.cli import COMMANDS
 
