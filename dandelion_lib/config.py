@@ -68,6 +68,11 @@ class Settings(BaseSettings):
         "local folder with one sub-folder per kind (e.g. daisy/, objects/). The open-set "
         "detector is fitted on them; unset: no negatives (a distance-only detector).",
     )
+    ingest_feedback: bool = Field(
+        True,
+        description="Ingestion adds accepted feedback images (`dandelion feedback review "
+        "--accept`) under the label the user gave; `neither` becomes a negative.",
+    )
     labels: tuple[str, ...] = Field(
         DEFAULT_LABELS,
         description='Class labels, in model output order (env: JSON list, e.g. \'["dandelion","grass"]\').',

@@ -157,7 +157,10 @@ def assign_splits(labels: list[str], groups: list[str], seed: int) -> list[str]:
 
 
 def negative_kind(source: str) -> str:
-    """The kind of a negative photo: the name of the folder it came from (``daisy``...)."""
+    """The kind of a negative photo: the name of the folder it came from (``daisy``...), or
+    ``feedback`` for a reviewed ``neither`` answer."""
+    if source.startswith("feedback:"):
+        return "feedback"
     parent = PurePosixPath(source.replace("\\", "/")).parent.name
     return parent or "other"
 

@@ -13,6 +13,9 @@ are stored and versioned like every other image, with the label ``unknown`` (the
 should get; never a class of the model) and their path as provenance; the open-set detector
 is fitted on them (see :mod:`dandelion_lib.dataset` for their split).
 
+``Settings.ingest_feedback`` (default on) adds accepted feedback with images
+(:class:`FeedbackSource`): a reviewer's accepted ``neither`` becomes a negative.
+
 Every item is accepted or refused by :func:`dandelion_lib.images.accept_image` (format
 sniff, size limits, full decode); rejected items (with a reason code) never reach the store. Valid images are stored
 once under ``raw/<label>/<sha256>.<ext>`` (original bytes), exact duplicates collapse,
@@ -48,9 +51,10 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from dandelion_lib import dataset
-from dandelion_lib.config import UNKNOWN, Settings, get_settings
+from dandelion_lib.config import NEITHER, UNKNOWN, Settings, get_settings
 from dandelion_lib.errors import DandelionError
 from dandelion_lib.features import STAT_COLUMNS, image_stats, perceptual_hash
+from dandelion_lib.feedback import FeedbackRecord, FeedbackStore, FeedbackUnavailableError
 from dandelion_lib.images import (
     ImageLimits,
     InvalidImageError,
@@ -70,6 +74,7 @@ log = logging.getLogger(__name__)
 INDEX_KEY = "ingest/index.json"
 INDEX_SCHEMA = 1
 RAW_PREFIX = "raw/"
+FEEDBACK_SOURCE_PREFIX = "feedback:"
 
 REJECTION_REASONS: dict[str, str] = {
     "not_found": "the source answered 404/410 (not retried)",
@@ -340,24 +345,74 @@ class NegativesSource(FolderSource):
 
 
 class CombinedSource(Source):
-    """The labelled source plus the ``negatives`` source, ingested as one dataset version."""
+    """Several sources (the labelled one, negatives, accepted feedback) ingested as one
+    dataset version; each item is fetched by the source that listed it."""
 
-    def __init__(self, labelled: Source, negatives: Source):
-        self.labelled = labelled
-        self.negatives = negatives
-        self.description = f"{labelled.description} + {negatives.description}"
-        self.concurrency = labelled.concurrency
+    def __init__(self, *parts: Source):
+        self.parts = parts
+        self.description = " + ".join(p.description for p in parts)
+        self.concurrency = parts[0].concurrency
+        self._owner: dict[str, Source] = {}
 
     def items(self) -> list[SourceItem]:
-        return self.labelled.items() + self.negatives.items()
+        out: list[SourceItem] = []
+        for part in self.parts:
+            listed = part.items()
+            self._owner.update({item.source: part for item in listed})
+            out += listed
+        return out
 
     def fetch(self, item: SourceItem, known: dict[str, Any] | None) -> Fetched:
-        source = self.negatives if item.label == UNKNOWN else self.labelled
-        return source.fetch(item, known)
+        return self._owner[item.source].fetch(item, known)
 
     def close(self) -> None:
-        self.labelled.close()
-        self.negatives.close()
+        for part in self.parts:
+            part.close()
+
+
+class FeedbackSource(Source):
+    """Accepted feedback (``dandelion feedback review --accept``) with its image: the photo
+    under the label the user gave, ``neither`` becoming a negative (label ``unknown``).
+    Rejected and unreviewed feedback never enters. The item's source is
+    ``feedback:<feedback id>`` (the feedback database has the rest of its provenance)."""
+
+    def __init__(self, records: list[FeedbackRecord], store: ObjectStore, labels: tuple[str, ...]):
+        self.records = records
+        self.store = store
+        self.labels = labels
+        self.description = f"accepted feedback ({len(records)})"
+
+    def items(self) -> list[SourceItem]:
+        out = []
+        for r in self.records:
+            label = UNKNOWN if r.correct_label == NEITHER else r.correct_label
+            if label in self.labels or label == UNKNOWN:
+                out.append(SourceItem(label, f"{FEEDBACK_SOURCE_PREFIX}{r.feedback_id}"))
+        return out
+
+    def fetch(self, item: SourceItem, known: dict[str, Any] | None) -> Fetched:
+        feedback_id = item.source[len(FEEDBACK_SOURCE_PREFIX) :]
+        key = next(r.image_key for r in self.records if r.feedback_id == feedback_id)
+        try:
+            return Fetched(self.store.get_bytes(key or ""))
+        except ObjectNotFoundError:
+            raise FetchError("read_error", f"feedback image {key} is missing") from None
+
+
+def accepted_feedback(settings: Settings) -> list[FeedbackRecord]:
+    """Accepted feedback with images, or none when there is no feedback database yet."""
+    url = settings.resolved_feedback_db_url
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
+        return []
+    feedback = FeedbackStore(url)
+    try:
+        return feedback.accepted()
+    except FeedbackUnavailableError as exc:
+        raise SourceUnavailableError(
+            f"{exc}; set DANDELION_INGEST_FEEDBACK=false to ingest without accepted feedback"
+        ) from None
+    finally:
+        feedback.close()
 
 
 def make_source(spec: str | None = None, settings: Settings | None = None) -> Source:
@@ -614,9 +669,16 @@ def ingest(
     start = time.monotonic()
     store = store or open_store(settings=settings)
     src = source if isinstance(source, Source) else make_source(source, settings)
+    parts = [src]
     negatives = negatives or settings.negatives_source
     if negatives:
-        src = CombinedSource(src, make_negatives_source(negatives, settings))
+        parts.append(make_negatives_source(negatives, settings))
+    if settings.ingest_feedback:
+        reviewed = accepted_feedback(settings)
+        if reviewed:
+            parts.append(FeedbackSource(reviewed, store, settings.labels))
+    if len(parts) > 1:
+        src = CombinedSource(*parts)
     store.check()
     with src:
         items = src.items()

@@ -76,6 +76,8 @@ def airflow_env(settings: Settings | None = None) -> dict[str, str]:
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        # The DAG file imports in seconds; on a busy machine the 30 s default was hit.
+        "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
         "DANDELION_WORKDIR": str(settings.workdir_path),
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
         "PYTHONUNBUFFERED": "1",

@@ -23,6 +23,7 @@ __all__ = ["free_port", "wait_http"]  # re-exported for the test modules
 
 ROOT = Path(__file__).resolve().parents[1]
 GREENR = Path(os.environ.get("DANDELION_TEST_DATASET", ROOT.parent / "shared/datasets/greenr"))
+OOD_DEV = Path(os.environ.get("DANDELION_OOD_DATASET", ROOT.parent / "shared/datasets/ood-dev"))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # MLflow's telemetry thread sets and unsets a variable while requests iterates os.environ
@@ -40,6 +41,14 @@ def greenr_dir() -> Path:
     if not (GREENR / "dandelion").is_dir():
         pytest.fail(f"reference dataset not found at {GREENR} (set DANDELION_TEST_DATASET)")
     return GREENR
+
+
+@pytest.fixture(scope="session")
+def ood_dir() -> Path:
+    """Photos that are neither class: <kind>/<name>.jpg (objects, daisy, sunflowers...)."""
+    if not (OOD_DEV / "objects").is_dir():
+        pytest.fail(f"ood-dev dataset not found at {OOD_DEV} (set DANDELION_OOD_DATASET)")
+    return OOD_DEV
 
 
 @pytest.fixture(scope="session")

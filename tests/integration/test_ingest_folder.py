@@ -216,3 +216,131 @@ def test_invalid_setting_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) ->
             load_settings()
     finally:
         get_settings.cache_clear()
+
+
+# --- the negatives source (photos that are neither class) ---------------------------------
+
+
+@pytest.fixture
+def negatives(ood_dir: Path, tmp_path: Path) -> Path:
+    """Six photos of each of two kinds from ood-dev, one non-image, a top-level list."""
+    root = tmp_path / "neg"
+    for kind in ("objects", "daisy"):
+        (root / kind).mkdir(parents=True)
+        for p in sorted((ood_dir / kind).glob("*.jpg"))[:6]:
+            shutil.copy(p, root / kind / p.name)
+    (root / "objects" / "broken.jpg").write_text("not a photo")
+    (root / "SOURCES.tsv").write_text("file\trepository\n")  # top level: not a photo
+    return root
+
+
+def test_negatives_are_ingested_as_their_own_source(
+    greenr_dir: Path, negatives: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    _copy(greenr_dir, src, D, range(25))
+    _copy(greenr_dir, src, G, range(25))
+    # the same bytes as a labelled photo and as a negative: a conflict, never both
+    shutil.copy(src / D / "00000000.jpg", negatives / "daisy" / "looks-familiar.jpg")
+    store = LocalStore(tmp_path / "s")
+    settings = _settings(tmp_path, src, negatives_source=str(negatives))
+    report = ingest(settings, store=store, progress=False)
+
+    df = dataset.load_manifest(store, report.version)
+    neg = df[df["label"] == "unknown"]
+    assert len(neg) == 12  # 6 + 6 photos; the broken file and the conflict are out
+    assert sorted(r.reason for r in report.rejected) == [
+        "label_conflict",
+        "label_conflict",
+        "not_an_image",
+    ]
+    assert set(neg["split"]) == {"train", "test"}
+    assert {dataset.negative_kind(s) for s in neg["source"]} == {"objects", "daisy"}
+    assert report.classes["unknown"]["total"] == 12
+    assert "negatives" in report.source
+    # The quality gates count the classes only: 24 dandelions (one in conflict) still pass.
+    assert report.classes[D]["total"] == 24
+    # Same inputs, same version; without negatives, another version.
+    again = ingest(settings, store=store, progress=False)
+    assert again.version == report.version and not again.created
+    plain = ingest(_settings(tmp_path, src), store=store, progress=False)
+    assert plain.version != report.version
+
+
+def test_missing_negatives_folder_writes_nothing(greenr_dir: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _copy(greenr_dir, src, D, range(25))
+    _copy(greenr_dir, src, G, range(25))
+    store = LocalStore(tmp_path / "s")
+    with pytest.raises(SourceUnavailableError, match="DANDELION_NEGATIVES_SOURCE"):
+        ingest(
+            _settings(tmp_path, src, negatives_source=str(tmp_path / "nope")),
+            store=store,
+            progress=False,
+        )
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(SourceUnavailableError, match="no sub-folders"):
+        ingest(
+            _settings(tmp_path, src, negatives_source=str(tmp_path / "flat")),
+            store=store,
+            progress=False,
+        )
+    assert list(store.list("datasets/")) == []
+
+
+def test_accepted_feedback_joins_the_next_version(
+    greenr_dir: Path, ood_dir: Path, tmp_path: Path
+) -> None:
+    """Reviewed, accepted feedback images enter with the label the user gave (``neither``:
+    a negative); rejected and unreviewed feedback never does."""
+    from dandelion_lib.feedback import FeedbackStore, PredictionRecord
+    from dandelion_lib.storage import open_store
+
+    src = tmp_path / "src"
+    _copy(greenr_dir, src, D, range(25))
+    _copy(greenr_dir, src, G, range(25))
+    settings = _settings(tmp_path, src)
+    store = open_store(settings=settings)
+    before = ingest(settings, store=store, progress=False)  # no feedback database yet: fine
+
+    feedback = FeedbackStore.from_settings(settings)
+    photos = {
+        "neither": (ood_dir / "objects").glob("*.jpg"),
+        G: (greenr_dir / G).glob("0000019*.jpg"),
+        D: (greenr_dir / D).glob("0000018*.jpg"),
+    }
+    decisions = {"neither": True, G: True, D: False}
+    ids: dict[str, list[str]] = {}
+    for label, files in photos.items():
+        for n, path in enumerate(sorted(files)[:3]):
+            data = path.read_bytes()
+            pid = f"{label}-{n}"
+            feedback.record_predictions(
+                [
+                    PredictionRecord(
+                        pid, "dandelion", "dandelion", 0.9, {"dandelion": 0.9, "grass": 0.1}
+                    )
+                ]
+            )
+            record = feedback.add_feedback(pid, label, data)
+            ids.setdefault(label, []).append(record.feedback_id)
+            if n < 2:  # the third of each stays pending
+                feedback.review(record.feedback_id, accepted=decisions[label])
+    feedback.close()
+
+    after = ingest(settings, store=store, progress=False)
+    assert after.version != before.version
+    df = dataset.load_manifest(store, after.version)
+    from_feedback = df[df["source"].str.startswith("feedback:")]
+    got = {(r.label, r.source.removeprefix("feedback:")) for r in from_feedback.itertuples()}
+    want = {("unknown", i) for i in ids["neither"][:2]} | {(G, i) for i in ids[G][:2]}
+    assert got == want
+    assert {dataset.negative_kind(s) for s in df[df["label"] == "unknown"]["source"]} == {
+        "feedback"
+    }
+    assert "accepted feedback (4)" in after.source
+
+    off = ingest(
+        settings.model_copy(update={"ingest_feedback": False}), store=store, progress=False
+    )
+    assert off.version == before.version
