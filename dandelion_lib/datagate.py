@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from dandelion_lib import dataset
-from dandelion_lib.config import Settings, get_settings
+from dandelion_lib.config import UNKNOWN, Settings, get_settings
 from dandelion_lib.dataset import MANIFEST_COLUMNS, SPLITS
 from dandelion_lib.errors import DandelionError
 from dandelion_lib.storage import open_store
@@ -17,7 +17,8 @@ class DataValidationError(DandelionError):
 
 
 def check_manifest(df: Any, settings: Settings | None = None) -> list[str]:
-    """Problems found in a manifest (empty when it passes the data gate)."""
+    """Problems found in a manifest (empty when it passes the data gate). Rows labelled
+    ``unknown`` are the ``negatives`` source: allowed, never counted as a class."""
     settings = settings or get_settings()
     labels = tuple(settings.labels)
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
@@ -28,7 +29,7 @@ def check_manifest(df: Any, settings: Settings | None = None) -> list[str]:
     problems: list[str] = []
     if df[list(MANIFEST_COLUMNS)].isna().any().any():
         problems.append("manifest has missing values")
-    unknown = sorted(set(df["label"]) - set(labels))
+    unknown = sorted(set(df["label"]) - set(labels) - {UNKNOWN})
     if unknown:
         problems.append(f"unknown labels {unknown}")
     bad_splits = sorted(set(df["split"]) - set(SPLITS))
@@ -50,7 +51,10 @@ def check_manifest(df: Any, settings: Settings | None = None) -> list[str]:
         ]
     if df["sha256"].duplicated().any():
         problems.append(f"{int(df['sha256'].duplicated().sum())} duplicate images (sha256)")
-    straddling = df.groupby("group")["split"].nunique()
+    # A near-duplicate group straddles when its in-domain photos (or its negatives) are in
+    # more than one split.
+    side = df["label"].eq(UNKNOWN).map({True: "negatives", False: "classes"})
+    straddling = df.groupby([side, df["group"]])["split"].nunique()
     if (straddling > 1).any():
         problems.append(f"{int((straddling > 1).sum())} near-duplicate groups straddle splits")
     return problems
@@ -61,6 +65,7 @@ def dataset_counts(df: Any, labels: tuple[str, ...]) -> dict[str, Any]:
     return {
         "images": len(df),
         "labels": {label: int((df["label"] == label).sum()) for label in labels},
+        "negatives": int((df["label"] == UNKNOWN).sum()),
         "splits": {split: int((df["split"] == split).sum()) for split in SPLITS},
     }
 

@@ -198,11 +198,15 @@ def build_manifest(
     split[~negative] = assign_splits(
         df.loc[~negative, "label"].tolist(), df.loc[~negative, "group"].tolist(), seed
     )
-    split[negative] = assign_negative_splits(
+    neg_split = assign_negative_splits(
         df.loc[negative, "sha256"].tolist(),
         [negative_kind(s) for s in df.loc[negative, "source"]],
         seed,
     )
+    # near-duplicate negatives share the split of the group's first photo (by sha256)
+    first: dict[str, str] = {}
+    neg_groups = df.loc[negative, "group"].tolist()
+    split[negative] = [first.setdefault(g, s) for g, s in zip(neg_groups, neg_split, strict=True)]
     df["split"] = split.tolist()
     return normalize_manifest(df)
 

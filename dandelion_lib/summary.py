@@ -25,6 +25,8 @@ def where_to_look(settings: Settings, run_id: str | None = None) -> dict[str, st
 
 def _fmt_counts(counts: dict[str, Any]) -> str:
     labels = ", ".join(f"{k} {v}" for k, v in counts.get("labels", {}).items())
+    if counts.get("negatives"):
+        labels += f", negatives {counts['negatives']}"
     splits = counts.get("splits", {})
     order = [s for s in ("train", "val", "test") if s in splits] + sorted(
         set(splits) - {"train", "val", "test"}

@@ -46,8 +46,26 @@ def test_a_sound_manifest_passes() -> None:
     assert counts == {
         "images": 10,
         "labels": {"dandelion": 5, "grass": 5},
+        "negatives": 0,
         "splits": {"train": 6, "val": 2, "test": 2},
     }
+
+
+def test_negatives_pass_and_are_not_a_class() -> None:
+    """The ``negatives`` source (label unknown) is allowed, counted apart, and never makes a
+    class too small or the classes unbalanced; its near-duplicates must not straddle."""
+    df = manifest({"train": 3, "val": 1, "test": 1})
+    neg = manifest({"train": 20, "test": 20}, labels=("unknown",))
+    both = pd.concat([df, neg], ignore_index=True)
+    assert check_manifest(both, SETTINGS) == []
+    counts = dataset_counts(both, SETTINGS.labels)
+    assert counts["negatives"] == 40 and counts["labels"] == {"dandelion": 5, "grass": 5}
+    # a negative near-duplicate of an in-domain photo in another split is not leakage
+    # between the classes' splits...
+    both.loc[both["label"] == "unknown", "group"] = both.loc[0, "group"]
+    problems = check_manifest(both, SETTINGS)
+    # ...but negatives of one group in both of their splits are
+    assert problems == ["1 near-duplicate groups straddle splits"]
 
 
 @pytest.mark.parametrize(

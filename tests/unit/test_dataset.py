@@ -151,3 +151,26 @@ def test_manifest_schema_is_enforced() -> None:
     assert str(df["ingested_at"].dt.tz) == "UTC" and df["width"].dtype == "int64"
     with pytest.raises(dataset.DatasetError, match="lacks columns"):
         dataset.normalize_manifest(df.drop(columns=["phash"]))
+
+
+def test_negatives_split_by_kind_and_keep_near_duplicates_together() -> None:
+    from dandelion_lib.config import UNKNOWN
+
+    neg = []
+    for kind in ("objects", "daisy"):
+        for i in range(10):
+            sha = _sha(f"{kind}{i}")
+            neg.append(
+                {**_records(1)[0], "sha256": sha, "label": UNKNOWN, "key": f"raw/unknown/{sha}.jpg"}
+                | {"source": f"/ood/{kind}/{i}.jpg", "phash": _sha(sha)[:16]}
+            )
+    # two near-identical daisies (same perceptual hash): one group, one split
+    neg[-1]["phash"] = neg[-2]["phash"]
+    df = dataset.build_manifest(_records(20) + neg, seed=1, near_duplicate_distance=0)
+    n = df[df["label"] == UNKNOWN]
+    assert set(n["split"]) == {"train", "test"}  # never val
+    per_kind = n.groupby(n["source"].map(dataset.negative_kind))["split"].value_counts()
+    assert per_kind.unstack().min().min() >= 4  # about half of each kind on each side
+    assert n.groupby("group")["split"].nunique().max() == 1
+    assert set(df[df["label"] != UNKNOWN]["split"]) == {"train", "val", "test"}
+    assert dataset.negative_kind("feedback:1234") == "feedback"
