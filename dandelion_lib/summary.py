@@ -37,6 +37,15 @@ def _fmt_counts(counts: dict[str, Any]) -> str:
     return f"{counts.get('images', '?')} images ({labels}; {split_text}{tail})"
 
 
+def _fmt_model_figures(model: dict[str, Any]) -> str:
+    acc = model.get("test_accuracy")
+    text = f"test accuracy {acc:.4f}" if isinstance(acc, float) else "no test accuracy"
+    ood = model.get("test_ood_unknown_share")
+    if isinstance(ood, float):
+        text += f", out-of-domain photos answered unknown {ood:.4f}"
+    return text
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The short, human summary of one run (printed by ``dandelion pipeline``)."""
     lines = [
@@ -66,9 +75,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         row("training", f"{verdict}: {decision['reason']}")
     model = summary.get("model")
     if model:
-        acc = model.get("test_accuracy")
-        acc_text = f"test accuracy {acc:.4f}" if isinstance(acc, float) else "no test accuracy"
-        row("model", f"{model['name']} version {model['version']}  {acc_text}")
+        row("model", f"{model['name']} version {model['version']}  {_fmt_model_figures(model)}")
     promotion = summary.get("promotion")
     if promotion:
         row(

@@ -599,6 +599,7 @@ def _model_summary(settings: Settings, trained: str | None) -> dict[str, Any]:
             "name": settings.model_name,
             "version": str(version),
             "test_accuracy": float(acc) if acc is not None else None,
+            "test_ood_unknown_share": metrics.get("test_ood_unknown_share"),
             "trained_in_this_run": bool(trained),
             "mlflow_run_id": mv.run_id,
         }
