@@ -17,7 +17,7 @@ from typing import Any
 
 import ipywidgets as w
 
-from dandelion_lib.config import DEFAULT_LABELS, NEITHER, Settings
+from dandelion_lib.config import DEFAULT_LABELS, NEITHER, UNKNOWN, Settings
 from dandelion_lib.errors import DandelionError
 from dashboards.client import (
     ApiClient,
@@ -138,7 +138,10 @@ def history_html(history: History) -> str:
         shown = {
             **row,
             "time": str(row["time"])[11:19],  # HH:MM:SS (UTC); the CSV has the full time
-            "confidence": "" if row["confidence"] == "" else percent(float(row["confidence"])),
+            # an 'unknown' answer has no class, so no confidence in one (the CSV keeps it)
+            "confidence": ""
+            if row["confidence"] == "" or row["label"] == UNKNOWN
+            else percent(float(row["confidence"])),
         }
         rows.append("<tr>" + "".join(f"<td>{_esc(shown[c])}</td>" for c in HISTORY_COLUMNS))
     body = "</tr>".join(rows) + "</tr>"

@@ -88,6 +88,10 @@ def test_unknown_says_neither_class_in_its_own_colour() -> None:
     assert "look like" not in uncertain
     row = result.row()
     assert (row["label"], row["reason"], row["ood_score"]) == ("unknown", "out_of_domain", 1.25)
+    assert row["confidence"] == 0.91  # kept in the CSV, not shown in the table
+    history = History()
+    history.add(result)
+    assert "91.0 %" not in history_html(history) and "<td>unknown</td>" in history_html(history)
 
 
 def test_uncertain_and_errors_are_shown_as_such() -> None:
