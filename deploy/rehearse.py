@@ -72,6 +72,8 @@ class Rehearsal:
         proc = subprocess.run(
             cmd, env=self.env, capture_output=True, text=True, timeout=timeout, check=False
         )
+        if args and args[0] in ("up", "start", "restart", "kill", "stop"):
+            self.ports.clear()  # a container (re)started gets new random host ports
         if check and proc.returncode != 0:
             raise StepFailed(
                 f"docker compose {' '.join(args[:4])} exited {proc.returncode}\n"
