@@ -25,6 +25,11 @@ def main() -> None:
         proxy_headers=True,
         server_header=False,
         timeout_graceful_shutdown=20,
+        # Beyond this many connections and requests in flight uvicorn answers 503 at once.
+        limit_concurrency=settings.api_max_connections,
+        # Idle keep-alive connections are closed after 5 s; request bodies are bounded by
+        # api.middleware.BodyDeadlineMiddleware (uvicorn has no body read timeout).
+        timeout_keep_alive=5,
     )
 
 
