@@ -10,6 +10,7 @@ def main() -> None:
     import uvicorn
 
     from api.logs import configure_logging
+    from api.transport import protocol_with_header_timeout
     from dandelion_lib.config import get_settings
 
     settings = get_settings()
@@ -17,6 +18,7 @@ def main() -> None:
     uvicorn.run(
         "api.app:create_app",
         factory=True,
+        http=protocol_with_header_timeout(settings.header_timeout_s),
         host=settings.api_host,
         port=settings.api_port,
         workers=1,

@@ -154,6 +154,12 @@ class Settings(BaseSettings):
     min_upload_bytes_per_s: int = Field(
         1024, ge=0, description="Slowest average upload rate accepted after the grace period."
     )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Time a client has to send a request's headers, else 408 and the "
+        "connection is closed.",
+    )
     api_max_connections: int = Field(
         1000,
         gt=0,
