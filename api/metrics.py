@@ -19,7 +19,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from dandelion_lib.config import Settings
+from dandelion_lib.config import UNCERTAIN, UNKNOWN, Settings
 from dandelion_lib.monitoring import DriftMonitor
 
 __all__ = ["CONTENT_TYPE_LATEST", "ApiMetrics"]
@@ -133,6 +133,10 @@ class ApiMetrics:
         )
         for agreement in ("agree", "disagree"):
             self.feedback.labels(agreement=agreement)
+        # Exported at 0 from the start, so increase() sees the first 'unknown' answers (the
+        # alert DandelionUnknownShareJump) and the first 'uncertain' ones.
+        for answer in (UNCERTAIN, UNKNOWN):
+            self.predictions.labels(label=answer)
 
     def set_model(self, name: str | None, version: str | None, alias: str) -> None:
         self.model_info.info({"name": name or "", "version": version or "", "alias": alias})

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from dandelion_lib.config import UNCERTAIN, Settings
+from dandelion_lib.config import NEITHER, UNCERTAIN, UNKNOWN, Settings
 from dandelion_lib.errors import DandelionError
 from dandelion_lib.images import DEFAULT_MAX_PIXELS
 
@@ -43,6 +43,8 @@ CSV_COLUMNS = (
     "latency_ms",
     "feedback",
     "error",
+    "reason",
+    "ood_score",
 )
 
 
@@ -127,7 +129,13 @@ class Health:
 
 @dataclass
 class Result:
-    """One uploaded file and what the API said about it."""
+    """One uploaded file and what the API said about it.
+
+    ``label`` is a class, ``uncertain`` (the model is not sure) or ``unknown`` (the photo
+    shows neither class); ``reason`` says why for the last two (``low_confidence``,
+    ``out_of_domain``); ``ood_score`` is the model's out-of-domain score (None for a model
+    without an open-set detector).
+    """
 
     filename: str
     size: int
@@ -139,6 +147,8 @@ class Result:
     latency_ms: float | None = None
     error: str | None = None
     feedback: str | None = None
+    reason: str | None = None
+    ood_score: float | None = None
     time: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     @property
@@ -149,18 +159,25 @@ class Result:
     def uncertain(self) -> bool:
         return self.label == UNCERTAIN
 
+    @property
+    def unknown(self) -> bool:
+        """The API answered that the photo shows neither class (out of domain)."""
+        return self.label == UNKNOWN
+
     def feedback_choices(self) -> list[tuple[str, str]]:
         """``(button text, correct_label)`` pairs offered to the user for this result.
 
-        The labels are the model's own: the keys of the answer's ``probabilities``.
+        The labels are the model's own (the keys of the answer's ``probabilities``), then
+        ``("Neither", "neither")``: the photo shows neither class.
         """
         labels = list(self.probabilities)
         if not self.ok or not self.prediction_id or not labels:
             return []
-        if self.uncertain or self.label not in labels:
-            return [(f"It is {lab}", lab) for lab in labels]
+        neither = ("Neither", NEITHER)
+        if self.label not in labels:  # uncertain or unknown: the user says what it is
+            return [*((f"It is {lab}", lab) for lab in labels), neither]
         other = next(lab for lab in labels if lab != self.label)
-        return [("Correct", str(self.label)), (f"Wrong: it is {other}", other)]
+        return [("Correct", str(self.label)), (f"Wrong: it is {other}", other), neither]
 
     def row(self) -> dict[str, Any]:
         """A flat record for the history table and the CSV export."""
@@ -177,6 +194,8 @@ class Result:
             "latency_ms": "" if self.latency_ms is None else round(self.latency_ms, 1),
             "feedback": self.feedback or "",
             "error": self.error or "",
+            "reason": self.reason or "",
+            "ood_score": "" if self.ood_score is None else round(self.ood_score, 4),
         }
 
 
@@ -330,6 +349,9 @@ class ApiClient:
         result.prediction_id = str(body["prediction_id"]) if body.get("prediction_id") else None
         result.model_version = str(model["version"]) if model.get("version") else None
         result.latency_ms = float(body["latency_ms"]) if "latency_ms" in body else None
+        result.reason = str(body["reason"]) if body.get("reason") else None
+        score = body.get("ood_score")
+        result.ood_score = float(score) if isinstance(score, int | float) else None
         return result
 
     def feedback(
@@ -339,13 +361,15 @@ class ApiClient:
         image: bytes | None = None,
         filename: str = "image",
     ) -> dict[str, Any]:
-        """Record the user's verdict on a prediction (``POST /feedback``).
+        """Record the user's verdict on a prediction (``POST /feedback``): a class, or
+        ``neither`` when the photo shows neither class.
 
         With ``image``, the photo is stored with the feedback (multipart), so reviewed
         feedback can join the next dataset version; without it, a JSON body is sent.
         """
-        if correct_label not in self.labels:
-            raise DandelionError(f"correct_label must be one of {', '.join(self.labels)}")
+        allowed = (*self.labels, NEITHER)
+        if correct_label not in allowed:
+            raise DandelionError(f"correct_label must be one of {', '.join(allowed)}")
         fields = {"prediction_id": prediction_id, "correct_label": correct_label}
         if image:
             response = self._request(

@@ -17,7 +17,7 @@ from typing import Any
 
 import ipywidgets as w
 
-from dandelion_lib.config import Settings
+from dandelion_lib.config import DEFAULT_LABELS, NEITHER, UNKNOWN, Settings
 from dandelion_lib.errors import DandelionError
 from dashboards.client import (
     ApiClient,
@@ -33,7 +33,7 @@ from dashboards.client import (
 
 log = logging.getLogger(__name__)
 
-COLORS = {"dandelion": "#e0b000", "grass": "#3a9d23", "uncertain": "#7a7a7a"}
+COLORS = {"dandelion": "#e0b000", "grass": "#3a9d23", "uncertain": "#7a7a7a", "unknown": "#7b3fa0"}
 HISTORY_COLUMNS = ("time", "file", "label", "confidence", "model_version", "feedback", "error")
 """Columns of the on-page table (the CSV has all of ``client.CSV_COLUMNS``)."""
 
@@ -50,6 +50,7 @@ STYLE = """
   font-weight: bold; }
 .dl-file { font-weight: bold; margin-right: 8px; }
 .dl-error { color: #b00020; }
+.dl-unknown { color: #4a2363; font-weight: bold; margin-top: 4px; }
 .dl-bar { display: flex; width: 320px; height: 14px; border-radius: 7px; overflow: hidden;
   background: #eee; margin: 6px 0 2px 0; }
 .dl-legend { font-size: 12px; color: #555; }
@@ -68,7 +69,7 @@ def _esc(text: object) -> str:
 
 
 def label_html(label: str) -> str:
-    """A coloured badge for ``dandelion``, ``grass`` or ``uncertain``."""
+    """A coloured badge for ``dandelion``, ``grass``, ``uncertain`` or ``unknown``."""
     color = COLORS.get(label, COLORS["uncertain"])
     return (
         f'<span class="dl-label dl-label-{_esc(label)}" style="background:{color}">'
@@ -93,11 +94,30 @@ def probability_bar_html(probabilities: dict[str, float]) -> str:
     )
 
 
+def _classes(result: Result) -> list[str]:
+    return list(result.probabilities) or list(DEFAULT_LABELS)
+
+
+def unknown_message(labels: list[str]) -> str:
+    """What an ``unknown`` answer tells the user, e.g. "This doesn't look like a dandelion
+    or a grass photo"."""
+    return f"This doesn't look like {' or '.join(f'a {lab}' for lab in labels)} photo"
+
+
+def neither_text(labels: list[str]) -> str:
+    """``"neither dandelion nor grass"``: what ``neither`` feedback says."""
+    return "neither " + " nor ".join(labels)
+
+
 def result_summary_html(result: Result) -> str:
-    """File name, label badge (or the error) and the confidence line of one result."""
+    """File name, label badge (or the error) and the confidence line of one result; an
+    ``unknown`` answer says the photo looks like neither class instead."""
     name = f'<span class="dl-file">{_esc(result.filename)}</span>'
     if not result.ok:
         return f'{name}<div class="dl-error">Not classified: {_esc(result.error)}</div>'
+    if result.unknown:
+        note = unknown_message(_classes(result))
+        return f'{name}{label_html(str(result.label))}<div class="dl-unknown">{_esc(note)}</div>'
     if result.uncertain:
         note = (
             f"uncertain: the model is not confident enough to decide "
@@ -118,7 +138,10 @@ def history_html(history: History) -> str:
         shown = {
             **row,
             "time": str(row["time"])[11:19],  # HH:MM:SS (UTC); the CSV has the full time
-            "confidence": "" if row["confidence"] == "" else percent(float(row["confidence"])),
+            # an 'unknown' answer has no class, so no confidence in one (the CSV keeps it)
+            "confidence": ""
+            if row["confidence"] == "" or row["label"] == UNKNOWN
+            else percent(float(row["confidence"])),
         }
         rows.append("<tr>" + "".join(f"<td>{_esc(shown[c])}</td>" for c in HISTORY_COLUMNS))
     body = "</tr>".join(rows) + "</tr>"
@@ -178,8 +201,9 @@ class DandelionApp:
                 self.banner,
                 w.HTML(
                     "<p>Upload one or more photos: each is classified as <b>dandelion</b> or "
-                    "<b>grass</b>, or <b>uncertain</b> when the model is not sure. Tell us "
-                    "whether it was right: your feedback improves the next model.</p>"
+                    "<b>grass</b>, <b>uncertain</b> when the model is not sure, or "
+                    "<b>unknown</b> when the photo looks like neither. Tell us whether it was "
+                    "right: your feedback improves the next model.</p>"
                 ),
                 w.HBox([self.upload, self.status]),
                 self.results,
@@ -321,7 +345,8 @@ class DandelionApp:
             preview = w.HTML('<div class="dl-noprev">no preview</div>')
         parts: list[w.Widget] = [w.HTML(result_summary_html(result))]
         if result.ok:
-            parts.append(w.HTML(probability_bar_html(result.probabilities)))
+            if not result.unknown:  # the two classes' shares mean little for neither class
+                parts.append(w.HTML(probability_bar_html(result.probabilities)))
             parts.append(self._feedback_box(result, data if thumb is not None else None))
         card = w.HBox([preview, w.VBox(parts)], layout=w.Layout(align_items="center"))
         card.add_class("dl-card")
@@ -334,7 +359,9 @@ class DandelionApp:
         buttons = []
         for text, correct_label in result.feedback_choices():
             button = w.Button(
-                description=text, tooltip=f"It is {correct_label}", layout=w.Layout(width="auto")
+                description=text,
+                tooltip=f"It is {_said(result, correct_label)}",
+                layout=w.Layout(width="auto"),
             )
             button.add_class("dl-feedback")
             button.add_class(f"dl-feedback-{correct_label}")
@@ -372,8 +399,13 @@ class DandelionApp:
                 clicked.button_style = "success"
                 note.value = (
                     f'<span class="dl-feedback-ok">Feedback recorded: it is '
-                    f"{_esc(correct_label)}. Thank you!</span>"
+                    f"{_esc(_said(result, correct_label))}. Thank you!</span>"
                 )
                 self._render_history()
 
         return handle
+
+
+def _said(result: Result, correct_label: str) -> str:
+    """What a feedback label says about the photo: the class, or "neither X nor Y"."""
+    return neither_text(_classes(result)) if correct_label == NEITHER else correct_label

@@ -5,8 +5,8 @@
 
 Three dashboards, all on the Prometheus datasource provisioned with uid
 ``dandelion-prometheus``: *Service overview* (the API: traffic, latency, errors,
-saturation, CPU and memory), *Model* (predictions, confidence, drift, feedback accuracy,
-served version) and *Pipeline* (Airflow DAG runs, task durations, failures and retries,
+saturation, CPU and memory), *Model* (predictions, confidence, drift and the share of
+'unknown' answers, feedback accuracy, served version) and *Pipeline* (Airflow DAG runs, task durations, failures and retries,
 from the statsd-exporter). Queries use only the metrics listed in docs/monitoring.md.
 """
 
@@ -526,6 +526,30 @@ def model_dashboard() -> dict:
                 (f"sum(dandelion_drift_window_images{{{API}}})", "images in window"),
             ],
             description="Alert DandelionDataDrift: share >= 0.5 on a window of >= 50 images.",
+        ),
+        timeseries(
+            lay,
+            "Share of unknown answers",
+            [
+                (
+                    f'sum(increase(dandelion_predictions_total{{{API}, label="unknown"}}[1h]))'
+                    f" / sum(increase(dandelion_predictions_total{{{API}}}[1h]))",
+                    "last hour",
+                ),
+                (
+                    f'sum(increase(dandelion_predictions_total{{{API}, label="unknown"}}[7d]))'
+                    f" / sum(increase(dandelion_predictions_total{{{API}}}[7d]))",
+                    "last 7 days",
+                ),
+            ],
+            unit="percentunit",
+            threshold=0.1,
+            min_=0,
+            description="Photos answered 'unknown' (neither a dandelion nor grass) among all "
+            "answers, over the last hour and the last 7 days. Alert DandelionUnknownShareJump: "
+            "the last hour's share is above 10% and more than double that of the 7 days before "
+            "it, on >= 50 predictions in the hour.",
+            width=24,
         ),
         row(lay, "Feedback"),
         timeseries(

@@ -4,6 +4,12 @@ process (``python -m api``), and a real PostgreSQL server.
 The model is tiny but real and trained here: Rescaling + GlobalAveragePooling2D + a softmax
 Dense layer whose weights come from a logistic regression on the mean colour of a quarter
 of the reference images (about 70% accurate on the others). Every test module shares one API server process.
+
+Its open-set variant (:func:`build_openset_model`) is the same computation assembled like
+``dandelion_lib.model.assemble`` (pixels -> mean-colour backbone -> sub-model ``head``), so
+the server computes its features; it ships a real :class:`~dandelion_lib.openset.OpenSetDetector`
+fitted on those features of reference photos with ood-dev photos as negatives, and calibrated
+on other reference photos (:func:`fit_openset`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ from tests.process_support import stop
 
 MODEL_NAME = "dandelion-api-test"
 ADMIN_TOKEN = "test-admin-token"  # a throwaway token for the loopback server only
+OOD_DEV = Path(os.environ.get("DANDELION_OOD_DATASET", ROOT.parent / "shared/datasets/ood-dev"))
+"""Photos that are neither class (one folder per kind; see its README)."""
+OOD_KINDS = ("objects", "daisy", "sunflowers", "tulips", "roses")
 
 
 # --- models -----------------------------------------------------------------------------
@@ -49,6 +58,15 @@ class TrainedParts:
     coef: np.ndarray  # (3,)
     intercept: float
     reference: dict[str, Any]
+    features: np.ndarray  # (N, 3) mean colours of the photos fitted on
+    labels: np.ndarray  # (N,) their labels, 0=dandelion, 1=grass
+
+
+def mean_colour(data: bytes) -> np.ndarray:
+    """The tiny models' features of one photo: its mean colour in [0, 1], as served."""
+    from dandelion_lib.features import decode_image, to_model_input
+
+    return np.asarray(to_model_input(decode_image(data)).mean(axis=(0, 1)) / 255.0)
 
 
 def train_parts(greenr: Path) -> TrainedParts:
@@ -65,8 +83,17 @@ def train_parts(greenr: Path) -> TrainedParts:
         xs.append(to_model_input(img).mean(axis=(0, 1)) / 255.0)
         ys.append(y)
         stats.append(image_stats(img))
-    lr = LogisticRegression(C=100.0).fit(np.asarray(xs), np.asarray(ys))
-    return TrainedParts(lr.coef_[0], float(lr.intercept_[0]), build_reference(pd.DataFrame(stats)))
+    x, y = np.asarray(xs), np.asarray(ys)
+    lr = LogisticRegression(C=100.0).fit(x, y)
+    reference = build_reference(pd.DataFrame(stats))
+    return TrainedParts(lr.coef_[0], float(lr.intercept_[0]), reference, x, y)
+
+
+def _dense_weights(coef: np.ndarray, intercept: float) -> list[np.ndarray]:
+    """Dense(2, softmax) weights with p(grass) = sigmoid(coef.x + intercept)."""
+    w = np.stack([-coef / 2.0, coef / 2.0], axis=1).astype("float32")
+    b = np.asarray([-intercept / 2.0, intercept / 2.0], dtype="float32")
+    return [w, b]
 
 
 def build_tiny_model(coef: np.ndarray, intercept: float) -> Any:
@@ -81,10 +108,72 @@ def build_tiny_model(coef: np.ndarray, intercept: float) -> Any:
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(2, activation="softmax")(x)
     model = keras.Model(inputs, outputs)
-    w = np.stack([-coef / 2.0, coef / 2.0], axis=1).astype("float32")
-    b = np.asarray([-intercept / 2.0, intercept / 2.0], dtype="float32")
-    model.layers[-1].set_weights([w, b])
+    model.layers[-1].set_weights(_dense_weights(coef, intercept))
     return model
+
+
+def build_openset_model(coef: np.ndarray, intercept: float) -> Any:
+    """The tiny model assembled as ``dandelion_lib.model.assemble`` does: pixels -> backbone
+    (Rescaling -> GlobalAveragePooling2D: the mean colour) -> ``head`` (Dense softmax), so the
+    Predictor computes its features and scores them with the open-set detector."""
+    import keras
+
+    from dandelion_lib.features import FeatureSpec
+
+    size = FeatureSpec().image_size
+    pixels = keras.Input((size, size, 3), name="pixels")
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1.0 / 255.0)(pixels))
+    backbone = keras.Model(pixels, pooled, name="mean_colour")
+    features = keras.Input((3,), name="features")
+    dense = keras.layers.Dense(2, activation="softmax")
+    head = keras.Model(features, dense(features), name="head")
+    dense.set_weights(_dense_weights(coef, intercept))
+    inputs = keras.Input((size, size, 3), name="pixels")
+    return keras.Model(inputs, head(backbone(inputs, training=False)), name="dandelion_tiny")
+
+
+@dataclass
+class OpenSetParts:
+    """A fitted, calibrated detector on the tiny models' features and two photos chosen by it."""
+
+    detector: Any  # dandelion_lib.openset.OpenSetDetector
+    unknown_photo: Path
+    """An ood-dev object photo never fitted on, scoring far above the threshold."""
+    in_domain_photo: Path
+    """A reference photo never fitted or calibrated on, far below the threshold, confident."""
+
+
+def fit_openset(greenr: Path, parts: TrainedParts, ood: Path = OOD_DEV) -> OpenSetParts:
+    """Fit the default (``logistic``) detector on the training photos' features with a
+    quarter of each ood-dev folder as negatives, calibrate it on other reference photos,
+    and pick the photos the tests send (about 150 photos decoded)."""
+    from dandelion_lib.openset import OpenSetDetector
+
+    if not ood.is_dir():
+        pytest.fail(f"ood-dev not found at {ood} (set DANDELION_OOD_DATASET)")
+    negatives = [
+        mean_colour(p.read_bytes())
+        for kind in OOD_KINDS
+        for p in sorted((ood / kind).glob("*.jpg"))[0 :: 4 if kind == "objects" else 7]
+    ]
+    detector = OpenSetDetector(method="logistic")
+    detector.fit(parts.features, parts.labels, negatives=np.asarray(negatives))
+    held_out = dataset_images(greenr, parity=1)
+    detector.calibrate(np.asarray([mean_colour(p.read_bytes()) for p, _ in held_out[::4]]))
+    assert detector.threshold is not None
+
+    objects = sorted((ood / "objects").glob("*.jpg"))[2::8]  # never among the negatives
+    scores = detector.score(np.asarray([mean_colour(p.read_bytes()) for p in objects]))
+    unknown = objects[int(np.argmax(scores))]
+    assert scores.max() > detector.threshold + 0.2, "no clearly out-of-domain object photo"
+
+    candidates = [p for p, _ in held_out[1::8]]
+    feats = np.asarray([mean_colour(p.read_bytes()) for p in candidates])
+    z = feats @ parts.coef + parts.intercept
+    confidence = 1.0 / (1.0 + np.exp(-np.abs(z)))  # the head's top probability
+    margin = np.where(confidence >= 0.75, detector.threshold - detector.score(feats), -np.inf)
+    assert margin.max() > 0.2, "no clearly in-domain, confident reference photo"
+    return OpenSetParts(detector, unknown, candidates[int(np.argmax(margin))])
 
 
 @dataclass
@@ -96,6 +185,7 @@ class Registry:
     parts: TrainedParts
     name: str = MODEL_NAME
     models: dict[str, Any] = field(default_factory=dict)  # version -> keras model
+    detectors: dict[str, Any] = field(default_factory=dict)  # version -> open-set detector
 
     def client(self) -> Any:
         from mlflow import MlflowClient
@@ -104,12 +194,19 @@ class Registry:
 
     def register(self, scale: float = 1.0) -> str:
         """Log and register a new version (``scale`` changes its weights); returns it."""
+        return self._log(build_tiny_model(self.parts.coef * scale, self.parts.intercept * scale))
+
+    def register_openset(self, detector: Any) -> str:
+        """Log and register the open-set variant with its ``detector``; returns the version."""
+        model = build_openset_model(self.parts.coef, self.parts.intercept)
+        return self._log(model, detector)
+
+    def _log(self, model: Any, detector: Any = None) -> str:
         import mlflow
 
         from dandelion_lib.features import FeatureSpec
         from dandelion_lib.registry import log_keras_model
 
-        model = build_tiny_model(self.parts.coef * scale, self.parts.intercept * scale)
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
         mlflow.set_experiment("dandelion-api-test")
@@ -121,8 +218,11 @@ class Registry:
                 metrics={"test_accuracy": 0.7},
                 dataset_version="test",
                 registered_model_name=self.name,
+                detector=detector,
             )
         self.models[str(mv.version)] = model
+        if detector is not None:
+            self.detectors[str(mv.version)] = detector
         return str(mv.version)
 
     def register_broken(self) -> str:
@@ -154,7 +254,12 @@ class Registry:
         from dandelion_lib.features import FeatureSpec
         from dandelion_lib.predict import Predictor
 
-        return Predictor(model=self.models[version], spec=FeatureSpec(), version=version)
+        return Predictor(
+            model=self.models[version],
+            spec=FeatureSpec(),
+            version=version,
+            detector=self.detectors.get(version),
+        )
 
 
 @pytest.fixture(scope="session")

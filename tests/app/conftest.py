@@ -154,6 +154,7 @@ class AppApi:
     registry: Any  # tests.api.conftest.Registry
     version: str
     log_path: Path
+    openset: Any  # tests.api.conftest.OpenSetParts of the served model
     before_ready: dict[str, Any] = field(default_factory=dict)
 
     def feedback_store(self) -> Any:
@@ -167,15 +168,19 @@ class AppApi:
 class AppModel:
     registry: Any
     version: str
+    openset: Any  # tests.api.conftest.OpenSetParts: the detector and the photos it picked
 
 
 @pytest.fixture(scope="session")
 def app_model(mlflow_server: str, s3_server: str, greenr_dir: Path) -> AppModel:
-    """A real model (the API tests' tiny colour model) registered as ``APP_MODEL``; no alias."""
-    from tests.api.conftest import Registry, train_parts
+    """A real model registered as ``APP_MODEL`` (no alias): the API tests' tiny colour model
+    assembled as backbone + head with a real open-set detector, so it answers ``unknown``
+    for photos of neither class, as production models do."""
+    from tests.api.conftest import Registry, fit_openset, train_parts
 
     registry = Registry(mlflow_server, s3_server, train_parts(greenr_dir), name=APP_MODEL)
-    return AppModel(registry, registry.register())
+    openset = fit_openset(greenr_dir, registry.parts)
+    return AppModel(registry, registry.register_openset(openset.detector), openset)
 
 
 @contextmanager
@@ -187,7 +192,9 @@ def api_process(model: AppModel, workdir: Path, port: int | None = None) -> Iter
     env = api_env(workdir, port, model.registry.tracking_uri, DANDELION_MODEL_NAME=APP_MODEL)
     log_path = workdir / "api.log"
     proc = start_api(env, log_path)
-    api = AppApi(f"http://127.0.0.1:{port}", workdir, model.registry, model.version, log_path)
+    api = AppApi(
+        f"http://127.0.0.1:{port}", workdir, model.registry, model.version, log_path, model.openset
+    )
     try:
         wait_http(f"{api.url}/health/live", timeout=120, proc=proc)
         yield api

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from dandelion_lib.config import Settings
+from dandelion_lib.errors import DandelionError
 from dashboards.client import ApiClient, ApiProblemError, ApiUnavailableError, Health
 from tests.app.conftest import APP_MODEL, AppApi, dead_url
 
@@ -41,8 +42,13 @@ def test_predictions_are_the_models(app_api: AppApi, greenr_dir: Path) -> None:
             assert result.ok, result.error
             assert result.probabilities == pytest.approx(expected.probabilities, abs=1e-4)
             assert result.confidence == pytest.approx(expected.confidence, abs=1e-4)
-            uncertain = expected.confidence < THRESHOLD
-            assert result.label == ("uncertain" if uncertain else expected.label)
+            assert expected.ood_score is not None  # the served model has an open-set detector
+            assert result.ood_score == pytest.approx(expected.ood_score, abs=1e-3)
+            answer = reference.decide(expected)
+            assert (result.label, result.reason) == (answer.label, answer.reason)
+            if answer.label != "unknown":
+                uncertain = expected.confidence < THRESHOLD
+                assert result.label == ("uncertain" if uncertain else expected.label)
             assert result.model_version == app_api.version
             assert result.prediction_id and result.latency_ms is not None
 
@@ -83,6 +89,26 @@ def test_feedback_is_stored_with_the_photo(app_api: AppApi, greenr_dir: Path) ->
         other = client.predict("other.jpg", data)
         plain = client.feedback(str(other.prediction_id), "dandelion")  # JSON, no photo
         assert store.get_feedback(plain["feedback_id"]).image_key is None
+
+
+def test_unknown_answer_and_neither_feedback(app_api: AppApi) -> None:
+    photo = app_api.openset.unknown_photo  # an ood-dev object the model's detector rejects
+    data = photo.read_bytes()
+    store = app_api.feedback_store()
+    with ApiClient(app_api.url) as client:
+        result = client.predict(photo.name, data)
+        assert result.ok and result.unknown and not result.uncertain
+        assert (result.label, result.reason) == ("unknown", "out_of_domain")
+        assert result.ood_score is not None
+        assert result.ood_score > app_api.openset.detector.threshold
+        assert [c for _, c in result.feedback_choices()] == ["dandelion", "grass", "neither"]
+        body = client.feedback(str(result.prediction_id), "neither", image=data, filename="o.jpg")
+        assert (body["correct_label"], body["agree"]) == ("neither", True)
+        record = store.get_feedback(body["feedback_id"])
+        assert record is not None and record.correct_label == "neither"
+        assert record.image_key and record.image_key.startswith("feedback/neither/")
+        with pytest.raises(DandelionError, match="must be one of dandelion, grass, neither"):
+            client.feedback(str(result.prediction_id), "unknown")  # an answer, not a label
 
 
 def test_api_down() -> None:

@@ -81,6 +81,31 @@ def test_upload_results_history_and_feedback(app_api: AppApi, greenr_dir: Path) 
     assert "Download history (CSV)" in app.download.value
 
 
+def test_unknown_card_and_neither_feedback(app_api: AppApi) -> None:
+    photo = app_api.openset.unknown_photo  # an ood-dev object the model's detector rejects
+    app = DandelionApp(ApiClient(app_api.url))
+    app.check()
+    (result,) = app.classify([(photo.name, photo.read_bytes())])
+    assert result.label == "unknown"
+    (card,) = app.results.children
+    assert "dl-result-unknown" in card._dom_classes
+    assert isinstance(card.children[0], w.Image)  # the photo is shown
+    html = _html(card)
+    assert "dl-label-unknown" in html
+    assert "This doesn&#x27;t look like a dandelion or a grass photo" in html
+    assert "dl-bar" not in html  # no class shares for a photo of neither class
+    buttons = {b.description: b for b in _buttons(card)}
+    assert list(buttons) == ["It is dandelion", "It is grass", "Neither"]
+    buttons["Neither"].click()
+    assert buttons["Neither"].button_style == "success"
+    assert "Feedback recorded: it is neither dandelion nor grass" in _html(card)
+    stored = app_api.feedback_store().list_feedback()
+    mine = [f for f in stored if f.prediction_id == result.prediction_id]
+    assert len(mine) == 1 and mine[0].correct_label == "neither" and mine[0].agree
+    assert result.feedback == "neither"
+    assert "<td>unknown</td>" in app.history_table.value
+
+
 def test_banner_while_api_is_away_and_recovery(app_api: AppApi, greenr_dir: Path) -> None:
     relay = TcpRelay(app_api.url)
     relay.start()

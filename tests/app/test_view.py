@@ -19,7 +19,14 @@ from dashboards.client import (
     make_thumbnail,
     problem_message,
 )
-from dashboards.ui import csv_link_html, history_html, probability_bar_html, result_summary_html
+from dashboards.ui import (
+    COLORS,
+    csv_link_html,
+    history_html,
+    label_html,
+    probability_bar_html,
+    result_summary_html,
+)
 
 
 def _result(label: str | None, **kw: object) -> Result:
@@ -56,13 +63,35 @@ def test_feedback_choices() -> None:
     assert _result("dandelion").feedback_choices() == [
         ("Correct", "dandelion"),
         ("Wrong: it is grass", "grass"),
+        ("Neither", "neither"),
     ]
     assert _result("grass").feedback_choices()[1] == ("Wrong: it is dandelion", "dandelion")
-    assert _result("uncertain").feedback_choices() == [
-        ("It is dandelion", "dandelion"),
-        ("It is grass", "grass"),
-    ]
+    for answer in ("uncertain", "unknown"):
+        assert _result(answer).feedback_choices() == [
+            ("It is dandelion", "dandelion"),
+            ("It is grass", "grass"),
+            ("Neither", "neither"),
+        ]
     assert _result(None, error="not an image").feedback_choices() == []
+
+
+def test_unknown_says_neither_class_in_its_own_colour() -> None:
+    result = _result("unknown", reason="out_of_domain", ood_score=1.25)
+    assert result.unknown and not result.uncertain
+    html = result_summary_html(result)
+    assert "dl-label-unknown" in html
+    assert "This doesn&#x27;t look like a dandelion or a grass photo" in html
+    assert "not confident" not in html and "confidence" not in html
+    assert COLORS["unknown"] not in (COLORS["uncertain"], COLORS["dandelion"], COLORS["grass"])
+    assert f"background:{COLORS['unknown']}" in label_html("unknown")
+    uncertain = result_summary_html(_result("uncertain", confidence=0.55))
+    assert "look like" not in uncertain
+    row = result.row()
+    assert (row["label"], row["reason"], row["ood_score"]) == ("unknown", "out_of_domain", 1.25)
+    assert row["confidence"] == 0.91  # kept in the CSV, not shown in the table
+    history = History()
+    history.add(result)
+    assert "91.0 %" not in history_html(history) and "<td>unknown</td>" in history_html(history)
 
 
 def test_uncertain_and_errors_are_shown_as_such() -> None:

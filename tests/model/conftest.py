@@ -1,5 +1,6 @@
-"""Model-test fixtures: the ported backbone, an ingested reference dataset, one tiny trained
-model (shared by every model test) and its Predictor loaded back from the registry.
+"""Model-test fixtures: the ported backbone, an ingested reference dataset (with the ood-dev
+photos as its ``negatives`` source), one tiny trained model with its open-set detector
+(shared by every model test) and its Predictor loaded back from the registry.
 
 Everything is real: the local object store, SQLite-backed MLflow under a temporary work
 directory, the reference images.
@@ -46,14 +47,19 @@ def lite0() -> Any:
 
 
 @pytest.fixture(scope="session")
-def model_env(tmp_path_factory: pytest.TempPathFactory, greenr_dir: Path) -> ModelEnv:
-    """The reference dataset ingested into a local store; MLflow on SQLite beside it."""
+def model_env(
+    tmp_path_factory: pytest.TempPathFactory, greenr_dir: Path, ood_dir: Path
+) -> ModelEnv:
+    """The reference dataset and the ood-dev negatives ingested into a local store; MLflow on
+    SQLite beside it."""
     from dandelion_lib import dataset
     from dandelion_lib.ingest import ingest
     from dandelion_lib.storage import open_store
 
     work = tmp_path_factory.mktemp("model-work")
-    settings = Settings(workdir=work, store_url=(work / "store").as_uri())
+    settings = Settings(
+        workdir=work, store_url=(work / "store").as_uri(), negatives_source=str(ood_dir)
+    )
     store = open_store(settings=settings)
     report = ingest(settings, source=str(greenr_dir), store=store, progress=False)
     return ModelEnv(settings, store, report.version, dataset.load_manifest(store, report.version))
@@ -87,6 +93,8 @@ def predictor(model_env: ModelEnv, trained: Any) -> Any:
 
 @pytest.fixture(scope="session")
 def test_split(model_env: ModelEnv) -> Any:
-    """The full test split of the reference dataset version (manifest rows, sha256 order)."""
+    """The full test split of the reference dataset version (manifest rows, sha256 order;
+    in-domain photos only)."""
     m = model_env.manifest
-    return m[m["split"] == "test"].sort_values("sha256").reset_index(drop=True)
+    m = m[(m["split"] == "test") & (m["label"] != "unknown")]
+    return m.sort_values("sha256").reset_index(drop=True)

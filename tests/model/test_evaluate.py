@@ -194,3 +194,39 @@ def test_cli_predict_prints_labels_and_flags_invalid_files(
     )
     for line, label in zip(out[-3:-1], rows["label"], strict=True):
         assert line.startswith(f"{tmp_path / label}.jpg: {label} (confidence ")
+
+
+def test_cli_evaluate_with_negatives_reports_the_open_set_figures(
+    labelled_folder: Path,
+    model_env: Any,
+    trained: Any,
+    ood_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    import json
+
+    from dandelion_lib import cli
+    from dandelion_lib.config import get_settings
+
+    negatives = tmp_path / "ood"
+    for kind in ("objects", "tulips"):
+        (negatives / kind).mkdir(parents=True)
+        for photo in sorted((ood_dir / kind).glob("*.jpg"))[-4:]:
+            shutil.copy(photo, negatives / kind / photo.name)
+    monkeypatch.setenv("DANDELION_WORKDIR", str(model_env.settings.workdir))
+    get_settings.cache_clear()
+    try:
+        args = ["evaluate", "--model", trained.model_uri, "--images", str(labelled_folder)]
+        code = cli.main([*args, "--negatives", str(negatives), "--json"])
+        alone = cli.main(["evaluate", "--model", trained.model_uri, "--negatives", "x"])
+    finally:
+        get_settings.cache_clear()
+    out, err = capsys.readouterr()
+    assert code == 0 and alone == 2
+    metrics = json.loads(out.splitlines()[0])["metrics"]
+    assert metrics["ood_count"] == 8 and metrics["in_domain_count"] == 10
+    for key in ("ood_unknown_share_objects", "ood_unknown_share_tulips", "answered_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert "--negatives goes with --images" in err

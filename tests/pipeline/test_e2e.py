@@ -5,12 +5,14 @@ connection (an outage that ends), so ingestion fails once and Airflow's retry su
 through ``dandelion pipeline`` (what ``nox -s pipeline`` runs): a re-run with nothing changed
 skips training, and a run whose quality gate cannot pass ends without promotion, exits
 non-zero and leaves the champion where it was. The promotion floor is lowered to
-0.8 for the first run because the test split of the subset is small.
+0.8 for the first run because the test split of the subset is small. A few ood-dev photos are
+the ``negatives`` source, so the champion ships an open-set detector fitted on them.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -90,13 +92,20 @@ def pipeline(
     tmp_path_factory: pytest.TempPathFactory,
     pipeline_env_factory: Callable[[Path], dict[str, str]],
     greenr_dir: Path,
+    ood_dir: Path,
 ) -> Iterator[Pipeline]:
     root = tmp_path_factory.mktemp("e2e")
+    negatives = root / "negatives"
+    for kind in ("objects", "daisy"):
+        (negatives / kind).mkdir(parents=True)
+        for photo in sorted((ood_dir / kind).glob("*.jpg"))[:10]:
+            shutil.copy(photo, negatives / kind / photo.name)
     url, stop = serve(greenr_dir, drop_first=1)
     env = pipeline_env_factory(root)
     env.update(
         {
             "DANDELION_SOURCE": url,
+            "DANDELION_NEGATIVES_SOURCE": str(negatives),
             "DANDELION_SOURCE_COUNT": str(PER_CLASS),
             "DANDELION_HTTP_RETRIES": "0",
             "DANDELION_MIN_IMAGES_PER_CLASS": "10",
@@ -162,6 +171,22 @@ def test_registered_version_is_champion(pipeline: Pipeline, first: Run) -> None:
     mv = pipeline.client.get_model_version("dandelion", version)
     assert mv.tags["dandelion.dataset_version"] == first.summary["dataset_version"]
     assert len(mv.tags["dandelion.code_version"]) == 12
+
+
+def test_champion_ships_its_open_set_detector(pipeline: Pipeline, first: Run) -> None:
+    import mlflow
+
+    assert first.summary["counts"]["negatives"] == 20
+    model = first.summary["model"]
+    run = pipeline.client.get_run(model["mlflow_run_id"])
+    assert run.data.params["openset_method_resolved"] == "logistic"
+    assert run.data.params["negatives_train"] == "10"
+    assert 0.0 <= run.data.metrics["test_ood_unknown_share"] <= 1.0
+    mv = pipeline.client.get_model_version("dandelion", model["version"])
+    assert mv.tags["promotion.challenger_ood_unknown_share"] != "none"
+    mlflow.set_tracking_uri(pipeline.settings.resolved_tracking_uri)
+    local = mlflow.artifacts.download_artifacts(f"models:/dandelion/{model['version']}")
+    assert (Path(local) / "openset.npz").is_file()
 
 
 def test_executed_notebooks_stored(pipeline: Pipeline, first: Run) -> None:
