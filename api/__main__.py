@@ -10,6 +10,7 @@ def main() -> None:
     import uvicorn
 
     from api.logs import configure_logging
+    from api.transport import protocol_with_header_timeout
     from dandelion_lib.config import get_settings
 
     settings = get_settings()
@@ -17,6 +18,7 @@ def main() -> None:
     uvicorn.run(
         "api.app:create_app",
         factory=True,
+        http=protocol_with_header_timeout(settings.header_timeout_s),
         host=settings.api_host,
         port=settings.api_port,
         workers=1,
@@ -25,6 +27,11 @@ def main() -> None:
         proxy_headers=True,
         server_header=False,
         timeout_graceful_shutdown=20,
+        # Beyond this many connections and requests in flight uvicorn answers 503 at once.
+        limit_concurrency=settings.api_max_connections,
+        # Idle keep-alive connections are closed after 5 s; request bodies are bounded by
+        # api.middleware.BodyDeadlineMiddleware (uvicorn has no body read timeout).
+        timeout_keep_alive=5,
     )
 
 

@@ -12,7 +12,7 @@ from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 from api.dependencies import DEPENDENCIES
-from api.middleware import RequestContextMiddleware
+from api.middleware import BodyDeadlineMiddleware, RequestContextMiddleware
 from api.problems import Problem, from_exception, problem_response
 from api.routes import ROUTES
 from api.services import Services
@@ -75,7 +75,12 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         debug=False,
     )
     # Outermost layer (also sees requests that match no route).
-    app.asgi_handler = RequestContextMiddleware(app.asgi_handler, svc.metrics)
+    app.asgi_handler = RequestContextMiddleware(
+        BodyDeadlineMiddleware(
+            app.asgi_handler, settings.body_read_timeout_s, settings.min_upload_bytes_per_s
+        ),
+        svc.metrics,
+    )
     return app
 
 

@@ -1,12 +1,15 @@
-"""Outermost ASGI layer: request id, access log and HTTP metrics for every request.
+"""Outermost ASGI layers: request id, access log and HTTP metrics for every request, and
+the deadline of request bodies.
 
-It wraps the whole Litestar handler stack, so requests that match no route (404, 405)
-are counted and logged too. Metrics use the route *template* (``/predict``), never the raw
-path, to keep label cardinality bounded.
+:class:`RequestContextMiddleware` wraps the whole Litestar handler stack, so requests that
+match no route (404, 405) are counted and logged too. Metrics use the route *template*
+(``/predict``), never the raw path, to keep label cardinality bounded.
+:class:`BodyDeadlineMiddleware` (inside it) bounds how slowly a body may arrive.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -26,6 +29,7 @@ from litestar.types import (
 
 from api.context import request_id_var, request_start_var
 from api.metrics import ApiMetrics
+from api.problems import Problem
 
 log = logging.getLogger("api.access")
 
@@ -105,3 +109,57 @@ class RequestContextMiddleware:
             )
             request_id_var.reset(id_token)
             request_start_var.reset(start_token)
+
+
+class BodyDeadlineMiddleware:
+    """Request bodies must keep arriving (uvicorn has no body read timeout).
+
+    From the handler's first read, the body may take ``grace_s`` seconds plus one second per
+    ``min_rate`` bytes received: the next part must arrive before
+    ``first read + grace_s + received / min_rate``. A client that stalls or trickles (a
+    slowloris upload, a ``Content-Length`` larger than the body) gets 408
+    ``body-timeout`` and the connection is closed. Reads after the body is complete (waiting
+    for a disconnect) are not limited.
+    """
+
+    def __init__(self, app: ASGIApp, grace_s: float, min_rate: float):
+        self.app = app
+        self.grace_s = grace_s
+        self.min_rate = min_rate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        first: float | None = None
+        received = 0
+        complete = False
+
+        async def timed_receive() -> Any:
+            nonlocal first, received, complete
+            if complete:
+                return await receive()
+            now = loop.time()
+            first = now if first is None else first
+            allowance = received / self.min_rate if self.min_rate > 0 else float("inf")
+            try:
+                async with asyncio.timeout(max(0.0, first + self.grace_s + allowance - now)):
+                    message = await receive()
+            except TimeoutError:
+                raise Problem(
+                    408,
+                    "body-timeout",
+                    f"the request body arrived too slowly ({received:,} bytes in "
+                    f"{loop.time() - first:.0f} s; allowed: {self.grace_s:g} s plus 1 s per "
+                    f"{self.min_rate:,.0f} bytes)",
+                    headers={"Connection": "close"},
+                ) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+            else:
+                complete = True
+            return message
+
+        await self.app(scope, timed_receive, send)

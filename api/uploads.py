@@ -16,7 +16,8 @@ from typing import Any
 
 import msgspec
 from litestar import Request
-from litestar.datastructures import UploadFile
+from litestar.datastructures import FormMultiDict, UploadFile
+from litestar.exceptions import ClientException
 
 from api.problems import Problem
 from api.schemas import FeedbackRequest, FeedbackSubmission
@@ -25,6 +26,9 @@ from dandelion_lib.config import Settings
 SINGLE_FIELD = "file"
 BATCH_FIELD = "files"
 RAW_TYPES = ("application/octet-stream",)
+MAX_FILENAME_CHARS = 255
+"""Longest filename accepted on an upload (the common file-system limit); the batch answer
+echoes filenames back."""
 
 
 @dataclass(frozen=True)
@@ -36,15 +40,55 @@ class Upload:
     error: Problem | None = None
 
 
+MAX_PART_HEADER_BYTES = 4096 + 128
+"""The multipart parser's limit on one header line of a part (``multipart`` package default)."""
+
+
+async def _form(request: Request[Any, Any, Any]) -> FormMultiDict:
+    """The parsed multipart form. Litestar reports every parser limit as one "Request Entity
+    Too Large"; the parser's own exception (its context, read here before anything else can
+    replace it) says which limit, so the answer names it."""
+    try:
+        return await request.form()
+    except ClientException as exc:
+        reason = str(exc.__context__ or "") if exc.detail == "Request Entity Too Large" else ""
+        if "header length" in reason:
+            # The Content-Disposition line carries the filename; nothing else in it grows long.
+            raise Problem(
+                400,
+                "filename-too-long",
+                "filename too long: a part's header line (Content-Disposition, which carries "
+                f"the filename) exceeds {MAX_PART_HEADER_BYTES:,} bytes; send a shorter filename",
+            ) from None
+        if "header count" in reason:
+            raise Problem(
+                400,
+                "too-many-part-headers",
+                "a multipart part has too many header lines (the limit is 8)",
+            ) from None
+        raise
+
+
 def _media_type(request: Request[Any, Any, Any]) -> str:
     media_type, _ = request.content_type
     return media_type.strip().lower()
 
 
+def _filename_too_long(filename: str) -> Problem:
+    return Problem(
+        400,
+        "filename-too-long",
+        f"filename too long: {len(filename):,} characters, the limit is {MAX_FILENAME_CHARS}",
+    )
+
+
 async def _read_upload(value: object, field: str) -> Upload:
     if isinstance(value, UploadFile):
         try:
-            return Upload(await value.read(), value.filename or None)
+            filename = value.filename or None
+            if filename is not None and len(filename) > MAX_FILENAME_CHARS:
+                return Upload(b"", None, _filename_too_long(filename))
+            return Upload(await value.read(), filename)
         finally:
             await value.close()
     return Upload(
@@ -68,7 +112,7 @@ async def read_single_image(request: Request[Any, Any, Any]) -> Upload:
     """The one image of ``POST /predict``."""
     media_type = _media_type(request)
     if media_type == "multipart/form-data":
-        form = await request.form()
+        form = await _form(request)
         values = form.getall(SINGLE_FIELD) if SINGLE_FIELD in form else []
         if not values:
             fields = ", ".join(sorted(form.keys())) or "none"
@@ -104,7 +148,7 @@ async def read_batch_images(request: Request[Any, Any, Any], settings: Settings)
         if not body and not media_type:
             raise Problem(400, "empty-body", "the request has no body; send images")
         raise _unsupported(media_type, raw_allowed=False)
-    form = await request.form()
+    form = await _form(request)
     values = form.getall(BATCH_FIELD) if BATCH_FIELD in form else []
     if not values:
         fields = ", ".join(sorted(form.keys())) or "none"
@@ -144,7 +188,7 @@ async def read_feedback(request: Request[Any, Any, Any]) -> FeedbackSubmission:
 
 
 async def _read_feedback_form(request: Request[Any, Any, Any]) -> FeedbackSubmission:
-    form = await request.form()
+    form = await _form(request)
     fields: dict[str, str] = {}
     for name in ("prediction_id", "correct_label"):
         value = form.get(name)

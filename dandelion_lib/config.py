@@ -145,6 +145,26 @@ class Settings(BaseSettings):
         0.6, description="Below this confidence the answer is 'uncertain'."
     )
     max_body_bytes: int = Field(10 * 1024 * 1024, description="Request body limit.")
+    body_read_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Grace period for a request body; after it the body must keep arriving "
+        "at min_upload_bytes_per_s, else 408 and the connection is closed.",
+    )
+    min_upload_bytes_per_s: int = Field(
+        1024, ge=0, description="Slowest average upload rate accepted after the grace period."
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Time a client has to send a request's headers, else 408 and the "
+        "connection is closed.",
+    )
+    api_max_connections: int = Field(
+        1000,
+        gt=0,
+        description="Open connections and requests in flight before the API answers 503.",
+    )
     max_batch_images: int = Field(32, description="Images per /predict/batch request.")
     microbatch_max: int = Field(32, description="Largest micro-batch run by the model.")
     microbatch_wait_ms: float = Field(5.0, description="Wait for more requests to batch.")

@@ -10,7 +10,9 @@ Two tables, created on first use with SQLAlchemy (SQLite by default, PostgreSQL 
 
 Feedback images go to the object store as ``feedback/<correct_label>/<sha256>.<ext>``
 before the row that references them is committed, so a row never points at a missing
-object. A reviewer accepts or rejects feedback (:meth:`FeedbackStore.review`);
+object. What is stored is the image only (:func:`~dandelion_lib.images.canonical_image`:
+nothing after the image's end), named by the sha256 of the stored bytes; the row's
+``image_sha256`` stays the sha256 of the bytes as sent, which matched the prediction. A reviewer accepts or rejects feedback (:meth:`FeedbackStore.review`);
 ingestion reads :meth:`FeedbackStore.accepted` to add reviewed images to the next
 dataset version.
 """
@@ -44,7 +46,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from dandelion_lib.config import DEFAULT_LABELS, NEITHER, UNKNOWN, Settings, get_settings
 from dandelion_lib.errors import DandelionError
-from dandelion_lib.images import ImageLimits, InvalidImageError, accept_image
+from dandelion_lib.images import ImageLimits, InvalidImageError, accept_image, canonical_image
 from dandelion_lib.storage import ObjectStore, open_store, sha256_hex
 
 TRAINING_LABELS: tuple[str, ...] = DEFAULT_LABELS
@@ -414,11 +416,13 @@ class FeedbackStore:
             raise InvalidFeedbackError("this feedback store keeps no images")
         try:
             limits = ImageLimits(self.max_image_pixels) if self.max_image_pixels else None
-            ext = accept_image(image, limits).ext
+            accepted = accept_image(image, limits)
         except InvalidImageError as exc:
             raise InvalidFeedbackError(f"the feedback image is unusable: {exc}") from None
-        key = f"feedback/{label}/{digest}.{ext}"
-        self.store.put_bytes(key, image, content_type=f"image/{ext.replace('jpg', 'jpeg')}")
+        # Stored: the image only (nothing after its end); matched: the bytes as predicted.
+        canonical = canonical_image(image, accepted)
+        key = f"feedback/{label}/{sha256_hex(canonical.data)}.{canonical.ext}"
+        self.store.put_bytes(key, canonical.data, content_type=f"image/{canonical.format.lower()}")
         return key, digest
 
     def get_feedback(self, feedback_id: str) -> FeedbackRecord | None:

@@ -8,6 +8,9 @@
 * :func:`sniff_format` reads only the header (unaccepted formats are refused unparsed),
   :func:`decode_image` decodes fully, and :func:`accept_image` does both: ingestion, feedback,
   the predictor (the API and ``dandelion predict``) all accept images through it.
+* :func:`canonical_image`: the bytes that are stored for an accepted image (ingestion and
+  feedback): nothing after the image's end, so a photo with an appended ZIP or HTML payload
+  never enters the store byte for byte.
 """
 
 from __future__ import annotations
@@ -279,3 +282,159 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+@dataclass(frozen=True)
+class CanonicalImage:
+    """What is stored for an accepted image: ``data`` in ``format`` (extension ``ext``).
+
+    ``trailing_bytes`` were cut after the image's end marker; ``reencoded`` says the decoded
+    pixels were re-encoded losslessly as PNG (formats whose end cannot be found reliably).
+    """
+
+    data: bytes
+    format: str
+    ext: str
+    trailing_bytes: int = 0
+    reencoded: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return self.reencoded or self.trailing_bytes > 0
+
+
+def canonical_image(data: bytes, accepted: AcceptedImage) -> CanonicalImage:
+    """The one rule for the bytes that are stored of an accepted image (``data``, accepted as
+    ``accepted`` by :func:`accept_image`).
+
+    * JPEG, PNG, WebP and GIF: the bytes up to the format's end (EOI marker, IEND chunk, RIFF
+      size, GIF trailer), found by walking the file's structure (so an EOI inside an embedded
+      thumbnail does not count). Ordinary files end there and are kept byte-identical; bytes
+      after the end (an appended ZIP or HTML payload) are cut. The cut bytes must decode again.
+    * BMP and TIFF (their end is not well defined) and any file whose end is not found: the
+      decoded pixels re-encoded losslessly as PNG.
+    """
+    finder = _END_FINDERS.get(accepted.format)
+    end = finder(data) if finder is not None else None
+    if end is not None:
+        if end == len(data):
+            return CanonicalImage(data, accepted.format, accepted.ext)
+        cut = data[:end]
+        pixels = accepted.image.width * accepted.image.height
+        with contextlib.suppress(InvalidImageError):
+            again = decode_image(cut, max_pixels=pixels, min_side=1)
+            if again.size == accepted.image.size and again.tobytes() == accepted.image.tobytes():
+                return CanonicalImage(
+                    cut, accepted.format, accepted.ext, trailing_bytes=len(data) - end
+                )
+    buf = io.BytesIO()
+    accepted.image.save(buf, format="PNG", optimize=False)
+    return CanonicalImage(buf.getvalue(), "PNG", FORMAT_EXTENSIONS["PNG"], reencoded=True)
+
+
+def _jpeg_end(data: bytes) -> int | None:
+    """Offset just after the EOI marker that ends the first image, walking the segments."""
+    n = len(data)
+    if data[:2] != b"\xff\xd8":
+        return None
+    i: int | None = 2
+    while i is not None and i < n:
+        if data[i] != 0xFF:
+            return None
+        while i < n and data[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            return None
+        marker = data[i]
+        i += 1
+        if marker == 0xD9:  # EOI
+            return i
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            continue
+        length = int.from_bytes(data[i : i + 2], "big") if i + 2 <= n else 0
+        if length < 2:
+            return None
+        i += length
+        if marker == 0xDA:  # SOS: entropy-coded data follows
+            i = _jpeg_scan_end(data, i)
+    return None
+
+
+def _jpeg_scan_end(data: bytes, i: int) -> int | None:
+    """Offset of the marker after entropy-coded data starting at ``i`` (stuffed ``FF 00``
+    bytes and RSTn markers are part of the data)."""
+    n = len(data)
+    while True:
+        j = data.find(b"\xff", i)
+        if j < 0 or j + 1 >= n:
+            return None
+        following = data[j + 1]
+        if following == 0xFF:  # fill byte before a marker
+            i = j + 1
+        elif following == 0x00 or 0xD0 <= following <= 0xD7:  # stuffed byte, RSTn
+            i = j + 2
+        else:
+            return j
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_end(data: bytes) -> int | None:
+    """Offset just after the IEND chunk (its CRC included)."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    i, n = len(_PNG_SIGNATURE), len(data)
+    while i + 12 <= n:
+        length = int.from_bytes(data[i : i + 4], "big")
+        kind = data[i + 4 : i + 8]
+        i += 12 + length
+        if kind == b"IEND":
+            return i if i <= n else None
+    return None
+
+
+def _webp_end(data: bytes) -> int | None:
+    """Offset just after the RIFF container (its size field, padded to even)."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return None
+    size = int.from_bytes(data[4:8], "little")
+    end = 8 + size + (size & 1)
+    return end if end <= len(data) else None
+
+
+def _gif_end(data: bytes) -> int | None:
+    """Offset just after the trailer (0x3B), walking the blocks."""
+    n = len(data)
+    if data[:6] not in (b"GIF87a", b"GIF89a") or n < 13:
+        return None
+
+    def sub_blocks(i: int) -> int | None:
+        while i < n:
+            size = data[i]
+            i += 1
+            if size == 0:
+                return i
+            i += size
+        return None
+
+    flags = data[10]
+    i: int | None = 13 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0)
+    while i is not None and i < n:
+        block = data[i]
+        if block == 0x3B:
+            return i + 1
+        if block == 0x21:  # extension: label, then sub-blocks
+            i = sub_blocks(i + 2)
+        elif block == 0x2C:  # image descriptor, local colour table, LZW code size
+            if i + 10 > n:
+                return None
+            local = data[i + 9]
+            i += 10 + (3 * 2 ** ((local & 7) + 1) if local & 0x80 else 0) + 1
+            i = sub_blocks(i)
+        else:
+            return None
+    return None
+
+
+_END_FINDERS = {"JPEG": _jpeg_end, "PNG": _png_end, "WEBP": _webp_end, "GIF": _gif_end}

@@ -18,7 +18,11 @@ is fitted on them (see :mod:`dandelion_lib.dataset` for their split).
 
 Every item is accepted or refused by :func:`dandelion_lib.images.accept_image` (format
 sniff, size limits, full decode); rejected items (with a reason code) never reach the store. Valid images are stored
-once under ``raw/<label>/<sha256>.<ext>`` (original bytes), exact duplicates collapse,
+once under ``raw/<label>/<sha256>.<ext>`` as their canonical bytes
+(:func:`dandelion_lib.images.canonical_image`: the original bytes of an ordinary file,
+anything after the image's end cut), keyed and listed in the manifest by the sha256 of the
+stored bytes (so a photo and the same photo with a payload appended are one image; the
+source index keeps the original sha256 of a changed item); exact duplicates collapse,
 near-duplicates share a group, and :mod:`dandelion_lib.dataset` writes the manifest and
 moves ``datasets/latest``.
 
@@ -56,10 +60,12 @@ from dandelion_lib.errors import DandelionError
 from dandelion_lib.features import STAT_COLUMNS, image_stats, perceptual_hash
 from dandelion_lib.feedback import FeedbackRecord, FeedbackStore, FeedbackUnavailableError
 from dandelion_lib.images import (
+    CanonicalImage,
     ImageLimits,
     InvalidImageError,
     RejectReason,
     accept_image,
+    canonical_image,
 )
 from dandelion_lib.storage import (
     CorruptObjectError,
@@ -509,6 +515,7 @@ class _Outcome:
     reason: str = ""
     detail: str = ""
     entry: dict[str, Any] | None = None  # the source index entry to remember
+    original_sha256: str | None = None  # of the bytes as fetched, when not stored as they were
 
 
 class _Index:
@@ -595,20 +602,33 @@ class _Worker:
             outcome.entry.update(rejected=outcome.reason, detail=outcome.detail)
         else:
             outcome.entry["sha256"] = outcome.sha256
+            if outcome.original_sha256:
+                outcome.entry["original_sha256"] = outcome.original_sha256
         return outcome
 
     def _ingest_bytes(self, item: SourceItem, data: bytes, content_type: str | None) -> _Outcome:
-        sha = sha256_hex(data)
+        sha = original = sha256_hex(data)
+        # Known images are keyed by the sha256 of their stored (canonical) bytes; bytes that
+        # hash to one of them are those bytes, so nothing needs decoding again.
         image = self.index.images.get(sha)
         described = image is None
         if image is None:
             try:
-                image = self._describe(data)
+                canonical, image = self._describe(data)
             except InvalidImageError as exc:
                 detail = str(exc)
                 if content_type and not content_type.startswith("image/"):
                     detail += f"; served as {content_type.split(';')[0]}"
                 return _Outcome(item, "rejected", reason=exc.reason, detail=detail)
+            if canonical.changed:
+                data, sha = canonical.data, sha256_hex(canonical.data)
+                log.info(
+                    "%s: stored the image only (%s)",
+                    item.source,
+                    "re-encoded as PNG"
+                    if canonical.reencoded
+                    else f"{canonical.trailing_bytes:,} bytes after its end cut",
+                )
         key = _raw_key(item.label, sha, image["ext"])
         with self._raw_lock:
             stored = key in self.raw
@@ -621,19 +641,24 @@ class _Worker:
             self.store.put_bytes(key, data, content_type=f"image/{image['format'].lower()}")
             with self._raw_lock:
                 self.raw.add(key)
-        return _Outcome(item, "unchanged" if stored else "new", sha256=sha, image=image)
+        outcome = _Outcome(item, "unchanged" if stored else "new", sha256=sha, image=image)
+        if sha != original:
+            outcome.original_sha256 = original
+        return outcome
 
-    def _describe(self, data: bytes) -> dict[str, Any]:
-        """Validate and describe an image; raises InvalidImageError."""
+    def _describe(self, data: bytes) -> tuple[CanonicalImage, dict[str, Any]]:
+        """Validate an image: what is stored of it and its description; raises
+        InvalidImageError."""
         accepted = accept_image(data, self.limits)
-        img, fmt = accepted.image, accepted.format
+        canonical = canonical_image(data, accepted)
+        img = accepted.image
         phash, stats = perceptual_hash(img), image_stats(img)
-        return {
-            "format": fmt,
-            "ext": accepted.ext,
+        return canonical, {
+            "format": canonical.format,
+            "ext": canonical.ext,
             "width": img.width,
             "height": img.height,
-            "bytes": len(data),
+            "bytes": len(canonical.data),
             "phash": phash,
             "ingested_at": datetime.now(UTC).isoformat(),
             "stats": stats,

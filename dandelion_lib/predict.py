@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,9 +142,16 @@ class Predictor:
             with tempfile.TemporaryDirectory(prefix="dandelion-model-") as tmp:
                 local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
                 meta = mlflow.models.Model.load(local).metadata or {}
-                model = mlflow.keras.load_model(local)
+                try:
+                    model = mlflow.keras.load_model(local)
+                except (MlflowException, OSError, ValueError, zipfile.BadZipFile) as exc:
+                    # Keras says "File not found" for any file that is not a zip archive.
+                    problem = _model_file_problem(Path(local))
+                    if problem is None:
+                        raise
+                    raise ModelUnavailableError(f"cannot load model {uri}: {problem}") from exc
                 detector = _load_detector(Path(local), meta)
-        except (MlflowException, OSError, ValueError, OpenSetError) as exc:
+        except (MlflowException, OSError, ValueError, zipfile.BadZipFile, OpenSetError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelUnavailableError(f"cannot load model {uri}: {first}") from exc
         name, version = _resolve(uri)
@@ -230,6 +238,27 @@ class Predictor:
         size = self.spec.image_size
         for n in (1, 2):
             self.predict_arrays(np.zeros((n, size, size, 3), dtype=np.float32))
+
+
+def _model_file_problem(local: Path) -> str | None:
+    """What is wrong with the downloaded Keras model file, when something is: missing, not a
+    zip archive (truncated or overwritten) or a member failing its CRC check (corrupt)."""
+    files = sorted(local.rglob("*.keras"))
+    if not files:
+        return "the model file (model.keras) is missing from the model version"
+    for path in files:
+        name = path.relative_to(local).as_posix()
+        size = path.stat().st_size
+        if not zipfile.is_zipfile(path):
+            return f"the model file {name} is corrupt (not a .keras zip archive; {size:,} bytes)"
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            return f"the model file {name} is corrupt ({exc})"
+        if bad is not None:
+            return f"the model file {name} is corrupt (its member {bad} fails its CRC check)"
+    return None
 
 
 def _load_detector(local: Path, meta: dict[str, Any]) -> OpenSetDetector | None:

@@ -3,9 +3,11 @@
 * Binds ``Settings.app_host:app_port`` (default 127.0.0.1:8866); the app calls the API at
   ``Settings.api_url``.
 * Only ``dashboards/app.ipynb`` is served; no code is shown and tracebacks never reach the page.
-* Each browser tab gets its own kernel; at most ``Settings.app_max_kernels`` run at once (more
-  tabs get HTTP 503) and a kernel idle for ``Settings.app_cull_idle_s`` is shut down, even
+* Each browser tab gets its own kernel; at most ``Settings.app_max_kernels`` run or start at
+  once (more tabs get Voila's HTTP 503 page saying the app is at capacity, also when they
+  arrive together) and a kernel idle for ``Settings.app_cull_idle_s`` is shut down, even
   while its tab is still open.
+* ``/logout`` (there are no accounts) and malformed template static paths answer 404.
 * Probes that start no kernel: ``GET /health/live`` (200 while the server runs) and
   ``GET /health/ready`` (503 while all sessions are taken). Probing ``/`` would start a kernel
   per probe.
@@ -27,6 +29,7 @@ from jupyter_server.utils import url_path_join
 from tornado import web
 from traitlets import Integer
 from voila.app import Voila
+from voila.static_file_handler import TemplateStaticFileHandler
 
 from dandelion_lib.config import Settings, get_settings
 
@@ -36,20 +39,38 @@ KERNEL = "dandelion"
 
 
 class CappedKernelManager(AsyncMappingKernelManager):
-    """The default kernel manager with a cap on running kernels (HTTP 503 beyond it)."""
+    """The default kernel manager with a cap on kernels (HTTP 503 beyond it).
+
+    A kernel joins ``list_kernel_ids()`` only once its process has started (seconds), so
+    kernels being started are counted too: the check and the count happen with no ``await``
+    in between, on the one event loop, so concurrent page loads cannot all pass the check.
+    """
 
     max_kernels = Integer(20, config=True, help="Most kernels running at once.")
+    starting: int = 0
+    """Kernels being started (not listed yet)."""
+
+    @property
+    def sessions(self) -> int:
+        """Kernels running or being started."""
+        return len(self.list_kernel_ids()) + self.starting
 
     async def start_kernel(self, *args: Any, **kwargs: Any) -> str:  # type: ignore[override]
         kernel_id = kwargs.get("kernel_id")
-        running = len(self.list_kernel_ids())
-        if (kernel_id is None or kernel_id not in self) and running >= self.max_kernels:
-            self.log.warning("refusing a new app session: %d kernels running", running)
+        if kernel_id is not None and kernel_id in self:
+            return str(await super().start_kernel(*args, **kwargs))
+        sessions = self.sessions
+        if sessions >= self.max_kernels:
+            self.log.warning("refusing a new app session: %d kernels running or starting", sessions)
             raise web.HTTPError(
                 503,
                 reason=f"The app is at capacity ({self.max_kernels} sessions); try again shortly",
             )
-        return str(await super().start_kernel(*args, **kwargs))
+        self.starting += 1
+        try:
+            return str(await super().start_kernel(*args, **kwargs))
+        finally:
+            self.starting -= 1  # by now the kernel is listed (or failed to start)
 
 
 class HealthHandler(web.RequestHandler):
@@ -59,7 +80,9 @@ class HealthHandler(web.RequestHandler):
         self.kernel_manager = kernel_manager
 
     def get(self, probe: str) -> None:
-        running = len(self.kernel_manager.list_kernel_ids())
+        running = getattr(
+            self.kernel_manager, "sessions", len(self.kernel_manager.list_kernel_ids())
+        )
         cap = getattr(self.kernel_manager, "max_kernels", None)
         full = probe == "ready" and cap is not None and running >= cap
         self.set_status(503 if full else 200)
@@ -69,8 +92,38 @@ class HealthHandler(web.RequestHandler):
         )
 
 
+class NotFoundHandler(web.RequestHandler):
+    """404 for Jupyter pages the app does not have (``/logout``: there are no accounts;
+    Jupyter's own handler fails rendering it, a 500)."""
+
+    def get(self, *_args: Any) -> None:
+        raise web.HTTPError(404)
+
+
+class SafeTemplateStaticFileHandler(TemplateStaticFileHandler):  # type: ignore[misc]
+    """Voila's template static files, answering 404 (not 500) for a path that is not
+    ``<template>/static/<file>`` after normalisation (e.g. with encoded ``..`` segments)."""
+
+    @staticmethod
+    def _valid(path: str) -> bool:
+        parts = os.path.normpath(path).split(os.path.sep, 2)
+        return len(parts) == 3 and parts[1] == "static" and parts[0] not in ("", ".", "..")
+
+    def parse_url_path(self, url_path: str) -> str:
+        if not self._valid(url_path) or len(url_path.split("/", 2)) != 3:
+            raise web.HTTPError(404)
+        return str(super().parse_url_path(url_path))
+
+    @classmethod
+    def get_absolute_path(cls, root: str, path: str) -> str:
+        if not cls._valid(path):
+            raise web.HTTPError(404)
+        return str(super().get_absolute_path(root, path))
+
+
 class DandelionVoila(Voila):  # type: ignore[misc]  # voila has no type hints: Voila is Any
-    """Voila plus the health endpoints (matched before Voila's catch-all notebook route)."""
+    """Voila plus the health endpoints (matched before Voila's catch-all notebook route),
+    and 4xx instead of 500 on ``/logout`` and bad template static paths."""
 
     def init_handlers(self) -> list[Any]:
         health = (
@@ -78,7 +131,12 @@ class DandelionVoila(Voila):  # type: ignore[misc]  # voila has no type hints: V
             HealthHandler,
             {"kernel_manager": self.kernel_manager},
         )
-        return [health, *super().init_handlers()]
+        logout = (url_path_join(self.server_url, r"/logout"), NotFoundHandler)
+        static = (
+            url_path_join(self.server_url, r"/voila/templates/(.*)"),
+            SafeTemplateStaticFileHandler,
+        )
+        return [health, logout, static, *super().init_handlers()]
 
 
 def _kernel_path() -> list[str]:

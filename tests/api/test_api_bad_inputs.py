@@ -202,6 +202,33 @@ def many_batch_files() -> dict[str, Any]:
     return {"files": [("files", (f"{i}.jpg", photo_jpeg())) for i in range(33)]}
 
 
+def many_form_fields() -> dict[str, Any]:
+    return {"data": {f"field{i}": "x" for i in range(60)}, "files": {"file": ("a.jpg", b"x")}}
+
+
+def too_many_part_headers() -> dict[str, Any]:
+    headers = "".join(f"X-Extra-{i}: {i}\r\n" for i in range(10))
+    body = (
+        b"--abc\r\n"
+        + f'Content-Disposition: form-data; name="file"; filename="a.jpg"\r\n{headers}\r\n'.encode()
+        + photo_jpeg()
+        + b"\r\n--abc--\r\n"
+    )
+    return {"content": body, "headers": {"content-type": "multipart/form-data; boundary=abc"}}
+
+
+def batch_one_long_filename() -> dict[str, Any]:
+    return {
+        "files": [("files", ("a.jpg", photo_jpeg())), ("files", ("b" * 300 + ".jpg", photo_jpeg()))]
+    }
+
+
+def check_one_long_filename(body: dict[str, Any]) -> None:
+    assert body["succeeded"] == 1 and body["failed"] == 1
+    error = body["results"][1]["error"]
+    assert error["code"] == "filename-too-long" and "filename too long" in error["detail"]
+
+
 def all_bad_batch() -> dict[str, Any]:
     return {
         "files": [("files", ("a.svg", SVG)), ("files", ("b.txt", b"")), ("files", ("c", b"GIF89a"))]
@@ -290,6 +317,20 @@ CASES: list[Case] = [
         415,
         "unsupported-media-type",
     ),
+    Case(
+        "filename-over-255-chars",
+        part(photo_jpeg, name="a" * 300 + ".jpg"),
+        400,
+        "filename-too-long",
+    ),
+    Case(
+        "filename-over-part-header-limit",
+        part(photo_jpeg, name="a" * 5000 + ".jpg"),
+        400,
+        "filename-too-long",
+    ),
+    Case("too-many-parts", many_form_fields, 413, "too-many-parts"),
+    Case("too-many-part-headers", too_many_part_headers, 400, "too-many-part-headers"),
     Case("multipart-without-boundary", multipart_without_boundary, 400),
     Case("multipart-garbage", garbage_multipart, 400),
     Case("oversize-raw-body", oversize_raw, 413, "body-too-large"),
@@ -302,6 +343,13 @@ CASES: list[Case] = [
     Case("batch-wrong-field", part(photo_jpeg), 400, "missing-file", path="/predict/batch"),
     Case("batch-empty-body", lambda: {}, 400, "empty-body", path="/predict/batch"),
     Case("batch-all-bad", all_bad_batch, OK, path="/predict/batch", batch_check=check_all_bad),
+    Case(
+        "batch-one-long-filename",
+        batch_one_long_filename,
+        OK,
+        path="/predict/batch",
+        batch_check=check_one_long_filename,
+    ),
 ]
 
 
@@ -326,6 +374,8 @@ def test_bad_input(case: Case, api_server: ApiServer) -> None:
         assert problem["type"] == f"urn:dandelion:problem:{problem['code']}"
         if case.code:
             assert problem["code"] == case.code, problem
+        if case.code == "filename-too-long":
+            assert "filename too long" in problem["detail"], problem
         return
     assert r.status_code == OK
     body = r.json()

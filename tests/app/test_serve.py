@@ -7,6 +7,7 @@ port), which the app must survive.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -80,3 +81,43 @@ def test_deployments_probe_the_kernel_free_endpoints_and_bind_all_interfaces() -
     assert 'CMD ["python", "-m", "dashboards.serve"]' in dockerfile
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     assert compose["services"]["app"]["healthcheck"]["test"][-1].endswith("/health/live")
+
+
+async def _load_pages(url: str, n: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=180) as client:
+        return list(await asyncio.gather(*(client.get(url) for _ in range(n))))
+
+
+def test_the_session_cap_holds_under_concurrent_page_loads(voila: Callable[..., Any]) -> None:
+    """Five page loads at once with a cap of two: two pages, three friendly refusals, never
+    more than two kernels (each kernel takes seconds to start, the window of the race)."""
+    with voila(dead_url(), app_max_kernels=2, app_cull_idle_s=10) as url:
+        answers = asyncio.run(_load_pages(url, 5))
+        statuses = sorted(r.status_code for r in answers)
+        assert statuses == [200, 200, 503, 503, 503], statuses
+        for refused in (r for r in answers if r.status_code == 503):
+            assert "capacity" in refused.text and "Traceback" not in refused.text
+            assert refused.headers["content-type"].startswith("text/html")
+        ready = httpx.get(f"{url}/health/ready", timeout=10).json()
+        assert ready == {"status": "at_capacity", "sessions": 2, "max_sessions": 2}
+
+
+BAD_PATHS = [
+    "/logout",
+    "/voila/templates/lab/static/..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+    "/voila/templates/lab/static/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+    "/voila/templates/lab/static/%2e%2e/%2e%2e/x",
+    "/voila/templates/lab/x",
+    "/voila/templates/%2e%2e/static/x",
+    "/voila/static/..%2F..%2F..%2Fetc%2Fpasswd",
+    "/voila/files/..%2F..%2F..%2Fetc%2Fpasswd",
+]
+
+
+def test_logout_and_bad_paths_answer_4xx(voila: Callable[..., Any]) -> None:
+    with voila(dead_url()) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.get("/voila/templates/lab/static/voila.js").status_code == 200
+        for path in BAD_PATHS:
+            r = client.get(path)
+            assert 400 <= r.status_code < 500, (path, r.status_code)
+            assert "Traceback" not in r.text and "root:" not in r.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -344,3 +345,45 @@ def test_accepted_feedback_joins_the_next_version(
         settings.model_copy(update={"ingest_feedback": False}), store=store, progress=False
     )
     assert off.version == before.version
+
+
+def test_only_image_data_enters_the_store(greenr_dir: Path, tmp_path: Path) -> None:
+    """A photo with a ZIP or HTML payload appended is stored without it, keyed (and listed in
+    the manifest) by the sha256 of the stored bytes; the same photo with and without a
+    payload is one image."""
+    import zipfile
+
+    src = tmp_path / "src"
+    _copy(greenr_dir, src, D, range(25))
+    _copy(greenr_dir, src, G, range(25))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("index.html", "<html><script>alert(1)</script></html>")
+    payload = buf.getvalue()
+    dandelion0 = (greenr_dir / D / "00000000.jpg").read_bytes()
+    grass30 = (greenr_dir / G / "00000030.jpg").read_bytes()
+    (src / D / "polyglot-of-0.jpg").write_bytes(dandelion0 + payload)
+    (src / G / "polyglot-30.jpg").write_bytes(grass30 + b"<html><body>hi</body></html>")
+    settings = _settings(tmp_path, src)
+    store = LocalStore(tmp_path / "store")
+    report = ingest(settings, store=store, progress=False)
+
+    assert report.images == 51 and report.duplicates == 1 and not report.rejected
+    df = dataset.load_manifest(store, report.version)
+    assert hashlib.sha256(grass30).hexdigest() in set(df["sha256"])
+    for row in df.itertuples():
+        stored = store.get_bytes(row.key)
+        assert hashlib.sha256(stored).hexdigest() == row.sha256 and row.sha256 in row.key
+        assert row.bytes == len(stored)
+        assert b"<html>" not in stored and not zipfile.is_zipfile(io.BytesIO(stored))
+    assert {k for k in store.list("raw/")} == set(df["key"])
+    index = json.loads(store.get_bytes("ingest/index.json"))
+    entry = index["sources"][str(src / G / "polyglot-30.jpg")]
+    assert entry["sha256"] == hashlib.sha256(grass30).hexdigest()
+    assert (
+        entry["original_sha256"]
+        == hashlib.sha256((src / G / "polyglot-30.jpg").read_bytes()).hexdigest()
+    )
+
+    again = ingest(settings, store=store, progress=False)
+    assert again.version == report.version and again.new == 0

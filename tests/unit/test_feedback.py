@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def feedback(tmp_path: Path) -> Iterator[FeedbackStore]:
     store.close()
 
 
-@pytest.mark.parametrize(("fmt", "ext"), [("JPEG", "jpg"), ("PNG", "png"), ("BMP", "bmp")])
+@pytest.mark.parametrize(("fmt", "ext"), [("JPEG", "jpg"), ("PNG", "png")])
 def test_feedback_image_is_stored_under_its_format(
     feedback: FeedbackStore, fmt: str, ext: str
 ) -> None:
@@ -54,6 +55,39 @@ def test_feedback_image_is_stored_under_its_format(
     fb = feedback.add_feedback(record(feedback, image), "dandelion", image)
     assert fb.image_key == f"feedback/dandelion/{hashlib.sha256(image).hexdigest()}.{ext}"
     assert fb.agree is False and fb.predicted_label == "grass"
+    assert feedback.store is not None and feedback.store.get_bytes(fb.image_key) == image
+
+
+def zip_payload() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("index.html", "<html><script>alert(1)</script></html>")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_only_the_image_of_a_feedback_upload_is_stored(feedback: FeedbackStore, fmt: str) -> None:
+    """A photo with a ZIP appended (a polyglot) is matched by the bytes as predicted but
+    stored without the payload."""
+    clean = encode(fmt)
+    polyglot = clean + zip_payload()
+    fb = feedback.add_feedback(record(feedback, polyglot), "dandelion", polyglot)
+    assert fb.image_sha256 == hashlib.sha256(polyglot).hexdigest()  # the prediction's
+    assert fb.image_key is not None and feedback.store is not None
+    stored = feedback.store.get_bytes(fb.image_key)
+    assert stored == clean and not zipfile.is_zipfile(io.BytesIO(stored))
+    assert hashlib.sha256(clean).hexdigest() in fb.image_key
+
+
+def test_a_bmp_feedback_image_is_stored_as_png_pixels(feedback: FeedbackStore) -> None:
+    """BMP has no reliable end marker: its decoded pixels are stored, re-encoded as PNG."""
+    image = encode("BMP") + b"<html>payload</html>"
+    fb = feedback.add_feedback(record(feedback, image), "dandelion", image)
+    assert fb.image_key is not None and fb.image_key.endswith(".png")
+    assert feedback.store is not None
+    stored = Image.open(io.BytesIO(feedback.store.get_bytes(fb.image_key)))
+    assert stored.format == "PNG"
+    assert stored.convert("RGB").tobytes() == Image.open(io.BytesIO(image)).convert("RGB").tobytes()
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import zipfile
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -17,6 +21,7 @@ from dandelion_lib.images import (
     InvalidImageError,
     RejectReason,
     accept_image,
+    canonical_image,
     decode_image,
     sniff_format,
 )
@@ -108,3 +113,93 @@ def test_decode_applies_exif_orientation_and_flattens_alpha() -> None:
     buf = io.BytesIO()
     photo((64, 40)).save(buf, "JPEG", exif=exif)
     assert decode_image(buf.getvalue()).size == (40, 64)
+
+
+# --- canonical bytes: what is stored of an accepted image ----------------------------------
+def zip_payload() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("payload.html", "<html><script>alert(1)</script></html>")
+    return buf.getvalue()
+
+
+def textured(size: tuple[int, int] = (96, 64)) -> Image.Image:
+    """A photo-like image (noise), so the entropy-coded data has stuffed bytes and markers."""
+    rng = np.random.default_rng(3)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def jpeg_with_thumbnail() -> bytes:
+    """A JPEG whose EXIF block holds a JPEG thumbnail (its own EOI comes first)."""
+    thumb = encode(textured((16, 16)), "JPEG")
+    exif = Image.Exif()
+    exif[0x010F] = "camera"
+    app1_body = b"Exif\x00\x00" + exif.tobytes() + thumb
+    main = encode(textured(), "JPEG")
+    app1 = b"\xff\xe1" + (len(app1_body) + 2).to_bytes(2, "big") + app1_body
+    return main[:2] + app1 + main[2:]
+
+
+def save(img: Image.Image, fmt: str, **kwargs: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+ORDINARY = {
+    "jpeg": lambda: save(textured(), "JPEG", quality=90),
+    "jpeg-progressive-restart": lambda: save(
+        textured(), "JPEG", progressive=True, restart_marker_blocks=1
+    ),
+    "jpeg-exif-thumbnail": jpeg_with_thumbnail,
+    "png": lambda: save(textured(), "PNG"),
+    "webp": lambda: save(textured(), "WEBP", quality=80),
+    "webp-odd-size": lambda: save(textured((33, 35)), "WEBP", lossless=True),
+    "gif": lambda: save(textured().quantize(64), "GIF"),
+    "gif-animated": lambda: save(
+        textured().quantize(64),
+        "GIF",
+        save_all=True,
+        append_images=[textured().rotate(90).quantize(64)],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ORDINARY))
+def test_ordinary_files_are_stored_byte_identical(name: str) -> None:
+    data = ORDINARY[name]()
+    canonical = canonical_image(data, accept_image(data))
+    assert canonical.data == data and not canonical.changed
+
+
+def test_reference_photos_are_stored_byte_identical(greenr_dir: Path) -> None:
+    for path in sorted(greenr_dir.glob("*/*.jpg"))[::20]:
+        data = path.read_bytes()
+        assert canonical_image(data, accept_image(data)).data == data, path
+
+
+@pytest.mark.parametrize("name", sorted(ORDINARY))
+@pytest.mark.parametrize("payload", ["zip", "html"])
+def test_data_after_the_image_is_cut(name: str, payload: str) -> None:
+    data = ORDINARY[name]()
+    extra = zip_payload() if payload == "zip" else b"<html><script>alert(1)</script></html>"
+    polyglot = data + extra
+    if payload == "zip":
+        assert zipfile.is_zipfile(io.BytesIO(polyglot))  # really a polyglot
+    accepted = accept_image(polyglot)
+    canonical = canonical_image(polyglot, accepted)
+    assert canonical.data == data
+    assert canonical.trailing_bytes == len(extra)
+    assert (canonical.format, canonical.ext) == (accepted.format, accepted.ext)
+    assert not zipfile.is_zipfile(io.BytesIO(canonical.data))
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF"])
+def test_formats_without_a_reliable_end_are_reencoded_losslessly(fmt: str) -> None:
+    data = save(textured(), fmt) + zip_payload()
+    accepted = accept_image(data)
+    canonical = canonical_image(data, accepted)
+    assert canonical.reencoded and (canonical.format, canonical.ext) == ("PNG", "png")
+    again = accept_image(canonical.data)
+    assert again.image.tobytes() == accepted.image.tobytes()
+    assert canonical_image(canonical.data, again).data == canonical.data  # a fixed point

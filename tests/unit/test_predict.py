@@ -1,7 +1,13 @@
 """The Predictor's answer policy (dandelion_lib.predict.AnswerPolicy): one place decides a
-label, ``uncertain`` or ``unknown``; the model itself is exercised in tests/model."""
+label, ``uncertain`` or ``unknown``; the model itself is exercised in tests/model. Also what
+``Predictor.load`` says about a model version whose stored model file is broken."""
 
 from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +80,55 @@ def test_predictor_takes_its_detectors_threshold() -> None:
     # an explicit policy threshold is kept
     fixed = AnswerPolicy(0.7, ood_threshold=1.5)
     assert Predictor(model=None, spec=FeatureSpec(), detector=det, policy=fixed).policy == fixed
+
+
+@pytest.fixture(scope="module")
+def saved_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real MLflow Keras model folder (a tiny model; no registry needed)."""
+    import keras
+    import mlflow
+
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+    path = tmp_path_factory.mktemp("saved") / "model"
+    mlflow.keras.save_model(model, str(path), pip_requirements=["keras"])
+    return path
+
+
+def _broken_copy(src: Path, dst: Path, damage: Callable[[Path], None]) -> Path:
+    shutil.copytree(src, dst)
+    (keras_file,) = dst.rglob("model.keras")
+    damage(keras_file)
+    return dst
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_truncate, lambda p: p.write_bytes(b"this is not a keras archive")],
+    ids=["truncated", "garbage"],
+)
+def test_a_corrupt_model_file_is_reported_as_corrupt(
+    saved_model_dir: Path, tmp_path: Path, damage: Callable[[Path], None]
+) -> None:
+    from dandelion_lib.predict import ModelUnavailableError, Predictor
+
+    assert Predictor.load(str(saved_model_dir)).labels  # the intact copy loads
+    broken = _broken_copy(saved_model_dir, tmp_path / "broken", damage)
+    with pytest.raises(ModelUnavailableError) as info:
+        Predictor.load(str(broken))
+    first = str(info.value).splitlines()[0]
+    assert re.search(r"model\.keras is corrupt", first), first
+    assert "not found" not in first.lower()
+
+
+def test_a_missing_model_file_is_reported_as_missing(saved_model_dir: Path, tmp_path: Path) -> None:
+    from dandelion_lib.predict import ModelUnavailableError, Predictor
+
+    broken = _broken_copy(saved_model_dir, tmp_path / "broken", Path.unlink)
+    with pytest.raises(ModelUnavailableError, match="missing"):
+        Predictor.load(str(broken))
