@@ -11,6 +11,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -83,16 +84,23 @@ def test_deployments_probe_the_kernel_free_endpoints_and_bind_all_interfaces() -
     assert compose["services"]["app"]["healthcheck"]["test"][-1].endswith("/health/live")
 
 
-async def _load_pages(url: str, n: int) -> list[httpx.Response]:
+async def _gather_pages(url: str, n: int) -> list[httpx.Response]:
     async with httpx.AsyncClient(timeout=180) as client:
         return list(await asyncio.gather(*(client.get(url) for _ in range(n))))
+
+
+def _load_pages(url: str, n: int) -> list[httpx.Response]:
+    """``n`` concurrent page loads, on an event loop of their own thread (a test that ran
+    before may leave a loop running in this one, e.g. Playwright's sync API)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, _gather_pages(url, n)).result()
 
 
 def test_the_session_cap_holds_under_concurrent_page_loads(voila: Callable[..., Any]) -> None:
     """Five page loads at once with a cap of two: two pages, three friendly refusals, never
     more than two kernels (each kernel takes seconds to start, the window of the race)."""
     with voila(dead_url(), app_max_kernels=2, app_cull_idle_s=10) as url:
-        answers = asyncio.run(_load_pages(url, 5))
+        answers = _load_pages(url, 5)
         statuses = sorted(r.status_code for r in answers)
         assert statuses == [200, 200, 503, 503, 503], statuses
         for refused in (r for r in answers if r.status_code == 503):
