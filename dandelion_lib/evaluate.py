@@ -292,13 +292,6 @@ def _probabilities(preds: list[Prediction], labels: tuple[str, ...]) -> npt.NDAr
     return np.asarray([[p.probabilities[lab] for lab in labels] for p in preds], dtype=np.float64)
 
 
-def predict_probabilities(
-    predictor: Any, pixels: np.ndarray, batch_size: int = 32
-) -> npt.NDArray[np.float64]:
-    """Class probabilities ``(N, classes)`` through the predictor, in batches."""
-    return _probabilities(predict_all(predictor, pixels, batch_size), tuple(predictor.labels))
-
-
 def evaluate_split(
     predictor: Any, store: Any, version: str, split: str = "test", *, manifest: Any = None
 ) -> EvaluationReport:

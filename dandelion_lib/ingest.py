@@ -384,6 +384,7 @@ class FeedbackSource(Source):
 
     def __init__(self, records: list[FeedbackRecord], store: ObjectStore, labels: tuple[str, ...]):
         self.records = records
+        self.image_keys = {r.feedback_id: r.image_key for r in records}
         self.store = store
         self.labels = labels
         self.description = f"accepted feedback ({len(records)})"
@@ -398,7 +399,7 @@ class FeedbackSource(Source):
 
     def fetch(self, item: SourceItem, known: dict[str, Any] | None) -> Fetched:
         feedback_id = item.source[len(FEEDBACK_SOURCE_PREFIX) :]
-        key = next(r.image_key for r in self.records if r.feedback_id == feedback_id)
+        key = self.image_keys[feedback_id]
         try:
             return Fetched(self.store.get_bytes(key or ""))
         except ObjectNotFoundError:

@@ -25,6 +25,21 @@ MIN_RATE = 1000
 HEADER_TIMEOUT_S = 2.0
 
 
+def _read_rest(sock: socket.socket, answer: bytes) -> bytes:
+    """``answer`` plus the rest of the reply, until the server closes (or 60 s pass: a
+    failure in the caller's assertions)."""
+    sock.settimeout(60)
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (TimeoutError, OSError):
+            break
+        if not chunk:
+            break
+        answer += chunk
+    return answer
+
+
 @pytest.fixture(scope="module")
 def strict_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     workdir = tmp_path_factory.mktemp("transport")
@@ -68,16 +83,7 @@ def _slow_upload(
             except OSError:  # the server closed the connection
                 break
             break  # an answer (or the server's close): stop sending
-        sock.settimeout(60)
-        while True:  # the rest, until the server closes (or 60 s pass: a failure below)
-            try:
-                chunk = sock.recv(65536)
-            except (TimeoutError, OSError):
-                break
-            if not chunk:
-                break
-            answer += chunk
-    return answer, time.monotonic() - start
+        return _read_rest(sock, answer), time.monotonic() - start
 
 
 def test_a_trickling_upload_is_cut_off_with_408(strict_api: tuple[str, int]) -> None:
@@ -123,16 +129,7 @@ def _trickle_headers(address: tuple[str, int], text: bytes) -> tuple[bytes, floa
             except OSError:
                 break
             break
-        sock.settimeout(60)
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except (TimeoutError, OSError):
-                break
-            if not chunk:
-                break
-            answer += chunk
-    return answer, time.monotonic() - start
+        return _read_rest(sock, answer), time.monotonic() - start
 
 
 @pytest.mark.parametrize("sent", [b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n" * 3, b""])
