@@ -25,6 +25,7 @@ import pytest
 from mlflow import MlflowClient
 
 from dandelion_lib.config import Settings
+from dandelion_lib.registry import configure_mlflow
 from dandelion_lib.storage import LocalStore
 from tests.pipeline.conftest import dags_test, serve
 
@@ -184,7 +185,9 @@ def test_champion_ships_its_open_set_detector(pipeline: Pipeline, first: Run) ->
     assert 0.0 <= run.data.metrics["test_ood_unknown_share"] <= 1.0
     mv = pipeline.client.get_model_version("dandelion", model["version"])
     assert mv.tags["promotion.challenger_ood_unknown_share"] != "none"
-    mlflow.set_tracking_uri(pipeline.settings.resolved_tracking_uri)
+    # Through the library's one place that points MLflow at a store: an earlier test in the same
+    # process may have left another registry URI set globally.
+    configure_mlflow(pipeline.settings)
     local = mlflow.artifacts.download_artifacts(f"models:/dandelion/{model['version']}")
     assert (Path(local) / "openset.npz").is_file()
 
