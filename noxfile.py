@@ -100,6 +100,14 @@ def slow(session: nox.Session) -> None:
 
 
 @nox.session
+def faults(session: nox.Session) -> None:
+    """The standing fault suite (docs/reliability.md): dependencies locked, stopped, hanging
+    or down at start; slow and hostile clients; each asserting the answers and that nothing
+    was lost, on real processes."""
+    _run(session, "pytest", "-m", "faults", *session.posargs)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff (lint + format check), mypy, and the import-linter contracts (pyproject.toml)."""
     _run(session, "ruff", "check", ".")

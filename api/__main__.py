@@ -10,10 +10,14 @@ def main() -> None:
     import uvicorn
 
     from api.logs import configure_logging
+    from api.services.models import registry_http_env
     from api.transport import protocol_with_header_timeout
     from dandelion_lib.config import get_settings
 
     settings = get_settings()
+    # Before MLflow makes its first request; a value set in the environment wins.
+    for key, value in registry_http_env(settings).items():
+        os.environ.setdefault(key, value)
     configure_logging(settings.log_level)
     uvicorn.run(
         "api.app:create_app",

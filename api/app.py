@@ -16,6 +16,7 @@ from api.middleware import BodyDeadlineMiddleware, RequestContextMiddleware
 from api.problems import Problem, from_exception, problem_response
 from api.routes import ROUTES
 from api.services import Services
+from api.services.models import redact_uri
 from dandelion_lib import __version__
 from dandelion_lib.config import Settings, get_settings
 
@@ -42,7 +43,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
             "api started",
             extra={
                 "model": f"models:/{settings.model_name}@{settings.model_alias}",
-                "tracking_uri": _redact(settings.resolved_tracking_uri),
+                "tracking_uri": redact_uri(settings.resolved_tracking_uri),
                 "microbatch_max": settings.microbatch_max,
                 "queue_size": settings.queue_size,
             },
@@ -82,13 +83,3 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         svc.metrics,
     )
     return app
-
-
-def _redact(uri: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.password:
-        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri

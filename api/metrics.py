@@ -131,6 +131,16 @@ class ApiMetrics:
         self.drift_window = Gauge(
             "dandelion_drift_window_images", "Served images in the drift window.", registry=r
         )
+        self.dependency_failures = Counter(
+            "dandelion_dependency_failures",
+            "Requests answered 503 because a dependency (feedback, registry) was busy or "
+            "past its deadline.",
+            ["dependency", "reason"],
+            registry=r,
+        )
+        for dependency in ("feedback", "registry"):
+            for reason in ("busy", "timeout"):
+                self.dependency_failures.labels(dependency=dependency, reason=reason)
         for agreement in ("agree", "disagree"):
             self.feedback.labels(agreement=agreement)
         # Exported at 0 from the start, so increase() sees the first 'unknown' answers (the

@@ -107,10 +107,9 @@ async def metrics(metrics: ApiMetrics, models: ModelManager) -> Response[bytes]:
     tags=["feedback"],
     summary="Report the correct label of a prediction",
     dependencies={"submission": Provide(read_feedback)},
-    sync_to_thread=True,
 )
-def feedback(submission: FeedbackSubmission, feedback: FeedbackService) -> FeedbackResponse:
-    return feedback.submit(submission)
+async def feedback(submission: FeedbackSubmission, feedback: FeedbackService) -> FeedbackResponse:
+    return await feedback.submit(submission)
 
 
 @post(
@@ -118,13 +117,12 @@ def feedback(submission: FeedbackSubmission, feedback: FeedbackService) -> Feedb
     status_code=HTTP_200_OK,
     tags=["admin"],
     summary="Check the registry now and load the aliased version (bearer token)",
-    responses=problems(401, 403),
+    responses=problems(401, 403, 503),
     security=[{"bearer": []}],
     guards=[admin_guard],
-    sync_to_thread=True,
 )
-def admin_reload(models: ModelManager) -> ReloadResponse:
-    return models.reload()
+async def admin_reload(models: ModelManager) -> ReloadResponse:
+    return await models.reload()
 
 
 ROUTES: list[Any] = [

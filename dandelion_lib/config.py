@@ -170,6 +170,34 @@ class Settings(BaseSettings):
     microbatch_wait_ms: float = Field(5.0, description="Wait for more requests to batch.")
     queue_size: int = Field(256, description="Pending images before 503 + Retry-After.")
     reload_interval_s: float = Field(30.0, description="Registry alias polling period.")
+    registry_timeout_s: int = Field(
+        10,
+        gt=0,
+        description="Per-request timeout of the API's registry calls (MLflow HTTP), so a down "
+        "or hanging registry is named in seconds, not minutes.",
+    )
+    registry_retries: int = Field(
+        1, ge=0, description="Retries of one registry request by the API (MLflow HTTP)."
+    )
+    reload_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Deadline of POST /admin/reload; past it 503 reload-timeout (the check "
+        "goes on; GET /model shows its outcome).",
+    )
+    feedback_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Deadline of a feedback request's database and object-store work, and the "
+        "database's lock and connect wait (SQLite busy timeout; PostgreSQL connect, pool and "
+        "statement timeouts). Past it: 503 feedback-timeout with Retry-After.",
+    )
+    feedback_concurrency: int = Field(
+        4,
+        gt=0,
+        description="Feedback requests served at once (their own threads, apart from "
+        "predictions); one more answers 503 feedback-busy at once.",
+    )
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for /admin/*; admin endpoints are refused when unset."
     )

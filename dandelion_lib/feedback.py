@@ -193,8 +193,10 @@ class FeedbackStore:
         store: ObjectStore | None = None,
         labels: Sequence[str] = TRAINING_LABELS,
         max_image_pixels: int | None = None,
+        timeout_s: float = 30.0,
     ):
         self.url = normalize_db_url(url)
+        self.timeout_s = timeout_s
         self.store = store
         self.labels = tuple(labels)
         self.max_image_pixels = max_image_pixels
@@ -214,6 +216,7 @@ class FeedbackStore:
             store=open_store(settings=settings),
             labels=settings.labels,
             max_image_pixels=settings.max_image_pixels,
+            timeout_s=settings.feedback_timeout_s,
         )
 
     # --- connection ----------------------------------------------------------------------
@@ -230,13 +233,23 @@ class FeedbackStore:
             url = make_url(self.url)
         except Exception as exc:
             raise FeedbackUnavailableError(f"invalid feedback database URL: {exc}") from None
+        # Every wait is bounded by timeout_s: a locked or unreachable database fails a call
+        # in seconds instead of holding its thread (the API's feedback bulkhead relies on it).
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if url.get_backend_name() == "sqlite":
             if url.database and url.database != ":memory:":
                 Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+                kwargs["pool_timeout"] = self.timeout_s
+            kwargs["connect_args"] = {"timeout": self.timeout_s, "check_same_thread": False}
+        elif url.get_backend_name() == "postgresql":
+            kwargs["connect_args"] = {
+                "connect_timeout": max(2, round(self.timeout_s)),
+                "options": f"-c statement_timeout={round(self.timeout_s * 1000)} "
+                f"-c lock_timeout={round(self.timeout_s * 1000)}",
+            }
+            kwargs["pool_timeout"] = self.timeout_s
         else:
-            kwargs["connect_args"] = {"connect_timeout": 10}
+            kwargs["connect_args"] = {"connect_timeout": max(2, round(self.timeout_s))}
         try:
             engine = create_engine(url, **kwargs)
         except Exception as exc:

@@ -6,6 +6,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from api.bulkhead import Bulkhead
 from api.metrics import ApiMetrics
 from api.services.feedback import FeedbackService
 from api.services.inference import InferenceQueue
@@ -59,7 +60,15 @@ class Services:
                 recorder=recorder,
             ),
             feedback=FeedbackService(
-                store, recorder, metrics, accuracy_window=settings.feedback_accuracy_window
+                store,
+                recorder,
+                metrics,
+                accuracy_window=settings.feedback_accuracy_window,
+                bulkhead=Bulkhead(
+                    "feedback",
+                    limit=settings.feedback_concurrency,
+                    deadline_s=settings.feedback_timeout_s,
+                ),
             ),
         )
 
@@ -79,7 +88,8 @@ class Services:
             log.error("feedback database unavailable at start-up: %s", exc)
 
     def stop(self) -> None:
+        """Stop the background work; a stuck database holds shutdown at most its timeout."""
         self.models.stop()
         self.queue.stop()
-        self.recorder.stop()
+        self.recorder.stop(timeout=self.settings.feedback_timeout_s)
         self.recorder.store.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 
+from api.bulkhead import Bulkhead, BulkheadError, BulkheadFull
 from api.metrics import ApiMetrics
 from api.problems import Problem
 from api.schemas import FeedbackResponse, FeedbackSubmission, ModelRef
@@ -30,15 +31,27 @@ class FeedbackService:
         metrics: ApiMetrics,
         *,
         accuracy_window: int = 200,
+        bulkhead: Bulkhead | None = None,
     ):
         self.store = store
         self.predictions = predictions
         self.metrics = metrics
         self.accuracy_window = accuracy_window
+        self.bulkhead = bulkhead or Bulkhead("feedback", limit=4, deadline_s=store.timeout_s)
 
-    def submit(self, submission: FeedbackSubmission) -> FeedbackResponse:
-        """Store feedback (blocking: call from a worker thread); raises :class:`Problem`."""
-        record = self._store(submission.prediction_id, submission.correct_label, submission.image)
+    async def submit(self, submission: FeedbackSubmission) -> FeedbackResponse:
+        """Store feedback in the feedback bulkhead; raises :class:`Problem`.
+
+        The database and the object store are reached only from the bulkhead's own threads:
+        when they are slow or down, feedback answers 503 within the deadline and the
+        threads that decode images for predictions are never taken.
+        """
+        try:
+            record = await self.bulkhead.call(
+                self._store, submission.prediction_id, submission.correct_label, submission.image
+            )
+        except BulkheadError as exc:
+            raise self._unavailable(exc) from None
         return FeedbackResponse(
             feedback_id=record.feedback_id,
             prediction_id=record.prediction_id,
@@ -49,6 +62,24 @@ class FeedbackService:
             image_key=record.image_key,
             created_at=record.created_at.isoformat(),
         )
+
+    def _unavailable(self, exc: BulkheadError) -> Problem:
+        if isinstance(exc, BulkheadFull):
+            reason, code = "busy", "feedback-busy"
+            detail = (
+                f"feedback is not taken now: {exc.bulkhead.running} earlier feedback requests "
+                "are still waiting on the feedback database or object store; nothing was stored"
+            )
+        else:
+            reason, code = "timeout", "feedback-timeout"
+            detail = (
+                "the feedback database or object store did not answer within "
+                f"{exc.bulkhead.deadline_s:g} s; the feedback may still be stored (sending it "
+                "again answers 409 duplicate-feedback if it was)"
+            )
+        self.metrics.dependency_failures.labels(dependency="feedback", reason=reason).inc()
+        log.error("feedback not stored: %s", exc.detail)
+        return Problem(503, code, detail, headers={"Retry-After": "10"})
 
     def _store(self, prediction_id: str, correct_label: str, image: bytes | None) -> FeedbackRecord:
         try:

@@ -18,7 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from api.bulkhead import Bulkhead, BulkheadError, BulkheadFull
 from api.metrics import ApiMetrics
+from api.problems import Problem
 from api.schemas import LoadFailureInfo, ModelInfo, ModelRef, Readiness, ReloadResponse
 from dandelion_lib.config import Settings
 from dandelion_lib.monitoring import DriftMonitor
@@ -93,6 +95,9 @@ class ModelManager:
         self.last_check: CheckResult | None = None
         self.state = "starting"
         self.reason = f"checking the registry for models:/{self.name}@{self.alias}"
+        # Admin reloads run here, never in the request worker pool; the poller has its own
+        # thread. One reload at a time (a second waits for the first's lock anyway).
+        self.reloads = Bulkhead("registry", limit=1, deadline_s=settings.reload_timeout_s)
 
     # --- public ----------------------------------------------------------------------------
     @property
@@ -117,15 +122,41 @@ class ModelManager:
             return Readiness(status="not_ready", reason=self.reason or self.state)
         return Readiness(status="ready", model=ModelRef(name=current.name, version=current.version))
 
-    def reload(self) -> ReloadResponse:
-        """Check the registry now, retrying a version that failed before (blocking)."""
-        result = self.check(force=True)
+    async def reload(self) -> ReloadResponse:
+        """Check the registry now, retrying a version that failed before.
+
+        Answers within ``reload_timeout_s``: past it (or while another reload still runs)
+        :class:`Problem` 503; the check goes on and ``GET /model`` shows its outcome.
+        """
+        try:
+            result = await self.reloads.call(self.check, True)
+        except BulkheadError as exc:
+            raise self._reload_unavailable(exc) from None
         return ReloadResponse(
             action=result.action,
             version=result.version,
             detail=result.detail,
             model=self.describe(),
         )
+
+    def _reload_unavailable(self, exc: BulkheadError) -> Problem:
+        if isinstance(exc, BulkheadFull):
+            reason, code = "busy", "reload-busy"
+            detail = "a reload is already running; GET /model shows its outcome"
+        else:
+            reason, code = "timeout", "reload-timeout"
+            detail = (
+                f"the registry check did not finish within {exc.bulkhead.deadline_s:g} s "
+                f"(registry {self.registry_uri}); it goes on, GET /model shows its outcome"
+            )
+        self.metrics.dependency_failures.labels(dependency="registry", reason=reason).inc()
+        log.warning("reload not answered: %s", exc.detail)
+        return Problem(503, code, detail, headers={"Retry-After": "30"})
+
+    @property
+    def registry_uri(self) -> str:
+        """The registry's address, without credentials (for messages)."""
+        return redact_uri(self.settings.resolved_tracking_uri)
 
     def start(self) -> None:
         """Load in the background and poll the alias until :meth:`stop`."""
@@ -208,7 +239,7 @@ class ModelManager:
         return CheckResult("no-alias", None, detail)
 
     def _registry_error(self, message: str) -> CheckResult:
-        detail = f"model registry unavailable: {message}"
+        detail = f"model registry {self.registry_uri} unavailable: {message}"
         if self._current is None:
             self.state, self.reason = "waiting", detail
         log.warning("registry check failed: %s", message)
@@ -287,3 +318,27 @@ class ModelManager:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:500] if text else type(exc).__name__
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with its password replaced by ``***``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password:
+        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
+def registry_http_env(settings: Settings) -> dict[str, str]:
+    """MLflow HTTP client settings for the API process: fail fast on a down registry.
+
+    MLflow's defaults (7 retries with exponential backoff, 120 s per request) keep a
+    registry check busy for minutes; the API names the outage in seconds instead.
+    """
+    return {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(settings.registry_timeout_s),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(settings.registry_retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    }

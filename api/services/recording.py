@@ -41,10 +41,24 @@ class PredictionLog:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the flusher and write what is buffered, waiting at most ``timeout``.
+
+        The last flush runs in a daemon thread: a database that does not answer cannot hold
+        the process (the rows it could not take are logged as lost).
+        """
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        self.flush()
+        last = threading.Thread(target=self.flush, name="prediction-log-final", daemon=True)
+        last.start()
+        last.join(timeout)
+        if last.is_alive():
+            with self._lock:
+                pending = len(self._pending)
+            log.error(
+                "the prediction log was not written before shutdown",
+                extra={"pending": pending, "timeout_s": timeout},
+            )
 
     def add(self, record: PredictionRecord) -> None:
         with self._lock:

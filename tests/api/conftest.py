@@ -410,47 +410,58 @@ def _pg_bin(name: str) -> str:
     )
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A real PostgreSQL server (Debian's packages) in a temp dir on a free loopback port.
+class PgServer:
+    """A real PostgreSQL server (Debian's packages) in a temp dir on a free loopback port;
+    it can be stopped and started again on the same port and data (a database outage).
 
     PostgreSQL refuses to run as root, so as root it runs as the ``postgres`` user.
     """
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    base = Path(tempfile.mkdtemp(prefix="dandelion-pg-"))
-    data, sock = base / "data", base / "sock"
-    sock.mkdir()
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres")
-        shutil.chown(sock, "postgres")
-        prefix = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    run = {"check": True, "capture_output": True, "cwd": base}
-    subprocess.run(
-        [*prefix, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-        **run,  # type: ignore[arg-type]
-    )
-    opts = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run(
-        [*prefix, pg_ctl, "-D", str(data), "-o", opts, "-l", str(base / "pg.log"), "-w", "start"],
-        **run,  # type: ignore[arg-type]
-    )
-    try:
+
+    def __init__(self) -> None:
+        self.initdb, self.pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+        self.base = Path(tempfile.mkdtemp(prefix="dandelion-pg-"))
+        self.data, sock = self.base / "data", self.base / "sock"
+        sock.mkdir()
+        self.prefix: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.base, "postgres")
+            shutil.chown(sock, "postgres")
+            self.prefix = ["runuser", "-u", "postgres", "--"]
+        self.port = free_port()
+        self.opts = f"-p {self.port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(self.initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        self.start()
         import psycopg
 
         with psycopg.connect(
-            f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True
+            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True
         ) as conn:
             conn.execute("CREATE DATABASE dandelion_feedback")
-        yield f"postgresql://postgres@127.0.0.1:{port}/dandelion_feedback"
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/dandelion_feedback"
+
+    def _run(self, *args: str, check: bool = True) -> None:
+        subprocess.run([*self.prefix, *args], check=check, capture_output=True, cwd=self.base)
+
+    def start(self) -> None:
+        log = str(self.base / "pg.log")
+        self._run(self.pg_ctl, "-D", str(self.data), "-o", self.opts, "-l", log, "-w", "start")
+
+    def stop(self, check: bool = True) -> None:
+        self._run(self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "stop", check=check)
+
+    def remove(self) -> None:
+        self.stop(check=False)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """The URL of a :class:`PgServer` shared by the tests of a session."""
+    server = PgServer()
+    try:
+        yield server.url
     finally:
-        subprocess.run(
-            [*prefix, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"],
-            capture_output=True,
-            cwd=base,
-        )
-        shutil.rmtree(base, ignore_errors=True)
+        server.remove()
 
 
 @pytest.fixture

@@ -119,6 +119,7 @@ def test_a_lone_request_does_not_wait_for_a_batch(
     assert elapsed < 1.5  # far below the 2 s batching window
 
 
+@pytest.mark.faults
 def test_full_queue_answers_503_with_retry_after(
     api_server: ApiServer, registry: Registry, tmp_path: Path, greenr_dir: Path
 ) -> None:

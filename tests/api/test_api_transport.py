@@ -20,6 +20,8 @@ import pytest
 from tests.api.conftest import api_env, start_api, stop_api
 from tests.conftest import free_port, wait_http
 
+pytestmark = pytest.mark.faults
+
 GRACE_S = 2.0
 MIN_RATE = 1000
 HEADER_TIMEOUT_S = 2.0

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 
 from dashboards.serve import NOTEBOOK
@@ -96,6 +97,7 @@ def _load_pages(url: str, n: int) -> list[httpx.Response]:
         return pool.submit(asyncio.run, _gather_pages(url, n)).result()
 
 
+@pytest.mark.faults
 def test_the_session_cap_holds_under_concurrent_page_loads(voila: Callable[..., Any]) -> None:
     """Five page loads at once with a cap of two: two pages, three friendly refusals, never
     more than two kernels (each kernel takes seconds to start, the window of the race)."""
@@ -122,6 +124,7 @@ BAD_PATHS = [
 ]
 
 
+@pytest.mark.faults
 def test_logout_and_bad_paths_answer_4xx(voila: Callable[..., Any]) -> None:
     with voila(dead_url()) as url, httpx.Client(base_url=url, timeout=30) as client:
         assert client.get("/voila/templates/lab/static/voila.js").status_code == 200

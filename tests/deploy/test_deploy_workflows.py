@@ -56,7 +56,7 @@ def test_ci_runs_the_local_nox_sessions() -> None:
     data = workflow("ci.yml")
     assert set(data["on"]) == {"push", "pull_request"}
     commands = [s["run"] for s in steps(data) if "run" in s]
-    for session in ("lint", "tests", "slow", "deploy_check"):
+    for session in ("lint", "tests", "faults", "slow", "deploy_check"):
         assert f"nox -s {session}" in commands, session
 
 
