@@ -90,13 +90,13 @@ def tests(session: nox.Session) -> None:
     cov = ["--cov", "--cov-report=term:skip-covered"]
     if session.posargs:
         cov.append("--cov-fail-under=0")
-    _run(session, "pytest", *cov, *session.posargs)
+    _run(session, "pytest", *cov, "--durations=15", *session.posargs)
 
 
 @nox.session
 def slow(session: nox.Session) -> None:
     """Slow suites: full training, end-to-end pipeline, browser tests."""
-    _run(session, "pytest", "-m", "slow", *session.posargs)
+    _run(session, "pytest", "-m", "slow", "--durations=15", *session.posargs)
 
 
 @nox.session
@@ -104,7 +104,7 @@ def faults(session: nox.Session) -> None:
     """The standing fault suite (docs/reliability.md): dependencies locked, stopped, hanging
     or down at start; slow and hostile clients; each asserting the answers and that nothing
     was lost, on real processes."""
-    _run(session, "pytest", "-m", "faults", *session.posargs)
+    _run(session, "pytest", "-m", "faults", "--durations=15", *session.posargs)
 
 
 @nox.session

@@ -44,6 +44,7 @@ class ApiMetrics:
         registry: CollectorRegistry | None = None,
         *,
         drift_psi_threshold: float | None = None,
+        live_accuracy_floor: float = 0.9,
     ):
         if drift_psi_threshold is None:
             drift_psi_threshold = float(Settings.model_fields["drift_psi_threshold"].default)
@@ -115,6 +116,13 @@ class ApiMetrics:
             registry=r,
         )
         self.live_accuracy.set(float("nan"))
+        self.live_accuracy_floor = Gauge(
+            "dandelion_live_accuracy_floor",
+            "Live accuracy below which DandelionLiveAccuracyLow fires "
+            "(DANDELION_LIVE_ACCURACY_FLOOR).",
+            registry=r,
+        )
+        self.live_accuracy_floor.set(live_accuracy_floor)
         self.drift_psi = Gauge(
             "dandelion_drift_psi",
             "Population stability index of served images vs the training reference.",

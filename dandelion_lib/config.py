@@ -208,6 +208,13 @@ class Settings(BaseSettings):
     feedback_accuracy_window: int = Field(
         200, description="Latest feedback items behind the live accuracy gauge."
     )
+    live_accuracy_floor: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="Live accuracy below which the alert DandelionLiveAccuracyLow fires "
+        "(exported as dandelion_live_accuracy_floor).",
+    )
     log_level: str = Field("INFO", description="Log level of the API's JSON logs.")
 
     # --- monitoring ------------------------------------------------------------------------

@@ -37,7 +37,10 @@ class Services:
         loader: Loader | None = None,
         feedback_store: FeedbackStore | None = None,
     ) -> Services:
-        metrics = ApiMetrics(drift_psi_threshold=settings.drift_psi_threshold)
+        metrics = ApiMetrics(
+            drift_psi_threshold=settings.drift_psi_threshold,
+            live_accuracy_floor=settings.live_accuracy_floor,
+        )
         models = ModelManager(settings, metrics, loader=loader)
         queue = InferenceQueue(
             metrics,

@@ -365,6 +365,18 @@ def service_overview() -> dict:
         ),
         timeseries(
             lay,
+            "Dependency failures (503) / s",
+            [
+                (
+                    f"sum by (dependency, reason) "
+                    f"(rate(dandelion_dependency_failures_total{{{API}}}[{RATE}]))",
+                    "{{dependency}} {{reason}}",
+                )
+            ],
+            unit="reqps",
+        ),
+        timeseries(
+            lay,
             "Micro-batch size",
             [
                 (
@@ -555,7 +567,10 @@ def model_dashboard() -> dict:
         timeseries(
             lay,
             "Live accuracy (feedback)",
-            [(f"avg(dandelion_live_accuracy{{{API}}})", "accuracy")],
+            [
+                (f"avg(dandelion_live_accuracy{{{API}}})", "accuracy"),
+                (f"avg(dandelion_live_accuracy_floor{{{API}}})", "floor (alert below)"),
+            ],
             unit="percentunit",
             threshold=0.9,
             min_=0,

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from monitoring_support import DOC, MONITORING, alert_rules, base_name, catalogue, metric_names
 
+from api.metrics import ApiMetrics
 from dandelion_lib.config import Settings
 
 
@@ -113,9 +114,13 @@ def test_thresholds_mirror_the_settings() -> None:
     s = Settings()
     exprs = {r["alert"]: r["expr"] for r in alert_rules()}
     assert f"dandelion_drift_share >= {s.drift_share_threshold}" in exprs["DandelionDataDrift"]
-    assert re.search(
-        rf"dandelion_live_accuracy < {s.promotion_floor:.2f}", exprs["DandelionLiveAccuracyLow"]
+    # The live-accuracy floor is the API's setting, exported by the API as a gauge.
+    assert (
+        "dandelion_live_accuracy < on (job, instance) dandelion_live_accuracy_floor"
+        in (exprs["DandelionLiveAccuracyLow"])
     )
+    exported = ApiMetrics(live_accuracy_floor=0.85).render().decode()
+    assert "\ndandelion_live_accuracy_floor 0.85\n" in exported
 
 
 def test_alert_metrics_are_catalogued() -> None:
