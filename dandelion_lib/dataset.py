@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
 from typing import Any
@@ -180,11 +180,17 @@ def assign_negative_splits(sha256s: list[str], kinds: list[str], seed: int) -> l
 
 
 def build_manifest(
-    records: Iterable[dict[str, Any]], *, seed: int, near_duplicate_distance: int
+    records: Iterable[dict[str, Any]],
+    *,
+    seed: int,
+    near_duplicate_distance: int,
+    previous: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """A manifest from per-image records (every column except ``group`` and ``split``).
 
-    Rows are sorted by ``(label, sha256)``; groups and splits are computed here.
+    Rows are sorted by ``(label, sha256)``; groups and splits are computed here. With the
+    ``previous`` version's manifest, splits are stable (:func:`stable_splits`): an image of
+    it keeps its split, and only the new images are split.
     """
     df = pd.DataFrame(list(records))
     if df.empty:
@@ -193,22 +199,90 @@ def build_manifest(
     df["group"] = near_duplicate_groups(
         df["sha256"].tolist(), df["phash"].tolist(), near_duplicate_distance
     )
+    kept: dict[str, str] = {}
+    if previous is not None and len(previous):
+        kept = dict(zip(previous["sha256"], previous["split"], strict=True))
     negative = is_negative(df).to_numpy()
     split = np.empty(len(df), dtype=object)
-    split[~negative] = assign_splits(
-        df.loc[~negative, "label"].tolist(), df.loc[~negative, "group"].tolist(), seed
+    split[~negative] = stable_splits(
+        df.loc[~negative, "sha256"].tolist(),
+        df.loc[~negative, "group"].tolist(),
+        kept,
+        SPLITS,
+        lambda rows: assign_splits(
+            df.loc[~negative, "label"].iloc[rows].tolist(),
+            df.loc[~negative, "group"].iloc[rows].tolist(),
+            seed,
+        ),
     )
-    neg_split = assign_negative_splits(
-        df.loc[negative, "sha256"].tolist(),
-        [negative_kind(s) for s in df.loc[negative, "source"]],
-        seed,
+    neg_shas = df.loc[negative, "sha256"].tolist()
+    neg_kinds = [negative_kind(s) for s in df.loc[negative, "source"]]
+    split[negative] = stable_splits(
+        neg_shas,
+        df.loc[negative, "group"].tolist(),
+        kept,
+        ("train", "test"),
+        lambda rows: _negative_group_splits(
+            [neg_shas[i] for i in rows],
+            [neg_kinds[i] for i in rows],
+            [df.loc[negative, "group"].iloc[i] for i in rows],
+            seed,
+        ),
     )
-    # near-duplicate negatives share the split of the group's first photo (by sha256)
-    first: dict[str, str] = {}
-    neg_groups = df.loc[negative, "group"].tolist()
-    split[negative] = [first.setdefault(g, s) for g, s in zip(neg_groups, neg_split, strict=True)]
     df["split"] = split.tolist()
     return normalize_manifest(df)
+
+
+def _negative_group_splits(
+    shas: list[str], kinds: list[str], groups: list[str], seed: int
+) -> list[str]:
+    """Negatives' splits; near-duplicate negatives share the split of the group's first photo
+    (by sha256)."""
+    first: dict[str, str] = {}
+    splits = assign_negative_splits(shas, kinds, seed)
+    return [first.setdefault(g, s) for g, s in zip(groups, splits, strict=True)]
+
+
+_PROTECTIVE = ("test", "val", "train")
+"""When a new image joins a group whose images were in different splits, the first of these."""
+
+
+def stable_splits(
+    sha256s: list[str],
+    groups: list[str],
+    kept: dict[str, str],
+    allowed: tuple[str, ...],
+    fresh: Callable[[list[int]], list[str]],
+) -> list[str]:
+    """Splits that never move an image of an earlier version (``kept``: sha256 -> split).
+
+    An image already split (to one of ``allowed``) keeps its split. A new image that is a
+    near-duplicate of kept ones joins their split (the most protective, test before val
+    before train, if they differ), so no near-duplicate of a test image enters training. The
+    remaining new images are split among themselves by ``fresh`` (called with their row
+    indices, returning their splits). So a new version only adds; its test split grows by
+    new images alone, and figures on the images tested before stay comparable.
+    """
+    out = [""] * len(sha256s)
+    by_group: dict[str, set[str]] = {}
+    for i, (sha, group) in enumerate(zip(sha256s, groups, strict=True)):
+        previous = kept.get(sha)
+        if previous in allowed:
+            out[i] = previous
+            by_group.setdefault(group, set()).add(previous)
+    new = []
+    for i, group in enumerate(groups):
+        if out[i]:
+            continue
+        old = by_group.get(group)
+        if old:
+            out[i] = next(s for s in _PROTECTIVE if s in old)
+        else:
+            new.append(i)
+    if new:
+        for i, split in zip(new, fresh(new), strict=True):
+            out[i] = split
+    return out
 
 
 def normalize_manifest(df: pd.DataFrame) -> pd.DataFrame:

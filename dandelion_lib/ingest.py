@@ -736,11 +736,16 @@ def ingest(
     stored = {(r["label"], r["sha256"]) for r in records}
     report.new = len({(o.item.label, o.sha256) for o in ok if o.status == "new"} & stored)
     report.unchanged = len(stored) - report.new
-    if extend:
-        records += _previous_records(store, {r["sha256"] for r in records})
+    previous = _latest_manifest(store)
+    if extend and previous is not None:
+        records += _previous_records(previous, {r["sha256"] for r in records})
 
+    # Stable splits: an image of the latest version keeps its split; only new images are split.
     manifest = dataset.build_manifest(
-        records, seed=settings.split_seed, near_duplicate_distance=settings.near_duplicate_distance
+        records,
+        seed=settings.split_seed,
+        near_duplicate_distance=settings.near_duplicate_distance,
+        previous=previous,
     )
     _summarise(manifest, report, settings.labels)
     _check_quality(report, settings)
@@ -840,11 +845,15 @@ def _collapse(ok: list[_Outcome], report: IngestReport) -> tuple[list[dict[str, 
     return records, duplicates
 
 
-def _previous_records(store: ObjectStore, exclude: set[str]) -> list[dict[str, Any]]:
+def _latest_manifest(store: ObjectStore) -> pd.DataFrame | None:
+    """The latest version's manifest, or ``None`` before the first version."""
     try:
-        previous = dataset.load_manifest(store)
+        return dataset.load_manifest(store)
     except dataset.DatasetNotFoundError:
-        return []
+        return None
+
+
+def _previous_records(previous: pd.DataFrame, exclude: set[str]) -> list[dict[str, Any]]:
     previous = previous[~previous["sha256"].isin(exclude)]
     # pandas types record keys as Hashable; the manifest's column labels are all str
     return cast(

@@ -174,3 +174,66 @@ def test_negatives_split_by_kind_and_keep_near_duplicates_together() -> None:
     assert n.groupby("group")["split"].nunique().max() == 1
     assert set(df[df["label"] != UNKNOWN]["split"]) == {"train", "val", "test"}
     assert dataset.negative_kind("feedback:1234") == "feedback"
+
+
+def _negatives(n: int, prefix: str = "ood") -> list[dict]:
+    from dandelion_lib.config import UNKNOWN
+
+    rows = []
+    for i in range(n):
+        sha = _sha(f"{prefix}{i}")
+        rows.append(
+            {**_records(1)[0], "sha256": sha, "label": UNKNOWN, "key": f"raw/unknown/{sha}.jpg"}
+            | {"source": f"/ood/objects/{prefix}{i}.jpg", "phash": _sha(sha)[:16]}
+        )
+    return rows
+
+
+def test_a_later_version_only_adds_every_image_keeps_its_split() -> None:
+    """Stable splits: with the previous manifest, its images (and negatives) keep their split,
+    even where a fresh split of the larger set would move them; the new images are split
+    70/15/15 among themselves; the same content again gives the same version."""
+    first = dataset.build_manifest(
+        _records(40) + _negatives(10), seed=42, near_duplicate_distance=0
+    )
+    more = _records(60) + _negatives(16)  # 20 new images per label, 6 new negatives
+    fresh = dataset.build_manifest(more, seed=42, near_duplicate_distance=0)
+    later = dataset.build_manifest(more, seed=42, near_duplicate_distance=0, previous=first)
+
+    before = dict(zip(first["sha256"], first["split"], strict=True))
+    after = dict(zip(later["sha256"], later["split"], strict=True))
+    assert {sha: after[sha] for sha in before} == before
+    fresh_split = dict(zip(fresh["sha256"], fresh["split"], strict=True))
+    assert any(fresh_split[sha] != split for sha, split in before.items())  # it would move
+    new = later[~later["sha256"].isin(list(before))]
+    classes = new[new["label"] != "unknown"]
+    assert classes.groupby("label")["split"].value_counts().to_dict() == {
+        (label, split): n
+        for label in ("dandelion", "grass")
+        for split, n in (("train", 14), ("val", 3), ("test", 3))
+    }
+    assert set(new[new["label"] == "unknown"]["split"]) <= {"train", "test"}
+    again = dataset.build_manifest(more, seed=42, near_duplicate_distance=0, previous=later)
+    assert dataset.compute_version(again) == dataset.compute_version(later)
+
+
+def test_a_new_near_duplicate_of_a_tested_image_is_tested_too() -> None:
+    first = dataset.build_manifest(_records(20), seed=7, near_duplicate_distance=0)
+    tested = first[first["split"] == "test"].iloc[0]
+    copy = {**_records(1)[0], "sha256": _sha("copy"), "label": tested["label"]}
+    copy |= {"key": f"raw/{tested['label']}/{_sha('copy')}.jpg", "phash": tested["phash"]}
+    later = dataset.build_manifest(
+        [*_records(20), copy], seed=7, near_duplicate_distance=0, previous=first
+    )
+    row = later[later["sha256"] == _sha("copy")].iloc[0]
+    assert row["split"] == "test"
+    assert row["group"] == later[later["sha256"] == tested["sha256"]].iloc[0]["group"]
+
+
+def test_without_a_previous_version_the_split_is_the_fresh_one() -> None:
+    records = _records(30) + _negatives(8)
+    plain = dataset.build_manifest(records, seed=3, near_duplicate_distance=0)
+    empty = plain.iloc[0:0]
+    assert plain.equals(
+        dataset.build_manifest(records, seed=3, near_duplicate_distance=0, previous=empty)
+    )
