@@ -117,6 +117,12 @@ class Settings(BaseSettings):
         description="Allowed drop of the share of out-of-domain test photos answered 'unknown' "
         "versus the current champion.",
     )
+    benchmark_dataset_version: str | None = Field(
+        None,
+        description="Dataset version whose test split is promotion's frozen benchmark "
+        "(logged beside the new version's test split). Default: the store's first version "
+        "(pointer datasets/benchmark).",
+    )
 
     # --- orchestration (Airflow) -----------------------------------------------------------
     notebooks_dir: Path | None = Field(

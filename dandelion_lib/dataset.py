@@ -57,6 +57,9 @@ SPLIT_FRACTIONS: dict[str, float] = {"train": 0.70, "val": 0.15, "test": 0.15}
 
 DATASETS_PREFIX = "datasets/"
 LATEST_KEY = "datasets/latest"
+BENCHMARK_KEY = "datasets/benchmark"
+"""Points at the store's first version: its test split is the frozen benchmark (splits are
+stable, so every later version's test split contains it)."""
 _VERSION_RE = re.compile(r"^[0-9a-f]{16}$")
 
 _STRING_COLUMNS = ("sha256", "label", "key", "source", "format", "phash", "group", "split")
@@ -340,6 +343,8 @@ def write_version(
             content_type="application/vnd.apache.parquet",
         )
     store.put_json(LATEST_KEY, {"version": version})
+    if not store.exists(BENCHMARK_KEY):
+        store.put_json(BENCHMARK_KEY, {"version": version})
     return version, created
 
 
@@ -357,6 +362,21 @@ def latest_version(store: ObjectStore) -> str:
     version = pointer.get("version") if isinstance(pointer, dict) else None
     if not isinstance(version, str) or not _VERSION_RE.match(version):
         raise DatasetError(f"{LATEST_KEY} in {store.url} is not a valid pointer: {pointer!r}")
+    return version
+
+
+def benchmark_version(store: ObjectStore, pinned: str | None = None) -> str | None:
+    """The version whose test split is the frozen benchmark: ``pinned`` when given, else the
+    store's first version (``datasets/benchmark``); ``None`` before any version."""
+    if pinned:
+        return pinned
+    try:
+        pointer = store.get_json(BENCHMARK_KEY)
+    except ObjectNotFoundError:
+        return None
+    version = pointer.get("version") if isinstance(pointer, dict) else None
+    if not isinstance(version, str) or not _VERSION_RE.match(version):
+        raise DatasetError(f"{BENCHMARK_KEY} in {store.url} is not a valid pointer: {pointer!r}")
     return version
 
 

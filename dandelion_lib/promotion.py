@@ -1,6 +1,8 @@
 """Promotion: the gate rule and the one place that moves the ``champion`` alias.
 
-The ``challenger`` and the current ``champion`` are re-scored on the same test split;
+The ``challenger`` and the current ``champion`` are re-scored on the same test split (and,
+for figures comparable over time, on the frozen benchmark: the store's first version's test
+split, logged beside it);
 :func:`promotion_gate` decides (accuracy floor, tolerance versus the champion, and no
 regression in how many of the split's out-of-domain photos are answered ``unknown``); the decision
 and its numbers become ``promotion.*`` tags on the challenger's model version, and only the
@@ -11,6 +13,7 @@ all call :func:`promote`; training only registers a ``challenger``.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,7 +23,7 @@ import mlflow
 
 from dandelion_lib import evaluate
 from dandelion_lib.config import Settings, get_settings
-from dandelion_lib.dataset import load_manifest
+from dandelion_lib.dataset import DatasetError, benchmark_version, load_manifest
 from dandelion_lib.errors import DandelionError
 from dandelion_lib.predict import ModelUnavailableError, Predictor
 from dandelion_lib.registry import (
@@ -33,6 +36,8 @@ from dandelion_lib.registry import (
 from dandelion_lib.storage import open_store
 
 TAG_PREFIX = "promotion."
+
+log = logging.getLogger(__name__)
 
 
 class PromotionError(DandelionError):
@@ -126,6 +131,10 @@ class PromotionResult:
     run_id: str | None = None
     challenger_report: Any = field(default=None, repr=False)
     champion_report: Any = field(default=None, repr=False)
+    benchmark_version: str | None = None
+    """The dataset version whose test split is the frozen benchmark (logged, not gated)."""
+    challenger_benchmark: Any = field(default=None, repr=False)
+    champion_benchmark: Any = field(default=None, repr=False)
 
     @property
     def promoted(self) -> bool:
@@ -180,20 +189,18 @@ def promote(
     champion_acc: float | None = None
     champion_report = None
     champion_note = ""
+    current: Predictor | None = None
     if champion is not None and str(champion.version) == str(candidate.version):
         champion_acc = report.accuracy
     elif champion is not None:
-        try:
-            current = Predictor.load(f"models:/{name}/{champion.version}")
-            champion_report = evaluate.evaluate_split(current, store, version, manifest=manifest)
-            champion_acc = champion_report.accuracy
-        except (ModelUnavailableError, evaluate.EvaluationError) as exc:
-            champion_note = f" (champion version {champion.version} could not be re-scored: {exc})"
-    champion_ood: float | None = None
-    if champion_report is not None:
-        champion_ood = _ood_unknown_share(champion_report)
-    elif champion_acc is not None:  # the candidate is the champion already
-        champion_ood = _ood_unknown_share(report)
+        current, champion_report, champion_note = _rescore(
+            f"models:/{name}/{champion.version}", store, version, manifest
+        )
+        champion_acc = champion_report.accuracy if champion_report is not None else None
+    # (when the candidate is the champion already, its own report is the champion's)
+    champion_ood = _ood_unknown_share(
+        champion_report if champion_report is not None or champion_acc is None else report
+    )
     decision = promotion_gate(
         report.accuracy,
         champion_acc,
@@ -205,6 +212,14 @@ def promote(
     )
     if champion_note:
         decision = GateDecision(**{**decision.__dict__, "reason": decision.reason + champion_note})
+    # The frozen benchmark: figures comparable over time, whatever the new version adds.
+    bench = benchmark_version(store, settings.benchmark_dataset_version)
+    bench_challenger = _on_benchmark(challenger, store, bench, version, report)
+    bench_champion = (
+        _on_benchmark(current, store, bench, version, champion_report)
+        if current is not None
+        else None
+    )
 
     use_experiment(settings)
     with mlflow.start_run(run_name=f"promote-v{candidate.version}") as run:
@@ -221,6 +236,11 @@ def promote(
         evaluate.log_report(report, prefix="test_")
         if champion_report is not None:
             mlflow.log_metrics(champion_report.scalar_metrics("champion_test_"))
+        mlflow.set_tag("benchmark_dataset_version", bench or "none")
+        if bench_challenger is not None:
+            mlflow.log_metrics(bench_challenger.scalar_metrics("benchmark_test_"))
+        if bench_champion is not None:
+            mlflow.log_metrics(bench_champion.scalar_metrics("champion_benchmark_test_"))
         run_id = run.info.run_id
 
     tags = {
@@ -238,6 +258,9 @@ def promote(
         "challenger_ood_unknown_share": _tag_value(decision.challenger_ood_unknown),
         "champion_ood_unknown_share": _tag_value(decision.champion_ood_unknown),
         "ood_tolerance": str(settings.promotion_ood_tolerance),
+        "benchmark_dataset_version": bench or "none",
+        "challenger_benchmark_accuracy": _accuracy_tag(bench_challenger),
+        "champion_benchmark_accuracy": _accuracy_tag(bench_champion),
         "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "run_id": run_id,
     }
@@ -257,16 +280,50 @@ def promote(
         run_id=run_id,
         challenger_report=report,
         champion_report=champion_report,
+        benchmark_version=bench,
+        challenger_benchmark=bench_challenger,
+        champion_benchmark=bench_champion,
     )
+
+
+def _rescore(uri: str, store: Any, version: str, manifest: Any) -> tuple[Any, Any, str]:
+    """The champion, its report on the test split, or why it could not be re-scored."""
+    try:
+        current = Predictor.load(uri)
+        return current, evaluate.evaluate_split(current, store, version, manifest=manifest), ""
+    except (ModelUnavailableError, evaluate.EvaluationError) as exc:
+        return None, None, f" (champion {uri} could not be re-scored: {exc})"
+
+
+def _on_benchmark(
+    predictor: Predictor, store: Any, bench: str | None, version: str, same: Any
+) -> Any:
+    """``predictor``'s report on the benchmark's test split (``same`` when the benchmark is
+    the version just scored; ``None`` when there is none or it cannot be read)."""
+    if bench is None:
+        return None
+    if bench == version:
+        return same
+    try:
+        return evaluate.evaluate_split(predictor, store, bench)
+    except (evaluate.EvaluationError, DatasetError) as exc:
+        log.warning("benchmark dataset %s not scored: %s", bench, exc)
+        return None
 
 
 def _ood_unknown_share(report: Any) -> float | None:
     """The share of the split's out-of-domain photos answered ``unknown`` (None when the
-    split has none or the model has no detector)."""
+    split has none, the model has no detector, or there is no report)."""
+    if report is None:
+        return None
     value = report.metrics.get("ood_unknown_share")
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     return float(value)
+
+
+def _accuracy_tag(report: Any) -> str:
+    return _tag_value(report.accuracy if report is not None else None)
 
 
 def _tag_value(value: float | None) -> str:

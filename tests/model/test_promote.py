@@ -44,6 +44,19 @@ def weak_version(model_env: Any, trained: Any) -> str:
     return str(mv.version)
 
 
+def _half_test_version(model_env: Any) -> tuple[str, float]:
+    """A dataset version (manifest only; ``latest`` does not move) whose test split is every
+    other image of the model tests' test split, and the share of its first class."""
+    from dandelion_lib import dataset
+
+    m = model_env.manifest
+    test = m[(m["split"] == "test") & ~dataset.is_negative(m)].sort_values("sha256")
+    half = test.iloc[::2]
+    version = dataset.compute_version(half)
+    model_env.store.put_bytes(dataset.manifest_key(version), dataset.manifest_to_parquet(half))
+    return version, float((half["label"] == model_env.settings.labels[0]).mean())
+
+
 def test_promotion_flow(
     model_env: Any, trained: Any, weak_version: str, mlflow_client: Any
 ) -> None:
@@ -63,6 +76,9 @@ def test_promotion_flow(
         assert float(tags["challenger_accuracy"]) == pytest.approx(trained.metrics["test_accuracy"])
         assert tags["champion_version"] == "none" and tags["dataset_version"] == model_env.version
         assert tags["floor"] == "0.9" and tags["test_images"] == "60"
+        # The frozen benchmark is the store's first version: here the same test split.
+        assert tags["benchmark_dataset_version"] == model_env.version
+        assert tags["challenger_benchmark_accuracy"] == tags["challenger_accuracy"]
         assert client.get_run(tags["run_id"]).data.metrics["test_accuracy"] == pytest.approx(
             float(tags["challenger_accuracy"])
         )
@@ -88,6 +104,27 @@ def test_promotion_flow(
         assert not third.promoted and "worse than the champion" in third.decision.reason
         assert (
             str(registry.get_alias_version(client, "dandelion", registry.CHAMPION).version) == good
+        )
+
+        # 4. A pinned benchmark version (half of the test split): both models are scored on
+        #    it too and the figures logged; the gate still decides on the version's test split.
+        bench, first_class_share = _half_test_version(model_env)
+        pinned = model_env.settings.model_copy(update={"benchmark_dataset_version": bench})
+        fourth = promotion.promote(pinned, store=model_env.store)
+        assert not fourth.promoted and fourth.benchmark_version == bench
+        tags = _tags(client, weak_version)
+        assert tags["benchmark_dataset_version"] == bench
+        # the weak model's ties go to the first class: its accuracy is that class's share
+        assert float(tags["challenger_benchmark_accuracy"]) == pytest.approx(first_class_share)
+        assert fourth.champion_benchmark is not None
+        assert fourth.champion_benchmark.metrics["n"] == 30
+        assert float(tags["champion_benchmark_accuracy"]) == pytest.approx(
+            fourth.champion_benchmark.accuracy
+        )
+        metrics = client.get_run(tags["run_id"]).data.metrics
+        assert metrics["benchmark_test_accuracy"] == pytest.approx(first_class_share)
+        assert metrics["champion_benchmark_test_accuracy"] == pytest.approx(
+            fourth.champion_benchmark.accuracy
         )
 
         # Versions themselves never changed: same sources, same runs.
