@@ -296,7 +296,12 @@ class FeedbackStore:
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if url.get_backend_name() == "sqlite":
             if url.database and url.database != ":memory:":
-                Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise FeedbackUnavailableError(
+                        f"cannot use feedback database {_redacted(self.url)}: {exc.strerror or exc}"
+                    ) from None
                 kwargs["pool_timeout"] = self.timeout_s
             kwargs["connect_args"] = {"timeout": self.timeout_s, "check_same_thread": False}
         elif url.get_backend_name() == "postgresql":
