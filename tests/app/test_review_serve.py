@@ -1,10 +1,11 @@
 """How the reviewer page is served (``python -m dashboards.serve --review``) and how
 ``nox -s lab`` starts JupyterLab: a token is required, the page has its own port and serves
-only ``review.ipynb``; the slow test runs the real Voila server, which runs the notebook in the
-``dandelion`` kernel."""
+only ``review.ipynb``; the slow test runs the real Voila server (which runs the notebook in the
+``dandelion`` kernel) and clicks *Accept* in Chromium."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -14,11 +15,13 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from dandelion_lib.config import Settings
+from dandelion_lib.feedback import FeedbackStore, PredictionRecord
 from dashboards import lab, serve
 from tests.conftest import ROOT, free_port, wait_http
 from tests.process_support import stop
@@ -121,8 +124,37 @@ def review_server(tmp_path: Path, **env: str) -> Iterator[str]:
             stop(proc, timeout=30, sig=signal.SIGTERM)
 
 
+def seed(workdir: Path, greenr: Path) -> list[str]:
+    """Two pending feedback items with photos in ``workdir``'s embedded feedback database:
+    a disagreement (first in the queue) and an agreement."""
+    settings = Settings(workdir=workdir)
+    store = FeedbackStore.from_settings(settings)
+    ids = []
+    try:
+        for n, (answer, correct) in enumerate((("grass", "grass"), ("grass", "dandelion"))):
+            image = (greenr / correct / f"{20 + n:08d}.jpg").read_bytes()
+            prediction = PredictionRecord(
+                prediction_id=f"served-{n}",
+                label=answer,
+                top_label=answer,
+                confidence=0.8,
+                probabilities={"dandelion": 0.2, "grass": 0.8},
+                model_version="5",
+                image_sha256=hashlib.sha256(image).hexdigest(),
+            )
+            store.record_predictions([prediction])
+            ids.append(store.add_feedback(prediction.prediction_id, correct, image).feedback_id)
+    finally:
+        store.close()
+    return ids
+
+
 @pytest.mark.slow
-def test_the_served_review_page_needs_the_token_and_serves_only_itself(tmp_path: Path) -> None:
+def test_the_served_review_page_needs_the_token_serves_only_itself_and_records_clicks(
+    tmp_path: Path, greenr_dir: Path, page: Any
+) -> None:
+    """One server: plain HTTP for the token and what is served, then Chromium for a click."""
+    agreement, disagreement = seed(tmp_path, greenr_dir)
     with (
         review_server(tmp_path, DANDELION_REVIEW_TOKEN=TOKEN) as url,
         httpx.Client(base_url=url, timeout=120) as client,
@@ -130,11 +162,31 @@ def test_the_served_review_page_needs_the_token_and_serves_only_itself(tmp_path:
         denied = client.get("/")
         assert denied.status_code == 302 and "/login" in denied.headers["location"]
         assert client.get("/?token=not-the-token-at-all").status_code == 302
-        page = client.get(f"/?token={TOKEN}")
-        assert page.status_code == 200
-        assert "<title>Review feedback · dandelion</title>" in page.text
-        assert "ReviewPage.from_settings" not in page.text and "Traceback" not in page.text
-        assert "waiting for the next dataset" in page.text
         for path in ("/voila/files/app.ipynb", "/voila/files/review.py", "/app.ipynb"):
             assert client.get(path).status_code in (302, 403, 404), path
         assert client.get("/health/live").status_code == 200  # probes need no token
+
+        page.goto(f"{url}/?token={TOKEN}", wait_until="domcontentloaded", timeout=90_000)
+        page.wait_for_selector(".dl-review .dl-item", timeout=90_000)
+        assert page.title() == "Review feedback · dandelion"
+        content = page.content()
+        assert "ReviewPage.from_settings" not in content and "Traceback" not in content
+        items = page.locator(".dl-item")
+        assert items.count() == 2
+        first = items.nth(0)
+        assert "disagrees" in first.inner_text() and first.locator("img").count() == 1
+        assert page.locator(".dl-count-waiting").inner_text() == "0"
+        first.locator(".dl-accept").click()  # over the kernel's websocket, signed in by cookie
+        page.wait_for_function(
+            "document.querySelector('.dl-count-waiting')?.innerText === '1'", timeout=60_000
+        )
+        assert page.locator(".dl-item").count() == 1
+        assert page.page_errors == []
+
+    store = FeedbackStore.from_settings(Settings(workdir=tmp_path))
+    try:
+        assert [r.feedback_id for r in store.accepted()] == [disagreement]
+        pending = store.get_feedback(agreement)
+        assert pending is not None and pending.reviewed_at is None
+    finally:
+        store.close()
