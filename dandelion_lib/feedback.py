@@ -714,10 +714,18 @@ def add_cli_arguments(parser: Any) -> None:
     state.add_argument("--pending", action="store_true", help="only feedback not reviewed yet")
     state.add_argument("--reviewed", action="store_true", help="only reviewed feedback")
     listing.add_argument("--limit", type=int, default=50, help="at most N rows (default 50)")
-    review = sub.add_parser(
-        "review", help="accept or reject feedback for the next dataset", parents=[common]
+    queue = sub.add_parser(
+        "queue",
+        help="pending feedback, most informative first (the reviewer page's order)",
+        parents=[common],
     )
-    review.add_argument("feedback_id")
+    queue.add_argument("--limit", type=int, default=50, help="at most N rows (default 50)")
+    review = sub.add_parser(
+        "review",
+        help="accept or reject feedback for the next dataset (several ids: one transaction)",
+        parents=[common],
+    )
+    review.add_argument("feedback_id", nargs="+")
     decision = review.add_mutually_exclusive_group(required=True)
     decision.add_argument("--accept", action="store_true")
     decision.add_argument("--reject", action="store_true")
@@ -732,8 +740,10 @@ def cli(args: Any) -> int:
         if args.action == "list":
             reviewed = True if args.reviewed else False if args.pending else None
             records = store.list_feedback(reviewed=reviewed, limit=args.limit)
+        elif args.action == "queue":
+            return _print_queue(store.review_queue(args.limit), as_json=args.json)
         elif args.action == "review":
-            records = [store.review(args.feedback_id, accepted=bool(args.accept))]
+            records = store.review_many(args.feedback_id, accepted=bool(args.accept))
         else:
             records = store.accepted()
     finally:
@@ -748,6 +758,22 @@ def cli(args: Any) -> int:
             print(
                 f"{r.feedback_id}  {r.created_at:%Y-%m-%d %H:%M}  {r.correct_label:<10} "
                 f"model said {r.predicted_label:<10} v{r.model_version}  {decision:<8} "
+                f"{r.image_key or '-'}"
+            )
+    return 0
+
+
+def _print_queue(items: list[ReviewItem], *, as_json: bool) -> int:
+    for item in items:
+        r = item.feedback
+        if as_json:
+            row = {**r.to_dict(), "answer": item.answer, "confidence": item.confidence}
+            print(json.dumps({**row, "reason": item.reason}))
+        else:
+            confidence = "-" if item.confidence is None else f"{item.confidence:.2f}"
+            print(
+                f"{r.feedback_id}  {item.reason:<12} {r.correct_label:<10} "
+                f"model said {item.answer or '?':<10} {confidence:>5}  v{r.model_version}  "
                 f"{r.image_key or '-'}"
             )
     return 0

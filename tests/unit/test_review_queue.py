@@ -269,3 +269,52 @@ def test_accepted_photos_wait_until_a_dataset_version_has_them(
     assert feedback.awaiting_dataset().count == 0  # not accepted yet
     feedback.review(later.feedback_id, accepted=True)
     assert feedback.awaiting_dataset().count == 1
+
+
+def test_the_command_line_shows_the_queue_and_decides_several_at_once(
+    feedback: FeedbackStore,
+    settings: Settings,
+    greenr_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    from dandelion_lib import cli, config
+
+    right = give(
+        feedback,
+        photo(greenr_dir, "grass", 30),
+        answer="grass",
+        top="grass",
+        confidence=0.9,
+        correct="grass",
+    )
+    wrong = give(
+        feedback,
+        photo(greenr_dir, "dandelion", 31),
+        answer="grass",
+        top="grass",
+        confidence=0.9,
+        correct="dandelion",
+    )
+    monkeypatch.setenv("DANDELION_WORKDIR", str(settings.workdir_path))
+    config.get_settings.cache_clear()
+    try:
+        assert cli.main(["feedback", "queue", "--json"]) == 0
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [(r["feedback_id"], r["reason"]) for r in rows] == [
+            (wrong.feedback_id, "disagreement"),
+            (right.feedback_id, "agreement"),
+        ]
+        assert rows[0]["answer"] == "grass" and rows[0]["confidence"] == 0.9
+
+        ids = [wrong.feedback_id, right.feedback_id]
+        assert cli.main(["feedback", "review", *ids, "nope", "--reject"]) == 2
+        assert "no feedback with id 'nope'" in capsys.readouterr().err
+        assert feedback.count_pending() == 2  # all or nothing
+        assert cli.main(["feedback", "review", *ids, "--accept"]) == 0
+        assert len(capsys.readouterr().out.splitlines()) == 2
+        assert {r.feedback_id for r in feedback.accepted()} == set(ids)
+    finally:
+        config.get_settings.cache_clear()
