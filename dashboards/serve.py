@@ -21,7 +21,8 @@ never on the public ingress), with the same machinery:
   characters); reviewers open ``http://<host>:8867/?token=<token>`` once (a cookie keeps them
   signed in). Without a token the page refuses to start (exit status 2, one line saying so).
   The token is handed to Voila in-process, not on a command line, and removed from the
-  environment its kernels inherit.
+  environment its kernels inherit (Voila still passes a page request's query string, so a
+  ``?token=`` link's token, to that page's kernel, which runs only the page's own code).
 
 Extra arguments are passed to Voila unchanged (e.g. ``--debug``).
 """
