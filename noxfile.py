@@ -137,6 +137,21 @@ def app(session: nox.Session) -> None:
 
 
 @nox.session
+def review(session: nox.Session) -> None:
+    """The reviewer page (Voila) on http://127.0.0.1:8867/?token=<DANDELION_REVIEW_TOKEN>,
+    on the embedded defaults' feedback database and store; it refuses to start without
+    DANDELION_REVIEW_TOKEN (docs/user-guide.md, Reviewer's guide)."""
+    _run(session, "python", "-m", "dashboards.serve", "--review", *session.posargs)
+
+
+@nox.session
+def lab(session: nox.Session) -> None:
+    """JupyterLab on notebooks/ with the `dandelion` kernel and the embedded defaults, to
+    explore and retrain by hand (`nox -s pipeline` first for a dataset and a model)."""
+    _run(session, "python", "-m", "dashboards.lab", *session.posargs)
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks: print figures and ratios against a baseline measured in the same run."""
     _run(session, "python", "-m", "benchmarks", *session.posargs)

@@ -249,6 +249,18 @@ class Settings(BaseSettings):
         64 * 1024 * 1024, description="Largest upload to the app (all files picked at once)."
     )
 
+    # --- reviewer page ---------------------------------------------------------------------
+    review_host: str = Field(
+        "127.0.0.1",
+        description="Reviewer page (Voila) bind address; never behind the public ingress.",
+    )
+    review_port: int = Field(8867, description="Reviewer page (Voila) port.")
+    review_token: SecretStr | None = Field(
+        None,
+        description="Token reviewers open the reviewer page with (`/?token=...`, at least 16 "
+        "characters); the page refuses to start when unset.",
+    )
+
     @field_validator("labels")
     @classmethod
     def _check_labels(cls, labels: tuple[str, ...]) -> tuple[str, ...]:

@@ -12,9 +12,13 @@ Feedback images go to the object store as ``feedback/<correct_label>/<sha256>.<e
 before the row that references them is committed, so a row never points at a missing
 object. What is stored is the image only (:func:`~dandelion_lib.images.canonical_image`:
 nothing after the image's end), named by the sha256 of the stored bytes; the row's
-``image_sha256`` stays the sha256 of the bytes as sent, which matched the prediction. A reviewer accepts or rejects feedback (:meth:`FeedbackStore.review`);
-ingestion reads :meth:`FeedbackStore.accepted` to add reviewed images to the next
-dataset version.
+``image_sha256`` stays the sha256 of the bytes as sent, which matched the prediction.
+
+A reviewer works through :meth:`FeedbackStore.review_queue` (pending feedback, most
+informative first) and accepts or rejects it (:meth:`FeedbackStore.review`, or
+:meth:`FeedbackStore.review_many` for several at once); ingestion reads
+:meth:`FeedbackStore.accepted` to add reviewed images to the next dataset version, and
+:meth:`FeedbackStore.awaiting_dataset` counts the accepted photos no dataset version has yet.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ from sqlalchemy import (
     DateTime,
     Float,
     String,
+    case,
     create_engine,
     event,
+    func,
     select,
     text,
 )
@@ -44,7 +50,14 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from dandelion_lib.config import DEFAULT_LABELS, NEITHER, UNKNOWN, Settings, get_settings
+from dandelion_lib.config import (
+    DEFAULT_LABELS,
+    NEITHER,
+    UNCERTAIN,
+    UNKNOWN,
+    Settings,
+    get_settings,
+)
 from dandelion_lib.errors import DandelionError
 from dandelion_lib.images import ImageLimits, InvalidImageError, accept_image, canonical_image
 from dandelion_lib.storage import ObjectStore, open_store, sha256_hex
@@ -161,6 +174,50 @@ class FeedbackRecord:
         return d
 
 
+FEEDBACK_SOURCE_PREFIX = "feedback:"
+"""A dataset manifest's ``source`` of an accepted feedback photo: ``feedback:<feedback id>``
+(the same prefix as :data:`dandelion_lib.ingest.FEEDBACK_SOURCE_PREFIX`)."""
+
+
+@dataclass(frozen=True)
+class ReviewItem:
+    """A pending feedback item joined with the prediction it is about.
+
+    ``answer`` is what the model answered (a class, ``uncertain`` or ``unknown``) and
+    ``confidence`` its confidence; both are None when the prediction was not recorded.
+    """
+
+    feedback: FeedbackRecord
+    answer: str | None
+    confidence: float | None
+    probabilities: dict[str, float]
+
+    @property
+    def reason(self) -> str:
+        """Why the item is where it is in the queue: ``disagreement``, ``uncertain``,
+        ``unknown`` (the model's answer) or ``agreement``."""
+        if not self.feedback.agree:
+            return "disagreement"
+        if self.answer in (UNCERTAIN, UNKNOWN):
+            return str(self.answer)
+        return "agreement"
+
+
+@dataclass(frozen=True)
+class AwaitingDataset:
+    """Accepted feedback photos against the latest dataset version.
+
+    ``count`` is how many accepted photos (with an image) no dataset version has yet: they
+    join the next ingestion. ``version`` is the latest dataset version compared against
+    (None when there is none yet, or no object store to read it from: then every accepted
+    photo counts).
+    """
+
+    count: int
+    accepted: int
+    version: str | None
+
+
 def normalize_db_url(url: str) -> str:
     """Use the psycopg 3 driver for plain ``postgresql://`` / ``postgres://`` URLs."""
     for prefix in ("postgresql://", "postgres://"):
@@ -202,6 +259,7 @@ class FeedbackStore:
         self.max_image_pixels = max_image_pixels
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
+        self._dataset_cache: tuple[str, frozenset[str], frozenset[tuple[str, str]]] | None = None
 
     @property
     def feedback_labels(self) -> tuple[str, ...]:
@@ -238,7 +296,12 @@ class FeedbackStore:
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if url.get_backend_name() == "sqlite":
             if url.database and url.database != ":memory:":
-                Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise FeedbackUnavailableError(
+                        f"cannot use feedback database {_redacted(self.url)}: {exc.strerror or exc}"
+                    ) from None
                 kwargs["pool_timeout"] = self.timeout_s
             kwargs["connect_args"] = {"timeout": self.timeout_s, "check_same_thread": False}
         elif url.get_backend_name() == "postgresql":
@@ -465,16 +528,138 @@ class FeedbackStore:
 
     def review(self, feedback_id: str, accepted: bool) -> FeedbackRecord:
         """A reviewer's decision: accepted feedback images may join the next dataset."""
+        return self.review_many([feedback_id], accepted)[0]
+
+    def review_many(self, feedback_ids: Iterable[str], accepted: bool) -> list[FeedbackRecord]:
+        """One decision for several feedback items, in one transaction: all of them are
+        decided, or (an unknown id, a database error) none is. Returns the records in the
+        order given (each id once). A decision may be changed later by another one."""
+        ids = list(dict.fromkeys(feedback_ids))
+        if not ids:
+            return []
         try:
             with Session(self.engine, expire_on_commit=False) as session, session.begin():
-                row = session.get(_FeedbackRow, feedback_id)
-                if row is None:
-                    raise FeedbackError(f"no feedback with id {feedback_id!r}")
-                row.reviewed_at = _now()
-                row.accepted = accepted
-            return _record(row)
+                rows: dict[str, _FeedbackRow] = {}
+                for start in range(0, len(ids), 500):  # bounded IN lists
+                    chunk = ids[start : start + 500]
+                    query = select(_FeedbackRow).where(_FeedbackRow.feedback_id.in_(chunk))
+                    rows.update((r.feedback_id, r) for r in session.scalars(query))
+                missing = [i for i in ids if i not in rows]
+                if missing:
+                    shown = ", ".join(repr(i) for i in missing[:5])
+                    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                    plural = "s" if len(missing) > 1 else ""
+                    raise FeedbackError(f"no feedback with id{plural} {shown}{more}")
+                now = _now()
+                for row in rows.values():
+                    row.reviewed_at = now
+                    row.accepted = accepted
+            return [_record(rows[i]) for i in ids]
         except SQLAlchemyError as exc:
             raise self._unavailable(exc) from None
+
+    def review_queue(self, limit: int | None = 50) -> list[ReviewItem]:
+        """Pending (not yet reviewed) feedback, most informative first.
+
+        The order, key by key:
+
+        1. disagreements first: the user's label is not what the model said
+           (``agree`` is false, see :func:`agrees`);
+        2. then answers the model was unsure of: ``uncertain`` or ``unknown`` before a
+           class answer;
+        3. then lowest confidence first (an item whose prediction was not recorded, so
+           without a confidence, after those with one);
+        4. then oldest feedback first, then by feedback id (a stable order).
+
+        Each item carries its prediction's answer, confidence and probabilities.
+        """
+        unsure = case((_PredictionRow.label.in_((UNCERTAIN, UNKNOWN)), 0), else_=1)
+        query = (
+            select(
+                _FeedbackRow,
+                _PredictionRow.label,
+                _PredictionRow.confidence,
+                _PredictionRow.probabilities,
+            )
+            .outerjoin(_PredictionRow, _PredictionRow.prediction_id == _FeedbackRow.prediction_id)
+            .where(_FeedbackRow.reviewed_at.is_(None))
+            .order_by(
+                case((_FeedbackRow.agree.is_(False), 0), else_=1),
+                unsure,
+                case((_PredictionRow.confidence.is_(None), 1), else_=0),
+                _PredictionRow.confidence.asc(),
+                _FeedbackRow.created_at.asc(),
+                _FeedbackRow.feedback_id.asc(),
+            )
+        )
+        if limit is not None:
+            query = query.limit(limit)
+        try:
+            with Session(self.engine) as session:
+                return [
+                    ReviewItem(
+                        feedback=_record(row),
+                        answer=answer,
+                        confidence=None if confidence is None else float(confidence),
+                        probabilities=dict(probabilities or {}),
+                    )
+                    for row, answer, confidence, probabilities in session.execute(query)
+                ]
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc) from None
+
+    def count_pending(self) -> int:
+        """How many feedback items wait for a reviewer's decision."""
+        query = (
+            select(func.count()).select_from(_FeedbackRow).where(_FeedbackRow.reviewed_at.is_(None))
+        )
+        try:
+            with Session(self.engine) as session:
+                return int(session.scalar(query) or 0)
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc) from None
+
+    def awaiting_dataset(self) -> AwaitingDataset:
+        """Accepted photos that the latest dataset version does not have yet.
+
+        An accepted photo is in the latest version when its manifest lists it as
+        ``feedback:<feedback id>``, or lists the same image (its sha256, which names the stored
+        photo) under the same label (``neither`` is ``unknown`` there): identical bytes from
+        another source collapse into one manifest row. Ingestion adds every accepted photo,
+        so this is what the next ingestion will add. The manifest is read once per version.
+        """
+        records = self.accepted()
+        version, sources, images = self._latest_dataset()
+        waiting = 0
+        for r in records:
+            label = UNKNOWN if r.correct_label == NEITHER else r.correct_label
+            sha = Path(r.image_key or "").stem
+            if f"{FEEDBACK_SOURCE_PREFIX}{r.feedback_id}" not in sources and (
+                (sha, label) not in images
+            ):
+                waiting += 1
+        return AwaitingDataset(count=waiting, accepted=len(records), version=version)
+
+    def _latest_dataset(self) -> tuple[str | None, frozenset[str], frozenset[tuple[str, str]]]:
+        """The latest dataset version, its feedback sources and its (sha256, label) pairs."""
+        if self.store is None:
+            return None, frozenset(), frozenset()
+        from dandelion_lib import dataset  # pandas: only where the count is asked for
+
+        try:
+            version = dataset.latest_version(self.store)
+        except dataset.DatasetNotFoundError:
+            return None, frozenset(), frozenset()
+        cached = self._dataset_cache
+        if cached is None or cached[0] != version:
+            df = dataset.load_manifest(self.store, version)
+            sources = frozenset(
+                s for s in df["source"].astype(str) if s.startswith(FEEDBACK_SOURCE_PREFIX)
+            )
+            images = frozenset(zip(df["sha256"].astype(str), df["label"].astype(str), strict=True))
+            cached = (version, sources, images)
+            self._dataset_cache = cached
+        return cached
 
     def accepted(self) -> list[FeedbackRecord]:
         """Reviewed, accepted feedback that carries an image: input for ingestion."""
@@ -529,10 +714,18 @@ def add_cli_arguments(parser: Any) -> None:
     state.add_argument("--pending", action="store_true", help="only feedback not reviewed yet")
     state.add_argument("--reviewed", action="store_true", help="only reviewed feedback")
     listing.add_argument("--limit", type=int, default=50, help="at most N rows (default 50)")
-    review = sub.add_parser(
-        "review", help="accept or reject feedback for the next dataset", parents=[common]
+    queue = sub.add_parser(
+        "queue",
+        help="pending feedback, most informative first (the reviewer page's order)",
+        parents=[common],
     )
-    review.add_argument("feedback_id")
+    queue.add_argument("--limit", type=int, default=50, help="at most N rows (default 50)")
+    review = sub.add_parser(
+        "review",
+        help="accept or reject feedback for the next dataset (several ids: one transaction)",
+        parents=[common],
+    )
+    review.add_argument("feedback_id", nargs="+")
     decision = review.add_mutually_exclusive_group(required=True)
     decision.add_argument("--accept", action="store_true")
     decision.add_argument("--reject", action="store_true")
@@ -547,8 +740,10 @@ def cli(args: Any) -> int:
         if args.action == "list":
             reviewed = True if args.reviewed else False if args.pending else None
             records = store.list_feedback(reviewed=reviewed, limit=args.limit)
+        elif args.action == "queue":
+            return _print_queue(store.review_queue(args.limit), as_json=args.json)
         elif args.action == "review":
-            records = [store.review(args.feedback_id, accepted=bool(args.accept))]
+            records = store.review_many(args.feedback_id, accepted=bool(args.accept))
         else:
             records = store.accepted()
     finally:
@@ -563,6 +758,22 @@ def cli(args: Any) -> int:
             print(
                 f"{r.feedback_id}  {r.created_at:%Y-%m-%d %H:%M}  {r.correct_label:<10} "
                 f"model said {r.predicted_label:<10} v{r.model_version}  {decision:<8} "
+                f"{r.image_key or '-'}"
+            )
+    return 0
+
+
+def _print_queue(items: list[ReviewItem], *, as_json: bool) -> int:
+    for item in items:
+        r = item.feedback
+        if as_json:
+            row = {**r.to_dict(), "answer": item.answer, "confidence": item.confidence}
+            print(json.dumps({**row, "reason": item.reason}))
+        else:
+            confidence = "-" if item.confidence is None else f"{item.confidence:.2f}"
+            print(
+                f"{r.feedback_id}  {item.reason:<12} {r.correct_label:<10} "
+                f"model said {item.answer or '?':<10} {confidence:>5}  v{r.model_version}  "
                 f"{r.image_key or '-'}"
             )
     return 0

@@ -1,6 +1,9 @@
-"""The end-user web app: a Voila notebook (``app.ipynb``) that talks to the API over HTTP.
+"""The web faces: the end-user app and the reviewer page, Voila notebooks.
 
-``client`` holds the HTTP client and the view model, ``ui`` the ipywidgets layout and
-``serve`` the production Voila launcher (``python -m dashboards.serve``). Nothing here
-imports TensorFlow: an app session's kernel stays small.
+``app.ipynb`` talks to the API over HTTP: ``client`` holds the HTTP client and the view model,
+``ui`` the ipywidgets layout. ``review.ipynb`` (the reviewer page, an internal tool) reads the
+feedback database and the store through ``dandelion_lib.feedback``; ``review`` holds its
+widgets. ``serve`` is the production Voila launcher of both (``python -m dashboards.serve``,
+``--review``) and ``lab`` starts JupyterLab on the project's notebooks (``nox -s lab``).
+Nothing here imports TensorFlow: a session's kernel stays small.
 """

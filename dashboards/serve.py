@@ -12,6 +12,18 @@
   ``GET /health/ready`` (503 while all sessions are taken). Probing ``/`` would start a kernel
   per probe.
 
+``python -m dashboards.serve --review`` serves the reviewer page instead (an internal tool,
+never on the public ingress), with the same machinery:
+
+* only ``dashboards/review.ipynb``, on ``Settings.review_host:review_port`` (default
+  127.0.0.1:8867);
+* behind a token: ``Settings.review_token`` (``DANDELION_REVIEW_TOKEN``, at least 16
+  characters); reviewers open ``http://<host>:8867/?token=<token>`` once (a cookie keeps them
+  signed in). Without a token the page refuses to start (exit status 2, one line saying so).
+  The token is handed to Voila in-process, not on a command line, and removed from the
+  environment its kernels inherit (Voila still passes a page request's query string, so a
+  ``?token=`` link's token, to that page's kernel, which runs only the page's own code).
+
 Extra arguments are passed to Voila unchanged (e.g. ``--debug``).
 """
 
@@ -21,6 +33,7 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +48,46 @@ from dandelion_lib.config import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "dashboards" / "app.ipynb"
+REVIEW_NOTEBOOK = ROOT / "dashboards" / "review.ipynb"
 KERNEL = "dandelion"
+MIN_TOKEN_LENGTH = 16
+REVIEW_FLAG = "--review"
+
+
+class ServeConfigError(ValueError):
+    """The page cannot be served as configured (one line for the operator)."""
+
+
+@dataclass(frozen=True)
+class Page:
+    """What one server serves: a notebook on an address, with or without a token."""
+
+    name: str
+    notebook: Path
+    host: str
+    port: int
+    token: str | None = None
+
+
+def app_page(settings: Settings) -> Page:
+    """The end-user app: ``app.ipynb`` on ``app_host:app_port``, open to its users."""
+    return Page("app", NOTEBOOK, settings.app_host, settings.app_port)
+
+
+def review_page(settings: Settings) -> Page:
+    """The reviewer page: ``review.ipynb`` on ``review_host:review_port``, behind
+    ``review_token`` (:class:`ServeConfigError` when it is unset or too short)."""
+    secret = settings.review_token.get_secret_value().strip() if settings.review_token else ""
+    if not secret:
+        raise ServeConfigError(
+            "the reviewer page needs a token: set DANDELION_REVIEW_TOKEN (e.g. to the output "
+            "of `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+        )
+    if len(secret) < MIN_TOKEN_LENGTH:
+        raise ServeConfigError(
+            f"DANDELION_REVIEW_TOKEN is too short: use at least {MIN_TOKEN_LENGTH} characters"
+        )
+    return Page("review", REVIEW_NOTEBOOK, settings.review_host, settings.review_port, secret)
 
 
 class CappedKernelManager(AsyncMappingKernelManager):
@@ -177,13 +229,15 @@ def _data_dir() -> dict[str, str]:
         return {"JUPYTER_DATA_DIR": tempfile.mkdtemp(prefix="dandelion-jupyter-data-")}
 
 
-def voila_argv(settings: Settings, notebook: Path = NOTEBOOK) -> list[str]:
-    """Voila's command-line arguments for the production configuration."""
+def voila_argv(settings: Settings, page: Page | None = None) -> list[str]:
+    """Voila's command-line arguments for the production configuration of ``page`` (default:
+    the app). A token is never among them (a command line is visible to every local user)."""
+    page = page or app_page(settings)
     return [
-        str(notebook),
+        str(page.notebook),
         "--no-browser",
-        f"--Voila.ip={settings.app_host}",
-        f"--port={settings.app_port}",
+        f"--Voila.ip={page.host}",
+        f"--port={page.port}",
         "--Voila.port_retries=0",
         "--theme=light",
         "--template=lab",
@@ -214,19 +268,34 @@ def environment(settings: Settings) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run Voila in this process until interrupted."""
+    """Run Voila in this process until interrupted (``--review``: the reviewer page)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    review = REVIEW_FLAG in args
+    args = [a for a in args if a != REVIEW_FLAG]
     settings = get_settings()
+    try:
+        page = review_page(settings) if review else app_page(settings)
+    except ServeConfigError as exc:
+        print(f"dandelion reviewer page not started: {exc}", file=sys.stderr, flush=True)
+        return 2
     os.environ.update(_data_dir())  # first: the kernel lookup below depends on it
     os.environ.update(environment(settings))
-    args = [*voila_argv(settings), *(sys.argv[1:] if argv is None else argv)]
-    print(
-        f"dandelion app on http://{settings.app_host}:{settings.app_port}/ "
-        f"(API {settings.api_url})",
-        flush=True,
-    )
+    os.environ.pop("DANDELION_REVIEW_TOKEN", None)  # kernels inherit the environment
+    base = f"http://{page.host}:{page.port}/"
+    if review:
+        print(
+            f"dandelion reviewer page on {base}?token=<DANDELION_REVIEW_TOKEN> "
+            "(internal: never expose it on the public ingress)",
+            flush=True,
+        )
+    else:
+        print(f"dandelion app on {base} (API {settings.api_url})", flush=True)
     # All files of one selection arrive in one websocket message (tornado's default cap: 10 MiB).
     tornado_settings = {"websocket_max_message_size": settings.app_max_upload_bytes}
-    DandelionVoila.launch_instance(argv=args, tornado_settings=tornado_settings)
+    extra: dict[str, Any] = {"token": page.token} if page.token else {}
+    DandelionVoila.launch_instance(
+        argv=[*voila_argv(settings, page), *args], tornado_settings=tornado_settings, **extra
+    )
     return 0
 
 

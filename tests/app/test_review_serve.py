@@ -1,0 +1,192 @@
+"""How the reviewer page is served (``python -m dashboards.serve --review``) and how
+``nox -s lab`` starts JupyterLab: a token is required, the page has its own port and serves
+only ``review.ipynb``; the slow test runs the real Voila server (which runs the notebook in the
+``dandelion`` kernel) and clicks *Accept* in Chromium."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from dandelion_lib.config import Settings
+from dandelion_lib.feedback import FeedbackStore, PredictionRecord
+from dashboards import lab, serve
+from tests.conftest import ROOT, free_port, wait_http
+from tests.process_support import stop
+
+TOKEN = "s3cret-review-token-0123456789"
+
+
+def test_the_review_page_refuses_to_start_without_a_real_token(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for token in (None, "   ", "short-token"):
+        settings = Settings(review_token=token)
+        with pytest.raises(serve.ServeConfigError):
+            serve.review_page(settings)
+        monkeypatch.setattr(serve, "get_settings", lambda s=settings: s)
+        assert serve.main(["--review"]) == 2  # before any server starts
+        err = capsys.readouterr().err
+        assert "reviewer page not started" in err and "DANDELION_REVIEW_TOKEN" in err
+        assert "Traceback" not in err
+
+
+def test_the_review_page_has_its_own_notebook_port_and_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    page = serve.review_page(Settings(review_token=TOKEN))
+    assert (page.notebook, page.host, page.port, page.token) == (
+        ROOT / "dashboards" / "review.ipynb",
+        "127.0.0.1",
+        8867,
+        TOKEN,
+    )
+    argv = serve.voila_argv(Settings(review_token=TOKEN), page)
+    assert argv[0] == str(serve.REVIEW_NOTEBOOK)
+    assert not any(a.endswith("app.ipynb") for a in argv)
+    assert "--port=8867" in argv and "--Voila.ip=127.0.0.1" in argv
+    assert not any(TOKEN in a for a in argv)  # never on a command line
+    assert "--show_tracebacks=False" in argv and "--strip_sources=True" in argv
+
+    app = serve.voila_argv(Settings())  # the app is unchanged: its notebook, its port
+    assert app[0] == str(serve.NOTEBOOK) and "--port=8866" in app
+
+    monkeypatch.setenv("DANDELION_REVIEW_PORT", "9123")
+    monkeypatch.setenv("DANDELION_REVIEW_HOST", "0.0.0.0")
+    monkeypatch.setenv("DANDELION_REVIEW_TOKEN", TOKEN)
+    from_env = serve.review_page(Settings())
+    assert (from_env.host, from_env.port, from_env.token) == ("0.0.0.0", 9123, TOKEN)
+    assert TOKEN not in repr(Settings())  # a SecretStr
+
+
+def test_the_review_notebook_is_stored_clean() -> None:
+    nb = json.loads(serve.REVIEW_NOTEBOOK.read_text())
+    assert nb["metadata"]["kernelspec"]["name"] == "dandelion"
+    assert nb["metadata"]["title"]
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert "parameters" in code[0]["metadata"].get("tags", [])
+    assert all(not c["outputs"] and c["execution_count"] is None for c in code)
+    assert "ReviewPage.from_settings" in "".join(code[-1]["source"])
+
+
+def test_lab_opens_the_notebooks_with_the_dandelion_kernel_on_the_embedded_defaults(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    argv = lab.lab_argv(["--port=8890"])
+    assert argv[:3] == [sys.executable, "-m", "jupyterlab"]
+    assert f"--ServerApp.root_dir={ROOT / 'notebooks'}" in argv
+    assert "--ServerApp.ip=127.0.0.1" in argv
+    assert "--MappingKernelManager.default_kernel_name=dandelion" in argv
+    assert argv[-1] == "--port=8890"
+    assert importlib.util.find_spec("jupyterlab") is not None  # installed by the lock
+
+    monkeypatch.chdir(tmp_path)
+    env = lab.lab_environment(Settings(workdir=Path(".dandelion")))
+    assert env["DANDELION_WORKDIR"] == str(tmp_path / ".dandelion")  # absolute
+    assert str(ROOT) in env["PYTHONPATH"].split(os.pathsep)
+    assert env.get("PATH") == os.environ.get("PATH")  # the rest passes through
+
+
+@contextmanager
+def review_server(tmp_path: Path, **env: str) -> Iterator[str]:
+    port = free_port()
+    full = {
+        **os.environ,
+        "DANDELION_WORKDIR": str(tmp_path),
+        "DANDELION_REVIEW_PORT": str(port),
+        **env,
+    }
+    with (tmp_path / "voila.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dashboards.serve", "--review"],
+            cwd=ROOT,
+            env=full,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_http(f"{url}/health/live", timeout=90, proc=proc)
+            yield url
+        finally:
+            stop(proc, timeout=30, sig=signal.SIGTERM)
+
+
+def seed(workdir: Path, greenr: Path) -> list[str]:
+    """Two pending feedback items with photos in ``workdir``'s embedded feedback database:
+    a disagreement (first in the queue) and an agreement."""
+    settings = Settings(workdir=workdir)
+    store = FeedbackStore.from_settings(settings)
+    ids = []
+    try:
+        for n, (answer, correct) in enumerate((("grass", "grass"), ("grass", "dandelion"))):
+            image = (greenr / correct / f"{20 + n:08d}.jpg").read_bytes()
+            prediction = PredictionRecord(
+                prediction_id=f"served-{n}",
+                label=answer,
+                top_label=answer,
+                confidence=0.8,
+                probabilities={"dandelion": 0.2, "grass": 0.8},
+                model_version="5",
+                image_sha256=hashlib.sha256(image).hexdigest(),
+            )
+            store.record_predictions([prediction])
+            ids.append(store.add_feedback(prediction.prediction_id, correct, image).feedback_id)
+    finally:
+        store.close()
+    return ids
+
+
+@pytest.mark.slow
+def test_the_served_review_page_needs_the_token_serves_only_itself_and_records_clicks(
+    tmp_path: Path, greenr_dir: Path, page: Any
+) -> None:
+    """One server: plain HTTP for the token and what is served, then Chromium for a click."""
+    agreement, disagreement = seed(tmp_path, greenr_dir)
+    with (
+        review_server(tmp_path, DANDELION_REVIEW_TOKEN=TOKEN) as url,
+        httpx.Client(base_url=url, timeout=120) as client,
+    ):
+        denied = client.get("/")
+        assert denied.status_code == 302 and "/login" in denied.headers["location"]
+        assert client.get("/?token=not-the-token-at-all").status_code == 302
+        for path in ("/voila/files/app.ipynb", "/voila/files/review.py", "/app.ipynb"):
+            assert client.get(path).status_code in (302, 403, 404), path
+        assert client.get("/health/live").status_code == 200  # probes need no token
+
+        page.goto(f"{url}/?token={TOKEN}", wait_until="domcontentloaded", timeout=90_000)
+        page.wait_for_selector(".dl-review .dl-item", timeout=90_000)
+        assert page.title() == "Review feedback · dandelion"
+        content = page.content()
+        assert "ReviewPage.from_settings" not in content and "Traceback" not in content
+        items = page.locator(".dl-item")
+        assert items.count() == 2
+        first = items.nth(0)
+        assert "disagrees" in first.inner_text() and first.locator("img").count() == 1
+        assert page.locator(".dl-count-waiting").inner_text() == "0"
+        first.locator(".dl-accept").click()  # over the kernel's websocket, signed in by cookie
+        page.wait_for_function(
+            "document.querySelector('.dl-count-waiting')?.innerText === '1'", timeout=60_000
+        )
+        assert page.locator(".dl-item").count() == 1
+        assert page.page_errors == []
+
+    store = FeedbackStore.from_settings(Settings(workdir=tmp_path))
+    try:
+        assert [r.feedback_id for r in store.accepted()] == [disagreement]
+        pending = store.get_feedback(agreement)
+        assert pending is not None and pending.reviewed_at is None
+    finally:
+        store.close()
