@@ -119,6 +119,11 @@ def test_thresholds_mirror_the_settings() -> None:
         "dandelion_live_accuracy < on (job, instance) dandelion_live_accuracy_floor"
         in (exprs["DandelionLiveAccuracyLow"])
     )
+    low = next(r for r in alert_rules() if r["alert"] == "DandelionLiveAccuracyLow")
+    assert (
+        f"reviewer page (port {s.review_port}, `nox -s review`)"
+        in (low["annotations"]["description"])
+    )
     exported = ApiMetrics(live_accuracy_floor=0.85).render().decode()
     assert "\ndandelion_live_accuracy_floor 0.85\n" in exported
 
