@@ -1,8 +1,11 @@
 """dandelion's DAGs: the end-to-end pipeline and the retraining DAG.
 
 ``dandelion_pipeline``: ingest -> validate_data -> check_changes -> train -> evaluate ->
-promote -> report. ``dandelion_retrain`` (on each new dataset version and weekly):
-resolve_dataset -> validate_data -> check_changes -> train -> evaluate -> promote -> report.
+promote -> report. ``dandelion_retrain`` (on each new dataset version, when enough accepted
+feedback waits, and weekly): resolve_dataset (adds waiting accepted feedback as a new
+version) -> validate_data -> check_changes -> train -> evaluate -> promote -> report.
+``dandelion_feedback`` (every ``DANDELION_FEEDBACK_WATCH_CRON``): feedback_waiting ->
+announce_feedback, which emits the feedback asset once the threshold is reached.
 
 Notebook steps run ``notebooks/*.ipynb`` through Papermill in the ``dandelion`` kernel;
 the other steps call ``dandelion_lib``. This file only wires tasks: nothing heavy is imported
@@ -145,7 +148,7 @@ with DAG(
     description="Retrain on each new dataset version and weekly; skips when nothing changed.",
     schedule=AssetOrTimeSchedule(
         timetable=CronTriggerTimetable(SETTINGS.retrain_cron, timezone="UTC"),
-        assets=orch.DATASET_ASSET,
+        assets=orch.DATASET_ASSET | orch.FEEDBACK_ASSET,
     ),
     doc_md=__doc__,
     **DAG_ARGS,
@@ -155,3 +158,22 @@ with DAG(
     )
     first, _ = training_steps("resolve_dataset")
     resolve >> first
+
+
+with DAG(
+    dag_id="dandelion_feedback",
+    description="Starts retraining when enough accepted feedback waits for a dataset version.",
+    schedule=CronTriggerTimetable(SETTINGS.feedback_watch_cron, timezone="UTC"),
+    doc_md=__doc__,
+    **DAG_ARGS,
+):
+    waiting = ShortCircuitOperator(
+        task_id="feedback_waiting", python_callable=orch.feedback_waiting, **IO_RETRIES
+    )
+    announce = PythonOperator(
+        task_id="announce_feedback",
+        python_callable=orch.announce_feedback,
+        outlets=[orch.FEEDBACK_ASSET],
+        **IO_RETRIES,
+    )
+    waiting >> announce

@@ -141,6 +141,16 @@ class Settings(BaseSettings):
     retrain_cron: str = Field(
         "0 3 * * 1", description="Weekly retraining schedule (cron, UTC) besides new datasets."
     )
+    retrain_feedback_threshold: int = Field(
+        20,
+        ge=1,
+        description="Accepted feedback photos not yet in a dataset version that trigger "
+        "retraining (checked by the dandelion_feedback DAG).",
+    )
+    feedback_watch_cron: str = Field(
+        "*/30 * * * *",
+        description="How often the dandelion_feedback DAG counts accepted feedback (cron, UTC).",
+    )
 
     # --- serving ---------------------------------------------------------------------------
     api_url: str = Field("http://127.0.0.1:8000", description="Where clients reach the API.")

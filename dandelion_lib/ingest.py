@@ -422,6 +422,38 @@ def accepted_feedback(settings: Settings) -> list[FeedbackRecord]:
         feedback.close()
 
 
+def add_accepted_feedback(
+    settings: Settings | None = None,
+    *,
+    store: ObjectStore | None = None,
+    progress: bool | None = None,
+) -> IngestReport | None:
+    """Retraining's ingestion: a new dataset version that is the latest one plus the accepted
+    feedback photos it lacks (its images keep their splits). ``None`` when none is waiting."""
+    settings = settings or get_settings()
+    store = store or open_store(settings=settings)
+    reviewed = accepted_feedback(settings)
+    if not reviewed:
+        return None
+    feedback = FeedbackStore(settings.resolved_feedback_db_url, store=store, labels=settings.labels)
+    try:
+        waiting = feedback.awaiting_dataset().count
+    except FeedbackUnavailableError as exc:
+        raise SourceUnavailableError(str(exc)) from None
+    finally:
+        feedback.close()
+    if not waiting:
+        return None
+    only_feedback = settings.model_copy(update={"ingest_feedback": False, "negatives_source": None})
+    return ingest(
+        only_feedback,
+        source=FeedbackSource(reviewed, store, settings.labels),
+        store=store,
+        extend=True,
+        progress=progress,
+    )
+
+
 def make_source(spec: str | None = None, settings: Settings | None = None) -> Source:
     """An HTTP source for ``http(s)://`` URLs, otherwise a local folder (path or file:// URL)."""
     settings = settings or get_settings()

@@ -60,6 +60,14 @@ DATASET_ASSET = Asset(
 )
 """Emitted by ingestion for each dataset version; the retraining DAG is scheduled on it."""
 
+FEEDBACK_ASSET = Asset(
+    name="dandelion_feedback",
+    uri="dandelion://feedback/accepted",
+    group="dandelion",
+)
+"""Emitted when enough reviewed, accepted feedback waits for a dataset version
+(``DANDELION_RETRAIN_FEEDBACK_THRESHOLD``); the retraining DAG is scheduled on it too."""
+
 NOTEBOOK_TASKS = dict(NOTEBOOKS)
 
 
@@ -444,8 +452,10 @@ def on_run_failure(context: Any) -> None:
 
 
 def resolve_dataset(**context: Any) -> dict[str, Any]:
-    """Retraining: the dataset version of the triggering asset events, else the latest."""
+    """Retraining: a new version when accepted feedback waits (the latest plus those photos,
+    splits kept), else the dataset version of the triggering asset events, else the latest."""
     from dandelion_lib import dataset  # imports pandas: not at DAG parse time
+    from dandelion_lib.ingest import SourceUnavailableError, add_accepted_feedback
 
     version = None
     sources: set[str] = set()
@@ -455,9 +465,49 @@ def resolve_dataset(**context: Any) -> dict[str, Any]:
             version = (event.extra or {}).get("dataset_version") or version
             if getattr(event, "source_dag_id", None):
                 sources.add(event.source_dag_id)
+    settings = _settings()
+    added = None
+    if settings.ingest_feedback:
+        try:
+            added = add_accepted_feedback(settings, store=_store(), progress=False)
+        except SourceUnavailableError as exc:
+            raise _fail(str(exc)) from None
+    if added is not None:
+        version = added.version
+        log.info("accepted feedback added: dataset version %s (%s)", version, added.source)
     version = version or dataset.latest_version(_store())
     context["ti"].xcom_push(key="dataset_version", value=version)
-    return {"dataset_version": version, "triggered_by": sorted(sources)}
+    return {
+        "dataset_version": version,
+        "triggered_by": sorted(sources),
+        "feedback_added": added is not None,
+    }
+
+
+def feedback_waiting(**context: Any) -> bool:
+    """Whether enough accepted feedback photos wait for a dataset version to retrain."""
+    from dandelion_lib.feedback import FeedbackStore
+
+    settings = _settings()
+    store = FeedbackStore.from_settings(settings)
+    try:
+        waiting = store.awaiting_dataset()
+    finally:
+        store.close()
+    context["ti"].xcom_push(key="accepted_waiting", value=waiting.count)
+    log.info(
+        "%d accepted feedback photos wait for a dataset version (threshold %d)",
+        waiting.count,
+        settings.retrain_feedback_threshold,
+    )
+    return waiting.count >= settings.retrain_feedback_threshold
+
+
+def announce_feedback(**context: Any) -> int:
+    """Emit the feedback asset event (its ``extra`` holds the count) that starts retraining."""
+    count = int(context["ti"].xcom_pull(task_ids="feedback_waiting", key="accepted_waiting") or 0)
+    context["outlet_events"][FEEDBACK_ASSET].extra = {"accepted_waiting": count}
+    return count
 
 
 def validate_data(dataset_version: str, **context: Any) -> dict[str, Any]:

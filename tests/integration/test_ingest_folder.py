@@ -16,7 +16,12 @@ from PIL import Image
 
 from dandelion_lib import dataset
 from dandelion_lib.config import Settings
-from dandelion_lib.ingest import DatasetQualityError, SourceUnavailableError, ingest
+from dandelion_lib.ingest import (
+    DatasetQualityError,
+    SourceUnavailableError,
+    add_accepted_feedback,
+    ingest,
+)
 from dandelion_lib.storage import LocalStore, ObjectStore
 from tests.conftest import free_port
 from tests.integration.conftest import FaultServer
@@ -345,6 +350,12 @@ def test_accepted_feedback_joins_the_next_version(
         settings.model_copy(update={"ingest_feedback": False}), store=store, progress=False
     )
     assert off.version == before.version
+
+    # Retraining's ingestion: the latest version (``before`` again) plus the accepted photos
+    # it lacks gives the same version as ingesting the source with them; then none waits.
+    added = add_accepted_feedback(settings, store=store, progress=False)
+    assert added is not None and added.version == after.version
+    assert add_accepted_feedback(settings, store=store, progress=False) is None
 
 
 def test_only_image_data_enters_the_store(greenr_dir: Path, tmp_path: Path) -> None:

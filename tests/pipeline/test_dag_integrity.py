@@ -118,7 +118,7 @@ def test_no_heavy_imports_at_parse_time(parsed: dict[str, Any]) -> None:
 
 
 def test_expected_dags(parsed: dict[str, Any]) -> None:
-    assert set(parsed["dags"]) == {"dandelion_pipeline", "dandelion_retrain"}
+    assert set(parsed["dags"]) == {"dandelion_pipeline", "dandelion_retrain", "dandelion_feedback"}
     for dag in parsed["dags"].values():
         assert dag["max_active_runs"] == 1
         assert dag["on_failure"] == "on_run_failure"
@@ -185,6 +185,18 @@ def test_ingest_emits_the_dataset_asset_and_retraining_is_scheduled_on_it(
     ]
     retrain = parsed["dags"]["dandelion_retrain"]
     assert retrain["schedule"] == "AssetOrTimeSchedule"
-    assert retrain["schedule_assets"] == ["dandelion_dataset"]
+    assert retrain["schedule_assets"] == ["dandelion_dataset", "dandelion_feedback"]
     assert retrain["inner_timetable"] == "CronTriggerTimetable"
     assert parsed["dags"]["dandelion_pipeline"]["schedule"] == "NullTimetable"
+
+
+def test_enough_accepted_feedback_emits_the_asset_that_starts_retraining(
+    parsed: dict[str, Any],
+) -> None:
+    watch = parsed["dags"]["dandelion_feedback"]
+    assert watch["schedule"] == "CronTriggerTimetable"
+    tasks = watch["tasks"]
+    assert set(tasks) == {"feedback_waiting", "announce_feedback"}
+    assert tasks["feedback_waiting"]["type"] == "ShortCircuitOperator"
+    assert tasks["feedback_waiting"]["downstream"] == ["announce_feedback"]
+    assert tasks["announce_feedback"]["outlets"] == ["dandelion_feedback"]
