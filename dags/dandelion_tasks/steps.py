@@ -530,7 +530,8 @@ def check_changes(dataset_version: str, **context: Any) -> bool:
     params = context["params"]
     upstream = context["ti"].xcom_pull(task_ids="resolve_dataset") or {}
     triggered_by = upstream.get("triggered_by") or []
-    if triggered_by and set(triggered_by) == {PIPELINE_DAG}:
+    added = bool(upstream.get("feedback_added"))  # a new version made here: never skipped
+    if triggered_by and set(triggered_by) == {PIPELINE_DAG} and not added:
         decision = changes.TrainingDecision(
             False,
             f"dataset {dataset_version} came from {PIPELINE_DAG}, which trains it itself",
