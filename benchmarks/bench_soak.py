@@ -17,8 +17,11 @@ the nothing-lost check (every prediction id answered 200 is in the ``predictions
 every feedback id answered 201 in ``feedback``), the RSS of the last minute over the first,
 the slope of RSS over the second half (MiB/min, least squares) and the memory limits the
 Kubernetes manifests set for the API. Exits non-zero on any 5xx, any unexpected status,
-any request without an answer, or anything lost. The API process inherits this process's
-environment (so ``MALLOC_ARENA_MAX=2 nox -s bench -- soak 10`` measures that allocator).
+any request without an answer, or anything lost.
+
+The API runs with the glibc malloc settings its image sets (the ``MALLOC_*`` variables of
+docker/api.Dockerfile, see docs/reliability.md); ``nox -s bench -- soak 30 glibc`` runs it
+with glibc's defaults instead, to compare.
 """
 
 from __future__ import annotations
@@ -344,7 +347,15 @@ def _report(
     return failures
 
 
-def main(minutes: str | float = DEFAULT_MINUTES) -> int:
+def image_allocator_env() -> dict[str, str]:
+    """The glibc malloc settings (``MALLOC_*``) the API image sets (docker/api.Dockerfile)."""
+    text = (ROOT / "docker/api.Dockerfile").read_text()
+    return dict(re.findall(r"\b(MALLOC_[A-Z_]+)=(\S+)", text))
+
+
+def main(minutes: str | float = DEFAULT_MINUTES, allocator: str = "image") -> int:
+    """``minutes`` of load; ``allocator``: ``image`` (the API image's malloc settings, as
+    deployed; variables already set here win) or ``glibc`` (glibc's defaults)."""
     minutes = float(minutes)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     images = _images()
@@ -357,11 +368,23 @@ def main(minutes: str | float = DEFAULT_MINUTES) -> int:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         options = _server_options(workdir, port, tmp)
+        env = options["env"]
+        if allocator == "image":
+            for key, value in image_allocator_env().items():
+                env.setdefault(key, value)
+        elif allocator == "glibc":
+            for key in [k for k in env if k.startswith("MALLOC_")]:
+                del env[key]
+        else:
+            raise SystemExit(f"allocator must be 'image' or 'glibc', not {allocator!r}")
+        allocator_env = " ".join(
+            f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("MALLOC_")
+        )
         with running(["-m", "api"], f"{url}/health/ready", **options) as proc:
             rss0, threads0, fds0 = proc_sample(proc.pid)
             print(
                 f"API pid {proc.pid} serving {uri}; {CLIENTS} clients for {minutes:g} min; "
-                f"MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', 'unset')}; at ready: "
+                f"allocator: {allocator_env or 'glibc defaults'}; at ready: "
                 f"RSS {rss0:.1f} MiB, {threads0} threads, {fds0} fds",
                 flush=True,
             )
