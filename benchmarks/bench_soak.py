@@ -11,12 +11,13 @@ temporary workdir. A few client threads send, over loopback and without pauses:
 * ``GET /model``, ``/health/ready``, ``/metrics``;
 * bad inputs (corrupt bytes, a truncated JPEG, an empty body), which must answer 4xx.
 
-Every minute one line: elapsed, the API process's RSS (``VmRSS`` of ``/proc/<pid>/status``),
-threads, open fds, requests, p50/p95/p99 latency of that minute, 5xx. At the end: totals,
-the nothing-lost check (every prediction id answered 200 is in the ``predictions`` table,
-every feedback id answered 201 in ``feedback``), the RSS of the last minute over the first,
-the slope of RSS over the second half (MiB/min, least squares) and the memory limits the
-Kubernetes manifests set for the API. Exits non-zero on any 5xx, any unexpected status,
+Every minute one line: elapsed, the API process's RSS (``VmRSS`` of ``/proc/<pid>/status``)
+at the end of the minute and the median and maximum of its samples every 5 s, threads, open
+fds, requests, p50/p95/p99 latency of that minute, 5xx. At the end: totals, the nothing-lost
+check (every prediction id answered 200 is in the ``predictions`` table, every feedback id
+answered 201 in ``feedback``), the RSS of the last minute over the first and the slope of RSS
+over the second half (MiB/min, least squares; both from the minutes' medians), and the
+memory limits the Kubernetes manifests set for the API. Exits non-zero on any 5xx, any unexpected status,
 any request without an answer, or anything lost.
 
 The API runs with the glibc malloc settings its image sets (the ``MALLOC_*`` variables of
@@ -32,6 +33,7 @@ import random
 import re
 import sqlite3
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -46,6 +48,7 @@ from tests.process_support import free_port, running
 DEFAULT_MINUTES = 30.0
 ONLY_BY_NAME = True  # 30 minutes: `nox -s bench` without names leaves it out
 CLIENTS = 4
+RSS_EVERY_S = 5.0
 FEEDBACK_SHARE = 0.3
 SEED = 20261130
 
@@ -287,11 +290,14 @@ def missing_rows(db: Path, table: str, column: str, ids: list[str]) -> list[str]
 
 
 # --- main ---------------------------------------------------------------------------------
-def _line(minute: int, rss: float, threads: int, fds: int, window: list[float], n5xx: int) -> str:
+def _line(
+    minute: int, rss: list[float], threads: int, fds: int, window: list[float], n5xx: int
+) -> str:
     ordered = sorted(window)
     ms = [percentile(ordered, q) * 1000.0 for q in (0.5, 0.95, 0.99)]
     return (
-        f"{minute:>4} {rss:>9.1f} {threads:>7} {fds:>5} {len(window):>7} "
+        f"{minute:>4} {rss[-1]:>9.1f} {statistics.median(rss):>9.1f} {max(rss):>9.1f} "
+        f"{threads:>7} {fds:>5} {len(window):>7} "
         f"{ms[0]:>8.1f} {ms[1]:>8.1f} {ms[2]:>8.1f} {n5xx:>5}"
     )
 
@@ -323,7 +329,8 @@ def _report(
         first, last = samples[0][1], samples[-1][1]
         half = [s for s in samples if s[0] > len(samples) / 2]
         print(
-            f"RSS last minute / first minute: {last:.1f} / {first:.1f} MiB = {last / first:.3f}; "
+            f"RSS (median of each minute's samples) last minute / first minute: "
+            f"{last:.1f} / {first:.1f} MiB = {last / first:.3f}; "
             f"slope over the second half: "
             f"{slope([s[0] for s in half], [s[1] for s in half]):+.2f} MiB/min"
         )
@@ -353,6 +360,33 @@ def image_allocator_env() -> dict[str, str]:
     return dict(re.findall(r"\b(MALLOC_[A-Z_]+)=(\S+)", text))
 
 
+def _allocator(env: dict[str, str], allocator: str) -> str:
+    """Set the API's malloc variables in ``env`` for ``allocator``; returns them as text."""
+    if allocator == "image":
+        for key, value in image_allocator_env().items():
+            env.setdefault(key, value)
+    elif allocator == "glibc":
+        for key in [k for k in env if k.startswith("MALLOC_")]:
+            del env[key]
+    else:
+        raise SystemExit(f"allocator must be 'image' or 'glibc', not {allocator!r}")
+    return " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("MALLOC_"))
+
+
+def _sample_minute(proc: subprocess.Popen[bytes], end: float) -> tuple[list[float], int, int]:
+    """RSS every RSS_EVERY_S until ``end`` (a batch in flight maps its buffers for a moment,
+    so one sample can mislead), and the threads and fds at ``end``."""
+    rss: list[float] = []
+    while True:
+        time.sleep(max(0.0, min(RSS_EVERY_S, end - time.monotonic())))
+        if proc.poll() is not None:
+            raise RuntimeError(f"the API exited with {proc.returncode}")
+        value, threads, fds = proc_sample(proc.pid)
+        rss.append(value)
+        if time.monotonic() >= end:
+            return rss, threads, fds
+
+
 def main(minutes: str | float = DEFAULT_MINUTES, allocator: str = "image") -> int:
     """``minutes`` of load; ``allocator``: ``image`` (the API image's malloc settings, as
     deployed; variables already set here win) or ``glibc`` (glibc's defaults)."""
@@ -360,7 +394,7 @@ def main(minutes: str | float = DEFAULT_MINUTES, allocator: str = "image") -> in
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     images = _images()
     tally = Tally()
-    samples: list[tuple[float, float]] = []  # (minute, RSS MiB)
+    samples: list[tuple[float, float]] = []  # (minute, median RSS MiB of the minute)
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
         workdir = Path(tmp) / "work"
         os.environ["DANDELION_WORKDIR"] = str(workdir)
@@ -368,18 +402,7 @@ def main(minutes: str | float = DEFAULT_MINUTES, allocator: str = "image") -> in
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         options = _server_options(workdir, port, tmp)
-        env = options["env"]
-        if allocator == "image":
-            for key, value in image_allocator_env().items():
-                env.setdefault(key, value)
-        elif allocator == "glibc":
-            for key in [k for k in env if k.startswith("MALLOC_")]:
-                del env[key]
-        else:
-            raise SystemExit(f"allocator must be 'image' or 'glibc', not {allocator!r}")
-        allocator_env = " ".join(
-            f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("MALLOC_")
-        )
+        allocator_env = _allocator(options["env"], allocator)
         with running(["-m", "api"], f"{url}/health/ready", **options) as proc:
             rss0, threads0, fds0 = proc_sample(proc.pid)
             print(
@@ -389,7 +412,7 @@ def main(minutes: str | float = DEFAULT_MINUTES, allocator: str = "image") -> in
                 flush=True,
             )
             print(
-                f"{'min':>4} {'RSS MiB':>9} {'threads':>7} {'fds':>5} {'requests':>7} "
+                f"{'min':>4} {'RSS MiB':>9} {'median':>9} {'max':>9} {'threads':>7} {'fds':>5} {'requests':>7} "
                 f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'5xx':>5}",
                 flush=True,
             )
@@ -407,11 +430,8 @@ def main(minutes: str | float = DEFAULT_MINUTES, allocator: str = "image") -> in
             try:
                 while minute < minutes:
                     minute += 1
-                    time.sleep(max(0.0, start + 60.0 * minute - time.monotonic()))
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"the API exited with {proc.returncode}")
-                    rss, threads, fds = proc_sample(proc.pid)
-                    samples.append((minute, rss))
+                    rss, threads, fds = _sample_minute(proc, start + 60.0 * minute)
+                    samples.append((minute, statistics.median(rss)))
                     print(_line(minute, rss, threads, fds, *tally.take_window()), flush=True)
             finally:
                 stop.set()

@@ -37,7 +37,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 # it rises to 32 MiB, so the model's large activation buffers land in the arenas and stay there
 # once freed). Measured with `nox -s bench -- soak` (docs/reliability.md, "Memory under a soak"):
 # with glibc's defaults RSS grew 1176 -> 1264 MiB in 6 min with 16 arenas holding up to 395 MiB
-# freed; with these settings the arenas held 12 MiB freed and RSS stayed within 890-995 MiB.
+# freed; with these settings the arenas held 12 MiB freed and RSS stayed at ~880-995 MiB.
 ENV MALLOC_ARENA_MAX=2 \
     MALLOC_MMAP_THRESHOLD_=1048576
 RUN groupadd --system --gid 10001 dandelion \
