@@ -12,12 +12,18 @@ def main() -> None:
     from api.logs import configure_logging
     from api.services.models import registry_http_env
     from api.transport import protocol_with_header_timeout
-    from dandelion_lib.config import get_settings
+    from dandelion_lib.config import cpu_limit, get_settings
 
     settings = get_settings()
     # Before MLflow makes its first request; a value set in the environment wins.
     for key, value in registry_http_env(settings).items():
         os.environ.setdefault(key, value)
+    # Before TensorFlow starts: its thread pools follow the container's CPU limit, not the
+    # host's cores (an oversubscribed quota is throttled).
+    threads = settings.inference_threads or cpu_limit()
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(min(2, threads)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     configure_logging(settings.log_level)
     uvicorn.run(
         "api.app:create_app",

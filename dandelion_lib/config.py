@@ -10,6 +10,8 @@ S3 credentials are never settings: boto3 reads them from its standard chain
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -232,6 +234,12 @@ class Settings(BaseSettings):
         "(exported as dandelion_live_accuracy_floor).",
     )
     log_level: str = Field("INFO", description="Log level of the API's JSON logs.")
+    inference_threads: int | None = Field(
+        None,
+        gt=0,
+        description="Intra-op threads of the API's model runtime. Default: the container's CPU "
+        "limit (cgroup quota, rounded up), else the CPUs this process may run on.",
+    )
 
     # --- monitoring ------------------------------------------------------------------------
     drift_psi_threshold: float = Field(
@@ -312,3 +320,30 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings (read once from the environment)."""
     return Settings()
+
+
+def cpu_limit(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: the cgroup CPU quota (a container's limit), rounded up,
+    else the CPUs it may be scheduled on. In a container the host's core count
+    (``os.cpu_count()``) overstates it, and thread pools sized by it oversubscribe the quota.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    available = max(1, cpus or 1)
+    quota: float | None = None
+    v2 = cgroup_root / "cpu.max"  # cgroup v2: "<quota> <period>" or "max <period>"
+    v1 = cgroup_root / "cpu" / "cpu.cfs_quota_us"
+    try:
+        if v2.is_file():
+            limit, period = v2.read_text().split()[:2]
+            if limit != "max":
+                quota = int(limit) / int(period)
+        elif v1.is_file():
+            limit_us = int(v1.read_text().strip())
+            period_us = int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text().strip())
+            if limit_us > 0:
+                quota = limit_us / period_us
+    except (OSError, ValueError):
+        quota = None
+    if quota is None or quota <= 0:
+        return available
+    return max(1, min(available, math.ceil(quota)))
