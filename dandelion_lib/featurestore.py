@@ -29,7 +29,6 @@ caller computes them again and writes them anew.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -37,7 +36,6 @@ import logging
 import os
 import time
 import uuid
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,28 +54,20 @@ FORMAT_VERSION = 1
 UNAUGMENTED = "none"
 """The view name of the unaugmented image."""
 
-_WEIGHTS_DIGESTS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-
 
 def weights_digest(model: Any) -> str:
-    """sha256 over the model's weight arrays (shape, dtype and values, in order).
+    """sha256 over the model's weight arrays (dtype, shape and values, in order).
 
-    Computed once per model object and process, then cached.
+    Computed from the weights as they are now (once per training, before any weight
+    changes), so a model whose weights changed gets another digest.
     """
 
-    try:
-        return _WEIGHTS_DIGESTS[model]
-    except (KeyError, TypeError):
-        pass
     h = hashlib.sha256()
     for w in model.get_weights():
         a = np.ascontiguousarray(w)
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(a.tobytes())
-    digest = h.hexdigest()
-    with contextlib.suppress(TypeError):  # not weak-referenceable: computed again next time
-        _WEIGHTS_DIGESTS[model] = digest
-    return digest
+    return h.hexdigest()
 
 
 def key_inputs(spec: FeatureSpec, backbone_name: str, weights_sha256: str) -> dict[str, Any]:
