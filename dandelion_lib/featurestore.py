@@ -24,7 +24,8 @@ computed from the same inputs).
 
 A shard that is missing, unreadable or does not match the sha256 its manifest records is
 never used: its manifest is dropped from the store and its rows count as missing, so the
-caller computes them again and writes them anew.
+caller computes them again and writes them anew. A store that cannot be reached drops
+nothing (its rows count as missing for this read only).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dandelion_lib.features import FeatureSpec
-from dandelion_lib.storage import ObjectStore, StoreError, sha256_hex
+from dandelion_lib.storage import ObjectStore, StoreError, StoreUnavailableError, sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,9 @@ class FeatureStore:
                 rows = manifest["rows"]
                 if not isinstance(rows, list) or not isinstance(manifest["sha256"], str):
                     raise ValueError("bad manifest")
+            except StoreUnavailableError as exc:  # the store, not the manifest: keep it
+                log.warning("feature manifest %s unreachable (%s); skipped", name, exc)
+                continue
             except (StoreError, ValueError, KeyError, TypeError) as exc:
                 log.warning("feature manifest %s unreadable (%s); dropped", name, exc)
                 self._drop(shard_id)
@@ -183,6 +187,9 @@ class FeatureStore:
         for shard_id, positions in wanted.items():
             try:
                 array = self._load_shard(shard_id, manifests[shard_id])
+            except StoreUnavailableError as exc:  # the store, not the shard: keep it
+                log.warning("feature shard %s unreachable (%s); computed instead", shard_id, exc)
+                continue
             except (StoreError, ValueError, OSError, KeyError) as exc:
                 log.warning("feature shard %s unusable (%s); dropped", shard_id, exc)
                 self._drop(shard_id)
