@@ -107,6 +107,14 @@ class Settings(BaseSettings):
     )
     split_seed: int = Field(42, description="Seed of the deterministic train/val/test split.")
 
+    # --- training --------------------------------------------------------------------------
+    feature_cache: bool = Field(
+        True,
+        description="Training reads the frozen backbone's embeddings from the feature store "
+        "(features/ in the object store) and computes and stores only the missing ones; "
+        "false: every embedding is computed and nothing is stored.",
+    )
+
     # --- model registry --------------------------------------------------------------------
     experiment: str = Field("dandelion", description="MLflow experiment name.")
     model_name: str = Field("dandelion", description="Registered model name.")

@@ -46,6 +46,13 @@ from dandelion_lib.config import UNKNOWN, Settings, get_settings
 from dandelion_lib.dataset import load_examples
 from dandelion_lib.errors import DandelionError
 from dandelion_lib.features import DEFAULT_IMAGE_SIZE, STAT_COLUMNS, FeatureSpec
+from dandelion_lib.featurestore import (
+    FeatureStore,
+    cached_embeddings,
+    feature_key,
+    key_inputs,
+    weights_digest,
+)
 from dandelion_lib.predict import Predictor
 from dandelion_lib.storage import open_store
 
@@ -202,6 +209,37 @@ def _extract(extractor: Any, dataset: Any, dim: int) -> npt.NDArray[np.float32]:
 def extract_features(extractor: Any, pixels: np.ndarray, dim: int) -> npt.NDArray[np.float32]:
     """Backbone features of ``pixels`` (uint8 model inputs), unaugmented."""
     return _extract(extractor, make_dataset(pixels), dim)
+
+
+def open_feature_store(store: Any, spec: FeatureSpec, backbone: Any) -> FeatureStore:
+    """The feature store of this spec and backbone (keyed by its name and weights)."""
+    digest = weights_digest(backbone.model)
+    return FeatureStore(
+        store,
+        feature_key(spec, backbone.name, digest),
+        inputs=key_inputs(spec, backbone.name, digest),
+    )
+
+
+def split_features(
+    extractor: Any,
+    pixels: np.ndarray,
+    shas: list[str],
+    dim: int,
+    fstore: FeatureStore | None,
+    counts: dict[str, int],
+) -> npt.NDArray[np.float32]:
+    """Unaugmented backbone features of ``pixels`` (images named by ``shas``): cached ones
+    read from ``fstore``, the missing ones extracted and stored; ``counts`` adds up how many
+    of each (``features_cached``, ``features_computed``)."""
+
+    def compute(positions: list[int]) -> npt.NDArray[np.float32]:
+        return extract_features(extractor, pixels[positions], dim)
+
+    feats, cached, computed = cached_embeddings(fstore, shas, compute)
+    counts["features_cached"] = counts.get("features_cached", 0) + cached
+    counts["features_computed"] = counts.get("features_computed", 0) + computed
+    return feats
 
 
 def augmented_features(
@@ -481,18 +519,39 @@ def load_pixels(data: TrainingData, store: Any) -> None:
 
 
 def fit_cached(
-    config: TrainConfig, backbone: Any, data: TrainingData, log: _EpochLog, laps: _Laps
+    config: TrainConfig,
+    backbone: Any,
+    data: TrainingData,
+    log: _EpochLog,
+    laps: _Laps,
+    *,
+    fstore: FeatureStore | None = None,
 ) -> Any:
-    """Steps 3-4: cache the frozen backbone's features (original and augmented views), fit
-    the head on them and, with ``refit_with_val``, refit it on train + val."""
+    """Steps 3-4: the frozen backbone's features (original views read from the feature
+    store ``fstore`` where cached, the rest and the augmented views extracted), fit the
+    head on them and, with ``refit_with_val``, refit it on train + val. Logs how many
+    features were cached and computed."""
     n = len(data.labels)
     pixels, y = data.pixels, data.y
     backbone.model.trainable = False
     extractor = feature_extractor(backbone)
     dim = backbone.feature_dim
-    feats = {s: extract_features(extractor, p, dim) for s, p in pixels.items()}
+    counts: dict[str, int] = {}
+    feats = {
+        s: split_features(
+            extractor, p, [str(v) for v in data.splits[s]["sha256"]], dim, fstore, counts
+        )
+        for s, p in pixels.items()
+    }
     data.features = feats
-    train_x = [feats["train"], *augmented_features(extractor, pixels["train"], dim, config)]
+    views = augmented_features(extractor, pixels["train"], dim, config)
+    # Augmented views are drawn over the whole batch stream (a view of one image depends on
+    # its position), so they are extracted every time and never cached.
+    counts["features_computed_augmented"] = sum(map(len, views))
+    counts["features_computed"] = counts.get("features_computed", 0) + sum(map(len, views))
+    mlflow.log_metrics({k: float(v) for k, v in counts.items()})
+    mlflow.log_param("feature_store_key", fstore.key if fstore is not None else "None")
+    train_x = [feats["train"], *views]
     laps.lap("extract_features")
     val = (feats["val"], _one_hot(y["val"], n))
     head = fit_cached_head(
@@ -723,7 +782,10 @@ def train(
                 backbone.feature_dim, len(data.labels), config.dropout, config.seed, l2=config.l2
             )
         else:
-            head = fit_cached(config, backbone, data, log, laps)
+            fstore = (
+                open_feature_store(store, data.spec, backbone) if settings.feature_cache else None
+            )
+            head = fit_cached(config, backbone, data, log, laps, fstore=fstore)
         full = model_lib.assemble(backbone, head, freeze_batchnorm=not end_to_end)
         fit_pixels(config, backbone, full, data, augmenter, log, laps, end_to_end=end_to_end)
         log.log_to_mlflow()

@@ -1,0 +1,271 @@
+"""Feature store: backbone embeddings per image, cached in the object store.
+
+An embedding depends on the image's bytes, the feature spec (model-input contract) and the
+backbone (its architecture and its weights). :func:`feature_key` digests the last two into
+one *key*; the image is named by its sha256. So a cached embedding is valid exactly as long
+as its key and image sha256 match: invalidation is by key, never by hand. A changed spec,
+another backbone or other weights give another key, and nothing of the old one is reused.
+
+Layout under the store (``<key>`` is 32 hex digits)::
+
+    features/<key>/key.json                  what the key digests (spec, backbone, weights)
+    features/<key>/shards/<id>.npz           embeddings (float32, n x dim), one writer's batch
+    features/<key>/manifests/<id>.json       the index of shard <id>: its sha256, its shape
+                                             and one row per embedding [image sha256, view]
+
+``<id>`` is unique per write (time + random), so concurrent writers of the same key never
+overwrite each other. A writer stores the shard first and its manifest second: a crashed
+writer leaves at most an unindexed shard, never a manifest entry pointing at a missing
+shard. Readers merge every manifest of the key into one index (image sha256, view) ->
+(shard, row); an embedding written twice by two writers is taken from either (both were
+computed from the same inputs).
+
+``view`` names which view of the image was embedded: ``"none"`` for the unaugmented image.
+
+A shard that is missing, unreadable or does not match the sha256 its manifest records is
+never used: its manifest is dropped from the store and its rows count as missing, so the
+caller computes them again and writes them anew. A store that cannot be reached drops
+nothing (its rows count as missing for this read only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from dandelion_lib.features import FeatureSpec
+from dandelion_lib.storage import ObjectStore, StoreError, StoreUnavailableError, sha256_hex
+
+log = logging.getLogger(__name__)
+
+PREFIX = "features"
+FORMAT_VERSION = 1
+"""Bumped when the meaning of a stored embedding changes (e.g. the extraction graph)."""
+UNAUGMENTED = "none"
+"""The view name of the unaugmented image."""
+
+
+def weights_digest(model: Any) -> str:
+    """sha256 over the model's weight arrays (dtype, shape and values, in order).
+
+    Computed from the weights as they are now (once per training, before any weight
+    changes), so a model whose weights changed gets another digest.
+    """
+
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        a = np.ascontiguousarray(w)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def key_inputs(spec: FeatureSpec, backbone_name: str, weights_sha256: str) -> dict[str, Any]:
+    """What a feature key digests (stored as ``key.json`` beside the embeddings)."""
+    return {
+        "format": FORMAT_VERSION,
+        "feature_spec": spec.to_dict(),
+        "backbone": backbone_name,
+        "weights_sha256": weights_sha256,
+    }
+
+
+def feature_key(spec: FeatureSpec, backbone_name: str, weights_sha256: str) -> str:
+    """The key of embeddings of ``spec``'s model inputs through this backbone and weights."""
+    inputs = key_inputs(spec, backbone_name, weights_sha256)
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    shard: str
+    row: int
+
+
+class FeatureStore:
+    """Embeddings of one key in an object store (layout: see the module docstring)."""
+
+    def __init__(self, store: ObjectStore, key: str, *, inputs: dict[str, Any] | None = None):
+        if not key or not all(c in "0123456789abcdef" for c in key):
+            raise ValueError(f"feature key must be hex digits, not {key!r}")
+        self.store = store
+        self.key = key
+        self.root = f"{PREFIX}/{key}"
+        self.inputs = inputs
+
+    # -- index -----------------------------------------------------------------------------
+
+    def _manifest_key(self, shard_id: str) -> str:
+        return f"{self.root}/manifests/{shard_id}.json"
+
+    def _shard_key(self, shard_id: str) -> str:
+        return f"{self.root}/shards/{shard_id}.npz"
+
+    def _manifests(self) -> dict[str, dict[str, Any]]:
+        """Every readable manifest of the key, by shard id (oldest id first)."""
+        found: dict[str, dict[str, Any]] = {}
+        prefix = f"{self.root}/manifests/"
+        for name in sorted(self.store.list(prefix)):
+            shard_id = name[len(prefix) :].removesuffix(".json")
+            try:
+                manifest = self.store.get_json(name)
+                rows = manifest["rows"]
+                if not isinstance(rows, list) or not isinstance(manifest["sha256"], str):
+                    raise ValueError("bad manifest")
+            except StoreUnavailableError as exc:  # the store, not the manifest: keep it
+                log.warning("feature manifest %s unreachable (%s); skipped", name, exc)
+                continue
+            except (StoreError, ValueError, KeyError, TypeError) as exc:
+                log.warning("feature manifest %s unreadable (%s); dropped", name, exc)
+                self._drop(shard_id)
+                continue
+            found[shard_id] = manifest
+        return found
+
+    def index(
+        self, manifests: dict[str, dict[str, Any]] | None = None
+    ) -> dict[tuple[str, str], _Entry]:
+        """(image sha256, view) -> where its embedding is; the first shard id wins."""
+        entries: dict[tuple[str, str], _Entry] = {}
+        manifests = self._manifests() if manifests is None else manifests
+        for shard_id, manifest in manifests.items():
+            for row, (sha, view) in enumerate(manifest["rows"]):
+                entries.setdefault((str(sha), str(view)), _Entry(shard_id, row))
+        return entries
+
+    def _drop(self, shard_id: str) -> None:
+        """Forget a shard: its manifest first (readers stop using it), then its data."""
+        for name in (self._manifest_key(shard_id), self._shard_key(shard_id)):
+            try:
+                self.store.delete(name)
+            except StoreError as exc:  # pragma: no cover - the next reader drops it again
+                log.warning("cannot delete %s: %s", name, exc)
+
+    def _load_shard(self, shard_id: str, manifest: dict[str, Any]) -> npt.NDArray[np.float32]:
+        data = self.store.get_bytes(self._shard_key(shard_id))
+        if sha256_hex(data) != manifest["sha256"]:
+            raise ValueError("shard does not match the sha256 its manifest records")
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            array = np.asarray(npz["embeddings"], dtype=np.float32)
+        if array.ndim != 2 or array.shape[0] != len(manifest["rows"]):
+            raise ValueError(f"shard shape {array.shape} does not match its manifest")
+        return array
+
+    # -- reads and writes ------------------------------------------------------------------
+
+    def get(
+        self, shas: Sequence[str], view: str = UNAUGMENTED
+    ) -> tuple[npt.NDArray[np.float32] | None, list[str]]:
+        """The cached embeddings of ``shas`` (one ``view``) and the shas not cached.
+
+        Returns ``(found, missing)``: ``found`` has one row per sha of ``shas`` (in order;
+        rows of missing shas are zeros) or is ``None`` when nothing was found; ``missing``
+        lists the shas to compute, in order, without duplicates. A corrupt shard is dropped
+        and its rows reported missing.
+        """
+
+        manifests = self._manifests()
+        index = self.index(manifests)
+        wanted: dict[str, list[int]] = {}
+        for i, sha in enumerate(shas):
+            entry = index.get((sha, view))
+            if entry is not None:
+                wanted.setdefault(entry.shard, []).append(i)
+        found: npt.NDArray[np.float32] | None = None
+        hit = np.zeros(len(shas), bool)
+        for shard_id, positions in wanted.items():
+            try:
+                array = self._load_shard(shard_id, manifests[shard_id])
+            except StoreUnavailableError as exc:  # the store, not the shard: keep it
+                log.warning("feature shard %s unreachable (%s); computed instead", shard_id, exc)
+                continue
+            except (StoreError, ValueError, OSError, KeyError) as exc:
+                log.warning("feature shard %s unusable (%s); dropped", shard_id, exc)
+                self._drop(shard_id)
+                continue
+            if found is None:
+                found = np.zeros((len(shas), array.shape[1]), np.float32)
+            elif array.shape[1] != found.shape[1]:
+                log.warning("feature shard %s has another width; dropped", shard_id)
+                self._drop(shard_id)
+                continue
+            for i in positions:
+                found[i] = array[index[(shas[i], view)].row]
+                hit[i] = True
+        missing = list(dict.fromkeys(sha for sha, ok in zip(shas, hit, strict=True) if not ok))
+        return (found if hit.any() else None), missing
+
+    def put(self, shas: Sequence[str], view: str, array: npt.ArrayLike) -> str | None:
+        """Store the embeddings of ``shas`` (one row each) as a new shard; returns its id
+        (``None`` when there is nothing to store)."""
+
+        embeddings = np.asarray(array, dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(shas):
+            raise ValueError(
+                f"{len(shas)} image sha256s but embeddings of shape {embeddings.shape}"
+            )
+        if not len(shas):
+            return None
+        if self.inputs is not None and not self.store.exists(f"{self.root}/key.json"):
+            self.store.put_json(f"{self.root}/key.json", self.inputs)
+        shard_id = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        buffer = io.BytesIO()
+        np.savez(buffer, embeddings=embeddings)
+        data = buffer.getvalue()
+        self.store.put_bytes(self._shard_key(shard_id), data)  # the shard first ...
+        manifest = {
+            "format": FORMAT_VERSION,
+            "sha256": sha256_hex(data),
+            "shape": list(embeddings.shape),
+            "rows": [[str(sha), view] for sha in shas],
+        }
+        self.store.put_json(self._manifest_key(shard_id), manifest)  # ... then its index
+        return shard_id
+
+
+def cached_embeddings(
+    fstore: FeatureStore | None,
+    shas: Sequence[str],
+    compute: Any,
+    *,
+    view: str = UNAUGMENTED,
+) -> tuple[npt.NDArray[np.float32], int, int]:
+    """Embeddings of ``shas``: cached ones read, missing ones computed and stored.
+
+    ``compute(positions)`` returns the embeddings of the images at those positions of
+    ``shas``. Returns ``(embeddings, cached, computed)`` (counts of images). Without a
+    feature store every embedding is computed.
+    """
+
+    if fstore is None:
+        return compute(list(range(len(shas)))), 0, len(shas)
+    found, missing = fstore.get(shas, view)
+    if not missing:
+        assert found is not None or not shas
+        return (found if found is not None else compute([])), len(shas), 0
+    todo = set(missing)
+    positions = [i for i, sha in enumerate(shas) if sha in todo]
+    fresh = np.asarray(compute(positions), np.float32)
+    out = np.zeros((len(shas), fresh.shape[1]), np.float32)
+    if found is not None:
+        out[:] = found
+    out[positions] = fresh
+    first: dict[str, int] = {}
+    for p in positions:
+        first.setdefault(shas[p], p)
+    try:
+        fstore.put(list(first), view, out[list(first.values())])
+    except StoreError as exc:  # the cache is an optimisation: training goes on without it
+        log.warning("cannot store features of key %s: %s", fstore.key, exc)
+    return out, len(shas) - len(positions), len(positions)

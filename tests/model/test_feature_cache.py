@@ -1,0 +1,128 @@
+"""Training through the feature store: a second training on the same dataset computes no
+unaugmented feature and fits the same head; an image missing from the cache is the only
+one computed; other backbone weights are another key.
+
+The corrupt-shard and cache-off trainings are marked slow (``tests/unit/test_featurestore.py``
+covers corrupt shards on both store backends in the default run). Each test trains on a
+copy of the model tests' store (images and manifests, without ``features/``), so what is
+cached is only what these trainings wrote.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from dandelion_lib.featurestore import FeatureStore
+from dandelion_lib.storage import LocalStore, open_store
+from tests.model.conftest import tiny_config
+
+PER_CLASS = 6
+"""Images per class and split: 36 in all."""
+
+
+@pytest.fixture
+def copied_store(model_env: Any, tmp_path: Path) -> Any:
+    src = Path(model_env.store.root)
+    dst = tmp_path / "store"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("features"))
+    return open_store(dst.as_uri())
+
+
+def _train(model_env: Any, store: Any, **changes: Any) -> tuple[Any, dict[str, float], str]:
+    from dandelion_lib.train import train
+
+    config = tiny_config(
+        max_images_per_class=PER_CLASS,
+        augment=False,
+        epochs=40,
+        register=False,
+        openset_method="none",
+        **changes,
+    )
+    result = train(config, model_env.settings, store=store, progress=False)
+    run = MlflowClient().get_run(result.run_id)
+    return result, run.data.metrics, run.data.params["feature_store_key"]
+
+
+def test_second_training_reads_every_feature_and_fits_the_same_head(
+    model_env: Any, copied_store: Any
+) -> None:
+    first, m1, key = _train(model_env, copied_store)
+    assert (m1["features_cached"], m1["features_computed"]) == (0, 6 * PER_CLASS)
+    assert isinstance(copied_store, LocalStore)
+    assert any(copied_store.list(f"features/{key}/manifests/"))
+
+    second, m2, key2 = _train(model_env, copied_store)
+    assert key2 == key
+    assert (m2["features_cached"], m2["features_computed"]) == (6 * PER_CLASS, 0)
+    np.testing.assert_allclose(second.history["loss"], first.history["loss"], atol=1e-5)
+    assert second.metrics["test_accuracy"] == pytest.approx(first.metrics["test_accuracy"])
+
+    # Keep every cached embedding but one: only that image is computed again.
+    fs = FeatureStore(copied_store, key)
+    rows = [tuple(r) for r in fs.index()]
+    shas = [sha for sha, _ in rows]
+    found, missing = fs.get(shas)
+    assert missing == [] and found is not None
+    for name in list(copied_store.list(f"features/{key}/")):
+        if name.endswith(".npz") or "/manifests/" in name:
+            copied_store.delete(name)
+    fs.put(shas[1:], "none", found[1:])
+    third, m3, _ = _train(model_env, copied_store)
+    assert (m3["features_cached"], m3["features_computed"]) == (6 * PER_CLASS - 1, 1)
+    np.testing.assert_allclose(third.history["loss"], first.history["loss"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_corrupt_shard_is_recomputed_during_training(model_env: Any, copied_store: Any) -> None:
+    first, _, key = _train(model_env, copied_store)
+    root = Path(copied_store.root) / "features" / key / "shards"
+    shard = sorted(root.glob("*.npz"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-20] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    second, m2, _ = _train(model_env, copied_store)
+    assert m2["features_computed"] > 0
+    assert m2["features_cached"] + m2["features_computed"] == 6 * PER_CLASS
+    np.testing.assert_allclose(second.history["loss"], first.history["loss"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_cache_can_be_turned_off(model_env: Any, copied_store: Any) -> None:
+    from dandelion_lib.train import train
+
+    settings = model_env.settings.model_copy(update={"feature_cache": False})
+    config = tiny_config(
+        max_images_per_class=PER_CLASS,
+        augment=False,
+        epochs=5,
+        register=False,
+        openset_method="none",
+    )
+    result = train(config, settings, store=copied_store, progress=False)
+    metrics = MlflowClient().get_run(result.run_id).data.metrics
+    assert (metrics["features_cached"], metrics["features_computed"]) == (0, 6 * PER_CLASS)
+    assert not any(copied_store.list("features/"))
+
+
+def test_other_backbone_weights_are_another_key(model_env: Any) -> None:
+    from dandelion_lib.features import FeatureSpec
+    from dandelion_lib.model import build_backbone
+    from dandelion_lib.train import open_feature_store
+
+    spec = FeatureSpec(labels=("dandelion", "grass"))
+    backbone = build_backbone("efficientnet_lite0")
+    key = open_feature_store(model_env.store, spec, backbone).key
+    assert open_feature_store(model_env.store, spec, backbone).key == key
+    weights = backbone.model.get_weights()
+    weights[-1] = weights[-1] + 1e-3
+    backbone.model.set_weights(weights)
+    assert open_feature_store(model_env.store, spec, backbone).key != key
+    other_spec = FeatureSpec(labels=("dandelion", "grass"), image_size=spec.image_size + 32)
+    assert open_feature_store(model_env.store, other_spec, backbone).key != key

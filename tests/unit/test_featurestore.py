@@ -1,0 +1,158 @@
+"""The feature store on both store backends (local folder and the loopback S3 server)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dandelion_lib.features import FeatureSpec
+from dandelion_lib.featurestore import (
+    FeatureStore,
+    cached_embeddings,
+    feature_key,
+    weights_digest,
+)
+
+SHAS = [f"{i:064x}" for i in range(5)]
+
+
+def _embeddings(n: int, dim: int = 6, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+
+
+def _key() -> str:
+    return feature_key(FeatureSpec(labels=("dandelion", "grass")), "tiny", "0" * 64)
+
+
+def test_round_trip(store: Any) -> None:
+    fs = FeatureStore(store, _key(), inputs={"backbone": "tiny"})
+    emb = _embeddings(5)
+    fs.put(SHAS, "none", emb)
+    found, missing = fs.get(SHAS, "none")
+    assert missing == []
+    np.testing.assert_array_equal(found, emb)
+    # A subset in another order, with an unknown image and a duplicate.
+    other = f"{99:064x}"
+    found, missing = fs.get([SHAS[3], other, SHAS[0], SHAS[3]], "none")
+    assert missing == [other]
+    np.testing.assert_array_equal(found[[0, 2, 3]], emb[[3, 0, 3]])
+    # Another view of the same images is not cached.
+    assert fs.get(SHAS, "seed-1") == (None, SHAS)
+    # The layout: key.json, one shard, one manifest.
+    names = sorted(store.list(f"features/{fs.key}/"))
+    assert [n.split("/")[2] for n in names] == ["key.json", "manifests", "shards"]
+    assert store.get_json(f"features/{fs.key}/key.json") == {"backbone": "tiny"}
+
+
+def test_concurrent_writers_of_one_key_both_land(store: Any) -> None:
+    a, b = FeatureStore(store, _key()), FeatureStore(store, _key())
+    emb = _embeddings(5)
+    a.put(SHAS[:3], "none", emb[:3])
+    b.put(SHAS[2:], "none", emb[2:])  # overlaps on SHAS[2]
+    found, missing = FeatureStore(store, _key()).get(SHAS)
+    assert missing == []
+    np.testing.assert_array_equal(found, emb)
+
+
+def test_a_shard_without_manifest_is_never_used(store: Any) -> None:
+    """A writer that crashed between the shard and its manifest leaves nothing indexed."""
+    fs = FeatureStore(store, _key())
+    store.put_bytes(f"features/{fs.key}/shards/crashed.npz", b"half a shard")
+    assert fs.get(SHAS) == (None, SHAS)
+
+
+def test_a_corrupt_shard_is_detected_dropped_and_recomputed(store: Any) -> None:
+    fs = FeatureStore(store, _key())
+    emb = _embeddings(5)
+    shard = fs.put(SHAS, "none", emb)
+    # Rewrite the shard through the store (so the store's own digest matches the new
+    # bytes): only the manifest's sha256 can tell.
+    bad = _embeddings(5, seed=1)
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, embeddings=bad)
+    store.put_bytes(f"features/{fs.key}/shards/{shard}.npz", buf.getvalue())
+    found, missing = fs.get(SHAS)
+    assert found is None and missing == SHAS
+    assert not store.exists(f"features/{fs.key}/manifests/{shard}.json")
+
+    computed: list[list[int]] = []
+
+    def compute(positions: list[int]) -> np.ndarray:
+        computed.append(positions)
+        return emb[positions]
+
+    out, cached, fresh = cached_embeddings(fs, SHAS, compute)
+    assert (cached, fresh, computed) == (0, 5, [[0, 1, 2, 3, 4]])
+    np.testing.assert_array_equal(out, emb)
+    out, cached, fresh = cached_embeddings(fs, SHAS, compute)
+    assert (cached, fresh, len(computed)) == (5, 0, 1)
+    np.testing.assert_array_equal(out, emb)
+
+
+def test_a_corrupt_object_in_a_local_store_is_detected(tmp_path: Any) -> None:
+    from dandelion_lib.storage import LocalStore
+
+    store = LocalStore(tmp_path / "store")
+    fs = FeatureStore(store, _key())
+    shard = fs.put(SHAS, "none", _embeddings(5))
+    path = tmp_path / "store" / "features" / fs.key / "shards" / f"{shard}.npz"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert fs.get(SHAS) == (None, SHAS)
+
+
+def test_only_missing_embeddings_are_computed(store: Any) -> None:
+    fs = FeatureStore(store, _key())
+    emb = _embeddings(5)
+    fs.put(SHAS[:4], "none", emb[:4])
+    asked: list[list[int]] = []
+
+    def compute(positions: list[int]) -> np.ndarray:
+        asked.append(positions)
+        return emb[positions]
+
+    out, cached, computed = cached_embeddings(fs, SHAS, compute)
+    assert (cached, computed, asked) == (4, 1, [[4]])
+    np.testing.assert_array_equal(out, emb)
+    # Without a store everything is computed.
+    out, cached, computed = cached_embeddings(None, SHAS, compute)
+    assert (cached, computed) == (0, 5)
+
+
+class _Weights:
+    def __init__(self, *arrays: np.ndarray):
+        self.arrays = list(arrays)
+
+    def get_weights(self) -> list[np.ndarray]:
+        return self.arrays
+
+
+def test_the_key_changes_with_spec_backbone_and_weights() -> None:
+    spec = FeatureSpec(labels=("dandelion", "grass"))
+    w1 = weights_digest(_Weights(np.zeros((2, 2), np.float32)))
+    w2 = weights_digest(_Weights(np.ones((2, 2), np.float32)))
+    w3 = weights_digest(_Weights(np.zeros((4,), np.float32)))  # same bytes, another shape
+    assert len({w1, w2, w3}) == 3
+    assert weights_digest(_Weights(np.zeros((2, 2), np.float32))) == w1
+    keys = {
+        feature_key(spec, "lite0", w1),
+        feature_key(spec, "lite0", w2),
+        feature_key(spec, "other", w1),
+        feature_key(FeatureSpec(labels=("dandelion", "grass"), image_size=160), "lite0", w1),
+    }
+    assert len(keys) == 4
+    assert feature_key(spec, "lite0", w1) == feature_key(spec, "lite0", w1)
+
+
+def test_bad_arguments_are_refused(store: Any) -> None:
+    with pytest.raises(ValueError, match="hex"):
+        FeatureStore(store, "../escape")
+    fs = FeatureStore(store, _key())
+    with pytest.raises(ValueError, match="shape"):
+        fs.put(SHAS, "none", _embeddings(4))
+    assert fs.put([], "none", np.zeros((0, 3), np.float32)) is None
