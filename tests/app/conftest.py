@@ -71,10 +71,19 @@ def voila_server(
     }
     env.update({f"DANDELION_{k.upper()}": str(v) for k, v in settings.items()})
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"voila-{port}.log"
+    with serve_process([], env, log_dir / f"voila-{port}.log", port) as url:
+        yield url
+
+
+@contextmanager
+def serve_process(
+    args: list[str], env: dict[str, str], log_path: Path, port: int, timeout: float = 60
+) -> Iterator[str]:
+    """``python -m dashboards.serve ARGS`` with ``env``, its output in ``log_path``; yields its
+    URL once ``/health/live`` answers (a probe that starts no kernel)."""
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dashboards.serve"],
+            [sys.executable, "-m", "dashboards.serve", *args],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -82,7 +91,7 @@ def voila_server(
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_http(f"{url}/health/live", timeout=60, proc=proc)  # starts no kernel
+            wait_http(f"{url}/health/live", timeout=timeout, proc=proc)
             yield url
         finally:
             stop(proc, timeout=30, sig=signal.SIGTERM)  # Voila shuts its kernels down on SIGTERM

@@ -9,8 +9,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,8 +21,8 @@ import pytest
 from dandelion_lib.config import Settings
 from dandelion_lib.feedback import FeedbackStore, PredictionRecord
 from dashboards import lab, serve
-from tests.conftest import ROOT, free_port, wait_http
-from tests.process_support import stop
+from tests.app.conftest import serve_process
+from tests.conftest import ROOT, free_port
 
 TOKEN = "s3cret-review-token-0123456789"
 
@@ -108,20 +106,8 @@ def review_server(tmp_path: Path, **env: str) -> Iterator[str]:
         "DANDELION_REVIEW_PORT": str(port),
         **env,
     }
-    with (tmp_path / "voila.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dashboards.serve", "--review"],
-            cwd=ROOT,
-            env=full,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_http(f"{url}/health/live", timeout=90, proc=proc)
-            yield url
-        finally:
-            stop(proc, timeout=30, sig=signal.SIGTERM)
+    with serve_process(["--review"], full, tmp_path / "voila.log", port, timeout=90) as url:
+        yield url
 
 
 def seed(workdir: Path, greenr: Path) -> list[str]:
