@@ -1,9 +1,10 @@
 """Training: a dataset version from the store -> a registered MLflow model (alias ``challenger``).
 
 The default recipe (``backbone="efficientnet_lite0"``) freezes the pretrained backbone and
-caches its features: once for the unaugmented train/val/test images and once for each of
-``augment_copies`` augmented views of every training image (flip, rotation, zoom,
-brightness, contrast). The classification head then trains on cached features in seconds.
+caches its features in the feature store: once for the unaugmented train/val/test images and
+once for each of ``augment_copies`` augmented views of every training image (flip, rotation,
+zoom, brightness, contrast; each image's view depends on the image alone, so it is cached
+too). The classification head then trains on cached features in seconds.
 An optional fine-tuning phase unfreezes the top blocks and trains end to end on augmented
 pixels; ``small_cnn`` always trains end to end.
 
@@ -242,22 +243,118 @@ def split_features(
     return feats
 
 
-def augmented_features(
-    extractor: Any, pixels: np.ndarray, dim: int, config: TrainConfig
-) -> list[npt.NDArray[np.float32]]:
-    """Backbone features of ``config.augment_copies`` augmented views of ``pixels``.
+AUGMENT_ALGORITHM = 1
+"""Bumped when :func:`augment_views` draws or applies its transformations differently."""
 
-    View ``i`` is drawn with the seed ``config.seed + 1000 + i``, so the views are
-    reproducible and independent of what ran before.
+
+def augmented_view_name(config: TrainConfig, copy: int) -> str:
+    """The feature store's name of augmented view ``copy`` under ``config``'s augmentation:
+    ``aug<copy>-<digest of the seed and the augmentation parameters>``."""
+    params = {
+        "algorithm": AUGMENT_ALGORITHM,
+        "seed": config.seed,
+        "copy": copy,
+        **{k: getattr(config, k) for k in ("flip", "rotation", "zoom", "brightness", "contrast")},
+    }
+    digest = hashlib.sha256(repr(sorted(params.items())).encode()).hexdigest()[:12]
+    return f"aug{copy}-{digest}"
+
+
+def _view_transformations(
+    shas: list[str], copy: int, config: TrainConfig
+) -> dict[str, npt.NDArray[Any]]:
+    """Each image's random transformation of view ``copy``, drawn from its own generator
+    seeded by (its sha256, the seed, the view): independent of batch and order."""
+    draws: dict[str, list[Any]] = {k: [] for k in ("flip", "angle", "zoom", "delta", "factor")}
+    for sha in shas:
+        rng = np.random.default_rng([int(sha[:16], 16), config.seed, copy])
+        u = rng.uniform(-1.0, 1.0, size=5)
+        draws["flip"].append(bool(config.flip) and u[0] > 0)
+        draws["angle"].append(u[1] * config.rotation * 2 * np.pi)
+        draws["zoom"].append(1.0 + u[2] * config.zoom)
+        draws["delta"].append(u[3] * config.brightness * 255.0)
+        draws["factor"].append(1.0 + u[4] * config.contrast)
+    return {
+        k: np.asarray(v, bool if k == "flip" else np.float32).reshape(len(shas))
+        for k, v in draws.items()
+    }
+
+
+def augment_views(
+    pixels: np.ndarray, shas: list[str], copy: int, config: TrainConfig, batch_size: int = 32
+) -> Any:
+    """A ``tf.data`` pipeline of augmented view ``copy`` of ``pixels`` (float32 inputs).
+
+    Flip, rotation and zoom about the centre (reflected borders), brightness and contrast,
+    as the Keras layers of :func:`make_augmenter` do, but each image's transformation
+    depends only on its sha256, ``config.seed`` and ``copy``. So a view's backbone feature
+    is cacheable under :func:`augmented_view_name` (a new image adds only its own views).
     """
+
+    t = _view_transformations(shas, copy, config)
+    size = float(pixels.shape[1]) if len(pixels) else 1.0
+    centre = (size - 1.0) / 2.0
+    cos, sin, zoom = np.cos(t["angle"]), np.sin(t["angle"]), t["zoom"]
+    # output (x, y) -> input: centre + zoom * R(angle) (out - centre)
+    transforms = np.stack(
+        [
+            zoom * cos,
+            -zoom * sin,
+            centre - zoom * (cos * centre - sin * centre),
+            zoom * sin,
+            zoom * cos,
+            centre - zoom * (sin * centre + cos * centre),
+            np.zeros_like(zoom),
+            np.zeros_like(zoom),
+        ],
+        axis=1,
+    ).astype(np.float32)
+    params = (t["flip"], transforms, t["delta"], t["factor"])
+    ds = tf.data.Dataset.from_tensor_slices((pixels, *params)).batch(batch_size)
+
+    def prepare(x: Any, flip: Any, transform: Any, delta: Any, factor: Any) -> Any:
+        x = tf.cast(x, tf.float32)
+        x = tf.where(flip[:, None, None, None], tf.reverse(x, axis=[2]), x)
+        if config.rotation or config.zoom:
+            x = keras.ops.image.affine_transform(x, transform, fill_mode="reflect")
+        x = tf.clip_by_value(x + delta[:, None, None, None], 0.0, 255.0)
+        mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+        return tf.clip_by_value((x - mean) * factor[:, None, None, None] + mean, 0.0, 255.0)
+
+    return ds.map(prepare).prefetch(2)
+
+
+def augmented_features(
+    extractor: Any,
+    pixels: np.ndarray,
+    shas: list[str],
+    dim: int,
+    config: TrainConfig,
+    fstore: FeatureStore | None,
+    counts: dict[str, int],
+) -> list[npt.NDArray[np.float32]]:
+    """Backbone features of ``config.augment_copies`` augmented views of ``pixels``: cached
+    ones read from ``fstore`` (per view, see :func:`augmented_view_name`), the missing ones
+    extracted and stored; ``counts`` adds ``features_cached_augmented`` and
+    ``features_computed_augmented``."""
 
     if not config.augment:
         return []
-    augmenter = make_augmenter(config)
     views = []
     for copy in range(config.augment_copies):
-        keras.utils.set_random_seed(config.seed + 1000 + copy)
-        views.append(_extract(extractor, make_dataset(pixels, augmenter=augmenter), dim))
+
+        def compute(positions: list[int], copy: int = copy) -> npt.NDArray[np.float32]:
+            view = augment_views(pixels[positions], [shas[p] for p in positions], copy, config)
+            return _extract(extractor, view, dim)
+
+        feats, cached, computed = cached_embeddings(
+            fstore, shas, compute, view=augmented_view_name(config, copy)
+        )
+        counts["features_cached_augmented"] = counts.get("features_cached_augmented", 0) + cached
+        counts["features_computed_augmented"] = (
+            counts.get("features_computed_augmented", 0) + computed
+        )
+        views.append(feats)
     return views
 
 
@@ -544,11 +641,10 @@ def fit_cached(
         for s, p in pixels.items()
     }
     data.features = feats
-    views = augmented_features(extractor, pixels["train"], dim, config)
-    # Augmented views are drawn over the whole batch stream (a view of one image depends on
-    # its position), so they are extracted every time and never cached.
-    counts["features_computed_augmented"] = sum(map(len, views))
-    counts["features_computed"] = counts.get("features_computed", 0) + sum(map(len, views))
+    train_shas = [str(v) for v in data.splits["train"]["sha256"]]
+    views = augmented_features(extractor, pixels["train"], train_shas, dim, config, fstore, counts)
+    for kind in ("cached", "computed"):  # totals over every view
+        counts[f"features_{kind}"] += counts.get(f"features_{kind}_augmented", 0)
     mlflow.log_metrics({k: float(v) for k, v in counts.items()})
     mlflow.log_param("feature_store_key", fstore.key if fstore is not None else "None")
     train_x = [feats["train"], *views]

@@ -37,14 +37,8 @@ def copied_store(model_env: Any, tmp_path: Path) -> Any:
 def _train(model_env: Any, store: Any, **changes: Any) -> tuple[Any, dict[str, float], str]:
     from dandelion_lib.train import train
 
-    config = tiny_config(
-        max_images_per_class=PER_CLASS,
-        augment=False,
-        epochs=40,
-        register=False,
-        openset_method="none",
-        **changes,
-    )
+    fields = {"augment": False, "epochs": 40, "register": False, "openset_method": "none"}
+    config = tiny_config(max_images_per_class=PER_CLASS, **(fields | changes))
     result = train(config, model_env.settings, store=store, progress=False)
     run = MlflowClient().get_run(result.run_id)
     return result, run.data.metrics, run.data.params["feature_store_key"]
@@ -126,3 +120,66 @@ def test_other_backbone_weights_are_another_key(model_env: Any) -> None:
     assert open_feature_store(model_env.store, spec, backbone).key != key
     other_spec = FeatureSpec(labels=("dandelion", "grass"), image_size=spec.image_size + 32)
     assert open_feature_store(model_env.store, other_spec, backbone).key != key
+
+
+def test_augmented_views_are_cached_per_image(model_env: Any, copied_store: Any) -> None:
+    """With augmentation on, a second training computes no feature at all, and an image
+    missing from the cache has only its own views computed again."""
+    changes = {"augment": True, "augment_copies": 2, "epochs": 10}
+    train_images = 2 * PER_CLASS
+    first, m1, key = _train(model_env, copied_store, **changes)
+    assert m1["features_computed_augmented"] == 2 * train_images
+    assert (m1["features_cached"], m1["features_computed"]) == (0, 6 * PER_CLASS + 2 * train_images)
+
+    second, m2, _ = _train(model_env, copied_store, **changes)
+    assert (m2["features_cached"], m2["features_computed"]) == (6 * PER_CLASS + 2 * train_images, 0)
+    np.testing.assert_allclose(second.history["loss"], first.history["loss"], atol=1e-5)
+
+    # Forget one training image in every view: it alone is extracted again (3 views).
+    fs = FeatureStore(copied_store, key)
+    index = fs.index()
+    views = sorted({view for _, view in index})
+    assert len(views) == 3 and "none" in views
+    kept: dict[str, tuple[list[str], Any]] = {}
+    for view in views:
+        shas = sorted(sha for sha, v in index if v == view)
+        found, _ = fs.get(shas, view)
+        kept[view] = (shas, found)
+    dropped = kept[views[0]][0][0]  # "aug0-…": a training image (augmented views are train only)
+    for name in list(copied_store.list(f"features/{key}/")):
+        if name.endswith(".npz") or "/manifests/" in name:
+            copied_store.delete(name)
+    for view, (shas, found) in kept.items():
+        rows = [i for i, sha in enumerate(shas) if sha != dropped]
+        fs.put([shas[i] for i in rows], view, found[rows])
+    third, m3, _ = _train(model_env, copied_store, **changes)
+    assert m3["features_computed"] == 3
+    assert m3["features_computed_augmented"] == 2
+    # one image extracted in a batch of its own: equal up to float rounding
+    np.testing.assert_allclose(third.history["loss"], first.history["loss"], rtol=1e-5)
+
+
+def test_augmented_views_depend_on_the_image_alone(model_env: Any) -> None:
+    """A view is a function of the image, the seed, the view number and the augmentation
+    parameters (not of its batch or position), so it can be cached under its name."""
+    from dandelion_lib.dataset import load_examples
+    from dandelion_lib.features import FeatureSpec
+    from dandelion_lib.train import TrainConfig, augment_views, augmented_view_name
+
+    rows = model_env.manifest[model_env.manifest["split"] == "train"].head(4)
+    pixels = load_examples(model_env.store, rows, FeatureSpec(labels=("dandelion", "grass")))
+    shas = [str(s) for s in rows["sha256"]]
+
+    def view(config: TrainConfig, copy: int, pick: slice = slice(None)) -> Any:
+        return np.concatenate(list(augment_views(pixels[pick], shas[pick], copy, config)))
+
+    off = TrainConfig(flip=False, rotation=0, zoom=0, brightness=0, contrast=0)
+    np.testing.assert_array_equal(view(off, 0), pixels.astype(np.float32))
+    config = TrainConfig()
+    all_four = view(config, 1)
+    assert np.abs(all_four - pixels).mean() > 5  # it does transform the images
+    np.testing.assert_array_equal(all_four[2:], view(config, 1, slice(2, None)))
+    assert np.abs(all_four - view(config, 2)).mean() > 5
+    names = {augmented_view_name(c, k) for c in (config, TrainConfig(seed=1)) for k in (0, 1)}
+    names.add(augmented_view_name(TrainConfig(rotation=0.05), 0))
+    assert len(names) == 5 and "none" not in names
