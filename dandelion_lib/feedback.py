@@ -624,19 +624,18 @@ class FeedbackStore:
 
         An accepted photo is in the latest version when its manifest lists it as
         ``feedback:<feedback id>``, or lists the same image (its sha256, which names the stored
-        photo) under the same label (``neither`` is ``unknown`` there): identical bytes from
-        another source collapse into one manifest row. Ingestion adds every accepted photo,
-        so this is what the next ingestion will add. The manifest is read once per version.
+        photo): identical bytes from another source collapse into one manifest row, and under
+        another label the photo is a conflict that ingestion leaves out (the dataset's label
+        stands, see :mod:`dandelion_lib.ingest`). So this is what the next ingestion will add.
+        The manifest is read once per version.
         """
         records = self.accepted()
         version, sources, images = self._latest_dataset()
+        shas = {sha for sha, _ in images}
         waiting = 0
         for r in records:
-            label = UNKNOWN if r.correct_label == NEITHER else r.correct_label
             sha = Path(r.image_key or "").stem
-            if f"{FEEDBACK_SOURCE_PREFIX}{r.feedback_id}" not in sources and (
-                (sha, label) not in images
-            ):
+            if f"{FEEDBACK_SOURCE_PREFIX}{r.feedback_id}" not in sources and sha not in shas:
                 waiting += 1
         return AwaitingDataset(count=waiting, accepted=len(records), version=version)
 

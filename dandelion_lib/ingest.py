@@ -505,6 +505,8 @@ class IngestReport:
     classes: dict[str, dict[str, int]] = field(default_factory=dict)
     near_duplicate_groups: int = 0
     seconds: float = 0.0
+    feedback: list[dict[str, Any]] = field(default_factory=list)
+    """Provenance of every accepted-feedback photo in the version (see :func:`_provenance`)."""
 
     def reasons(self) -> dict[str, int]:
         return dict(sorted(Counter(r.reason for r in self.rejected).items()))
@@ -770,6 +772,7 @@ def ingest(
     report.unchanged = len(stored) - report.new
     previous = _latest_manifest(store)
     if extend and previous is not None:
+        records = _against_previous(records, previous, report)
         records += _previous_records(previous, {r["sha256"] for r in records})
 
     # Stable splits: an image of the latest version keeps its split; only new images are split.
@@ -780,6 +783,7 @@ def ingest(
         previous=previous,
     )
     _summarise(manifest, report, settings.labels)
+    report.feedback = _provenance(manifest, parts, store, previous)
     _check_quality(report, settings)
     report.seconds = time.monotonic() - start
     report.version, report.created = dataset.write_version(
@@ -845,6 +849,22 @@ def _collapse(ok: list[_Outcome], report: IngestReport) -> tuple[list[dict[str, 
     duplicates = 0
     for sha, group in by_sha.items():
         labels = sorted({o.item.label for o in group})
+        curated = {o.item.label for o in group if not _is_feedback(o.item.source)}
+        if len(labels) > 1 and len(curated) == 1:
+            # Feedback never relabels a curated photo: its label stands, the feedback is left out.
+            (label,) = curated
+            report.rejected += [
+                Rejection(
+                    o.item.source,
+                    o.item.label,
+                    "label_conflict",
+                    f"the same photo is labelled {label} by its source; that label stands",
+                )
+                for o in group
+                if o.item.label != label
+            ]
+            group = [o for o in group if o.item.label == label]
+            labels = [label]
         if len(labels) > 1:
             report.rejected += [
                 Rejection(
@@ -891,6 +911,91 @@ def _previous_records(previous: pd.DataFrame, exclude: set[str]) -> list[dict[st
     return cast(
         "list[dict[str, Any]]", previous.drop(columns=["group", "split"]).to_dict("records")
     )
+
+
+def _is_feedback(source: str) -> bool:
+    return source.startswith(FEEDBACK_SOURCE_PREFIX)
+
+
+def _against_previous(
+    records: list[dict[str, Any]], previous: pd.DataFrame, report: IngestReport
+) -> list[dict[str, Any]]:
+    """Extending a version: a photo it already has keeps its label, split and source.
+
+    The same photo under another label is a ``label_conflict`` (listed in the report, left
+    out: the earlier version's label stands, nothing is silently relabelled); under the same
+    label it is a duplicate of the earlier image."""
+    known = dict(
+        zip(
+            previous["sha256"], zip(previous["label"], previous["source"], strict=True), strict=True
+        )
+    )
+    kept = []
+    for r in records:
+        if r["sha256"] not in known:
+            kept.append(r)
+            continue
+        label, source = known[r["sha256"]]
+        if label != r["label"]:
+            report.rejected.append(
+                Rejection(
+                    r["source"],
+                    r["label"],
+                    "label_conflict",
+                    f"the dataset already labels this photo {label} ({source}); that label stands",
+                )
+            )
+        else:
+            report.duplicates += 1
+    return kept
+
+
+def _provenance(
+    manifest: pd.DataFrame, parts: list[Source], store: ObjectStore, previous: pd.DataFrame | None
+) -> list[dict[str, Any]]:
+    """One entry per accepted-feedback photo of ``manifest``: its feedback id, the model
+    version that answered, what it answered, when the user sent it and when the reviewer
+    accepted it (from this run's feedback source; photos that came in an earlier version
+    keep the entry of that version's report)."""
+    records = {
+        r.feedback_id: r for p in _parts(parts) if isinstance(p, FeedbackSource) for r in p.records
+    }
+    earlier: dict[str, dict[str, Any]] = {}
+    if previous is not None:
+        entries = dataset.load_report(store).get("feedback") or []
+        earlier = {str(e.get("feedback_id")): e for e in entries if isinstance(e, dict)}
+    out = []
+    rows = manifest[manifest["source"].str.startswith(FEEDBACK_SOURCE_PREFIX)]
+    for row in rows.itertuples():
+        feedback_id = str(row.source)[len(FEEDBACK_SOURCE_PREFIX) :]
+        entry = {
+            "feedback_id": feedback_id,
+            "sha256": row.sha256,
+            "label": row.label,
+            "split": row.split,
+        }
+        r = records.get(feedback_id)
+        if r is not None:
+            entry |= {
+                "model_name": r.model_name,
+                "model_version": r.model_version,
+                "predicted_label": r.predicted_label,
+                "correct_label": r.correct_label,
+                "sent_at": r.created_at.isoformat(),
+                "reviewed_at": r.reviewed_at.isoformat() if r.reviewed_at else None,
+            }
+        else:
+            entry = earlier.get(feedback_id, {}) | entry
+        out.append(entry)
+    return out
+
+
+def _parts(parts: list[Source]) -> list[Source]:
+    """The sources of ``parts``, combined ones opened up."""
+    out: list[Source] = []
+    for p in parts:
+        out += _parts(list(p.parts)) if isinstance(p, CombinedSource) else [p]
+    return out
 
 
 def _summarise(manifest: pd.DataFrame, report: IngestReport, labels: tuple[str, ...]) -> None:

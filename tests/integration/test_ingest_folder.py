@@ -324,7 +324,13 @@ def test_accepted_feedback_joins_the_next_version(
             feedback.record_predictions(
                 [
                     PredictionRecord(
-                        pid, "dandelion", "dandelion", 0.9, {"dandelion": 0.9, "grass": 0.1}
+                        pid,
+                        "dandelion",
+                        "dandelion",
+                        0.9,
+                        {"dandelion": 0.9, "grass": 0.1},
+                        model_name="dandelion",
+                        model_version="3",
                     )
                 ]
             )
@@ -356,6 +362,60 @@ def test_accepted_feedback_joins_the_next_version(
     added = add_accepted_feedback(settings, store=store, progress=False)
     assert added is not None and added.version == after.version
     assert add_accepted_feedback(settings, store=store, progress=False) is None
+
+    # Provenance: the version's report names, per accepted photo, the model version that
+    # answered, what it answered and when the reviewer accepted it.
+    report = dataset.load_report(store, after.version)
+    entries = {e["feedback_id"]: e for e in report["feedback"]}
+    assert set(entries) == {i for _, i in want}
+    for e in entries.values():
+        assert (e["model_name"], e["model_version"]) == ("dandelion", "3")
+        assert e["predicted_label"] == "dandelion"
+        assert e["reviewed_at"] and e["sent_at"] <= e["reviewed_at"]
+        row = df[df["source"] == f"feedback:{e['feedback_id']}"].iloc[0]
+        assert (e["sha256"], e["label"], e["split"]) == (row.sha256, row.label, row.split)
+
+
+def test_feedback_never_relabels_a_photo_of_the_dataset(greenr_dir: Path, tmp_path: Path) -> None:
+    """Accepted feedback that gives a dataset photo another label is a ``label_conflict``:
+    listed in the report, left out; the dataset's label stands, in a full ingestion and when
+    retraining extends the latest version, and the photo does not count as waiting."""
+    from dandelion_lib.feedback import FeedbackStore, PredictionRecord
+    from dandelion_lib.storage import open_store
+
+    src = tmp_path / "src"
+    _copy(greenr_dir, src, D, range(25))
+    _copy(greenr_dir, src, G, range(25))
+    settings = _settings(tmp_path, src)
+    store = open_store(settings=settings)
+    before = ingest(settings, store=store, progress=False)
+    photo = sorted((src / D).iterdir())[3]
+
+    feedback = FeedbackStore.from_settings(settings)
+    ids = []
+    new_photo = sorted((greenr_dir / G).glob("*.jpg"))[-1]
+    for pid, data in (("p", photo.read_bytes()), ("q", new_photo.read_bytes())):
+        feedback.record_predictions(
+            [PredictionRecord(pid, "dandelion", "dandelion", 0.6, {"dandelion": 0.6, "grass": 0.4})]
+        )
+        record = feedback.add_feedback(pid, G, data)
+        feedback.review(record.feedback_id, accepted=True)
+        ids.append(record.feedback_id)
+    assert feedback.awaiting_dataset().count == 1  # the conflicting photo does not wait
+    feedback.close()
+
+    extended = add_accepted_feedback(settings, store=store, progress=False)
+    full = ingest(settings, store=store, progress=False)
+    assert extended is not None and extended.created and full.version == extended.version
+    for report in (extended, full):
+        conflicts = [r for r in report.rejected if r.reason == "label_conflict"]
+        assert [(r.source, r.label) for r in conflicts] == [(f"feedback:{ids[0]}", G)]
+        assert "dandelion" in conflicts[0].detail and "stands" in conflicts[0].detail
+    df = dataset.load_manifest(store)
+    assert len(df) == len(dataset.load_manifest(store, before.version)) + 1
+    sha = df[df["source"].str.endswith(photo.name)]["sha256"].iloc[0]
+    assert df[df["sha256"] == sha]["label"].tolist() == [D]
+    assert df[df["source"] == f"feedback:{ids[1]}"]["label"].tolist() == [G]
 
 
 def test_only_image_data_enters_the_store(greenr_dir: Path, tmp_path: Path) -> None:
