@@ -1,9 +1,10 @@
 """dandelion's DAGs: the end-to-end pipeline and the retraining DAG.
 
-``dandelion_pipeline``: ingest -> validate_data -> check_changes -> train -> evaluate ->
-promote -> report. ``dandelion_retrain`` (on each new dataset version, when enough accepted
-feedback waits, and weekly): resolve_dataset (adds waiting accepted feedback as a new
-version) -> validate_data -> check_changes -> train -> evaluate -> promote -> report.
+``dandelion_pipeline``: ingest -> validate_data -> check_changes -> plan_features ->
+extract_features (mapped over shards) -> train -> evaluate -> promote -> report.
+``dandelion_retrain`` (on each new dataset version, when enough accepted feedback waits, and
+weekly): resolve_dataset (adds waiting accepted feedback as a new version) -> the same steps
+from validate_data on.
 ``dandelion_feedback`` (every ``DANDELION_FEEDBACK_WATCH_CRON``): feedback_waiting ->
 announce_feedback, which emits the feedback asset once the threshold is reached.
 
@@ -87,7 +88,8 @@ def notebook(task_id: str, parameters: dict[str, Any], **kwargs: Any) -> Papermi
 
 
 def training_steps(version_from: str) -> tuple[PythonOperator, PythonOperator]:
-    """validate_data -> check_changes -> train -> evaluate -> promote -> report."""
+    """validate_data -> check_changes -> plan_features -> extract_features[shards] -> train
+    -> evaluate -> promote -> report."""
     version = f"{{{{ ti.xcom_pull(task_ids='{version_from}', key='dataset_version') }}}}"
     validated = "{{ ti.xcom_pull(task_ids='validate_data', key='dataset_version') }}"
     model_version = "{{ ti.xcom_pull(task_ids='train', key='model_version') }}"
@@ -104,6 +106,17 @@ def training_steps(version_from: str) -> tuple[PythonOperator, PythonOperator]:
         ignore_downstream_trigger_rules=False,
         **IO_RETRIES,
     )
+    plan = PythonOperator(
+        task_id="plan_features",
+        python_callable=orch.plan_features,
+        op_kwargs={"dataset_version": validated},
+        **IO_RETRIES,
+    )
+    # One task per shard of the dataset version: spread over pods by the KubernetesExecutor,
+    # one after another on the embedded default.
+    extract = PythonOperator.partial(
+        task_id="extract_features", python_callable=orch.extract_features, **IO_RETRIES
+    ).expand(op_kwargs=plan.output)
     train = notebook(
         "train", {"tracking_uri": "{{ dandelion.tracking_uri() }}", "dataset_version": validated}
     )
@@ -125,7 +138,7 @@ def training_steps(version_from: str) -> tuple[PythonOperator, PythonOperator]:
     report = PythonOperator(
         task_id="report", python_callable=orch.report, **IO_RETRIES
     ).as_teardown()
-    validate >> check >> train >> evaluate >> promote >> report
+    validate >> check >> plan >> extract >> train >> evaluate >> promote >> report
     return validate, report
 
 

@@ -114,6 +114,12 @@ class Settings(BaseSettings):
         "(features/ in the object store) and computes and stores only the missing ones; "
         "false: every embedding is computed and nothing is stored.",
     )
+    feature_shard_size: int = Field(
+        256,
+        ge=1,
+        description="Images per embedding-extraction task of the training DAGs (extract_features "
+        "is mapped over shards of the dataset version of this size, one task each).",
+    )
 
     # --- model registry --------------------------------------------------------------------
     experiment: str = Field("dandelion", description="MLflow experiment name.")

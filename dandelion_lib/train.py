@@ -359,6 +359,91 @@ def augmented_features(
 
 
 # --------------------------------------------------------------------------------------
+# Extraction ahead of training, in shards (the DAGs' mapped extract_features tasks)
+# --------------------------------------------------------------------------------------
+
+
+def _add_augmented(counts: dict[str, int]) -> None:
+    """``features_cached`` / ``features_computed`` count every view, augmented ones too."""
+    for kind in ("cached", "computed"):
+        counts[f"features_{kind}"] += counts.get(f"features_{kind}_augmented", 0)
+
+
+def config_from_params(params: dict[str, Any]) -> TrainConfig:
+    """A :class:`TrainConfig` from notebook-style parameters: fields given as ``None`` and
+    names that are not fields (``store_url``, ``run_id``, ...) are left at their defaults."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in params.items() if k in fields and v is not None})
+
+
+def _shard_rows(data: TrainingData) -> pd.DataFrame:
+    """Every image training embeds (train, val and test; negatives go through the served
+    model), in sha256 order: the order shards are cut from."""
+    rows = pd.concat([data.splits[s] for s in ("train", "val", "test")], ignore_index=True)
+    return rows.sort_values("sha256", kind="stable").reset_index(drop=True)
+
+
+def caches_features(config: TrainConfig, settings: Settings) -> bool:
+    """Whether training reads the feature store: the cache is on and the backbone is a
+    frozen pretrained one (see :func:`train`'s ``end_to_end``)."""
+    return (
+        settings.feature_cache and config.backbone != "small_cnn" and config.weights == "imagenet"
+    )
+
+
+def feature_shards(
+    config: TrainConfig, settings: Settings | None = None, *, store: Any = None
+) -> int:
+    """How many extraction shards of ``settings.feature_shard_size`` images the dataset
+    version of ``config`` has (at least one; extraction does nothing without the cache)."""
+    settings = settings or get_settings()
+    if not caches_features(config, settings):
+        return 1
+    store = store or open_store(settings=settings)
+    n = len(_shard_rows(load_data(config, settings, store)))
+    return max(1, -(-n // settings.feature_shard_size))
+
+
+def extract_feature_shard(
+    config: TrainConfig,
+    shard: int,
+    settings: Settings | None = None,
+    *,
+    store: Any = None,
+) -> dict[str, int]:
+    """Put shard ``shard`` of the dataset version's embeddings into the feature store ahead
+    of training: every view training will read (unaugmented, and the augmented views of
+    training images), computing only what is missing. Returns the counts of cached and
+    computed embeddings; empty when training does not cache features. Shards are cut from
+    the images in sha256 order, ``settings.feature_shard_size`` each."""
+    settings = settings or get_settings()
+    if not caches_features(config, settings):
+        return {}
+    store = store or open_store(settings=settings)
+    data = load_data(config, settings, store)
+    size = settings.feature_shard_size
+    rows = _shard_rows(data).iloc[shard * size : (shard + 1) * size].reset_index(drop=True)
+    backbone = model_lib.build_backbone(config.backbone, config.weights, data.spec.image_size)
+    if not backbone.pretrained:
+        return {}
+    fstore = open_feature_store(store, data.spec, backbone)
+    extractor = feature_extractor(backbone)
+    counts: dict[str, int] = {}
+    if len(rows):
+        pixels = load_examples(store, rows, data.spec)
+        shas = [str(v) for v in rows["sha256"]]
+        split_features(extractor, pixels, shas, backbone.feature_dim, fstore, counts)
+        train = (rows["split"] == "train").to_numpy()
+        train_shas = [sha for sha, t in zip(shas, train, strict=True) if t]
+        augmented_features(
+            extractor, pixels[train], train_shas, backbone.feature_dim, config, fstore, counts
+        )
+        _add_augmented(counts)
+    counts["images"] = len(rows)
+    return counts
+
+
+# --------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------
 
@@ -643,8 +728,7 @@ def fit_cached(
     data.features = feats
     train_shas = [str(v) for v in data.splits["train"]["sha256"]]
     views = augmented_features(extractor, pixels["train"], train_shas, dim, config, fstore, counts)
-    for kind in ("cached", "computed"):  # totals over every view
-        counts[f"features_{kind}"] += counts.get(f"features_{kind}_augmented", 0)
+    _add_augmented(counts)
     mlflow.log_metrics({k: float(v) for k, v in counts.items()})
     mlflow.log_param("feature_store_key", fstore.key if fstore is not None else "None")
     train_x = [feats["train"], *views]

@@ -550,6 +550,36 @@ def check_changes(dataset_version: str, **context: Any) -> bool:
     return decision.train
 
 
+def _train_config(dataset_version: str, context: Any) -> Any:
+    """The training config the ``train`` notebook will use: its per-run parameters (the DAG
+    param ``notebook_params.train``) over TrainConfig's defaults, on this dataset version."""
+    from dandelion_lib import train  # imports TensorFlow: not at DAG parse time
+
+    overrides = (context["params"].get("notebook_params") or {}).get("train") or {}
+    return train.config_from_params({**overrides, "dataset_version": dataset_version or None})
+
+
+def plan_features(dataset_version: str, **context: Any) -> list[dict[str, Any]]:
+    """The extraction shards of the dataset version: one ``extract_features`` task each
+    (``DANDELION_FEATURE_SHARD_SIZE`` images per shard; at least one)."""
+    from dandelion_lib import train  # imports TensorFlow: not at DAG parse time
+
+    shards = train.feature_shards(_train_config(dataset_version, context), _settings())
+    log.info("dataset %s: %d extraction shard(s)", dataset_version, shards)
+    return [{"dataset_version": dataset_version, "shard": i} for i in range(shards)]
+
+
+def extract_features(dataset_version: str, shard: int, **context: Any) -> dict[str, int]:
+    """One shard's backbone embeddings into the feature store (only the missing ones), so
+    that ``train`` reads them all from the cache; mapped over :func:`plan_features`."""
+    from dandelion_lib import train  # imports TensorFlow: not at DAG parse time
+
+    config = _train_config(dataset_version, context)
+    counts = train.extract_feature_shard(config, int(shard), _settings())
+    log.info("dataset %s shard %s: %s", dataset_version, shard, counts)
+    return counts
+
+
 def promote(model_version: str, dataset_version: str, **context: Any) -> dict[str, Any]:
     """The model gate: move ``champion`` only if the challenger passes; no retry on rejection."""
     from dandelion_lib import promotion  # imports MLflow: not at DAG parse time

@@ -183,3 +183,33 @@ def test_augmented_views_depend_on_the_image_alone(model_env: Any) -> None:
     names = {augmented_view_name(c, k) for c in (config, TrainConfig(seed=1)) for k in (0, 1)}
     names.add(augmented_view_name(TrainConfig(rotation=0.05), 0))
     assert len(names) == 5 and "none" not in names
+
+
+def test_sharded_extraction_fills_what_training_reads(model_env: Any, copied_store: Any) -> None:
+    """The DAGs' mapped extract_features tasks: each shard puts its images' views into the
+    feature store (the shards cover every image once); training then computes nothing."""
+    from dandelion_lib.train import extract_feature_shard, feature_shards
+
+    settings = model_env.settings.model_copy(update={"feature_shard_size": 10})
+    fields = {"augment": True, "augment_copies": 1, "epochs": 5, "register": False}
+    config = tiny_config(max_images_per_class=PER_CLASS, openset_method="none", **fields)
+    shards = feature_shards(config, settings, store=copied_store)
+    assert shards == 4  # 36 images, 10 per shard
+    counts = [extract_feature_shard(config, i, settings, store=copied_store) for i in range(shards)]
+    assert [c["images"] for c in counts] == [10, 10, 10, 6]
+    assert sum(c["features_computed_augmented"] for c in counts) == 2 * PER_CLASS
+    assert sum(c["features_computed"] for c in counts) == 6 * PER_CLASS + 2 * PER_CLASS
+    again = extract_feature_shard(config, 1, settings, store=copied_store)
+    assert again["features_computed"] == 0 and again["features_cached"] == 10 + again.get(
+        "features_cached_augmented", 0
+    )
+
+    from dandelion_lib.train import train
+
+    result = train(config, settings, store=copied_store, progress=False)
+    metrics = MlflowClient().get_run(result.run_id).data.metrics
+    assert metrics["features_computed"] == 0
+    assert metrics["features_cached"] == 6 * PER_CLASS + 2 * PER_CLASS
+    off = settings.model_copy(update={"feature_cache": False})
+    assert feature_shards(config, off, store=copied_store) == 1
+    assert extract_feature_shard(config, 0, off, store=copied_store) == {}

@@ -56,10 +56,14 @@ for path in sorted(Path(sys.argv[1]).glob("*.py")):
                 "kernel": getattr(t, "kernel_name", None),
                 "input_nb": getattr(t, "input_nb", None),
                 "parameters": sorted(getattr(t, "parameters", None) or {}),
-                "pre_execute": getattr(t._pre_execute_hook, "__name__", None),
-                "post_execute": getattr(t._post_execute_hook, "__name__", None),
+                "pre_execute": getattr(getattr(t, "_pre_execute_hook", None), "__name__", None),
+                "post_execute": getattr(getattr(t, "_post_execute_hook", None), "__name__", None),
                 "outlets": [getattr(o, "name", str(o)) for o in t.outlets],
                 "on_failure": [getattr(c, "__name__", "") for c in t.on_failure_callback],
+                "mapped_over": sorted(
+                    ref.task_id
+                    for ref in getattr(t, "iter_mapped_dependencies", lambda: [])()
+                ),
             }
         timetable = dag.timetable
         out["dags"][dag.dag_id] = {
@@ -125,7 +129,16 @@ def test_expected_dags(parsed: dict[str, Any]) -> None:
         assert {"force_train", "notebook_params", "trigger"} <= set(dag["params"])
 
 
-CHAIN = ["validate_data", "check_changes", "train", "evaluate", "promote", "report"]
+CHAIN = [
+    "validate_data",
+    "check_changes",
+    "plan_features",
+    "extract_features",
+    "train",
+    "evaluate",
+    "promote",
+    "report",
+]
 
 
 @pytest.mark.parametrize(
@@ -141,6 +154,9 @@ def test_task_graph(parsed: dict[str, Any], dag_id: str, first: str) -> None:
     assert tasks["report"]["downstream"] == []
     assert tasks["report"]["teardown"], "report must run whatever happened upstream"
     assert tasks["check_changes"]["type"] == "ShortCircuitOperator"
+    # embedding extraction: one task per shard that plan_features lists (dynamic mapping)
+    assert tasks["extract_features"]["type"] == "MappedOperator"
+    assert tasks["extract_features"]["mapped_over"] == ["plan_features"]
 
 
 def test_notebook_steps_are_papermill_in_dandelion_kernel(parsed: dict[str, Any]) -> None:
