@@ -46,6 +46,36 @@ def _fmt_model_figures(model: dict[str, Any]) -> str:
     return text
 
 
+def feature_totals(shards: list[dict[str, Any]]) -> dict[str, int]:
+    """The extraction tasks' counts added up (``shards``: one dict per mapped task)."""
+    totals: dict[str, int] = {"shards": len(shards)}
+    for counts in shards:
+        for k, v in counts.items():
+            totals[k] = totals.get(k, 0) + int(v)
+    return totals
+
+
+def _fmt_training(summary: dict[str, Any]) -> str:
+    decision = summary["training"]
+    state = (summary.get("task_states") or {}).get("train", "success")
+    if not decision["train"]:
+        verdict = "skipped"
+    elif state == "success":
+        verdict = "trained"
+    else:
+        verdict = f"not trained (step train {state})"
+    return f"{verdict}: {decision['reason']}"
+
+
+def _fmt_features(features: dict[str, int]) -> str:
+    shards = features["shards"]
+    return (
+        f"{features.get('features_computed', 0)} embeddings computed, "
+        f"{features.get('features_cached', 0)} read from the feature store "
+        f"({shards} shard{'s' if shards != 1 else ''})"
+    )
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The short, human summary of one run (printed by ``dandelion pipeline``)."""
     lines = [
@@ -63,16 +93,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("dataset_version"):
         counts = summary.get("counts") or {}
         row("dataset", f"{summary['dataset_version']}  {_fmt_counts(counts) if counts else ''}")
-    decision = summary.get("training")
-    if decision:
-        state = (summary.get("task_states") or {}).get("train", "success")
-        if not decision["train"]:
-            verdict = "skipped"
-        elif state == "success":
-            verdict = "trained"
-        else:
-            verdict = f"not trained (step train {state})"
-        row("training", f"{verdict}: {decision['reason']}")
+    if summary.get("training"):
+        row("training", _fmt_training(summary))
+    if (summary.get("features") or {}).get("images"):
+        row("features", _fmt_features(summary["features"]))
     model = summary.get("model")
     if model:
         row("model", f"{model['name']} version {model['version']}  {_fmt_model_figures(model)}")

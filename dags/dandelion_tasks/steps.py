@@ -48,7 +48,7 @@ from dandelion_lib.runs import (
     run_prefix,
 )
 from dandelion_lib.storage import open_store
-from dandelion_lib.summary import format_summary, where_to_look
+from dandelion_lib.summary import feature_totals, format_summary, where_to_look
 
 log = logging.getLogger(__name__)
 
@@ -644,6 +644,10 @@ def report(**context: Any) -> dict[str, Any]:
             if k in counts
         }
     summary["training"] = ti.xcom_pull(task_ids="check_changes", key="decision")
+    shards = ti.xcom_pull(task_ids="extract_features")
+    if shards:  # one dict per mapped task (a single task's return value is not a list)
+        shards = shards if isinstance(shards, list) else [shards]
+        summary["features"] = feature_totals([s for s in shards if isinstance(s, dict)])
     summary["promotion"] = ti.xcom_pull(task_ids="promote", key="promotion")
     trained = ti.xcom_pull(task_ids="train", key="model_version")
     summary.update(_model_summary(settings, trained))

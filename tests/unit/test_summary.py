@@ -27,3 +27,22 @@ def test_a_failed_run_says_which_step() -> None:
     )
     assert text.splitlines()[0].startswith("dandelion pipeline: FAILED")
     assert "validate_data: dataset x failed validation" in text
+
+
+def test_the_extraction_shards_are_added_up() -> None:
+    from dandelion_lib.summary import feature_totals
+
+    totals = feature_totals(
+        [
+            {"images": 256, "features_cached": 1200, "features_computed": 80},
+            {"images": 144, "features_cached": 700, "features_computed": 0},
+        ]
+    )
+    assert totals == {
+        "shards": 2,
+        "images": 400,
+        "features_cached": 1900,
+        "features_computed": 80,
+    }
+    text = format_summary({"status": "succeeded", "features": totals})
+    assert "features   80 embeddings computed, 1900 read from the feature store (2 shards)" in text
