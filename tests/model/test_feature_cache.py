@@ -122,6 +122,7 @@ def test_other_backbone_weights_are_another_key(model_env: Any) -> None:
     assert open_feature_store(model_env.store, other_spec, backbone).key != key
 
 
+@pytest.mark.slow  # three trainings; the sharded test below covers the same cache in the default run
 def test_augmented_views_are_cached_per_image(model_env: Any, copied_store: Any) -> None:
     """With augmentation on, a second training computes no feature at all, and an image
     missing from the cache has only its own views computed again."""
