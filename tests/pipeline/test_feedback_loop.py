@@ -448,18 +448,20 @@ def test_reviewed_feedback_becomes_data_and_a_gated_model(
     unreviewed = {f"feedback:{f.feedback_id}" for f in unreviewed_round.feedback}
     assert not unreviewed & set(manifest["source"].astype(str))
     report = dataset.load_report(world.store, new_version)
-    # The version's report lists the feedback provenance (feedback id, the model version that
-    # answered, the reviewer's decision time) where ingestion records it; checked whenever
-    # the report has the list. To tighten: require the key once ingestion always writes it.
-    if "feedback" in report:
-        provenance = {str(item["feedback_id"]): item for item in report["feedback"]}
-        assert set(provenance) == {fid for fid, _ in accepted_sha.values()}
-        for fid, item in provenance.items():
-            record = records[fid]
-            assert record is not None and record.reviewed_at is not None
-            assert str(item["model_version"]) == champion == record.model_version
-            decided = _as_utc(item["reviewed_at"]) - _as_utc(record.reviewed_at)
-            assert abs(decided.total_seconds()) < 1.0, (item, record)
+    # The version's report lists the feedback provenance: feedback id, the model version that
+    # answered, the reviewer's decision time.
+    provenance = {str(item["feedback_id"]): item for item in report["feedback"]}
+    assert set(provenance) == {fid for fid, _ in accepted_sha.values()}
+    for fid, item in provenance.items():
+        record = records[fid]
+        assert record is not None and record.reviewed_at is not None
+        assert str(item["model_version"]) == champion == record.model_version
+        decided = _as_utc(item["reviewed_at"]) - _as_utc(record.reviewed_at)
+        assert abs(decided.total_seconds()) < 1.0, (item, record)
+        assert (item["sha256"], item["label"]) == (
+            next(s for s, (f, _) in accepted_sha.items() if f == fid),
+            accepted_sha[item["sha256"]][1],
+        )
 
     # -- 7. trained from cached embeddings plus those of the new photos only --
     model_version = summary["model"]["version"]
@@ -473,6 +475,10 @@ def test_reviewed_feedback_becomes_data_and_a_gated_model(
     # (wherever the new ones were computed: in this task or by an extraction step before it)
     assert cached >= len(previous) > 0
     assert cached + computed == len(manifest)
+    # the mapped extract_features tasks (with the train notebook's parameters: no augmented
+    # views here) computed exactly the new photos' embeddings, so train read every one
+    assert summary["features"]["features_computed"] == len(accepted_sha)
+    assert summary["features"]["images"] == len(manifest) and computed == 0
     key = train_run.data.params["feature_store_key"]
     assert key == champion_run.data.params["feature_store_key"], "the feature key changed"
     features_after = world.feature_pairs()
