@@ -61,8 +61,8 @@ PICKED = 6
 UNREVIEWED = 50
 """Wrong-label feedback items nobody reviews."""
 CONF = {"notebook_params": {"train": {"augment_copies": 0}}}
-"""Training kept short: no augmented views (they are extracted anew by every training, never
-cached), so every embedding a training uses is one of the feature store's."""
+"""Training kept short: no augmented views, so each photo has one embedding (view ``none``)
+in the feature store and the counts below are exact."""
 FEEDBACK_ASSET_URI = "dandelion://feedback/accepted"
 
 
