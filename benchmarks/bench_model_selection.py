@@ -78,7 +78,9 @@ def main() -> None:
             dim = backbone.feature_dim
             pixels = load_examples(store, rows, FeatureSpec(image_size=size))
             originals = extract_features(extractor, pixels, dim)
-            views = augmented_features(extractor, pixels, dim, config)
+            shas = [str(s) for s in rows["sha256"]]
+            # No feature store: every view is extracted (the figure includes extraction).
+            views = augmented_features(extractor, pixels, shas, dim, config, None, {})
             extracted = time.perf_counter() - start
             for name, cols in FEATURES.items():
                 accs, losses = [], []

@@ -110,7 +110,11 @@ def extract(settings_dir: Path) -> Features:
     ood_pixels = np.stack([bytes_to_model_input(b, spec).astype(np.uint8) for b in blobs])
     ood = extract_features(extractor, ood_pixels, dim)
     split = manifest["split"].to_numpy()
-    views = augmented_features(extractor, pixels[split == "train"], dim, config)
+    train_shas = [str(s) for s in manifest["sha256"].to_numpy()[split == "train"]]
+    # No feature store: every view is extracted, which is what this figure measures.
+    views = augmented_features(
+        extractor, pixels[split == "train"], train_shas, dim, config, None, {}
+    )
     seconds = time.perf_counter() - start
     n = len(x) + len(ood) + sum(len(v) for v in views)
     print(

@@ -177,6 +177,7 @@ def _secrets_env(workdir: Path) -> dict[str, str]:
         "AIRFLOW_API_SECRET_KEY": tok(),
         "AIRFLOW_JWT_SECRET": tok(),
         "API_ADMIN_TOKEN": tok(),
+        "REVIEW_TOKEN": tok(),  # compose.yaml requires it (the `review` profile is off)
         "GRAFANA_ADMIN_PASSWORD": tok(),
         "REHEARSAL_DIR": str(workdir),
         "REHEARSAL_DATASET": str(DATASET),

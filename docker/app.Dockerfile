@@ -2,7 +2,10 @@
 # dandelion web app: Voila serving dashboards/app.ipynb on port 8866 (`python -m dashboards.serve`).
 # The app calls the API over HTTP (DANDELION_API_URL); its kernel needs no TensorFlow, so this
 # image installs only Voila, ipywidgets, httpx, Pillow (thumbnails) and the settings'
-# dependencies, pinned by the lock.
+# dependencies, pinned by the lock. The same image serves the reviewer page on port 8867
+# (`python -m dashboards.serve --review`, compose's `review` service, k8s/base/review/), whose
+# kernel reads the feedback database and the store directly: SQLAlchemy + psycopg, boto3, NumPy
+# (image checks), pandas + pyarrow (the latest dataset manifest). Still no TensorFlow.
 # Build from the repository root:  docker build -f docker/app.Dockerfile -t dandelion-app .
 
 FROM python:3.11.14-slim-bookworm AS builder
@@ -17,6 +20,7 @@ WORKDIR /src
 COPY requirements.lock ./
 RUN uv pip install --python /opt/venv/bin/python --constraint requirements.lock \
         voila ipywidgets ipykernel httpx pillow pydantic pydantic-settings \
+        sqlalchemy "psycopg[binary]" boto3 numpy pandas pyarrow \
     && /opt/venv/bin/python -m ipykernel install --prefix /opt/venv \
         --name dandelion --display-name "Python (dandelion)"
 

@@ -7,7 +7,7 @@
 #   3. MLflow        schema Job (create or `mlflow db upgrade`), then the server rolls out
 #   4. Airflow       the pinned chart (migrations with our image), then the admin user
 #   5. champion      if the registry has no champion yet: run the pipeline DAG and wait for it
-#   6. serving       the API (ready only with a champion) and the web app
+#   6. serving       the API (ready only with a champion), the web app and the reviewer page
 # No step waits on a later one, so a fresh environment cannot deadlock. Every wait has a bound
 # (the *_TIMEOUT_S below); their sum, WORST_CASE_S, is what CD's job timeout must exceed
 # (tests/deploy checks it).
@@ -36,15 +36,17 @@ ADMIN_TIMEOUT_S=600         # the admin-user Job
 DAG_PARSE_TIMEOUT_S=300     # the DAG processor has parsed the baked-in DAGs
 PIPELINE_TIMEOUT_S="${PIPELINE_TIMEOUT_S:-3600}" # first pipeline run up to a champion
 SERVING_TIMEOUT_S=600       # API and app rollouts
+REVIEW_TIMEOUT_S=300        # reviewer page rollout (one pod; no model to load)
 WORST_CASE_S=$((DATA_TIMEOUT_S * 2 + MLFLOW_SCHEMA_TIMEOUT_S + MLFLOW_TIMEOUT_S + AIRFLOW_TIMEOUT_S \
-  + ADMIN_TIMEOUT_S + DAG_PARSE_TIMEOUT_S + PIPELINE_TIMEOUT_S + SERVING_TIMEOUT_S * 2))
+  + ADMIN_TIMEOUT_S + DAG_PARSE_TIMEOUT_S + PIPELINE_TIMEOUT_S + SERVING_TIMEOUT_S * 2 \
+  + REVIEW_TIMEOUT_S))
 
 # Which rendered objects each stage applies (kubectl apply -l). Every object of an overlay falls
 # in exactly one stage (tests/deploy checks it).
-STAGE_FOUNDATION='app.kubernetes.io/name notin (mlflow,mlflow-db-upgrade,api,app)'
+STAGE_FOUNDATION='app.kubernetes.io/name notin (mlflow,mlflow-db-upgrade,api,app,review)'
 STAGE_MLFLOW_SCHEMA='app.kubernetes.io/name=mlflow-db-upgrade'
 STAGE_MLFLOW='app.kubernetes.io/name=mlflow'
-STAGE_SERVING='app.kubernetes.io/name in (api,app)'
+STAGE_SERVING='app.kubernetes.io/name in (api,app,review)'
 
 log() { printf '[deploy %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 k() { kubectl -n "$NAMESPACE" "$@"; }
@@ -174,4 +176,5 @@ fi
 kubectl apply --server-side -f "$work/rendered.yaml" -l "$STAGE_SERVING"
 k rollout status deployment/api --timeout="${SERVING_TIMEOUT_S}s"
 k rollout status deployment/app --timeout="${SERVING_TIMEOUT_S}s"
+k rollout status deployment/review --timeout="${REVIEW_TIMEOUT_S}s"
 log "deployed ${OVERLAY} ${VERSION} to namespace ${NAMESPACE}"

@@ -44,6 +44,9 @@ create dandelion-pipeline-env --from-literal=AWS_ACCESS_KEY_ID="$s3_key" \
   --from-literal=AWS_SECRET_ACCESS_KEY="$s3_secret"
 create dandelion-api --from-literal=admin-token="$(rand)" \
   --from-literal=feedback-db-url="postgresql+psycopg://dandelion:${pg_feedback}@postgres:5432/feedback"
+# The reviewer page's token: read it with
+#   kubectl -n <ns> get secret dandelion-review -o jsonpath='{.data.token}' | base64 -d
+create dandelion-review --from-literal=token="$(rand)"
 create dandelion-mlflow \
   --from-literal=backend-store-uri="postgresql+psycopg://mlflow:${pg_mlflow}@postgres:5432/mlflow"
 create airflow-metadata \

@@ -17,18 +17,32 @@ EXPECTED_SERVICES = {
     "airflow-scheduler", "airflow-dag-processor", "statsd-exporter", "api", "app",
     "prometheus", "grafana",
 }  # fmt: skip
+OPTIONAL = {"review": "review"}  # service -> the compose profile that starts it
 
 
 def compose(*args: str) -> Any:
     return run(tool("docker-compose"), "--project-directory", str(ROOT), "-f", str(COMPOSE), *args)
 
 
+def resolved(*profiles: str) -> dict[str, Any]:
+    """The model Docker Compose itself resolves (interpolated with .env.example), with these
+    profiles active."""
+    flags = [arg for profile in profiles for arg in ("--profile", profile)]
+    proc = compose("--env-file", str(ENV_EXAMPLE), *flags, "config", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout))
+
+
 @pytest.fixture(scope="module")
 def config() -> dict[str, Any]:
-    """The model Docker Compose itself resolves (interpolated with .env.example)."""
-    proc = compose("--env-file", str(ENV_EXAMPLE), "config", "--format", "json")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    """Every service, those of optional profiles included: the checks below cover them all."""
+    return resolved("*")
+
+
+@pytest.fixture(scope="module")
+def default_config() -> dict[str, Any]:
+    """What `docker compose up` starts (no profile)."""
+    return resolved()
 
 
 def test_docker_compose_accepts_the_file() -> None:
@@ -41,8 +55,12 @@ def test_compose_spec_schema() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_the_whole_stack_is_there(config: dict[str, Any]) -> None:
-    assert set(config["services"]) == EXPECTED_SERVICES
+def test_the_whole_stack_is_there(config: dict[str, Any], default_config: dict[str, Any]) -> None:
+    assert set(default_config["services"]) == EXPECTED_SERVICES
+    assert set(config["services"]) == EXPECTED_SERVICES | set(OPTIONAL)
+    for name, profile in OPTIONAL.items():
+        assert config["services"][name]["profiles"] == [profile], name
+        assert set(resolved(profile)["services"]) == EXPECTED_SERVICES | {name}
 
 
 def test_missing_secrets_stop_compose_with_a_message(tmp_path) -> None:
@@ -53,6 +71,18 @@ def test_missing_secrets_stop_compose_with_a_message(tmp_path) -> None:
     proc = compose("--env-file", str(env), "config", "--quiet")
     assert proc.returncode != 0
     assert "set POSTGRES_PASSWORD in .env" in proc.stderr
+
+
+def test_missing_review_token_stops_compose_with_a_message(tmp_path) -> None:
+    """The reviewer page's token has no default in the file: without it compose refuses (also
+    with the `review` profile off: it interpolates every service) and names the variable."""
+    env = tmp_path / "partial.env"
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    env.write_text("\n".join(line for line in lines if not line.startswith("REVIEW_TOKEN=")))
+    for profiles in ((), ("--profile", "review")):
+        proc = compose("--env-file", str(env), *profiles, "config", "--quiet")
+        assert proc.returncode != 0
+        assert "set REVIEW_TOKEN in .env" in proc.stderr
 
 
 def test_every_required_variable_is_in_env_example() -> None:
@@ -151,3 +181,46 @@ def test_api_settings_point_at_the_stack(config: dict[str, Any]) -> None:
     assert env["DANDELION_FEEDBACK_DB_URL"].startswith("postgresql+psycopg://")
     assert env["DANDELION_API_HOST"] == "0.0.0.0"
     assert config["services"]["app"]["environment"]["DANDELION_API_URL"] == "http://api:8000"
+
+
+def test_reviewer_page_service(config: dict[str, Any]) -> None:
+    """The reviewer page: the app's image and hardening, `dashboards.serve --review` bound to
+    0.0.0.0 inside the container, port 8867 published on the host's loopback only, the token from
+    .env, the same feedback database and store settings as the API."""
+    services = config["services"]
+    review, app, api = services["review"], services["app"], services["api"]
+    assert review["image"] == app["image"]
+    assert review["build"]["dockerfile"] == app["build"]["dockerfile"] == "docker/app.Dockerfile"
+    assert review["command"] == ["python", "-m", "dashboards.serve", "--review"]
+    for key in ("read_only", "cap_drop", "security_opt", "restart"):
+        assert review[key] == app[key], key
+    assert review["read_only"] is True and review["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in review["security_opt"]
+    assert "user" not in review or not str(review["user"]).startswith(("0", "root"))
+    assert [t.split(":")[0] for t in review["tmpfs"]] == ["/tmp"]
+    # Published on 127.0.0.1 only; inside the container the page listens on every interface.
+    assert [(p["host_ip"], str(p["published"]), p["target"]) for p in review["ports"]] == [
+        ("127.0.0.1", "8867", 8867)
+    ]
+    env = review["environment"]
+    assert env["DANDELION_REVIEW_HOST"] == "0.0.0.0"
+    assert env["DANDELION_REVIEW_PORT"] == "8867"
+    assert env["DANDELION_REVIEW_TOKEN"] == "change-me-review-token"  # from .env.example
+    for key in ("DANDELION_FEEDBACK_DB_URL", "DANDELION_STORE_URL", "DANDELION_S3_ENDPOINT_URL",
+                "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):  # fmt: skip
+        assert env[key] == api["environment"][key], key
+    assert review["healthcheck"]["test"][-1] == "http://127.0.0.1:8867/health/live"
+    assert {"postgres", "minio-init"} <= set(review["depends_on"])
+    assert review["deploy"]["resources"]["limits"]["memory"]
+
+
+def test_review_token_is_never_a_value_in_the_repository() -> None:
+    """No token value in git: compose interpolates it (no default), .env.example holds a
+    placeholder, the image sets none."""
+    raw = load(COMPOSE)["services"]["review"]["environment"]
+    assert raw["DANDELION_REVIEW_TOKEN"].startswith("${REVIEW_TOKEN:?")
+    example = dict(
+        line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines() if line[:1].isupper()
+    )
+    assert example["REVIEW_TOKEN"].startswith("change-me")
+    assert "REVIEW_TOKEN" not in (ROOT / "docker" / "app.Dockerfile").read_text()

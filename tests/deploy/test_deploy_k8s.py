@@ -23,6 +23,7 @@ from deploy_support import (
 Objects = dict[str, list[dict[str, Any]]]
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}  # not in the Kubernetes schemas; checked below
 SECRET_TEMPLATES = ROOT / "k8s" / "secrets" / "secrets.example.yaml"
+DEV_SECRETS_SCRIPT = ROOT / "k8s" / "secrets" / "create-dev-secrets.sh"
 
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -289,7 +290,7 @@ def test_overlay_image_mapping_controls_the_deployed_images(overlay: str, tmp_pa
         for c in containers(w)
         if "/dandelion-" in c["image"] or c["image"].startswith("dandelion-")
     ]
-    assert len(project) == 4  # api, app, mlflow, and mlflow's schema Job
+    assert len(project) == 5  # api, app, the reviewer page (app image), mlflow, mlflow's Job
     assert all(image.endswith("@" + digest) and "ghcr.io/" in image for image in project), project
 
 
@@ -363,3 +364,107 @@ def test_mlflow_schema_job_runs_the_servers_image_and_script(
     script = configmap["data"]["db-upgrade.sh"]
     assert 'mlflow db upgrade "$MLFLOW_BACKEND_STORE_URI"' in script
     assert job["spec"]["activeDeadlineSeconds"] <= 600
+
+
+def _selected_pods(objs: list[dict[str, Any]], selector: dict[str, str]) -> set[str]:
+    return {
+        w["metadata"]["name"]
+        for w in workloads(objs)
+        if selects(selector, w["spec"]["template"]["metadata"]["labels"])
+    }
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_reviewer_page_deployment(rendered: Objects, overlay: str) -> None:
+    """The reviewer page: one pod of the app's image running `dashboards.serve --review` on
+    8867 (bound to 0.0.0.0 in the pod), probes on the kernel-free, token-free health paths, the
+    token and the database URL from Secrets the templates define, the store from the ConfigMap."""
+    objs = rendered[overlay]
+    review = find(objs, "Deployment", "review")
+    assert review["spec"]["replicas"] == 1
+    pod = review["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    (app,) = find(objs, "Deployment", "app")["spec"]["template"]["spec"]["containers"]
+    assert c["image"] == app["image"]
+    assert c["command"] == ["python", "-m", "dashboards.serve", "--review"]
+    assert [(p["name"], p["containerPort"]) for p in c["ports"]] == [("http", 8867)]
+    assert c["startupProbe"]["httpGet"]["path"] == "/health/live"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    assert {c[p]["httpGet"]["port"] for p in c if p.endswith("Probe")} == {"http"}
+    assert c["securityContext"] == app["securityContext"]
+    assert (
+        pod["securityContext"]
+        == find(objs, "Deployment", "app")["spec"]["template"]["spec"]["securityContext"]
+    )
+    env = {e["name"]: e for e in c["env"]}
+    assert env["DANDELION_REVIEW_HOST"]["value"] == "0.0.0.0"
+    assert env["DANDELION_REVIEW_PORT"]["value"] == "8867"
+    keys = secret_keys()
+    for name in ("DANDELION_REVIEW_TOKEN", "DANDELION_FEEDBACK_DB_URL", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY"):  # fmt: skip
+        assert set(env[name]) == {"name", "valueFrom"}, f"{name}: only from a Secret"
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref["key"] in keys[ref["name"]], name
+    assert env["DANDELION_REVIEW_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "dandelion-review", "key": "token"}  # fmt: skip
+    api_env = {e["name"]: e for e in find(objs, "Deployment", "api")["spec"]["template"]["spec"][
+        "containers"][0]["env"]}  # fmt: skip
+    assert env["DANDELION_FEEDBACK_DB_URL"] == api_env["DANDELION_FEEDBACK_DB_URL"]
+    assert c["envFrom"] == [{"configMapRef": {"name": "dandelion-config"}}]
+    # DANDELION_WORKDIR (ConfigMap) is a mounted emptyDir: the root file system is read-only.
+    config = find(objs, "ConfigMap", "dandelion-config")["data"]
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert {config["DANDELION_WORKDIR"], "/tmp"} <= mounts
+    service = find(objs, "Service", "review")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8867, "targetPort": "http", "protocol": "TCP"}
+    ]
+    assert _selected_pods(objs, service["spec"]["selector"]) == {"review"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_reviewer_page_is_not_public(rendered: Objects, overlay: str) -> None:
+    """No Ingress routes to the reviewer page (by Service name or by a Service that selects its
+    pod), no Service exposes it outside the cluster, and its NetworkPolicy has no ingress rule."""
+    objs = rendered[overlay]
+    services = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Service"}
+    ingresses = [o for o in objs if o["kind"] == "Ingress"]
+    assert ingresses
+    for ing in ingresses:
+        backends = [
+            path["backend"]["service"]["name"]
+            for rule in ing["spec"]["rules"]
+            for path in rule["http"]["paths"]
+        ]
+        if "defaultBackend" in ing["spec"]:
+            backends.append(ing["spec"]["defaultBackend"]["service"]["name"])
+        for name in backends:
+            assert name != "review", f"Ingress {ing['metadata']['name']} routes to review"
+            pods = _selected_pods(objs, services[name]["spec"]["selector"])
+            assert "review" not in pods, f"Ingress {ing['metadata']['name']} reaches review"
+    for svc in services.values():
+        if "review" in _selected_pods(objs, svc["spec"]["selector"]):
+            assert svc["spec"].get("type", "ClusterIP") == "ClusterIP", svc["metadata"]["name"]
+            assert not svc["spec"].get("externalIPs"), svc["metadata"]["name"]
+    policy = find(objs, "NetworkPolicy", "review")
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    assert not policy["spec"].get("ingress"), "the reviewer page admits no pod"
+
+
+def test_dev_secrets_script_creates_every_referenced_secret(rendered: Objects) -> None:
+    """Every Secret a dev workload reads is created by create-dev-secrets.sh, the reviewer
+    page's token with a fresh random value (never a literal)."""
+    script = DEV_SECRETS_SCRIPT.read_text()
+    referenced = {
+        env["valueFrom"]["secretKeyRef"]["name"]
+        for w in workloads(rendered["dev"])
+        for c in containers(w)
+        for env in c.get("env", [])
+        if "secretKeyRef" in env.get("valueFrom", {})
+    }
+    assert "dandelion-review" in referenced
+    for name in sorted(referenced):
+        assert f"create {name} " in script, f"create-dev-secrets.sh does not create {name}"
+    assert 'create dandelion-review --from-literal=token="$(rand)"' in script

@@ -108,6 +108,12 @@ REQUIRED = [
     ("app", "kube-dns", 53, "UDP"),
     ("ingress", "api", 8000, "TCP"),
     ("ingress", "app", 8866, "TCP"),
+    # The reviewer page reads the feedback database and the store directly. Reviewers reach it
+    # with `kubectl port-forward` (through the API server and the kubelet: no pod-to-pod flow).
+    ("review", "database", None, "TCP"),
+    ("review", "object-store", None, "TCP"),
+    ("review", "kube-dns", 53, "UDP"),
+    ("review", "kube-dns", 53, "TCP"),
     # MLflow and its schema Job.
     ("mlflow", "database", None, "TCP"),
     ("mlflow", "object-store", None, "TCP"),
@@ -134,6 +140,15 @@ DENIED = [
     ("app", "airflow-statsd", 9125, "UDP"),
     ("prometheus", "airflow-api-server", 8080, "TCP"),
     ("mlflow-db-upgrade", "mlflow", 5000, "TCP"),
+    # The reviewer page is not public and talks to nothing but its data.
+    ("ingress", "review", 8867, "TCP"),
+    ("internet", "review", 8867, "TCP"),
+    ("app", "review", 8867, "TCP"),
+    ("api", "review", 8867, "TCP"),
+    ("prometheus", "review", 8867, "TCP"),
+    ("review", "api", 8000, "TCP"),
+    ("review", "mlflow", 5000, "TCP"),
+    ("review", "airflow-api-server", 8080, "TCP"),
 ]
 
 
@@ -192,6 +207,22 @@ def test_every_pod_of_ours_is_isolated_for_ingress(live: tuple[str, Cluster, dic
     for name, pod in env["pods"].items():
         if isinstance(pod, Pod) and pod.namespace.startswith("dandelion"):
             assert not cluster.allowed(INTERNET, pod, 12345), f"{overlay}: {name} is not isolated"
+
+
+def test_no_pod_reaches_the_reviewer_page(live: tuple[str, Cluster, dict]) -> None:
+    """Derived from every modelled pod (not a hand list): none, in the namespace or outside it,
+    may connect to the reviewer page, on its port or any other."""
+    overlay, cluster, env = live
+    review = env["pods"]["review"]
+    assert [(name, number) for name, number, _ in review.ports] == [("http", 8867)]
+    open_ = [
+        (name, port)
+        for name, src in env["pods"].items()
+        if src is not review
+        for port in (8867, 80, 443)
+        if cluster.allowed(src, review, port)
+    ]
+    assert not open_, f"{overlay}: the reviewer page is reachable from {open_}"
 
 
 def test_finding_2_without_an_api_server_ingress_rule_tasks_cannot_report(

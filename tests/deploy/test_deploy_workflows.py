@@ -154,6 +154,7 @@ def test_finding_5_bootstrap_order_has_no_cycle() -> None:
         '-l "$STAGE_SERVING"',
         "rollout status deployment/api",
         "rollout status deployment/app",
+        "rollout status deployment/review",
     ]
     positions = [text.index(marker, text.index("# --- 1. secrets")) for marker in order]
     assert positions == sorted(positions), list(zip(order, positions, strict=True))
@@ -183,7 +184,7 @@ def test_deploy_stages_apply_every_rendered_object_exactly_once(rendered: dict) 
             labels = obj["metadata"].get("labels", {})
             hits = [name for name, sel in stages.items() if _selector_matches(sel, labels)]
             assert len(hits) == 1, (overlay, obj["kind"], obj["metadata"]["name"], hits)
-            if obj["kind"] == "Deployment" and obj["metadata"]["name"] in {"api", "app"}:
+            if obj["kind"] == "Deployment" and obj["metadata"]["name"] in {"api", "app", "review"}:
                 assert hits == ["STAGE_SERVING"]
 
 
