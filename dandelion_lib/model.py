@@ -370,6 +370,12 @@ class Backbone:
         return int(self.model.output_shape[-1])
 
 
+def is_pretrained(name: str, weights: str) -> bool:
+    """Whether backbone ``name`` with ``weights`` starts from pretrained weights (and so is
+    trained frozen, through cached features); ``small_cnn`` never is."""
+    return weights == "imagenet" and name != "small_cnn"
+
+
 def build_backbone(
     name: str, weights: str = "imagenet", image_size: int = DEFAULT_IMAGE_SIZE
 ) -> Backbone:
@@ -383,7 +389,7 @@ def build_backbone(
         raise DandelionError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     if weights not in ("imagenet", "none"):
         raise DandelionError(f"unknown weights {weights!r}; use 'imagenet' or 'none'")
-    pretrained = weights == "imagenet" and name != "small_cnn"
+    pretrained = is_pretrained(name, weights)
     shape = (image_size, image_size, 3)
     if name == "efficientnet_lite0":
         port = build_efficientnet_lite0(pretrained, image_size)

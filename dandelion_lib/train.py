@@ -238,9 +238,14 @@ def split_features(
         return extract_features(extractor, pixels[positions], dim)
 
     feats, cached, computed = cached_embeddings(fstore, shas, compute)
-    counts["features_cached"] = counts.get("features_cached", 0) + cached
-    counts["features_computed"] = counts.get("features_computed", 0) + computed
+    _tally(counts, cached, computed)
     return feats
+
+
+def _tally(counts: dict[str, int], cached: int, computed: int, suffix: str = "") -> None:
+    """Add to ``features_cached<suffix>`` and ``features_computed<suffix>``."""
+    for kind, n in (("cached", cached), ("computed", computed)):
+        counts[f"features_{kind}{suffix}"] = counts.get(f"features_{kind}{suffix}", 0) + n
 
 
 AUGMENT_ALGORITHM = 1
@@ -350,10 +355,7 @@ def augmented_features(
         feats, cached, computed = cached_embeddings(
             fstore, shas, compute, view=augmented_view_name(config, copy)
         )
-        counts["features_cached_augmented"] = counts.get("features_cached_augmented", 0) + cached
-        counts["features_computed_augmented"] = (
-            counts.get("features_computed_augmented", 0) + computed
-        )
+        _tally(counts, cached, computed, "_augmented")
         views.append(feats)
     return views
 
@@ -386,9 +388,7 @@ def _shard_rows(data: TrainingData) -> pd.DataFrame:
 def caches_features(config: TrainConfig, settings: Settings) -> bool:
     """Whether training reads the feature store: the cache is on and the backbone is a
     frozen pretrained one (see :func:`train`'s ``end_to_end``)."""
-    return (
-        settings.feature_cache and config.backbone != "small_cnn" and config.weights == "imagenet"
-    )
+    return settings.feature_cache and model_lib.is_pretrained(config.backbone, config.weights)
 
 
 def feature_shards(
@@ -424,8 +424,6 @@ def extract_feature_shard(
     size = settings.feature_shard_size
     rows = _shard_rows(data).iloc[shard * size : (shard + 1) * size].reset_index(drop=True)
     backbone = model_lib.build_backbone(config.backbone, config.weights, data.spec.image_size)
-    if not backbone.pretrained:
-        return {}
     fstore = open_feature_store(store, data.spec, backbone)
     extractor = feature_extractor(backbone)
     counts: dict[str, int] = {}
@@ -952,7 +950,7 @@ def train(
     laps.lap("load_images")
     augmenter = make_augmenter(config)
     log = _EpochLog(progress)
-    end_to_end = config.backbone == "small_cnn" or not backbone.pretrained
+    end_to_end = not backbone.pretrained  # model.is_pretrained: small_cnn never is
 
     registry.configure_mlflow(settings)
     registry.use_experiment(settings)
