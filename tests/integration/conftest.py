@@ -37,7 +37,7 @@ class FaultServer:
     url: str = ""
     faults: dict[str, Fault] = field(default_factory=dict)
     delay_s: float = 0.0  # added to every response (to slow a whole run down)
-    slow_s: float = 6.0  # how long a "slow" fault takes to send its body
+    slow_s: float = 8.0  # how long a "slow" fault takes to send its body
     hits: Counter[str] = field(default_factory=Counter)
     statuses: list[tuple[str, int]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)

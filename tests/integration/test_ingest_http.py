@@ -62,7 +62,7 @@ def _settings(tmp_path: Path, url: str) -> Settings:
         source=url,
         source_count=202,
         http_concurrency=8,
-        http_timeout_s=1.0,
+        http_timeout_s=2.5,  # headroom for a loaded machine; the slow fault takes 8 s
         http_retries=2,
         http_backoff_s=0.05,
     )
