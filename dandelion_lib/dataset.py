@@ -300,7 +300,7 @@ def normalize_manifest(df: pd.DataFrame) -> pd.DataFrame:
         out[c] = out[c].astype("int64")
     for c in STAT_COLUMNS:
         out[c] = out[c].astype("float64")
-    out["ingested_at"] = pd.to_datetime(out["ingested_at"], utc=True)
+    out["ingested_at"] = pd.to_datetime(out["ingested_at"], utc=True, format="ISO8601")
     return out.reset_index(drop=True)
 
 

@@ -695,7 +695,7 @@ class _Worker:
             "height": img.height,
             "bytes": len(canonical.data),
             "phash": phash,
-            "ingested_at": datetime.now(UTC).isoformat(),
+            "ingested_at": datetime.now(UTC).isoformat(timespec="microseconds"),
             "stats": stats,
         }
 

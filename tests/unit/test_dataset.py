@@ -153,6 +153,17 @@ def test_manifest_schema_is_enforced() -> None:
         dataset.normalize_manifest(df.drop(columns=["phash"]))
 
 
+def test_ingestion_times_with_and_without_microseconds_mix() -> None:
+    """``isoformat()`` drops a zero microsecond part: one manifest can hold both forms."""
+    rows = _records(3)
+    rows[0]["ingested_at"] = "2026-11-30T15:24:01.123456+00:00"
+    rows[1]["ingested_at"] = "2026-11-30T15:24:01+00:00"
+    df = dataset.build_manifest(rows, seed=0, near_duplicate_distance=8)
+    times = dict(zip(df["sha256"], df["ingested_at"], strict=True))
+    assert times[rows[0]["sha256"]] == pd.Timestamp("2026-11-30T15:24:01.123456Z")
+    assert times[rows[1]["sha256"]] == pd.Timestamp("2026-11-30T15:24:01Z")
+
+
 def test_negatives_split_by_kind_and_keep_near_duplicates_together() -> None:
     from dandelion_lib.config import UNKNOWN
 
