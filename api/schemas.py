@@ -77,6 +77,17 @@ class LoadFailureInfo(msgspec.Struct):
     at: str
 
 
+class ServingInfo(msgspec.Struct):
+    """How the loaded model runs: ``runtime`` (``onnx`` or ``keras``), ``precision``
+    (``fp32`` or ``int8``), why another runtime than the one asked for runs (``note``), and
+    the gate's choice with both precisions' test figures (the version's ``serving.*`` tags)."""
+
+    runtime: str
+    precision: str
+    note: str | None
+    gate: dict[str, str]
+
+
 class ModelInfo(msgspec.Struct):
     name: str
     alias: str
@@ -92,6 +103,7 @@ class ModelInfo(msgspec.Struct):
     last_failure: LoadFailureInfo | None
     last_check_at: str | None
     reload_interval_s: float
+    serving: ServingInfo | None = None
 
 
 class FeedbackRequest(msgspec.Struct, forbid_unknown_fields=True):

@@ -15,6 +15,7 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -128,6 +129,24 @@ class Settings(BaseSettings):
     promotion_tolerance: float = Field(
         0.01, description="Allowed accuracy drop versus the current champion."
     )
+    extraction_runtime: Literal["auto", "keras"] = Field(
+        "auto",
+        description="What extracts the frozen backbone's features in training: 'auto' = ONNX "
+        "Runtime when it matches TensorFlow within 1e-4 on the first batch, else TensorFlow; "
+        "'keras' = always TensorFlow.",
+    )
+    int8_tolerance: float = Field(
+        0.01,
+        ge=0,
+        description="INT8 is served only if its test accuracy, ROC AUC and out-of-domain "
+        "'unknown' share are each within this of FP32's; otherwise FP32 is served.",
+    )
+    int8_calibration_images: int = Field(
+        100,
+        ge=0,
+        description="Training images that calibrate the INT8 runtime artifact at registration "
+        "(0: no INT8 artifact).",
+    )
     promotion_ood_tolerance: float = Field(
         0.05,
         description="Allowed drop of the share of out-of-domain test photos answered 'unknown' "
@@ -173,6 +192,12 @@ class Settings(BaseSettings):
     api_host: str = Field("127.0.0.1", description="API bind address.")
     api_port: int = Field(8000, description="API port.")
     model_alias: str = Field("champion", description="Alias the API serves.")
+    serving_runtime: Literal["auto", "onnx", "keras"] = Field(
+        "auto",
+        description="How the Predictor runs a model: 'auto' = the version's ONNX Runtime "
+        "artifact in the precision the gate chose, Keras when the version has none or it "
+        "cannot be loaded; 'onnx' = that artifact or an error; 'keras' = always Keras.",
+    )
     confidence_threshold: float = Field(
         0.6, description="Below this confidence the answer is 'uncertain'."
     )

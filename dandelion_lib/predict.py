@@ -2,14 +2,18 @@
 
 Its one job: turn image bytes into an answer. It accepts untrusted bytes through
 :func:`dandelion_lib.images.accept_image` (formats, size limits), applies the model's logged
-feature spec, runs the Keras model on a batch through one compiled graph with a free batch
-dimension (traced once, at warm-up; not ``model.predict`` per call, ~3x slower for one image,
-nor eager ``model(x)``, ~8x slower on EfficientNet), and answers through its
-:class:`AnswerPolicy`: the one place that decides a label, ``uncertain`` or ``unknown``.
+feature spec, runs one forward pass per batch that returns the backbone's features beside the
+probabilities, and answers through its :class:`AnswerPolicy`: the one place that decides a
+label, ``uncertain`` or ``unknown``.
 
-The graph returns the backbone's features beside the probabilities; a model logged with an
-open-set detector (``openset.npz`` next to the Keras model, its parameters in the metadata)
-scores them, and every :class:`Prediction` then carries an out-of-domain score.
+What runs the forward pass (:meth:`Predictor.load`, setting ``serving_runtime``): the version's
+ONNX Runtime artifact (:mod:`dandelion_lib.runtime`) in the precision the promotion gate chose
+(tag ``serving.precision``), falling back to FP32 ONNX and then to the Keras model (traced once
+into a TensorFlow graph) when an artifact is missing or corrupt; ``runtime_note`` says why.
+
+A model logged with an open-set detector (``openset.npz`` next to the Keras model, its
+parameters in the metadata) scores the features, and every :class:`Prediction` then carries an
+out-of-domain score.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 import time
@@ -29,7 +34,8 @@ import numpy as np
 import numpy.typing as npt
 
 from dandelion_lib import registry
-from dandelion_lib.config import UNCERTAIN, UNKNOWN, Settings, get_settings
+from dandelion_lib import runtime as runtime_lib
+from dandelion_lib.config import UNCERTAIN, UNKNOWN, Settings, cpu_limit, get_settings
 from dandelion_lib.errors import DandelionError
 from dandelion_lib.features import FeatureSpec, image_stats, to_model_input
 from dandelion_lib.images import (
@@ -40,6 +46,11 @@ from dandelion_lib.images import (
     accept_image,
 )
 from dandelion_lib.openset import ARTIFACT_NAME, OpenSetDetector, OpenSetError
+
+SERVING_TAG = "serving."
+"""Prefix of the model-version tags that record the gate's runtime choice."""
+
+log = logging.getLogger(__name__)
 
 
 class ModelUnavailableError(DandelionError):
@@ -123,6 +134,13 @@ class Predictor:
     policy: AnswerPolicy = field(default_factory=AnswerPolicy)
     detector: OpenSetDetector | None = None
     """The model's open-set detector; its threshold becomes the policy's ``ood_threshold``."""
+    runtime: str = "keras"
+    """What runs the model: ``onnx`` (ONNX Runtime artifact) or ``keras``."""
+    precision: str = "fp32"
+    runtime_note: str | None = None
+    """Why the runtime asked for is not the one running (a missing or corrupt artifact)."""
+    serving: dict[str, str] = field(default_factory=dict)
+    """The version's ``serving.*`` tags: the gate's runtime choice and its figures."""
     _forward: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -130,31 +148,46 @@ class Predictor:
             self.policy = dataclasses.replace(self.policy, ood_threshold=self.detector.threshold)
 
     @classmethod
-    def load(cls, uri: str, **options: Any) -> Predictor:
-        """Load ``models:/<name>@<alias>`` (or any MLflow model URI) and warm it up."""
+    def load(
+        cls,
+        uri: str,
+        *,
+        runtime: str | None = None,
+        precision: str | None = None,
+        threads: int | None = None,
+        **options: Any,
+    ) -> Predictor:
+        """Load ``models:/<name>@<alias>`` (or any MLflow model URI) and warm it up.
+
+        ``runtime`` (default: the ``serving_runtime`` setting): ``auto`` runs the version's
+        ONNX artifact in ``precision`` (default: the ``serving.precision`` tag the gate set,
+        else ``fp32``), falling back to FP32 ONNX and then to Keras when an artifact is
+        missing or corrupt (the reason is kept in ``runtime_note``); ``onnx`` fails instead
+        of falling back; ``keras`` always loads the Keras model. ``threads``: intra-op
+        threads (default: the ``inference_threads`` setting, else the container's CPU limit).
+        """
         import mlflow
         from mlflow.exceptions import MlflowException
 
+        settings = get_settings()
+        runtime = runtime or settings.serving_runtime
+        threads = threads or settings.inference_threads or cpu_limit()
         try:
             # No progress bar in CLI output or the API's JSON logs (unless asked for).
             os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
             # The weights are read into memory, so the download is removed right after.
             with tempfile.TemporaryDirectory(prefix="dandelion-model-") as tmp:
-                local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
-                meta = mlflow.models.Model.load(local).metadata or {}
-                try:
-                    model = mlflow.keras.load_model(local)
-                except (MlflowException, OSError, ValueError, zipfile.BadZipFile) as exc:
-                    # Keras says "File not found" for any file that is not a zip archive.
-                    problem = _model_file_problem(Path(local))
-                    if problem is None:
-                        raise
-                    raise ModelUnavailableError(f"cannot load model {uri}: {problem}") from exc
-                detector = _load_detector(Path(local), meta)
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+                meta = _metadata(local)
+                name, version, tags = _resolve(uri)
+                serving = {k: v for k, v in tags.items() if k.startswith(SERVING_TAG)}
+                wanted = precision or serving.get(SERVING_TAG + "precision") or "fp32"
+                loaded = _load_runtime(uri, local, runtime, wanted, threads)
+                model = None if loaded.forward is not None else _load_keras(uri, local)
+                detector = _load_detector(local, meta)
         except (MlflowException, OSError, ValueError, zipfile.BadZipFile, OpenSetError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelUnavailableError(f"cannot load model {uri}: {first}") from exc
-        name, version = _resolve(uri)
         predictor = cls(
             model=model,
             spec=FeatureSpec.from_dict(meta.get("feature_spec") or {}),
@@ -165,8 +198,13 @@ class Predictor:
             drift_reference=meta.get("drift_reference") or {},
             dataset_version=meta.get("dataset_version"),
             detector=detector,
+            runtime=loaded.runtime,
+            precision=loaded.precision,
+            runtime_note=loaded.note,
+            serving=serving,
             **options,
         )
+        predictor._forward = loaded.forward
         predictor.warmup()
         return predictor
 
@@ -193,7 +231,7 @@ class Predictor:
 
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         if self._forward is None:
-            self._forward = _compile(self.model, self.spec.image_size)
+            self._forward = runtime_lib.keras_forward(self.model, self.spec.image_size)
         features, probs = self._forward(batch.astype(np.float32, copy=False))
         return features, np.asarray(probs)
 
@@ -240,6 +278,74 @@ class Predictor:
             self.predict_arrays(np.zeros((n, size, size, 3), dtype=np.float32))
 
 
+@dataclass(frozen=True)
+class _Loaded:
+    runtime: str
+    precision: str
+    forward: Any = None
+    note: str | None = None
+
+
+def _load_runtime(uri: str, local: Path, runtime: str, precision: str, threads: int) -> _Loaded:
+    """The ONNX session to serve (``forward`` None: load Keras), following ``runtime``."""
+    if runtime == "keras":
+        return _Loaded("keras", "fp32")
+    tried: list[str] = []
+    for wanted in dict.fromkeys((precision, "fp32")):
+        try:
+            forward, _ = runtime_lib.load(local, wanted, threads=threads)
+        except runtime_lib.RuntimeArtifactError as exc:
+            if runtime == "onnx":
+                raise ModelUnavailableError(f"cannot load model {uri}: {exc}") from exc
+            tried.append(str(exc))
+            continue
+        note = "; ".join(tried) or None
+        if note:
+            log.warning("model %s: serving %s ONNX instead: %s", uri, wanted, note)
+        return _Loaded("onnx", wanted, forward, note)
+    note = "; ".join(dict.fromkeys(tried))
+    log.warning("model %s: serving the Keras model: %s", uri, note)
+    return _Loaded("keras", "fp32", None, note)
+
+
+def _load_keras(uri: str, local: Path) -> Any:
+    """The version's Keras model (the fallback runtime; needs TensorFlow)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        import mlflow.keras
+    except ImportError as exc:  # an image without TensorFlow
+        raise ModelUnavailableError(
+            f"cannot load model {uri}: it has no usable ONNX artifact and Keras is not "
+            f"installed here ({exc})"
+        ) from exc
+    try:
+        return mlflow.keras.load_model(str(local))
+    except (MlflowException, OSError, ValueError, zipfile.BadZipFile) as exc:
+        # Keras says "File not found" for any file that is not a zip archive.
+        problem = _model_file_problem(local)
+        if problem is None:
+            raise
+        raise ModelUnavailableError(f"cannot load model {uri}: {problem}") from exc
+
+
+def _metadata(local: Path) -> dict[str, Any]:
+    """The dandelion metadata of a downloaded model version (its MLmodel file's
+    ``metadata``). Read as YAML: ``mlflow.models.Model.load`` would import pandas for the
+    signature, which the API image does not carry."""
+    import yaml
+
+    path = local / "MLmodel"
+    if not path.is_file():
+        raise ValueError("it is not an MLflow model (no MLmodel file)")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"its MLmodel file cannot be read: {exc}") from exc
+    meta = doc.get("metadata") if isinstance(doc, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
 def _model_file_problem(local: Path) -> str | None:
     """What is wrong with the downloaded Keras model file, when something is: missing, not a
     zip archive (truncated or overwritten) or a member failing its CRC check (corrupt)."""
@@ -273,58 +379,24 @@ def _load_detector(local: Path, meta: dict[str, Any]) -> OpenSetDetector | None:
     return OpenSetDetector.load(path)
 
 
-def split_model(model: Any) -> tuple[Any, Any] | None:
-    """``(backbone, head)`` of a model assembled by :func:`dandelion_lib.model.assemble`
-    (pixels -> backbone -> ``head``), or None for another structure."""
-    inner = [ly for ly in getattr(model, "layers", []) if type(ly).__name__ != "InputLayer"]
-    if len(inner) == 2 and inner[1].name == "head":
-        return inner[0], inner[1]
-    return None
-
-
-def _compile(model: Any, size: int) -> Any:
-    """``x -> (features, probabilities)`` as one graph for any batch size (TensorFlow
-    backend; ``features`` is None for a model that is not backbone + head); other backends
-    use Keras' compiled ``predict_on_batch`` (no features)."""
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
-        return lambda x: (None, model.predict_on_batch(x))
-    import tensorflow as tf
-
-    spec = [tf.TensorSpec([None, size, size, 3], tf.float32)]
-    parts = split_model(model)
-    if parts is None:
-        graph = tf.function(lambda x: model(x, training=False), input_signature=spec)
-        return lambda x: (None, graph(x).numpy())
-    backbone, head = parts
-
-    def both(x: Any) -> Any:
-        features = backbone(x, training=False)
-        return features, head(features, training=False)
-
-    pair = tf.function(both, input_signature=spec)
-
-    def run(x: Any) -> tuple[Any, Any]:
-        features, probs = pair(x)
-        return features.numpy(), probs.numpy()
-
-    return run
-
-
-def _resolve(uri: str) -> tuple[str | None, str | None]:
-    """Registered name and version behind a ``models:/`` URI (None for other URIs)."""
+def _resolve(uri: str) -> tuple[str | None, str | None, dict[str, str]]:
+    """Registered name, version and version tags behind a ``models:/`` URI (None, None, {}
+    for other URIs)."""
     if not uri.startswith("models:/"):
-        return None, None
+        return None, None, {}
     from mlflow import MlflowClient
 
     ref = uri[len("models:/") :]
     client = MlflowClient()
     if "@" in ref:
         name, alias = ref.split("@", 1)
-        return name, client.get_model_version_by_alias(name, alias).version
-    name, _, version = ref.partition("/")
-    return name, version or None
+        mv = client.get_model_version_by_alias(name, alias)
+    else:
+        name, _, number = ref.partition("/")
+        if not number:
+            return name, None, {}
+        mv = client.get_model_version(name, number)
+    return name, str(mv.version), dict(mv.tags or {})
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:

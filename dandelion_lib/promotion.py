@@ -2,7 +2,9 @@
 
 The ``challenger`` and the current ``champion`` are re-scored on the same test split (and,
 for figures comparable over time, on the frozen benchmark: the store's first version's test
-split, logged beside it);
+split, logged beside it), each as it will be served: the challenger in FP32 ONNX and, when
+it has one, its INT8 artifact, :func:`serving_choice` picking the precision (INT8 only when
+its figures are within ``int8_tolerance`` of FP32's) and the gate judging that one;
 :func:`promotion_gate` decides (accuracy floor, tolerance versus the champion, and no
 regression in how many of the split's out-of-domain photos are answered ``unknown``); the decision
 and its numbers become ``promotion.*`` tags on the challenger's model version, and only the
@@ -25,7 +27,7 @@ from dandelion_lib import evaluate
 from dandelion_lib.config import Settings, get_settings
 from dandelion_lib.dataset import DatasetError, benchmark_version, load_manifest
 from dandelion_lib.errors import DandelionError
-from dandelion_lib.predict import ModelUnavailableError, Predictor
+from dandelion_lib.predict import SERVING_TAG, ModelUnavailableError, Predictor
 from dandelion_lib.registry import (
     CHALLENGER,
     CHAMPION,
@@ -120,6 +122,102 @@ def promotion_gate(
     )
 
 
+SERVING_FIGURES = ("accuracy", "roc_auc", "ood_unknown_share")
+"""Test figures INT8 must keep within the tolerance of FP32 to be served."""
+
+
+@dataclass(frozen=True)
+class ServingChoice:
+    """The runtime and precision a version is served with, and the figures behind it."""
+
+    runtime: str
+    precision: str
+    reason: str
+    tolerance: float
+    fp32: dict[str, float | None] = field(default_factory=dict)
+    int8: dict[str, float | None] | None = None
+
+    def tags(self) -> dict[str, str]:
+        """The version's ``serving.*`` tags (the Predictor serves ``serving.precision``)."""
+        tags = {
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "reason": self.reason,
+            "int8_tolerance": str(self.tolerance),
+        }
+        for precision, figures in (("fp32", self.fp32), ("int8", self.int8 or {})):
+            for name in SERVING_FIGURES:
+                if precision == "fp32" or self.int8 is not None:
+                    tags[f"{precision}_{name}"] = _tag_value(figures.get(name))
+        return {SERVING_TAG + k: v for k, v in tags.items()}
+
+
+def _figures(report: Any) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for name in SERVING_FIGURES:
+        value = report.metrics.get(name)
+        ok = isinstance(value, int | float) and not math.isnan(float(value))
+        out[name] = float(value) if ok else None
+    return out
+
+
+def serving_choice(fp32: Any, int8: Any | None, tolerance: float) -> ServingChoice:
+    """The served precision: INT8 when each of its test figures (accuracy, ROC AUC and,
+    for a model with an open-set detector, the out-of-domain 'unknown' share) is within
+    ``tolerance`` of FP32's (either direction: a model that answers differently is not the
+    model that was gated), otherwise FP32. ``int8`` None: the version has no INT8 artifact."""
+    base = _figures(fp32)
+    if int8 is None:
+        return ServingChoice("onnx", "fp32", "no INT8 artifact", tolerance, base)
+    quant = _figures(int8)
+    diffs = {
+        name: abs(a - b)
+        for name in SERVING_FIGURES
+        if (a := base[name]) is not None and (b := quant[name]) is not None
+    }
+    missing = [n for n in SERVING_FIGURES if (base[n] is None) != (quant[n] is None)]
+    worst = max(diffs, key=lambda n: diffs[n]) if diffs else None
+    if missing:
+        reason = f"INT8 lacks {', '.join(missing)} that FP32 has"
+        return ServingChoice("onnx", "fp32", reason, tolerance, base, quant)
+    if worst is not None and not diffs[worst] <= tolerance + 1e-9:
+        reason = (
+            f"INT8 test {worst} {quant[worst]:.4f} differs from FP32's {base[worst]:.4f} "
+            f"by more than {tolerance:g}"
+        )
+        return ServingChoice("onnx", "fp32", reason, tolerance, base, quant)
+    largest = "" if worst is None else f" (largest difference: {worst} {diffs[worst]:.4f})"
+    reason = f"INT8 test figures within {tolerance:g} of FP32's{largest}"
+    return ServingChoice("onnx", "int8", reason, tolerance, base, quant)
+
+
+def _served(
+    fp32: Predictor, uri: str, store: Any, version: str, manifest: Any, settings: Settings
+) -> tuple[Predictor, Any, ServingChoice]:
+    """The candidate as it will be served, its report on the test split and the choice.
+
+    ``fp32`` (the candidate loaded in FP32) is scored, then INT8 when the version has it; :func:`serving_choice` picks.
+    A version without a usable ONNX artifact (or ``serving_runtime=keras``) is scored and
+    served as Keras."""
+    tolerance = settings.int8_tolerance
+    report = evaluate.evaluate_split(fp32, store, version, manifest=manifest)
+    if fp32.runtime != "onnx":
+        why = fp32.runtime_note or f"serving_runtime is {settings.serving_runtime}"
+        return fp32, report, ServingChoice("keras", "fp32", why, tolerance, _figures(report))
+    try:
+        int8: Predictor | None = Predictor.load(uri, precision="int8", runtime="onnx")
+    except ModelUnavailableError as exc:
+        log.info("no INT8 candidate: %s", exc)
+        int8 = None
+    if int8 is None:
+        return fp32, report, serving_choice(report, None, tolerance)
+    int8_report = evaluate.evaluate_split(int8, store, version, manifest=manifest)
+    choice = serving_choice(report, int8_report, tolerance)
+    if choice.precision == "int8":
+        return int8, int8_report, choice
+    return fp32, report, choice
+
+
 @dataclass
 class PromotionResult:
     name: str
@@ -135,6 +233,8 @@ class PromotionResult:
     """The dataset version whose test split is the frozen benchmark (logged, not gated)."""
     challenger_benchmark: Any = field(default=None, repr=False)
     champion_benchmark: Any = field(default=None, repr=False)
+    serving: ServingChoice | None = None
+    """The runtime and precision the challenger was judged (and will be served) with."""
 
     @property
     def promoted(self) -> bool:
@@ -146,6 +246,12 @@ class PromotionResult:
         return (
             f"{verdict}: {self.name} version {self.challenger_version} on dataset "
             f"{self.dataset_version}: {self.decision.reason}. Champion is now version {champ}."
+            + (
+                f" Judged as served: {self.serving.runtime} {self.serving.precision} "
+                f"({self.serving.reason})."
+                if self.serving is not None
+                else ""
+            )
         )
 
 
@@ -176,15 +282,17 @@ def promote(
             f"no version of model {name!r} has the alias {candidate_alias!r}; train one first"
         )
     champion = get_alias_version(client, name, CHAMPION)
-    challenger = Predictor.load(f"models:/{name}/{candidate.version}")
-    version = dataset_version or challenger.dataset_version
+    uri = f"models:/{name}/{candidate.version}"
+    fp32 = Predictor.load(uri, precision="fp32")
+    version = dataset_version or fp32.dataset_version
     if not version:
         raise PromotionError(
             f"{name} version {candidate.version} records no dataset version; pass one explicitly"
         )
     store = store or open_store(settings=settings)
     manifest = load_manifest(store, version)
-    report = evaluate.evaluate_split(challenger, store, version, manifest=manifest)
+    # The gate judges the model as it will be served: runtime and precision included.
+    challenger, report, choice = _served(fp32, uri, store, version, manifest, settings)
 
     champion_acc: float | None = None
     champion_report = None
@@ -233,6 +341,7 @@ def promote(
             }
         )
         mlflow.log_params({"floor": floor, "tolerance": tolerance, "dataset_version": version})
+        mlflow.set_tags(choice.tags())
         evaluate.log_report(report, prefix="test_")
         if champion_report is not None:
             mlflow.log_metrics(champion_report.scalar_metrics("champion_test_"))
@@ -266,6 +375,8 @@ def promote(
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, candidate.version, TAG_PREFIX + key, value)
+    for key, value in choice.tags().items():
+        client.set_model_version_tag(name, candidate.version, key, value)
     after = champion.version if champion else None
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, candidate.version)
@@ -283,6 +394,7 @@ def promote(
         benchmark_version=bench,
         challenger_benchmark=bench_challenger,
         champion_benchmark=bench_champion,
+        serving=choice,
     )
 
 

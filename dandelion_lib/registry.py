@@ -9,7 +9,9 @@ carries everything a server needs besides the weights:
 * ``dataset_version`` — the dataset version it was trained on;
 * ``openset`` — :meth:`dandelion_lib.openset.OpenSetDetector.to_dict` (method, threshold,
   retention...) of the open-set detector saved beside the Keras model as ``openset.npz``
-  (``None`` for a model without one).
+  (``None`` for a model without one);
+* ``runtime`` — :class:`dandelion_lib.runtime.RuntimeRecord` of the ONNX Runtime artifacts
+  (FP32 and INT8) saved beside it in ``runtime/``, with their parity against Keras.
 
 The model maps float32 RGB pixels ``(N, size, size, 3)`` in [0, 255] to class
 probabilities ``(N, len(labels))`` (softmax, label order of the feature spec).
@@ -22,6 +24,7 @@ a ``challenger``, read aliases). Deciding and moving ``champion`` is
 from __future__ import annotations
 
 import contextlib
+import shutil
 import types
 from importlib import metadata
 from pathlib import Path
@@ -29,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from dandelion_lib import runtime
 from dandelion_lib.config import Settings, get_settings
 from dandelion_lib.errors import DandelionError
 from dandelion_lib.openset import ARTIFACT_NAME, OpenSetDetector
@@ -103,10 +107,13 @@ def _save_keras_flavor(path: str, **kwargs: Any) -> None:
 
     kwargs.pop("validate_serving_input", None)
     detector = kwargs.pop("detector", None)
+    runtime_dir = kwargs.pop("runtime_dir", None)
     Path(path).mkdir(parents=True, exist_ok=True)
     mlflow.keras.save_model(path=path, **kwargs)
     if detector is not None:
         detector.save(Path(path) / ARTIFACT_NAME)
+    if runtime_dir is not None:
+        shutil.copytree(runtime_dir, Path(path) / runtime.DIR)
 
 
 def log_keras_model(
@@ -119,13 +126,17 @@ def log_keras_model(
     registered_model_name: str | None = None,
     input_example: Any = None,
     detector: OpenSetDetector | None = None,
+    runtime_dir: Path | None = None,
+    runtime_record: dict[str, Any] | None = None,
 ) -> Any:
     """Log a Keras model (inside an active MLflow run) and register a new version.
 
     The model is stored with its signature, an input example (the given one, else a black
     image) and the dandelion metadata; an open-set ``detector`` is saved beside the Keras
-    model as ``openset.npz`` and its parameters go into the metadata (``openset``). Returns the ``ModelVersion`` (or the ``ModelInfo``
-    when not registering).
+    model as ``openset.npz`` and its parameters go into the metadata (``openset``); the
+    runtime artifacts built by :func:`dandelion_lib.runtime.build` in ``runtime_dir`` are
+    copied to ``runtime/`` and their record goes into the metadata (``runtime``). Returns
+    the ``ModelVersion`` (or the ``ModelInfo`` when not registering).
     """
     from mlflow.models import Model, infer_signature
 
@@ -157,8 +168,10 @@ def log_keras_model(
         pip_requirements=_pip_requirements(),
         registered_model_name=registered_model_name,
         detector=detector,
+        runtime_dir=runtime_dir,
         metadata={
             "openset": detector.to_dict() if detector is not None else None,
+            "runtime": runtime_record,
             "feature_spec": feature_spec,
             "drift_reference": drift_reference or {},
             "metrics": metrics or {},

@@ -23,10 +23,12 @@ import argparse
 import dataclasses
 import hashlib
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import keras
@@ -41,9 +43,9 @@ from mlflow import MlflowClient
 from mlflow.data.pandas_dataset import from_pandas
 from mlflow.entities import Metric
 
-from dandelion_lib import dataset, evaluate, monitoring, openset, registry
+from dandelion_lib import dataset, evaluate, monitoring, openset, registry, runtime
 from dandelion_lib import model as model_lib
-from dandelion_lib.config import UNKNOWN, Settings, get_settings
+from dandelion_lib.config import UNKNOWN, Settings, cpu_limit, get_settings
 from dandelion_lib.dataset import load_examples
 from dandelion_lib.errors import DandelionError
 from dandelion_lib.features import DEFAULT_IMAGE_SIZE, STAT_COLUMNS, FeatureSpec
@@ -194,17 +196,83 @@ def make_dataset(
     return ds.map(prepare).prefetch(2)
 
 
-def feature_extractor(backbone: Any) -> Any:
-    """The backbone as one graph (any batch size): float32 pixels -> features."""
+class FeatureExtractor:
+    """The frozen backbone: float32 pixels ``(N, size, size, 3)`` -> features ``(N, D)``.
 
-    size = int(backbone.model.input_shape[1])
-    spec = tf.TensorSpec([None, size, size, 3], tf.float32)
-    return tf.function(lambda x: backbone.model(x, training=False), input_signature=[spec])
+    On the first batch it converts the backbone to FP32 ONNX Runtime and compares the two on
+    that batch; where they agree within :data:`dandelion_lib.runtime.FP32_PARITY_TOLERANCE`
+    (largest absolute feature difference) every batch runs on ONNX Runtime (about twice as fast
+    as TensorFlow on CPU), otherwise, or when the conversion fails, on the TensorFlow graph.
+    Nothing is converted when every feature comes from the feature store. ``runtime`` says
+    which one ran (``keras`` before the first batch), ``parity`` the difference measured.
+    """
+
+    def __init__(self, backbone: Any, *, fast: bool = True, threads: int | None = None) -> None:
+        size = int(backbone.model.input_shape[1])
+        spec = tf.TensorSpec([None, size, size, 3], tf.float32)
+        self.model = backbone.model
+        self.size = size
+        self.graph = tf.function(
+            lambda x: backbone.model(x, training=False), input_signature=[spec]
+        )
+        self.fast = fast
+        self.threads = threads or cpu_limit()
+        self.runtime = "keras"
+        self.parity: float | None = None
+        self.note: str | None = None
+        self._onnx: Any = None
+
+    def __call__(self, batch: Any) -> npt.NDArray[np.float32]:
+        if self.fast and self._onnx is None:
+            self._convert(batch)
+        if self._onnx is not None:
+            return np.asarray(self._onnx(np.asarray(batch, dtype=np.float32))[1])
+        return np.asarray(self.graph(batch))
+
+    def _convert(self, probe: Any) -> None:
+        self.fast = False  # one attempt
+        with tempfile.TemporaryDirectory(prefix="dandelion-backbone-") as tmp:
+            path = Path(tmp) / "backbone.onnx"
+            try:
+                runtime.export_fp32(self.model, self.size, path)
+                onnx = runtime.OnnxForward(path, threads=self.threads, features=False)
+                reference = np.asarray(self.graph(probe))
+                got = np.asarray(onnx(np.asarray(probe, dtype=np.float32))[1])
+            except Exception as exc:  # any conversion failure: TensorFlow stays
+                self.note = f"ONNX conversion failed: {str(exc).splitlines()[0][:200]}"
+                return
+        self.parity = float(np.abs(reference - got).max()) if reference.size else 0.0
+        if self.parity <= runtime.FP32_PARITY_TOLERANCE:
+            self._onnx, self.runtime = onnx, "onnx"
+        else:
+            self.note = f"ONNX features differ by {self.parity:.1e}"
+
+
+def feature_extractor(backbone: Any, settings: Settings | None = None) -> FeatureExtractor:
+    """The backbone's feature extractor (ONNX Runtime where exact, see
+    :class:`FeatureExtractor`; ``extraction_runtime=keras`` keeps TensorFlow)."""
+    settings = settings or get_settings()
+    return FeatureExtractor(
+        backbone,
+        fast=settings.extraction_runtime == "auto",
+        threads=settings.inference_threads,
+    )
 
 
 def _extract(extractor: Any, dataset: Any, dim: int) -> npt.NDArray[np.float32]:
-    parts = [extractor(batch).numpy() for batch in dataset]
+    parts = [np.asarray(extractor(batch), dtype=np.float32) for batch in dataset]
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+
+
+def _log_extraction(extractor: Any) -> None:
+    """Which runtime extracted the features (and its measured difference from TensorFlow)."""
+    if not isinstance(extractor, FeatureExtractor):
+        return
+    mlflow.set_tag("extraction_runtime", extractor.runtime)
+    if extractor.parity is not None:
+        mlflow.log_metric("extraction_onnx_max_abs_diff", extractor.parity)
+    if extractor.note:
+        mlflow.set_tag("extraction_runtime_note", extractor.note)
 
 
 def extract_features(extractor: Any, pixels: np.ndarray, dim: int) -> npt.NDArray[np.float32]:
@@ -425,7 +493,7 @@ def extract_feature_shard(
     rows = _shard_rows(data).iloc[shard * size : (shard + 1) * size].reset_index(drop=True)
     backbone = model_lib.build_backbone(config.backbone, config.weights, data.spec.image_size)
     fstore = open_feature_store(store, data.spec, backbone)
-    extractor = feature_extractor(backbone)
+    extractor = feature_extractor(backbone, settings)
     counts: dict[str, int] = {}
     if len(rows):
         pixels = load_examples(store, rows, data.spec)
@@ -729,6 +797,7 @@ def fit_cached(
     _add_augmented(counts)
     mlflow.log_metrics({k: float(v) for k, v in counts.items()})
     mlflow.log_param("feature_store_key", fstore.key if fstore is not None else "None")
+    _log_extraction(extractor)
     train_x = [feats["train"], *views]
     laps.lap("extract_features")
     val = (feats["val"], _one_hot(y["val"], n))
@@ -894,6 +963,31 @@ def log_run_inputs(config: TrainConfig, store: Any, data: TrainingData) -> None:
     )
 
 
+def build_runtime(
+    full: Any, data: TrainingData, settings: Settings, out_dir: Path
+) -> runtime.RuntimeRecord:
+    """Step 8b': the served runtime artifacts (FP32 ONNX, checked against Keras on the
+    validation split — or the test split when there is no validation split — and INT8
+    calibrated on the first ``int8_calibration_images`` training images). A failed FP32
+    parity check stops registration (:class:`dandelion_lib.runtime.RuntimeParityError`)."""
+    parity = data.pixels["val"] if len(data.pixels.get("val", ())) else data.pixels["test"]
+    calibration = data.pixels["train"][: settings.int8_calibration_images]
+    record = runtime.build(
+        full,
+        data.spec.image_size,
+        out_dir,
+        keras_forward=runtime.keras_forward(full, data.spec.image_size),
+        parity_pixels=np.asarray(parity, dtype=np.float32),
+        calibration_pixels=np.asarray(calibration, dtype=np.float32) if len(calibration) else None,
+        threads=settings.inference_threads or cpu_limit(),
+    )
+    mlflow.log_dict(record.to_dict(), "runtime_parity.json")
+    for precision, figures in record.parity.items():
+        mlflow.log_metric(f"runtime_{precision}_max_abs_diff", float(figures["max_abs_diff"]))
+        mlflow.log_metric(f"runtime_{precision}_label_flips", float(figures["label_flips"]))
+    return record
+
+
 def log_model(
     full: Any,
     data: TrainingData,
@@ -907,16 +1001,20 @@ def log_model(
     ``challenger`` (and nothing more: promotion is :mod:`dandelion_lib.promotion`'s job).
     Returns the model URI and the registered version."""
     reference = monitoring.build_reference(data.splits["train"][list(STAT_COLUMNS)])
-    logged = registry.log_keras_model(
-        full,
-        feature_spec=data.spec.to_dict(),
-        drift_reference=reference,
-        metrics=metrics,
-        dataset_version=data.version,
-        registered_model_name=settings.model_name if register else None,
-        input_example=data.pixels["test"][:1].astype(np.float32),
-        detector=detector,
-    )
+    with tempfile.TemporaryDirectory(prefix="dandelion-runtime-") as tmp:
+        record = build_runtime(full, data, settings, Path(tmp) / runtime.DIR)
+        logged = registry.log_keras_model(
+            full,
+            feature_spec=data.spec.to_dict(),
+            drift_reference=reference,
+            metrics=metrics,
+            dataset_version=data.version,
+            registered_model_name=settings.model_name if register else None,
+            input_example=data.pixels["test"][:1].astype(np.float32),
+            detector=detector,
+            runtime_dir=Path(tmp) / runtime.DIR,
+            runtime_record=record.to_dict(),
+        )
     if not register:
         return logged.model_uri, None
     version = str(logged.version)

@@ -2,7 +2,7 @@
 # dandelion serving API: `python -m api` (Litestar on uvicorn), port 8000.
 # Build from the repository root:  docker build -f docker/api.Dockerfile -t dandelion-api .
 
-# --- build stage: resolve the project and its `serve` extra from requirements.lock -------------
+# --- build stage: only what serving needs, at the versions of requirements.lock ----------------
 FROM python:3.11.14-slim-bookworm AS builder
 # Optional: another package index (a mirror, or the loopback wheelhouse index of
 # `nox -s images` on machines without index access): --build-arg PIP_INDEX_URL=URL
@@ -12,10 +12,13 @@ ARG UV_DEFAULT_INDEX
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy
 RUN pip install --no-cache-dir uv==0.13.9 && python -m venv --without-pip /opt/venv
 WORKDIR /src
-COPY requirements.lock pyproject.toml README.md ./
-COPY dandelion_lib/ dandelion_lib/
-# The lock is the constraint set: exactly the pinned versions, only what `serve` needs.
-RUN uv pip install --python /opt/venv/bin/python --constraint requirements.lock ".[serve]"
+COPY requirements.lock ./
+# The lock is the constraint set: exactly the pinned versions. No TensorFlow or Keras: the model
+# runs on ONNX Runtime (the artifact every version gets at registration, dandelion_lib/runtime.py);
+# MLflow's client only (mlflow-skinny), scipy for the drift tests.
+RUN uv pip install --python /opt/venv/bin/python --constraint requirements.lock \
+        "litestar[standard]" uvicorn "psycopg[binary]" onnxruntime mlflow-skinny boto3 \
+        numpy scipy pillow httpx pydantic pydantic-settings sqlalchemy prometheus-client
 
 # --- runtime stage: no compilers, no uv, no sources beyond the API package --------------------
 FROM python:3.11.14-slim-bookworm
@@ -23,12 +26,10 @@ LABEL org.opencontainers.image.title="dandelion-api" \
       org.opencontainers.image.description="dandelion prediction API (MLflow champion model)" \
       org.opencontainers.image.licenses="Apache-2.0"
 ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    TF_CPP_MIN_LOG_LEVEL=2 \
     HOME=/home/dandelion \
-    KERAS_HOME=/tmp/keras \
-    MPLCONFIGDIR=/tmp/matplotlib \
     DANDELION_WORKDIR=/var/lib/dandelion \
     DANDELION_API_HOST=0.0.0.0 \
     DANDELION_API_PORT=8000
@@ -48,6 +49,8 @@ RUN groupadd --system --gid 10001 dandelion \
 COPY --from=builder /opt/venv /opt/venv
 COPY docker/healthcheck.py /usr/local/bin/dandelion-healthcheck
 WORKDIR /app
+# dandelion_lib as source: the API imports only its serving modules (no TensorFlow import).
+COPY dandelion_lib/ dandelion_lib/
 COPY api/ api/
 USER 10001:10001
 EXPOSE 8000

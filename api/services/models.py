@@ -21,10 +21,17 @@ from typing import Any
 from api.bulkhead import Bulkhead, BulkheadError, BulkheadFull
 from api.metrics import ApiMetrics
 from api.problems import Problem
-from api.schemas import LoadFailureInfo, ModelInfo, ModelRef, Readiness, ReloadResponse
+from api.schemas import (
+    LoadFailureInfo,
+    ModelInfo,
+    ModelRef,
+    Readiness,
+    ReloadResponse,
+    ServingInfo,
+)
 from dandelion_lib.config import Settings
 from dandelion_lib.monitoring import DriftMonitor
-from dandelion_lib.predict import AnswerPolicy, Predictor
+from dandelion_lib.predict import SERVING_TAG, AnswerPolicy, Predictor
 from dandelion_lib.registry import configure_mlflow
 
 log = logging.getLogger("api.model")
@@ -224,7 +231,13 @@ class ModelManager:
             return self._registry_error(_first_line(exc))
         version = str(mv.version)
         current = self._current
-        if current is not None and current.version == version:
+        # The same version is reloaded only when the gate changed its served precision.
+        precision = (mv.tags or {}).get(SERVING_TAG + "precision")
+        if (
+            current is not None
+            and current.version == version
+            and current.predictor.serving.get(SERVING_TAG + "precision") == precision
+        ):
             return CheckResult("unchanged", version)
         failed = self.last_failure
         if not force and failed is not None and failed.version == version:
@@ -312,6 +325,14 @@ class ModelManager:
             last_failure=self.last_failure.info() if self.last_failure else None,
             last_check_at=self.last_check_at.isoformat() if self.last_check_at else None,
             reload_interval_s=self.settings.reload_interval_s,
+            serving=ServingInfo(
+                runtime=p.runtime,
+                precision=p.precision,
+                note=p.runtime_note,
+                gate={k.removeprefix(SERVING_TAG): v for k, v in p.serving.items()},
+            )
+            if p
+            else None,
         )
 
 

@@ -44,6 +44,11 @@ def weak_version(model_env: Any, trained: Any) -> str:
     return str(mv.version)
 
 
+def _serving(client: Any, version: str) -> dict[str, str]:
+    mv = client.get_model_version("dandelion", version)
+    return {k.removeprefix("serving."): v for k, v in mv.tags.items() if k.startswith("serving.")}
+
+
 def _half_test_version(model_env: Any) -> tuple[str, float]:
     """A dataset version (manifest only; ``latest`` does not move) whose test split is every
     other image of the model tests' test split, and the share of its first class."""
@@ -82,6 +87,16 @@ def test_promotion_flow(
         assert client.get_run(tags["run_id"]).data.metrics["test_accuracy"] == pytest.approx(
             float(tags["challenger_accuracy"])
         )
+        # Judged as served: ONNX Runtime, FP32 scored like Keras, INT8 only within tolerance.
+        serving = _serving(client, good)
+        assert serving["runtime"] == "onnx" and serving["precision"] in ("fp32", "int8")
+        assert float(serving["fp32_accuracy"]) == pytest.approx(trained.metrics["test_accuracy"])
+        assert serving["int8_tolerance"] == "0.01" and "int8_roc_auc" in serving
+        if serving["precision"] == "int8":
+            for figure in ("accuracy", "roc_auc"):
+                gap = abs(float(serving[f"fp32_{figure}"]) - float(serving[f"int8_{figure}"]))
+                assert gap <= 0.01, (figure, serving)
+        assert first.serving is not None and first.serving.precision == serving["precision"]
 
         # 2. A weak challenger: below the floor, the champion alias stays where it was.
         client.set_registered_model_alias("dandelion", registry.CHALLENGER, weak_version)
@@ -93,6 +108,10 @@ def test_promotion_flow(
         tags = _tags(client, weak_version)
         assert tags["decision"] == "rejected"
         assert float(tags["challenger_accuracy"]) == pytest.approx(0.5)
+        # logged without runtime artifacts: judged (and served) as Keras, and it says why
+        weak_serving = _serving(client, weak_version)
+        assert (weak_serving["runtime"], weak_serving["precision"]) == ("keras", "fp32")
+        assert "has no runtime artifact" in weak_serving["reason"]
         # The champion was re-scored on the same test split.
         assert tags["champion_version"] == good
         assert float(tags["champion_accuracy"]) == pytest.approx(
@@ -134,6 +153,45 @@ def test_promotion_flow(
     finally:  # leave the registry as training left it for the other model tests
         client.set_registered_model_alias("dandelion", registry.CHALLENGER, good)
         client.delete_registered_model_alias("dandelion", registry.CHAMPION)
+
+
+def test_gate_serves_fp32_when_int8_is_not_within_tolerance(
+    model_env: Any, trained: Any, mlflow_client: Any
+) -> None:
+    """A tolerance of 0 forces FP32 (INT8's test figures differ); a wide one lets INT8 be
+    served, and the Predictor then loads the precision the gate chose."""
+    from dandelion_lib.predict import Predictor
+
+    client = mlflow_client
+    good = trained.model_version
+    client.set_registered_model_alias("dandelion", registry.CHALLENGER, good)
+    strict = model_env.settings.model_copy(update={"int8_tolerance": 0.0})
+    try:
+        result = promotion.promote(strict, store=model_env.store, floor=0.0)
+        serving = _serving(client, good)
+        assert result.serving is not None and result.serving.int8 is not None
+        differs = [
+            f for f in ("accuracy", "roc_auc") if serving[f"fp32_{f}"] != serving[f"int8_{f}"]
+        ]
+        assert differs, serving  # quantization moved at least one figure on 60 photos
+        assert serving["precision"] == "fp32" and serving["int8_tolerance"] == "0.0"
+        assert "differs from FP32's" in serving["reason"] and "by more than 0" in serving["reason"]
+        served = Predictor.load("models:/dandelion@champion")
+        assert (served.runtime, served.precision) == ("onnx", "fp32")
+        assert served.serving["serving.precision"] == "fp32"
+
+        lenient = model_env.settings.model_copy(update={"int8_tolerance": 1.0})
+        promotion.promote(lenient, store=model_env.store, floor=0.0)
+        assert _serving(client, good)["precision"] == "int8"
+        served = Predictor.load("models:/dandelion@champion")
+        assert (served.runtime, served.precision) == ("onnx", "int8")
+        assert served.runtime_note is None
+    finally:
+        client.set_registered_model_alias("dandelion", registry.CHALLENGER, good)
+        client.delete_registered_model_alias("dandelion", registry.CHAMPION)
+        for key in list(client.get_model_version("dandelion", good).tags):
+            if key.startswith("serving."):
+                client.delete_model_version_tag("dandelion", good, key)
 
 
 def test_cli_promote_without_challenger_is_one_line(

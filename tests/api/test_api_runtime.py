@@ -1,0 +1,128 @@
+"""The API process serving each runtime: ONNX Runtime in the precision the gate chose (INT8,
+then FP32 after the gate changes its mind), and Keras for a version without runtime
+artifacts, each answer compared with the Keras model in this process; ``GET /model`` says
+which runtime runs and why. While only ONNX versions were loaded the process has not loaded
+TensorFlow at all.
+
+Its own ``python -m api`` process (alias ``runtime-test``), so the shared server's state and
+its TensorFlow are not involved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.api.conftest import (
+    ApiServer,
+    Registry,
+    dataset_images,
+    fit_openset,
+    start_api,
+    stop_api,
+)
+from tests.api.conftest import api_env as make_env
+from tests.conftest import free_port, wait_http
+
+ALIAS = "runtime-test"
+
+
+@pytest.fixture(scope="module")
+def runtime_server(
+    api_server: ApiServer, tmp_path_factory: pytest.TempPathFactory, greenr_dir: Path
+) -> Iterator[tuple[ApiServer, str]]:
+    registry: Registry = api_server.registry
+    parts = fit_openset(greenr_dir, registry.parts)
+    photos = [p for p, _ in dataset_images(greenr_dir, parity=0)[1::8]]
+    version = registry.register_with_runtime(parts.detector, photos)
+    client = registry.client()
+    client.set_model_version_tag(registry.name, version, "serving.precision", "int8")
+    client.set_model_version_tag(registry.name, version, "serving.reason", "set by this test")
+    registry.set_alias(version, ALIAS)
+    workdir = tmp_path_factory.mktemp("api-runtime")
+    port = free_port()
+    env = make_env(workdir, port, registry.tracking_uri, DANDELION_MODEL_ALIAS=ALIAS)
+    proc = start_api(env, workdir / "server.log")
+    server = ApiServer(
+        f"http://127.0.0.1:{port}", proc, workdir / "server.log", workdir, env, registry
+    )
+    try:
+        wait_http(f"{server.url}/health/live", timeout=120, proc=proc)
+        server.wait_for_version(version, timeout=120)
+        yield server, version
+    finally:
+        stop_api(proc)
+        client.delete_registered_model_alias(registry.name, ALIAS)
+
+
+def _answers(server: ApiServer, photos: list[Path]) -> np.ndarray:
+    out = []
+    with server.client() as c:
+        for path in photos:
+            r = c.post("/predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")})
+            assert r.status_code == 200, r.text
+            out.append([r.json()["probabilities"][k] for k in ("dandelion", "grass")])
+    return np.asarray(out)
+
+
+def _reference(registry: Registry, version: str, photos: list[Path]) -> np.ndarray:
+    predictor = registry.predictor(version)
+    preds = predictor.predict_bytes([p.read_bytes() for p in photos])
+    return np.asarray([[p.probabilities[k] for k in ("dandelion", "grass")] for p in preds])
+
+
+def _tensorflow_loaded(server: ApiServer) -> bool:
+    """Whether the server process has loaded TensorFlow — or pandas or scikit-learn, which
+    the API image does not carry either (docker/api.Dockerfile)."""
+    maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+    heavy = ("libtensorflow", "_pywrap_tensorflow", "/pandas/_libs/", "/sklearn/")
+    return any(name in maps for name in heavy)
+
+
+def test_the_api_serves_each_runtime(
+    runtime_server: tuple[ApiServer, str], greenr_dir: Path
+) -> None:
+    server, version = runtime_server
+    registry = server.registry
+    photos = [p for p, _ in dataset_images(greenr_dir, parity=1)[3::16]]
+    reference = _reference(registry, version, photos)
+
+    # 1. INT8, as the gate's tag says
+    info = server.model()["serving"]
+    assert (info["runtime"], info["precision"], info["note"]) == ("onnx", "int8", None)
+    assert info["gate"] == {"precision": "int8", "reason": "set by this test"}
+    int8 = _answers(server, photos)
+    assert np.abs(int8 - reference).max() < 0.05  # quantized: close, not equal
+    assert not _tensorflow_loaded(server)
+
+    # 2. The gate changes its mind: the same version is reloaded in FP32 (exact)
+    registry.client().set_model_version_tag(registry.name, version, "serving.precision", "fp32")
+    deadline_info = _wait_precision(server, "fp32")
+    assert deadline_info["runtime"] == "onnx"
+    fp32 = _answers(server, photos)
+    assert np.abs(fp32 - reference).max() <= 1e-4
+    assert not _tensorflow_loaded(server)
+
+    # 3. A version without runtime artifacts is served by Keras, and GET /model says why
+    plain = registry.register()
+    registry.set_alias(plain, ALIAS)
+    model = server.wait_for_version(plain, timeout=120)
+    assert (model["serving"]["runtime"], model["serving"]["precision"]) == ("keras", "fp32")
+    assert "has no runtime artifact" in model["serving"]["note"]
+    keras_answers = _answers(server, photos)
+    assert np.abs(keras_answers - _reference(registry, plain, photos)).max() <= 1e-5
+
+
+def _wait_precision(server: ApiServer, precision: str, timeout: float = 60.0) -> dict[str, str]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = server.model()["serving"]
+        if info["precision"] == precision:
+            return info
+        time.sleep(0.3)
+    raise TimeoutError(f"still serving {server.model()['serving']}")

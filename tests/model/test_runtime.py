@@ -1,0 +1,236 @@
+"""The served runtime (ONNX Runtime, FP32 and INT8) against the Keras model it was converted
+from, on the reference photos; the fallback when an artifact is missing or corrupt; the parity
+rule that stops registration. Real models, real MLflow (SQLite), real photos."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dandelion_lib import runtime
+from dandelion_lib.evaluate import EvaluationReport, evaluate_split
+from dandelion_lib.predict import ModelUnavailableError, Predictor
+
+
+def _pixels(model_env: Any, frame: Any, spec: Any) -> np.ndarray:
+    from dandelion_lib.features import to_model_input
+    from dandelion_lib.images import decode_image
+
+    rows = [
+        to_model_input(decode_image(model_env.store.get_bytes(key)), spec) for key in frame["key"]
+    ]
+    return np.stack(rows).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def keras_predictor(model_env: Any, trained: Any) -> Predictor:
+    from dandelion_lib.registry import configure_mlflow
+
+    configure_mlflow(model_env.settings)
+    return Predictor.load(trained.model_uri, runtime="keras")
+
+
+@pytest.fixture(scope="module")
+def photos(model_env: Any, test_split: Any, keras_predictor: Predictor) -> np.ndarray:
+    return _pixels(model_env, test_split, keras_predictor.spec)
+
+
+@pytest.fixture(scope="module")
+def local_copy(tmp_path_factory: pytest.TempPathFactory, trained: Any, model_env: Any) -> Path:
+    """The registered version's files, downloaded once (copies of it get damaged below)."""
+    import mlflow
+
+    from dandelion_lib.registry import configure_mlflow
+
+    configure_mlflow(model_env.settings)
+    dst = tmp_path_factory.mktemp("model-copy")
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=trained.model_uri, dst_path=dst))
+
+
+def _probs(predictor: Predictor, pixels: np.ndarray) -> np.ndarray:
+    preds = predictor.predict_arrays(pixels)
+    return np.array([[p.probabilities[lab] for lab in predictor.labels] for p in preds])
+
+
+def test_registration_records_the_runtime_and_its_parity(local_copy: Path) -> None:
+    record = json.loads((local_copy / runtime.DIR / runtime.RECORD).read_text())
+    assert record["format"] == "onnx" and record["features"] is True
+    assert set(record["files"]) == {"fp32", "int8"}
+    assert record["calibration_images"] == 80  # the tiny model's whole training split
+    fp32 = record["parity"]["fp32"]
+    assert fp32["n"] == 60 and fp32["max_abs_diff"] <= runtime.FP32_PARITY_TOLERANCE
+    assert fp32["label_flips"] == 0
+    assert record["parity"]["int8"]["n"] == 60
+    for precision, name in record["files"].items():
+        size = (local_copy / runtime.DIR / name).stat().st_size
+        assert size > 1_000_000, (precision, size)
+    # INT8 weights take about a quarter of the room
+    files = {p: (local_copy / runtime.DIR / n).stat().st_size for p, n in record["files"].items()}
+    assert files["int8"] < files["fp32"] / 2
+
+
+def test_fp32_runtime_reproduces_keras_on_held_out_photos(
+    model_env: Any, trained: Any, keras_predictor: Predictor, photos: np.ndarray
+) -> None:
+    onnx = Predictor.load(trained.model_uri, runtime="onnx", precision="fp32")
+    assert (onnx.runtime, onnx.precision, onnx.model) == ("onnx", "fp32", None)
+    assert keras_predictor.runtime == "keras" and keras_predictor.model is not None
+    reference, got = _probs(keras_predictor, photos), _probs(onnx, photos)
+    assert len(photos) == 60
+    assert np.abs(reference - got).max() <= runtime.FP32_PARITY_TOLERANCE
+    assert (reference.argmax(1) == got.argmax(1)).all()
+    # the backbone's features too: the open-set detector scores them
+    feats_keras, feats_onnx = keras_predictor.features(photos), onnx.features(photos)
+    assert np.allclose(feats_keras, feats_onnx, atol=1e-3, rtol=1e-3)
+    scores = [p.ood_score for p in onnx.predict_arrays(photos[:8])]
+    expected = [p.ood_score for p in keras_predictor.predict_arrays(photos[:8])]
+    assert np.allclose(np.array(scores, float), np.array(expected, float), rtol=1e-3, atol=1e-3)
+
+
+def test_int8_runtime_stays_close_to_the_model_it_came_from(
+    trained: Any, local_copy: Path, keras_predictor: Predictor, photos: np.ndarray
+) -> None:
+    int8 = Predictor.load(trained.model_uri, runtime="onnx", precision="int8")
+    assert (int8.runtime, int8.precision) == ("onnx", "int8")
+    record = json.loads((local_copy / runtime.DIR / runtime.RECORD).read_text())
+    val = record["parity"]["int8"]
+    reference, got = _probs(keras_predictor, photos), _probs(int8, photos)
+    diff = np.abs(reference - got)
+    # Quantization moves probabilities (it is not FP32: the record says by how much on the
+    # validation photos) but keeps most answers: whether that is close enough to serve is the
+    # gate's decision, on the test split's accuracy and ROC AUC (tests/model/test_promote.py).
+    assert diff.max() > runtime.FP32_PARITY_TOLERANCE
+    assert 0 < val["max_abs_diff"] < 1 and val["label_flips"] <= 0.1 * val["n"]
+    assert diff.mean() <= 0.1
+    assert (reference.argmax(1) != got.argmax(1)).mean() <= 0.1
+
+
+def test_evaluation_runs_the_runtime_it_is_given(
+    model_env: Any, trained: Any, keras_predictor: Predictor
+) -> None:
+    onnx = Predictor.load(trained.model_uri, runtime="onnx", precision="fp32")
+    a: EvaluationReport = evaluate_split(onnx, model_env.store, model_env.version)
+    b: EvaluationReport = evaluate_split(keras_predictor, model_env.store, model_env.version)
+    assert a.metrics["n"] == b.metrics["n"] > 0
+    assert a.accuracy == b.accuracy
+    assert abs(a.metrics["roc_auc"] - b.metrics["roc_auc"]) < 1e-6
+
+
+def _damaged(local_copy: Path, tmp_path: Path, damage: str) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(local_copy, target)
+    folder = target / runtime.DIR
+    if damage == "no-int8":
+        (folder / runtime.FILES["int8"]).unlink()
+    elif damage == "corrupt":
+        for name in runtime.FILES.values():
+            data = (folder / name).read_bytes()
+            (folder / name).write_bytes(data[: len(data) // 3])
+    elif damage == "garbage-with-record":  # same bytes as recorded, but not what ORT reads
+        path = folder / runtime.FILES["fp32"]
+        path.write_bytes(b"not an onnx model")
+        record = json.loads((folder / runtime.RECORD).read_text())
+        record["sha256"] = {}
+        (folder / runtime.RECORD).write_text(json.dumps(record))
+        (folder / runtime.FILES["int8"]).unlink()
+    elif damage == "no-runtime":
+        shutil.rmtree(folder)
+    return target
+
+
+def test_missing_int8_falls_back_to_fp32_onnx(
+    local_copy: Path, tmp_path: Path, photos: np.ndarray, keras_predictor: Predictor
+) -> None:
+    p = Predictor.load(str(_damaged(local_copy, tmp_path, "no-int8")), precision="int8")
+    assert (p.runtime, p.precision) == ("onnx", "fp32")
+    assert p.runtime_note and "runtime/model.int8.onnx is missing" in p.runtime_note
+    assert np.abs(_probs(p, photos[:4]) - _probs(keras_predictor, photos[:4])).max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        ("corrupt", "is corrupt (its sha256 differs from the record"),
+        ("garbage-with-record", "cannot be loaded"),
+        ("no-runtime", "has no runtime artifact"),
+    ],
+)
+def test_unusable_artifacts_fall_back_to_keras_and_say_why(
+    local_copy: Path,
+    tmp_path: Path,
+    photos: np.ndarray,
+    keras_predictor: Predictor,
+    damage: str,
+    says: str,
+) -> None:
+    folder = _damaged(local_copy, tmp_path, damage)
+    p = Predictor.load(str(folder), precision="int8")
+    assert (p.runtime, p.precision) == ("keras", "fp32") and p.model is not None
+    assert p.runtime_note and says in p.runtime_note
+    assert np.abs(_probs(p, photos[:4]) - _probs(keras_predictor, photos[:4])).max() == 0
+    # asked for ONNX by name, the same artifact is an error, not a silent fallback
+    with pytest.raises(ModelUnavailableError, match=f"cannot load model .*{re.escape(says)}"):
+        Predictor.load(str(folder), runtime="onnx")
+
+
+def test_registration_stops_when_fp32_does_not_reproduce_keras(
+    trained: Any, photos: np.ndarray, tmp_path: Path
+) -> None:
+    size = photos.shape[1]
+    honest = runtime.keras_forward(trained.model, size)
+
+    def off_by_a_little(x: np.ndarray) -> tuple[Any, Any]:
+        features, probs = honest(x)
+        return features, np.clip(probs + 1e-3, 0, 1)
+
+    out = tmp_path / "runtime"
+    with pytest.raises(runtime.RuntimeParityError, match=r"differs from the Keras model by 1\.0"):
+        runtime.build(
+            trained.model,
+            size,
+            out,
+            keras_forward=off_by_a_little,
+            parity_pixels=photos[:8],
+            calibration_pixels=None,
+        )
+    assert not out.exists()  # nothing half-written is left behind
+
+
+def test_training_extracts_features_on_onnx_where_exact(
+    trained: Any, mlflow_client: Any, photos: np.ndarray
+) -> None:
+    from dandelion_lib import model as model_lib
+    from dandelion_lib.config import Settings
+    from dandelion_lib.train import FeatureExtractor, feature_extractor
+
+    # the shared tiny model was trained so: the run says which runtime extracted
+    run = mlflow_client.get_run(trained.run_id)
+    assert run.data.tags["extraction_runtime"] == "onnx"
+    assert run.data.metrics["extraction_onnx_max_abs_diff"] <= runtime.FP32_PARITY_TOLERANCE
+
+    backbone = model_lib.build_backbone("efficientnet_lite0", "imagenet", photos.shape[1])
+    fast = feature_extractor(backbone, Settings())
+    assert fast.runtime == "keras" and fast.parity is None  # nothing converted before use
+    got = fast(photos[:8])
+    assert fast.runtime == "onnx" and fast.parity is not None
+    reference = np.asarray(fast.graph(photos[:8]))
+    assert got.shape == reference.shape == (8, backbone.feature_dim)
+    assert np.abs(got - reference).max() <= runtime.FP32_PARITY_TOLERANCE
+    later = fast(photos[8:16])  # later batches: ONNX Runtime, same features
+    assert np.abs(later - np.asarray(fast.graph(photos[8:16]))).max() <= 1e-4
+
+    slow = feature_extractor(backbone, Settings(extraction_runtime="keras"))
+    assert np.array_equal(slow(photos[:8]), reference) and slow.runtime == "keras"
+
+    # where ONNX Runtime does not reproduce TensorFlow, TensorFlow stays, and it says why
+    drifting = FeatureExtractor(backbone)
+    graph = drifting.graph
+    drifting.graph = lambda x: np.asarray(graph(x)) + 1e-3  # a TensorFlow that disagrees
+    drifting(photos[:8])
+    assert drifting.runtime == "keras" and drifting.note and "differ by 1.0e-03" in drifting.note
