@@ -303,7 +303,7 @@ def _extraction(tmp: Path, mode: Mode) -> None:
     backbone.model.trainable = False
     extractor = feature_extractor(backbone)
     dim = backbone.feature_dim
-    extractor(np.zeros((8, spec.image_size, spec.image_size, 3), np.float32))  # trace once
+    extractor(pixels[:8].astype(np.float32))  # convert (or trace) once, on real photos
     print(
         f"{len(images)} distinct images ({base} photos x {max(mode.scales)} copies) decoded "
         f"to {spec.image_size}x{spec.image_size} and backbone ready in "

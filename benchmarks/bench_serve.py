@@ -1,17 +1,24 @@
-"""Serving speed: the API against its floor and against a naive server, in one run.
+"""Serving speed and memory: each runtime's floor, the API on each, a naive server, one run.
 
-* (a) floor — in this process, per image: ``Predictor.decode`` + one forward pass of the
-  same model (batch of 1), no HTTP. The best a request can do.
-* (b) the API — ``python -m api`` (micro-batching, inference off the event loop) at 1 and
-  16 concurrent clients, raw ``image/jpeg`` bodies over loopback HTTP.
-* (c) baseline — how typical projects serve: a Litestar app whose handler decodes with
-  PIL and calls ``model.predict`` per request (in the thread pool), same clients.
+* (a) floors — each in its own process (so its resident memory is its own): per image,
+  ``Predictor.decode`` + one forward pass (batch 1) of the same registered model version, no
+  HTTP, on TensorFlow (``keras``: the graph-compiled Keras model), ONNX Runtime FP32 and INT8;
+  plus batch-32 throughput. The best a request can do on that runtime.
+* (b) the API — ``python -m api`` (micro-batching, inference off the event loop) at 1 and 16
+  concurrent clients, raw ``image/jpeg`` bodies over loopback HTTP, serving ONNX FP32, ONNX
+  INT8 (the ``serving.precision`` tag the gate sets) and Keras (``DANDELION_SERVING_RUNTIME=
+  keras``: the API before the runtime artifacts); its resident memory after the load.
+* (c) baseline — how typical projects serve: a Litestar app whose handler decodes with PIL
+  and calls Keras' ``model.predict`` per request (in the thread pool), same clients.
 
 The model is the served architecture (EfficientNet-Lite0 with its ImageNet weights,
-normalisation inside the model, and an untrained two-class head), registered in an
-embedded MLflow registry; both servers load it from there. Images: the
-400 reference JPEGs, cycled. Targets: API p50 at c=1 <= 1.5x the floor's p50; API
-throughput at c=16 >= 3x the baseline's. Servers run one at a time on the same cores.
+normalisation inside the model, and a two-class head whose standardisation is fitted on
+reference photos' features), registered in an embedded MLflow registry with its runtime
+artifacts exactly as training registers them (FP32 parity checked, INT8 calibrated on 100
+reference photos); every server loads it from there. Images: the 400 reference JPEGs,
+cycled. Targets: API p50 at c=1 <= 0.5x the TensorFlow floor's p50; API throughput at c=16
+>= 6x the naive server's; API resident memory <= 400 MiB (after this load; ``bench -- soak``
+holds the API under load for longer). Servers run one at a time on the same cores.
 """
 
 from __future__ import annotations
@@ -139,52 +146,147 @@ def _batches(url: str) -> tuple[float, float]:
 
 
 # --- the model ----------------------------------------------------------------------------
-def _build_model() -> Any:
-    """The served architecture: EfficientNet-Lite0 (ImageNet weights) + a head (untrained)."""
+def _pixels(images: list[bytes]) -> Any:
+    import numpy as np
+
+    from dandelion_lib.features import decode_image, to_model_input
+
+    return np.stack([to_model_input(decode_image(b)) for b in images]).astype(np.float32)
+
+
+def _build_model(pixels: Any) -> Any:
+    """The served architecture: EfficientNet-Lite0 (ImageNet weights) + a head whose
+    standardisation is fitted on the backbone's features of reference photos."""
     from dandelion_lib import model as model_lib
 
     backbone = model_lib.build_backbone("efficientnet_lite0")
-    return model_lib.assemble(backbone, model_lib.build_head(backbone.feature_dim, 2))
+    features = backbone.model.predict(pixels, batch_size=16, verbose=0)
+    head = model_lib.build_head(backbone.feature_dim, 2, adapt=features)
+    return model_lib.assemble(backbone, head)
 
 
-def _register(workdir: Path) -> str:
+def _register(workdir: Path, images: list[bytes]) -> str:
     import mlflow
 
-    from dandelion_lib.config import Settings
+    from dandelion_lib import runtime
+    from dandelion_lib.config import Settings, cpu_limit
     from dandelion_lib.features import FeatureSpec
     from dandelion_lib.registry import configure_mlflow, log_keras_model
 
     settings = Settings(workdir=workdir)
     client = configure_mlflow(settings)
     mlflow.set_experiment("bench-serve")
-    with mlflow.start_run():
+    pixels = _pixels(images[::4][:100])  # both classes, 100 photos
+    model = _build_model(pixels[:64])
+    size = FeatureSpec().image_size
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run():
+        out = Path(tmp) / runtime.DIR
+        t0 = time.perf_counter()
+        record = runtime.build(
+            model,
+            size,
+            out,
+            keras_forward=runtime.keras_forward(model, size),
+            parity_pixels=_pixels(images[1::8][:48]),
+            calibration_pixels=pixels,
+            threads=cpu_limit(),
+        )
+        print(
+            f"runtime artifacts built in {time.perf_counter() - t0:.0f} s; parity against Keras "
+            f"on 48 other photos: FP32 max |dp| {record.parity['fp32']['max_abs_diff']:.1e}, "
+            f"INT8 max |dp| {record.parity['int8']['max_abs_diff']:.3f} "
+            f"({record.parity['int8']['label_flips']} label flips)"
+        )
         mv = log_keras_model(
-            _build_model(),
+            model,
             feature_spec=FeatureSpec().to_dict(),
             metrics={"test_accuracy": 0.5},
             dataset_version="bench",
             registered_model_name=MODEL_NAME,
+            runtime_dir=out,
+            runtime_record=record.to_dict(),
         )
     client.set_registered_model_alias(MODEL_NAME, "champion", mv.version)
     return f"models:/{MODEL_NAME}@champion"
 
 
-# --- (a) the floor ------------------------------------------------------------------------
-def _floor(uri: str, images: list[bytes]) -> dict[str, float]:
-    from dandelion_lib.predict import Predictor
+def _set_precision(workdir: Path, precision: str) -> None:
+    from dandelion_lib.config import Settings
+    from dandelion_lib.registry import configure_mlflow
 
-    predictor = Predictor.load(uri)
+    client = configure_mlflow(Settings(workdir=workdir))
+    version = client.get_model_version_by_alias(MODEL_NAME, "champion").version
+    client.set_model_version_tag(MODEL_NAME, version, "serving.precision", precision)
+
+
+def _rss_mib(pid: int) -> tuple[float, float]:
+    """(resident now, peak resident) of a process, MiB."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return (
+        int(fields["VmRSS"].split()[0]) / 1024.0,
+        int(fields["VmHWM"].split()[0]) / 1024.0,
+    )
+
+
+# --- (a) the floors -----------------------------------------------------------------------
+def _floor(uri: str, runtime: str, precision: str) -> dict[str, float]:
+    """In this (fresh) process: load, then batch-1 latency and batch-32 throughput."""
+    import numpy as np
+
+    from dandelion_lib.config import Settings
+    from dandelion_lib.predict import Predictor
+    from dandelion_lib.registry import configure_mlflow
+
+    images = _images()
+    configure_mlflow(Settings())
+    t0 = time.perf_counter()
+    predictor = Predictor.load(uri, runtime=runtime, precision=precision)
+    load_s = time.perf_counter() - t0
+    assert (predictor.runtime, predictor.precision) == (runtime, precision), predictor
+    rss_loaded = _rss_mib(os.getpid())[0]
     for data in images[:WARMUP]:
         x, _ = predictor.decode(data)
         predictor.predict_arrays(x[None])
     latencies = []
     start = time.perf_counter()
     for i in range(N_FLOOR):
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         x, _ = predictor.decode(images[i % len(images)])
         predictor.predict_arrays(x[None])
-        latencies.append(time.perf_counter() - t0)
-    return _stats(latencies, time.perf_counter() - start)
+        latencies.append(time.perf_counter() - t1)
+    out = _stats(latencies, time.perf_counter() - start)
+    batch = np.stack([predictor.decode(b)[0] for b in images[:32]])
+    predictor.predict_arrays(batch)
+    t1 = time.perf_counter()
+    for _ in range(3):
+        predictor.predict_arrays(batch)
+    out["batch32_img_s"] = 96 / (time.perf_counter() - t1)
+    out["load_s"] = load_s
+    out["rss_loaded_mib"] = rss_loaded
+    out["rss_mib"], out["hwm_mib"] = _rss_mib(os.getpid())
+    return out
+
+
+def _floor_in_subprocess(workdir: Path, uri: str, runtime: str, precision: str) -> Any:
+    import json
+    import subprocess
+
+    env = _env(workdir, 0)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_serve", "floor", uri, runtime, precision],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"floor {runtime}/{precision} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
 
 
 # --- (c) the naive baseline server --------------------------------------------------------
@@ -232,7 +334,31 @@ def _serve_naive(uri: str, port: int) -> None:
 
 # --- main ---------------------------------------------------------------------------------
 def _row(name: str, s: dict[str, float]) -> str:
-    return f"{name:<34} {s['n']:>5.0f} {s['p50_ms']:>9.1f} {s['p99_ms']:>9.1f} {s['rps']:>9.1f}"
+    return f"{name:<40} {s['n']:>5.0f} {s['p50_ms']:>9.1f} {s['p99_ms']:>9.1f} {s['rps']:>9.1f}"
+
+
+SERVERS = (("onnx", "fp32"), ("onnx", "int8"), ("keras", "fp32"))
+
+
+def _api(workdir: Path, tmp: str, runtime: str, precision: str, images: list[bytes]) -> Any:
+    """The API serving ``runtime``/``precision``: c=1 and c=16, mean batch, resident memory."""
+    _set_precision(workdir, precision)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    options = _server_options(workdir, port, tmp, f"api-{runtime}-{precision}")
+    options["env"]["DANDELION_SERVING_RUNTIME"] = runtime
+    with running(["-m", "api"], f"{url}/health/ready", **options) as proc:
+        import httpx
+
+        serving = httpx.get(f"{url}/model", timeout=30).json()["serving"]
+        assert (serving["runtime"], serving["precision"]) == (runtime, precision), serving
+        c1 = _load(url, images, 1, N_C1)
+        before = _batches(url)
+        c16 = _load(url, images, 16, N_C16)
+        after = _batches(url)
+        rss, hwm = _rss_mib(proc.pid)
+    mean_batch = (after[1] - before[1]) / max(after[0] - before[0], 1)
+    return c1, c16, mean_batch, rss, hwm
 
 
 def main() -> None:
@@ -242,53 +368,74 @@ def main() -> None:
         workdir = Path(tmp) / "work"
         os.environ["DANDELION_WORKDIR"] = str(workdir)
         t0 = time.perf_counter()
-        uri = _register(workdir)
-        print(
-            f"model registered in {time.perf_counter() - t0:.0f} s: {uri} (EfficientNet-Lite0 + head)"
-        )
-        floor = _floor(uri, images)
+        uri = _register(workdir, images)
+        print(f"model registered in {time.perf_counter() - t0:.0f} s: {uri} (EfficientNet-Lite0)")
+
+        floors = {
+            (rt, pr): _floor_in_subprocess(workdir, uri, rt, pr)
+            for rt, pr in (("keras", "fp32"), ("onnx", "fp32"), ("onnx", "int8"))
+        }
+        apis = {(rt, pr): _api(workdir, tmp, rt, pr, images) for rt, pr in SERVERS}
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        results: dict[str, dict[str, float]] = {}
-        with running(["-m", "api"], f"{url}/health/ready", **_server_options(workdir, port, tmp)):
-            results["api c=1"] = _load(url, images, 1, N_C1)
-            before = _batches(url)
-            results["api c=16"] = _load(url, images, 16, N_C16)
-            after = _batches(url)
-        mean_batch = (after[1] - before[1]) / max(after[0] - before[0], 1)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        naive = ["-m", "benchmarks.bench_serve", "naive", uri, str(port)]
-        with running(naive, f"{url}/ready", **_server_options(workdir, port, tmp, "naive")):
-            results["baseline c=1"] = _load(url, images, 1, N_C1)
-            results["baseline c=16"] = _load(url, images, 16, N_C16 // 2)
+        naive_cmd = ["-m", "benchmarks.bench_serve", "naive", uri, str(port)]
+        with running(
+            naive_cmd, f"{url}/ready", **_server_options(workdir, port, tmp, "naive")
+        ) as proc:
+            naive_c1 = _load(url, images, 1, N_C1)
+            naive_c16 = _load(url, images, 16, N_C16 // 2)
+            naive_rss = _rss_mib(proc.pid)
 
+    tf_floor = floors[("keras", "fp32")]
     print(f"\ncores: {os.cpu_count()}, load average at the end: {os.getloadavg()[0]:.1f}")
-    print(f"{'':<34} {'n':>5} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>9}")
-    print(_row("(a) floor: decode + forward, batch 1", floor))
-    for name in ("api c=1", "api c=16", "baseline c=1", "baseline c=16"):
-        label = ("(b) " if name.startswith("api") else "(c) ") + name
-        print(_row(label, results[name]))
-    latency_ratio = results["api c=1"]["p50_ms"] / floor["p50_ms"]
-    throughput_ratio = results["api c=16"]["rps"] / results["baseline c=16"]["rps"]
+    print("\n(a) floors, one process each: decode + forward")
     print(
-        f"\nAPI p50 at c=1 / floor p50:            {latency_ratio:5.2f}x  (target <= 1.5x: "
-        f"{'met' if latency_ratio <= 1.5 else 'NOT met'})"
+        f"{'runtime':<14} {'p50 ms':>8} {'p99 ms':>8} {'vs TF':>7} {'b32 img/s':>10} "
+        f"{'load s':>7} {'RSS MiB':>8} {'peak MiB':>9}"
     )
+    for (rt, pr), f in floors.items():
+        print(
+            f"{rt + ' ' + pr:<14} {f['p50_ms']:>8.1f} {f['p99_ms']:>8.1f} "
+            f"{tf_floor['p50_ms'] / f['p50_ms']:>6.2f}x {f['batch32_img_s']:>10.1f} "
+            f"{f['load_s']:>7.1f} {f['rss_mib']:>8.0f} {f['hwm_mib']:>9.0f}"
+        )
+    print(f"\n{'':<40} {'n':>5} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>9}")
+    for (rt, pr), (c1, c16, batch, _rss, _hwm) in apis.items():
+        print(_row(f"(b) api {rt} {pr} c=1", c1))
+        print(_row(f"(b) api {rt} {pr} c=16 (batch {batch:.1f})", c16))
+    print(_row("(c) naive model.predict c=1", naive_c1))
+    print(_row("(c) naive model.predict c=16", naive_c16))
+    print("\nresident memory after the load (MiB, now / peak):")
+    for (rt, pr), (_, _, _, rss, hwm) in apis.items():
+        print(f"  api {rt} {pr:<5} {rss:7.0f} / {hwm:.0f}")
+    print(f"  naive      {naive_rss[0]:7.0f} / {naive_rss[1]:.0f}")
+
+    print()
+    for (rt, pr), (c1, c16, _, rss, _) in apis.items():
+        if rt == "keras":
+            continue
+        latency = c1["p50_ms"] / tf_floor["p50_ms"]
+        throughput = c16["rps"] / naive_c16["rps"]
+        print(
+            f"api {pr}: p50 c=1 / TF floor p50 {latency:5.2f}x (target <= 0.5x: "
+            f"{'met' if latency <= 0.5 else 'NOT met'}); req/s c=16 / naive c=16 "
+            f"{throughput:5.2f}x (target >= 6x: {'met' if throughput >= 6 else 'NOT met'}); "
+            f"RSS {rss:.0f} MiB (target <= 400: {'met' if rss <= 400 else 'NOT met'})"
+        )
+    keras_api = apis[("keras", "fp32")]
     print(
-        f"API req/s at c=16 / baseline at c=16:  {throughput_ratio:5.2f}x  (target >= 3x: "
-        f"{'met' if throughput_ratio >= 3.0 else 'NOT met'})"
-    )
-    print(
-        f"API req/s at c=16 / API at c=1:        "
-        f"{results['api c=16']['rps'] / results['api c=1']['rps']:5.2f}x  (mean micro-batch at "
-        f"c=16: {mean_batch:.1f} images per model call)"
+        f"api keras fp32 (before): p50 c=1 / TF floor {keras_api[0]['p50_ms'] / tf_floor['p50_ms']:.2f}x; "
+        f"req/s c=16 / naive {keras_api[1]['rps'] / naive_c16['rps']:.2f}x; RSS {keras_api[3]:.0f} MiB"
     )
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "naive":
         _serve_naive(sys.argv[2], int(sys.argv[3]))
+    elif len(sys.argv) == 5 and sys.argv[1] == "floor":
+        import json
+
+        print(json.dumps(_floor(sys.argv[2], sys.argv[3], sys.argv[4])))
     else:
         main()

@@ -398,7 +398,7 @@ def main(minutes: str | float = DEFAULT_MINUTES, allocator: str = "image") -> in
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
         workdir = Path(tmp) / "work"
         os.environ["DANDELION_WORKDIR"] = str(workdir)
-        uri = _register(workdir)
+        uri = _register(workdir, images)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         options = _server_options(workdir, port, tmp)

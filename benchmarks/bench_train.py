@@ -72,7 +72,7 @@ def main() -> None:
         )
 
         configure_mlflow(settings)
-        predictor = Predictor.load(results[0].model_uri)
+        predictor = Predictor.load(results[0].model_uri, runtime="keras")  # compares Keras calls
         saved = Path(tmp) / "model.keras"
         predictor.model.save(saved)
         print(
