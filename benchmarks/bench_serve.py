@@ -219,15 +219,19 @@ def _set_precision(workdir: Path, precision: str) -> None:
     client.set_model_version_tag(MODEL_NAME, version, "serving.precision", precision)
 
 
+def proc_status(pid: int) -> dict[str, str]:
+    """The fields of ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``, ``Threads``...)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
 def _rss_mib(pid: int) -> tuple[float, float]:
     """(resident now, peak resident) of a process, MiB."""
-    fields = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-    )
-    return (
-        int(fields["VmRSS"].split()[0]) / 1024.0,
-        int(fields["VmHWM"].split()[0]) / 1024.0,
-    )
+    fields = proc_status(pid)
+    return int(fields["VmRSS"].split()[0]) / 1024.0, int(fields["VmHWM"].split()[0]) / 1024.0
 
 
 # --- (a) the floors -----------------------------------------------------------------------

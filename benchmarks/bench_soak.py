@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 
-from benchmarks.bench_serve import ROOT, _images, _register, _server_options
+from benchmarks.bench_serve import ROOT, _images, _register, _server_options, proc_status
 from tests.process_support import free_port, running
 
 DEFAULT_MINUTES = 30.0
@@ -247,10 +247,7 @@ class Client:
 # --- measurements -------------------------------------------------------------------------
 def proc_sample(pid: int) -> tuple[float, int, int]:
     """(RSS MiB, threads, open fds) of a process, from /proc."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
+    fields = proc_status(pid)
     rss_mib = int(fields["VmRSS"].split()[0]) / 1024.0
     return rss_mib, int(fields["Threads"]), sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir())
 

@@ -24,7 +24,6 @@ Loading needs only ``onnxruntime`` and numpy: TensorFlow is imported by the expo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable, Iterator
@@ -36,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dandelion_lib.errors import DandelionError
+from dandelion_lib.storage import sha256_hex
 
 FORMAT = "onnx"
 DIR = "runtime"
@@ -236,12 +236,9 @@ class OnnxForward:
         return None, outputs[0]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _probabilities(forward: Forward, pixels: npt.NDArray[np.float32], batch: int) -> Any:
+    parts = [np.asarray(forward(pixels[i : i + batch])[1]) for i in range(0, len(pixels), batch)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
 def build(
@@ -263,66 +260,38 @@ def build(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _build(
-            model,
-            size,
-            out_dir,
-            keras_forward=keras_forward,
-            parity_pixels=parity_pixels,
-            calibration_pixels=calibration_pixels,
-            threads=threads,
-            batch_size=batch_size,
+        fp32 = out_dir / FILES["fp32"]
+        features = export_fp32(model, size, fp32)
+        files = {"fp32": FILES["fp32"]}
+        if calibration_pixels is not None and len(calibration_pixels):
+            quantize_int8(fp32, out_dir / FILES["int8"], calibration_pixels)
+            files["int8"] = FILES["int8"]
+        reference = _probabilities(keras_forward, parity_pixels, batch_size)
+        parity: dict[str, dict[str, float | int]] = {}
+        for precision, name in files.items():
+            runner = OnnxForward(out_dir / name, threads=threads, features=features)
+            parity[precision] = asdict(
+                Parity.between(reference, _probabilities(runner, parity_pixels, batch_size))
+            )
+        worst = float(parity["fp32"]["max_abs_diff"])
+        if not worst <= FP32_PARITY_TOLERANCE:
+            raise RuntimeParityError(
+                f"the FP32 ONNX model differs from the Keras model by {worst:.2e} in probability "
+                f"on {len(parity_pixels)} validation images (allowed {FP32_PARITY_TOLERANCE:g}); "
+                "the model version is not registered"
+            )
+        record = RuntimeRecord(
+            features=features,
+            files=files,
+            sha256={p: sha256_hex((out_dir / n).read_bytes()) for p, n in files.items()},
+            parity=parity,
+            calibration_images=0 if calibration_pixels is None else len(calibration_pixels),
         )
+        (out_dir / RECORD).write_text(json.dumps(record.to_dict(), indent=2, sort_keys=True))
+        return record
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
-
-
-def _probabilities(forward: Forward, pixels: npt.NDArray[np.float32], batch: int) -> Any:
-    parts = [np.asarray(forward(pixels[i : i + batch])[1]) for i in range(0, len(pixels), batch)]
-    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-
-
-def _build(
-    model: Any,
-    size: int,
-    out_dir: Path,
-    *,
-    keras_forward: Forward,
-    parity_pixels: npt.NDArray[np.float32],
-    calibration_pixels: npt.NDArray[np.float32] | None,
-    threads: int,
-    batch_size: int,
-) -> RuntimeRecord:
-    fp32 = out_dir / FILES["fp32"]
-    features = export_fp32(model, size, fp32)
-    files = {"fp32": FILES["fp32"]}
-    if calibration_pixels is not None and len(calibration_pixels):
-        quantize_int8(fp32, out_dir / FILES["int8"], calibration_pixels)
-        files["int8"] = FILES["int8"]
-    reference = _probabilities(keras_forward, parity_pixels, batch_size)
-    parity: dict[str, dict[str, float | int]] = {}
-    for precision, name in files.items():
-        runner = OnnxForward(out_dir / name, threads=threads, features=features)
-        parity[precision] = asdict(
-            Parity.between(reference, _probabilities(runner, parity_pixels, batch_size))
-        )
-    worst = float(parity["fp32"]["max_abs_diff"])
-    if not worst <= FP32_PARITY_TOLERANCE:
-        raise RuntimeParityError(
-            f"the FP32 ONNX model differs from the Keras model by {worst:.2e} in probability "
-            f"on {len(parity_pixels)} validation images (allowed {FP32_PARITY_TOLERANCE:g}); "
-            "the model version is not registered"
-        )
-    record = RuntimeRecord(
-        features=features,
-        files=files,
-        sha256={p: _sha256(out_dir / n) for p, n in files.items()},
-        parity=parity,
-        calibration_images=0 if calibration_pixels is None else len(calibration_pixels),
-    )
-    (out_dir / RECORD).write_text(json.dumps(record.to_dict(), indent=2, sort_keys=True))
-    return record
 
 
 def load(model_dir: Path, precision: str, *, threads: int) -> tuple[OnnxForward, RuntimeRecord]:
@@ -347,7 +316,7 @@ def load(model_dir: Path, precision: str, *, threads: int) -> tuple[OnnxForward,
     path = folder / name
     if not path.is_file():
         raise RuntimeArtifactError(f"the runtime artifact {DIR}/{name} is missing")
-    digest = _sha256(path)
+    digest = sha256_hex(path.read_bytes())
     if record.sha256.get(precision) not in (None, digest):
         raise RuntimeArtifactError(
             f"the runtime artifact {DIR}/{name} is corrupt (its sha256 differs from the record; "
