@@ -279,6 +279,13 @@ class Settings(BaseSettings):
         description="Intra-op threads of the API's model runtime. Default: the container's CPU "
         "limit (cgroup quota, rounded up), else the CPUs this process may run on.",
     )
+    inference_batch_max: int = Field(
+        8,
+        gt=0,
+        description="Most images one ONNX Runtime call runs; a larger micro-batch runs in "
+        "chunks of this size. The runtime's memory arena keeps the peak of the largest batch "
+        "it has run, and on CPUs a batch past 8 is no faster per image (docs/model.md).",
+    )
 
     # --- monitoring ------------------------------------------------------------------------
     drift_psi_threshold: float = Field(

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from dandelion_lib.config import get_settings
 from dandelion_lib.errors import DandelionError
 from dandelion_lib.storage import sha256_hex
 
@@ -214,10 +215,15 @@ class OnnxForward:
 
     ``threads`` intra-op threads (the container's CPU limit; see
     :func:`dandelion_lib.config.cpu_limit`), one inter-op thread, and no spinning: on a
-    shared CPU spinning workers steal the time other requests need.
+    shared CPU spinning workers steal the time other requests need. A batch larger than
+    ``max_batch`` (default: the ``inference_batch_max`` setting) runs in chunks of that size: ONNX Runtime's memory arena keeps the peak of
+    the largest batch it has run, and past a few images a bigger batch is no faster per image
+    on a CPU (measured in docs/model.md, "Serving figures").
     """
 
-    def __init__(self, path: Path, *, threads: int, features: bool) -> None:
+    def __init__(
+        self, path: Path, *, threads: int, features: bool, max_batch: int | None = None
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -228,9 +234,19 @@ class OnnxForward:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
         self.has_features = features
+        self.max_batch = max_batch or get_settings().inference_batch_max
 
     def __call__(self, x: npt.NDArray[np.float32]) -> tuple[Any, Any]:
-        outputs = self.session.run(None, {self.input: np.ascontiguousarray(x, np.float32)})
+        chunks = [
+            self.session.run(
+                None, {self.input: np.ascontiguousarray(x[i : i + self.max_batch], np.float32)}
+            )
+            for i in range(0, max(len(x), 1), self.max_batch)
+        ]
+        outputs = [
+            np.concatenate(part) if len(chunks) > 1 else part[0]
+            for part in zip(*chunks, strict=True)
+        ]
         if self.has_features:
             return outputs[0], outputs[1]
         return None, outputs[0]
@@ -294,7 +310,9 @@ def build(
         raise
 
 
-def load(model_dir: Path, precision: str, *, threads: int) -> tuple[OnnxForward, RuntimeRecord]:
+def load(
+    model_dir: Path, precision: str, *, threads: int, max_batch: int | None = None
+) -> tuple[OnnxForward, RuntimeRecord]:
     """The ``precision`` session of a downloaded model version (its ``runtime/`` folder).
 
     Raises :class:`RuntimeArtifactError` naming what is wrong: no runtime folder or record,
@@ -323,7 +341,8 @@ def load(model_dir: Path, precision: str, *, threads: int) -> tuple[OnnxForward,
             f"{path.stat().st_size:,} bytes)"
         )
     try:
-        return OnnxForward(path, threads=threads, features=record.features), record
+        forward = OnnxForward(path, threads=threads, features=record.features, max_batch=max_batch)
+        return forward, record
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RuntimeArtifactError(

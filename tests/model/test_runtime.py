@@ -58,11 +58,12 @@ def _probs(predictor: Predictor, pixels: np.ndarray) -> np.ndarray:
     return np.array([[p.probabilities[lab] for lab in predictor.labels] for p in preds])
 
 
-def test_registration_records_the_runtime_and_its_parity(local_copy: Path) -> None:
+def test_registration_records_the_runtime_and_its_parity(local_copy: Path, model_env: Any) -> None:
     record = json.loads((local_copy / runtime.DIR / runtime.RECORD).read_text())
     assert record["format"] == "onnx" and record["features"] is True
     assert set(record["files"]) == {"fp32", "int8"}
-    assert record["calibration_images"] == 80  # the tiny model's whole training split
+    # the first int8_calibration_images of the tiny model's 80 training photos (tests: 32)
+    assert record["calibration_images"] == min(model_env.settings.int8_calibration_images, 80)
     fp32 = record["parity"]["fp32"]
     assert fp32["n"] == 60 and fp32["max_abs_diff"] <= runtime.FP32_PARITY_TOLERANCE
     assert fp32["label_flips"] == 0
@@ -91,6 +92,32 @@ def test_fp32_runtime_reproduces_keras_on_held_out_photos(
     scores = [p.ood_score for p in onnx.predict_arrays(photos[:8])]
     expected = [p.ood_score for p in keras_predictor.predict_arrays(photos[:8])]
     assert np.allclose(np.array(scores, float), np.array(expected, float), rtol=1e-3, atol=1e-3)
+
+
+class _CountingSession:
+    """The real ONNX Runtime session, recording the batch size of each call."""
+
+    def __init__(self, session: Any) -> None:
+        self.session, self.sizes = session, []
+
+    def run(self, outputs: Any, feeds: dict[str, np.ndarray]) -> Any:
+        self.sizes.append(len(next(iter(feeds.values()))))
+        return self.session.run(outputs, feeds)
+
+
+def test_a_batch_larger_than_the_session_batch_runs_in_chunks_with_the_same_answers(
+    local_copy: Path, photos: np.ndarray
+) -> None:
+    # inference_batch_max bounds ONNX Runtime's memory arena; chunking must not change a figure
+    whole, _ = runtime.load(local_copy, "fp32", threads=1, max_batch=64)
+    chunked, _ = runtime.load(local_copy, "fp32", threads=1, max_batch=4)
+    counting = chunked.session = _CountingSession(chunked.session)
+    feats, probs = whole(photos[:13])
+    feats_c, probs_c = chunked(photos[:13])
+    assert counting.sizes == [4, 4, 4, 1]
+    assert probs_c.shape == probs.shape == (13, 2)
+    assert np.allclose(probs_c, probs, atol=1e-6)
+    assert feats is not None and feats_c is not None and np.allclose(feats_c, feats, atol=1e-5)
 
 
 def test_int8_runtime_stays_close_to_the_model_it_came_from(
