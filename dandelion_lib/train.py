@@ -774,6 +774,7 @@ def fit_cached(
     laps: _Laps,
     *,
     fstore: FeatureStore | None = None,
+    settings: Settings | None = None,
 ) -> Any:
     """Steps 3-4: the frozen backbone's features (original views read from the feature
     store ``fstore`` where cached, the rest and the augmented views extracted), fit the
@@ -782,7 +783,7 @@ def fit_cached(
     n = len(data.labels)
     pixels, y = data.pixels, data.y
     backbone.model.trainable = False
-    extractor = feature_extractor(backbone)
+    extractor = feature_extractor(backbone, settings)
     dim = backbone.feature_dim
     counts: dict[str, int] = {}
     feats = {
@@ -1062,7 +1063,7 @@ def train(
             fstore = (
                 open_feature_store(store, data.spec, backbone) if settings.feature_cache else None
             )
-            head = fit_cached(config, backbone, data, log, laps, fstore=fstore)
+            head = fit_cached(config, backbone, data, log, laps, fstore=fstore, settings=settings)
         full = model_lib.assemble(backbone, head, freeze_batchnorm=not end_to_end)
         fit_pixels(config, backbone, full, data, augmenter, log, laps, end_to_end=end_to_end)
         log.log_to_mlflow()

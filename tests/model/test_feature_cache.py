@@ -91,7 +91,9 @@ def test_a_corrupt_shard_is_recomputed_during_training(model_env: Any, copied_st
 def test_the_cache_can_be_turned_off(model_env: Any, copied_store: Any) -> None:
     from dandelion_lib.train import train
 
-    settings = model_env.settings.model_copy(update={"feature_cache": False})
+    # also: the settings given to train() choose the extraction runtime (not the process's)
+    update = {"feature_cache": False, "extraction_runtime": "keras"}
+    settings = model_env.settings.model_copy(update=update)
     config = tiny_config(
         max_images_per_class=PER_CLASS,
         augment=False,
@@ -100,9 +102,13 @@ def test_the_cache_can_be_turned_off(model_env: Any, copied_store: Any) -> None:
         openset_method="none",
     )
     result = train(config, settings, store=copied_store, progress=False)
-    metrics = MlflowClient().get_run(result.run_id).data.metrics
+    run = MlflowClient().get_run(result.run_id).data
+    metrics = run.metrics
     assert (metrics["features_cached"], metrics["features_computed"]) == (0, 6 * PER_CLASS)
     assert not any(copied_store.list("features/"))
+    assert (
+        run.tags["extraction_runtime"] == "keras" and "extraction_onnx_max_abs_diff" not in metrics
+    )
 
 
 def test_other_backbone_weights_are_another_key(model_env: Any) -> None:
