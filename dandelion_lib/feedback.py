@@ -176,7 +176,7 @@ class FeedbackRecord:
 
 FEEDBACK_SOURCE_PREFIX = "feedback:"
 """A dataset manifest's ``source`` of an accepted feedback photo: ``feedback:<feedback id>``
-(the same prefix as :data:`dandelion_lib.ingest.FEEDBACK_SOURCE_PREFIX`)."""
+(written by :class:`dandelion_lib.ingest.FeedbackSource`)."""
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,12 @@ from dandelion_lib import dataset
 from dandelion_lib.config import NEITHER, UNKNOWN, Settings, get_settings
 from dandelion_lib.errors import DandelionError
 from dandelion_lib.features import STAT_COLUMNS, image_stats, perceptual_hash
-from dandelion_lib.feedback import FeedbackRecord, FeedbackStore, FeedbackUnavailableError
+from dandelion_lib.feedback import (
+    FEEDBACK_SOURCE_PREFIX,
+    FeedbackRecord,
+    FeedbackStore,
+    FeedbackUnavailableError,
+)
 from dandelion_lib.images import (
     CanonicalImage,
     ImageLimits,
@@ -80,7 +85,6 @@ log = logging.getLogger(__name__)
 INDEX_KEY = "ingest/index.json"
 INDEX_SCHEMA = 1
 RAW_PREFIX = "raw/"
-FEEDBACK_SOURCE_PREFIX = "feedback:"
 
 REJECTION_REASONS: dict[str, str] = {
     "not_found": "the source answered 404/410 (not retried)",

@@ -13,7 +13,6 @@ import pytest
 from dandelion_lib import ingest
 from dandelion_lib.config import Settings
 from dandelion_lib.feedback import (
-    FEEDBACK_SOURCE_PREFIX,
     FeedbackError,
     FeedbackRecord,
     FeedbackStore,
@@ -219,7 +218,6 @@ def test_bulk_decisions_apply_to_all_or_none(feedback: FeedbackStore, greenr_dir
 def test_accepted_photos_wait_until_a_dataset_version_has_them(
     feedback: FeedbackStore, settings: Settings, greenr_dir: Path
 ) -> None:
-    assert FEEDBACK_SOURCE_PREFIX == ingest.FEEDBACK_SOURCE_PREFIX
     # A photo of the reference set itself (the same bytes: one manifest row) and a new one.
     known = give(
         feedback,
