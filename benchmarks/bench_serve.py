@@ -171,11 +171,11 @@ def _register(workdir: Path, images: list[bytes]) -> str:
     from dandelion_lib import runtime
     from dandelion_lib.config import Settings, cpu_limit
     from dandelion_lib.features import FeatureSpec
-    from dandelion_lib.registry import configure_mlflow, log_keras_model
+    from dandelion_lib.registry import configure_mlflow, log_keras_model, use_experiment
 
-    settings = Settings(workdir=workdir)
+    settings = Settings(workdir=workdir, experiment="bench-serve")
     client = configure_mlflow(settings)
-    mlflow.set_experiment("bench-serve")
+    use_experiment(settings)  # artifacts under the temporary workdir, not ./mlruns
     pixels = _pixels(images[::4][:100])  # both classes, 100 photos
     model = _build_model(pixels[:64])
     size = FeatureSpec().image_size

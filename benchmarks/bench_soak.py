@@ -22,7 +22,8 @@ any request without an answer, or anything lost.
 
 The API runs with the glibc malloc settings its image sets (the ``MALLOC_*`` variables of
 docker/api.Dockerfile, see docs/reliability.md); ``nox -s bench -- soak 30 glibc`` runs it
-with glibc's defaults instead, to compare.
+with glibc's defaults instead, to compare. The third argument is the ONNX Runtime precision
+served (``fp32``, the default, or ``int8``): ``nox -s bench -- soak 10 image int8``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,14 @@ from dataclasses import dataclass, field
 from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 
-from benchmarks.bench_serve import ROOT, _images, _register, _server_options, proc_status
+from benchmarks.bench_serve import (
+    ROOT,
+    _images,
+    _register,
+    _server_options,
+    _set_precision,
+    proc_status,
+)
 from tests.process_support import free_port, running
 
 DEFAULT_MINUTES = 30.0
@@ -384,9 +392,13 @@ def _sample_minute(proc: subprocess.Popen[bytes], end: float) -> tuple[list[floa
             return rss, threads, fds
 
 
-def main(minutes: str | float = DEFAULT_MINUTES, allocator: str = "image") -> int:
+def main(
+    minutes: str | float = DEFAULT_MINUTES, allocator: str = "image", precision: str = "fp32"
+) -> int:
     """``minutes`` of load; ``allocator``: ``image`` (the API image's malloc settings, as
-    deployed; variables already set here win) or ``glibc`` (glibc's defaults)."""
+    deployed; variables already set here win) or ``glibc`` (glibc's defaults);
+    ``precision``: the ONNX Runtime precision served (``fp32`` or ``int8``, as the gate's
+    ``serving.precision`` tag would choose)."""
     minutes = float(minutes)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     images = _images()
@@ -396,6 +408,7 @@ def main(minutes: str | float = DEFAULT_MINUTES, allocator: str = "image") -> in
         workdir = Path(tmp) / "work"
         os.environ["DANDELION_WORKDIR"] = str(workdir)
         uri = _register(workdir, images)
+        _set_precision(workdir, precision)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         options = _server_options(workdir, port, tmp)
@@ -403,7 +416,7 @@ def main(minutes: str | float = DEFAULT_MINUTES, allocator: str = "image") -> in
         with running(["-m", "api"], f"{url}/health/ready", **options) as proc:
             rss0, threads0, fds0 = proc_sample(proc.pid)
             print(
-                f"API pid {proc.pid} serving {uri}; {CLIENTS} clients for {minutes:g} min; "
+                f"API pid {proc.pid} serving {uri} on ONNX Runtime {precision.upper()}; {CLIENTS} clients for {minutes:g} min; "
                 f"allocator: {allocator_env or 'glibc defaults'}; at ready: "
                 f"RSS {rss0:.1f} MiB, {threads0} threads, {fds0} fds",
                 flush=True,
