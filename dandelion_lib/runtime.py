@@ -216,9 +216,9 @@ class OnnxForward:
     ``threads`` intra-op threads (the container's CPU limit; see
     :func:`dandelion_lib.config.cpu_limit`), one inter-op thread, and no spinning: on a
     shared CPU spinning workers steal the time other requests need. A batch larger than
-    ``max_batch`` (default: the ``inference_batch_max`` setting) runs in chunks of that size: ONNX Runtime's memory arena keeps the peak of
-    the largest batch it has run, and past a few images a bigger batch is no faster per image
-    on a CPU (measured in docs/model.md, "Serving figures").
+    ``max_batch`` (default: the ``inference_batch_max`` setting) runs in chunks of that size:
+    ONNX Runtime's memory arena keeps the peak of the largest batch it has run, and past a few
+    images a bigger batch is no faster per image on a CPU (docs/model.md, "Serving figures").
     """
 
     def __init__(
