@@ -174,7 +174,11 @@ def export_fp32(model: Any, size: int, path: Path) -> bool:
 
 
 def quantize_int8(fp32: Path, path: Path, calibration: npt.NDArray[np.float32]) -> None:
-    """Static INT8 quantization (QDQ, per-channel weights) calibrated on ``calibration``."""
+    """Static INT8 quantization (QDQ, per-channel weights) calibrated on ``calibration``.
+
+    The softmax stays in float: quantized, its output is a multiple of 1/255 and the two
+    probabilities of an answer no longer add up to 1."""
+    import onnx
     import onnxruntime as ort
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -197,6 +201,8 @@ def quantize_int8(fp32: Path, path: Path, calibration: npt.NDArray[np.float32]) 
     prepared = path.with_suffix(".pre.onnx")
     try:
         quant_pre_process(str(fp32), str(prepared))
+        graph = onnx.load(str(prepared), load_external_data=False).graph
+        softmax = [node.name for node in graph.node if node.op_type == "Softmax"]
         quantize_static(
             str(prepared),
             str(path),
@@ -205,6 +211,7 @@ def quantize_int8(fp32: Path, path: Path, calibration: npt.NDArray[np.float32]) 
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            nodes_to_exclude=softmax,
         )
     finally:
         prepared.unlink(missing_ok=True)

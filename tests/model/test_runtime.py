@@ -129,6 +129,8 @@ def test_int8_runtime_stays_close_to_the_model_it_came_from(
     val = record["parity"]["int8"]
     reference, got = _probs(keras_predictor, photos), _probs(int8, photos)
     diff = np.abs(reference - got)
+    # its probabilities are still a distribution (the softmax is not quantized)
+    assert np.allclose(got.sum(axis=1), 1.0, atol=1e-5)
     # Quantization moves probabilities (it is not FP32: the record says by how much on the
     # validation photos) but keeps most answers: whether that is close enough to serve is the
     # gate's decision, on the test split's accuracy and ROC AUC (tests/model/test_promote.py).
