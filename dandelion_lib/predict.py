@@ -182,9 +182,7 @@ class Predictor:
                 name, version, tags = _resolve(uri)
                 serving = {k: v for k, v in tags.items() if k.startswith(SERVING_TAG)}
                 wanted = precision or serving.get(SERVING_TAG + "precision") or "fp32"
-                loaded = _load_runtime(
-                    uri, local, runtime, wanted, threads, settings.inference_batch_max
-                )
+                loaded = _load_runtime(uri, local, runtime, wanted, threads)
                 model = None if loaded.forward is not None else _load_keras(uri, local)
                 detector = _load_detector(local, meta)
         except (MlflowException, OSError, ValueError, zipfile.BadZipFile, OpenSetError) as exc:
@@ -288,16 +286,14 @@ class _Loaded:
     note: str | None = None
 
 
-def _load_runtime(
-    uri: str, local: Path, runtime: str, precision: str, threads: int, max_batch: int
-) -> _Loaded:
+def _load_runtime(uri: str, local: Path, runtime: str, precision: str, threads: int) -> _Loaded:
     """The ONNX session to serve (``forward`` None: load Keras), following ``runtime``."""
     if runtime == "keras":
         return _Loaded("keras", "fp32")
     tried: list[str] = []
     for wanted in dict.fromkeys((precision, "fp32")):
         try:
-            forward, _ = runtime_lib.load(local, wanted, threads=threads, max_batch=max_batch)
+            forward, _ = runtime_lib.load(local, wanted, threads=threads)
         except runtime_lib.RuntimeArtifactError as exc:
             if runtime == "onnx":
                 raise ModelUnavailableError(f"cannot load model {uri}: {exc}") from exc
