@@ -58,7 +58,9 @@ SMOKES: dict[str, Smoke] = {
             "python",
             "-c",
             "import airflow.providers.cncf.kubernetes.executors.kubernetes_executor as k, "
-            "airflow.providers.fab.auth_manager.fab_auth_manager as f, subprocess; "
+            "airflow.providers.fab.auth_manager.fab_auth_manager as f, subprocess, "
+            # what training's INT8 quantization imports lazily (onnxruntime needs sympy)
+            "onnxruntime.tools.symbolic_shape_infer as q; "
             "subprocess.run(['airflow', 'version'], check=True)",
         ),
         tmpfs=("/tmp", "/opt/airflow/logs:uid=50000,gid=0"),
