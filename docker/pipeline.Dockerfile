@@ -17,12 +17,18 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 UV_COMPILE_BYTECODE=1 UV_
 RUN pip install --no-cache-dir uv==0.13.9 && python -m venv --without-pip /opt/venv
 WORKDIR /src
 COPY requirements.lock pyproject.toml README.md ./
-COPY dandelion_lib/ dandelion_lib/
+# The locked dependencies in their own layer, installed against an empty package: a change to
+# dandelion_lib/ then rebuilds only the small layer below, not the TensorFlow/Airflow install.
 # psycopg 3 is the PostgreSQL driver of the Airflow metadata DB (sync and async engines).
-RUN uv pip install --python /opt/venv/bin/python --constraint requirements.lock \
+RUN mkdir dandelion_lib && touch dandelion_lib/__init__.py \
+    && uv pip install --python /opt/venv/bin/python --constraint requirements.lock \
         ".[pipeline]" "psycopg[binary]" \
     && /opt/venv/bin/python -m ipykernel install --prefix /opt/venv \
-        --name dandelion --display-name "Python (dandelion)"
+        --name dandelion --display-name "Python (dandelion)" \
+    && rm -rf dandelion_lib build dandelion.egg-info
+COPY dandelion_lib/ dandelion_lib/
+RUN uv pip install --python /opt/venv/bin/python --no-deps --reinstall-package dandelion . \
+    && rm -rf build dandelion.egg-info
 
 FROM python:3.11.14-slim-bookworm
 LABEL org.opencontainers.image.title="dandelion-pipeline" \
