@@ -258,6 +258,34 @@ def _tries(r: Rehearsal, run_id: str) -> dict[str, int]:
     return {task: int(n) for task, n in rows}
 
 
+def _scheduler_heartbeat_age(r: Rehearsal) -> float | None:
+    """Seconds since the freshest heartbeat of a running scheduler job (None: no such job)."""
+    rows = _airflow_db(
+        r,
+        "select extract(epoch from now() - max(latest_heartbeat)) from job "
+        "where job_type = 'SchedulerJob' and state = 'running'",
+    )
+    value = rows[0][0] if rows and rows[0] else ""
+    return float(value) if value else None
+
+
+def _diagnosis(r: Rehearsal, run_id: str) -> str:
+    """What a failed wait on a run shows: its states, the live jobs, the Airflow logs' tails."""
+    state, tasks = _db_state(r, run_id)
+    jobs = _airflow_db(
+        r,
+        "select job_type, hostname, round(extract(epoch from now() - latest_heartbeat)) "
+        "from job where state = 'running' order by id",
+    )
+    logs = r.compose(
+        "logs", "--tail", "25", "airflow-scheduler", "airflow-apiserver", check=False
+    ).stdout
+    return (
+        f"run {run_id} {state}: {tasks}; running jobs (type, host, heartbeat age s): {jobs}\n"
+        f"{logs[-3000:]}"
+    )
+
+
 def trigger(r: Rehearsal, tag: str, force: bool) -> str:
     conf = {
         "trigger": tag,
@@ -472,14 +500,26 @@ def fault_postgres_outage(r: Rehearsal) -> str:
 # [scheduler] scheduler_health_check_threshold, default 30 s); a restart within it would wait
 # for the next orphan check (orphaned_tasks_check_interval, 5 minutes).
 SCHEDULER_DEAD_AFTER_S = 35
+# A live scheduler heartbeats every 5 s ([scheduler] scheduler_heartbeat_sec).
+SCHEDULER_LIVE_S = 15
 
 
 def fault_scheduler_kill(r: Rehearsal) -> str:
     # Unchanged data: ingest (a notebook task, about a minute) runs, check_changes then skips
     # training, so the step costs minutes, not a second training.
+    # A scheduler that is alive, not only a container marked healthy: its health check runs once
+    # a minute, so after the PostgreSQL step a wedged scheduler would still show "healthy".
+    def live() -> bool:
+        age = _scheduler_heartbeat_age(r)
+        return age is not None and age < SCHEDULER_LIVE_S
+
+    _wait(f"a scheduler heartbeat under {SCHEDULER_LIVE_S} s old", live, 300, 3)
     run_id = trigger(r, "scheduler-kill", force=False)
     victim = "ingest"
-    _wait(f"{victim} running", lambda: _db_state(r, run_id)[1].get(victim) == "running", 900, 1)
+    try:
+        _wait(f"{victim} running", lambda: _db_state(r, run_id)[1].get(victim) == "running", 300, 1)
+    except StepFailed as exc:
+        raise StepFailed(f"{exc}; {_diagnosis(r, run_id)}") from None
     before = _tries(r, run_id)[victim]
     # SIGKILL: the scheduler and the LocalExecutor's task processes die with the container.
     r.compose("kill", "-s", "SIGKILL", "airflow-scheduler")

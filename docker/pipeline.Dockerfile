@@ -54,7 +54,8 @@ RUN useradd --system --uid 50000 --gid 0 --home-dir /home/airflow --create-home 
     && pip uninstall --no-cache-dir -y -q pip setuptools wheel
 COPY --from=builder /opt/venv /opt/venv
 COPY docker/healthcheck.py /usr/local/bin/dandelion-healthcheck
-# Baked-in DAGs and notebooks (compose); on Kubernetes git-sync provides the same tree.
+# Baked-in DAGs and notebooks, on compose and on Kubernetes alike (no git-sync): the DAGs always
+# match the library of the same image.
 WORKDIR /opt/dandelion
 COPY dags/ dags/
 COPY notebooks/ notebooks/

@@ -79,7 +79,7 @@ class Macros:
     """``{{ dandelion.* }}`` in the DAGs' templates: values rendered when a task runs.
 
     ``default_notebooks`` is the ``notebooks/`` folder beside the DAG folder (the repository
-    layout, also in the pipeline image and under git-sync); ``DANDELION_NOTEBOOKS_DIR``
+    layout, also in the pipeline image); ``DANDELION_NOTEBOOKS_DIR``
     overrides it.
     """
 
