@@ -269,21 +269,17 @@ def _scheduler_heartbeat_age(r: Rehearsal) -> float | None:
     return float(value) if value else None
 
 
-def _diagnosis(r: Rehearsal, run_id: str) -> str:
-    """What a failed wait on a run shows: its states, the live jobs, the Airflow logs' tails."""
-    state, tasks = _db_state(r, run_id)
+def _airflow_diagnosis(r: Rehearsal) -> str:
+    """What a failed wait on a run appends: the live Airflow jobs, the Airflow logs' tails."""
     jobs = _airflow_db(
         r,
         "select job_type, hostname, round(extract(epoch from now() - latest_heartbeat)) "
         "from job where state = 'running' order by id",
     )
     logs = r.compose(
-        "logs", "--tail", "25", "airflow-scheduler", "airflow-apiserver", check=False
+        "logs", "--tail", "40", "airflow-scheduler", "airflow-apiserver", check=False
     ).stdout
-    return (
-        f"run {run_id} {state}: {tasks}; running jobs (type, host, heartbeat age s): {jobs}\n"
-        f"{logs[-3000:]}"
-    )
+    return f"running jobs (type, host, heartbeat age s): {jobs}\n{logs[-4000:]}"
 
 
 def trigger(r: Rehearsal, tag: str, force: bool) -> str:
@@ -311,8 +307,7 @@ def wait_run(r: Rehearsal, run_id: str, timeout_s: float) -> dict[str, str]:
     if state == "success":
         state, tasks = _run_state(r, run_id)  # the end state as the Airflow CLI reports it
     if state != "success":
-        log = r.compose("logs", "--tail", "60", "airflow-scheduler", check=False).stdout
-        raise StepFailed(f"run {run_id} ended {state}: {tasks}\n{log[-2500:]}")
+        raise StepFailed(f"run {run_id} ended {state}: {tasks}; {_airflow_diagnosis(r)}")
     return tasks
 
 
@@ -519,7 +514,8 @@ def fault_scheduler_kill(r: Rehearsal) -> str:
     try:
         _wait(f"{victim} running", lambda: _db_state(r, run_id)[1].get(victim) == "running", 300, 1)
     except StepFailed as exc:
-        raise StepFailed(f"{exc}; {_diagnosis(r, run_id)}") from None
+        state, tasks = _db_state(r, run_id)
+        raise StepFailed(f"{exc}; run {run_id} {state}: {tasks}; {_airflow_diagnosis(r)}") from None
     before = _tries(r, run_id)[victim]
     # SIGKILL: the scheduler and the LocalExecutor's task processes die with the container.
     r.compose("kill", "-s", "SIGKILL", "airflow-scheduler")
