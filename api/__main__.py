@@ -12,7 +12,7 @@ def main() -> None:
     from api.logs import configure_logging
     from api.services.models import registry_http_env
     from api.transport import protocol_with_header_timeout
-    from dandelion_lib.config import cpu_limit, get_settings
+    from dandelion_lib.core.config import cpu_limit, get_settings
 
     settings = get_settings()
     # Before MLflow makes its first request; a value set in the environment wins.

@@ -18,7 +18,7 @@ from api.routes import ROUTES
 from api.services import Services
 from api.services.models import redact_uri
 from dandelion_lib import __version__
-from dandelion_lib.config import Settings, get_settings
+from dandelion_lib.core.config import Settings, get_settings
 
 log = logging.getLogger("api")
 

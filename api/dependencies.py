@@ -20,7 +20,7 @@ from api.services import Services
 from api.services.feedback import FeedbackService
 from api.services.models import ModelManager
 from api.services.predictions import PredictionService
-from dandelion_lib.config import Settings
+from dandelion_lib.core.config import Settings
 
 ADMIN_REALM = "dandelion-admin"
 

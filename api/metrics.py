@@ -19,8 +19,8 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from dandelion_lib.config import UNCERTAIN, UNKNOWN, Settings
-from dandelion_lib.monitoring import DriftMonitor
+from dandelion_lib.core.config import UNCERTAIN, UNKNOWN, Settings
+from dandelion_lib.lifecycle.monitoring import DriftMonitor
 
 __all__ = ["CONTENT_TYPE_LATEST", "ApiMetrics"]
 

@@ -21,7 +21,7 @@ from litestar.exceptions import ClientException
 
 from api.problems import Problem
 from api.schemas import FeedbackRequest, FeedbackSubmission
-from dandelion_lib.config import Settings
+from dandelion_lib.core.config import Settings
 
 SINGLE_FIELD = "file"
 BATCH_FIELD = "files"

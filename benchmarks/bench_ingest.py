@@ -41,8 +41,8 @@ def _baseline(source: str, endpoint: str, bucket: str) -> float:
 def main() -> None:
     import boto3
 
-    from dandelion_lib.config import Settings
-    from dandelion_lib.ingest import ingest
+    from dandelion_lib.core.config import Settings
+    from dandelion_lib.data.ingest import ingest
 
     # Dummy credentials for the loopback S3 server only.
     for k, v in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench")):

@@ -34,20 +34,20 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from sklearn.model_selection import RepeatedStratifiedKFold
 
-    from dandelion_lib import dataset
-    from dandelion_lib import model as model_lib
-    from dandelion_lib.config import Settings
-    from dandelion_lib.dataset import load_examples
-    from dandelion_lib.features import FeatureSpec
-    from dandelion_lib.ingest import ingest
-    from dandelion_lib.storage import open_store
-    from dandelion_lib.train import (
+    from dandelion_lib.core.config import Settings
+    from dandelion_lib.core.features import FeatureSpec
+    from dandelion_lib.core.storage import open_store
+    from dandelion_lib.data import dataset
+    from dandelion_lib.data.dataset import load_examples
+    from dandelion_lib.data.ingest import ingest
+    from dandelion_lib.lifecycle.train import (
         TrainConfig,
         augmented_features,
         extract_features,
         feature_extractor,
         fit_cached_head,
     )
+    from dandelion_lib.training import model as model_lib
 
     config = TrainConfig()
     labels = FeatureSpec().labels

@@ -2,7 +2,7 @@
 
 Data. In-domain: the reference dataset ingested into a temporary store, with the library's
 split (train / val / test). Out-of-domain: ``ood-dev`` split by
-:func:`dandelion_lib.openset.split_ood` (seed 0, half of each folder) into a ``fit`` part
+:func:`dandelion_lib.data.splits.split_ood` (seed 0, half of each folder) into a ``fit`` part
 and an ``eval`` part. Features: the default backbone's (EfficientNet-Lite0, 1600-d) at the
 default input size, extracted once per image; plus the default recipe's augmented views of
 the training photos, for the two-class head that gives the in-domain answers.
@@ -74,19 +74,20 @@ def ood_files(root: Path = OOD_DEV) -> list[Path]:
 def extract(settings_dir: Path) -> Features:
     """Ingest the reference dataset, extract every feature once (timed)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from dandelion_lib import dataset, openset
-    from dandelion_lib import model as model_lib
-    from dandelion_lib.config import Settings
-    from dandelion_lib.dataset import load_examples
-    from dandelion_lib.features import FeatureSpec, bytes_to_model_input
-    from dandelion_lib.ingest import ingest
-    from dandelion_lib.storage import open_store
-    from dandelion_lib.train import (
+    from dandelion_lib.core.config import Settings
+    from dandelion_lib.core.features import FeatureSpec, bytes_to_model_input
+    from dandelion_lib.core.storage import open_store, sha256_hex
+    from dandelion_lib.data import dataset
+    from dandelion_lib.data.dataset import load_examples
+    from dandelion_lib.data.ingest import ingest
+    from dandelion_lib.data.splits import split_ood
+    from dandelion_lib.lifecycle.train import (
         TrainConfig,
         augmented_features,
         extract_features,
         feature_extractor,
     )
+    from dandelion_lib.training import model as model_lib
 
     config = TrainConfig()
     spec = FeatureSpec(image_size=config.image_size)
@@ -97,9 +98,7 @@ def extract(settings_dir: Path) -> Features:
     files = ood_files()
     blobs = [p.read_bytes() for p in files]
     groups = [p.parent.name for p in files]
-    parts = openset.split_ood(
-        [openset.content_sha256(b) for b in blobs], groups, seed=SPLIT_SEED, fit_fraction=0.5
-    )
+    parts = split_ood([sha256_hex(b) for b in blobs], groups, seed=SPLIT_SEED, fit_fraction=0.5)
 
     start = time.perf_counter()
     backbone = model_lib.build_backbone(config.backbone, config.weights, config.image_size)
@@ -147,7 +146,7 @@ class Candidate:
 
     @property
     def uses_negatives(self) -> bool:
-        from dandelion_lib.openset import NEGATIVE_METHODS
+        from dandelion_lib.training.openset import NEGATIVE_METHODS
 
         return self.params["method"] in NEGATIVE_METHODS
 
@@ -167,7 +166,7 @@ CANDIDATES: tuple[Candidate, ...] = (
 
 
 def fit_detector(candidate: Candidate, x: np.ndarray, y: np.ndarray, neg: np.ndarray) -> Any:
-    from dandelion_lib.openset import OpenSetDetector
+    from dandelion_lib.training.openset import OpenSetDetector
 
     det = OpenSetDetector(**candidate.params)
     return det.fit(x, y, negatives=neg if candidate.uses_negatives else None)
@@ -185,7 +184,7 @@ def cross_validate(feats: Features, candidates: tuple[Candidate, ...]) -> dict[s
     """
     from sklearn.model_selection import StratifiedKFold
 
-    from dandelion_lib.openset import roc_auc, threshold_for_retention
+    from dandelion_lib.training.openset import roc_auc, threshold_for_retention
 
     in_idx = np.flatnonzero(feats.split != "test")
     neg_idx = np.flatnonzero(feats.ood_part == "fit")
@@ -246,7 +245,7 @@ class _EpochCounter:
 def classifier_probs(feats: Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The default two-class head (train.py's recipe: augmented views, early stopping on
     val, refit on train + val): probabilities on the test split, val split and ood-dev."""
-    from dandelion_lib.train import TrainConfig, _one_hot, fit_cached_head
+    from dandelion_lib.lifecycle.train import TrainConfig, _one_hot, fit_cached_head
 
     config = TrainConfig()
     n = int(feats.y.max()) + 1
@@ -289,7 +288,7 @@ def report(
     correct: np.ndarray,
 ) -> dict[str, float]:
     """Figures on the test split and the ood-dev ``eval`` part, threshold from val."""
-    from dandelion_lib.openset import ood_metrics, threshold_for_retention
+    from dandelion_lib.training.openset import ood_metrics, threshold_for_retention
 
     threshold = threshold_for_retention(val_scores, RETENTION)
     ev = feats.ood_part == "eval"

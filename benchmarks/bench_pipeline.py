@@ -45,11 +45,12 @@ def _serve(path: Path) -> tuple[str, http.server.ThreadingHTTPServer]:
 
 def _baseline(workdir: Path, source: str) -> dict[str, Any]:
     """The stages in-process, in the pipeline's order, with the same settings."""
-    from dandelion_lib import datagate, evaluate, promotion, registry, train
-    from dandelion_lib.config import Settings
-    from dandelion_lib.ingest import ingest
-    from dandelion_lib.predict import Predictor
-    from dandelion_lib.storage import open_store
+    from dandelion_lib.core.config import Settings
+    from dandelion_lib.core.storage import open_store
+    from dandelion_lib.data import datagate
+    from dandelion_lib.data.ingest import ingest
+    from dandelion_lib.lifecycle import evaluate, promotion, registry, train
+    from dandelion_lib.serving.predict import Predictor
 
     settings = Settings(workdir=workdir, source=source)
     laps: dict[str, float] = {}

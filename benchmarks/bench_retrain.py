@@ -113,10 +113,10 @@ def _describe(name: str, result: Any, settings: Any) -> None:
 def _give_feedback(settings: Any, result: Any, held: dict[str, list[Path]]) -> tuple[int, int]:
     """The held-back photos through the feedback path: the trained model answers each one,
     the user's label is its folder, a reviewer accepts it. Returns (feedback, disagreements)."""
-    from dandelion_lib.features import FeatureSpec
-    from dandelion_lib.feedback import FeedbackStore, PredictionRecord
-    from dandelion_lib.predict import Predictor
-    from dandelion_lib.storage import sha256_hex
+    from dandelion_lib.core.features import FeatureSpec
+    from dandelion_lib.core.storage import sha256_hex
+    from dandelion_lib.data.feedback import FeedbackStore, PredictionRecord
+    from dandelion_lib.serving.predict import Predictor
 
     spec = FeatureSpec(labels=tuple(settings.labels))
     predictor = Predictor(model=result.model, spec=spec, version=result.model_version)
@@ -153,10 +153,10 @@ def _give_feedback(settings: Any, result: Any, held: dict[str, list[Path]]) -> t
 
 
 def _retrain(tmp: Path, mode: Mode) -> None:
-    from dandelion_lib.config import Settings
-    from dandelion_lib.ingest import add_accepted_feedback, ingest
-    from dandelion_lib.storage import open_store
-    from dandelion_lib.train import TrainConfig, train
+    from dandelion_lib.core.config import Settings
+    from dandelion_lib.core.storage import open_store
+    from dandelion_lib.data.ingest import add_accepted_feedback, ingest
+    from dandelion_lib.lifecycle.train import TrainConfig, train
 
     source, held = _source_folder(tmp / "source", mode)
     settings = Settings(workdir=tmp / "work")
@@ -276,16 +276,16 @@ def _scaled_images(mode: Mode) -> tuple[list[bytes], int]:
 def _extraction(tmp: Path, mode: Mode) -> None:
     import numpy as np
 
-    from dandelion_lib import model as model_lib
-    from dandelion_lib.config import Settings
-    from dandelion_lib.features import FeatureSpec, bytes_to_model_input
-    from dandelion_lib.storage import open_store, sha256_hex
-    from dandelion_lib.train import (
+    from dandelion_lib.core.config import Settings
+    from dandelion_lib.core.features import FeatureSpec, bytes_to_model_input
+    from dandelion_lib.core.storage import open_store, sha256_hex
+    from dandelion_lib.lifecycle.train import (
         TrainConfig,
         feature_extractor,
         open_feature_store,
         split_features,
     )
+    from dandelion_lib.training import model as model_lib
 
     start = time.perf_counter()
     images, base = _scaled_images(mode)

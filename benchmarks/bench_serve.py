@@ -149,7 +149,7 @@ def _batches(url: str) -> tuple[float, float]:
 def _pixels(images: list[bytes]) -> Any:
     import numpy as np
 
-    from dandelion_lib.features import decode_image, to_model_input
+    from dandelion_lib.core.features import decode_image, to_model_input
 
     return np.stack([to_model_input(decode_image(b)) for b in images]).astype(np.float32)
 
@@ -157,7 +157,7 @@ def _pixels(images: list[bytes]) -> Any:
 def _build_model(pixels: Any) -> Any:
     """The served architecture: EfficientNet-Lite0 (ImageNet weights) + a head whose
     standardisation is fitted on the backbone's features of reference photos."""
-    from dandelion_lib import model as model_lib
+    from dandelion_lib.training import model as model_lib
 
     backbone = model_lib.build_backbone("efficientnet_lite0")
     features = backbone.model.predict(pixels, batch_size=16, verbose=0)
@@ -168,10 +168,10 @@ def _build_model(pixels: Any) -> Any:
 def _register(workdir: Path, images: list[bytes]) -> str:
     import mlflow
 
-    from dandelion_lib import runtime
-    from dandelion_lib.config import Settings, cpu_limit
-    from dandelion_lib.features import FeatureSpec
-    from dandelion_lib.registry import configure_mlflow, log_keras_model, use_experiment
+    from dandelion_lib.core.config import Settings, cpu_limit
+    from dandelion_lib.core.features import FeatureSpec
+    from dandelion_lib.lifecycle.registry import configure_mlflow, log_keras_model, use_experiment
+    from dandelion_lib.serving import runtime
 
     settings = Settings(workdir=workdir, experiment="bench-serve")
     client = configure_mlflow(settings)
@@ -211,8 +211,8 @@ def _register(workdir: Path, images: list[bytes]) -> str:
 
 
 def _set_precision(workdir: Path, precision: str) -> None:
-    from dandelion_lib.config import Settings
-    from dandelion_lib.registry import configure_mlflow
+    from dandelion_lib.core.config import Settings
+    from dandelion_lib.lifecycle.registry import configure_mlflow
 
     client = configure_mlflow(Settings(workdir=workdir))
     version = client.get_model_version_by_alias(MODEL_NAME, "champion").version
@@ -239,9 +239,9 @@ def _floor(uri: str, runtime: str, precision: str) -> dict[str, float]:
     """In this (fresh) process: load, then batch-1 latency and batch-32 throughput."""
     import numpy as np
 
-    from dandelion_lib.config import Settings
-    from dandelion_lib.predict import Predictor
-    from dandelion_lib.registry import configure_mlflow
+    from dandelion_lib.core.config import Settings
+    from dandelion_lib.lifecycle.registry import configure_mlflow
+    from dandelion_lib.serving.predict import Predictor
 
     images = _images()
     configure_mlflow(Settings())
@@ -329,8 +329,8 @@ def naive_app(uri: str) -> Any:
 def _serve_naive(uri: str, port: int) -> None:
     import uvicorn
 
-    from dandelion_lib.config import Settings
-    from dandelion_lib.registry import configure_mlflow
+    from dandelion_lib.core.config import Settings
+    from dandelion_lib.lifecycle.registry import configure_mlflow
 
     configure_mlflow(Settings())
     uvicorn.run(naive_app(uri), host="127.0.0.1", port=port, log_level="warning")

@@ -43,8 +43,8 @@ def _extraction(settings: Any, store: Any) -> None:
     """Seed 42 from an empty feature store, extraction on TensorFlow then on ONNX Runtime."""
     import mlflow
 
-    from dandelion_lib.featurestore import PREFIX
-    from dandelion_lib.train import TrainConfig, train
+    from dandelion_lib.data.featurestore import PREFIX
+    from dandelion_lib.lifecycle.train import TrainConfig, train
 
     runs = {}
     for extraction in ("keras", "auto"):
@@ -71,12 +71,12 @@ def _extraction(settings: Any, store: Any) -> None:
 
 def main(mode: str = "seeds") -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from dandelion_lib.config import Settings
-    from dandelion_lib.ingest import ingest
-    from dandelion_lib.predict import Predictor
-    from dandelion_lib.registry import configure_mlflow
-    from dandelion_lib.storage import open_store
-    from dandelion_lib.train import TrainConfig, train
+    from dandelion_lib.core.config import Settings
+    from dandelion_lib.core.storage import open_store
+    from dandelion_lib.data.ingest import ingest
+    from dandelion_lib.lifecycle.registry import configure_mlflow
+    from dandelion_lib.lifecycle.train import TrainConfig, train
+    from dandelion_lib.serving.predict import Predictor
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(workdir=Path(tmp) / "work")

@@ -23,7 +23,7 @@ from airflow.providers.papermill.operators.papermill import PapermillOperator
 from airflow.providers.standard.operators.python import PythonOperator, ShortCircuitOperator
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param
 
-from dandelion_lib.config import get_settings
+from dandelion_lib.core.config import get_settings
 from dandelion_tasks import steps as orch
 
 SETTINGS = get_settings()

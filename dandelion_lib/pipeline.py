@@ -3,7 +3,7 @@
 Its one job is running the DAGs on one machine: Airflow's environment and SQLite DB under the
 work directory, the Jupyter kernel the notebooks need (:func:`check_kernel`), the
 ``airflow dags test`` subprocess, and printing the run summary. The steps themselves live in
-their own modules (:mod:`~dandelion_lib.datagate`, :mod:`~dandelion_lib.changes`,
+their own modules (:mod:`~dandelion_lib.data.datagate`, :mod:`~dandelion_lib.lifecycle.changes`,
 :mod:`~dandelion_lib.summary`, the stages) and are wired by ``dags/``.
 """
 
@@ -24,9 +24,9 @@ from typing import Any
 from dotenv import dotenv_values
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-from dandelion_lib.config import Settings, get_settings
-from dandelion_lib.errors import DandelionError
-from dandelion_lib.runs import PIPELINE_DAG, RETRAIN_DAG
+from dandelion_lib.core.config import Settings, get_settings
+from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.core.runs import PIPELINE_DAG, RETRAIN_DAG
 from dandelion_lib.summary import format_summary, read_summary
 
 

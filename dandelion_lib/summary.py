@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from dandelion_lib.config import Settings
-from dandelion_lib.runs import run_prefix
-from dandelion_lib.storage import ObjectNotFoundError, open_store
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.runs import run_prefix
+from dandelion_lib.core.storage import ObjectNotFoundError, open_store
 
 
 def where_to_look(settings: Settings, run_id: str | None = None) -> dict[str, str]:

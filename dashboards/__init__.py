@@ -2,7 +2,7 @@
 
 ``app.ipynb`` talks to the API over HTTP: ``client`` holds the HTTP client and the view model,
 ``ui`` the ipywidgets layout. ``review.ipynb`` (the reviewer page, an internal tool) reads the
-feedback database and the store through ``dandelion_lib.feedback``; ``review`` holds its
+feedback database and the store through ``dandelion_lib.data.feedback``; ``review`` holds its
 widgets. ``serve`` is the production Voila launcher of both (``python -m dashboards.serve``,
 ``--review``) and ``lab`` starts JupyterLab on the project's notebooks (``nox -s lab``).
 Nothing here imports TensorFlow: a session's kernel stays small.

@@ -24,9 +24,9 @@ from typing import Any
 
 import httpx
 
-from dandelion_lib.config import NEITHER, UNCERTAIN, UNKNOWN, Settings
-from dandelion_lib.errors import DandelionError
-from dandelion_lib.images import DEFAULT_MAX_PIXELS
+from dandelion_lib.core.config import NEITHER, UNCERTAIN, UNKNOWN, Settings
+from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.core.images import DEFAULT_MAX_PIXELS
 
 UPLOAD_FIELD = "file"
 """Multipart field of the image in ``POST /predict``."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
-from dandelion_lib.config import Settings, get_settings
+from dandelion_lib.core.config import Settings, get_settings
 from dashboards.serve import KERNEL, ROOT, environment
 
 NOTEBOOKS = ROOT / "notebooks"

@@ -1,7 +1,7 @@
 """The reviewer page's widgets: the queue of pending feedback, decisions and the live count.
 
 :class:`ReviewPage` shows :meth:`FeedbackStore.review_queue
-<dandelion_lib.feedback.FeedbackStore.review_queue>` (most informative first; the rule is the
+<dandelion_lib.data.feedback.FeedbackStore.review_queue>` (most informative first; the rule is the
 library's) as cards: the photo (read from the object store by its key), the model's answer and
 confidence, the user's label, the model version. Each card has *Accept* and *Reject*; ticked
 cards are decided together (one transaction). A count of accepted photos that the latest
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import ipywidgets as w
 
-from dandelion_lib.config import NEITHER, Settings
-from dandelion_lib.errors import DandelionError
-from dandelion_lib.feedback import AwaitingDataset, FeedbackStore, ReviewItem
+from dandelion_lib.core.config import NEITHER, Settings
+from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.data.feedback import AwaitingDataset, FeedbackStore, ReviewItem
 from dashboards.client import make_thumbnail, percent
 from dashboards.ui import label_html, neither_text
 

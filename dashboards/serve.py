@@ -44,7 +44,7 @@ from traitlets import Integer
 from voila.app import Voila
 from voila.static_file_handler import TemplateStaticFileHandler
 
-from dandelion_lib.config import Settings, get_settings
+from dandelion_lib.core.config import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "dashboards" / "app.ipynb"

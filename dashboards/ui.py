@@ -17,8 +17,8 @@ from typing import Any
 
 import ipywidgets as w
 
-from dandelion_lib.config import DEFAULT_LABELS, NEITHER, UNKNOWN, Settings
-from dandelion_lib.errors import DandelionError
+from dandelion_lib.core.config import DEFAULT_LABELS, NEITHER, UNKNOWN, Settings
+from dandelion_lib.core.errors import DandelionError
 from dashboards.client import (
     ApiClient,
     ApiUnavailableError,

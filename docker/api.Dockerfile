@@ -14,7 +14,7 @@ RUN pip install --no-cache-dir uv==0.13.9 && python -m venv --without-pip /opt/v
 WORKDIR /src
 COPY requirements.lock ./
 # The lock is the constraint set: exactly the pinned versions. No TensorFlow or Keras: the model
-# runs on ONNX Runtime (the artifact every version gets at registration, dandelion_lib/runtime.py);
+# runs on ONNX Runtime (the artifact every version gets at registration, dandelion_lib/serving/runtime.py);
 # MLflow's client only (mlflow-skinny), scipy for the drift tests.
 RUN uv pip install --python /opt/venv/bin/python --constraint requirements.lock \
         "litestar[standard]" uvicorn "psycopg[binary]" onnxruntime mlflow-skinny boto3 \

@@ -48,10 +48,11 @@ def wait_http(url: str, timeout: float) -> None:
 
 def pick_photos(ood: Path | None, tmp: Path) -> list[Path]:
     """A confident dandelion and grass of the test split and an object answered unknown."""
-    from dandelion_lib import dataset, registry
-    from dandelion_lib.config import UNKNOWN, get_settings
-    from dandelion_lib.predict import Predictor
-    from dandelion_lib.storage import open_store
+    from dandelion_lib.core.config import UNKNOWN, get_settings
+    from dandelion_lib.core.storage import open_store
+    from dandelion_lib.data import dataset
+    from dandelion_lib.lifecycle import registry
+    from dandelion_lib.serving.predict import Predictor
 
     settings = get_settings()
     registry.configure_mlflow(settings)

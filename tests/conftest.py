@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from dandelion_lib.config import Settings
-from dandelion_lib.storage import LocalStore, ObjectStore, S3Store
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.storage import LocalStore, ObjectStore, S3Store
 from tests.process_support import free_port, stop, wait_http
 
 __all__ = ["free_port", "wait_http"]  # re-exported for the test modules

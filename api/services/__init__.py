@@ -13,8 +13,8 @@ from api.services.inference import InferenceQueue
 from api.services.models import Loader, ModelManager
 from api.services.predictions import PredictionService
 from api.services.recording import PredictionLog
-from dandelion_lib.config import Settings
-from dandelion_lib.feedback import FeedbackStore, FeedbackUnavailableError
+from dandelion_lib.core.config import Settings
+from dandelion_lib.data.feedback import FeedbackStore, FeedbackUnavailableError
 
 log = logging.getLogger("api")
 

@@ -10,7 +10,8 @@ from api.metrics import ApiMetrics
 from api.problems import Problem
 from api.schemas import FeedbackResponse, FeedbackSubmission, ModelRef
 from api.services.recording import PredictionLog
-from dandelion_lib.feedback import (
+from dandelion_lib.core.storage import StoreError
+from dandelion_lib.data.feedback import (
     DuplicateFeedbackError,
     FeedbackRecord,
     FeedbackStore,
@@ -18,7 +19,6 @@ from dandelion_lib.feedback import (
     InvalidFeedbackError,
     UnknownPredictionError,
 )
-from dandelion_lib.storage import StoreError
 
 log = logging.getLogger("api.feedback")
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from api.metrics import ApiMetrics
-from dandelion_lib.predict import Prediction, Predictor
+from dandelion_lib.serving.predict import Prediction, Predictor
 
 log = logging.getLogger("api.inference")
 

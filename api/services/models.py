@@ -29,10 +29,10 @@ from api.schemas import (
     ReloadResponse,
     ServingInfo,
 )
-from dandelion_lib.config import Settings
-from dandelion_lib.monitoring import DriftMonitor
-from dandelion_lib.predict import SERVING_TAG, AnswerPolicy, Predictor
-from dandelion_lib.registry import configure_mlflow
+from dandelion_lib.core.config import Settings
+from dandelion_lib.lifecycle.monitoring import DriftMonitor
+from dandelion_lib.lifecycle.registry import configure_mlflow
+from dandelion_lib.serving.predict import SERVING_TAG, AnswerPolicy, Predictor
 
 log = logging.getLogger("api.model")
 

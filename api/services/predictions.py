@@ -1,7 +1,7 @@
 """Predictions: decode untrusted bytes off the event loop, batch through the model, record.
 
 Decoding runs in worker threads through :meth:`Predictor.decode`, which accepts images by the
-one rule of :mod:`dandelion_lib.images` (formats, size limits, reject reasons with their HTTP
+one rule of :mod:`dandelion_lib.core.images` (formats, size limits, reject reasons with their HTTP
 status and problem code). Any decoder failure is the input's fault and becomes a 4xx problem,
 never a 500. The answer (a label, ``uncertain`` or ``unknown``, with its reason) is the
 Predictor's answer policy's.
@@ -26,9 +26,9 @@ from api.services.inference import InferenceQueue, QueueFullError
 from api.services.models import ModelManager, ServingModel
 from api.services.recording import PredictionLog
 from api.uploads import Upload
-from dandelion_lib.feedback import PredictionRecord
-from dandelion_lib.images import InvalidImageError, RejectReason
-from dandelion_lib.predict import Prediction, Predictor
+from dandelion_lib.core.images import InvalidImageError, RejectReason
+from dandelion_lib.data.feedback import PredictionRecord
+from dandelion_lib.serving.predict import Prediction, Predictor
 
 log = logging.getLogger("api.predict")
 

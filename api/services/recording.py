@@ -13,7 +13,7 @@ import logging
 import threading
 from collections import OrderedDict
 
-from dandelion_lib.feedback import FeedbackStore, PredictionRecord
+from dandelion_lib.data.feedback import FeedbackStore, PredictionRecord
 
 log = logging.getLogger("api.recording")
 

@@ -33,9 +33,8 @@ from airflow.exceptions import AirflowFailException
 from airflow.sdk import Asset
 from airflow.sdk.definitions.retry_policy import RetryDecision, RetryPolicy
 
-from dandelion_lib import registry
-from dandelion_lib.config import Settings, get_settings
-from dandelion_lib.runs import (
+from dandelion_lib.core.config import Settings, get_settings
+from dandelion_lib.core.runs import (
     CODE_VERSION_TAG,
     DAG_ID_TAG,
     DATASET_VERSION_TAG,
@@ -47,7 +46,8 @@ from dandelion_lib.runs import (
     run_key,
     run_prefix,
 )
-from dandelion_lib.storage import open_store
+from dandelion_lib.core.storage import open_store
+from dandelion_lib.lifecycle import registry
 from dandelion_lib.summary import feature_totals, format_summary, where_to_look
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ def _link_notebook(context: Any, url: str | None, run_ids: list[str]) -> None:
 
 
 def _run_context_tags(context: Any) -> dict[str, str]:
-    from dandelion_lib import changes  # imports MLflow: not at DAG parse time
+    from dandelion_lib.lifecycle import changes  # imports MLflow: not at DAG parse time
 
     ti = context["ti"]
     params = getattr(context["task"], "parameters", None) or {}
@@ -330,7 +330,7 @@ def finish_notebook(context: Any, result: Any = None) -> None:
 
 
 def _after_ingest(context: Any) -> None:
-    from dandelion_lib import dataset  # imports pandas: not at DAG parse time
+    from dandelion_lib.data import dataset  # imports pandas: not at DAG parse time
 
     version = dataset.latest_version(_store())
     context["ti"].xcom_push(key="dataset_version", value=version)
@@ -454,8 +454,8 @@ def on_run_failure(context: Any) -> None:
 def resolve_dataset(**context: Any) -> dict[str, Any]:
     """Retraining: a new version when accepted feedback waits (the latest plus those photos,
     splits kept), else the dataset version of the triggering asset events, else the latest."""
-    from dandelion_lib import dataset  # imports pandas: not at DAG parse time
-    from dandelion_lib.ingest import SourceUnavailableError, add_accepted_feedback
+    from dandelion_lib.data import dataset  # imports pandas: not at DAG parse time
+    from dandelion_lib.data.ingest import SourceUnavailableError, add_accepted_feedback
 
     version = None
     sources: set[str] = set()
@@ -486,7 +486,7 @@ def resolve_dataset(**context: Any) -> dict[str, Any]:
 
 def feedback_waiting(**context: Any) -> bool:
     """Whether enough accepted feedback photos wait for a dataset version to retrain."""
-    from dandelion_lib.feedback import FeedbackStore
+    from dandelion_lib.data.feedback import FeedbackStore
 
     settings = _settings()
     store = FeedbackStore.from_settings(settings)
@@ -512,7 +512,7 @@ def announce_feedback(**context: Any) -> int:
 
 def validate_data(dataset_version: str, **context: Any) -> dict[str, Any]:
     """The data gate: a failure ends the run at once (no retry); I/O errors are retried."""
-    from dandelion_lib import datagate  # imports pandas: not at DAG parse time
+    from dandelion_lib.data import datagate  # imports pandas: not at DAG parse time
 
     try:
         report = datagate.validate_dataset(dataset_version or None, _settings())
@@ -525,7 +525,7 @@ def validate_data(dataset_version: str, **context: Any) -> dict[str, Any]:
 
 def check_changes(dataset_version: str, **context: Any) -> bool:
     """Short-circuit: False (training skipped, logged) when nothing changed since the champion."""
-    from dandelion_lib import changes  # imports MLflow: not at DAG parse time
+    from dandelion_lib.lifecycle import changes  # imports MLflow: not at DAG parse time
 
     params = context["params"]
     upstream = context["ti"].xcom_pull(task_ids="resolve_dataset") or {}
@@ -553,7 +553,7 @@ def check_changes(dataset_version: str, **context: Any) -> bool:
 def _train_config(dataset_version: str, context: Any) -> Any:
     """The training config the ``train`` notebook will use: its per-run parameters (the DAG
     param ``notebook_params.train``) over TrainConfig's defaults, on this dataset version."""
-    from dandelion_lib import train  # imports TensorFlow: not at DAG parse time
+    from dandelion_lib.lifecycle import train  # imports TensorFlow: not at DAG parse time
 
     overrides = (context["params"].get("notebook_params") or {}).get("train") or {}
     return train.config_from_params({**overrides, "dataset_version": dataset_version or None})
@@ -562,7 +562,7 @@ def _train_config(dataset_version: str, context: Any) -> Any:
 def plan_features(dataset_version: str, **context: Any) -> list[dict[str, Any]]:
     """The extraction shards of the dataset version: one ``extract_features`` task each
     (``DANDELION_FEATURE_SHARD_SIZE`` images per shard; at least one)."""
-    from dandelion_lib import train  # imports TensorFlow: not at DAG parse time
+    from dandelion_lib.lifecycle import train  # imports TensorFlow: not at DAG parse time
 
     shards = train.feature_shards(_train_config(dataset_version, context), _settings())
     log.info("dataset %s: %d extraction shard(s)", dataset_version, shards)
@@ -572,7 +572,7 @@ def plan_features(dataset_version: str, **context: Any) -> list[dict[str, Any]]:
 def extract_features(dataset_version: str, shard: int, **context: Any) -> dict[str, int]:
     """One shard's backbone embeddings into the feature store (only the missing ones), so
     that ``train`` reads them all from the cache; mapped over :func:`plan_features`."""
-    from dandelion_lib import train  # imports TensorFlow: not at DAG parse time
+    from dandelion_lib.lifecycle import train  # imports TensorFlow: not at DAG parse time
 
     config = _train_config(dataset_version, context)
     counts = train.extract_feature_shard(config, int(shard), _settings())
@@ -582,7 +582,7 @@ def extract_features(dataset_version: str, shard: int, **context: Any) -> dict[s
 
 def promote(model_version: str, dataset_version: str, **context: Any) -> dict[str, Any]:
     """The model gate: move ``champion`` only if the challenger passes; no retry on rejection."""
-    from dandelion_lib import promotion  # imports MLflow: not at DAG parse time
+    from dandelion_lib.lifecycle import promotion  # imports MLflow: not at DAG parse time
 
     settings = _settings()
     client = registry.configure_mlflow(settings)

@@ -6,8 +6,8 @@ Dense layer whose weights come from a logistic regression on the mean colour of 
 of the reference images (about 70% accurate on the others). Every test module shares one API server process.
 
 Its open-set variant (:func:`build_openset_model`) is the same computation assembled like
-``dandelion_lib.model.assemble`` (pixels -> mean-colour backbone -> sub-model ``head``), so
-the server computes its features; it ships a real :class:`~dandelion_lib.openset.OpenSetDetector`
+``dandelion_lib.training.model.assemble`` (pixels -> mean-colour backbone -> sub-model ``head``), so
+the server computes its features; it ships a real :class:`~dandelion_lib.training.openset.OpenSetDetector`
 fitted on those features of reference photos with ood-dev photos as negatives, and calibrated
 on other reference photos (:func:`fit_openset`).
 """
@@ -64,7 +64,7 @@ class TrainedParts:
 
 def mean_colour(data: bytes) -> np.ndarray:
     """The tiny models' features of one photo: its mean colour in [0, 1], as served."""
-    from dandelion_lib.features import decode_image, to_model_input
+    from dandelion_lib.core.features import decode_image, to_model_input
 
     return np.asarray(to_model_input(decode_image(data)).mean(axis=(0, 1)) / 255.0)
 
@@ -74,8 +74,8 @@ def train_parts(greenr: Path) -> TrainedParts:
     import pandas as pd
     from sklearn.linear_model import LogisticRegression
 
-    from dandelion_lib.features import decode_image, image_stats, to_model_input
-    from dandelion_lib.monitoring import build_reference
+    from dandelion_lib.core.features import decode_image, image_stats, to_model_input
+    from dandelion_lib.lifecycle.monitoring import build_reference
 
     xs, ys, stats = [], [], []
     for path, y in dataset_images(greenr, parity=0)[::2]:
@@ -100,7 +100,7 @@ def build_tiny_model(coef: np.ndarray, intercept: float) -> Any:
     """Rescaling -> GlobalAveragePooling2D -> Dense(2, softmax): p(grass) = sigmoid(coef.x + b)."""
     import keras
 
-    from dandelion_lib.features import FeatureSpec
+    from dandelion_lib.core.features import FeatureSpec
 
     size = FeatureSpec().image_size
     inputs = keras.Input((size, size, 3))
@@ -113,7 +113,7 @@ def build_tiny_model(coef: np.ndarray, intercept: float) -> Any:
 
 
 def build_openset_model(coef: np.ndarray, intercept: float, *, blocks: bool = False) -> Any:
-    """The tiny model assembled as ``dandelion_lib.model.assemble`` does: pixels -> backbone
+    """The tiny model assembled as ``dandelion_lib.training.model.assemble`` does: pixels -> backbone
     (Rescaling -> GlobalAveragePooling2D: the mean colour) -> ``head`` (Dense softmax), so the
     Predictor computes its features and scores them with the open-set detector.
 
@@ -123,7 +123,7 @@ def build_openset_model(coef: np.ndarray, intercept: float, *, blocks: bool = Fa
     short averages keep the export exact, as the real backbone's 11x11 pooling is."""
     import keras
 
-    from dandelion_lib.features import FeatureSpec
+    from dandelion_lib.core.features import FeatureSpec
 
     size = FeatureSpec().image_size
     pixels = keras.Input((size, size, 3), name="pixels")
@@ -144,7 +144,7 @@ def build_openset_model(coef: np.ndarray, intercept: float, *, blocks: bool = Fa
 class OpenSetParts:
     """A fitted, calibrated detector on the tiny models' features and two photos chosen by it."""
 
-    detector: Any  # dandelion_lib.openset.OpenSetDetector
+    detector: Any  # dandelion_lib.training.openset.OpenSetDetector
     unknown_photo: Path
     """An ood-dev object photo never fitted on, scoring far above the threshold."""
     in_domain_photo: Path
@@ -155,7 +155,7 @@ def fit_openset(greenr: Path, parts: TrainedParts, ood: Path = OOD_DEV) -> OpenS
     """Fit the default (``logistic``) detector on the training photos' features with a
     quarter of each ood-dev folder as negatives, calibrate it on other reference photos,
     and pick the photos the tests send (about 150 photos decoded)."""
-    from dandelion_lib.openset import OpenSetDetector
+    from dandelion_lib.training.openset import OpenSetDetector
 
     if not ood.is_dir():
         pytest.fail(f"ood-dev not found at {ood} (set DANDELION_OOD_DATASET)")
@@ -212,8 +212,8 @@ class Registry:
     def register_with_runtime(self, detector: Any, photos: list[Path]) -> str:
         """The open-set variant registered as training registers it: with its ONNX Runtime
         artifacts (FP32 checked against Keras on ``photos``, INT8 calibrated on them)."""
-        from dandelion_lib import runtime
-        from dandelion_lib.features import FeatureSpec, decode_image, to_model_input
+        from dandelion_lib.core.features import FeatureSpec, decode_image, to_model_input
+        from dandelion_lib.serving import runtime
 
         model = build_openset_model(self.parts.coef, self.parts.intercept, blocks=True)
         spec = FeatureSpec()
@@ -233,8 +233,8 @@ class Registry:
     def _log(self, model: Any, detector: Any = None, **runtime: Any) -> str:
         import mlflow
 
-        from dandelion_lib.features import FeatureSpec
-        from dandelion_lib.registry import log_keras_model
+        from dandelion_lib.core.features import FeatureSpec
+        from dandelion_lib.lifecycle.registry import log_keras_model
 
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
@@ -281,8 +281,8 @@ class Registry:
 
     def predictor(self, version: str) -> Any:
         """An in-process Predictor on the same Keras model (the reference answer)."""
-        from dandelion_lib.features import FeatureSpec
-        from dandelion_lib.predict import Predictor
+        from dandelion_lib.core.features import FeatureSpec
+        from dandelion_lib.serving.predict import Predictor
 
         return Predictor(
             model=self.models[version],

@@ -13,15 +13,15 @@ import pytest
 from litestar.testing import TestClient
 
 from api.app import create_app
-from dandelion_lib.config import Settings
-from dandelion_lib.feedback import (
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.storage import LocalStore
+from dandelion_lib.data.feedback import (
     DuplicateFeedbackError,
     FeedbackStore,
     InvalidFeedbackError,
     PredictionRecord,
     UnknownPredictionError,
 )
-from dandelion_lib.storage import LocalStore
 from tests.api.conftest import MODEL_NAME, ApiServer, Registry
 
 GRASS = "grass/00000011.jpg"
@@ -233,7 +233,7 @@ def _with_time(record: PredictionRecord, store: FeedbackStore) -> PredictionReco
 
 
 def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
-    from dandelion_lib.feedback import FeedbackUnavailableError
+    from dandelion_lib.data.feedback import FeedbackUnavailableError
     from tests.conftest import free_port
 
     store = FeedbackStore(f"postgresql://nobody:secret@127.0.0.1:{free_port()}/nothing")

@@ -17,9 +17,9 @@ from PIL import Image
 from api.app import create_app
 from api.metrics import ApiMetrics
 from api.services.inference import InferenceQueue, QueueFullError
-from dandelion_lib.config import Settings
-from dandelion_lib.features import FeatureSpec
-from dandelion_lib.predict import Predictor
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.features import FeatureSpec
+from dandelion_lib.serving.predict import Predictor
 from tests.api.conftest import MODEL_NAME, ApiServer, Registry, TrainedParts, build_tiny_model
 from tests.conftest import free_port
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dandelion_lib.features import FeatureSpec
+from dandelion_lib.core.features import FeatureSpec
 from tests.api.conftest import ApiServer
 
 PROBLEM = "application/problem+json"

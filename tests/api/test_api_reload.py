@@ -14,7 +14,7 @@ from typing import Any
 from litestar.testing import TestClient
 
 from api.app import create_app
-from dandelion_lib.config import Settings
+from dandelion_lib.core.config import Settings
 from tests.api.conftest import ADMIN_TOKEN, MODEL_NAME, ApiServer
 
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -24,7 +24,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from api.app import create_app
-from dandelion_lib.config import Settings
+from dandelion_lib.core.config import Settings
 from tests.api.conftest import ApiServer
 
 CHECKS = [

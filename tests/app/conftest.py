@@ -168,7 +168,8 @@ class AppApi:
 
     def feedback_store(self) -> Any:
         """The API's own feedback database (SQLite in its work dir)."""
-        from dandelion_lib import config, feedback
+        from dandelion_lib.core import config
+        from dandelion_lib.data import feedback
 
         return feedback.FeedbackStore.from_settings(config.Settings(workdir=self.workdir))
 

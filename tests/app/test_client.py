@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dandelion_lib.config import Settings
-from dandelion_lib.errors import DandelionError
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.errors import DandelionError
 from dashboards.client import ApiClient, ApiProblemError, ApiUnavailableError, Health
 from tests.app.conftest import APP_MODEL, AppApi, dead_url
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from dandelion_lib import LABELS
-from dandelion_lib.config import Settings
+from dandelion_lib.core.config import DEFAULT_LABELS as LABELS
+from dandelion_lib.core.config import Settings
 from tests.app.conftest import (
     APP_MODEL,
     ARTIFACTS,

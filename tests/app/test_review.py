@@ -14,8 +14,8 @@ from pathlib import Path
 import ipywidgets as w
 import pytest
 
-from dandelion_lib.config import Settings
-from dandelion_lib.feedback import FeedbackRecord, FeedbackStore, PredictionRecord
+from dandelion_lib.core.config import Settings
+from dandelion_lib.data.feedback import FeedbackRecord, FeedbackStore, PredictionRecord
 from dashboards.review import ReviewPage
 
 _ids = itertools.count()

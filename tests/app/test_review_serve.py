@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from dandelion_lib.config import Settings
-from dandelion_lib.feedback import FeedbackStore, PredictionRecord
+from dandelion_lib.core.config import Settings
+from dandelion_lib.data.feedback import FeedbackStore, PredictionRecord
 from dashboards import lab, serve
 from tests.app.conftest import serve_process
 from tests.conftest import ROOT, free_port

@@ -7,10 +7,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dandelion_lib import dataset
-from dandelion_lib.config import Settings
-from dandelion_lib.ingest import ingest
-from dandelion_lib.storage import LocalStore
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.storage import LocalStore
+from dandelion_lib.data import dataset
+from dandelion_lib.data.ingest import ingest
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from dandelion_lib import dataset
-from dandelion_lib.config import Settings
-from dandelion_lib.features import STAT_COLUMNS
-from dandelion_lib.storage import LocalStore, sha256_hex
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.features import STAT_COLUMNS
+from dandelion_lib.core.storage import LocalStore, sha256_hex
+from dandelion_lib.data import dataset
 
 
 def test_schema(manifest: pd.DataFrame) -> None:

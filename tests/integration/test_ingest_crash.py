@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from dandelion_lib import dataset
-from dandelion_lib.config import Settings
-from dandelion_lib.ingest import INDEX_KEY, ingest
-from dandelion_lib.storage import (
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.storage import (
     LocalStore,
     ObjectStore,
     S3Store,
     StoreUnavailableError,
     sha256_hex,
 )
+from dandelion_lib.data import dataset
+from dandelion_lib.data.ingest import INDEX_KEY, ingest
 from tests.integration.conftest import FaultServer
 
 

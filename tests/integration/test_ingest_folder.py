@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dandelion_lib import dataset
-from dandelion_lib.config import Settings
-from dandelion_lib.ingest import (
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.storage import LocalStore, ObjectStore
+from dandelion_lib.data import dataset
+from dandelion_lib.data.ingest import (
     DatasetQualityError,
     SourceUnavailableError,
     add_accepted_feedback,
     ingest,
 )
-from dandelion_lib.storage import LocalStore, ObjectStore
 from tests.conftest import free_port
 from tests.integration.conftest import FaultServer
 
@@ -212,8 +212,8 @@ def test_progress_bar_when_asked(
 
 
 def test_invalid_setting_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dandelion_lib.config import get_settings
-    from dandelion_lib.ingest import IngestError, load_settings
+    from dandelion_lib.core.config import get_settings
+    from dandelion_lib.data.ingest import IngestError, load_settings
 
     monkeypatch.setenv("DANDELION_LABELS", '["dandelion", "Grass/x"]')
     get_settings.cache_clear()
@@ -299,8 +299,8 @@ def test_accepted_feedback_joins_the_next_version(
 ) -> None:
     """Reviewed, accepted feedback images enter with the label the user gave (``neither``:
     a negative); rejected and unreviewed feedback never does."""
-    from dandelion_lib.feedback import FeedbackStore, PredictionRecord
-    from dandelion_lib.storage import open_store
+    from dandelion_lib.core.storage import open_store
+    from dandelion_lib.data.feedback import FeedbackStore, PredictionRecord
 
     src = tmp_path / "src"
     _copy(greenr_dir, src, D, range(25))
@@ -380,8 +380,8 @@ def test_feedback_never_relabels_a_photo_of_the_dataset(greenr_dir: Path, tmp_pa
     """Accepted feedback that gives a dataset photo another label is a ``label_conflict``:
     listed in the report, left out; the dataset's label stands, in a full ingestion and when
     retraining extends the latest version, and the photo does not count as waiting."""
-    from dandelion_lib.feedback import FeedbackStore, PredictionRecord
-    from dandelion_lib.storage import open_store
+    from dandelion_lib.core.storage import open_store
+    from dandelion_lib.data.feedback import FeedbackStore, PredictionRecord
 
     src = tmp_path / "src"
     _copy(greenr_dir, src, D, range(25))

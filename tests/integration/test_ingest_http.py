@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dandelion_lib import dataset
-from dandelion_lib.config import Settings
-from dandelion_lib.features import STAT_COLUMNS, hash_distance, perceptual_hash
-from dandelion_lib.ingest import ingest
-from dandelion_lib.storage import ObjectStore, sha256_hex
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.features import STAT_COLUMNS, hash_distance, perceptual_hash
+from dandelion_lib.core.storage import ObjectStore, sha256_hex
+from dandelion_lib.data import dataset
+from dandelion_lib.data.ingest import ingest
 from tests.integration.conftest import FaultServer
 
 D, G = "dandelion", "grass"

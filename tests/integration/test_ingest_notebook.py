@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dandelion_lib import dataset
-from dandelion_lib.storage import LocalStore
+from dandelion_lib.core.storage import LocalStore
+from dandelion_lib.data import dataset
 from tests.notebook_support import ROOT, assert_clean_and_parameterized, outputs, run_papermill
 
 NOTEBOOK = ROOT / "notebooks" / "01_ingest.ipynb"

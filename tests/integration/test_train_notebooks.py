@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from dandelion_lib import registry
-from dandelion_lib.config import Settings
-from dandelion_lib.ingest import ingest
-from dandelion_lib.storage import open_store
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.storage import open_store
+from dandelion_lib.data.ingest import ingest
+from dandelion_lib.lifecycle import registry
 from tests.notebook_support import ROOT, assert_clean_and_parameterized, outputs, run_papermill
 
 NOTEBOOKS = [ROOT / "notebooks" / "02_train.ipynb", ROOT / "notebooks" / "03_evaluate.ipynb"]

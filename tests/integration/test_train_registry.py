@@ -10,12 +10,13 @@ import boto3
 import numpy as np
 import pytest
 
-from dandelion_lib import dataset, promotion, registry
-from dandelion_lib.config import Settings
-from dandelion_lib.ingest import ingest
-from dandelion_lib.predict import Predictor
-from dandelion_lib.storage import open_store
-from dandelion_lib.train import TrainConfig, train
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.storage import open_store
+from dandelion_lib.data import dataset
+from dandelion_lib.data.ingest import ingest
+from dandelion_lib.lifecycle import promotion, registry
+from dandelion_lib.lifecycle.train import TrainConfig, train
+from dandelion_lib.serving.predict import Predictor
 
 
 def test_train_register_promote_and_serve_the_champion(

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from dandelion_lib.config import Settings
+from dandelion_lib.core.config import Settings
 
 TINY_PER_CLASS = 40
 """Images per class and split for the shared tiny model (train 80, val 60, test 60)."""
@@ -22,7 +22,7 @@ TINY_PER_CLASS = 40
 
 def tiny_config(**changes: Any) -> Any:
     """The shared tiny model's training config (``changes`` override fields)."""
-    from dandelion_lib.train import TrainConfig
+    from dandelion_lib.lifecycle.train import TrainConfig
 
     fields = {"max_images_per_class": TINY_PER_CLASS, "augment_copies": 1, "seed": 7}
     return TrainConfig(**(fields | changes))
@@ -39,7 +39,7 @@ class ModelEnv:
 @pytest.fixture(scope="session")
 def lite0() -> Any:
     """The pure-Keras EfficientNet-Lite0 with the packaged ImageNet weights."""
-    from dandelion_lib.model import build_efficientnet_lite0
+    from dandelion_lib.training.model import build_efficientnet_lite0
 
     model = build_efficientnet_lite0(weights=True)
     model.trainable = False
@@ -52,9 +52,9 @@ def model_env(
 ) -> ModelEnv:
     """The reference dataset and the ood-dev negatives ingested into a local store; MLflow on
     SQLite beside it."""
-    from dandelion_lib import dataset
-    from dandelion_lib.ingest import ingest
-    from dandelion_lib.storage import open_store
+    from dandelion_lib.core.storage import open_store
+    from dandelion_lib.data import dataset
+    from dandelion_lib.data.ingest import ingest
 
     work = tmp_path_factory.mktemp("model-work")
     settings = Settings(
@@ -68,7 +68,7 @@ def model_env(
 @pytest.fixture(scope="session")
 def trained(model_env: ModelEnv) -> Any:
     """One tiny model trained on a subset, logged and registered (alias challenger)."""
-    from dandelion_lib.train import train
+    from dandelion_lib.lifecycle.train import train
 
     return train(tiny_config(), model_env.settings, store=model_env.store, progress=False)
 
@@ -76,7 +76,7 @@ def trained(model_env: ModelEnv) -> Any:
 @pytest.fixture
 def mlflow_client(model_env: ModelEnv) -> Any:
     """An MLflow client on the model tests' tracking URI (also set as MLflow's global one)."""
-    from dandelion_lib.registry import configure_mlflow
+    from dandelion_lib.lifecycle.registry import configure_mlflow
 
     return configure_mlflow(model_env.settings)
 
@@ -84,8 +84,8 @@ def mlflow_client(model_env: ModelEnv) -> Any:
 @pytest.fixture(scope="session")
 def predictor(model_env: ModelEnv, trained: Any) -> Any:
     """The tiny model loaded back from the registry, as the API serves it."""
-    from dandelion_lib.predict import Predictor
-    from dandelion_lib.registry import configure_mlflow
+    from dandelion_lib.lifecycle.registry import configure_mlflow
+    from dandelion_lib.serving.predict import Predictor
 
     configure_mlflow(model_env.settings)
     return Predictor.load(trained.model_uri)

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from dandelion_lib.features import decode_image, to_model_input
-from dandelion_lib.predict import Predictor
+from dandelion_lib.core.features import decode_image, to_model_input
+from dandelion_lib.serving.predict import Predictor
 
 
 @pytest.fixture(scope="module")

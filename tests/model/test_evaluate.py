@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dandelion_lib import evaluate
+from dandelion_lib.lifecycle import evaluate
 
 LABELS = ("dandelion", "grass")
 
@@ -101,9 +101,9 @@ def test_cli_evaluate_images_prints_the_metrics_table(
     capsys: Any,
 ) -> None:
     from dandelion_lib import cli
-    from dandelion_lib.config import get_settings
-    from dandelion_lib.predict import Predictor
-    from dandelion_lib.registry import configure_mlflow
+    from dandelion_lib.core.config import get_settings
+    from dandelion_lib.lifecycle.registry import configure_mlflow
+    from dandelion_lib.serving.predict import Predictor
 
     monkeypatch.setenv("DANDELION_WORKDIR", str(model_env.settings.workdir))
     get_settings.cache_clear()
@@ -131,7 +131,7 @@ def test_cli_evaluate_reports_a_missing_folder_in_one_line(
     model_env: Any, trained: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
     from dandelion_lib import cli
-    from dandelion_lib.config import get_settings
+    from dandelion_lib.core.config import get_settings
 
     monkeypatch.setenv("DANDELION_WORKDIR", str(model_env.settings.workdir))
     get_settings.cache_clear()
@@ -170,7 +170,7 @@ def test_cli_predict_prints_labels_and_flags_invalid_files(
     capsys: Any,
 ) -> None:
     from dandelion_lib import cli
-    from dandelion_lib.config import get_settings
+    from dandelion_lib.core.config import get_settings
 
     rows = test_split.groupby("label").head(1)
     files = []
@@ -208,7 +208,7 @@ def test_cli_evaluate_with_negatives_reports_the_open_set_figures(
     import json
 
     from dandelion_lib import cli
-    from dandelion_lib.config import get_settings
+    from dandelion_lib.core.config import get_settings
 
     negatives = tmp_path / "ood"
     for kind in ("objects", "tulips"):

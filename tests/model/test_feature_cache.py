@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from dandelion_lib.featurestore import FeatureStore
-from dandelion_lib.storage import LocalStore, open_store
+from dandelion_lib.core.storage import LocalStore, open_store
+from dandelion_lib.data.featurestore import FeatureStore
 from tests.model.conftest import tiny_config
 
 PER_CLASS = 6
@@ -35,7 +35,7 @@ def copied_store(model_env: Any, tmp_path: Path) -> Any:
 
 
 def _train(model_env: Any, store: Any, **changes: Any) -> tuple[Any, dict[str, float], str]:
-    from dandelion_lib.train import train
+    from dandelion_lib.lifecycle.train import train
 
     fields = {"augment": False, "epochs": 40, "register": False, "openset_method": "none"}
     config = tiny_config(max_images_per_class=PER_CLASS, **(fields | changes))
@@ -89,7 +89,7 @@ def test_a_corrupt_shard_is_recomputed_during_training(model_env: Any, copied_st
 
 @pytest.mark.slow
 def test_the_cache_can_be_turned_off(model_env: Any, copied_store: Any) -> None:
-    from dandelion_lib.train import train
+    from dandelion_lib.lifecycle.train import train
 
     # also: the settings given to train() choose the extraction runtime (not the process's)
     update = {"feature_cache": False, "extraction_runtime": "keras"}
@@ -112,9 +112,9 @@ def test_the_cache_can_be_turned_off(model_env: Any, copied_store: Any) -> None:
 
 
 def test_other_backbone_weights_are_another_key(model_env: Any) -> None:
-    from dandelion_lib.features import FeatureSpec
-    from dandelion_lib.model import build_backbone
-    from dandelion_lib.train import open_feature_store
+    from dandelion_lib.core.features import FeatureSpec
+    from dandelion_lib.lifecycle.train import open_feature_store
+    from dandelion_lib.training.model import build_backbone
 
     spec = FeatureSpec(labels=("dandelion", "grass"))
     backbone = build_backbone("efficientnet_lite0")
@@ -169,9 +169,9 @@ def test_augmented_views_are_cached_per_image(model_env: Any, copied_store: Any)
 def test_augmented_views_depend_on_the_image_alone(model_env: Any) -> None:
     """A view is a function of the image, the seed, the view number and the augmentation
     parameters (not of its batch or position), so it can be cached under its name."""
-    from dandelion_lib.dataset import load_examples
-    from dandelion_lib.features import FeatureSpec
-    from dandelion_lib.train import TrainConfig, augment_views, augmented_view_name
+    from dandelion_lib.core.features import FeatureSpec
+    from dandelion_lib.data.dataset import load_examples
+    from dandelion_lib.lifecycle.train import TrainConfig, augment_views, augmented_view_name
 
     rows = model_env.manifest[model_env.manifest["split"] == "train"].head(4)
     pixels = load_examples(model_env.store, rows, FeatureSpec(labels=("dandelion", "grass")))
@@ -195,7 +195,7 @@ def test_augmented_views_depend_on_the_image_alone(model_env: Any) -> None:
 def test_sharded_extraction_fills_what_training_reads(model_env: Any, copied_store: Any) -> None:
     """The DAGs' mapped extract_features tasks: each shard puts its images' views into the
     feature store (the shards cover every image once); training then computes nothing."""
-    from dandelion_lib.train import extract_feature_shard, feature_shards
+    from dandelion_lib.lifecycle.train import extract_feature_shard, feature_shards
 
     settings = model_env.settings.model_copy(update={"feature_shard_size": 10})
     fields = {"augment": True, "augment_copies": 1, "epochs": 5, "register": False}
@@ -211,7 +211,7 @@ def test_sharded_extraction_fills_what_training_reads(model_env: Any, copied_sto
         "features_cached_augmented", 0
     )
 
-    from dandelion_lib.train import train
+    from dandelion_lib.lifecycle.train import train
 
     result = train(config, settings, store=copied_store, progress=False)
     metrics = MlflowClient().get_run(result.run_id).data.metrics

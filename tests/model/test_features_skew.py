@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from dandelion_lib.features import FeatureSpec
-from dandelion_lib.predict import Predictor
-from dandelion_lib.storage import LocalStore
-from dandelion_lib.train import load_examples, make_dataset
+from dandelion_lib.core.features import FeatureSpec
+from dandelion_lib.core.storage import LocalStore
+from dandelion_lib.lifecycle.train import load_examples, make_dataset
+from dandelion_lib.serving.predict import Predictor
 
 
 def _training_inputs(store: Any, rows: pd.DataFrame, spec: FeatureSpec) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from dandelion_lib.config import UNKNOWN
+from dandelion_lib.core.config import UNKNOWN
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +31,9 @@ CLEAR_OBJECTS = (
 @pytest.fixture(scope="module")
 def served(model_env: Any) -> Any:
     """The default recipe's model (not registered), loaded back from its MLflow run."""
-    from dandelion_lib.predict import Predictor
-    from dandelion_lib.registry import configure_mlflow
-    from dandelion_lib.train import TrainConfig, train
+    from dandelion_lib.lifecycle.registry import configure_mlflow
+    from dandelion_lib.lifecycle.train import TrainConfig, train
+    from dandelion_lib.serving.predict import Predictor
 
     result = train(
         TrainConfig(register=False), model_env.settings, store=model_env.store, progress=False

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dandelion_lib import evaluate
-from dandelion_lib.config import UNKNOWN
-from dandelion_lib.openset import ARTIFACT_NAME, OpenSetDetector
-from dandelion_lib.predict import OUT_OF_DOMAIN, ModelUnavailableError, Predictor
+from dandelion_lib.core.config import UNKNOWN
+from dandelion_lib.lifecycle import evaluate
+from dandelion_lib.serving.predict import OUT_OF_DOMAIN, ModelUnavailableError, Predictor
+from dandelion_lib.training.openset import ARTIFACT_NAME, OpenSetDetector
 
 
 def test_negatives_are_a_source_of_their_own(model_env: Any, ood_dir: Path) -> None:
@@ -51,7 +51,7 @@ def test_detector_travels_with_the_model(
 def test_served_score_is_the_detectors_score_on_served_features(
     predictor: Predictor, ood_dir: Path, test_split: Any, model_env: Any
 ) -> None:
-    from dandelion_lib.dataset import load_examples
+    from dandelion_lib.data.dataset import load_examples
 
     photos = [p.read_bytes() for p in sorted(ood_dir.glob("objects/*.jpg"))[:3]]
     pixels = np.concatenate(

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dandelion_lib import model as model_lib
+from dandelion_lib.training import model as model_lib
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -165,7 +165,7 @@ def test_fine_tuning_unfreezes_only_top_blocks(lite0: object) -> None:
 
 
 def test_unknown_backbone_and_weights_are_user_errors() -> None:
-    from dandelion_lib.errors import DandelionError
+    from dandelion_lib.core.errors import DandelionError
 
     with pytest.raises(DandelionError, match="unknown backbone 'resnet9'"):
         model_lib.build_backbone("resnet9")

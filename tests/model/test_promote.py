@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dandelion_lib import promotion, registry
+from dandelion_lib.lifecycle import promotion, registry
 
 
 def _tags(client: Any, version: str) -> dict[str, str]:
@@ -26,7 +26,7 @@ def weak_version(model_env: Any, trained: Any) -> str:
     import keras
     import mlflow
 
-    from dandelion_lib.features import FeatureSpec
+    from dandelion_lib.core.features import FeatureSpec
 
     client = registry.configure_mlflow(model_env.settings)
     weak = keras.models.clone_model(trained.model)
@@ -52,7 +52,7 @@ def _serving(client: Any, version: str) -> dict[str, str]:
 def _half_test_version(model_env: Any) -> tuple[str, float]:
     """A dataset version (manifest only; ``latest`` does not move) whose test split is every
     other image of the model tests' test split, and the share of its first class."""
-    from dandelion_lib import dataset
+    from dandelion_lib.data import dataset
 
     m = model_env.manifest
     test = m[(m["split"] == "test") & ~dataset.is_negative(m)].sort_values("sha256")
@@ -160,7 +160,7 @@ def test_gate_serves_fp32_when_int8_is_not_within_tolerance(
 ) -> None:
     """A tolerance of 0 forces FP32 (INT8's test figures differ); a wide one lets INT8 be
     served, and the Predictor then loads the precision the gate chose."""
-    from dandelion_lib.predict import Predictor
+    from dandelion_lib.serving.predict import Predictor
 
     client = mlflow_client
     good = trained.model_version
@@ -198,7 +198,7 @@ def test_cli_promote_without_challenger_is_one_line(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
     from dandelion_lib import cli
-    from dandelion_lib.config import get_settings
+    from dandelion_lib.core.config import get_settings
 
     monkeypatch.setenv("DANDELION_WORKDIR", str(tmp_path / "empty-work"))
     get_settings.cache_clear()

@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dandelion_lib import runtime
-from dandelion_lib.evaluate import EvaluationReport, evaluate_split
-from dandelion_lib.predict import ModelUnavailableError, Predictor
+from dandelion_lib.lifecycle.evaluate import EvaluationReport, evaluate_split
+from dandelion_lib.serving import runtime
+from dandelion_lib.serving.predict import ModelUnavailableError, Predictor
 
 
 def _pixels(model_env: Any, frame: Any, spec: Any) -> np.ndarray:
-    from dandelion_lib.features import to_model_input
-    from dandelion_lib.images import decode_image
+    from dandelion_lib.core.features import to_model_input
+    from dandelion_lib.core.images import decode_image
 
     rows = [
         to_model_input(decode_image(model_env.store.get_bytes(key)), spec) for key in frame["key"]
@@ -30,7 +30,7 @@ def _pixels(model_env: Any, frame: Any, spec: Any) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def keras_predictor(model_env: Any, trained: Any) -> Predictor:
-    from dandelion_lib.registry import configure_mlflow
+    from dandelion_lib.lifecycle.registry import configure_mlflow
 
     configure_mlflow(model_env.settings)
     return Predictor.load(trained.model_uri, runtime="keras")
@@ -46,7 +46,7 @@ def local_copy(tmp_path_factory: pytest.TempPathFactory, trained: Any, model_env
     """The registered version's files, downloaded once (copies of it get damaged below)."""
     import mlflow
 
-    from dandelion_lib.registry import configure_mlflow
+    from dandelion_lib.lifecycle.registry import configure_mlflow
 
     configure_mlflow(model_env.settings)
     dst = tmp_path_factory.mktemp("model-copy")
@@ -234,9 +234,9 @@ def test_registration_stops_when_fp32_does_not_reproduce_keras(
 def test_training_extracts_features_on_onnx_where_exact(
     trained: Any, mlflow_client: Any, photos: np.ndarray
 ) -> None:
-    from dandelion_lib import model as model_lib
-    from dandelion_lib.config import Settings
-    from dandelion_lib.train import FeatureExtractor, feature_extractor
+    from dandelion_lib.core.config import Settings
+    from dandelion_lib.lifecycle.train import FeatureExtractor, feature_extractor
+    from dandelion_lib.training import model as model_lib
 
     # the shared tiny model was trained so: the run says which runtime extracted
     run = mlflow_client.get_run(trained.run_id)

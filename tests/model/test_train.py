@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dandelion_lib.features import STAT_COLUMNS, FeatureSpec
-from dandelion_lib.train import TrainConfig
+from dandelion_lib.core.features import STAT_COLUMNS, FeatureSpec
+from dandelion_lib.lifecycle.train import TrainConfig
 from tests.model.conftest import tiny_config
 
 
@@ -116,7 +116,7 @@ def test_offline_keras_backbone_fails_in_one_line_before_any_run(
     Offline is made real: Keras' home (read once at import) points at an empty folder and
     the proxy variables at a closed loopback port, so no download can succeed."""
     from dandelion_lib import cli
-    from dandelion_lib.config import get_settings
+    from dandelion_lib.core.config import get_settings
 
     monkeypatch.setattr("keras.src.backend.config._KERAS_DIR", str(tmp_path / "keras"))
     for var in ("HTTPS_PROXY", "https_proxy"):
@@ -142,7 +142,7 @@ def test_offline_keras_backbone_fails_in_one_line_before_any_run(
 def test_training_is_deterministic_for_a_seed(trained: Any, model_env: Any) -> None:
     """Same data, config and seed: identical weights; another seed: different augmented
     views, so a different head (the comparison is not vacuous)."""
-    from dandelion_lib.train import train
+    from dandelion_lib.lifecycle.train import train
 
     assert trained.model is not None
     again = train(

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dandelion_lib.train import TrainConfig, train
+from dandelion_lib.lifecycle.train import TrainConfig, train
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ def test_fine_tuning_phase_updates_top_blocks_only(model_env: Any) -> None:
     )
     result = train(config, model_env.settings, store=model_env.store, progress=False)
     backbone = result.model.get_layer("efficientnet_lite0")
-    from dandelion_lib.model import build_efficientnet_lite0
+    from dandelion_lib.training.model import build_efficientnet_lite0
 
     fresh = build_efficientnet_lite0(weights=True)
     changed = {

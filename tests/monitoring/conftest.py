@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from monitoring_support import darken, grayscale
 
-from dandelion_lib.features import decode_image, image_stats
-from dandelion_lib.monitoring import build_reference
+from dandelion_lib.core.features import decode_image, image_stats
+from dandelion_lib.lifecycle.monitoring import build_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "monitoring"
@@ -97,9 +97,9 @@ def registered_model(mlflow_server: str, drift_reference: dict) -> Iterator[str]
     import keras
     import mlflow
 
-    from dandelion_lib.config import Settings
-    from dandelion_lib.features import FeatureSpec
-    from dandelion_lib.registry import configure_mlflow, log_keras_model
+    from dandelion_lib.core.config import Settings
+    from dandelion_lib.core.features import FeatureSpec
+    from dandelion_lib.lifecycle.registry import configure_mlflow, log_keras_model
 
     previous = mlflow.get_tracking_uri()
     client = configure_mlflow(Settings(tracking_uri=mlflow_server))

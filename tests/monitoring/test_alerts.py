@@ -12,7 +12,7 @@ import yaml
 from monitoring_support import DOC, MONITORING, alert_rules, base_name, catalogue, metric_names
 
 from api.metrics import ApiMetrics
-from dandelion_lib.config import Settings
+from dandelion_lib.core.config import Settings
 
 
 def _promtool(promtool: str, *args: str, cwd: Path = MONITORING) -> subprocess.CompletedProcess:

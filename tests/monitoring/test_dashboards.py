@@ -22,7 +22,7 @@ from monitoring_support import (
     panel_queries,
 )
 
-from dandelion_lib.config import Settings
+from dandelion_lib.core.config import Settings
 
 GRAFANA = MONITORING / "grafana"
 

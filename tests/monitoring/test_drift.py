@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from scipy.stats import ks_2samp
 
-from dandelion_lib import monitoring
-from dandelion_lib.config import Settings
-from dandelion_lib.features import STAT_COLUMNS, decode_image, image_stats
-from dandelion_lib.monitoring import (
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.features import STAT_COLUMNS, decode_image, image_stats
+from dandelion_lib.lifecycle import monitoring
+from dandelion_lib.lifecycle.monitoring import (
     DriftError,
     DriftMonitor,
     build_reference,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dandelion_lib.monitoring import DriftError, drift_report, load_reference
+from dandelion_lib.lifecycle.monitoring import DriftError, drift_report, load_reference
 from tests.notebook_support import ROOT, assert_clean_and_parameterized, outputs, run_papermill
 
 DRIFT_NOTEBOOK = ROOT / "notebooks" / "04_drift.ipynb"
@@ -88,7 +88,7 @@ def test_cli_user_errors_are_one_line(
 
 def test_report_from_a_loaded_predictor(registered_model: str, gray_dir: Path) -> None:
     """The API passes its Predictor; the report uses the reference the model carries."""
-    from dandelion_lib.predict import Predictor
+    from dandelion_lib.serving.predict import Predictor
 
     predictor = Predictor.load(registered_model)
     report = drift_report(predictor, gray_dir)

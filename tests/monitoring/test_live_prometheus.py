@@ -31,7 +31,7 @@ from monitoring_support import (
     panel_queries,
 )
 
-from dandelion_lib.features import decode_image
+from dandelion_lib.core.features import decode_image
 from tests.conftest import free_port, wait_http
 from tests.process_support import stop
 
@@ -292,7 +292,7 @@ def test_drift_gauges_rise_for_the_drifted_batch_only(live: Live) -> None:
         assert after["psi"][feature] > 1.0, after
         assert after["psi"][feature] > 3 * before["psi"][feature]
     # The share the API exports counts features above 0.2 without the window's noise floor
-    # (dandelion_lib.monitoring.DriftMonitor.drifted_share applies it), so a chance feature
+    # (dandelion_lib.lifecycle.monitoring.DriftMonitor.drifted_share applies it), so a chance feature
     # or two can count in distribution; the drifted batch counts most of them.
     assert after["share"] >= 0.5 and after["share"] > before["share"], (before, after)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dandelion_lib.config import Settings
+from dandelion_lib.core.config import Settings
 from dandelion_lib.pipeline import airflow_env
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from dandelion_lib.config import Settings
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.runs import NOTEBOOKS
 from dandelion_lib.pipeline import airflow_env
-from dandelion_lib.runs import NOTEBOOKS
 
 ROOT = Path(__file__).resolve().parents[2]
 DAGS = ROOT / "dags"

@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from dandelion_lib.config import Settings
-from dandelion_lib.registry import configure_mlflow
-from dandelion_lib.storage import LocalStore
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.storage import LocalStore
+from dandelion_lib.lifecycle.registry import configure_mlflow
 from tests.pipeline.conftest import dags_test, serve
 
 pytestmark = pytest.mark.slow

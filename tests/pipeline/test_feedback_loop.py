@@ -37,13 +37,13 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from dandelion_lib import dataset
-from dandelion_lib.config import Settings
-from dandelion_lib.featurestore import PREFIX as FEATURES_PREFIX
-from dandelion_lib.featurestore import FeatureStore
-from dandelion_lib.feedback import FeedbackRecord, FeedbackStore
-from dandelion_lib.images import accept_image, canonical_image
-from dandelion_lib.storage import LocalStore, sha256_hex
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.images import accept_image, canonical_image
+from dandelion_lib.core.storage import LocalStore, sha256_hex
+from dandelion_lib.data import dataset
+from dandelion_lib.data.featurestore import PREFIX as FEATURES_PREFIX
+from dandelion_lib.data.featurestore import FeatureStore
+from dandelion_lib.data.feedback import FeedbackRecord, FeedbackStore
 from tests.api.conftest import ADMIN_TOKEN, api_env, start_api, stop_api
 from tests.conftest import free_port, wait_http
 from tests.pipeline.conftest import dags_test

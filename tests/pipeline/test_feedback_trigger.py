@@ -11,9 +11,9 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
-from dandelion_lib.config import Settings
-from dandelion_lib.feedback import FeedbackStore, PredictionRecord
-from dandelion_lib.ingest import ingest
+from dandelion_lib.core.config import Settings
+from dandelion_lib.data.feedback import FeedbackStore, PredictionRecord
+from dandelion_lib.data.ingest import ingest
 from tests.pipeline.conftest import dags_test
 
 

@@ -17,9 +17,9 @@ import nbformat
 import pytest
 from mlflow import MlflowClient
 
-from dandelion_lib.config import Settings
-from dandelion_lib.runs import run_prefix
-from dandelion_lib.storage import LocalStore
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.runs import run_prefix
+from dandelion_lib.core.storage import LocalStore
 from tests.pipeline.conftest import dags_test
 
 NOTEBOOK_BODY = """

@@ -18,10 +18,13 @@ import pytest
 from mlflow import MlflowClient
 from papermill.exceptions import PapermillExecutionError
 
-from dandelion_lib import changes, datagate, pipeline, runs, summary
-from dandelion_lib.config import Settings
-from dandelion_lib.ingest import ingest
-from dandelion_lib.storage import LocalStore
+from dandelion_lib import pipeline, summary
+from dandelion_lib.core import runs
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.storage import LocalStore
+from dandelion_lib.data import datagate
+from dandelion_lib.data.ingest import ingest
+from dandelion_lib.lifecycle import changes
 from dandelion_tasks.steps import GateRetryPolicy, _one_line
 
 
@@ -123,7 +126,7 @@ def test_validate_dataset_passes_and_counts(ingested: tuple[Settings, LocalStore
 
 
 def _manifest(ingested: tuple[Settings, LocalStore, str]) -> tuple[Settings, pd.DataFrame]:
-    from dandelion_lib.dataset import load_manifest
+    from dandelion_lib.data.dataset import load_manifest
 
     settings, store, version = ingested
     return settings, load_manifest(store, version)
@@ -188,7 +191,7 @@ def test_validate_dataset_raises_one_line_naming_the_problems(
 
 def _register_champion(settings: Settings, *, dataset: str, code: str, on_run: bool) -> str:
     """Register a model version (a real registry entry; no weights needed here)."""
-    from dandelion_lib import registry
+    from dandelion_lib.lifecycle import registry
 
     client: MlflowClient = registry.configure_mlflow(settings)
     exp = client.get_experiment_by_name(settings.experiment) or client.get_experiment(

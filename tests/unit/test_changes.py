@@ -1,4 +1,4 @@
-"""Change detection (dandelion_lib.changes): the code version follows the code cells only."""
+"""Change detection (dandelion_lib.lifecycle.changes): the code version follows the code cells only."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
-from dandelion_lib.changes import code_version
-from dandelion_lib.config import Settings
-from dandelion_lib.runs import NOTEBOOKS
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.runs import NOTEBOOKS
+from dandelion_lib.lifecycle.changes import code_version
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ import types
 import pytest
 
 from dandelion_lib import cli
-from dandelion_lib.errors import DandelionError
+from dandelion_lib.core.errors import DandelionError
 
 
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from dandelion_lib.config import Settings
+from dandelion_lib.core.config import Settings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 ROW = re.compile(r"^\| `(?P<name>\w+)` \| `(?P<env>\w+)` \| (?P<default>.*?) \| (?P<desc>.+) \|$")
@@ -46,7 +46,7 @@ def test_cpu_limit_follows_the_cgroup_quota(tmp_path: Path) -> None:
     CPUs the process may run on; no quota (``max``, -1, no file): those CPUs."""
     import os
 
-    from dandelion_lib.config import cpu_limit
+    from dandelion_lib.core.config import cpu_limit
 
     available = len(os.sched_getaffinity(0))
     v2 = tmp_path / "v2"

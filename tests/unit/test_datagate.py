@@ -1,13 +1,13 @@
-"""The data gate (dandelion_lib.datagate) on hand-made manifests."""
+"""The data gate (dandelion_lib.data.datagate) on hand-made manifests."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from dandelion_lib.config import Settings
-from dandelion_lib.datagate import check_manifest, dataset_counts
-from dandelion_lib.dataset import MANIFEST_COLUMNS
+from dandelion_lib.core.config import Settings
+from dandelion_lib.data.datagate import check_manifest, dataset_counts
+from dandelion_lib.data.dataset import MANIFEST_COLUMNS
 
 SETTINGS = Settings(min_images_per_class=2, max_class_imbalance=3.0)
 

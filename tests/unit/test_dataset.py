@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dandelion_lib import dataset
-from dandelion_lib.features import STAT_COLUMNS, decode_image, hash_distance, perceptual_hash
-from dandelion_lib.storage import LocalStore, ObjectStore
+from dandelion_lib.core.features import STAT_COLUMNS, decode_image, hash_distance, perceptual_hash
+from dandelion_lib.core.storage import LocalStore, ObjectStore
+from dandelion_lib.data import dataset
 
 
 def _sha(i: int | str) -> str:
@@ -165,7 +165,7 @@ def test_ingestion_times_with_and_without_microseconds_mix() -> None:
 
 
 def test_negatives_split_by_kind_and_keep_near_duplicates_together() -> None:
-    from dandelion_lib.config import UNKNOWN
+    from dandelion_lib.core.config import UNKNOWN
 
     neg = []
     for kind in ("objects", "daisy"):
@@ -188,7 +188,7 @@ def test_negatives_split_by_kind_and_keep_near_duplicates_together() -> None:
 
 
 def _negatives(n: int, prefix: str = "ood") -> list[dict]:
-    from dandelion_lib.config import UNKNOWN
+    from dandelion_lib.core.config import UNKNOWN
 
     rows = []
     for i in range(n):

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dandelion_lib.features import FeatureSpec
-from dandelion_lib.featurestore import (
+from dandelion_lib.core.features import FeatureSpec
+from dandelion_lib.data.featurestore import (
     FeatureStore,
     cached_embeddings,
     feature_key,
@@ -94,7 +94,7 @@ def test_a_corrupt_shard_is_detected_dropped_and_recomputed(store: Any) -> None:
 
 
 def test_a_corrupt_object_in_a_local_store_is_detected(tmp_path: Any) -> None:
-    from dandelion_lib.storage import LocalStore
+    from dandelion_lib.core.storage import LocalStore
 
     store = LocalStore(tmp_path / "store")
     fs = FeatureStore(store, _key())

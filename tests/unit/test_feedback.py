@@ -1,5 +1,5 @@
-"""Feedback (dandelion_lib.feedback) on a real SQLite database and a real local store: a
-feedback image is accepted by the same rule as everywhere else (dandelion_lib.images)."""
+"""Feedback (dandelion_lib.data.feedback) on a real SQLite database and a real local store: a
+feedback image is accepted by the same rule as everywhere else (dandelion_lib.core.images)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dandelion_lib.feedback import (
+from dandelion_lib.core.storage import LocalStore
+from dandelion_lib.data.feedback import (
     TRAINING_LABELS,
     FeedbackStore,
     InvalidFeedbackError,
     PredictionRecord,
 )
-from dandelion_lib.storage import LocalStore
 
 
 def encode(fmt: str, size: tuple[int, int] = (64, 64)) -> bytes:

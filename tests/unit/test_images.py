@@ -1,4 +1,4 @@
-"""Image acceptance (dandelion_lib.images): formats, limits and reason codes, on real bytes."""
+"""Image acceptance (dandelion_lib.core.images): formats, limits and reason codes, on real bytes."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dandelion_lib.config import Settings
-from dandelion_lib.images import (
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.images import (
     ACCEPTED_FORMATS,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIDE,

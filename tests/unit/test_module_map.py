@@ -10,12 +10,16 @@ LIBRARY = TESTS.parent / "dandelion_lib"
 
 
 def module_map() -> dict[str, list[str]]:
-    rows = re.findall(r"^\| `(\w+)` \| (.+) \|$", (TESTS / "README.md").read_text(), re.M)
+    rows = re.findall(r"^\| `([\w.]+)` \| (.+) \|$", (TESTS / "README.md").read_text(), re.M)
     return {module: re.findall(r"`([\w/]+\.py)`", files) for module, files in rows}
 
 
 def test_every_module_has_a_row() -> None:
-    modules = {p.stem for p in LIBRARY.glob("*.py") if p.stem != "__init__"}
+    modules = {
+        ".".join(p.relative_to(LIBRARY).with_suffix("").parts)
+        for p in LIBRARY.rglob("*.py")
+        if p.stem not in ("__init__", "__main__")
+    } | {"cli"}
     mapped = module_map()
     assert sorted(modules - set(mapped)) == []
     assert sorted(set(mapped) - modules) == []

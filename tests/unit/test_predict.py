@@ -1,4 +1,4 @@
-"""The Predictor's answer policy (dandelion_lib.predict.AnswerPolicy): one place decides a
+"""The Predictor's answer policy (dandelion_lib.serving.predict.AnswerPolicy): one place decides a
 label, ``uncertain`` or ``unknown``; the model itself is exercised in tests/model. Also what
 ``Predictor.load`` says about a model version whose stored model file is broken."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dandelion_lib.config import UNCERTAIN, UNKNOWN, Settings
-from dandelion_lib.predict import (
+from dandelion_lib.core.config import UNCERTAIN, UNKNOWN, Settings
+from dandelion_lib.serving.predict import (
     LOW_CONFIDENCE,
     OUT_OF_DOMAIN,
     Answer,
@@ -68,9 +68,9 @@ def test_unknown_then_uncertain_then_label(
 def test_predictor_takes_its_detectors_threshold() -> None:
     import numpy as np
 
-    from dandelion_lib.features import FeatureSpec
-    from dandelion_lib.openset import OpenSetDetector
-    from dandelion_lib.predict import Predictor
+    from dandelion_lib.core.features import FeatureSpec
+    from dandelion_lib.serving.predict import Predictor
+    from dandelion_lib.training.openset import OpenSetDetector
 
     rng = np.random.default_rng(0)
     det = OpenSetDetector(method="mahalanobis").fit(rng.normal(size=(40, 4)), np.repeat([0, 1], 20))
@@ -115,7 +115,7 @@ def _truncate(path: Path) -> None:
 def test_a_corrupt_model_file_is_reported_as_corrupt(
     saved_model_dir: Path, tmp_path: Path, damage: Callable[[Path], None]
 ) -> None:
-    from dandelion_lib.predict import ModelUnavailableError, Predictor
+    from dandelion_lib.serving.predict import ModelUnavailableError, Predictor
 
     assert Predictor.load(str(saved_model_dir)).labels  # the intact copy loads
     broken = _broken_copy(saved_model_dir, tmp_path / "broken", damage)
@@ -127,7 +127,7 @@ def test_a_corrupt_model_file_is_reported_as_corrupt(
 
 
 def test_a_missing_model_file_is_reported_as_missing(saved_model_dir: Path, tmp_path: Path) -> None:
-    from dandelion_lib.predict import ModelUnavailableError, Predictor
+    from dandelion_lib.serving.predict import ModelUnavailableError, Predictor
 
     broken = _broken_copy(saved_model_dir, tmp_path / "broken", Path.unlink)
     with pytest.raises(ModelUnavailableError, match="missing"):

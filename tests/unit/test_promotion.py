@@ -1,12 +1,12 @@
-"""The promotion gate's rule (dandelion_lib.promotion); promotion on a real registry is
+"""The promotion gate's rule (dandelion_lib.lifecycle.promotion); promotion on a real registry is
 tested in tests/model/test_promote.py and tests/integration/test_train_registry.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from dandelion_lib import promotion
-from dandelion_lib.promotion import promotion_gate
+from dandelion_lib.lifecycle import promotion
+from dandelion_lib.lifecycle.promotion import promotion_gate
 
 
 @pytest.mark.parametrize(

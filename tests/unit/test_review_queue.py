@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from dandelion_lib import ingest
-from dandelion_lib.config import Settings
-from dandelion_lib.feedback import (
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.storage import open_store
+from dandelion_lib.data import ingest
+from dandelion_lib.data.feedback import (
     FeedbackError,
     FeedbackRecord,
     FeedbackStore,
     PredictionRecord,
 )
-from dandelion_lib.storage import open_store
 
 _ids = itertools.count()
 
@@ -278,7 +278,8 @@ def test_the_command_line_shows_the_queue_and_decides_several_at_once(
 ) -> None:
     import json
 
-    from dandelion_lib import cli, config
+    from dandelion_lib import cli
+    from dandelion_lib.core import config
 
     right = give(
         feedback,

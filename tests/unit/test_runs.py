@@ -1,10 +1,10 @@
-"""Run names (dandelion_lib.runs): store-safe keys and the notebooks the DAG steps run."""
+"""Run names (dandelion_lib.core.runs): store-safe keys and the notebooks the DAG steps run."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from dandelion_lib.runs import NOTEBOOKS, run_key, run_prefix
+from dandelion_lib.core.runs import NOTEBOOKS, run_key, run_prefix
 
 ROOT = Path(__file__).resolve().parents[2]
 

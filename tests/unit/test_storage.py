@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dandelion_lib.config import Settings
-from dandelion_lib.storage import (
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.storage import (
     CorruptObjectError,
     LocalStore,
     ObjectNotFoundError,

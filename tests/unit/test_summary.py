@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dandelion_lib.config import Settings
+from dandelion_lib.core.config import Settings
 from dandelion_lib.summary import format_summary, where_to_look
 
 

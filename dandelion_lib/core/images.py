@@ -1,7 +1,7 @@
 """Image acceptance, defined once: which bytes dandelion takes as a photo, and why it refuses.
 
 * :data:`ACCEPTED_FORMATS` and :data:`FORMAT_EXTENSIONS`: the one list of accepted formats.
-* :class:`ImageLimits`: pixel, side and byte limits, taken from :class:`~dandelion_lib.config.
+* :class:`ImageLimits`: pixel, side and byte limits, taken from :class:`~dandelion_lib.core.config.
   Settings` (``DANDELION_MAX_IMAGE_PIXELS``, ``_MIN_IMAGE_SIDE``, ``_MAX_DOWNLOAD_BYTES``).
 * :class:`RejectReason`: every reason an image is refused, with its HTTP status, problem code
   and description; :class:`InvalidImageError` carries one.
@@ -24,7 +24,7 @@ from enum import StrEnum
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from dandelion_lib.config import Settings
+from dandelion_lib.core.config import Settings
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 

@@ -23,19 +23,19 @@ from typing import Any
 
 import mlflow
 
-from dandelion_lib import evaluate
-from dandelion_lib.config import Settings, get_settings
-from dandelion_lib.dataset import DatasetError, benchmark_version, load_manifest
-from dandelion_lib.errors import DandelionError
-from dandelion_lib.predict import SERVING_TAG, ModelUnavailableError, Predictor
-from dandelion_lib.registry import (
+from dandelion_lib.core.config import Settings, get_settings
+from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.core.storage import open_store
+from dandelion_lib.data.dataset import DatasetError, benchmark_version, load_manifest
+from dandelion_lib.lifecycle import evaluate
+from dandelion_lib.lifecycle.registry import (
     CHALLENGER,
     CHAMPION,
     configure_mlflow,
     get_alias_version,
     use_experiment,
 )
-from dandelion_lib.storage import open_store
+from dandelion_lib.serving.predict import SERVING_TAG, ModelUnavailableError, Predictor
 
 TAG_PREFIX = "promotion."
 

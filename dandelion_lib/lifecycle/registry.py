@@ -3,14 +3,14 @@
 A logged dandelion model is an MLflow ``keras`` flavor model whose MLmodel ``metadata``
 carries everything a server needs besides the weights:
 
-* ``feature_spec`` — :meth:`dandelion_lib.features.FeatureSpec.to_dict`;
-* ``drift_reference`` — :func:`dandelion_lib.monitoring.build_reference` of the training split;
+* ``feature_spec`` — :meth:`dandelion_lib.core.features.FeatureSpec.to_dict`;
+* ``drift_reference`` — :func:`dandelion_lib.lifecycle.monitoring.build_reference` of the training split;
 * ``metrics`` — test metrics of the run (e.g. ``test_accuracy``);
 * ``dataset_version`` — the dataset version it was trained on;
-* ``openset`` — :meth:`dandelion_lib.openset.OpenSetDetector.to_dict` (method, threshold,
+* ``openset`` — :meth:`dandelion_lib.training.openset.OpenSetDetector.to_dict` (method, threshold,
   retention...) of the open-set detector saved beside the Keras model as ``openset.npz``
   (``None`` for a model without one);
-* ``runtime`` — :class:`dandelion_lib.runtime.RuntimeRecord` of the ONNX Runtime artifacts
+* ``runtime`` — :class:`dandelion_lib.serving.runtime.RuntimeRecord` of the ONNX Runtime artifacts
   (FP32 and INT8) saved beside it in ``runtime/``, with their parity against Keras.
 
 The model maps float32 RGB pixels ``(N, size, size, 3)`` in [0, 255] to class
@@ -18,7 +18,7 @@ probabilities ``(N, len(labels))`` (softmax, label order of the feature spec).
 
 Its one job: talk to MLflow's tracking server and registry (configure, log a model, register
 a ``challenger``, read aliases). Deciding and moving ``champion`` is
-:mod:`dandelion_lib.promotion`'s job.
+:mod:`dandelion_lib.lifecycle.promotion`'s job.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from dandelion_lib import runtime
-from dandelion_lib.config import Settings, get_settings
-from dandelion_lib.errors import DandelionError
-from dandelion_lib.openset import ARTIFACT_NAME, OpenSetDetector
+from dandelion_lib.core.config import Settings, get_settings
+from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.serving import runtime
+from dandelion_lib.training.openset import ARTIFACT_NAME, OpenSetDetector
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -134,7 +134,7 @@ def log_keras_model(
     The model is stored with its signature, an input example (the given one, else a black
     image) and the dandelion metadata; an open-set ``detector`` is saved beside the Keras
     model as ``openset.npz`` and its parameters go into the metadata (``openset``); the
-    runtime artifacts built by :func:`dandelion_lib.runtime.build` in ``runtime_dir`` are
+    runtime artifacts built by :func:`dandelion_lib.serving.runtime.build` in ``runtime_dir`` are
     copied to ``runtime/`` and their record goes into the metadata (``runtime``). Returns
     the ``ModelVersion`` (or the ``ModelInfo`` when not registering).
     """

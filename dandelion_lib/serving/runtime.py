@@ -9,7 +9,7 @@ the MLflow model version's ``runtime/`` folder, beside the Keras model:
   :data:`FP32_PARITY_TOLERANCE` (largest absolute probability difference) on the validation
   split, else registration fails (:class:`RuntimeParityError`);
 * ``runtime/model.int8.onnx`` — INT8; its difference from Keras is recorded, not enforced
-  here: the promotion gate decides whether it is served (:mod:`dandelion_lib.promotion`);
+  here: the promotion gate decides whether it is served (:mod:`dandelion_lib.lifecycle.promotion`);
 * ``runtime/runtime.json`` — :class:`RuntimeRecord`: format, opset, outputs, each file's
   sha256 and its parity figures (also in the MLmodel metadata as ``runtime``).
 
@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dandelion_lib.config import get_settings
-from dandelion_lib.errors import DandelionError
-from dandelion_lib.storage import sha256_hex
+from dandelion_lib.core.config import get_settings
+from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.core.storage import sha256_hex
 
 FORMAT = "onnx"
 DIR = "runtime"
@@ -104,7 +104,7 @@ class RuntimeRecord:
 
 
 def split_model(model: Any) -> tuple[Any, Any] | None:
-    """``(backbone, head)`` of a model assembled by :func:`dandelion_lib.model.assemble`
+    """``(backbone, head)`` of a model assembled by :func:`dandelion_lib.training.model.assemble`
     (pixels -> backbone -> ``head``), or None for another structure."""
     inner = [ly for ly in getattr(model, "layers", []) if type(ly).__name__ != "InputLayer"]
     if len(inner) == 2 and inner[1].name == "head":
@@ -221,7 +221,7 @@ class OnnxForward:
     """One ONNX Runtime session: ``pixels -> (features or None, probabilities)``.
 
     ``threads`` intra-op threads (the container's CPU limit; see
-    :func:`dandelion_lib.config.cpu_limit`), one inter-op thread, and no spinning: on a
+    :func:`dandelion_lib.core.config.cpu_limit`), one inter-op thread, and no spinning: on a
     shared CPU spinning workers steal the time other requests need. A batch larger than
     ``max_batch`` (default: the ``inference_batch_max`` setting) runs in chunks of that size:
     ONNX Runtime's memory arena keeps the peak of the largest batch it has run, and past a few

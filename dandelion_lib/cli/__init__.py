@@ -2,7 +2,7 @@
 
 Each stage module provides ``add_cli_arguments(parser)`` and ``cli(args) -> int``; it is
 imported only when its command runs, so ``dandelion --help`` stays instant.
-Errors a user can fix (:class:`~dandelion_lib.errors.DandelionError`) print one line and
+Errors a user can fix (:class:`~dandelion_lib.core.errors.DandelionError`) print one line and
 exit with status 2; nothing prints a stack trace.
 """
 
@@ -13,26 +13,29 @@ import importlib
 import sys
 
 from dandelion_lib import __version__
-from dandelion_lib.errors import DandelionError
+from dandelion_lib.core.errors import DandelionError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "ingest": ("dandelion_lib.ingest", "Ingest images into the store as a new dataset version."),
+    "ingest": (
+        "dandelion_lib.data.ingest",
+        "Ingest images into the store as a new dataset version.",
+    ),
     "train": (
-        "dandelion_lib.train",
+        "dandelion_lib.lifecycle.train",
         "Train a model on a dataset version; register it as challenger.",
     ),
     "evaluate": (
-        "dandelion_lib.evaluate",
+        "dandelion_lib.lifecycle.evaluate",
         "Score a model on a labelled folder or a dataset split.",
     ),
     "promote": (
-        "dandelion_lib.promotion",
+        "dandelion_lib.lifecycle.promotion",
         "Move the champion alias to the challenger if it passes.",
     ),
-    "predict": ("dandelion_lib.predict", "Classify image files with a registered model."),
-    "feedback": ("dandelion_lib.feedback", "List and review user feedback on predictions."),
+    "predict": ("dandelion_lib.cli.predict", "Classify image files with a registered model."),
+    "feedback": ("dandelion_lib.data.feedback", "List and review user feedback on predictions."),
     "drift": (
-        "dandelion_lib.monitoring",
+        "dandelion_lib.lifecycle.monitoring",
         "Check a folder of new images for drift against a model.",
     ),
     "pipeline": ("dandelion_lib.pipeline", "Run the whole pipeline through Airflow and summarise."),

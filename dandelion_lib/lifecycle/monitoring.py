@@ -1,7 +1,7 @@
 """Drift monitoring: compare new images' statistics with the model's training reference.
 
 The reference (:func:`build_reference`) summarises the per-image statistics of the training
-split (:data:`dandelion_lib.features.STAT_COLUMNS`) and is logged with every model. Two
+split (:data:`dandelion_lib.core.features.STAT_COLUMNS`) and is logged with every model. Two
 scores compare a batch with it, per feature:
 
 * **PSI** (population stability index) over the reference's ten quantile bins: *how much*
@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from dandelion_lib.config import Settings, get_settings
-from dandelion_lib.errors import DandelionError
-from dandelion_lib.features import STAT_COLUMNS, image_stats
-from dandelion_lib.images import ImageLimits, InvalidImageError, accept_image
-from dandelion_lib.registry import configure_mlflow, model_uri
+from dandelion_lib.core.config import Settings, get_settings
+from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.core.features import STAT_COLUMNS, image_stats
+from dandelion_lib.core.images import ImageLimits, InvalidImageError, accept_image
+from dandelion_lib.lifecycle.registry import configure_mlflow, model_uri
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -394,7 +394,7 @@ def drift_report(
 ) -> DriftReport:
     """Score a folder of images against a model's drift reference.
 
-    ``predictor_or_reference``: a :class:`~dandelion_lib.predict.Predictor`, a reference dict
+    ``predictor_or_reference``: a :class:`~dandelion_lib.serving.predict.Predictor`, a reference dict
     (:func:`build_reference`), or a model URI such as ``models:/dandelion@champion``.
     Raises :class:`DriftError` when there is no reference or fewer than
     ``settings.drift_min_images`` readable images.

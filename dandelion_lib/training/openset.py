@@ -6,9 +6,6 @@ features; a photo scoring above a threshold calibrated on in-domain validation p
 answered ``unknown``. Everything is numpy only (no TensorFlow), so the detector loads and
 scores wherever the model's features are available.
 
-* :func:`split_ood` splits a folder of out-of-domain photos (e.g. ``ood-dev``) into a part
-  that may be fitted or calibrated on and a part used only for evaluation, deterministically
-  by content hash and seed, stratified by group (folder).
 * :class:`OpenSetDetector` is the detector: ``fit`` on training features, ``score``
   (higher = more out-of-domain), ``calibrate`` a threshold for an in-domain retention,
   ``to_arrays``/``from_arrays`` (an ``.npz`` artifact, see :meth:`OpenSetDetector.save`)
@@ -46,7 +43,6 @@ themselves, which with 60 photos would leave the expected false-``unknown`` shar
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +52,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import numpy.typing as npt
 
-from dandelion_lib.errors import DandelionError
+from dandelion_lib.core.errors import DandelionError
 
 OPENSET_SCHEMA_VERSION = "1"
 DEFAULT_RETENTION = 0.97
@@ -73,55 +69,6 @@ NEGATIVE_METHODS: tuple[str, ...] = ("knn_ratio", "logistic")
 
 class OpenSetError(DandelionError):
     """The detector cannot be fitted, calibrated or loaded from the given data."""
-
-
-# --------------------------------------------------------------------------------------
-# Splitting the out-of-domain photos
-# --------------------------------------------------------------------------------------
-
-
-def content_sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def split_ood(
-    sha256s: Sequence[str],
-    groups: Sequence[str],
-    *,
-    seed: int = 0,
-    fit_fraction: float = 0.5,
-) -> list[str]:
-    """Split out-of-domain photos into ``"fit"`` and ``"eval"``, stratified by group.
-
-    Within each group (e.g. the folder ``daisy``), photos are ordered by
-    ``sha256(f"{seed}:{content sha256}")``; the first ``round(n * fit_fraction)`` go to
-    ``fit`` (may be used to fit, calibrate or choose anything), the rest to ``eval``
-    (evaluation only). The result depends only on the contents, groups and seed, not on
-    file names or listing order. Identical contents in one group stay together.
-    """
-    if len(sha256s) != len(groups):
-        raise OpenSetError("sha256s and groups must have the same length")
-    if not 0.0 <= fit_fraction <= 1.0:
-        raise OpenSetError(f"fit_fraction must be in [0, 1], got {fit_fraction}")
-    members: dict[str, list[int]] = {}
-    for i, g in enumerate(groups):
-        members.setdefault(g, []).append(i)
-    out = [""] * len(sha256s)
-    for idx in members.values():
-        ranked = sorted(
-            idx,
-            key=lambda i: (hashlib.sha256(f"{seed}:{sha256s[i]}".encode()).hexdigest(), i),
-        )
-        n_fit = round(len(ranked) * fit_fraction)
-        cut_key = None
-        for pos, i in enumerate(ranked):
-            # a duplicate of the last fit photo stays in fit
-            if pos < n_fit or sha256s[i] == cut_key:
-                out[i] = "fit"
-                cut_key = sha256s[i]
-            else:
-                out[i] = "eval"
-    return out
 
 
 # --------------------------------------------------------------------------------------

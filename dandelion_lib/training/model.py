@@ -35,8 +35,8 @@ import keras
 import numpy as np
 from keras import layers
 
-from dandelion_lib.errors import DandelionError
-from dandelion_lib.features import DEFAULT_IMAGE_SIZE
+from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.core.features import DEFAULT_IMAGE_SIZE
 
 OFFLINE_BACKBONE = "efficientnet_lite0"
 BACKBONES = ("efficientnet_lite0", "mobilenet_v2", "efficientnet_b0", "small_cnn")

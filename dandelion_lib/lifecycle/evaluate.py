@@ -11,10 +11,10 @@
   wrongly answered ``unknown`` and the accuracy on those answered; with out-of-domain photos
   (the ``negatives`` of the split, or ``--negatives DIR``) also ROC AUC in-domain vs
   out-of-domain and the share of them answered ``unknown``, overall and per kind
-  (:func:`dandelion_lib.openset.ood_metrics`; keys ``ood_*``, ``in_domain_unknown_share``,
+  (:func:`dandelion_lib.training.openset.ood_metrics`; keys ``ood_*``, ``in_domain_unknown_share``,
   ``answered_accuracy``).
 
-Scoring always goes through :class:`dandelion_lib.predict.Predictor`, the serving path.
+Scoring always goes through :class:`dandelion_lib.serving.predict.Predictor`, the serving path.
 """
 
 from __future__ import annotations
@@ -34,13 +34,15 @@ import pandas as pd
 from sklearn import metrics as skm
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from dandelion_lib import dataset, openset, registry
-from dandelion_lib.config import get_settings
-from dandelion_lib.errors import DandelionError
-from dandelion_lib.features import to_model_input
-from dandelion_lib.images import ImageLimits, InvalidImageError, accept_image
-from dandelion_lib.predict import AnswerPolicy, Prediction, Predictor
-from dandelion_lib.storage import open_store
+from dandelion_lib.core.config import get_settings
+from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.core.features import to_model_input
+from dandelion_lib.core.images import ImageLimits, InvalidImageError, accept_image
+from dandelion_lib.core.storage import open_store
+from dandelion_lib.data import dataset
+from dandelion_lib.lifecycle import registry
+from dandelion_lib.serving.predict import AnswerPolicy, Prediction, Predictor
+from dandelion_lib.training import openset
 
 ECE_BINS = 10
 SIZE_BUCKETS: tuple[tuple[str, int, int], ...] = (
@@ -278,7 +280,7 @@ def evaluate_arrays(
 
 
 def predict_all(predictor: Any, pixels: np.ndarray, batch_size: int = 32) -> list[Prediction]:
-    """The predictor's :class:`~dandelion_lib.predict.Prediction` of every input, in batches."""
+    """The predictor's :class:`~dandelion_lib.serving.predict.Prediction` of every input, in batches."""
     out: list[Prediction] = []
     for start in range(0, len(pixels), batch_size):
         batch = np.asarray(pixels[start : start + batch_size], dtype=np.float32)

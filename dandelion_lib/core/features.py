@@ -1,7 +1,7 @@
 """Features, defined once: the model's input spec and per-image statistics.
 
-* Bytes become an RGB ``PIL.Image`` through :func:`dandelion_lib.images.decode_image`
-  (image acceptance lives in :mod:`dandelion_lib.images`; re-exported here).
+* Bytes become an RGB ``PIL.Image`` through :func:`dandelion_lib.core.images.decode_image`
+  (image acceptance lives in :mod:`dandelion_lib.core.images`; re-exported here).
 * :class:`FeatureSpec` is the versioned model-input contract (size, colour mode, resize
   method). Training and the predictor both call :func:`to_model_input`, so there is no
   training/serving skew. Pixel normalisation lives inside the Keras model, which takes
@@ -19,8 +19,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from dandelion_lib.config import DEFAULT_LABELS
-from dandelion_lib.images import InvalidImageError, decode_image
+from dandelion_lib.core.config import DEFAULT_LABELS
+from dandelion_lib.core.images import InvalidImageError, decode_image
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",

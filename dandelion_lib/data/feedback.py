@@ -10,7 +10,7 @@ Two tables, created on first use with SQLAlchemy (SQLite by default, PostgreSQL 
 
 Feedback images go to the object store as ``feedback/<correct_label>/<sha256>.<ext>``
 before the row that references them is committed, so a row never points at a missing
-object. What is stored is the image only (:func:`~dandelion_lib.images.canonical_image`:
+object. What is stored is the image only (:func:`~dandelion_lib.core.images.canonical_image`:
 nothing after the image's end), named by the sha256 of the stored bytes; the row's
 ``image_sha256`` stays the sha256 of the bytes as sent, which matched the prediction.
 
@@ -50,7 +50,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from dandelion_lib.config import (
+from dandelion_lib.core.config import (
     DEFAULT_LABELS,
     NEITHER,
     UNCERTAIN,
@@ -58,9 +58,9 @@ from dandelion_lib.config import (
     Settings,
     get_settings,
 )
-from dandelion_lib.errors import DandelionError
-from dandelion_lib.images import ImageLimits, InvalidImageError, accept_image, canonical_image
-from dandelion_lib.storage import ObjectStore, open_store, sha256_hex
+from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.core.images import ImageLimits, InvalidImageError, accept_image, canonical_image
+from dandelion_lib.core.storage import ObjectStore, open_store, sha256_hex
 
 TRAINING_LABELS: tuple[str, ...] = DEFAULT_LABELS
 """The training labels feedback may carry (``uncertain`` and ``unknown`` are answers, never
@@ -176,7 +176,7 @@ class FeedbackRecord:
 
 FEEDBACK_SOURCE_PREFIX = "feedback:"
 """A dataset manifest's ``source`` of an accepted feedback photo: ``feedback:<feedback id>``
-(written by :class:`dandelion_lib.ingest.FeedbackSource`)."""
+(written by :class:`dandelion_lib.data.ingest.FeedbackSource`)."""
 
 
 @dataclass(frozen=True)
@@ -626,7 +626,7 @@ class FeedbackStore:
         ``feedback:<feedback id>``, or lists the same image (its sha256, which names the stored
         photo): identical bytes from another source collapse into one manifest row, and under
         another label the photo is a conflict that ingestion leaves out (the dataset's label
-        stands, see :mod:`dandelion_lib.ingest`). So this is what the next ingestion will add.
+        stands, see :mod:`dandelion_lib.data.ingest`). So this is what the next ingestion will add.
         The manifest is read once per version.
         """
         records = self.accepted()
@@ -643,7 +643,7 @@ class FeedbackStore:
         """The latest dataset version, its feedback sources and its (sha256, label) pairs."""
         if self.store is None:
             return None, frozenset(), frozenset()
-        from dandelion_lib import dataset  # pandas: only where the count is asked for
+        from dandelion_lib.data import dataset  # pandas: only where the count is asked for
 
         try:
             version = dataset.latest_version(self.store)

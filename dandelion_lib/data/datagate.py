@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from dandelion_lib import dataset
-from dandelion_lib.config import UNKNOWN, Settings, get_settings
-from dandelion_lib.dataset import MANIFEST_COLUMNS, SPLITS
-from dandelion_lib.errors import DandelionError
-from dandelion_lib.storage import open_store
+from dandelion_lib.core.config import UNKNOWN, Settings, get_settings
+from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.core.storage import open_store
+from dandelion_lib.data import dataset
+from dandelion_lib.data.dataset import MANIFEST_COLUMNS, SPLITS
 
 
 class DataValidationError(DandelionError):

@@ -12,9 +12,9 @@ Its one job: turn a dataset version into a registered ``challenger``. :func:`tra
 to bottom as named steps (load data, load pixels, cache features and fit the head, refit,
 optional pixel training, fit the open-set detector, evaluate, log to MLflow, register the
 challenger); it never moves
-``champion`` (:mod:`dandelion_lib.promotion` does). Images go from store bytes to model inputs
-through :func:`dandelion_lib.dataset.load_examples`, the same path the
-:class:`~dandelion_lib.predict.Predictor` uses when serving.
+``champion`` (:mod:`dandelion_lib.lifecycle.promotion` does). Images go from store bytes to model inputs
+through :func:`dandelion_lib.data.dataset.load_examples`, the same path the
+:class:`~dandelion_lib.serving.predict.Predictor` uses when serving.
 """
 
 from __future__ import annotations
@@ -43,21 +43,24 @@ from mlflow import MlflowClient
 from mlflow.data.pandas_dataset import from_pandas
 from mlflow.entities import Metric
 
-from dandelion_lib import dataset, evaluate, monitoring, openset, registry, runtime
-from dandelion_lib import model as model_lib
-from dandelion_lib.config import UNKNOWN, Settings, cpu_limit, get_settings
-from dandelion_lib.dataset import load_examples
-from dandelion_lib.errors import DandelionError
-from dandelion_lib.features import DEFAULT_IMAGE_SIZE, STAT_COLUMNS, FeatureSpec
-from dandelion_lib.featurestore import (
+from dandelion_lib.core.config import UNKNOWN, Settings, cpu_limit, get_settings
+from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.core.features import DEFAULT_IMAGE_SIZE, STAT_COLUMNS, FeatureSpec
+from dandelion_lib.core.storage import open_store
+from dandelion_lib.data import dataset
+from dandelion_lib.data.dataset import load_examples
+from dandelion_lib.data.featurestore import (
     FeatureStore,
     cached_embeddings,
     feature_key,
     key_inputs,
     weights_digest,
 )
-from dandelion_lib.predict import Predictor
-from dandelion_lib.storage import open_store
+from dandelion_lib.lifecycle import evaluate, monitoring, registry
+from dandelion_lib.serving import runtime
+from dandelion_lib.serving.predict import Predictor
+from dandelion_lib.training import model as model_lib
+from dandelion_lib.training import openset
 
 HEAD_LEARNING_RATE = 0.1
 END_TO_END_LEARNING_RATE = 1e-3
@@ -117,7 +120,7 @@ class TrainConfig:
     """Register the model in the registry with alias ``challenger``."""
     openset_method: str = "auto"
     """Open-set detector: ``auto`` (``logistic`` with negatives in the dataset, else
-    ``mahalanobis``), one of :data:`dandelion_lib.openset.METHODS`, or ``none``."""
+    ``mahalanobis``), one of :data:`dandelion_lib.training.openset.METHODS`, or ``none``."""
     openset_retention: float = openset.DEFAULT_RETENTION
     """Share of in-domain photos the detector's threshold keeps (calibrated on val)."""
 
@@ -200,7 +203,7 @@ class FeatureExtractor:
     """The frozen backbone: float32 pixels ``(N, size, size, 3)`` -> features ``(N, D)``.
 
     On the first batch it converts the backbone to FP32 ONNX Runtime and compares the two on
-    that batch; where they agree within :data:`dandelion_lib.runtime.FP32_PARITY_TOLERANCE`
+    that batch; where they agree within :data:`dandelion_lib.serving.runtime.FP32_PARITY_TOLERANCE`
     (largest absolute feature difference) every batch runs on ONNX Runtime (about twice as fast
     as TensorFlow on CPU), otherwise, or when the conversion fails, on the TensorFlow graph.
     Nothing is converted when every feature comes from the feature store. ``runtime`` says
@@ -970,7 +973,7 @@ def build_runtime(
     """Step 8b': the served runtime artifacts (FP32 ONNX, checked against Keras on the
     validation split — or the test split when there is no validation split — and INT8
     calibrated on the first ``int8_calibration_images`` training images). A failed FP32
-    parity check stops registration (:class:`dandelion_lib.runtime.RuntimeParityError`)."""
+    parity check stops registration (:class:`dandelion_lib.serving.runtime.RuntimeParityError`)."""
     parity = data.pixels["val"] if len(data.pixels.get("val", ())) else data.pixels["test"]
     calibration = data.pixels["train"][: settings.int8_calibration_images]
     record = runtime.build(
@@ -999,7 +1002,7 @@ def log_model(
     detector: openset.OpenSetDetector | None = None,
 ) -> tuple[str, str | None]:
     """Step 8b: log the model (and its open-set detector) with its metadata; with ``register``, register it as the
-    ``challenger`` (and nothing more: promotion is :mod:`dandelion_lib.promotion`'s job).
+    ``challenger`` (and nothing more: promotion is :mod:`dandelion_lib.lifecycle.promotion`'s job).
     Returns the model URI and the registered version."""
     reference = monitoring.build_reference(data.splits["train"][list(STAT_COLUMNS)])
     with tempfile.TemporaryDirectory(prefix="dandelion-runtime-") as tmp:

@@ -11,19 +11,19 @@ Sources (chosen by :func:`make_source` from ``Settings.source``):
 of photos that are neither class, one sub-folder per kind (:class:`NegativesSource`). They
 are stored and versioned like every other image, with the label ``unknown`` (the answer they
 should get; never a class of the model) and their path as provenance; the open-set detector
-is fitted on them (see :mod:`dandelion_lib.dataset` for their split).
+is fitted on them (see :mod:`dandelion_lib.data.dataset` for their split).
 
 ``Settings.ingest_feedback`` (default on) adds accepted feedback with images
 (:class:`FeedbackSource`): a reviewer's accepted ``neither`` becomes a negative.
 
-Every item is accepted or refused by :func:`dandelion_lib.images.accept_image` (format
+Every item is accepted or refused by :func:`dandelion_lib.core.images.accept_image` (format
 sniff, size limits, full decode); rejected items (with a reason code) never reach the store. Valid images are stored
 once under ``raw/<label>/<sha256>.<ext>`` as their canonical bytes
-(:func:`dandelion_lib.images.canonical_image`: the original bytes of an ordinary file,
+(:func:`dandelion_lib.core.images.canonical_image`: the original bytes of an ordinary file,
 anything after the image's end cut), keyed and listed in the manifest by the sha256 of the
 stored bytes (so a photo and the same photo with a payload appended are one image; the
 source index keeps the original sha256 of a changed item); exact duplicates collapse,
-near-duplicates share a group, and :mod:`dandelion_lib.dataset` writes the manifest and
+near-duplicates share a group, and :mod:`dandelion_lib.data.dataset` writes the manifest and
 moves ``datasets/latest``.
 
 ``ingest/index.json`` in the store remembers, per source item, its sha256 and HTTP
@@ -54,17 +54,10 @@ import pandas as pd
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from dandelion_lib import dataset
-from dandelion_lib.config import NEITHER, UNKNOWN, Settings, get_settings
-from dandelion_lib.errors import DandelionError
-from dandelion_lib.features import STAT_COLUMNS, image_stats, perceptual_hash
-from dandelion_lib.feedback import (
-    FEEDBACK_SOURCE_PREFIX,
-    FeedbackRecord,
-    FeedbackStore,
-    FeedbackUnavailableError,
-)
-from dandelion_lib.images import (
+from dandelion_lib.core.config import NEITHER, UNKNOWN, Settings, get_settings
+from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.core.features import STAT_COLUMNS, image_stats, perceptual_hash
+from dandelion_lib.core.images import (
     CanonicalImage,
     ImageLimits,
     InvalidImageError,
@@ -72,12 +65,19 @@ from dandelion_lib.images import (
     accept_image,
     canonical_image,
 )
-from dandelion_lib.storage import (
+from dandelion_lib.core.storage import (
     CorruptObjectError,
     ObjectNotFoundError,
     ObjectStore,
     open_store,
     sha256_hex,
+)
+from dandelion_lib.data import dataset
+from dandelion_lib.data.feedback import (
+    FEEDBACK_SOURCE_PREFIX,
+    FeedbackRecord,
+    FeedbackStore,
+    FeedbackUnavailableError,
 )
 
 log = logging.getLogger(__name__)

@@ -7,9 +7,9 @@ same version and any change yields a new one. Versions are immutable: an existin
 never rewritten. ``datasets/latest`` (JSON ``{"version": ...}``) is written last, atomically,
 so readers only ever see complete versions.
 
-Rows labelled :data:`~dandelion_lib.config.UNKNOWN` are the ``negatives`` source: photos that
+Rows labelled :data:`~dandelion_lib.core.config.UNKNOWN` are the ``negatives`` source: photos that
 are neither class, which the open-set detector is fitted on (never a class of the model).
-Their split is :func:`dandelion_lib.openset.split_ood`'s, stratified by kind (the photo's
+Their split is :func:`dandelion_lib.data.splits.split_ood`'s, stratified by kind (the photo's
 folder): ``fit`` photos are their ``train`` split, ``eval`` photos their ``test`` split.
 """
 
@@ -27,11 +27,11 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from dandelion_lib.config import UNKNOWN
-from dandelion_lib.errors import DandelionError
-from dandelion_lib.features import STAT_COLUMNS, FeatureSpec, bytes_to_model_input
-from dandelion_lib.openset import split_ood
-from dandelion_lib.storage import ObjectNotFoundError, ObjectStore
+from dandelion_lib.core.config import UNKNOWN
+from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.core.features import STAT_COLUMNS, FeatureSpec, bytes_to_model_input
+from dandelion_lib.core.storage import ObjectNotFoundError, ObjectStore
+from dandelion_lib.data.splits import split_ood
 
 MANIFEST_SCHEMA_VERSION = "1"
 
@@ -419,7 +419,7 @@ def load_examples(
 ) -> npt.NDArray[np.uint8]:
     """Model inputs of the manifest ``rows`` as ``uint8`` ``(N, size, size, 3)``.
 
-    Each image goes through :func:`~dandelion_lib.features.bytes_to_model_input` (exactly
+    Each image goes through :func:`~dandelion_lib.core.features.bytes_to_model_input` (exactly
     what the Predictor serves); its values are integers in [0, 255], so ``uint8`` is lossless.
     """
     spec = spec or FeatureSpec()

@@ -1,13 +1,13 @@
 """The Predictor: one model loaded from the MLflow registry, used by the API, the app and the CLI.
 
 Its one job: turn image bytes into an answer. It accepts untrusted bytes through
-:func:`dandelion_lib.images.accept_image` (formats, size limits), applies the model's logged
+:func:`dandelion_lib.core.images.accept_image` (formats, size limits), applies the model's logged
 feature spec, runs one forward pass per batch that returns the backbone's features beside the
 probabilities, and answers through its :class:`AnswerPolicy`: the one place that decides a
 label, ``uncertain`` or ``unknown``.
 
 What runs the forward pass (:meth:`Predictor.load`, setting ``serving_runtime``): the version's
-ONNX Runtime artifact (:mod:`dandelion_lib.runtime`) in the precision the promotion gate chose
+ONNX Runtime artifact (:mod:`dandelion_lib.serving.runtime`) in the precision the promotion gate chose
 (tag ``serving.precision``), falling back to FP32 ONNX and then to the Keras model (traced once
 into a TensorFlow graph) when an artifact is missing or corrupt; ``runtime_note`` says why.
 
@@ -18,9 +18,7 @@ out-of-domain score.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import os
 import tempfile
@@ -33,19 +31,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dandelion_lib import registry
-from dandelion_lib import runtime as runtime_lib
-from dandelion_lib.config import UNCERTAIN, UNKNOWN, Settings, cpu_limit, get_settings
-from dandelion_lib.errors import DandelionError
-from dandelion_lib.features import FeatureSpec, image_stats, to_model_input
-from dandelion_lib.images import (
+from dandelion_lib.core.config import UNCERTAIN, UNKNOWN, Settings, cpu_limit, get_settings
+from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.core.features import FeatureSpec, image_stats, to_model_input
+from dandelion_lib.core.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIDE,
     ImageLimits,
-    InvalidImageError,
     accept_image,
 )
-from dandelion_lib.openset import ARTIFACT_NAME, OpenSetDetector, OpenSetError
+from dandelion_lib.serving import runtime as runtime_lib
+from dandelion_lib.training.openset import ARTIFACT_NAME, OpenSetDetector, OpenSetError
 
 SERVING_TAG = "serving."
 """Prefix of the model-version tags that record the gate's runtime choice."""
@@ -397,44 +393,3 @@ def _resolve(uri: str) -> tuple[str | None, str | None, dict[str, str]]:
             return name, None, {}
         mv = client.get_model_version(name, number)
     return name, str(mv.version), dict(mv.tags or {})
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """``dandelion predict``."""
-    parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--model", help="model URI (default: models:/<name>@champion)")
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
-
-
-def cli(args: argparse.Namespace) -> int:
-    settings = get_settings()
-    registry.configure_mlflow(settings)
-    uri = args.model or registry.model_uri(settings.model_name, settings.model_alias)
-    predictor = Predictor.load(
-        uri,
-        max_pixels=settings.max_image_pixels,
-        min_side=settings.min_image_side,
-        policy=AnswerPolicy.from_settings(settings),
-    )
-    failed = 0
-    for name in args.images:
-        path = Path(name)
-        try:
-            x, _ = predictor.decode(path.read_bytes())
-        except (InvalidImageError, OSError) as exc:
-            failed += 1
-            reason = getattr(exc, "reason", "unreadable")
-            print(f"{path}: invalid image ({reason}): {exc}")
-            continue
-        p = predictor.predict_arrays(x[None])[0]
-        answer = predictor.decide(p)
-        if args.json:
-            out: dict[str, Any] = {"file": str(path), "label": answer.label}
-            out |= {"reason": answer.reason}
-            out |= {"confidence": p.confidence, "probabilities": p.probabilities}
-            print(json.dumps(out | {"ood_score": p.ood_score, "model_version": predictor.version}))
-        else:
-            probs = ", ".join(f"{k} {v:.3f}" for k, v in p.probabilities.items())
-            ood = "" if p.ood_score is None else f"; out-of-domain score {p.ood_score:.2f}"
-            print(f"{path}: {answer.label} (confidence {p.confidence:.3f}; {probs}{ood})")
-    return 1 if failed else 0

@@ -16,9 +16,9 @@ from typing import Any
 
 import mlflow
 
-from dandelion_lib import registry
-from dandelion_lib.config import Settings, get_settings
-from dandelion_lib.runs import CODE_VERSION_TAG, DATASET_VERSION_TAG, NOTEBOOKS
+from dandelion_lib.core.config import Settings, get_settings
+from dandelion_lib.core.runs import CODE_VERSION_TAG, DATASET_VERSION_TAG, NOTEBOOKS
+from dandelion_lib.lifecycle import registry
 
 _CODE_FILES = ("requirements.lock",)
 _CODE_NOTEBOOKS = (NOTEBOOKS["train"], NOTEBOOKS["evaluate"])

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from dandelion_lib.config import Settings, get_settings
-from dandelion_lib.errors import DandelionError
+from dandelion_lib.core.config import Settings, get_settings
+from dandelion_lib.core.errors import DandelionError
 
 
 class StoreError(DandelionError):

@@ -1,0 +1,3 @@
+"""Training: model builders (``model``) and the open-set detector (``openset``). Imports only
+the data and core layers.
+"""
