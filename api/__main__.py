@@ -9,6 +9,7 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import uvicorn
 
+    from api.app import create_app
     from api.logs import configure_logging
     from api.services.models import registry_http_env
     from api.transport import protocol_with_header_timeout
@@ -26,8 +27,7 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     configure_logging(settings.log_level)
     uvicorn.run(
-        "api.app:create_app",
-        factory=True,
+        create_app(settings),
         http=protocol_with_header_timeout(settings.header_timeout_s),
         host=settings.api_host,
         port=settings.api_port,

@@ -18,17 +18,16 @@ from api.routes import ROUTES
 from api.services import Services
 from api.services.models import redact_uri
 from dandelion_lib import __version__
-from dandelion_lib.core.config import Settings, get_settings
+from dandelion_lib.core.config import Settings
 
 log = logging.getLogger("api")
 
 INPUT_STATUSES = frozenset({400, 413, 415, 422})
 
 
-def create_app(settings: Settings | None = None, *, services: Services | None = None) -> Litestar:
-    """Build the API. ``services`` lets tests inject prepared services (default: built
-    from ``settings``, which default to the environment)."""
-    settings = settings or get_settings()
+def create_app(settings: Settings, *, services: Services | None = None) -> Litestar:
+    """Build the API on ``settings`` (``python -m api`` reads them from the environment).
+    ``services`` lets tests inject prepared services (default: built from ``settings``)."""
     svc = services or Services.build(settings)
 
     def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:

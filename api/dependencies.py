@@ -29,7 +29,7 @@ def services_of(state: State) -> Services:
     """The services of the app that owns ``state``."""
     services = state.services
     if not isinstance(services, Services):
-        raise TypeError("app.state.services is not set; build the app with api.create_app")
+        raise TypeError("app.state.services is not set; build the app with api.app.create_app")
     return services
 
 

@@ -40,14 +40,11 @@ def main() -> None:
     from dandelion_lib.data import dataset
     from dandelion_lib.data.dataset import load_examples
     from dandelion_lib.data.ingest import ingest
-    from dandelion_lib.lifecycle.train import (
-        TrainConfig,
-        augmented_features,
-        extract_features,
-        feature_extractor,
-        fit_cached_head,
-    )
+    from dandelion_lib.lifecycle.train import feature_extractor
     from dandelion_lib.training import model as model_lib
+    from dandelion_lib.training.config import TrainConfig
+    from dandelion_lib.training.extraction import augmented_features, extract_features
+    from dandelion_lib.training.fitting import fit_cached_head
 
     config = TrainConfig()
     labels = FeatureSpec().labels
@@ -74,7 +71,7 @@ def main() -> None:
         for size in SIZES:
             start = time.perf_counter()
             backbone = model_lib.build_backbone(config.backbone, config.weights, size)
-            extractor = feature_extractor(backbone)
+            extractor = feature_extractor(backbone, settings)
             dim = backbone.feature_dim
             pixels = load_examples(store, rows, FeatureSpec(image_size=size))
             originals = extract_features(extractor, pixels, dim)

@@ -81,13 +81,10 @@ def extract(settings_dir: Path) -> Features:
     from dandelion_lib.data.dataset import load_examples
     from dandelion_lib.data.ingest import ingest
     from dandelion_lib.data.splits import split_ood
-    from dandelion_lib.lifecycle.train import (
-        TrainConfig,
-        augmented_features,
-        extract_features,
-        feature_extractor,
-    )
+    from dandelion_lib.lifecycle.train import feature_extractor
     from dandelion_lib.training import model as model_lib
+    from dandelion_lib.training.config import TrainConfig
+    from dandelion_lib.training.extraction import augmented_features, extract_features
 
     config = TrainConfig()
     spec = FeatureSpec(image_size=config.image_size)
@@ -102,7 +99,7 @@ def extract(settings_dir: Path) -> Features:
 
     start = time.perf_counter()
     backbone = model_lib.build_backbone(config.backbone, config.weights, config.image_size)
-    extractor = feature_extractor(backbone)
+    extractor = feature_extractor(backbone, settings)
     dim = backbone.feature_dim
     pixels = load_examples(store, manifest, spec)
     x = extract_features(extractor, pixels, dim)
@@ -245,13 +242,14 @@ class _EpochCounter:
 def classifier_probs(feats: Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The default two-class head (train.py's recipe: augmented views, early stopping on
     val, refit on train + val): probabilities on the test split, val split and ood-dev."""
-    from dandelion_lib.lifecycle.train import TrainConfig, _one_hot, fit_cached_head
+    from dandelion_lib.training.config import TrainConfig
+    from dandelion_lib.training.fitting import fit_cached_head, one_hot
 
     config = TrainConfig()
     n = int(feats.y.max()) + 1
     tr, va, te = (feats.split == s for s in ("train", "val", "test"))
     train_x = [feats.x[tr], *feats.views]
-    val = (feats.x[va], _one_hot(feats.y[va], n))
+    val = (feats.x[va], one_hot(feats.y[va], n))
     counter = _EpochCounter()
     fit_cached_head(
         config,

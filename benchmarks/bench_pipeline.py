@@ -4,8 +4,8 @@ Three measurements in one run, each in a fresh work directory, the 400 reference
 served on loopback HTTP:
 
 * baseline — the same stages called directly in one fresh Python process (imports included),
-  no Airflow, no Papermill, no notebook figures: ingest -> validate -> train -> evaluate ->
-  promote;
+  no Airflow, no Papermill, no notebook figures: ingest -> validate -> train -> evaluate (the
+  scoring step, saved with the run) -> promote (reads the saved scores);
 * pipeline, cold — ``dandelion pipeline`` (what ``nox -s pipeline`` runs): Airflow DB migration,
   ``airflow dags test dandelion_pipeline``, notebooks through Papermill, summary;
 * pipeline, re-run — the same again: nothing to download, training skipped.
@@ -49,8 +49,8 @@ def _baseline(workdir: Path, source: str) -> dict[str, Any]:
     from dandelion_lib.core.storage import open_store
     from dandelion_lib.data import datagate
     from dandelion_lib.data.ingest import ingest
-    from dandelion_lib.lifecycle import evaluate, promotion, registry, train
-    from dandelion_lib.serving.predict import Predictor
+    from dandelion_lib.lifecycle import promotion, registry, scoring, train
+    from dandelion_lib.training.config import TrainConfig
 
     settings = Settings(workdir=workdir, source=source)
     laps: dict[str, float] = {}
@@ -61,11 +61,14 @@ def _baseline(workdir: Path, source: str) -> dict[str, Any]:
     datagate.validate_dataset(report.version, settings)
     laps["validate"] = time.perf_counter() - t
     t = time.perf_counter()
-    result = train.train(train.TrainConfig(dataset_version=report.version), settings)
+    result = train.train(TrainConfig(dataset_version=report.version), settings)
     laps["train"] = time.perf_counter() - t
     t = time.perf_counter()
-    predictor = Predictor.load(registry.model_uri(settings.model_name, registry.CHALLENGER))
-    evaluate.evaluate_split(predictor, open_store(settings=settings), result.dataset_version)
+    # the scoring step (notebook 03 in the DAG): scored once, saved; promote reads the scores
+    client = registry.configure_mlflow(settings)
+    challenger = registry.get_alias_version(client, settings.model_name, registry.CHALLENGER)
+    split = scoring.Split.of(open_store(settings=settings), result.dataset_version, settings)
+    scoring.challenger_scores(settings, client, split, challenger)
     laps["evaluate"] = time.perf_counter() - t
     t = time.perf_counter()
     promoted = promotion.promote(settings, dataset_version=report.version)

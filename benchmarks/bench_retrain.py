@@ -116,11 +116,13 @@ def _give_feedback(settings: Any, result: Any, held: dict[str, list[Path]]) -> t
     from dandelion_lib.core.features import FeatureSpec
     from dandelion_lib.core.storage import sha256_hex
     from dandelion_lib.data.feedback import FeedbackStore, PredictionRecord
+    from dandelion_lib.data.review import ReviewQueue
     from dandelion_lib.serving.predict import Predictor
 
     spec = FeatureSpec(labels=tuple(settings.labels))
     predictor = Predictor(model=result.model, spec=spec, version=result.model_version)
     feedback = FeedbackStore.from_settings(settings)
+    queue = ReviewQueue(feedback)
     given = disagreements = 0
     try:
         for label, paths in held.items():
@@ -133,7 +135,7 @@ def _give_feedback(settings: Any, result: Any, held: dict[str, list[Path]]) -> t
                     [
                         PredictionRecord(
                             pid,
-                            predictor.answer(pred),
+                            predictor.decide(pred).label,
                             pred.label,
                             pred.confidence,
                             pred.probabilities,
@@ -144,7 +146,7 @@ def _give_feedback(settings: Any, result: Any, held: dict[str, list[Path]]) -> t
                     ]
                 )
                 record = feedback.add_feedback(pid, label, data)
-                feedback.review(record.feedback_id, accepted=True)
+                queue.review(record.feedback_id, accepted=True)
                 given += 1
                 disagreements += not record.agree
     finally:
@@ -156,7 +158,8 @@ def _retrain(tmp: Path, mode: Mode) -> None:
     from dandelion_lib.core.config import Settings
     from dandelion_lib.core.storage import open_store
     from dandelion_lib.data.ingest import add_accepted_feedback, ingest
-    from dandelion_lib.lifecycle.train import TrainConfig, train
+    from dandelion_lib.lifecycle.train import train
+    from dandelion_lib.training.config import TrainConfig
 
     source, held = _source_folder(tmp / "source", mode)
     settings = Settings(workdir=tmp / "work")
@@ -279,13 +282,10 @@ def _extraction(tmp: Path, mode: Mode) -> None:
     from dandelion_lib.core.config import Settings
     from dandelion_lib.core.features import FeatureSpec, bytes_to_model_input
     from dandelion_lib.core.storage import open_store, sha256_hex
-    from dandelion_lib.lifecycle.train import (
-        TrainConfig,
-        feature_extractor,
-        open_feature_store,
-        split_features,
-    )
+    from dandelion_lib.lifecycle.train import feature_extractor
     from dandelion_lib.training import model as model_lib
+    from dandelion_lib.training.config import TrainConfig
+    from dandelion_lib.training.extraction import open_feature_store, split_features
 
     start = time.perf_counter()
     images, base = _scaled_images(mode)
@@ -301,7 +301,7 @@ def _extraction(tmp: Path, mode: Mode) -> None:
     config = TrainConfig()
     backbone = model_lib.build_backbone(config.backbone, config.weights, spec.image_size)
     backbone.model.trainable = False
-    extractor = feature_extractor(backbone)
+    extractor = feature_extractor(backbone, settings)
     dim = backbone.feature_dim
     extractor(pixels[:8].astype(np.float32))  # convert (or trace) once, on real photos
     print(
@@ -313,7 +313,7 @@ def _extraction(tmp: Path, mode: Mode) -> None:
 
     def fresh_store(name: str) -> Any:
         url = (tmp / "extract" / name).as_uri()
-        return open_feature_store(open_store(url, settings), spec, backbone)
+        return open_feature_store(open_store(settings, url), spec, backbone)
 
     def run(fstore: Any, n: int) -> tuple[float, dict[str, int]]:
         counts: dict[str, int] = {}

@@ -149,7 +149,8 @@ def _batches(url: str) -> tuple[float, float]:
 def _pixels(images: list[bytes]) -> Any:
     import numpy as np
 
-    from dandelion_lib.core.features import decode_image, to_model_input
+    from dandelion_lib.core.features import to_model_input
+    from dandelion_lib.core.images import decode_image
 
     return np.stack([to_model_input(decode_image(b)) for b in images]).astype(np.float32)
 
@@ -189,6 +190,7 @@ def _register(workdir: Path, images: list[bytes]) -> str:
             keras_forward=runtime.keras_forward(model, size),
             parity_pixels=_pixels(images[1::8][:48]),
             calibration_pixels=pixels,
+            max_batch=settings.inference_batch_max,
             threads=cpu_limit(),
         )
         print(
@@ -244,9 +246,10 @@ def _floor(uri: str, runtime: str, precision: str) -> dict[str, float]:
     from dandelion_lib.serving.predict import Predictor
 
     images = _images()
-    configure_mlflow(Settings())
+    settings = Settings()
+    configure_mlflow(settings)
     t0 = time.perf_counter()
-    predictor = Predictor.load(uri, runtime=runtime, precision=precision)
+    predictor = Predictor.load(uri, settings, runtime=runtime, precision=precision)
     load_s = time.perf_counter() - t0
     assert (predictor.runtime, predictor.precision) == (runtime, precision), predictor
     rss_loaded = _rss_mib(os.getpid())[0]
@@ -294,7 +297,7 @@ def _floor_in_subprocess(workdir: Path, uri: str, runtime: str, precision: str) 
 
 
 # --- (c) the naive baseline server --------------------------------------------------------
-def naive_app(uri: str) -> Any:
+def naive_app(uri: str, labels: tuple[str, ...]) -> Any:
     """What typical projects write: decode, ``model.predict`` per request, in a thread."""
     import io
 
@@ -305,7 +308,6 @@ def naive_app(uri: str) -> Any:
     from PIL import Image
 
     model = mlflow.keras.load_model(uri)
-    labels = ("dandelion", "grass")
     size = (int(model.input_shape[2]), int(model.input_shape[1]))
 
     def infer(data: bytes) -> dict[str, Any]:
@@ -332,8 +334,9 @@ def _serve_naive(uri: str, port: int) -> None:
     from dandelion_lib.core.config import Settings
     from dandelion_lib.lifecycle.registry import configure_mlflow
 
-    configure_mlflow(Settings())
-    uvicorn.run(naive_app(uri), host="127.0.0.1", port=port, log_level="warning")
+    settings = Settings()
+    configure_mlflow(settings)
+    uvicorn.run(naive_app(uri, settings.labels), host="127.0.0.1", port=port, log_level="warning")
 
 
 # --- main ---------------------------------------------------------------------------------

@@ -182,10 +182,10 @@ class Client:
         with self.tally.lock:
             self.tally.prediction_ids.append(answer["prediction_id"])
         if self.rng.random() < FEEDBACK_SHARE:
-            self._feedback(answer["prediction_id"], image)
+            self._feedback(answer["prediction_id"], image, list(answer["probabilities"]))
 
-    def _feedback(self, prediction_id: str, image: bytes) -> None:
-        label = self.rng.choice(("dandelion", "grass"))
+    def _feedback(self, prediction_id: str, image: bytes, labels: list[str]) -> None:
+        label = self.rng.choice(labels)  # the served model's labels
         if self.rng.random() < 1 / 3:
             body, headers = _multipart(
                 [("image", "feedback.jpg", image)],
@@ -226,7 +226,10 @@ class Client:
                         with self.tally.lock:
                             self.tally.prediction_ids.append(item["prediction"]["prediction_id"])
                         if self.rng.random() < FEEDBACK_SHARE / 4:
-                            self._feedback(item["prediction"]["prediction_id"], image)
+                            pred = item["prediction"]
+                            self._feedback(
+                                pred["prediction_id"], image, list(pred["probabilities"])
+                            )
         elif kind in ("model", "ready", "metrics"):
             path = {"model": "/model", "ready": "/health/ready", "metrics": "/metrics"}[kind]
             self._expect(kind, self._send(kind, "GET", path, None, {}), (200,))

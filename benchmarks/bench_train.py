@@ -44,7 +44,8 @@ def _extraction(settings: Any, store: Any) -> None:
     import mlflow
 
     from dandelion_lib.data.featurestore import PREFIX
-    from dandelion_lib.lifecycle.train import TrainConfig, train
+    from dandelion_lib.lifecycle.train import train
+    from dandelion_lib.training.config import TrainConfig
 
     runs = {}
     for extraction in ("keras", "auto"):
@@ -75,8 +76,9 @@ def main(mode: str = "seeds") -> None:
     from dandelion_lib.core.storage import open_store
     from dandelion_lib.data.ingest import ingest
     from dandelion_lib.lifecycle.registry import configure_mlflow
-    from dandelion_lib.lifecycle.train import TrainConfig, train
+    from dandelion_lib.lifecycle.train import train
     from dandelion_lib.serving.predict import Predictor
+    from dandelion_lib.training.config import TrainConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(workdir=Path(tmp) / "work")
@@ -111,7 +113,8 @@ def main(mode: str = "seeds") -> None:
         )
 
         configure_mlflow(settings)
-        predictor = Predictor.load(results[0].model_uri, runtime="keras")  # compares Keras calls
+        # compares Keras calls
+        predictor = Predictor.load(results[0].model_uri, settings, runtime="keras")
         saved = Path(tmp) / "model.keras"
         predictor.model.save(saved)
         print(

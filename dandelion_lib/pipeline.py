@@ -1,4 +1,5 @@
-"""The embedded-Airflow runner: ``dandelion pipeline`` runs a DAG with ``airflow dags test``.
+"""The embedded-Airflow runner: :func:`run_pipeline` runs a DAG with ``airflow dags test``
+(the command ``dandelion pipeline``, :mod:`dandelion_lib.cli.pipeline`).
 
 Its one job is running the DAGs on one machine: Airflow's environment and SQLite DB under the
 work directory, the Jupyter kernel the notebooks need (:func:`check_kernel`), the
@@ -9,7 +10,6 @@ their own modules (:mod:`~dandelion_lib.data.datagate`, :mod:`~dandelion_lib.lif
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -24,9 +24,8 @@ from typing import Any
 from dotenv import dotenv_values
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-from dandelion_lib.core.config import Settings, get_settings
+from dandelion_lib.core.config import Settings
 from dandelion_lib.core.errors import DandelionError
-from dandelion_lib.core.runs import PIPELINE_DAG, RETRAIN_DAG
 from dandelion_lib.summary import format_summary, read_summary
 
 
@@ -45,9 +44,9 @@ def kernel_hint(name: str) -> str:
     )
 
 
-def check_kernel(name: str | None = None) -> Path:
-    """Path of the kernel spec ``name`` (default: settings); raise :class:`KernelMissingError`."""
-    name = name or get_settings().kernel_name
+def check_kernel(name: str) -> Path:
+    """Path of the kernel spec ``name`` (the ``kernel_name`` setting); raise
+    :class:`KernelMissingError`."""
     manager = KernelSpecManager()
     try:
         spec = manager.get_kernel_spec(name)
@@ -63,9 +62,8 @@ def check_kernel(name: str | None = None) -> Path:
     return Path(spec.resource_dir)
 
 
-def airflow_env(settings: Settings | None = None) -> dict[str, str]:
+def airflow_env(settings: Settings) -> dict[str, str]:
     """Environment of the embedded Airflow: SQLite DB under the work dir, our DAGs only."""
-    settings = settings or get_settings()
     home = settings.resolved_airflow_home
     dags = Path(__file__).resolve().parents[1] / "dags"
     return {
@@ -187,38 +185,27 @@ def run_dag(
         return proc.wait()
 
 
-# --- CLI -----------------------------------------------------------------------------------
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dag", default=PIPELINE_DAG, choices=[PIPELINE_DAG, RETRAIN_DAG], help="DAG to run."
-    )
-    parser.add_argument(
-        "--force-train", action="store_true", help="Train even when nothing changed."
-    )
-    parser.add_argument(
-        "--source", default=None, help="Image source (URL or folder); default DANDELION_SOURCE."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="Stream Airflow's log.")
-
-
-def cli(args: argparse.Namespace) -> int:
-    """Run a DAG with ``airflow dags test`` on the embedded defaults and print its summary."""
-    settings = get_settings()
+def run_pipeline(
+    settings: Settings,
+    dag: str,
+    *,
+    force_train: bool = False,
+    source: str | None = None,
+    verbose: bool = False,
+) -> int:
+    """Run ``dag`` with ``airflow dags test`` on the embedded defaults and print its summary;
+    returns the exit status (1 when the run failed or wrote no summary)."""
     check_kernel(settings.kernel_name)
-    env = task_env(settings, source=args.source)
+    env = task_env(settings, source=source)
     home = Path(env["AIRFLOW_HOME"])
     if ensure_airflow_db(env):
         print(f"Airflow DB migrated under {home}", flush=True)
     trigger = uuid.uuid4().hex
-    conf = {"force_train": bool(args.force_train), "trigger": trigger}
-    log_path = home / "logs" / "dags-test" / f"{time.strftime('%Y%m%dT%H%M%S')}-{args.dag}.log"
-    print(f"airflow dags test {args.dag}  (log: {log_path})", flush=True)
+    conf = {"force_train": force_train, "trigger": trigger}
+    log_path = home / "logs" / "dags-test" / f"{time.strftime('%Y%m%dT%H%M%S')}-{dag}.log"
+    print(f"airflow dags test {dag}  (log: {log_path})", flush=True)
     start = time.monotonic()
-    rc = run_dag(
-        args.dag, conf, env, log_path=log_path, verbose=args.verbose, cwd=settings.workdir_path
-    )
+    rc = run_dag(dag, conf, env, log_path=log_path, verbose=verbose, cwd=settings.workdir_path)
     elapsed = time.monotonic() - start
     summary = read_summary(settings, trigger)
     print()

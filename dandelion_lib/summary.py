@@ -1,4 +1,9 @@
-"""The run summary: what one pipeline run did, in a few lines, and where to look next."""
+"""The run summary: what one pipeline run did, in a few lines, and where to look next.
+
+The model's figures are the scores saved by the scoring step (``scores.json``,
+:mod:`dandelion_lib.lifecycle.scorecard`) in the precision the gate chose to serve; a version
+without saved scores shows its training run's test metrics.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from typing import Any
 from dandelion_lib.core.config import Settings
 from dandelion_lib.core.runs import run_prefix
 from dandelion_lib.core.storage import ObjectNotFoundError, open_store
+from dandelion_lib.lifecycle import registry, scorecard
+from dandelion_lib.serving.predict import SERVING_TAG
 
 
 def where_to_look(settings: Settings, run_id: str | None = None) -> dict[str, str]:
@@ -76,42 +83,92 @@ def _fmt_features(features: dict[str, int]) -> str:
     )
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    """The short, human summary of one run (printed by ``dandelion pipeline``)."""
-    lines = [
-        f"dandelion pipeline: {summary.get('status', 'unknown').upper()}  "
-        f"(dag {summary.get('dag_id')}, run {summary.get('run_id')})"
-    ]
-
-    def row(name: str, text: str) -> None:
-        lines.append(f"  {name:<10} {text}")
-
+def _failure_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = []
     for failure in summary.get("failures", []):
-        row("failed", f"{failure['task_id']}: {failure['error']}")
+        rows.append(("failed", f"{failure['task_id']}: {failure['error']}"))
         if failure.get("notebook"):
-            row("", f"executed notebook: {failure['notebook']}")
+            rows.append(("", f"executed notebook: {failure['notebook']}"))
+    return rows
+
+
+def _data_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The dataset, training and features rows (those the run has)."""
+    rows = []
     if summary.get("dataset_version"):
         counts = summary.get("counts") or {}
-        row("dataset", f"{summary['dataset_version']}  {_fmt_counts(counts) if counts else ''}")
+        text = _fmt_counts(counts) if counts else ""
+        rows.append(("dataset", f"{summary['dataset_version']}  {text}"))
     if summary.get("training"):
-        row("training", _fmt_training(summary))
+        rows.append(("training", _fmt_training(summary)))
     if (summary.get("features") or {}).get("images"):
-        row("features", _fmt_features(summary["features"]))
+        rows.append(("features", _fmt_features(summary["features"])))
+    return rows
+
+
+def _model_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The model, promotion and aliases rows (those the run has)."""
+    rows = []
     model = summary.get("model")
     if model:
-        row("model", f"{model['name']} version {model['version']}  {_fmt_model_figures(model)}")
+        figures = _fmt_model_figures(model)
+        rows.append(("model", f"{model['name']} version {model['version']}  {figures}"))
     promotion = summary.get("promotion")
     if promotion:
-        row(
-            "promotion",
-            ("promoted: " if promotion["promoted"] else "not promoted: ") + promotion["reason"],
-        )
+        verdict = "promoted: " if promotion["promoted"] else "not promoted: "
+        rows.append(("promotion", verdict + promotion["reason"]))
     aliases = summary.get("aliases")
     if aliases:
-        row("aliases", ", ".join(f"{a} -> v{v}" for a, v in aliases.items()) or "none")
-    for name, text in (summary.get("look") or {}).items():
-        row(name, text)
-    return "\n".join(lines)
+        rows.append(("aliases", ", ".join(f"{a} -> v{v}" for a, v in aliases.items())))
+    return rows
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The short, human summary of one run (printed by ``dandelion pipeline``)."""
+    head = (
+        f"dandelion pipeline: {summary.get('status', 'unknown').upper()}  "
+        f"(dag {summary.get('dag_id')}, run {summary.get('run_id')})"
+    )
+    rows = _failure_rows(summary) + _data_rows(summary) + _model_rows(summary)
+    rows += list((summary.get("look") or {}).items())
+    return "\n".join([head] + [f"  {name:<10} {text}" for name, text in rows])
+
+
+def model_summary(settings: Settings, trained: str | None) -> dict[str, Any]:
+    """The model row (the version trained in this run, else the champion) and the aliases."""
+    client = registry.configure_mlflow(settings)
+    aliases: dict[str, str] = {}
+    for alias in (registry.CHAMPION, registry.CHALLENGER):
+        mv = registry.get_alias_version(client, settings.model_name, alias)
+        if mv is not None:
+            aliases[alias] = str(mv.version)
+    version = trained or aliases.get(registry.CHAMPION)
+    out: dict[str, Any] = {"aliases": aliases}
+    if version:
+        mv = client.get_model_version(settings.model_name, version)
+        out["model"] = {
+            "name": settings.model_name,
+            "version": str(version),
+            **_test_figures(client, mv),
+            "trained_in_this_run": bool(trained),
+            "mlflow_run_id": mv.run_id,
+        }
+    return out
+
+
+def _test_figures(client: Any, mv: Any) -> dict[str, float | None]:
+    """``test_accuracy`` and ``test_ood_unknown_share`` of a model version: its saved scores
+    as served (``serving.precision``), else its training run's metrics."""
+    saved = scorecard.load(client, mv.run_id) if mv.run_id else None
+    if saved is not None:
+        precision = (mv.tags or {}).get(SERVING_TAG + "precision") or "fp32"
+        return {f"test_{k}": v for k, v in scorecard.headline(saved, precision).items()}
+    metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+    acc = metrics.get("test_accuracy")
+    return {
+        "test_accuracy": float(acc) if acc is not None else None,
+        "test_ood_unknown_share": metrics.get("test_ood_unknown_share"),
+    }
 
 
 def read_summary(settings: Settings, trigger: str) -> dict[str, Any] | None:

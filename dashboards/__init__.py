@@ -2,8 +2,9 @@
 
 ``app.ipynb`` talks to the API over HTTP: ``client`` holds the HTTP client and the view model,
 ``ui`` the ipywidgets layout. ``review.ipynb`` (the reviewer page, an internal tool) reads the
-feedback database and the store through ``dandelion_lib.data.feedback``; ``review`` holds its
-widgets. ``serve`` is the production Voila launcher of both (``python -m dashboards.serve``,
-``--review``) and ``lab`` starts JupyterLab on the project's notebooks (``nox -s lab``).
+feedback database and the store through ``dandelion_lib.data.feedback`` and
+``dandelion_lib.data.review``; ``review`` holds its widgets. ``serve`` is the production Voila
+launcher of both (``python -m dashboards.serve``, ``--review``) and ``lab`` starts JupyterLab on
+the project's notebooks (``nox -s lab``).
 Nothing here imports TensorFlow: a session's kernel stays small.
 """

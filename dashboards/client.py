@@ -17,35 +17,38 @@ from __future__ import annotations
 import csv
 import io
 import mimetypes
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 
-from dandelion_lib.core.config import NEITHER, UNCERTAIN, UNKNOWN, Settings
+from dandelion_lib.core.config import DEFAULT_LABELS, NEITHER, UNCERTAIN, UNKNOWN
 from dandelion_lib.core.errors import DandelionError
 from dandelion_lib.core.images import DEFAULT_MAX_PIXELS
 
 UPLOAD_FIELD = "file"
 """Multipart field of the image in ``POST /predict``."""
 UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
-CSV_COLUMNS = (
-    "time",
-    "file",
-    "label",
-    "p_dandelion",
-    "p_grass",
-    "confidence",
-    "model_version",
-    "prediction_id",
-    "latency_ms",
-    "feedback",
-    "error",
-    "reason",
-    "ood_score",
-)
+
+
+def csv_columns(labels: Sequence[str]) -> tuple[str, ...]:
+    """Columns of the history CSV: one probability column ``p_<label>`` per class label."""
+    return (
+        "time",
+        "file",
+        "label",
+        *(f"p_{lab}" for lab in labels),
+        "confidence",
+        "model_version",
+        "prediction_id",
+        "latency_ms",
+        "feedback",
+        "error",
+        "reason",
+        "ood_score",
+    )
 
 
 class ApiUnavailableError(DandelionError):
@@ -179,15 +182,14 @@ class Result:
         other = next(lab for lab in labels if lab != self.label)
         return [("Correct", str(self.label)), (f"Wrong: it is {other}", other), neither]
 
-    def row(self) -> dict[str, Any]:
-        """A flat record for the history table and the CSV export."""
+    def row(self, labels: Sequence[str]) -> dict[str, Any]:
+        """A flat record for the history table and the CSV export (:func:`csv_columns`)."""
         p = self.probabilities
         return {
             "time": self.time,
             "file": self.filename,
             "label": self.label or "",
-            "p_dandelion": "" if "dandelion" not in p else round(p["dandelion"], 4),
-            "p_grass": "" if "grass" not in p else round(p["grass"], 4),
+            **{f"p_{lab}": "" if lab not in p else round(p[lab], 4) for lab in labels},
             "confidence": "" if self.confidence is None else round(self.confidence, 4),
             "model_version": self.model_version or "",
             "prediction_id": self.prediction_id or "",
@@ -200,9 +202,11 @@ class Result:
 
 
 class History:
-    """The results of this app session, newest first."""
+    """The results of this app session, newest first; ``labels`` name the CSV's probability
+    columns."""
 
-    def __init__(self) -> None:
+    def __init__(self, labels: Sequence[str]) -> None:
+        self.labels = tuple(labels)
         self._items: list[Result] = []
 
     def add(self, result: Result) -> None:
@@ -215,12 +219,12 @@ class History:
         return len(self._items)
 
     def rows(self) -> list[dict[str, Any]]:
-        return [r.row() for r in self._items]
+        return [r.row(self.labels) for r in self._items]
 
     def to_csv(self) -> bytes:
         """The history as CSV (UTF-8, header row, newest first)."""
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=csv_columns(self.labels), lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows())
         return buf.getvalue().encode("utf-8")
@@ -257,12 +261,6 @@ def make_thumbnail(
         return None
 
 
-def _default_labels() -> tuple[str, ...]:
-    labels = Settings.model_fields["labels"].default
-    assert isinstance(labels, tuple)
-    return labels
-
-
 class ApiClient:
     """Synchronous client of the dandelion API (one connection pool per app session)."""
 
@@ -272,10 +270,10 @@ class ApiClient:
         *,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
-        labels: tuple[str, ...] | None = None,
+        labels: tuple[str, ...] = DEFAULT_LABELS,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self.labels = labels or _default_labels()
+        self.labels = labels
         self._http = httpx.Client(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),

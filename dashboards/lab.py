@@ -7,7 +7,8 @@ dashboards.lab`` (``nox -s lab``).
   of the directory it is started from, the repository root under nox), so a notebook run in
   ``notebooks/`` reads and writes the same store, MLflow database and feedback database as
   ``nox -s pipeline``. Other ``DANDELION_*`` settings pass through unchanged.
-* Binds 127.0.0.1 with Jupyter's own token (printed in the URL at start).
+* Binds 127.0.0.1 with Jupyter's own token (printed in the URL at start); also as root
+  (``--allow-root`` is passed when the effective user is root, as in containers).
 
 Extra arguments are passed to JupyterLab unchanged (e.g. ``--port=8890``, ``--help``).
 """
@@ -32,6 +33,8 @@ def lab_argv(extra: list[str] | None = None) -> list[str]:
         f"--ServerApp.root_dir={NOTEBOOKS}",
         "--ServerApp.ip=127.0.0.1",
         f"--MappingKernelManager.default_kernel_name={KERNEL}",
+        # Jupyter refuses to start as root; root is the usual user in containers.
+        *(["--ServerApp.allow_root=True"] if os.geteuid() == 0 else []),
         *(extra or []),
     ]
 

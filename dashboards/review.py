@@ -1,11 +1,11 @@
 """The reviewer page's widgets: the queue of pending feedback, decisions and the live count.
 
-:class:`ReviewPage` shows :meth:`FeedbackStore.review_queue
-<dandelion_lib.data.feedback.FeedbackStore.review_queue>` (most informative first; the rule is the
+:class:`ReviewPage` shows :meth:`ReviewQueue.pending
+<dandelion_lib.data.review.ReviewQueue.pending>` (most informative first; the rule is the
 library's) as cards: the photo (read from the object store by its key), the model's answer and
 confidence, the user's label, the model version. Each card has *Accept* and *Reject*; ticked
 cards are decided together (one transaction). A count of accepted photos that the latest
-dataset version does not have yet (:meth:`FeedbackStore.awaiting_dataset`) is refreshed after
+dataset version does not have yet (:meth:`ReviewQueue.awaiting_dataset`) is refreshed after
 each decision and by a background thread, so decisions of other reviewers and new dataset
 versions show up by themselves.
 
@@ -19,14 +19,15 @@ import datetime as dt
 import html
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import ipywidgets as w
 
 from dandelion_lib.core.config import NEITHER, Settings
 from dandelion_lib.core.errors import DandelionError
-from dandelion_lib.data.feedback import AwaitingDataset, FeedbackStore, ReviewItem
+from dandelion_lib.data.feedback import FeedbackStore
+from dandelion_lib.data.review import AwaitingDataset, ReviewItem, ReviewQueue
 from dashboards.client import make_thumbnail, percent
 from dashboards.ui import label_html, neither_text
 
@@ -68,7 +69,7 @@ def said_text(correct_label: str, labels: Iterable[str]) -> str:
     return neither_text(list(labels)) if correct_label == NEITHER else correct_label
 
 
-def item_html(item: ReviewItem, labels: Iterable[str]) -> str:
+def item_html(item: ReviewItem, labels: Sequence[str]) -> str:
     """The text of one queue card: why it is up there, the model's answer and confidence,
     the user's label, the model version and when the feedback came."""
     fb = item.feedback
@@ -76,7 +77,8 @@ def item_html(item: ReviewItem, labels: Iterable[str]) -> str:
     if item.answer is None:
         answer = "<i>not recorded</i>"
     else:
-        answer = f"{label_html(item.answer)} confidence {_esc(percent(item.confidence))}"
+        badge = label_html(item.answer, labels)
+        answer = f"{badge} confidence {_esc(percent(item.confidence))}"
         if item.answer != fb.predicted_label:
             answer += f" (top class {_esc(fb.predicted_label)})"
     when = fb.created_at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -129,6 +131,7 @@ class ReviewPage:
         max_image_pixels: int = 40_000_000,
     ) -> None:
         self.feedback = feedback
+        self.queue = ReviewQueue(feedback)
         self.page_size = page_size
         self.refresh_interval_s = refresh_interval_s
         self.max_image_pixels = max_image_pixels
@@ -217,7 +220,7 @@ class ReviewPage:
             return self._guard(self._load)
 
     def _load(self) -> None:
-        queue = self.feedback.review_queue(self.page_size)
+        queue = self.queue.pending(self.page_size)
         selected = set(self.selected_ids())
         cards = {}
         for item in queue:
@@ -233,8 +236,8 @@ class ReviewPage:
         self._count()
 
     def _count(self) -> None:
-        pending = self.feedback.count_pending()
-        awaiting = self.feedback.awaiting_dataset()
+        pending = self.queue.count_pending()
+        awaiting = self.queue.awaiting_dataset()
         self.pending, self.awaiting = pending, awaiting
         shown = len(self.cards)
         more = f" (showing the first {shown})" if pending > shown else ""
@@ -255,7 +258,7 @@ class ReviewPage:
             self.status.value = "<i>Tick some photos first.</i>"
             return False
         with self._lock:
-            ok = self._guard(lambda: self.feedback.review_many(feedback_ids, accepted))
+            ok = self._guard(lambda: self.queue.review_many(feedback_ids, accepted))
             if not ok:
                 self.status.value = '<span class="dl-error">Nothing was changed.</span>'
                 return False

@@ -12,12 +12,12 @@ import base64
 import html
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ipywidgets as w
 
-from dandelion_lib.core.config import DEFAULT_LABELS, NEITHER, UNKNOWN, Settings
+from dandelion_lib.core.config import NEITHER, UNCERTAIN, UNKNOWN, Settings
 from dandelion_lib.core.errors import DandelionError
 from dashboards.client import (
     ApiClient,
@@ -33,7 +33,9 @@ from dashboards.client import (
 
 log = logging.getLogger(__name__)
 
-COLORS = {"dandelion": "#e0b000", "grass": "#3a9d23", "uncertain": "#7a7a7a", "unknown": "#7b3fa0"}
+CLASS_COLORS = ("#e0b000", "#3a9d23", "#1f77b4", "#d62728", "#8c564b", "#e377c2")
+"""Colours of the class labels, in class order (the first two: dandelion yellow, grass green)."""
+ANSWER_COLORS = {UNCERTAIN: "#7a7a7a", UNKNOWN: "#7b3fa0"}
 HISTORY_COLUMNS = ("time", "file", "label", "confidence", "model_version", "feedback", "error")
 """Columns of the on-page table (the CSV has all of ``client.CSV_COLUMNS``)."""
 
@@ -68,9 +70,15 @@ def _esc(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def label_html(label: str) -> str:
-    """A coloured badge for ``dandelion``, ``grass``, ``uncertain`` or ``unknown``."""
-    color = COLORS.get(label, COLORS["uncertain"])
+def label_colors(labels: Sequence[str]) -> dict[str, str]:
+    """The colour of each class label (by its position) and of ``uncertain`` and ``unknown``."""
+    classes = {lab: CLASS_COLORS[i % len(CLASS_COLORS)] for i, lab in enumerate(labels)}
+    return classes | ANSWER_COLORS
+
+
+def label_html(label: str, labels: Sequence[str]) -> str:
+    """A coloured badge for a class of ``labels``, ``uncertain`` or ``unknown``."""
+    color = label_colors(labels).get(label, ANSWER_COLORS[UNCERTAIN])
     return (
         f'<span class="dl-label dl-label-{_esc(label)}" style="background:{color}">'
         f"{_esc(label)}</span>"
@@ -81,9 +89,10 @@ def probability_bar_html(probabilities: dict[str, float]) -> str:
     """A stacked bar of the class probabilities with a legend underneath."""
     segments = []
     legend = []
+    colors = label_colors(list(probabilities))
     for lab, value in probabilities.items():
         p = max(0.0, min(1.0, float(value)))
-        color = COLORS.get(lab, COLORS["uncertain"])
+        color = colors[lab]
         segments.append(
             f'<div class="dl-bar-{lab}" style="width:{100 * p:.2f}%;background:{color}"></div>'
         )
@@ -94,8 +103,9 @@ def probability_bar_html(probabilities: dict[str, float]) -> str:
     )
 
 
-def _classes(result: Result) -> list[str]:
-    return list(result.probabilities) or list(DEFAULT_LABELS)
+def _classes(result: Result, labels: Sequence[str]) -> list[str]:
+    """The model's labels (the keys of the answer's probabilities), else ``labels``."""
+    return list(result.probabilities) or list(labels)
 
 
 def unknown_message(labels: list[str]) -> str:
@@ -109,15 +119,32 @@ def neither_text(labels: list[str]) -> str:
     return "neither " + " nor ".join(labels)
 
 
-def result_summary_html(result: Result) -> str:
+def title(labels: Sequence[str]) -> str:
+    """The app's title: "Dandelion or grass?" for the default labels."""
+    return " or ".join(labels).capitalize() + "?"
+
+
+def intro_html(labels: Sequence[str]) -> str:
+    """What the app does, in one paragraph, naming the class labels."""
+    classes = " or ".join(f"<b>{_esc(lab)}</b>" for lab in labels)
+    return (
+        f"<p>Upload one or more photos: each is classified as {classes}, <b>uncertain</b> when "
+        "the model is not sure, or <b>unknown</b> when the photo looks like neither. Tell us "
+        "whether it was right: your feedback improves the next model.</p>"
+    )
+
+
+def result_summary_html(result: Result, labels: Sequence[str]) -> str:
     """File name, label badge (or the error) and the confidence line of one result; an
     ``unknown`` answer says the photo looks like neither class instead."""
     name = f'<span class="dl-file">{_esc(result.filename)}</span>'
     if not result.ok:
         return f'{name}<div class="dl-error">Not classified: {_esc(result.error)}</div>'
+    classes = _classes(result, labels)
+    badge = label_html(str(result.label), classes)
     if result.unknown:
-        note = unknown_message(_classes(result))
-        return f'{name}{label_html(str(result.label))}<div class="dl-unknown">{_esc(note)}</div>'
+        note = unknown_message(classes)
+        return f'{name}{badge}<div class="dl-unknown">{_esc(note)}</div>'
     if result.uncertain:
         note = (
             f"uncertain: the model is not confident enough to decide "
@@ -125,7 +152,7 @@ def result_summary_html(result: Result) -> str:
         )
     else:
         note = f"confidence {percent(result.confidence)}"
-    return f'{name}{label_html(str(result.label))}<div class="dl-confidence">{_esc(note)}</div>'
+    return f'{name}{badge}<div class="dl-confidence">{_esc(note)}</div>'
 
 
 def history_html(history: History) -> str:
@@ -172,7 +199,8 @@ class DandelionApp:
         self.client = client
         self.health_interval_s = health_interval_s
         self.max_image_pixels = max_image_pixels
-        self.history = History()
+        self.labels = client.labels
+        self.history = History(self.labels)
         self.health: Health | None = None
         self.model: ModelInfo | None = None
         self._lock = threading.RLock()
@@ -199,12 +227,7 @@ class DandelionApp:
                 w.HTML(STYLE),
                 self.header,
                 self.banner,
-                w.HTML(
-                    "<p>Upload one or more photos: each is classified as <b>dandelion</b> or "
-                    "<b>grass</b>, <b>uncertain</b> when the model is not sure, or "
-                    "<b>unknown</b> when the photo looks like neither. Tell us whether it was "
-                    "right: your feedback improves the next model.</p>"
-                ),
+                w.HTML(intro_html(self.labels)),
                 w.HBox([self.upload, self.status]),
                 self.results,
                 w.HTML("<h3>This session</h3>"),
@@ -249,7 +272,7 @@ class DandelionApp:
     def _render_header(self) -> None:
         model = self.model.headline if self.model else "unknown"
         self.header.value = (
-            '<div class="dl-header"><h2>Dandelion or grass?</h2>'
+            f'<div class="dl-header"><h2>{_esc(title(self.labels))}</h2>'
             f'<div class="dl-model">Model: <span class="dl-model-line">{_esc(model)}</span>'
             "</div></div>"
         )
@@ -343,7 +366,7 @@ class DandelionApp:
             preview = w.Image(value=data, format=kind, layout=w.Layout(width="120px"))
         else:
             preview = w.HTML('<div class="dl-noprev">no preview</div>')
-        parts: list[w.Widget] = [w.HTML(result_summary_html(result))]
+        parts: list[w.Widget] = [w.HTML(result_summary_html(result, self.labels))]
         if result.ok:
             if not result.unknown:  # the two classes' shares mean little for neither class
                 parts.append(w.HTML(probability_bar_html(result.probabilities)))
@@ -360,7 +383,7 @@ class DandelionApp:
         for text, correct_label in result.feedback_choices():
             button = w.Button(
                 description=text,
-                tooltip=f"It is {_said(result, correct_label)}",
+                tooltip=f"It is {_said(result, correct_label, self.labels)}",
                 layout=w.Layout(width="auto"),
             )
             button.add_class("dl-feedback")
@@ -399,13 +422,15 @@ class DandelionApp:
                 clicked.button_style = "success"
                 note.value = (
                     f'<span class="dl-feedback-ok">Feedback recorded: it is '
-                    f"{_esc(_said(result, correct_label))}. Thank you!</span>"
+                    f"{_esc(_said(result, correct_label, self.labels))}. Thank you!</span>"
                 )
                 self._render_history()
 
         return handle
 
 
-def _said(result: Result, correct_label: str) -> str:
+def _said(result: Result, correct_label: str, labels: Sequence[str]) -> str:
     """What a feedback label says about the photo: the class, or "neither X nor Y"."""
-    return neither_text(_classes(result)) if correct_label == NEITHER else correct_label
+    if correct_label == NEITHER:
+        return neither_text(_classes(result, labels))
+    return correct_label

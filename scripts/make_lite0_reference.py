@@ -1,6 +1,6 @@
 """Build the numerical reference of the EfficientNet-Lite0 port (run once, with PyTorch).
 
-dandelion never imports torch: ``dandelion_lib.training.model`` reads the ``.pth`` with numpy and
+dandelion never imports torch: ``dandelion_lib.training.lite0`` reads the ``.pth`` with numpy and
 builds a pure Keras network. This script computes what that network must output, using
 two independent PyTorch implementations of EfficientNet-Lite0 loaded with the same weights:
 

@@ -56,7 +56,7 @@ def pick_photos(ood: Path | None, tmp: Path) -> list[Path]:
 
     settings = get_settings()
     registry.configure_mlflow(settings)
-    predictor = Predictor.load(registry.model_uri(settings.model_name, "champion"))
+    predictor = Predictor.load(registry.model_uri(settings.model_name, "champion"), settings)
     store = open_store(settings=settings)
     m = dataset.load_manifest(store, predictor.dataset_version)
     test = m[m["split"] == "test"].sort_values("sha256")
@@ -72,7 +72,9 @@ def pick_photos(ood: Path | None, tmp: Path) -> list[Path]:
             candidates = [(p.name, p.read_bytes()) for p in sorted(ood.glob("objects/*.jpg"))]
         for key, data in candidates:
             pred = predictor.predict_bytes([data])[0]
-            if predictor.answer(pred) == answer and (answer == UNKNOWN or pred.confidence > 0.9):
+            if predictor.decide(pred).label == answer and (
+                answer == UNKNOWN or pred.confidence > 0.9
+            ):
                 path = tmp / f"{names[label]}{Path(key).suffix or '.jpg'}"
                 path.write_bytes(data)
                 picked.append(path)

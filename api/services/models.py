@@ -192,6 +192,7 @@ class ModelManager:
     def _default_loader(self, uri: str) -> Predictor:
         return Predictor.load(
             uri,
+            self.settings,
             max_pixels=self.settings.max_image_pixels,
             min_side=self.settings.min_image_side,
             policy=AnswerPolicy.from_settings(self.settings),

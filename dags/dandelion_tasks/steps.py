@@ -48,7 +48,7 @@ from dandelion_lib.core.runs import (
 )
 from dandelion_lib.core.storage import open_store
 from dandelion_lib.lifecycle import registry
-from dandelion_lib.summary import feature_totals, format_summary, where_to_look
+from dandelion_lib.summary import feature_totals, format_summary, model_summary, where_to_look
 
 log = logging.getLogger(__name__)
 
@@ -455,7 +455,8 @@ def resolve_dataset(**context: Any) -> dict[str, Any]:
     """Retraining: a new version when accepted feedback waits (the latest plus those photos,
     splits kept), else the dataset version of the triggering asset events, else the latest."""
     from dandelion_lib.data import dataset  # imports pandas: not at DAG parse time
-    from dandelion_lib.data.ingest import SourceUnavailableError, add_accepted_feedback
+    from dandelion_lib.data.ingest import add_accepted_feedback
+    from dandelion_lib.data.rejections import SourceUnavailableError
 
     version = None
     sources: set[str] = set()
@@ -487,11 +488,12 @@ def resolve_dataset(**context: Any) -> dict[str, Any]:
 def feedback_waiting(**context: Any) -> bool:
     """Whether enough accepted feedback photos wait for a dataset version to retrain."""
     from dandelion_lib.data.feedback import FeedbackStore
+    from dandelion_lib.data.review import ReviewQueue
 
     settings = _settings()
     store = FeedbackStore.from_settings(settings)
     try:
-        waiting = store.awaiting_dataset()
+        waiting = ReviewQueue(store).awaiting_dataset()
     finally:
         store.close()
     context["ti"].xcom_push(key="accepted_waiting", value=waiting.count)
@@ -553,18 +555,18 @@ def check_changes(dataset_version: str, **context: Any) -> bool:
 def _train_config(dataset_version: str, context: Any) -> Any:
     """The training config the ``train`` notebook will use: its per-run parameters (the DAG
     param ``notebook_params.train``) over TrainConfig's defaults, on this dataset version."""
-    from dandelion_lib.lifecycle import train  # imports TensorFlow: not at DAG parse time
+    from dandelion_lib.training.config import config_from_params  # not at DAG parse time
 
     overrides = (context["params"].get("notebook_params") or {}).get("train") or {}
-    return train.config_from_params({**overrides, "dataset_version": dataset_version or None})
+    return config_from_params({**overrides, "dataset_version": dataset_version or None})
 
 
 def plan_features(dataset_version: str, **context: Any) -> list[dict[str, Any]]:
     """The extraction shards of the dataset version: one ``extract_features`` task each
     (``DANDELION_FEATURE_SHARD_SIZE`` images per shard; at least one)."""
-    from dandelion_lib.lifecycle import train  # imports TensorFlow: not at DAG parse time
+    from dandelion_lib.training import extraction  # imports TensorFlow: not at DAG parse time
 
-    shards = train.feature_shards(_train_config(dataset_version, context), _settings())
+    shards = extraction.feature_shards(_train_config(dataset_version, context), _settings())
     log.info("dataset %s: %d extraction shard(s)", dataset_version, shards)
     return [{"dataset_version": dataset_version, "shard": i} for i in range(shards)]
 
@@ -650,7 +652,7 @@ def report(**context: Any) -> dict[str, Any]:
         summary["features"] = feature_totals([s for s in shards if isinstance(s, dict)])
     summary["promotion"] = ti.xcom_pull(task_ids="promote", key="promotion")
     trained = ti.xcom_pull(task_ids="train", key="model_version")
-    summary.update(_model_summary(settings, trained))
+    summary.update(model_summary(settings, trained))
     if summary["training"] and not summary["training"]["train"] and not summary["promotion"]:
         champion = summary["training"].get("champion_version")
         summary["promotion"] = {
@@ -664,28 +666,3 @@ def report(**context: Any) -> dict[str, Any]:
     store.put_json("runs/latest", {"run_id": run_id, "trigger": summary["trigger"]})
     log.info("\n%s", format_summary(summary))
     return {"status": summary["status"]}
-
-
-def _model_summary(settings: Settings, trained: str | None) -> dict[str, Any]:
-    """Model row (the version trained in this run, else the champion) and current aliases."""
-    client = registry.configure_mlflow(settings)
-    aliases: dict[str, str] = {}
-    for alias in (registry.CHAMPION, registry.CHALLENGER):
-        mv = registry.get_alias_version(client, settings.model_name, alias)
-        if mv is not None:
-            aliases[alias] = str(mv.version)
-    version = trained or aliases.get(registry.CHAMPION)
-    out: dict[str, Any] = {"aliases": aliases}
-    if version:
-        mv = client.get_model_version(settings.model_name, version)
-        metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
-        acc = metrics.get("test_accuracy")
-        out["model"] = {
-            "name": settings.model_name,
-            "version": str(version),
-            "test_accuracy": float(acc) if acc is not None else None,
-            "test_ood_unknown_share": metrics.get("test_ood_unknown_share"),
-            "trained_in_this_run": bool(trained),
-            "mlflow_run_id": mv.run_id,
-        }
-    return out

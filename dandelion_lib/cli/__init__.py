@@ -17,28 +17,31 @@ from dandelion_lib.core.errors import DandelionError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": (
-        "dandelion_lib.data.ingest",
+        "dandelion_lib.cli.ingest",
         "Ingest images into the store as a new dataset version.",
     ),
     "train": (
-        "dandelion_lib.lifecycle.train",
+        "dandelion_lib.cli.train",
         "Train a model on a dataset version; register it as challenger.",
     ),
     "evaluate": (
-        "dandelion_lib.lifecycle.evaluate",
+        "dandelion_lib.cli.evaluate",
         "Score a model on a labelled folder or a dataset split.",
     ),
     "promote": (
-        "dandelion_lib.lifecycle.promotion",
+        "dandelion_lib.cli.promote",
         "Move the champion alias to the challenger if it passes.",
     ),
     "predict": ("dandelion_lib.cli.predict", "Classify image files with a registered model."),
-    "feedback": ("dandelion_lib.data.feedback", "List and review user feedback on predictions."),
+    "feedback": ("dandelion_lib.cli.feedback", "List and review user feedback on predictions."),
     "drift": (
-        "dandelion_lib.lifecycle.monitoring",
+        "dandelion_lib.cli.drift",
         "Check a folder of new images for drift against a model.",
     ),
-    "pipeline": ("dandelion_lib.pipeline", "Run the whole pipeline through Airflow and summarise."),
+    "pipeline": (
+        "dandelion_lib.cli.pipeline",
+        "Run the whole pipeline through Airflow and summarise.",
+    ),
 }
 
 

@@ -26,6 +26,7 @@ def cli(args: argparse.Namespace) -> int:
     uri = args.model or registry.model_uri(settings.model_name, settings.model_alias)
     predictor = Predictor.load(
         uri,
+        settings,
         max_pixels=settings.max_image_pixels,
         min_side=settings.min_image_side,
         policy=AnswerPolicy.from_settings(settings),

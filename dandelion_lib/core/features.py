@@ -1,7 +1,7 @@
 """Features, defined once: the model's input spec and per-image statistics.
 
 * Bytes become an RGB ``PIL.Image`` through :func:`dandelion_lib.core.images.decode_image`
-  (image acceptance lives in :mod:`dandelion_lib.core.images`; re-exported here).
+  (image acceptance lives in :mod:`dandelion_lib.core.images`).
 * :class:`FeatureSpec` is the versioned model-input contract (size, colour mode, resize
   method). Training and the predictor both call :func:`to_model_input`, so there is no
   training/serving skew. Pixel normalisation lives inside the Keras model, which takes
@@ -20,15 +20,13 @@ import numpy.typing as npt
 from PIL import Image
 
 from dandelion_lib.core.config import DEFAULT_LABELS
-from dandelion_lib.core.images import InvalidImageError, decode_image
+from dandelion_lib.core.images import decode_image
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
     "STAT_COLUMNS",
     "FeatureSpec",
-    "InvalidImageError",
     "bytes_to_model_input",
-    "decode_image",
     "hash_distance",
     "image_stats",
     "perceptual_hash",
@@ -100,7 +98,7 @@ def to_model_input(img: Image.Image, spec: FeatureSpec | None = None) -> npt.NDA
 def bytes_to_model_input(
     data: bytes, spec: FeatureSpec | None = None, **limits: int
 ) -> npt.NDArray[np.float32]:
-    """:func:`decode_image` then :func:`to_model_input`: the one path from bytes to model input."""
+    """:func:`~dandelion_lib.core.images.decode_image` then :func:`to_model_input`: the one path from bytes to model input."""
     return to_model_input(decode_image(data, **limits), spec)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from dandelion_lib.core.config import Settings, get_settings
+from dandelion_lib.core.config import Settings
 from dandelion_lib.core.errors import DandelionError
 
 
@@ -220,15 +220,6 @@ class LocalStore(ObjectStore):
         if not os.access(self.root, os.W_OK):
             raise StoreUnavailableError(f"local store {self.root} is not writable")
 
-    def sweep_temp_files(self) -> int:
-        """Delete temp files left by a crashed writer; returns how many."""
-        count = 0
-        if self.root.exists():
-            for path in self.root.rglob(f"{self.TMP_PREFIX}*"):
-                path.unlink(missing_ok=True)
-                count += 1
-        return count
-
 
 class S3Store(ObjectStore):
     """An S3 bucket (AWS S3, MinIO, or any S3-protocol server), optionally under a prefix."""
@@ -355,9 +346,9 @@ class S3Store(ObjectStore):
         self._call("reach", self._client.head_bucket, Bucket=self.bucket)
 
 
-def open_store(url: str | None = None, settings: Settings | None = None) -> ObjectStore:
-    """Open the store named by ``url`` (default: the settings' store URL)."""
-    settings = settings or get_settings()
+def open_store(settings: Settings, url: str | None = None) -> ObjectStore:
+    """Open the store named by ``url`` (default: the settings' store URL); an S3 store takes
+    its endpoint and region from ``settings``."""
     url = url or settings.resolved_store_url
     parsed = urlparse(url)
     if parsed.scheme == "s3":

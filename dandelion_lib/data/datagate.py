@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from dandelion_lib.core.config import UNKNOWN, Settings, get_settings
+from dandelion_lib.core.config import UNKNOWN, Settings
 from dandelion_lib.core.errors import DandelionError
-from dandelion_lib.core.storage import open_store
+from dandelion_lib.core.storage import ObjectStore, open_store
 from dandelion_lib.data import dataset
 from dandelion_lib.data.dataset import MANIFEST_COLUMNS, SPLITS
 
@@ -16,11 +16,9 @@ class DataValidationError(DandelionError):
     """A dataset version failed the data quality gate."""
 
 
-def check_manifest(df: Any, settings: Settings | None = None) -> list[str]:
+def check_manifest(df: Any, settings: Settings) -> list[str]:
     """Problems found in a manifest (empty when it passes the data gate). Rows labelled
     ``unknown`` are the ``negatives`` source: allowed, never counted as a class."""
-    settings = settings or get_settings()
-    labels = tuple(settings.labels)
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         return [f"manifest lacks columns {missing}"]
@@ -29,21 +27,37 @@ def check_manifest(df: Any, settings: Settings | None = None) -> list[str]:
     problems: list[str] = []
     if df[list(MANIFEST_COLUMNS)].isna().any().any():
         problems.append("manifest has missing values")
-    unknown = sorted(set(df["label"]) - set(labels) - {UNKNOWN})
+    unknown = sorted(set(df["label"]) - set(settings.labels) - {UNKNOWN})
     if unknown:
         problems.append(f"unknown labels {unknown}")
     bad_splits = sorted(set(df["split"]) - set(SPLITS))
     if bad_splits:
         problems.append(f"unknown splits {bad_splits}")
+    problems += _class_problems(df, settings)
+    problems += _split_problems(df, tuple(settings.labels))
+    return problems
+
+
+def _class_problems(df: Any, settings: Settings) -> list[str]:
+    """Classes too small or too unbalanced."""
+    labels = tuple(settings.labels)
     counts = df["label"].value_counts()
     present = [int(counts.get(label, 0)) for label in labels]
-    for label, n in zip(labels, present, strict=True):
-        if n < settings.min_images_per_class:
-            problems.append(f"{label}: {n} images < minimum {settings.min_images_per_class}")
+    problems = [
+        f"{label}: {n} images < minimum {settings.min_images_per_class}"
+        for label, n in zip(labels, present, strict=True)
+        if n < settings.min_images_per_class
+    ]
     if min(present) > 0 and max(present) / min(present) > settings.max_class_imbalance:
         problems.append(
             f"class imbalance {max(present) / min(present):.2f} > {settings.max_class_imbalance:g}"
         )
+    return problems
+
+
+def _split_problems(df: Any, labels: tuple[str, ...]) -> list[str]:
+    """A class missing from a split, duplicate images, near-duplicates across splits."""
+    problems: list[str] = []
     for split in SPLITS:
         in_split = set(df.loc[df["split"] == split, "label"])
         problems += [
@@ -71,13 +85,12 @@ def dataset_counts(df: Any, labels: tuple[str, ...]) -> dict[str, Any]:
 
 
 def validate_dataset(
-    version: str | None = None, settings: Settings | None = None, store: Any = None
+    version: str | None, settings: Settings, store: ObjectStore | None = None
 ) -> dict[str, Any]:
-    """Load a dataset version and run the data gate; return its counts.
+    """Load a dataset version (``None``: the latest) and run the data gate; return its counts.
 
     Raises :class:`DataValidationError` naming every problem when the gate fails.
     """
-    settings = settings or get_settings()
     store = store or open_store(settings=settings)
     version = version or dataset.latest_version(store)
     df = dataset.load_manifest(store, version)

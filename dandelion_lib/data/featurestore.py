@@ -21,7 +21,7 @@ shard. Readers merge every manifest of the key into one index (image sha256, vie
 computed from the same inputs).
 
 ``view`` names which view of the image was embedded: ``"none"`` for the unaugmented image,
-``aug<n>-<digest>`` for augmented view ``n`` (see :func:`dandelion_lib.lifecycle.train.augmented_view_name`).
+``aug<n>-<digest>`` for augmented view ``n`` (see :func:`dandelion_lib.training.extraction.augmented_view_name`).
 
 A shard that is missing, unreadable or does not match the sha256 its manifest records is
 never used: its manifest is dropped from the store and its rows count as missing, so the

@@ -6,7 +6,8 @@ Two tables, created on first use with SQLAlchemy (SQLite by default, PostgreSQL 
   sha256 of the image bytes), written by the API so feedback can be matched to what the
   model answered, on any replica;
 * ``feedback`` — at most one row per prediction: the label the user says is correct,
-  whether the model agreed, and the store key of the image when the user sent it.
+  whether the model agreed, the store key of the image when the user sent it, and the
+  reviewer's decision.
 
 Feedback images go to the object store as ``feedback/<correct_label>/<sha256>.<ext>``
 before the row that references them is committed, so a row never points at a missing
@@ -14,50 +15,28 @@ object. What is stored is the image only (:func:`~dandelion_lib.core.images.cano
 nothing after the image's end), named by the sha256 of the stored bytes; the row's
 ``image_sha256`` stays the sha256 of the bytes as sent, which matched the prediction.
 
-A reviewer works through :meth:`FeedbackStore.review_queue` (pending feedback, most
-informative first) and accepts or rejects it (:meth:`FeedbackStore.review`, or
-:meth:`FeedbackStore.review_many` for several at once); ingestion reads
-:meth:`FeedbackStore.accepted` to add reviewed images to the next dataset version, and
-:meth:`FeedbackStore.awaiting_dataset` counts the accepted photos no dataset version has yet.
+A reviewer accepts or rejects feedback through :class:`dandelion_lib.data.review.ReviewQueue`;
+ingestion reads :meth:`FeedbackStore.accepted` to add reviewed images to the next dataset
+version.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import json
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    Boolean,
-    DateTime,
-    Float,
-    String,
-    case,
-    create_engine,
-    event,
-    func,
-    select,
-    text,
-)
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import JSON, Boolean, DateTime, Float, String, create_engine, event, select, text
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from dandelion_lib.core.config import (
-    DEFAULT_LABELS,
-    NEITHER,
-    UNCERTAIN,
-    UNKNOWN,
-    Settings,
-    get_settings,
-)
+from dandelion_lib.core.config import DEFAULT_LABELS, NEITHER, UNKNOWN, Settings
 from dandelion_lib.core.errors import DandelionError
 from dandelion_lib.core.images import ImageLimits, InvalidImageError, accept_image, canonical_image
 from dandelion_lib.core.storage import ObjectStore, open_store, sha256_hex
@@ -65,6 +44,10 @@ from dandelion_lib.core.storage import ObjectStore, open_store, sha256_hex
 TRAINING_LABELS: tuple[str, ...] = DEFAULT_LABELS
 """The training labels feedback may carry (``uncertain`` and ``unknown`` are answers, never
 training labels); besides them, feedback may say :data:`NEITHER`."""
+
+FEEDBACK_SOURCE_PREFIX = "feedback:"
+"""A dataset manifest's ``source`` of an accepted feedback photo: ``feedback:<feedback id>``
+(written by :class:`dandelion_lib.data.sources.FeedbackSource`)."""
 
 
 def agrees(correct_label: str, prediction: PredictionRecord) -> bool:
@@ -103,7 +86,9 @@ class _Base(DeclarativeBase):
     pass
 
 
-class _PredictionRow(_Base):
+class PredictionRow(_Base):
+    """The ``predictions`` table."""
+
     __tablename__ = "predictions"
 
     prediction_id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -118,7 +103,9 @@ class _PredictionRow(_Base):
     request_id: Mapped[str | None] = mapped_column(String(128))
 
 
-class _FeedbackRow(_Base):
+class FeedbackRow(_Base):
+    """The ``feedback`` table."""
+
     __tablename__ = "feedback"
 
     feedback_id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -167,55 +154,28 @@ class FeedbackRecord:
     reviewed_at: dt.datetime | None = None
     accepted: bool | None = None
 
+    @classmethod
+    def from_row(cls, row: FeedbackRow) -> FeedbackRecord:
+        return cls(
+            feedback_id=row.feedback_id,
+            prediction_id=row.prediction_id,
+            correct_label=row.correct_label,
+            predicted_label=row.predicted_label,
+            agree=bool(row.agree),
+            model_name=row.model_name,
+            model_version=row.model_version,
+            image_key=row.image_key,
+            image_sha256=row.image_sha256,
+            created_at=_utc(row.created_at) or _now(),
+            reviewed_at=_utc(row.reviewed_at),
+            accepted=row.accepted,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         for k in ("created_at", "reviewed_at"):
             d[k] = d[k].isoformat() if d[k] else None
         return d
-
-
-FEEDBACK_SOURCE_PREFIX = "feedback:"
-"""A dataset manifest's ``source`` of an accepted feedback photo: ``feedback:<feedback id>``
-(written by :class:`dandelion_lib.data.ingest.FeedbackSource`)."""
-
-
-@dataclass(frozen=True)
-class ReviewItem:
-    """A pending feedback item joined with the prediction it is about.
-
-    ``answer`` is what the model answered (a class, ``uncertain`` or ``unknown``) and
-    ``confidence`` its confidence; both are None when the prediction was not recorded.
-    """
-
-    feedback: FeedbackRecord
-    answer: str | None
-    confidence: float | None
-    probabilities: dict[str, float]
-
-    @property
-    def reason(self) -> str:
-        """Why the item is where it is in the queue: ``disagreement``, ``uncertain``,
-        ``unknown`` (the model's answer) or ``agreement``."""
-        if not self.feedback.agree:
-            return "disagreement"
-        if self.answer in (UNCERTAIN, UNKNOWN):
-            return str(self.answer)
-        return "agreement"
-
-
-@dataclass(frozen=True)
-class AwaitingDataset:
-    """Accepted feedback photos against the latest dataset version.
-
-    ``count`` is how many accepted photos (with an image) no dataset version has yet: they
-    join the next ingestion. ``version`` is the latest dataset version compared against
-    (None when there is none yet, or no object store to read it from: then every accepted
-    photo counts).
-    """
-
-    count: int
-    accepted: int
-    version: str | None
 
 
 def normalize_db_url(url: str) -> str:
@@ -240,6 +200,35 @@ def _utc(value: dt.datetime | None) -> dt.datetime | None:
     return value
 
 
+def _engine_options(url: URL, timeout_s: float) -> dict[str, Any]:
+    """Engine arguments that bound every wait by ``timeout_s``: a locked or unreachable
+    database fails a call in seconds instead of holding its thread (the API's feedback
+    bulkhead relies on it)."""
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        if url.database and url.database != ":memory:":
+            kwargs["pool_timeout"] = timeout_s
+        kwargs["connect_args"] = {"timeout": timeout_s, "check_same_thread": False}
+    elif backend == "postgresql":
+        kwargs["connect_args"] = {
+            "connect_timeout": max(2, round(timeout_s)),
+            "options": f"-c statement_timeout={round(timeout_s * 1000)} "
+            f"-c lock_timeout={round(timeout_s * 1000)}",
+        }
+        kwargs["pool_timeout"] = timeout_s
+    else:
+        kwargs["connect_args"] = {"connect_timeout": max(2, round(timeout_s))}
+    return kwargs
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
 class FeedbackStore:
     """Predictions and feedback in a SQL database; feedback images in the object store."""
 
@@ -259,7 +248,6 @@ class FeedbackStore:
         self.max_image_pixels = max_image_pixels
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
-        self._dataset_cache: tuple[str, frozenset[str], frozenset[tuple[str, str]]] | None = None
 
     @property
     def feedback_labels(self) -> tuple[str, ...]:
@@ -267,8 +255,7 @@ class FeedbackStore:
         return (*self.labels, NEITHER)
 
     @classmethod
-    def from_settings(cls, settings: Settings | None = None) -> FeedbackStore:
-        settings = settings or get_settings()
+    def from_settings(cls, settings: Settings) -> FeedbackStore:
         return cls(
             settings.resolved_feedback_db_url,
             store=open_store(settings=settings),
@@ -291,43 +278,22 @@ class FeedbackStore:
             url = make_url(self.url)
         except Exception as exc:
             raise FeedbackUnavailableError(f"invalid feedback database URL: {exc}") from None
-        # Every wait is bounded by timeout_s: a locked or unreachable database fails a call
-        # in seconds instead of holding its thread (the API's feedback bulkhead relies on it).
-        kwargs: dict[str, Any] = {"pool_pre_ping": True}
-        if url.get_backend_name() == "sqlite":
-            if url.database and url.database != ":memory:":
-                try:
-                    Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    raise FeedbackUnavailableError(
-                        f"cannot use feedback database {_redacted(self.url)}: {exc.strerror or exc}"
-                    ) from None
-                kwargs["pool_timeout"] = self.timeout_s
-            kwargs["connect_args"] = {"timeout": self.timeout_s, "check_same_thread": False}
-        elif url.get_backend_name() == "postgresql":
-            kwargs["connect_args"] = {
-                "connect_timeout": max(2, round(self.timeout_s)),
-                "options": f"-c statement_timeout={round(self.timeout_s * 1000)} "
-                f"-c lock_timeout={round(self.timeout_s * 1000)}",
-            }
-            kwargs["pool_timeout"] = self.timeout_s
-        else:
-            kwargs["connect_args"] = {"connect_timeout": max(2, round(self.timeout_s))}
+        sqlite = url.get_backend_name() == "sqlite"
+        if sqlite and url.database and url.database != ":memory:":
+            try:
+                Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise FeedbackUnavailableError(
+                    f"cannot use feedback database {_redacted(self.url)}: {exc.strerror or exc}"
+                ) from None
         try:
-            engine = create_engine(url, **kwargs)
+            engine = create_engine(url, **_engine_options(url, self.timeout_s))
         except Exception as exc:
             raise FeedbackUnavailableError(
                 f"cannot use feedback database {_redacted(self.url)}: {exc}"
             ) from None
-        if url.get_backend_name() == "sqlite":
-
-            @event.listens_for(engine, "connect")
-            def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-                cur = dbapi_conn.cursor()
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA synchronous=NORMAL")
-                cur.close()
-
+        if sqlite:
+            event.listen(engine, "connect", _sqlite_pragmas)
         try:
             _Base.metadata.create_all(engine)
         except SQLAlchemyError as exc:
@@ -342,13 +308,24 @@ class FeedbackStore:
             f"feedback database {_redacted(self.url)} is unavailable: {reason}"
         )
 
-    def check(self) -> None:
-        """Raise :class:`FeedbackUnavailableError` unless the database answers."""
+    @contextmanager
+    def session(self, *, write: bool = False) -> Iterator[Session]:
+        """A session on the database (one transaction, committed at the end, with ``write``);
+        a database error becomes :class:`FeedbackUnavailableError`."""
         try:
-            with self.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
+            with Session(self.engine, expire_on_commit=False) as session:
+                if write:
+                    with session.begin():
+                        yield session
+                else:
+                    yield session
         except SQLAlchemyError as exc:
             raise self._unavailable(exc) from None
+
+    def check(self) -> None:
+        """Raise :class:`FeedbackUnavailableError` unless the database answers."""
+        with self.session() as session:
+            session.execute(text("SELECT 1"))
 
     def close(self) -> None:
         with self._engine_lock:
@@ -362,56 +339,45 @@ class FeedbackStore:
         rows = list(records)
         if not rows:
             return 0
-        try:
-            with Session(self.engine) as session, session.begin():
-                ids = [r.prediction_id for r in rows]
-                existing = set(
-                    session.scalars(
-                        select(_PredictionRow.prediction_id).where(
-                            _PredictionRow.prediction_id.in_(ids)
-                        )
-                    )
+        with self.session(write=True) as session:
+            ids = [r.prediction_id for r in rows]
+            known = select(PredictionRow.prediction_id).where(PredictionRow.prediction_id.in_(ids))
+            existing = set(session.scalars(known))
+            new = [r for r in rows if r.prediction_id not in existing]
+            session.add_all(
+                PredictionRow(
+                    prediction_id=r.prediction_id,
+                    created_at=r.created_at or _now(),
+                    label=r.label,
+                    top_label=r.top_label,
+                    confidence=float(r.confidence),
+                    probabilities={k: float(v) for k, v in r.probabilities.items()},
+                    model_name=r.model_name,
+                    model_version=r.model_version,
+                    image_sha256=r.image_sha256,
+                    request_id=r.request_id,
                 )
-                new = [r for r in rows if r.prediction_id not in existing]
-                session.add_all(
-                    _PredictionRow(
-                        prediction_id=r.prediction_id,
-                        created_at=r.created_at or _now(),
-                        label=r.label,
-                        top_label=r.top_label,
-                        confidence=float(r.confidence),
-                        probabilities={k: float(v) for k, v in r.probabilities.items()},
-                        model_name=r.model_name,
-                        model_version=r.model_version,
-                        image_sha256=r.image_sha256,
-                        request_id=r.request_id,
-                    )
-                    for r in new
-                )
-            return len(new)
-        except SQLAlchemyError as exc:
-            raise self._unavailable(exc) from None
+                for r in new
+            )
+        return len(new)
 
     def get_prediction(self, prediction_id: str) -> PredictionRecord | None:
-        try:
-            with Session(self.engine) as session:
-                row = session.get(_PredictionRow, prediction_id)
-                if row is None:
-                    return None
-                return PredictionRecord(
-                    prediction_id=row.prediction_id,
-                    label=row.label,
-                    top_label=row.top_label,
-                    confidence=row.confidence,
-                    probabilities=dict(row.probabilities),
-                    model_name=row.model_name,
-                    model_version=row.model_version,
-                    image_sha256=row.image_sha256,
-                    request_id=row.request_id,
-                    created_at=_utc(row.created_at),
-                )
-        except SQLAlchemyError as exc:
-            raise self._unavailable(exc) from None
+        with self.session() as session:
+            row = session.get(PredictionRow, prediction_id)
+            if row is None:
+                return None
+            return PredictionRecord(
+                prediction_id=row.prediction_id,
+                label=row.label,
+                top_label=row.top_label,
+                confidence=row.confidence,
+                probabilities=dict(row.probabilities),
+                model_name=row.model_name,
+                model_version=row.model_version,
+                image_sha256=row.image_sha256,
+                request_id=row.request_id,
+                created_at=_utc(row.created_at),
+            )
 
     # --- feedback ------------------------------------------------------------------------
     def add_feedback(
@@ -443,7 +409,7 @@ class FeedbackStore:
         image_key = image_sha = None
         if image:
             image_key, image_sha = self._save_image(image, correct_label, prediction)
-        row = _FeedbackRow(
+        row = FeedbackRow(
             feedback_id=str(uuid.uuid4()),
             prediction_id=prediction_id,
             created_at=_now(),
@@ -464,21 +430,12 @@ class FeedbackStore:
             ) from None
         except SQLAlchemyError as exc:
             raise self._unavailable(exc) from None
-        return _record(row)
+        return FeedbackRecord.from_row(row)
 
     def _feedback_exists(self, prediction_id: str) -> bool:
-        try:
-            with Session(self.engine) as session:
-                return (
-                    session.scalar(
-                        select(_FeedbackRow.feedback_id).where(
-                            _FeedbackRow.prediction_id == prediction_id
-                        )
-                    )
-                    is not None
-                )
-        except SQLAlchemyError as exc:
-            raise self._unavailable(exc) from None
+        query = select(FeedbackRow.feedback_id).where(FeedbackRow.prediction_id == prediction_id)
+        with self.session() as session:
+            return session.scalar(query) is not None
 
     def _save_image(
         self, image: bytes, label: str, prediction: PredictionRecord
@@ -502,277 +459,39 @@ class FeedbackStore:
         return key, digest
 
     def get_feedback(self, feedback_id: str) -> FeedbackRecord | None:
-        try:
-            with Session(self.engine) as session:
-                row = session.get(_FeedbackRow, feedback_id)
-                return _record(row) if row is not None else None
-        except SQLAlchemyError as exc:
-            raise self._unavailable(exc) from None
+        with self.session() as session:
+            row = session.get(FeedbackRow, feedback_id)
+            return FeedbackRecord.from_row(row) if row is not None else None
 
     def list_feedback(
         self, *, reviewed: bool | None = None, limit: int | None = None
     ) -> list[FeedbackRecord]:
         """Feedback, newest first; ``reviewed`` filters on whether a reviewer decided."""
-        query = select(_FeedbackRow).order_by(_FeedbackRow.created_at.desc())
+        query = select(FeedbackRow).order_by(FeedbackRow.created_at.desc())
         if reviewed is True:
-            query = query.where(_FeedbackRow.reviewed_at.is_not(None))
+            query = query.where(FeedbackRow.reviewed_at.is_not(None))
         elif reviewed is False:
-            query = query.where(_FeedbackRow.reviewed_at.is_(None))
+            query = query.where(FeedbackRow.reviewed_at.is_(None))
         if limit is not None:
             query = query.limit(limit)
-        try:
-            with Session(self.engine) as session:
-                return [_record(r) for r in session.scalars(query)]
-        except SQLAlchemyError as exc:
-            raise self._unavailable(exc) from None
-
-    def review(self, feedback_id: str, accepted: bool) -> FeedbackRecord:
-        """A reviewer's decision: accepted feedback images may join the next dataset."""
-        return self.review_many([feedback_id], accepted)[0]
-
-    def review_many(self, feedback_ids: Iterable[str], accepted: bool) -> list[FeedbackRecord]:
-        """One decision for several feedback items, in one transaction: all of them are
-        decided, or (an unknown id, a database error) none is. Returns the records in the
-        order given (each id once). A decision may be changed later by another one."""
-        ids = list(dict.fromkeys(feedback_ids))
-        if not ids:
-            return []
-        try:
-            with Session(self.engine, expire_on_commit=False) as session, session.begin():
-                rows: dict[str, _FeedbackRow] = {}
-                for start in range(0, len(ids), 500):  # bounded IN lists
-                    chunk = ids[start : start + 500]
-                    query = select(_FeedbackRow).where(_FeedbackRow.feedback_id.in_(chunk))
-                    rows.update((r.feedback_id, r) for r in session.scalars(query))
-                missing = [i for i in ids if i not in rows]
-                if missing:
-                    shown = ", ".join(repr(i) for i in missing[:5])
-                    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-                    plural = "s" if len(missing) > 1 else ""
-                    raise FeedbackError(f"no feedback with id{plural} {shown}{more}")
-                now = _now()
-                for row in rows.values():
-                    row.reviewed_at = now
-                    row.accepted = accepted
-            return [_record(rows[i]) for i in ids]
-        except SQLAlchemyError as exc:
-            raise self._unavailable(exc) from None
-
-    def review_queue(self, limit: int | None = 50) -> list[ReviewItem]:
-        """Pending (not yet reviewed) feedback, most informative first.
-
-        The order, key by key:
-
-        1. disagreements first: the user's label is not what the model said
-           (``agree`` is false, see :func:`agrees`);
-        2. then answers the model was unsure of: ``uncertain`` or ``unknown`` before a
-           class answer;
-        3. then lowest confidence first (an item whose prediction was not recorded, so
-           without a confidence, after those with one);
-        4. then oldest feedback first, then by feedback id (a stable order).
-
-        Each item carries its prediction's answer, confidence and probabilities.
-        """
-        unsure = case((_PredictionRow.label.in_((UNCERTAIN, UNKNOWN)), 0), else_=1)
-        query = (
-            select(
-                _FeedbackRow,
-                _PredictionRow.label,
-                _PredictionRow.confidence,
-                _PredictionRow.probabilities,
-            )
-            .outerjoin(_PredictionRow, _PredictionRow.prediction_id == _FeedbackRow.prediction_id)
-            .where(_FeedbackRow.reviewed_at.is_(None))
-            .order_by(
-                case((_FeedbackRow.agree.is_(False), 0), else_=1),
-                unsure,
-                case((_PredictionRow.confidence.is_(None), 1), else_=0),
-                _PredictionRow.confidence.asc(),
-                _FeedbackRow.created_at.asc(),
-                _FeedbackRow.feedback_id.asc(),
-            )
-        )
-        if limit is not None:
-            query = query.limit(limit)
-        try:
-            with Session(self.engine) as session:
-                return [
-                    ReviewItem(
-                        feedback=_record(row),
-                        answer=answer,
-                        confidence=None if confidence is None else float(confidence),
-                        probabilities=dict(probabilities or {}),
-                    )
-                    for row, answer, confidence, probabilities in session.execute(query)
-                ]
-        except SQLAlchemyError as exc:
-            raise self._unavailable(exc) from None
-
-    def count_pending(self) -> int:
-        """How many feedback items wait for a reviewer's decision."""
-        query = (
-            select(func.count()).select_from(_FeedbackRow).where(_FeedbackRow.reviewed_at.is_(None))
-        )
-        try:
-            with Session(self.engine) as session:
-                return int(session.scalar(query) or 0)
-        except SQLAlchemyError as exc:
-            raise self._unavailable(exc) from None
-
-    def awaiting_dataset(self) -> AwaitingDataset:
-        """Accepted photos that the latest dataset version does not have yet.
-
-        An accepted photo is in the latest version when its manifest lists it as
-        ``feedback:<feedback id>``, or lists the same image (its sha256, which names the stored
-        photo): identical bytes from another source collapse into one manifest row, and under
-        another label the photo is a conflict that ingestion leaves out (the dataset's label
-        stands, see :mod:`dandelion_lib.data.ingest`). So this is what the next ingestion will add.
-        The manifest is read once per version.
-        """
-        records = self.accepted()
-        version, sources, images = self._latest_dataset()
-        shas = {sha for sha, _ in images}
-        waiting = 0
-        for r in records:
-            sha = Path(r.image_key or "").stem
-            if f"{FEEDBACK_SOURCE_PREFIX}{r.feedback_id}" not in sources and sha not in shas:
-                waiting += 1
-        return AwaitingDataset(count=waiting, accepted=len(records), version=version)
-
-    def _latest_dataset(self) -> tuple[str | None, frozenset[str], frozenset[tuple[str, str]]]:
-        """The latest dataset version, its feedback sources and its (sha256, label) pairs."""
-        if self.store is None:
-            return None, frozenset(), frozenset()
-        from dandelion_lib.data import dataset  # pandas: only where the count is asked for
-
-        try:
-            version = dataset.latest_version(self.store)
-        except dataset.DatasetNotFoundError:
-            return None, frozenset(), frozenset()
-        cached = self._dataset_cache
-        if cached is None or cached[0] != version:
-            df = dataset.load_manifest(self.store, version)
-            sources = frozenset(
-                s for s in df["source"].astype(str) if s.startswith(FEEDBACK_SOURCE_PREFIX)
-            )
-            images = frozenset(zip(df["sha256"].astype(str), df["label"].astype(str), strict=True))
-            cached = (version, sources, images)
-            self._dataset_cache = cached
-        return cached
+        with self.session() as session:
+            return [FeedbackRecord.from_row(r) for r in session.scalars(query)]
 
     def accepted(self) -> list[FeedbackRecord]:
         """Reviewed, accepted feedback that carries an image: input for ingestion."""
         query = (
-            select(_FeedbackRow)
-            .where(_FeedbackRow.accepted.is_(True), _FeedbackRow.image_key.is_not(None))
-            .order_by(_FeedbackRow.created_at)
+            select(FeedbackRow)
+            .where(FeedbackRow.accepted.is_(True), FeedbackRow.image_key.is_not(None))
+            .order_by(FeedbackRow.created_at)
         )
-        try:
-            with Session(self.engine) as session:
-                return [_record(r) for r in session.scalars(query)]
-        except SQLAlchemyError as exc:
-            raise self._unavailable(exc) from None
+        with self.session() as session:
+            return [FeedbackRecord.from_row(r) for r in session.scalars(query)]
 
     def recent_accuracy(self, window: int = 200) -> tuple[float | None, int]:
         """Share of the last ``window`` feedback items where the model agreed, and the count."""
-        query = select(_FeedbackRow.agree).order_by(_FeedbackRow.created_at.desc()).limit(window)
-        try:
-            with Session(self.engine) as session:
-                values = list(session.scalars(query))
-        except SQLAlchemyError as exc:
-            raise self._unavailable(exc) from None
+        query = select(FeedbackRow.agree).order_by(FeedbackRow.created_at.desc()).limit(window)
+        with self.session() as session:
+            values = list(session.scalars(query))
         if not values:
             return None, 0
         return sum(bool(v) for v in values) / len(values), len(values)
-
-
-def _record(row: _FeedbackRow) -> FeedbackRecord:
-    return FeedbackRecord(
-        feedback_id=row.feedback_id,
-        prediction_id=row.prediction_id,
-        correct_label=row.correct_label,
-        predicted_label=row.predicted_label,
-        agree=bool(row.agree),
-        model_name=row.model_name,
-        model_version=row.model_version,
-        image_key=row.image_key,
-        image_sha256=row.image_sha256,
-        created_at=_utc(row.created_at) or _now(),
-        reviewed_at=_utc(row.reviewed_at),
-        accepted=row.accepted,
-    )
-
-
-# --- command line: `dandelion feedback` -----------------------------------------------------
-def add_cli_arguments(parser: Any) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print JSON lines")
-    sub = parser.add_subparsers(dest="action", required=True)
-    listing = sub.add_parser("list", help="feedback, newest first", parents=[common])
-    state = listing.add_mutually_exclusive_group()
-    state.add_argument("--pending", action="store_true", help="only feedback not reviewed yet")
-    state.add_argument("--reviewed", action="store_true", help="only reviewed feedback")
-    listing.add_argument("--limit", type=int, default=50, help="at most N rows (default 50)")
-    queue = sub.add_parser(
-        "queue",
-        help="pending feedback, most informative first (the reviewer page's order)",
-        parents=[common],
-    )
-    queue.add_argument("--limit", type=int, default=50, help="at most N rows (default 50)")
-    review = sub.add_parser(
-        "review",
-        help="accept or reject feedback for the next dataset (several ids: one transaction)",
-        parents=[common],
-    )
-    review.add_argument("feedback_id", nargs="+")
-    decision = review.add_mutually_exclusive_group(required=True)
-    decision.add_argument("--accept", action="store_true")
-    decision.add_argument("--reject", action="store_true")
-    sub.add_parser(
-        "accepted", help="accepted feedback with images (input for ingestion)", parents=[common]
-    )
-
-
-def cli(args: Any) -> int:
-    store = FeedbackStore.from_settings()
-    try:
-        if args.action == "list":
-            reviewed = True if args.reviewed else False if args.pending else None
-            records = store.list_feedback(reviewed=reviewed, limit=args.limit)
-        elif args.action == "queue":
-            return _print_queue(store.review_queue(args.limit), as_json=args.json)
-        elif args.action == "review":
-            records = store.review_many(args.feedback_id, accepted=bool(args.accept))
-        else:
-            records = store.accepted()
-    finally:
-        store.close()
-    for r in records:
-        if args.json:
-            print(json.dumps(r.to_dict()))
-        else:
-            decision = (
-                "pending" if r.reviewed_at is None else ("accepted" if r.accepted else "rejected")
-            )
-            print(
-                f"{r.feedback_id}  {r.created_at:%Y-%m-%d %H:%M}  {r.correct_label:<10} "
-                f"model said {r.predicted_label:<10} v{r.model_version}  {decision:<8} "
-                f"{r.image_key or '-'}"
-            )
-    return 0
-
-
-def _print_queue(items: list[ReviewItem], *, as_json: bool) -> int:
-    for item in items:
-        r = item.feedback
-        if as_json:
-            row = {**r.to_dict(), "answer": item.answer, "confidence": item.confidence}
-            print(json.dumps({**row, "reason": item.reason}))
-        else:
-            confidence = "-" if item.confidence is None else f"{item.confidence:.2f}"
-            print(
-                f"{r.feedback_id}  {item.reason:<12} {r.correct_label:<10} "
-                f"model said {item.answer or '?':<10} {confidence:>5}  v{r.model_version}  "
-                f"{r.image_key or '-'}"
-            )
-    return 0

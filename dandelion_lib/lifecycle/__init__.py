@@ -1,4 +1,6 @@
 """The model lifecycle: tracking and the registry (``registry``), training runs (``train``),
-scoring (``evaluate``), promotion (``promotion``), change detection (``changes``) and drift
-monitoring (``monitoring``). The top layer of the core.
+evaluation (``evaluate``, ``metrics``, ``figures``), scoring a challenger once (``scoring``,
+saved as ``scorecard``), the promotion gate (``gate``) and recording its decision
+(``promotion``), change detection (``changes``) and drift (``monitoring``, ``drift``). The top
+layer of the core.
 """

@@ -14,9 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
-
-from dandelion_lib.core.config import Settings, get_settings
+from dandelion_lib.core.config import Settings
 from dandelion_lib.core.runs import CODE_VERSION_TAG, DATASET_VERSION_TAG, NOTEBOOKS
 from dandelion_lib.lifecycle import registry
 
@@ -24,11 +22,10 @@ _CODE_FILES = ("requirements.lock",)
 _CODE_NOTEBOOKS = (NOTEBOOKS["train"], NOTEBOOKS["evaluate"])
 
 
-def code_version(settings: Settings | None = None, notebooks_dir: Path | None = None) -> str:
+def code_version(settings: Settings, notebooks_dir: Path | None = None) -> str:
     """Digest of the code that shapes a model: ``dandelion_lib``, the training and
     evaluation notebooks (code cells only) and ``requirements.lock`` when present."""
-    settings = settings or get_settings()
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         h.update(path.relative_to(package).as_posix().encode())
@@ -70,9 +67,8 @@ class TrainingDecision:
         return asdict(self)
 
 
-def champion_lineage(settings: Settings | None = None) -> dict[str, Any] | None:
+def champion_lineage(settings: Settings) -> dict[str, Any] | None:
     """Version, dataset version and code version of the current champion (None: no champion)."""
-    settings = settings or get_settings()
     client = registry.configure_mlflow(settings)
     mv = registry.get_alias_version(client, settings.model_name, registry.CHAMPION)
     if mv is None:
@@ -85,20 +81,18 @@ def champion_lineage(settings: Settings | None = None) -> dict[str, Any] | None:
         code = code or run_tags.get(CODE_VERSION_TAG)
         dataset_version = dataset_version or run_tags.get(DATASET_VERSION_TAG)
     if dataset_version is None:
-        info = mlflow.models.get_model_info(f"models:/{settings.model_name}/{mv.version}")
-        dataset_version = (info.metadata or {}).get("dataset_version")
+        dataset_version = registry.logged_dataset_version(settings.model_name, str(mv.version))
     return {"version": str(mv.version), "dataset_version": dataset_version, "code_version": code}
 
 
 def decide_training(
     dataset_version: str,
-    settings: Settings | None = None,
+    settings: Settings,
     *,
     force: bool = False,
     notebooks_dir: Path | None = None,
 ) -> TrainingDecision:
     """Train unless the dataset version and the code are those of the current champion."""
-    settings = settings or get_settings()
     code = code_version(settings, notebooks_dir)
     champion = champion_lineage(settings)
     version = champion["version"] if champion else None

@@ -16,33 +16,22 @@ false alarms. The share of drifted features is the batch's drift score; at or ab
 ``drift_share_threshold`` (0.5) the verdict is *drift*.
 
 The same code runs live in the API (:class:`DriftMonitor`, a sliding window of served
-images exported as Prometheus gauges) and offline (:func:`drift_report`, the
-``dandelion drift`` command and ``notebooks/04_drift.ipynb``) to check a folder of new
-photos before serving them.
+images exported as Prometheus gauges) and offline
+(:func:`dandelion_lib.lifecycle.drift.drift_report`, the ``dandelion drift`` command and
+``notebooks/04_drift.ipynb``) to check a folder of new photos before serving them.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import threading
 from collections import deque
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
-from dandelion_lib.core.config import Settings, get_settings
 from dandelion_lib.core.errors import DandelionError
-from dandelion_lib.core.features import STAT_COLUMNS, image_stats
-from dandelion_lib.core.images import ImageLimits, InvalidImageError, accept_image
-from dandelion_lib.lifecycle.registry import configure_mlflow, model_uri
-
-if TYPE_CHECKING:
-    import pandas as pd
+from dandelion_lib.core.features import STAT_COLUMNS
 
 REFERENCE_BINS = 10
 REFERENCE_QUANTILES = 101
@@ -59,8 +48,6 @@ NOISE_QUANTILE = 0.999
 
 PSI_SMOOTHING = 0.5
 """Pseudo-count added to every bin of the batch histogram (keeps empty bins finite)."""
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 class DriftError(DandelionError):
@@ -83,7 +70,7 @@ def build_reference(stats: Any, columns: tuple[str, ...] = STAT_COLUMNS) -> dict
         if len(values) == 0:
             raise DriftError(f"cannot build a drift reference: no values for {col!r}")
         edges = np.unique(np.quantile(values, np.linspace(0, 1, REFERENCE_BINS + 1)))
-        counts, _ = np.histogram(values, bins=_open_edges(edges))
+        counts, _ = np.histogram(values, bins=open_edges(edges))
         ref["features"][col] = {
             "edges": edges.tolist(),
             "proportions": (counts / len(values)).tolist(),
@@ -95,7 +82,8 @@ def build_reference(stats: Any, columns: tuple[str, ...] = STAT_COLUMNS) -> dict
     return ref
 
 
-def _open_edges(edges: np.ndarray) -> np.ndarray:
+def open_edges(edges: np.ndarray) -> np.ndarray:
+    """Bin edges open at both ends (the reference's outer edges become -inf and inf)."""
     inner = edges[1:-1] if len(edges) > 2 else edges[:0]
     return np.concatenate([[-np.inf], inner, [np.inf]])
 
@@ -128,7 +116,7 @@ def psi(reference: dict[str, Any], values: np.ndarray, smoothing: float = PSI_SM
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0:
         return 0.0
-    edges = _open_edges(np.asarray(reference["edges"], dtype=np.float64))
+    edges = open_edges(np.asarray(reference["edges"], dtype=np.float64))
     expected = np.asarray(reference["proportions"], dtype=np.float64)
     counts, _ = np.histogram(values, bins=edges)
     actual = (counts + smoothing) / (len(values) + smoothing * len(counts))
@@ -243,7 +231,7 @@ class DriftMonitor:
 
     def scores(self) -> dict[str, float]:
         """PSI per feature over the current window (empty when no reference)."""
-        return _scores(self.reference, self._rows())
+        return feature_scores(self.reference, self._rows())
 
     def drifted(self, threshold: float | None = None) -> dict[str, bool]:
         """Per feature: drifted or not (see :func:`drifted_features`)."""
@@ -261,264 +249,16 @@ class DriftMonitor:
     def _judge(self, threshold: float | None) -> tuple[dict[str, float], dict[str, bool]]:
         """PSI and drift flags per feature, from one copy of the window."""
         rows = self._rows()
-        scores = _scores(self.reference, rows)
+        scores = feature_scores(self.reference, rows)
         flags = drifted_features(
             scores, self.reference, len(rows), self.threshold if threshold is None else threshold
         )
         return scores, flags
 
 
-def _scores(reference: dict[str, Any], rows: list[dict[str, float]]) -> dict[str, float]:
+def feature_scores(reference: dict[str, Any], rows: list[dict[str, float]]) -> dict[str, float]:
+    """PSI per feature of the reference over ``rows`` (per-image statistics)."""
     return {
         name: psi(ref, np.asarray([r[name] for r in rows if name in r], dtype=np.float64))
         for name, ref in reference.items()
     }
-
-
-# --- offline report ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FeatureDrift:
-    """One feature's scores for a batch."""
-
-    feature: str
-    psi: float
-    threshold: float
-    """The PSI this feature had to exceed: max(configured threshold, noise floor)."""
-    drifted: bool
-    ks: float | None
-    ks_pvalue: float | None
-    reference_mean: float
-    batch_mean: float
-
-
-@dataclass
-class DriftReport:
-    """The result of :func:`drift_report`; ``verdict`` is ``"drift"`` or ``"no drift"``."""
-
-    source: str
-    images_dir: str
-    images: int
-    reference_images: int
-    features: list[FeatureDrift]
-    drifted_share: float
-    share_threshold: float
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    batch_stats: dict[str, list[float]] = field(default_factory=dict, repr=False)
-
-    @property
-    def drift(self) -> bool:
-        return self.drifted_share >= self.share_threshold
-
-    @property
-    def verdict(self) -> str:
-        return "drift" if self.drift else "no drift"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("batch_stats")
-        d["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
-        d["verdict"] = self.verdict
-        return d
-
-    def to_frame(self) -> pd.DataFrame:
-        import pandas as pd
-
-        return pd.DataFrame([asdict(f) for f in self.features]).set_index("feature")
-
-    def summary(self) -> str:
-        """A plain-text table and verdict line (what ``dandelion drift`` prints)."""
-        skipped = f", {len(self.skipped)} skipped" if self.skipped else ""
-        lines = [
-            f"drift check: {self.images} images from {self.images_dir}{skipped}",
-            f"reference:   {self.source} ({self.reference_images} training images)",
-            "",
-            f"{'feature':<16}{'psi':>8}{'limit':>8}{'ks':>8}{'p-value':>10}"
-            f"{'ref mean':>10}{'new mean':>10}  drifted",
-        ]
-        for f in self.features:
-            ks_txt = f"{f.ks:8.3f}" if f.ks is not None else f"{'-':>8}"
-            p_txt = f"{f.ks_pvalue:10.1e}" if f.ks_pvalue is not None else f"{'-':>10}"
-            lines.append(
-                f"{f.feature:<16}{f.psi:8.3f}{f.threshold:8.3f}{ks_txt}{p_txt}"
-                f"{f.reference_mean:10.3f}{f.batch_mean:10.3f}  {'yes' if f.drifted else 'no'}"
-            )
-        n_drifted = sum(f.drifted for f in self.features)
-        op = ">=" if self.drift else "<"
-        lines += [
-            "",
-            f"verdict: {self.verdict.upper()} - {n_drifted} of {len(self.features)} features "
-            f"drifted (share {self.drifted_share:.2f} {op} {self.share_threshold:.2f})",
-        ]
-        for path, reason in self.skipped:
-            lines.append(f"skipped {path}: {reason}")
-        return "\n".join(lines)
-
-
-def image_paths(images_dir: str | Path) -> list[Path]:
-    """Image files under a folder (recursively, sorted)."""
-    root = Path(images_dir).expanduser()
-    if not root.is_dir():
-        raise DriftError(f"images folder {root} does not exist or is not a folder")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def batch_stats(
-    paths: list[Path], settings: Settings | None = None
-) -> tuple[list[dict[str, float]], list[tuple[str, str]]]:
-    """Per-image statistics of image files; unreadable ones are returned as (path, reason)."""
-    settings = settings or get_settings()
-    limits = ImageLimits.from_settings(settings)
-    rows, skipped = [], []
-    for path in paths:
-        try:
-            img = accept_image(path.read_bytes(), limits).image
-        except InvalidImageError as exc:
-            skipped.append((str(path), str(exc)))
-            continue
-        except OSError as exc:
-            skipped.append((str(path), exc.strerror or type(exc).__name__))
-            continue
-        rows.append(image_stats(img))
-    return rows, skipped
-
-
-def drift_report(
-    predictor_or_reference: Any,
-    images_dir: str | Path,
-    *,
-    threshold: float | None = None,
-    share_threshold: float | None = None,
-    settings: Settings | None = None,
-) -> DriftReport:
-    """Score a folder of images against a model's drift reference.
-
-    ``predictor_or_reference``: a :class:`~dandelion_lib.serving.predict.Predictor`, a reference dict
-    (:func:`build_reference`), or a model URI such as ``models:/dandelion@champion``.
-    Raises :class:`DriftError` when there is no reference or fewer than
-    ``settings.drift_min_images`` readable images.
-    """
-    settings = settings or get_settings()
-    threshold = settings.drift_psi_threshold if threshold is None else threshold
-    share_threshold = settings.drift_share_threshold if share_threshold is None else share_threshold
-
-    paths = image_paths(images_dir)  # a wrong folder fails before any registry call
-    source: str
-    if isinstance(predictor_or_reference, str):
-        source = predictor_or_reference
-        reference = load_reference(source)
-    elif isinstance(predictor_or_reference, dict):
-        source, reference = "reference", predictor_or_reference
-    else:
-        source = str(getattr(predictor_or_reference, "uri", None) or "model")
-        reference = getattr(predictor_or_reference, "drift_reference", None) or {}
-    features_ref: dict[str, Any] = reference.get("features", {})
-    if not features_ref:
-        raise DriftError(f"{source} has no drift reference")
-
-    rows, skipped = batch_stats(paths, settings)
-    if len(rows) < settings.drift_min_images:
-        raise DriftError(
-            f"a drift check needs at least {settings.drift_min_images} readable images; "
-            f"{images_dir} has {len(rows)}" + (f" ({len(skipped)} unreadable)" if skipped else "")
-        )
-    columns = {name: [r[name] for r in rows] for name in features_ref}
-    scores = _scores(features_ref, rows)
-    flags = drifted_features(scores, features_ref, len(rows), threshold)
-    features = []
-    for name, ref in features_ref.items():
-        values = np.asarray(columns[name], dtype=np.float64)
-        ks_result = ks(ref, values)
-        floor = psi_noise_floor(len(rows), int(ref.get("count") or 0), len(ref["proportions"]))
-        features.append(
-            FeatureDrift(
-                feature=name,
-                psi=scores[name],
-                threshold=max(threshold, floor),
-                drifted=flags[name],
-                ks=None if ks_result is None else ks_result[0],
-                ks_pvalue=None if ks_result is None else ks_result[1],
-                reference_mean=float(ref.get("mean", float("nan"))),
-                batch_mean=float(values.mean()),
-            )
-        )
-    share = sum(flags.values()) / len(flags)
-    ref_images = max((int(r.get("count") or 0) for r in features_ref.values()), default=0)
-    return DriftReport(
-        source=source,
-        images_dir=str(images_dir),
-        images=len(rows),
-        reference_images=ref_images,
-        features=features,
-        drifted_share=share,
-        share_threshold=share_threshold,
-        skipped=skipped,
-        batch_stats=columns,
-    )
-
-
-def plot_report(report: DriftReport, reference: dict[str, Any]) -> Any:
-    """A matplotlib figure: per feature, the batch's share per reference bin vs the reference."""
-    import matplotlib.pyplot as plt
-
-    feats = reference.get("features", reference)
-    n = len(report.features)
-    cols = 3
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    for ax, f in zip(axes.flat, report.features, strict=False):
-        ref = feats[f.feature]
-        edges = _open_edges(np.asarray(ref["edges"], dtype=np.float64))
-        counts, _ = np.histogram(report.batch_stats[f.feature], bins=edges)
-        x = np.arange(len(counts))
-        ax.bar(x - 0.2, ref["proportions"], width=0.4, label="reference")
-        ax.bar(x + 0.2, counts / max(counts.sum(), 1), width=0.4, label="batch")
-        flag = "DRIFT" if f.drifted else "ok"
-        ax.set_title(f"{f.feature}: PSI {f.psi:.2f} ({flag})")
-        ax.set_xlabel("reference decile")
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    axes.flat[0].legend()
-    fig.tight_layout()
-    return fig
-
-
-# --- CLI ---------------------------------------------------------------------------------
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="Model URI whose training reference to compare with "
-        "(default: models:/<model_name>@champion).",
-    )
-    parser.add_argument(
-        "--images", required=True, help="Folder of new images (searched recursively)."
-    )
-    parser.add_argument("--threshold", type=float, default=None, help="PSI threshold per feature.")
-    parser.add_argument(
-        "--share-threshold",
-        type=float,
-        default=None,
-        help="Share of drifted features at or above which the verdict is drift.",
-    )
-    parser.add_argument("--json", action="store_true", help="Print the report as JSON.")
-
-
-def cli(args: argparse.Namespace) -> int:
-    """Print per-feature scores and a verdict; exit status 1 when the batch drifted."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # clean stderr
-    settings = get_settings()
-    configure_mlflow(settings)
-    uri = args.model or model_uri(settings.model_name, settings.model_alias)
-    report = drift_report(
-        uri,
-        args.images,
-        threshold=args.threshold,
-        share_threshold=args.share_threshold,
-        settings=settings,
-    )
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
-    return 1 if report.drift else 0

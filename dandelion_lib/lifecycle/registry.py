@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from dandelion_lib.core.config import Settings, get_settings
+from dandelion_lib.core.config import Settings
 from dandelion_lib.core.errors import DandelionError
 from dandelion_lib.serving import runtime
 from dandelion_lib.training.openset import ARTIFACT_NAME, OpenSetDetector
@@ -41,17 +41,16 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 
 
-def model_uri(name: str | None = None, alias: str = CHAMPION) -> str:
+def model_uri(name: str, alias: str = CHAMPION) -> str:
     """``models:/<name>@<alias>``."""
-    return f"models:/{name or get_settings().model_name}@{alias}"
+    return f"models:/{name}@{alias}"
 
 
-def configure_mlflow(settings: Settings | None = None) -> Any:
+def configure_mlflow(settings: Settings) -> Any:
     """Point MLflow at the settings' tracking/registry URI; returns an ``MlflowClient``."""
     import mlflow
     from mlflow import MlflowClient
 
-    settings = settings or get_settings()
     uri = settings.resolved_tracking_uri
     if uri.startswith("sqlite:///"):
         settings.workdir_path.mkdir(parents=True, exist_ok=True)
@@ -60,7 +59,7 @@ def configure_mlflow(settings: Settings | None = None) -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def use_experiment(settings: Settings | None = None) -> str:
+def use_experiment(settings: Settings) -> str:
     """Make the settings' experiment the active one (creating it if needed); returns its id.
 
     On the embedded SQLite backend a new experiment keeps its artifacts under the work
@@ -71,7 +70,6 @@ def use_experiment(settings: Settings | None = None) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    settings = settings or get_settings()
     uri = settings.resolved_tracking_uri
     client = MlflowClient(tracking_uri=uri)
     if client.get_experiment_by_name(settings.experiment) is None:
@@ -140,18 +138,7 @@ def log_keras_model(
     """
     from mlflow.models import Model, infer_signature
 
-    size = int(feature_spec["image_size"])
-    expected = (size, size, 3)
-    shape = tuple(model.input_shape[1:])
-    if any(got not in (None, want) for want, got in zip(expected, shape, strict=True)):
-        raise DandelionError(
-            f"the model takes inputs of shape {shape}, but its feature spec says {expected}"
-        )
-    example = (
-        np.asarray(input_example, dtype=np.float32)
-        if input_example is not None
-        else np.zeros((1, size, size, 3), dtype=np.float32)
-    )
+    example = _input_example(model, int(feature_spec["image_size"]), input_example)
     output = np.asarray(model(example, training=False))
     signature = infer_signature(example, output)
     flavor = types.SimpleNamespace(__name__="mlflow.keras", save_model=_save_keras_flavor)
@@ -180,16 +167,45 @@ def log_keras_model(
     )
     if registered_model_name is None:
         return info
+    return _registered_version(info, registered_model_name)
+
+
+def _input_example(model: Any, size: int, given: Any) -> np.ndarray:
+    """The input example to log (the given one, else a black image), after checking that
+    the model takes the feature spec's input shape."""
+    expected = (size, size, 3)
+    shape = tuple(model.input_shape[1:])
+    if any(got not in (None, want) for want, got in zip(expected, shape, strict=True)):
+        raise DandelionError(
+            f"the model takes inputs of shape {shape}, but its feature spec says {expected}"
+        )
+    if given is not None:
+        return np.asarray(given, dtype=np.float32)
+    return np.zeros((1, size, size, 3), dtype=np.float32)
+
+
+def _registered_version(info: Any, name: str) -> Any:
+    """The ``ModelVersion`` that logging ``info`` registered under ``name``."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
     if getattr(info, "registered_model_version", None) is not None:
-        return client.get_model_version(registered_model_name, str(info.registered_model_version))
-    versions = client.search_model_versions(f"name='{registered_model_name}'")
+        return client.get_model_version(name, str(info.registered_model_version))
+    versions = client.search_model_versions(f"name='{name}'")
     for mv in versions:
         if mv.source and info.model_uri and mv.run_id == info.run_id:
             return mv
     return max(versions, key=lambda mv: int(mv.version))
+
+
+def logged_dataset_version(name: str, version: str) -> str | None:
+    """The dataset version a registered version records in its metadata (reads only its
+    MLmodel file, not the weights)."""
+    import mlflow
+
+    info = mlflow.models.get_model_info(f"models:/{name}/{version}")
+    value = (info.metadata or {}).get("dataset_version")
+    return str(value) if value else None
 
 
 def get_alias_version(client: Any, name: str, alias: str) -> Any | None:

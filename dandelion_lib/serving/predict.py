@@ -6,10 +6,11 @@ feature spec, runs one forward pass per batch that returns the backbone's featur
 probabilities, and answers through its :class:`AnswerPolicy`: the one place that decides a
 label, ``uncertain`` or ``unknown``.
 
-What runs the forward pass (:meth:`Predictor.load`, setting ``serving_runtime``): the version's
-ONNX Runtime artifact (:mod:`dandelion_lib.serving.runtime`) in the precision the promotion gate chose
-(tag ``serving.precision``), falling back to FP32 ONNX and then to the Keras model (traced once
-into a TensorFlow graph) when an artifact is missing or corrupt; ``runtime_note`` says why.
+What runs the forward pass (:meth:`Predictor.load`, setting ``serving_runtime`` of the settings
+the caller passes): the version's ONNX Runtime artifact (:mod:`dandelion_lib.serving.runtime`)
+in the precision the promotion gate chose (tag ``serving.precision``), falling back to FP32 ONNX
+and then to the Keras model (traced once into a TensorFlow graph) when an artifact is missing or
+corrupt; ``runtime_note`` says why.
 
 A model logged with an open-set detector (``openset.npz`` next to the Keras model, its
 parameters in the metadata) scores the features, and every :class:`Prediction` then carries an
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dandelion_lib.core.config import UNCERTAIN, UNKNOWN, Settings, cpu_limit, get_settings
+from dandelion_lib.core.config import UNCERTAIN, UNKNOWN, Settings, cpu_limit
 from dandelion_lib.core.errors import DandelionError
 from dandelion_lib.core.features import FeatureSpec, image_stats, to_model_input
 from dandelion_lib.core.images import (
@@ -108,9 +109,6 @@ class AnswerPolicy:
             return Answer(self.uncertain, LOW_CONFIDENCE)
         return Answer(prediction.label)
 
-    def answer(self, prediction: Prediction) -> str:
-        return self.decide(prediction).label
-
 
 @dataclass
 class Predictor:
@@ -147,6 +145,7 @@ class Predictor:
     def load(
         cls,
         uri: str,
+        settings: Settings,
         *,
         runtime: str | None = None,
         precision: str | None = None,
@@ -155,17 +154,16 @@ class Predictor:
     ) -> Predictor:
         """Load ``models:/<name>@<alias>`` (or any MLflow model URI) and warm it up.
 
-        ``runtime`` (default: the ``serving_runtime`` setting): ``auto`` runs the version's
+        ``runtime`` (default: ``settings.serving_runtime``): ``auto`` runs the version's
         ONNX artifact in ``precision`` (default: the ``serving.precision`` tag the gate set,
         else ``fp32``), falling back to FP32 ONNX and then to Keras when an artifact is
         missing or corrupt (the reason is kept in ``runtime_note``); ``onnx`` fails instead
-        of falling back; ``keras`` always loads the Keras model. ``threads``: intra-op
-        threads (default: the ``inference_threads`` setting, else the container's CPU limit).
+        of falling back; ``keras`` always loads Keras. ``threads``: intra-op threads (default:
+        ``inference_threads``, else the CPU limit); ONNX runs ``inference_batch_max`` at most.
         """
         import mlflow
         from mlflow.exceptions import MlflowException
 
-        settings = get_settings()
         runtime = runtime or settings.serving_runtime
         threads = threads or settings.inference_threads or cpu_limit()
         try:
@@ -178,7 +176,8 @@ class Predictor:
                 name, version, tags = _resolve(uri)
                 serving = {k: v for k, v in tags.items() if k.startswith(SERVING_TAG)}
                 wanted = precision or serving.get(SERVING_TAG + "precision") or "fp32"
-                loaded = _load_runtime(uri, local, runtime, wanted, threads)
+                batch = settings.inference_batch_max
+                loaded = _load_runtime(uri, local, runtime, wanted, threads, batch)
                 model = None if loaded.forward is not None else _load_keras(uri, local)
                 detector = _load_detector(local, meta)
         except (MlflowException, OSError, ValueError, zipfile.BadZipFile, OpenSetError) as exc:
@@ -216,10 +215,6 @@ class Predictor:
         """Bytes -> (model input, image statistics). Raises InvalidImageError."""
         img = accept_image(data, self.limits).image
         return to_model_input(img, self.spec), image_stats(img)
-
-    def answer(self, prediction: Prediction) -> str:
-        """The label to give for ``prediction`` (see :class:`AnswerPolicy`)."""
-        return self.policy.answer(prediction)
 
     def decide(self, prediction: Prediction) -> Answer:
         """The answer and its reason for ``prediction`` (see :class:`AnswerPolicy`)."""
@@ -282,14 +277,16 @@ class _Loaded:
     note: str | None = None
 
 
-def _load_runtime(uri: str, local: Path, runtime: str, precision: str, threads: int) -> _Loaded:
+def _load_runtime(
+    uri: str, local: Path, runtime: str, precision: str, threads: int, max_batch: int
+) -> _Loaded:
     """The ONNX session to serve (``forward`` None: load Keras), following ``runtime``."""
     if runtime == "keras":
         return _Loaded("keras", "fp32")
     tried: list[str] = []
     for wanted in dict.fromkeys((precision, "fp32")):
         try:
-            forward, _ = runtime_lib.load(local, wanted, threads=threads)
+            forward, _ = runtime_lib.load(local, wanted, threads=threads, max_batch=max_batch)
         except runtime_lib.RuntimeArtifactError as exc:
             if runtime == "onnx":
                 raise ModelUnavailableError(f"cannot load model {uri}: {exc}") from exc

@@ -9,7 +9,7 @@ the MLflow model version's ``runtime/`` folder, beside the Keras model:
   :data:`FP32_PARITY_TOLERANCE` (largest absolute probability difference) on the validation
   split, else registration fails (:class:`RuntimeParityError`);
 * ``runtime/model.int8.onnx`` — INT8; its difference from Keras is recorded, not enforced
-  here: the promotion gate decides whether it is served (:mod:`dandelion_lib.lifecycle.promotion`);
+  here: the promotion gate decides whether it is served (:mod:`dandelion_lib.lifecycle.gate`);
 * ``runtime/runtime.json`` — :class:`RuntimeRecord`: format, opset, outputs, each file's
   sha256 and its parity figures (also in the MLmodel metadata as ``runtime``).
 
@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dandelion_lib.core.config import get_settings
 from dandelion_lib.core.errors import DandelionError
 from dandelion_lib.core.storage import sha256_hex
 
@@ -223,14 +222,13 @@ class OnnxForward:
     ``threads`` intra-op threads (the container's CPU limit; see
     :func:`dandelion_lib.core.config.cpu_limit`), one inter-op thread, and no spinning: on a
     shared CPU spinning workers steal the time other requests need. A batch larger than
-    ``max_batch`` (default: the ``inference_batch_max`` setting) runs in chunks of that size:
-    ONNX Runtime's memory arena keeps the peak of the largest batch it has run, and past a few
-    images a bigger batch is no faster per image on a CPU (docs/model.md, "Serving figures").
+    ``max_batch`` (the caller passes the ``inference_batch_max`` setting) runs in chunks of
+    that size: ONNX Runtime's memory arena keeps the peak of the largest batch it has run, and
+    past a few images a bigger batch is no faster per image on a CPU (docs/model.md, "Serving
+    figures").
     """
 
-    def __init__(
-        self, path: Path, *, threads: int, features: bool, max_batch: int | None = None
-    ) -> None:
+    def __init__(self, path: Path, *, threads: int, features: bool, max_batch: int) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -241,7 +239,7 @@ class OnnxForward:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
         self.has_features = features
-        self.max_batch = max_batch or get_settings().inference_batch_max
+        self.max_batch = max_batch
 
     def __call__(self, x: npt.NDArray[np.float32]) -> tuple[Any, Any]:
         chunks = [
@@ -272,11 +270,14 @@ def build(
     keras_forward: Forward,
     parity_pixels: npt.NDArray[np.float32],
     calibration_pixels: npt.NDArray[np.float32] | None,
+    max_batch: int,
     threads: int = 1,
     batch_size: int = 32,
 ) -> RuntimeRecord:
     """Convert ``model`` into ``out_dir`` (FP32, and INT8 when calibration images are given),
     check FP32 parity against ``keras_forward`` on ``parity_pixels`` and write the record.
+    Each runtime scores ``batch_size`` images per call, in chunks of ``max_batch`` (the
+    ``inference_batch_max`` setting, as when served).
 
     Raises :class:`RuntimeParityError` when FP32 differs from Keras by more than
     :data:`FP32_PARITY_TOLERANCE`; nothing is left in ``out_dir`` then.
@@ -292,7 +293,9 @@ def build(
         reference = _probabilities(keras_forward, parity_pixels, batch_size)
         parity: dict[str, dict[str, float | int]] = {}
         for precision, name in files.items():
-            runner = OnnxForward(out_dir / name, threads=threads, features=features)
+            runner = OnnxForward(
+                out_dir / name, threads=threads, features=features, max_batch=max_batch
+            )
             parity[precision] = asdict(
                 Parity.between(reference, _probabilities(runner, parity_pixels, batch_size))
             )
@@ -318,7 +321,7 @@ def build(
 
 
 def load(
-    model_dir: Path, precision: str, *, threads: int, max_batch: int | None = None
+    model_dir: Path, precision: str, *, threads: int, max_batch: int
 ) -> tuple[OnnxForward, RuntimeRecord]:
     """The ``precision`` session of a downloaded model version (its ``runtime/`` folder).
 

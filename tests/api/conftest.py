@@ -33,13 +33,11 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, free_port, wait_http
+from tests.conftest import GREENR, OOD_DEV, ROOT, free_port, wait_http
 from tests.process_support import stop
 
 MODEL_NAME = "dandelion-api-test"
 ADMIN_TOKEN = "test-admin-token"  # a throwaway token for the loopback server only
-OOD_DEV = Path(os.environ.get("DANDELION_OOD_DATASET", ROOT.parent / "shared/datasets/ood-dev"))
-"""Photos that are neither class (one folder per kind; see its README)."""
 OOD_KINDS = ("objects", "daisy", "sunflowers", "tulips", "roses")
 
 
@@ -64,7 +62,8 @@ class TrainedParts:
 
 def mean_colour(data: bytes) -> np.ndarray:
     """The tiny models' features of one photo: its mean colour in [0, 1], as served."""
-    from dandelion_lib.core.features import decode_image, to_model_input
+    from dandelion_lib.core.features import to_model_input
+    from dandelion_lib.core.images import decode_image
 
     return np.asarray(to_model_input(decode_image(data)).mean(axis=(0, 1)) / 255.0)
 
@@ -74,7 +73,8 @@ def train_parts(greenr: Path) -> TrainedParts:
     import pandas as pd
     from sklearn.linear_model import LogisticRegression
 
-    from dandelion_lib.core.features import decode_image, image_stats, to_model_input
+    from dandelion_lib.core.features import image_stats, to_model_input
+    from dandelion_lib.core.images import decode_image
     from dandelion_lib.lifecycle.monitoring import build_reference
 
     xs, ys, stats = [], [], []
@@ -212,7 +212,9 @@ class Registry:
     def register_with_runtime(self, detector: Any, photos: list[Path]) -> str:
         """The open-set variant registered as training registers it: with its ONNX Runtime
         artifacts (FP32 checked against Keras on ``photos``, INT8 calibrated on them)."""
-        from dandelion_lib.core.features import FeatureSpec, decode_image, to_model_input
+        from dandelion_lib.core.config import Settings
+        from dandelion_lib.core.features import FeatureSpec, to_model_input
+        from dandelion_lib.core.images import decode_image
         from dandelion_lib.serving import runtime
 
         model = build_openset_model(self.parts.coef, self.parts.intercept, blocks=True)
@@ -227,6 +229,7 @@ class Registry:
                 keras_forward=runtime.keras_forward(model, spec.image_size),
                 parity_pixels=pixels.astype(np.float32),
                 calibration_pixels=pixels.astype(np.float32),
+                max_batch=Settings().inference_batch_max,
             )
             return self._log(model, detector, runtime_dir=out, runtime_record=record.to_dict())
 
@@ -409,7 +412,7 @@ def api_server(
             assert time.monotonic() < deadline, "the first registry check never finished"
             time.sleep(0.3)
         ready = httpx.get(f"{url}/health/ready", timeout=30)
-        image = (ROOT.parent / "shared/datasets/greenr/grass/00000000.jpg").read_bytes()
+        image = (GREENR / "grass/00000000.jpg").read_bytes()
         predict = httpx.post(f"{url}/predict", files={"file": ("g.jpg", image)}, timeout=30)
         server.before_ready = {
             "ready_status": ready.status_code,

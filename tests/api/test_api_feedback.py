@@ -22,6 +22,7 @@ from dandelion_lib.data.feedback import (
     PredictionRecord,
     UnknownPredictionError,
 )
+from dandelion_lib.data.review import ReviewQueue
 from tests.api.conftest import MODEL_NAME, ApiServer, Registry
 
 GRASS = "grass/00000011.jpg"
@@ -216,8 +217,8 @@ def test_store_round_trip_review_and_accuracy(
         f1.feedback_id,
         f0.feedback_id,
     ]
-    feedback_store.review(f0.feedback_id, accepted=True)
-    feedback_store.review(f1.feedback_id, accepted=False)
+    ReviewQueue(feedback_store).review(f0.feedback_id, accepted=True)
+    ReviewQueue(feedback_store).review(f1.feedback_id, accepted=False)
     accepted = feedback_store.accepted()
     assert [r.feedback_id for r in accepted] == [f0.feedback_id]
     assert accepted[0].reviewed_at is not None and accepted[0].accepted is True

@@ -5,7 +5,8 @@ which runtime runs and why. While only ONNX versions were loaded the process has
 TensorFlow at all.
 
 Its own ``python -m api`` process (alias ``runtime-test``), so the shared server's state and
-its TensorFlow are not involved.
+its TensorFlow are not involved. The settings the app is built with (``python -m api`` reads
+them once at start) decide how its model runs, not the environment read later.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from api.app import create_app
+from api.dependencies import provide_settings
+from dandelion_lib.core.config import Settings
+from dandelion_lib.serving.runtime import OnnxForward
 from tests.api.conftest import (
     ApiServer,
     Registry,
@@ -127,3 +132,42 @@ def _wait_precision(server: ApiServer, precision: str, timeout: float = 60.0) ->
             return info
         time.sleep(0.3)
     raise TimeoutError(f"still serving {server.model()['serving']}")
+
+
+def test_the_apps_settings_reach_the_predictor(
+    runtime_server: tuple[ApiServer, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Settings the app is built with (its dependency ``settings``) load the served model:
+    runtime, intra-op threads and ONNX batch size, whatever the environment says."""
+    server, version = runtime_server
+    registry = server.registry
+    alias = "settings-test"
+    registry.set_alias(version, alias)
+    for key, value in {
+        "DANDELION_SERVING_RUNTIME": "keras",
+        "DANDELION_INFERENCE_THREADS": "3",
+        "DANDELION_INFERENCE_BATCH_MAX": "7",
+    }.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings(
+        workdir=tmp_path,
+        tracking_uri=registry.tracking_uri,
+        model_name=registry.name,
+        model_alias=alias,
+        serving_runtime="onnx",
+        inference_threads=2,
+        inference_batch_max=4,
+    )
+    try:
+        app = create_app(settings)
+        assert provide_settings(app.state) is settings
+        models = app.state.services.models
+        assert models.check().action == "loaded"
+    finally:
+        registry.client().delete_registered_model_alias(registry.name, alias)
+    assert models.current is not None
+    predictor = models.current.predictor
+    assert (predictor.version, predictor.runtime, predictor.model) == (version, "onnx", None)
+    forward = predictor._forward
+    assert isinstance(forward, OnnxForward) and forward.max_batch == 4
+    assert forward.session.get_session_options().intra_op_num_threads == 2

@@ -8,9 +8,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from tests.app.conftest import ARTIFACTS, dead_url, open_app
 
 
+@pytest.mark.slow  # a browser (Chromium) on a real Voila page
 def test_banner_instead_of_traceback_when_api_is_down(voila: Callable[..., Any], page: Any) -> None:
     api = dead_url()
     with voila(api) as url:

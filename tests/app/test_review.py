@@ -16,6 +16,7 @@ import pytest
 
 from dandelion_lib.core.config import Settings
 from dandelion_lib.data.feedback import FeedbackRecord, FeedbackStore, PredictionRecord
+from dandelion_lib.data.review import ReviewQueue
 from dashboards.review import ReviewPage
 
 _ids = itertools.count()
@@ -175,7 +176,9 @@ def test_the_count_follows_other_reviewers(
     other = FeedbackStore.from_settings(settings)
     try:
         assert waiting(page) == 0
-        other.review_many([feedback[0].feedback_id, feedback[2].feedback_id], accepted=True)
+        ReviewQueue(other).review_many(
+            [feedback[0].feedback_id, feedback[2].feedback_id], accepted=True
+        )
         deadline = time.monotonic() + 20
         while waiting(page) != 2:
             assert time.monotonic() < deadline, page.count.value

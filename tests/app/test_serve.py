@@ -38,6 +38,7 @@ def test_page_is_titled_and_shows_no_source(voila: Callable[..., Any]) -> None:
             assert httpx.get(url + path, timeout=10).status_code in (403, 404), path
 
 
+@pytest.mark.slow  # waits for Voila's idle cull (10 s, checked every few seconds): about 25 s
 def test_sessions_are_capped_idle_ones_culled_and_probes_start_none(
     voila: Callable[..., Any],
 ) -> None:

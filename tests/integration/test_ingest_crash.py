@@ -19,7 +19,8 @@ from dandelion_lib.core.storage import (
     sha256_hex,
 )
 from dandelion_lib.data import dataset
-from dandelion_lib.data.ingest import INDEX_KEY, ingest
+from dandelion_lib.data.ingest import ingest
+from dandelion_lib.data.pool import INDEX_KEY
 from tests.integration.conftest import FaultServer
 
 

@@ -17,12 +17,10 @@ from PIL import Image
 from dandelion_lib.core.config import Settings
 from dandelion_lib.core.storage import LocalStore, ObjectStore
 from dandelion_lib.data import dataset
-from dandelion_lib.data.ingest import (
-    DatasetQualityError,
-    SourceUnavailableError,
-    add_accepted_feedback,
-    ingest,
-)
+from dandelion_lib.data.ingest import add_accepted_feedback, ingest
+from dandelion_lib.data.quality import DatasetQualityError
+from dandelion_lib.data.rejections import SourceUnavailableError
+from dandelion_lib.data.review import ReviewQueue
 from tests.conftest import free_port
 from tests.integration.conftest import FaultServer
 
@@ -212,8 +210,9 @@ def test_progress_bar_when_asked(
 
 
 def test_invalid_setting_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dandelion_lib.cli.ingest import load_settings
     from dandelion_lib.core.config import get_settings
-    from dandelion_lib.data.ingest import IngestError, load_settings
+    from dandelion_lib.data.rejections import IngestError
 
     monkeypatch.setenv("DANDELION_LABELS", '["dandelion", "Grass/x"]')
     get_settings.cache_clear()
@@ -310,6 +309,7 @@ def test_accepted_feedback_joins_the_next_version(
     before = ingest(settings, store=store, progress=False)  # no feedback database yet: fine
 
     feedback = FeedbackStore.from_settings(settings)
+    queue = ReviewQueue(feedback)
     photos = {
         "neither": (ood_dir / "objects").glob("*.jpg"),
         G: (greenr_dir / G).glob("0000019*.jpg"),
@@ -337,7 +337,7 @@ def test_accepted_feedback_joins_the_next_version(
             record = feedback.add_feedback(pid, label, data)
             ids.setdefault(label, []).append(record.feedback_id)
             if n < 2:  # the third of each stays pending
-                feedback.review(record.feedback_id, accepted=decisions[label])
+                queue.review(record.feedback_id, accepted=decisions[label])
     feedback.close()
 
     after = ingest(settings, store=store, progress=False)
@@ -392,6 +392,7 @@ def test_feedback_never_relabels_a_photo_of_the_dataset(greenr_dir: Path, tmp_pa
     photo = sorted((src / D).iterdir())[3]
 
     feedback = FeedbackStore.from_settings(settings)
+    queue = ReviewQueue(feedback)
     ids = []
     new_photo = sorted((greenr_dir / G).glob("*.jpg"))[-1]
     for pid, data in (("p", photo.read_bytes()), ("q", new_photo.read_bytes())):
@@ -399,9 +400,9 @@ def test_feedback_never_relabels_a_photo_of_the_dataset(greenr_dir: Path, tmp_pa
             [PredictionRecord(pid, "dandelion", "dandelion", 0.6, {"dandelion": 0.6, "grass": 0.4})]
         )
         record = feedback.add_feedback(pid, G, data)
-        feedback.review(record.feedback_id, accepted=True)
+        queue.review(record.feedback_id, accepted=True)
         ids.append(record.feedback_id)
-    assert feedback.awaiting_dataset().count == 1  # the conflicting photo does not wait
+    assert queue.awaiting_dataset().count == 1  # the conflicting photo does not wait
     feedback.close()
 
     extended = add_accepted_feedback(settings, store=store, progress=False)

@@ -82,6 +82,11 @@ EXPECTED_REJECTED = {
 }
 
 
+# The S3 backend is slow (the slow fault's timeouts again, about 20 s): the local run checks the
+# faults; S3 ingestion is in the default run through test_ingest_folder.py and test_ingest_crash.py.
+@pytest.mark.parametrize(
+    "store", ["local", pytest.param("s3", marks=pytest.mark.slow)], indirect=True
+)
 def test_http_ingest_with_faults_into_both_backends(
     faulty: FaultServer, store: ObjectStore, tmp_path: Path, greenr_dir: Path
 ) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from dandelion_lib.core.storage import LocalStore
 from dandelion_lib.data import dataset
 from tests.notebook_support import ROOT, assert_clean_and_parameterized, outputs, run_papermill
@@ -15,6 +17,7 @@ def test_notebook_is_stored_clean_and_parameterized() -> None:
     assert_clean_and_parameterized(NOTEBOOK)
 
 
+@pytest.mark.slow  # a kernel importing the library, then an ingest: about 20 s
 def test_notebook_runs_with_papermill(greenr_dir: Path, tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
     args = ["-p", "source", str(greenr_dir), "-p", "store_url", store_dir.as_uri()]

@@ -1,6 +1,7 @@
 """Train -> register -> promote -> serve, against a real MLflow tracking server
 (`mlflow server --workers 1`, SQLite backend, artifacts on the loopback S3 server) with the
-dataset in the S3 store as well."""
+dataset in the S3 store as well. The model is trained on the test stand-in backbone
+(``stand_in``), in seconds."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from dandelion_lib.core.storage import open_store
 from dandelion_lib.data import dataset
 from dandelion_lib.data.ingest import ingest
 from dandelion_lib.lifecycle import promotion, registry
-from dandelion_lib.lifecycle.train import TrainConfig, train
+from dandelion_lib.lifecycle.train import train
 from dandelion_lib.serving.predict import Predictor
+from dandelion_lib.training.config import TrainConfig
 
 
 def test_train_register_promote_and_serve_the_champion(
@@ -29,15 +31,19 @@ def test_train_register_promote_and_serve_the_champion(
         tracking_uri=mlflow_server,
         experiment="dandelion-integration",
         max_per_class=60,
-        promotion_floor=0.8,  # a small subset: the flow is under test here, not the accuracy
+        # a small subset and the stand-in backbone: the flow is under test here, not the accuracy
+        promotion_floor=0.7,
     )
     store = open_store(settings=settings)
     version = ingest(settings, source=str(greenr_dir), store=store, progress=False).version
     manifest = dataset.load_manifest(store, version)
 
-    result = train(TrainConfig(augment_copies=0, seed=3), settings, store=store, progress=False)
+    # The test stand-in backbone (dandelion_lib.training.model.build_stand_in): the flow from
+    # training to serving does not depend on the backbone; its quality is tests/model's.
+    config = TrainConfig(backbone="stand_in", augment_copies=0, seed=3)
+    result = train(config, settings, store=store, progress=False)
     assert result.dataset_version == version
-    assert result.metrics["test_accuracy"] >= 0.8
+    assert result.metrics["test_accuracy"] >= 0.7  # the stand-in: 0.78 (chance: 0.5)
     client = registry.configure_mlflow(settings)
     challenger = client.get_model_version_by_alias("dandelion", registry.CHALLENGER)
     assert str(challenger.version) == result.model_version
@@ -60,7 +66,7 @@ def test_train_register_promote_and_serve_the_champion(
     assert any(k.endswith("figures/test_confusion_matrix.png") for k in keys)
 
     # Served exactly as the API will: the champion alias, bytes in, labels out.
-    predictor = Predictor.load(registry.model_uri("dandelion", registry.CHAMPION))
+    predictor = Predictor.load(registry.model_uri("dandelion", registry.CHAMPION), settings)
     assert predictor.version == result.model_version
     assert predictor.dataset_version == version
     assert predictor.metrics["test_accuracy"] == result.metrics["test_accuracy"]

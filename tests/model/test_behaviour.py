@@ -12,8 +12,16 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from dandelion_lib.core.features import decode_image, to_model_input
+from dandelion_lib.core.features import to_model_input
+from dandelion_lib.core.images import decode_image
 from dandelion_lib.serving.predict import Predictor
+
+
+@pytest.fixture(scope="module")
+def predictor(lite0_predictor: Predictor) -> Predictor:
+    """The real backbone's tiny model (EfficientNet-Lite0): these check the real model's
+    behaviour, not the test stand-in's."""
+    return lite0_predictor
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dandelion_lib.lifecycle import evaluate
+from dandelion_lib.lifecycle import evaluate, metrics
 
 LABELS = ("dandelion", "grass")
 
@@ -19,7 +19,7 @@ LABELS = ("dandelion", "grass")
 def test_classification_metrics_by_hand() -> None:
     y = np.array([0, 0, 0, 1, 1, 1])
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.2, 0.8], [0.4, 0.6], [0.6, 0.4]])
-    m = evaluate.classification_metrics(y, probs, LABELS)
+    m = metrics.classification_metrics(y, probs, LABELS)
     assert m["accuracy"] == pytest.approx(4 / 6)
     assert m["confusion_matrix"] == [[2, 1], [1, 2]]
     assert m["precision_dandelion"] == pytest.approx(2 / 3)
@@ -36,20 +36,20 @@ def test_expected_calibration_error() -> None:
     # Confidence 0.9 and 90 % right: perfectly calibrated.
     y = np.array([0] * 9 + [1])
     probs = np.tile([0.9, 0.1], (10, 1))
-    assert evaluate.expected_calibration_error(y, probs) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.expected_calibration_error(y, probs) == pytest.approx(0.0, abs=1e-12)
     # Confidence 0.9 but only 50 % right: ECE 0.4.
     y = np.array([0] * 5 + [1] * 5)
-    assert evaluate.expected_calibration_error(y, probs) == pytest.approx(0.4)
+    assert metrics.expected_calibration_error(y, probs) == pytest.approx(0.4)
     # Two bins: 0.6 confident and all right (gap 0.4), 1.0 confident and all right (gap 0).
     probs = np.array([[0.6, 0.4], [0.6, 0.4], [1.0, 0.0], [1.0, 0.0]])
-    assert evaluate.expected_calibration_error(np.zeros(4, int), probs) == pytest.approx(0.2)
+    assert metrics.expected_calibration_error(np.zeros(4, int), probs) == pytest.approx(0.2)
 
 
 def test_one_class_only_gives_nan_auc_not_a_crash() -> None:
-    m = evaluate.classification_metrics(np.zeros(3, int), np.tile([0.7, 0.3], (3, 1)), LABELS)
+    m = metrics.classification_metrics(np.zeros(3, int), np.tile([0.7, 0.3], (3, 1)), LABELS)
     assert math.isnan(m["roc_auc"]) and m["accuracy"] == 1.0
-    with pytest.raises(evaluate.EvaluationError):
-        evaluate.classification_metrics(np.zeros(0, int), np.zeros((0, 2)), LABELS)
+    with pytest.raises(metrics.EvaluationError):
+        metrics.classification_metrics(np.zeros(0, int), np.zeros((0, 2)), LABELS)
 
 
 def test_slices() -> None:
@@ -61,7 +61,7 @@ def test_slices() -> None:
             "height": [150, 200, 224, 224],
         }
     )
-    s = evaluate.slice_metrics(frame).set_index("slice")
+    s = metrics.slice_metrics(frame).set_index("slice")
     assert s.loc["size=short_side<180", "accuracy"] == 1.0
     assert s.loc["size=short_side_180-223", "n"] == 1
     assert s.loc["size=short_side_180-223", "accuracy"] == 0.0
@@ -71,8 +71,9 @@ def test_slices() -> None:
     assert s.loc["label=dandelion", "accuracy"] == 0.5
 
 
-def test_evaluate_split_uses_the_serving_path(predictor: Any, model_env: Any) -> None:
-    report = evaluate.evaluate_split(predictor, model_env.store, model_env.version)
+def test_evaluate_split_uses_the_serving_path(lite0_predictor: Any, model_env: Any) -> None:
+    """On the real backbone's tiny model (the accuracy floor is the real model's)."""
+    report = evaluate.evaluate_split(lite0_predictor, model_env.store, model_env.version)
     assert report.metrics["n"] == 60
     assert report.accuracy >= 0.9
     assert set(report.slices["slice"]) >= {"label=dandelion", "label=grass"}
@@ -121,7 +122,7 @@ def test_cli_evaluate_images_prints_the_metrics_table(
     assert "skipped" in out and "broken.jpg" in out
     # The printed accuracy is the one of the serving path on the same files.
     configure_mlflow(model_env.settings)
-    predictor = Predictor.load(trained.model_uri)
+    predictor = Predictor.load(trained.model_uri, model_env.settings)
     report, skipped = evaluate.evaluate_folder(predictor, labelled_folder)
     assert len(skipped) == 1
     assert f"{'accuracy':<24}{report.accuracy:>10.4f}" in out
@@ -164,11 +165,12 @@ def test_folder_listing_ignores_other_labels(tmp_path: Path) -> None:
 def test_cli_predict_prints_labels_and_flags_invalid_files(
     tmp_path: Path,
     model_env: Any,
-    trained: Any,
+    lite0_trained: Any,
     test_split: pd.DataFrame,
     monkeypatch: pytest.MonkeyPatch,
     capsys: Any,
 ) -> None:
+    """On the real backbone's tiny model: the labels printed are the right ones."""
     from dandelion_lib import cli
     from dandelion_lib.core.config import get_settings
 
@@ -183,7 +185,7 @@ def test_cli_predict_prints_labels_and_flags_invalid_files(
     monkeypatch.setenv("DANDELION_WORKDIR", str(model_env.settings.workdir))
     get_settings.cache_clear()
     try:
-        code = cli.main(["predict", "--model", trained.model_uri, *files, str(bad)])
+        code = cli.main(["predict", "--model", lite0_trained.model_uri, *files, str(bad)])
     finally:
         get_settings.cache_clear()
     out = capsys.readouterr().out.splitlines()

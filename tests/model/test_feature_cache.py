@@ -31,7 +31,7 @@ def copied_store(model_env: Any, tmp_path: Path) -> Any:
     src = Path(model_env.store.root)
     dst = tmp_path / "store"
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("features"))
-    return open_store(dst.as_uri())
+    return open_store(model_env.settings, dst.as_uri())
 
 
 def _train(model_env: Any, store: Any, **changes: Any) -> tuple[Any, dict[str, float], str]:
@@ -113,7 +113,7 @@ def test_the_cache_can_be_turned_off(model_env: Any, copied_store: Any) -> None:
 
 def test_other_backbone_weights_are_another_key(model_env: Any) -> None:
     from dandelion_lib.core.features import FeatureSpec
-    from dandelion_lib.lifecycle.train import open_feature_store
+    from dandelion_lib.training.extraction import open_feature_store
     from dandelion_lib.training.model import build_backbone
 
     spec = FeatureSpec(labels=("dandelion", "grass"))
@@ -171,7 +171,8 @@ def test_augmented_views_depend_on_the_image_alone(model_env: Any) -> None:
     parameters (not of its batch or position), so it can be cached under its name."""
     from dandelion_lib.core.features import FeatureSpec
     from dandelion_lib.data.dataset import load_examples
-    from dandelion_lib.lifecycle.train import TrainConfig, augment_views, augmented_view_name
+    from dandelion_lib.training.config import TrainConfig
+    from dandelion_lib.training.extraction import augment_views, augmented_view_name
 
     rows = model_env.manifest[model_env.manifest["split"] == "train"].head(4)
     pixels = load_examples(model_env.store, rows, FeatureSpec(labels=("dandelion", "grass")))
@@ -195,7 +196,8 @@ def test_augmented_views_depend_on_the_image_alone(model_env: Any) -> None:
 def test_sharded_extraction_fills_what_training_reads(model_env: Any, copied_store: Any) -> None:
     """The DAGs' mapped extract_features tasks: each shard puts its images' views into the
     feature store (the shards cover every image once); training then computes nothing."""
-    from dandelion_lib.lifecycle.train import extract_feature_shard, feature_shards
+    from dandelion_lib.lifecycle.train import extract_feature_shard
+    from dandelion_lib.training.extraction import feature_shards
 
     settings = model_env.settings.model_copy(update={"feature_shard_size": 10})
     fields = {"augment": True, "augment_copies": 1, "epochs": 5, "register": False}

@@ -13,8 +13,9 @@ from PIL import Image
 
 from dandelion_lib.core.features import FeatureSpec
 from dandelion_lib.core.storage import LocalStore
-from dandelion_lib.lifecycle.train import load_examples, make_dataset
+from dandelion_lib.data.dataset import load_examples
 from dandelion_lib.serving.predict import Predictor
+from dandelion_lib.training.extraction import make_dataset
 
 
 def _training_inputs(store: Any, rows: pd.DataFrame, spec: FeatureSpec) -> np.ndarray:

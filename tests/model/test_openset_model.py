@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dandelion_lib.core.config import UNKNOWN
+from dandelion_lib.core.config import UNKNOWN, Settings
 from dandelion_lib.lifecycle import evaluate
 from dandelion_lib.serving.predict import OUT_OF_DOMAIN, ModelUnavailableError, Predictor
 from dandelion_lib.training.openset import ARTIFACT_NAME, OpenSetDetector
@@ -95,9 +95,13 @@ def test_open_set_figures_are_logged_and_evaluated(
     assert "open set" in report.table()
 
 
-def test_an_everyday_object_is_unknown_and_says_why(predictor: Predictor, ood_dir: Path) -> None:
-    """Most clear everyday objects are out of domain even for the tiny model; each one it
-    answers ``unknown`` carries the reason and a score above the threshold."""
+def test_an_everyday_object_is_unknown_and_says_why(
+    lite0_predictor: Predictor, ood_dir: Path
+) -> None:
+    """Most clear everyday objects are out of domain even for the tiny model (the real
+    backbone's: a quality of the real model); each one it answers ``unknown`` carries the
+    reason and a score above the threshold."""
+    predictor = lite0_predictor
     photos = sorted(ood_dir.glob("objects/*.jpg"))[::10]
     preds = predictor.predict_bytes([p.read_bytes() for p in photos])
     answers = [predictor.decide(p) for p in preds]
@@ -120,10 +124,10 @@ def test_a_model_missing_its_detector_file_is_refused(trained: Any, tmp_path: Pa
     shutil.copytree(local, broken)
     (broken / ARTIFACT_NAME).unlink()
     with pytest.raises(ModelUnavailableError, match=r"openset\.npz is missing"):
-        Predictor.load(str(broken))
+        Predictor.load(str(broken), Settings())
     (broken / ARTIFACT_NAME).write_bytes(b"not an npz")
     with pytest.raises(ModelUnavailableError, match="open-set detector"):
-        Predictor.load(str(broken))
+        Predictor.load(str(broken), Settings())
 
 
 def test_detector_file_round_trips(predictor: Predictor, tmp_path: Path) -> None:

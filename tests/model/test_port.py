@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dandelion_lib.training import lite0 as lite0_lib
 from dandelion_lib.training import model as model_lib
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -34,13 +35,13 @@ def reference_inputs(ref: np.lib.npyio.NpzFile) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def state() -> dict[str, np.ndarray]:
-    return model_lib.read_torch_state_dict(model_lib.lite0_weights_file())
+    return lite0_lib.read_torch_state_dict(lite0_lib.lite0_weights_file())
 
 
 def test_packaged_weights_are_the_expected_file() -> None:
-    path = model_lib.lite0_weights_file()
+    path = lite0_lib.lite0_weights_file()
     assert path.name == "efficientnet-lite0-57934424.pth"
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == model_lib.LITE0_SHA256
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == lite0_lib.LITE0_SHA256
 
 
 def test_reads_legacy_pth_with_strides(state: dict[str, np.ndarray]) -> None:
@@ -56,7 +57,7 @@ def test_reads_legacy_pth_with_strides(state: dict[str, np.ndarray]) -> None:
 
 
 def test_reads_zip_format(tmp_path: Path) -> None:
-    tiny = model_lib.read_torch_state_dict(FIXTURES / "tiny_state_dict.pth")
+    tiny = lite0_lib.read_torch_state_dict(FIXTURES / "tiny_state_dict.pth")
     np.testing.assert_array_equal(tiny["weight_t"], np.arange(12, dtype=np.float32).reshape(3, 4).T)
     np.testing.assert_array_equal(tiny["index"], np.array([3, -1, 7], dtype=np.int64))
     np.testing.assert_array_equal(tiny["half"], np.linspace(0, 1, 5).astype(np.float16))
@@ -75,23 +76,23 @@ def test_refuses_code_in_pickles(tmp_path: Path) -> None:
         for header in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
             pickle.dump(header, f, protocol=2)
         pickle.dump({"w": Evil()}, f, protocol=2)
-    with pytest.raises(model_lib.WeightsFileError, match="unsupported object"):
-        model_lib.read_torch_state_dict(bad)
+    with pytest.raises(lite0_lib.WeightsFileError, match="unsupported object"):
+        lite0_lib.read_torch_state_dict(bad)
     assert not marker.exists()
 
 
 def test_rejects_truncated_and_foreign_files(tmp_path: Path) -> None:
-    data = model_lib.lite0_weights_file().read_bytes()
+    data = lite0_lib.lite0_weights_file().read_bytes()
     cut = tmp_path / "cut.pth"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(model_lib.WeightsFileError, match="truncated"):
-        model_lib.read_torch_state_dict(cut)
+    with pytest.raises(lite0_lib.WeightsFileError, match="truncated"):
+        lite0_lib.read_torch_state_dict(cut)
     text = tmp_path / "text.pth"
     text.write_text("not a checkpoint")
-    with pytest.raises(model_lib.WeightsFileError):
-        model_lib.read_torch_state_dict(text)
-    with pytest.raises(model_lib.WeightsFileError, match="not found"):
-        model_lib.read_torch_state_dict(tmp_path / "missing.pth")
+    with pytest.raises(lite0_lib.WeightsFileError):
+        lite0_lib.read_torch_state_dict(text)
+    with pytest.raises(lite0_lib.WeightsFileError, match="not found"):
+        lite0_lib.read_torch_state_dict(tmp_path / "missing.pth")
 
 
 def test_keras_lite0_matches_pytorch_reference(lite0: object) -> None:
@@ -127,7 +128,7 @@ def test_lite0_backbone_pools_the_head_and_the_last_block(lite0: object) -> None
     assert backbone.feature_dim == 1600
     features = np.asarray(backbone.model(x, training=False))
     np.testing.assert_allclose(features[:, :1280], ref["features"], rtol=1e-3, atol=2e-4)
-    last = keras.Model(lite0.input, lite0.get_layer(model_lib.LITE0_LAST_BLOCK).output)  # type: ignore[attr-defined]
+    last = keras.Model(lite0.input, lite0.get_layer(lite0_lib.LITE0_LAST_BLOCK).output)  # type: ignore[attr-defined]
     pooled = np.asarray(last(x, training=False)).mean(axis=(1, 2))
     np.testing.assert_allclose(features[:, 1280:], pooled, rtol=1e-4, atol=1e-4)
     assert np.abs(pooled[0] - pooled[1]).max() > 0.5
@@ -183,7 +184,7 @@ def test_offline_keras_applications_name_the_offline_backbone(
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    with pytest.raises(model_lib.BackboneUnavailableError) as info:
+    with pytest.raises(lite0_lib.BackboneUnavailableError) as info:
         model_lib.build_backbone("mobilenet_v2", weights="imagenet")
     message = str(info.value)
     assert "\n" not in message

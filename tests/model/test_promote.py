@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dandelion_lib.lifecycle import promotion, registry
+from tests.model.conftest import STAND_IN_FLOOR
 
 
 def _tags(client: Any, version: str) -> dict[str, str]:
@@ -80,7 +81,8 @@ def test_promotion_flow(
         assert tags["decision"] == "promoted"
         assert float(tags["challenger_accuracy"]) == pytest.approx(trained.metrics["test_accuracy"])
         assert tags["champion_version"] == "none" and tags["dataset_version"] == model_env.version
-        assert tags["floor"] == "0.9" and tags["test_images"] == "60"
+        # the model tests' floor (tests/model/conftest.py: the stand-in tiny model passes it)
+        assert tags["floor"] == str(STAND_IN_FLOOR) and tags["test_images"] == "60"
         # The frozen benchmark is the store's first version: here the same test split.
         assert tags["benchmark_dataset_version"] == model_env.version
         assert tags["challenger_benchmark_accuracy"] == tags["challenger_accuracy"]
@@ -156,14 +158,15 @@ def test_promotion_flow(
 
 
 def test_gate_serves_fp32_when_int8_is_not_within_tolerance(
-    model_env: Any, trained: Any, mlflow_client: Any
+    model_env: Any, lite0_trained: Any, mlflow_client: Any
 ) -> None:
     """A tolerance of 0 forces FP32 (INT8's test figures differ); a wide one lets INT8 be
-    served, and the Predictor then loads the precision the gate chose."""
+    served, and the Predictor then loads the precision the gate chose. On the real
+    backbone's tiny model: quantizing the test stand-in's few weights moves no figure."""
     from dandelion_lib.serving.predict import Predictor
 
     client = mlflow_client
-    good = trained.model_version
+    good = lite0_trained.model_version
     client.set_registered_model_alias("dandelion", registry.CHALLENGER, good)
     strict = model_env.settings.model_copy(update={"int8_tolerance": 0.0})
     try:
@@ -176,16 +179,49 @@ def test_gate_serves_fp32_when_int8_is_not_within_tolerance(
         assert differs, serving  # quantization moved at least one figure on 60 photos
         assert serving["precision"] == "fp32" and serving["int8_tolerance"] == "0.0"
         assert "differs from FP32's" in serving["reason"] and "by more than 0" in serving["reason"]
-        served = Predictor.load("models:/dandelion@champion")
+        served = Predictor.load("models:/dandelion@champion", model_env.settings)
         assert (served.runtime, served.precision) == ("onnx", "fp32")
         assert served.serving["serving.precision"] == "fp32"
 
         lenient = model_env.settings.model_copy(update={"int8_tolerance": 1.0})
         promotion.promote(lenient, store=model_env.store, floor=0.0)
         assert _serving(client, good)["precision"] == "int8"
-        served = Predictor.load("models:/dandelion@champion")
+        served = Predictor.load("models:/dandelion@champion", model_env.settings)
         assert (served.runtime, served.precision) == ("onnx", "int8")
         assert served.runtime_note is None
+    finally:
+        client.set_registered_model_alias("dandelion", registry.CHALLENGER, good)
+        client.delete_registered_model_alias("dandelion", registry.CHAMPION)
+        for key in list(client.get_model_version("dandelion", good).tags):
+            if key.startswith("serving."):
+                client.delete_model_version_tag("dandelion", good, key)
+
+
+def test_the_challenger_is_scored_once_and_its_saved_scores_are_read(
+    model_env: Any, trained: Any, mlflow_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scores saved with the version's run (scores.json) answer every later promotion on
+    the same test split: nothing is scored again and the decision is the same."""
+    from dandelion_lib.lifecycle import evaluate, scoring
+
+    client = mlflow_client
+    good = trained.model_version
+    client.set_registered_model_alias("dandelion", registry.CHALLENGER, good)
+    try:
+        first = promotion.promote(model_env.settings, store=model_env.store)
+        saved = scoring.saved_scores(client, client.get_model_version("dandelion", good))
+        assert saved is not None and saved.dataset_version == model_env.version
+        assert first.serving is not None
+        assert saved.report(first.serving.precision).accuracy == first.decision.challenger_accuracy
+
+        def no_scoring(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("scored again")
+
+        monkeypatch.setattr(evaluate, "evaluate_split", no_scoring)
+        again = promotion.promote(model_env.settings, store=model_env.store)
+        assert again.decision.challenger_accuracy == first.decision.challenger_accuracy
+        assert again.serving == first.serving and again.promoted
+        assert _tags(client, good)["run_id"] == again.run_id
     finally:
         client.set_registered_model_alias("dandelion", registry.CHALLENGER, good)
         client.delete_registered_model_alias("dandelion", registry.CHAMPION)

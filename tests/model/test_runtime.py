@@ -13,9 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dandelion_lib.lifecycle.evaluate import EvaluationReport, evaluate_split
+from dandelion_lib.core.config import Settings
+from dandelion_lib.lifecycle.evaluate import evaluate_split
+from dandelion_lib.lifecycle.metrics import EvaluationReport
 from dandelion_lib.serving import runtime
 from dandelion_lib.serving.predict import ModelUnavailableError, Predictor
+from tests.model.conftest import STAND_IN
 
 
 def _pixels(model_env: Any, frame: Any, spec: Any) -> np.ndarray:
@@ -33,7 +36,7 @@ def keras_predictor(model_env: Any, trained: Any) -> Predictor:
     from dandelion_lib.lifecycle.registry import configure_mlflow
 
     configure_mlflow(model_env.settings)
-    return Predictor.load(trained.model_uri, runtime="keras")
+    return Predictor.load(trained.model_uri, model_env.settings, runtime="keras")
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +56,29 @@ def local_copy(tmp_path_factory: pytest.TempPathFactory, trained: Any, model_env
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=trained.model_uri, dst_path=dst))
 
 
+@pytest.fixture(scope="module")
+def lite0_copy(
+    tmp_path_factory: pytest.TempPathFactory, lite0_trained: Any, model_env: Any
+) -> Path:
+    """The real backbone's registered version's files (its runtime's size is the real one's)."""
+    import mlflow
+
+    from dandelion_lib.lifecycle.registry import configure_mlflow
+
+    configure_mlflow(model_env.settings)
+    dst = tmp_path_factory.mktemp("lite0-copy")
+    uri = lite0_trained.model_uri
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst))
+
+
 def _probs(predictor: Predictor, pixels: np.ndarray) -> np.ndarray:
     preds = predictor.predict_arrays(pixels)
     return np.array([[p.probabilities[lab] for lab in predictor.labels] for p in preds])
 
 
-def test_registration_records_the_runtime_and_its_parity(local_copy: Path, model_env: Any) -> None:
-    record = json.loads((local_copy / runtime.DIR / runtime.RECORD).read_text())
+def test_registration_records_the_runtime_and_its_parity(lite0_copy: Path, model_env: Any) -> None:
+    """On the real backbone's tiny model: its files' sizes are the real ones."""
+    record = json.loads((lite0_copy / runtime.DIR / runtime.RECORD).read_text())
     assert record["format"] == "onnx" and record["features"] is True
     assert set(record["files"]) == {"fp32", "int8"}
     # the first int8_calibration_images of the tiny model's 80 training photos (tests: 32)
@@ -69,17 +88,17 @@ def test_registration_records_the_runtime_and_its_parity(local_copy: Path, model
     assert fp32["label_flips"] == 0
     assert record["parity"]["int8"]["n"] == 60
     for precision, name in record["files"].items():
-        size = (local_copy / runtime.DIR / name).stat().st_size
+        size = (lite0_copy / runtime.DIR / name).stat().st_size
         assert size > 1_000_000, (precision, size)
     # INT8 weights take about a quarter of the room
-    files = {p: (local_copy / runtime.DIR / n).stat().st_size for p, n in record["files"].items()}
+    files = {p: (lite0_copy / runtime.DIR / n).stat().st_size for p, n in record["files"].items()}
     assert files["int8"] < files["fp32"] / 2
 
 
 def test_fp32_runtime_reproduces_keras_on_held_out_photos(
     model_env: Any, trained: Any, keras_predictor: Predictor, photos: np.ndarray
 ) -> None:
-    onnx = Predictor.load(trained.model_uri, runtime="onnx", precision="fp32")
+    onnx = Predictor.load(trained.model_uri, model_env.settings, runtime="onnx", precision="fp32")
     assert (onnx.runtime, onnx.precision, onnx.model) == ("onnx", "fp32", None)
     assert keras_predictor.runtime == "keras" and keras_predictor.model is not None
     reference, got = _probs(keras_predictor, photos), _probs(onnx, photos)
@@ -121,9 +140,9 @@ def test_a_batch_larger_than_the_session_batch_runs_in_chunks_with_the_same_answ
 
 
 def test_int8_runtime_stays_close_to_the_model_it_came_from(
-    trained: Any, local_copy: Path, keras_predictor: Predictor, photos: np.ndarray
+    model_env: Any, trained: Any, local_copy: Path, keras_predictor: Predictor, photos: np.ndarray
 ) -> None:
-    int8 = Predictor.load(trained.model_uri, runtime="onnx", precision="int8")
+    int8 = Predictor.load(trained.model_uri, model_env.settings, runtime="onnx", precision="int8")
     assert (int8.runtime, int8.precision) == ("onnx", "int8")
     record = json.loads((local_copy / runtime.DIR / runtime.RECORD).read_text())
     val = record["parity"]["int8"]
@@ -143,7 +162,7 @@ def test_int8_runtime_stays_close_to_the_model_it_came_from(
 def test_evaluation_runs_the_runtime_it_is_given(
     model_env: Any, trained: Any, keras_predictor: Predictor
 ) -> None:
-    onnx = Predictor.load(trained.model_uri, runtime="onnx", precision="fp32")
+    onnx = Predictor.load(trained.model_uri, model_env.settings, runtime="onnx", precision="fp32")
     a: EvaluationReport = evaluate_split(onnx, model_env.store, model_env.version)
     b: EvaluationReport = evaluate_split(keras_predictor, model_env.store, model_env.version)
     assert a.metrics["n"] == b.metrics["n"] > 0
@@ -176,7 +195,7 @@ def _damaged(local_copy: Path, tmp_path: Path, damage: str) -> Path:
 def test_missing_int8_falls_back_to_fp32_onnx(
     local_copy: Path, tmp_path: Path, photos: np.ndarray, keras_predictor: Predictor
 ) -> None:
-    p = Predictor.load(str(_damaged(local_copy, tmp_path, "no-int8")), precision="int8")
+    p = Predictor.load(str(_damaged(local_copy, tmp_path, "no-int8")), Settings(), precision="int8")
     assert (p.runtime, p.precision) == ("onnx", "fp32")
     assert p.runtime_note and "runtime/model.int8.onnx is missing" in p.runtime_note
     assert np.abs(_probs(p, photos[:4]) - _probs(keras_predictor, photos[:4])).max() <= 1e-4
@@ -199,13 +218,13 @@ def test_unusable_artifacts_fall_back_to_keras_and_say_why(
     says: str,
 ) -> None:
     folder = _damaged(local_copy, tmp_path, damage)
-    p = Predictor.load(str(folder), precision="int8")
+    p = Predictor.load(str(folder), Settings(), precision="int8")
     assert (p.runtime, p.precision) == ("keras", "fp32") and p.model is not None
     assert p.runtime_note and says in p.runtime_note
     assert np.abs(_probs(p, photos[:4]) - _probs(keras_predictor, photos[:4])).max() == 0
     # asked for ONNX by name, the same artifact is an error, not a silent fallback
     with pytest.raises(ModelUnavailableError, match=f"cannot load model .*{re.escape(says)}"):
-        Predictor.load(str(folder), runtime="onnx")
+        Predictor.load(str(folder), Settings(), runtime="onnx")
 
 
 def test_registration_stops_when_fp32_does_not_reproduce_keras(
@@ -227,23 +246,25 @@ def test_registration_stops_when_fp32_does_not_reproduce_keras(
             keras_forward=off_by_a_little,
             parity_pixels=photos[:8],
             calibration_pixels=None,
+            max_batch=8,
         )
     assert not out.exists()  # nothing half-written is left behind
 
 
 def test_training_extracts_features_on_onnx_where_exact(
-    trained: Any, mlflow_client: Any, photos: np.ndarray
+    lite0_trained: Any, mlflow_client: Any, photos: np.ndarray
 ) -> None:
-    from dandelion_lib.core.config import Settings
+    """The real backbone's training run extracted on ONNX Runtime; the rule itself (convert
+    on first use, keep TensorFlow where ONNX Runtime differs) on the test stand-in."""
     from dandelion_lib.lifecycle.train import FeatureExtractor, feature_extractor
     from dandelion_lib.training import model as model_lib
 
-    # the shared tiny model was trained so: the run says which runtime extracted
-    run = mlflow_client.get_run(trained.run_id)
+    # the real backbone's tiny model was trained so: the run says which runtime extracted
+    run = mlflow_client.get_run(lite0_trained.run_id)
     assert run.data.tags["extraction_runtime"] == "onnx"
     assert run.data.metrics["extraction_onnx_max_abs_diff"] <= runtime.FP32_PARITY_TOLERANCE
 
-    backbone = model_lib.build_backbone("efficientnet_lite0", "imagenet", photos.shape[1])
+    backbone = model_lib.build_backbone(STAND_IN, "imagenet", photos.shape[1])
     fast = feature_extractor(backbone, Settings())
     assert fast.runtime == "keras" and fast.parity is None  # nothing converted before use
     got = fast(photos[:8])
@@ -258,7 +279,7 @@ def test_training_extracts_features_on_onnx_where_exact(
     assert np.array_equal(slow(photos[:8]), reference) and slow.runtime == "keras"
 
     # where ONNX Runtime does not reproduce TensorFlow, TensorFlow stays, and it says why
-    drifting = FeatureExtractor(backbone)
+    drifting = FeatureExtractor(backbone, max_batch=8)
     graph = drifting.graph
     drifting.graph = lambda x: np.asarray(graph(x)) + 1e-3  # a TensorFlow that disagrees
     drifting(photos[:8])

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dandelion_lib.lifecycle.train import TrainConfig, train
+from dandelion_lib.lifecycle.train import train
+from dandelion_lib.training.config import TrainConfig
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +20,7 @@ def test_fine_tuning_phase_updates_top_blocks_only(model_env: Any) -> None:
     )
     result = train(config, model_env.settings, store=model_env.store, progress=False)
     backbone = result.model.get_layer("efficientnet_lite0")
-    from dandelion_lib.training.model import build_efficientnet_lite0
+    from dandelion_lib.training.lite0 import build_efficientnet_lite0
 
     fresh = build_efficientnet_lite0(weights=True)
     changed = {

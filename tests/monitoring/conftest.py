@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from monitoring_support import darken, grayscale
 
-from dandelion_lib.core.features import decode_image, image_stats
+from dandelion_lib.core.features import image_stats
+from dandelion_lib.core.images import decode_image
 from dandelion_lib.lifecycle.monitoring import build_reference
 
 ROOT = Path(__file__).resolve().parents[2]

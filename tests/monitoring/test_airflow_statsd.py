@@ -32,6 +32,9 @@ from monitoring_support import (
     panel_queries,
 )
 
+# Slow: a real Airflow run of the probe DAG with a retried task (about 1.5 minutes).
+pytestmark = pytest.mark.slow
+
 DAG_ID = "dandelion_statsd_probe"
 PROBE_DAG = f'''
 from datetime import datetime, timedelta

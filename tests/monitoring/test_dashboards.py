@@ -24,6 +24,9 @@ from monitoring_support import (
 
 from dandelion_lib.core.config import Settings
 
+# The fast tier (`nox -s unit`): no servers, no training.
+pytestmark = pytest.mark.unit
+
 GRAFANA = MONITORING / "grafana"
 
 

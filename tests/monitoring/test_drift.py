@@ -10,17 +10,23 @@ import pytest
 from scipy.stats import ks_2samp
 
 from dandelion_lib.core.config import Settings
-from dandelion_lib.core.features import STAT_COLUMNS, decode_image, image_stats
+from dandelion_lib.core.features import STAT_COLUMNS, image_stats
+from dandelion_lib.core.images import decode_image
 from dandelion_lib.lifecycle import monitoring
+from dandelion_lib.lifecycle.drift import drift_report
 from dandelion_lib.lifecycle.monitoring import (
     DriftError,
     DriftMonitor,
     build_reference,
-    drift_report,
     ks,
     psi,
     psi_noise_floor,
 )
+
+# The fast tier (`nox -s unit`): no servers, no training.
+pytestmark = pytest.mark.unit
+
+DEFAULTS = Settings()
 
 
 def _stats(paths: list[Path]) -> list[dict[str, float]]:
@@ -76,7 +82,7 @@ def test_ks_handles_ties_like_clipped_sharpness() -> None:
 
 
 def test_heldout_images_do_not_drift(drift_reference: dict, heldout_dir: Path) -> None:
-    report = drift_report(drift_reference, heldout_dir)
+    report = drift_report(drift_reference, heldout_dir, settings=DEFAULTS)
     assert report.images == 60 and not report.skipped
     assert report.verdict == "no drift"
     assert report.drifted_share == 0.0
@@ -85,7 +91,7 @@ def test_heldout_images_do_not_drift(drift_reference: dict, heldout_dir: Path) -
 
 
 def test_dark_images_drift(drift_reference: dict, dark_dir: Path) -> None:
-    report = drift_report(drift_reference, dark_dir)
+    report = drift_report(drift_reference, dark_dir, settings=DEFAULTS)
     by_name = {f.feature: f for f in report.features}
     assert report.verdict == "drift" and report.drifted_share >= 0.5
     assert by_name["brightness"].drifted and by_name["brightness"].psi > 1.0
@@ -94,7 +100,7 @@ def test_dark_images_drift(drift_reference: dict, dark_dir: Path) -> None:
 
 
 def test_grayscale_images_drift_in_colour_features(drift_reference: dict, gray_dir: Path) -> None:
-    report = drift_report(drift_reference, gray_dir)
+    report = drift_report(drift_reference, gray_dir, settings=DEFAULTS)
     drifted = {f.feature for f in report.features if f.drifted}
     assert {"saturation", "green_fraction", "yellow_fraction"} <= drifted
     assert "brightness" not in drifted  # converting to gray keeps the luminance
@@ -110,7 +116,7 @@ def test_report_skips_unreadable_files_and_lists_them(
         (folder / p.name).write_bytes(p.read_bytes())
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (folder / "notes.txt").write_text("ignored: not an image suffix")
-    report = drift_report(drift_reference, folder)
+    report = drift_report(drift_reference, folder, settings=DEFAULTS)
     assert report.images == 25
     assert [Path(p).name for p, _ in report.skipped] == ["broken.jpg"]
     assert "skipped" in report.summary() and "broken.jpg" in report.summary()
@@ -122,15 +128,15 @@ def test_report_errors_are_one_line(
     drift_reference: dict, heldout_dir: Path, tmp_path: Path
 ) -> None:
     with pytest.raises(DriftError, match="does not exist"):
-        drift_report(drift_reference, tmp_path / "missing")
+        drift_report(drift_reference, tmp_path / "missing", settings=DEFAULTS)
     few = tmp_path / "few"
     few.mkdir()
     for p in sorted(heldout_dir.glob("*.jpg"))[:3]:
         (few / p.name).write_bytes(p.read_bytes())
     with pytest.raises(DriftError, match="at least 20 readable images"):
-        drift_report(drift_reference, few)
+        drift_report(drift_reference, few, settings=DEFAULTS)
     with pytest.raises(DriftError, match="no drift reference"):
-        drift_report({}, heldout_dir)
+        drift_report({}, heldout_dir, settings=DEFAULTS)
     # A smaller minimum is a setting.
     report = drift_report(drift_reference, few, settings=Settings(drift_min_images=3))
     assert report.images == 3
@@ -141,7 +147,7 @@ def test_share_threshold_and_psi_threshold_are_settings(
 ) -> None:
     strict = drift_report(drift_reference, gray_dir, settings=Settings(drift_share_threshold=0.9))
     assert strict.verdict == "no drift" and 0.4 <= strict.drifted_share < 0.9
-    lenient = drift_report(drift_reference, gray_dir, threshold=100.0)
+    lenient = drift_report(drift_reference, gray_dir, threshold=100.0, settings=DEFAULTS)
     assert lenient.drifted_share == 0.0
 
 

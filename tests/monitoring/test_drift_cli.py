@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dandelion_lib.lifecycle.monitoring import DriftError, drift_report, load_reference
+from dandelion_lib.lifecycle.drift import drift_report
+from dandelion_lib.lifecycle.monitoring import DriftError, load_reference
 from tests.notebook_support import ROOT, assert_clean_and_parameterized, outputs, run_papermill
 
 DRIFT_NOTEBOOK = ROOT / "notebooks" / "04_drift.ipynb"
@@ -88,13 +89,15 @@ def test_cli_user_errors_are_one_line(
 
 def test_report_from_a_loaded_predictor(registered_model: str, gray_dir: Path) -> None:
     """The API passes its Predictor; the report uses the reference the model carries."""
+    from dandelion_lib.core.config import Settings
     from dandelion_lib.serving.predict import Predictor
 
-    predictor = Predictor.load(registered_model)
-    report = drift_report(predictor, gray_dir)
+    predictor = Predictor.load(registered_model, Settings())
+    report = drift_report(predictor, gray_dir, settings=Settings())
     assert report.source == registered_model and report.verdict == "drift"
 
 
+@pytest.mark.slow  # a kernel importing MLflow and the library: about 20 s
 def test_notebook_runs_with_papermill(
     registered_model: str, mlflow_server: str, dark_dir: Path, tmp_path: Path
 ) -> None:

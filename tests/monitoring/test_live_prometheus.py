@@ -31,7 +31,7 @@ from monitoring_support import (
     panel_queries,
 )
 
-from dandelion_lib.core.features import decode_image
+from dandelion_lib.core.images import decode_image
 from tests.conftest import free_port, wait_http
 from tests.process_support import stop
 

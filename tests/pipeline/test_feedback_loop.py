@@ -44,6 +44,7 @@ from dandelion_lib.data import dataset
 from dandelion_lib.data.featurestore import PREFIX as FEATURES_PREFIX
 from dandelion_lib.data.featurestore import FeatureStore
 from dandelion_lib.data.feedback import FeedbackRecord, FeedbackStore
+from dandelion_lib.data.review import ReviewQueue
 from tests.api.conftest import ADMIN_TOKEN, api_env, start_api, stop_api
 from tests.conftest import free_port, wait_http
 from tests.pipeline.conftest import dags_test
@@ -309,7 +310,8 @@ def unreviewed_round(world: World, api: Api) -> UnreviewedRound:
     store = world.feedback()
     try:
         records = [store.get_feedback(i) for i in ids]
-        pending, awaiting = store.count_pending(), store.awaiting_dataset().count
+        queue = ReviewQueue(store)
+        pending, awaiting = queue.count_pending(), queue.awaiting_dataset().count
     finally:
         store.close()
     feedback_dag = world.dag("dandelion_feedback", DANDELION_RETRAIN_FEEDBACK_THRESHOLD="1")
@@ -389,10 +391,11 @@ def test_reviewed_feedback_becomes_data_and_a_gated_model(
     accepted, rejected = sent[:-1], sent[-1]
     store = world.feedback()
     try:
-        store.review_many([fid for fid, _, _ in accepted], accepted=True)
-        store.review(rejected[0], accepted=False)
+        queue = ReviewQueue(store)
+        queue.review_many([fid for fid, _, _ in accepted], accepted=True)
+        queue.review(rejected[0], accepted=False)
         records = {fid: store.get_feedback(fid) for fid, _, _ in sent}
-        assert store.awaiting_dataset().count == len(accepted)
+        assert queue.awaiting_dataset().count == len(accepted)
     finally:
         store.close()
     accepted_sha = {stored_sha256(photo): (fid, label) for fid, photo, label in accepted}

@@ -11,10 +11,16 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from dandelion_lib.core.config import Settings
 from dandelion_lib.data.feedback import FeedbackStore, PredictionRecord
 from dandelion_lib.data.ingest import ingest
+from dandelion_lib.data.review import ReviewQueue
 from tests.pipeline.conftest import dags_test
+
+# Slow: an ingest and a real `airflow dags test dandelion_feedback` (about 1 minute).
+pytestmark = pytest.mark.slow
 
 
 def _feedback(store: FeedbackStore, photos: list[Path], decisions: list[bool | None]) -> None:
@@ -25,7 +31,7 @@ def _feedback(store: FeedbackStore, photos: list[Path], decisions: list[bool | N
         )
         record = store.add_feedback(pid, "grass", path.read_bytes())
         if decision is not None:
-            store.review(record.feedback_id, accepted=decision)
+            ReviewQueue(store).review(record.feedback_id, accepted=decision)
 
 
 def test_enough_accepted_feedback_emits_the_retraining_asset(
@@ -47,7 +53,7 @@ def test_enough_accepted_feedback_emits_the_retraining_asset(
     feedback = FeedbackStore.from_settings(settings)
     # two accepted (they wait for a dataset version), one rejected, two pending
     _feedback(feedback, others, [True, True, False, None, None])
-    assert feedback.awaiting_dataset().count == 2
+    assert ReviewQueue(feedback).awaiting_dataset().count == 2
     feedback.close()
 
     env["DANDELION_RETRAIN_FEEDBACK_THRESHOLD"] = "2"

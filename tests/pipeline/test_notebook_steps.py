@@ -22,6 +22,9 @@ from dandelion_lib.core.runs import run_prefix
 from dandelion_lib.core.storage import LocalStore
 from tests.pipeline.conftest import dags_test
 
+# Slow: one `airflow dags test` with papermill kernels and a retried step (about 2 minutes).
+pytestmark = pytest.mark.slow
+
 NOTEBOOK_BODY = """
 from pathlib import Path
 import mlflow

@@ -37,3 +37,23 @@ def test_code_version_follows_code_cells_only(tmp_path: Path) -> None:
     assert code_version(settings, notebooks) == before
     edit(notebooks / NOTEBOOKS["train"], "code", "x = 1")
     assert code_version(settings, notebooks) != before
+
+
+def test_code_version_covers_the_whole_library(tmp_path: Path, monkeypatch) -> None:
+    """Every sub-package of dandelion_lib counts, not only the one change detection lives in."""
+    from dandelion_lib.lifecycle import changes
+
+    package = tmp_path / "repo" / "dandelion_lib"
+    (package / "lifecycle").mkdir(parents=True)
+    (package / "training").mkdir()
+    (package / "lifecycle" / "changes.py").write_text("# change detection")
+    (package / "training" / "fitting.py").write_text("LEARNING_RATE = 0.1")
+    monkeypatch.setattr(changes, "__file__", str(package / "lifecycle" / "changes.py"))
+    settings = Settings(workdir=tmp_path)
+    notebooks = copy_notebooks(tmp_path / "nb")
+    before = code_version(settings, notebooks)
+    (package / "training" / "fitting.py").write_text("LEARNING_RATE = 0.2")
+    after = code_version(settings, notebooks)
+    assert after != before
+    (tmp_path / "repo" / "requirements.lock").write_text("numpy==2.0\n")
+    assert code_version(settings, notebooks) != after

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dandelion_lib.core.features import STAT_COLUMNS, decode_image, hash_distance, perceptual_hash
+from dandelion_lib.core.features import STAT_COLUMNS, hash_distance, perceptual_hash
+from dandelion_lib.core.images import decode_image
 from dandelion_lib.core.storage import LocalStore, ObjectStore
 from dandelion_lib.data import dataset
 

@@ -1,6 +1,7 @@
 """The Predictor's answer policy (dandelion_lib.serving.predict.AnswerPolicy): one place decides a
 label, ``uncertain`` or ``unknown``; the model itself is exercised in tests/model. Also what
-``Predictor.load`` says about a model version whose stored model file is broken."""
+``Predictor.load`` says about a model version whose stored model file is broken, and that it
+runs on the settings it is given, not on the environment's."""
 
 from __future__ import annotations
 
@@ -33,15 +34,15 @@ def prediction(confidence: float, ood_score: float | None = None) -> Prediction:
     [(0.95, "dandelion"), (0.6, "dandelion"), (0.59, UNCERTAIN), (0.5, UNCERTAIN)],
 )
 def test_threshold_decides_uncertain(confidence: float, answer: str) -> None:
-    assert AnswerPolicy(threshold=0.6).answer(prediction(confidence)) == answer
+    assert AnswerPolicy(threshold=0.6).decide(prediction(confidence)).label == answer
 
 
 def test_policy_comes_from_settings() -> None:
     assert AnswerPolicy() == AnswerPolicy.from_settings(Settings())
     strict = AnswerPolicy.from_settings(Settings(confidence_threshold=0.99))
-    assert strict.answer(prediction(0.95)) == UNCERTAIN
+    assert strict.decide(prediction(0.95)).label == UNCERTAIN
     # No detector threshold (a model without a detector): the score changes nothing.
-    assert strict.answer(prediction(0.995, ood_score=1e9)) == "dandelion"
+    assert strict.decide(prediction(0.995, ood_score=1e9)).label == "dandelion"
 
 
 @pytest.mark.parametrize(
@@ -62,7 +63,6 @@ def test_unknown_then_uncertain_then_label(
 ) -> None:
     policy = AnswerPolicy(threshold=0.6, ood_threshold=2.0)
     assert policy.decide(prediction(confidence, ood_score)) == expected
-    assert policy.answer(prediction(confidence, ood_score)) == expected.label
 
 
 def test_predictor_takes_its_detectors_threshold() -> None:
@@ -117,10 +117,10 @@ def test_a_corrupt_model_file_is_reported_as_corrupt(
 ) -> None:
     from dandelion_lib.serving.predict import ModelUnavailableError, Predictor
 
-    assert Predictor.load(str(saved_model_dir)).labels  # the intact copy loads
+    assert Predictor.load(str(saved_model_dir), Settings()).labels  # the intact copy loads
     broken = _broken_copy(saved_model_dir, tmp_path / "broken", damage)
     with pytest.raises(ModelUnavailableError) as info:
-        Predictor.load(str(broken))
+        Predictor.load(str(broken), Settings())
     first = str(info.value).splitlines()[0]
     assert re.search(r"model\.keras is corrupt", first), first
     assert "not found" not in first.lower()
@@ -131,4 +131,72 @@ def test_a_missing_model_file_is_reported_as_missing(saved_model_dir: Path, tmp_
 
     broken = _broken_copy(saved_model_dir, tmp_path / "broken", Path.unlink)
     with pytest.raises(ModelUnavailableError, match="missing"):
-        Predictor.load(str(broken))
+        Predictor.load(str(broken), Settings())
+
+
+def _with_onnx_runtime(src: Path, dst: Path) -> Path:
+    """A copy of the saved model with a ``runtime/`` folder whose FP32 ONNX graph is the same
+    computation (mean colour -> linear -> softmax), written with the ``onnx`` helpers."""
+    import json
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dandelion_lib.serving import runtime
+
+    shutil.copytree(src, dst)
+    weights = numpy_helper.from_array(np.asarray([[1, -1], [0, 0], [-1, 1]], np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["pixels"], ["mean"], axes=[1, 2], keepdims=0),
+            helper.make_node("MatMul", ["mean", "w"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [None, None, None, 3])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [None, 2])],
+        [weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", runtime.OPSET)])
+    folder = dst / runtime.DIR
+    folder.mkdir()
+    onnx.save(model, str(folder / runtime.FILES["fp32"]))
+    record = runtime.RuntimeRecord(features=False, files={"fp32": runtime.FILES["fp32"]})
+    (folder / runtime.RECORD).write_text(json.dumps(record.to_dict()))
+    return dst
+
+
+def test_load_runs_on_the_settings_it_is_given(
+    saved_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runtime, thread count and ONNX batch size come from the ``Settings`` passed to
+    ``Predictor.load`` (as the API passes its own), even where the environment says otherwise."""
+    from dandelion_lib.core.config import get_settings
+    from dandelion_lib.serving.predict import Predictor
+    from dandelion_lib.serving.runtime import OnnxForward
+
+    folder = _with_onnx_runtime(saved_model_dir, tmp_path / "with-runtime")
+    monkeypatch.setenv("DANDELION_SERVING_RUNTIME", "keras")
+    monkeypatch.setenv("DANDELION_INFERENCE_THREADS", "3")
+    monkeypatch.setenv("DANDELION_INFERENCE_BATCH_MAX", "7")
+    get_settings.cache_clear()
+    try:
+        assert get_settings().serving_runtime == "keras"  # what the environment says
+        given = Settings(serving_runtime="onnx", inference_threads=2, inference_batch_max=4)
+        predictor = Predictor.load(str(folder), given)
+    finally:
+        get_settings.cache_clear()
+    assert (predictor.runtime, predictor.precision, predictor.runtime_note) == (
+        "onnx",
+        "fp32",
+        None,
+    )
+    forward = predictor._forward
+    assert isinstance(forward, OnnxForward)
+    assert forward.max_batch == 4
+    assert forward.session.get_session_options().intra_op_num_threads == 2
+    # the settings' runtime decides: keras loads the Keras model, whatever the environment
+    monkeypatch.setenv("DANDELION_SERVING_RUNTIME", "onnx")
+    keras = Predictor.load(str(folder), Settings(serving_runtime="keras"))
+    assert keras.runtime == "keras" and keras._forward is not None and keras.model is not None

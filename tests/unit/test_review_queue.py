@@ -19,6 +19,7 @@ from dandelion_lib.data.feedback import (
     FeedbackStore,
     PredictionRecord,
 )
+from dandelion_lib.data.review import ReviewQueue
 
 _ids = itertools.count()
 
@@ -71,8 +72,13 @@ def feedback(settings: Settings) -> Iterator[FeedbackStore]:
     store.close()
 
 
+@pytest.fixture
+def queue(feedback: FeedbackStore) -> ReviewQueue:
+    return ReviewQueue(feedback)
+
+
 def test_the_queue_puts_disagreements_then_unsure_answers_then_low_confidence_first(
-    feedback: FeedbackStore, greenr_dir: Path
+    feedback: FeedbackStore, queue: ReviewQueue, greenr_dir: Path
 ) -> None:
     g = greenr_dir
     confident_right = give(
@@ -141,7 +147,7 @@ def test_the_queue_puts_disagreements_then_unsure_answers_then_low_confidence_fi
         correct="grass",
     )
 
-    queue = feedback.review_queue()
+    shown = queue.pending()
     expected = [
         unsure_wrong,  # disagreement, uncertain answer
         low_wrong,  # disagreement, class answer, 0.62
@@ -152,8 +158,8 @@ def test_the_queue_puts_disagreements_then_unsure_answers_then_low_confidence_fi
         less_sure_right,  # agreement, class answer 0.71
         confident_right,
     ]
-    assert [i.feedback.feedback_id for i in queue] == [r.feedback_id for r in expected]
-    assert [i.reason for i in queue] == [
+    assert [i.feedback.feedback_id for i in shown] == [r.feedback_id for r in expected]
+    assert [i.reason for i in shown] == [
         "disagreement",
         "disagreement",
         "disagreement",
@@ -163,28 +169,30 @@ def test_the_queue_puts_disagreements_then_unsure_answers_then_low_confidence_fi
         "agreement",
         "agreement",
     ]
-    first = queue[0]
+    first = shown[0]
     assert (first.answer, first.confidence, first.feedback.correct_label) == (
         "uncertain",
         0.58,
         "dandelion",
     )
     assert first.feedback.model_version == "7" and first.feedback.image_key
-    assert queue[3].answer is None and queue[3].confidence is None
-    assert [i.feedback.feedback_id for i in feedback.review_queue(limit=2)] == [
+    assert shown[3].answer is None and shown[3].confidence is None
+    assert [i.feedback.feedback_id for i in queue.pending(limit=2)] == [
         unsure_wrong.feedback_id,
         low_wrong.feedback_id,
     ]
-    assert feedback.count_pending() == 8
+    assert queue.count_pending() == 8
 
     # Decided items leave the queue, whatever the decision.
-    feedback.review(unsure_wrong.feedback_id, accepted=True)
-    feedback.review(low_wrong.feedback_id, accepted=False)
-    assert feedback.review_queue(limit=1)[0].feedback.feedback_id == confident_wrong.feedback_id
-    assert feedback.count_pending() == 6
+    queue.review(unsure_wrong.feedback_id, accepted=True)
+    queue.review(low_wrong.feedback_id, accepted=False)
+    assert queue.pending(limit=1)[0].feedback.feedback_id == confident_wrong.feedback_id
+    assert queue.count_pending() == 6
 
 
-def test_bulk_decisions_apply_to_all_or_none(feedback: FeedbackStore, greenr_dir: Path) -> None:
+def test_bulk_decisions_apply_to_all_or_none(
+    feedback: FeedbackStore, queue: ReviewQueue, greenr_dir: Path
+) -> None:
     items = [
         give(
             feedback,
@@ -199,24 +207,24 @@ def test_bulk_decisions_apply_to_all_or_none(feedback: FeedbackStore, greenr_dir
     ids = [r.feedback_id for r in items]
 
     with pytest.raises(FeedbackError, match="no feedback with id 'missing'"):
-        feedback.review_many([ids[0], "missing", ids[1]], accepted=True)
-    assert feedback.count_pending() == 4 and feedback.accepted() == []  # nothing decided
+        queue.review_many([ids[0], "missing", ids[1]], accepted=True)
+    assert queue.count_pending() == 4 and feedback.accepted() == []  # nothing decided
 
-    accepted = feedback.review_many([ids[0], ids[1], ids[0]], accepted=True)
+    accepted = queue.review_many([ids[0], ids[1], ids[0]], accepted=True)
     assert [r.feedback_id for r in accepted] == ids[:2]
     assert all(r.accepted and r.reviewed_at for r in accepted)
-    rejected = feedback.review_many(ids[2:], accepted=False)
+    rejected = queue.review_many(ids[2:], accepted=False)
     assert all(r.accepted is False and r.reviewed_at for r in rejected)
-    assert feedback.review_many([], accepted=True) == []
+    assert queue.review_many([], accepted=True) == []
 
     assert {r.feedback_id for r in feedback.accepted()} == set(ids[:2])  # never the rejected
-    assert feedback.review_queue() == []
+    assert queue.pending() == []
     stored = feedback.get_feedback(ids[3])
     assert stored is not None and stored.accepted is False
 
 
 def test_accepted_photos_wait_until_a_dataset_version_has_them(
-    feedback: FeedbackStore, settings: Settings, greenr_dir: Path
+    feedback: FeedbackStore, queue: ReviewQueue, settings: Settings, greenr_dir: Path
 ) -> None:
     # A photo of the reference set itself (the same bytes: one manifest row) and a new one.
     known = give(
@@ -246,14 +254,14 @@ def test_accepted_photos_wait_until_a_dataset_version_has_them(
     no_image = give(
         feedback, None, answer="grass", top="grass", confidence=0.6, correct="dandelion"
     )
-    feedback.review_many([known.feedback_id, new.feedback_id, no_image.feedback_id], True)
-    feedback.review(rejected.feedback_id, accepted=False)
+    queue.review_many([known.feedback_id, new.feedback_id, no_image.feedback_id], True)
+    queue.review(rejected.feedback_id, accepted=False)
 
-    before = feedback.awaiting_dataset()
+    before = queue.awaiting_dataset()
     assert (before.count, before.accepted, before.version) == (2, 2, None)  # no dataset yet
 
     report = ingest.ingest(settings, store=open_store(settings=settings), progress=False)
-    after = feedback.awaiting_dataset()
+    after = queue.awaiting_dataset()
     assert (after.count, after.accepted, after.version) == (0, 2, report.version)
 
     later = give(
@@ -264,13 +272,14 @@ def test_accepted_photos_wait_until_a_dataset_version_has_them(
         confidence=0.6,
         correct="grass",
     )
-    assert feedback.awaiting_dataset().count == 0  # not accepted yet
-    feedback.review(later.feedback_id, accepted=True)
-    assert feedback.awaiting_dataset().count == 1
+    assert queue.awaiting_dataset().count == 0  # not accepted yet
+    queue.review(later.feedback_id, accepted=True)
+    assert queue.awaiting_dataset().count == 1
 
 
 def test_the_command_line_shows_the_queue_and_decides_several_at_once(
     feedback: FeedbackStore,
+    queue: ReviewQueue,
     settings: Settings,
     greenr_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -311,7 +320,7 @@ def test_the_command_line_shows_the_queue_and_decides_several_at_once(
         ids = [wrong.feedback_id, right.feedback_id]
         assert cli.main(["feedback", "review", *ids, "nope", "--reject"]) == 2
         assert "no feedback with id 'nope'" in capsys.readouterr().err
-        assert feedback.count_pending() == 2  # all or nothing
+        assert queue.count_pending() == 2  # all or nothing
         assert cli.main(["feedback", "review", *ids, "--accept"]) == 0
         assert len(capsys.readouterr().out.splitlines()) == 2
         assert {r.feedback_id for r in feedback.accepted()} == set(ids)

@@ -140,10 +140,16 @@ def test_missing_bucket_is_reported(s3_server: str) -> None:
         S3Store("no-such-bucket", endpoint_url=s3_server).check()
 
 
-def test_open_store_from_settings(tmp_path: Path, s3_server: str) -> None:
-    local = open_store(settings=Settings(workdir=tmp_path))
+def test_open_store_from_settings(
+    tmp_path: Path, s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the settings passed in decide, not the environment
+    monkeypatch.setenv("DANDELION_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("DANDELION_STORE_URL", "s3://elsewhere")
+    local = open_store(Settings(workdir=tmp_path, store_url=None))
     assert isinstance(local, LocalStore) and local.root == (tmp_path / "store").resolve()
-    s3 = open_store("s3://bucket/some/prefix", Settings(s3_endpoint_url=s3_server))
+    s3 = open_store(Settings(s3_endpoint_url=s3_server), "s3://bucket/some/prefix")
     assert isinstance(s3, S3Store) and s3.bucket == "bucket" and s3.prefix == "some/prefix"
+    assert s3.endpoint_url == s3_server
     with pytest.raises(ValueError, match="unsupported store URL"):
-        open_store("ftp://x", Settings())
+        open_store(Settings(), "ftp://x")

@@ -1,0 +1,220 @@
+"""The promotion gate: pure functions of the scores and the settings (no I/O).
+
+* :func:`serving_choice` / :func:`serving_of`: the runtime and precision a version is served
+  with (INT8 only when its test figures are within ``int8_tolerance`` of FP32's);
+* :func:`promotion_gate`: promote or not (accuracy floor, tolerance versus the champion, and no
+  regression in how many of the split's out-of-domain photos are answered ``unknown``);
+* :func:`judge`: :func:`promotion_gate` applied to the reports of the served challenger and of
+  the champion on the same test split.
+
+The scores come from :mod:`dandelion_lib.lifecycle.scoring`; recording the decision and moving
+``champion`` is :mod:`dandelion_lib.lifecycle.promotion`'s job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from dandelion_lib.core.config import Settings
+from dandelion_lib.lifecycle.metrics import EvaluationReport
+from dandelion_lib.serving.predict import SERVING_TAG
+
+EPS = 1e-9
+"""Accuracies are ratios of counts: exact ties must not fail on rounding."""
+
+SERVING_FIGURES = ("accuracy", "roc_auc", "ood_unknown_share")
+"""Test figures INT8 must keep within the tolerance of FP32 to be served."""
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """The promotion gate's verdict and the numbers behind it."""
+
+    promote: bool
+    reason: str
+    challenger_accuracy: float
+    champion_accuracy: float | None
+    floor: float
+    tolerance: float
+    challenger_ood_unknown: float | None = None
+    """Share of the split's out-of-domain photos the challenger answers ``unknown``."""
+    champion_ood_unknown: float | None = None
+    ood_tolerance: float | None = None
+
+
+def _accuracy_verdict(
+    challenger: float, champion: float | None, floor: float, tolerance: float
+) -> tuple[bool, str] | None:
+    """A verdict on accuracy alone (None: accuracy passes against a champion)."""
+    if not challenger >= floor - EPS:  # also rejects NaN
+        return False, f"accuracy {challenger:.4f} is below the floor {floor:.4f}"
+    if champion is None:
+        return True, f"accuracy {challenger:.4f} >= floor {floor:.4f}; no champion"
+    if challenger < champion - tolerance - EPS:
+        return False, (
+            f"accuracy {challenger:.4f} is worse than the champion's "
+            f"{champion:.4f} by more than {tolerance:.4f}"
+        )
+    return None
+
+
+def _ood_verdict(
+    challenger: float | None, champion: float | None, tolerance: float
+) -> tuple[bool, str]:
+    """The out-of-domain rule: (passes, rejection reason or the note a pass adds)."""
+    if champion is None:
+        return True, ""
+    share = challenger if challenger is not None else 0.0
+    if not share >= champion - tolerance - EPS:
+        return False, (
+            f"out-of-domain photos answered 'unknown' {share:.4f} is below the "
+            f"champion's {champion:.4f} by more than {tolerance:.4f}"
+        )
+    return True, (
+        f"; out-of-domain rejection {share:.4f} within {tolerance:.4f} "
+        f"of (or above) the champion's {champion:.4f}"
+    )
+
+
+def promotion_gate(
+    challenger_accuracy: float,
+    champion_accuracy: float | None,
+    *,
+    floor: float,
+    tolerance: float,
+    challenger_ood_unknown: float | None = None,
+    champion_ood_unknown: float | None = None,
+    ood_tolerance: float = 0.05,
+) -> GateDecision:
+    """Promote when accuracy >= ``floor`` and not worse than the champion by more than
+    ``tolerance`` (both measured on the same test split), and when the share of the split's
+    out-of-domain photos answered ``unknown`` has not dropped below the champion's by more
+    than ``ood_tolerance`` (a challenger without a detector answers none of them)."""
+    measured = champion_ood_unknown is not None or challenger_ood_unknown is not None
+    decision = GateDecision(
+        False,
+        "",
+        challenger_accuracy,
+        champion_accuracy,
+        floor,
+        tolerance,
+        challenger_ood_unknown,
+        champion_ood_unknown,
+        ood_tolerance if measured else None,
+    )
+    verdict = _accuracy_verdict(challenger_accuracy, champion_accuracy, floor, tolerance)
+    if verdict is not None:
+        return replace(decision, promote=verdict[0], reason=verdict[1])
+    ok, text = _ood_verdict(challenger_ood_unknown, champion_ood_unknown, ood_tolerance)
+    if not ok:
+        return replace(decision, reason=text)
+    reason = (
+        f"accuracy {challenger_accuracy:.4f} >= floor {floor:.4f} and within {tolerance:.4f} "
+        f"of (or above) the champion's {champion_accuracy:.4f}{text}"
+    )
+    return replace(decision, promote=True, reason=reason)
+
+
+def judge(
+    served: EvaluationReport,
+    champion: EvaluationReport | None,
+    settings: Settings,
+    *,
+    floor: float,
+    tolerance: float,
+    note: str = "",
+) -> GateDecision:
+    """:func:`promotion_gate` on the served challenger's report and the champion's on the
+    same test split (``champion`` is ``served`` itself when the challenger is the champion
+    already, None when there is no champion or it could not be scored); ``note`` (why the
+    champion was not scored) ends the reason."""
+    decision = promotion_gate(
+        served.accuracy,
+        champion.accuracy if champion is not None else None,
+        floor=floor,
+        tolerance=tolerance,
+        challenger_ood_unknown=served.figure("ood_unknown_share"),
+        champion_ood_unknown=None if champion is None else champion.figure("ood_unknown_share"),
+        ood_tolerance=settings.promotion_ood_tolerance,
+    )
+    return replace(decision, reason=decision.reason + note) if note else decision
+
+
+def tag_value(value: float | None) -> str:
+    """A figure as a tag value (``none`` when missing)."""
+    return "none" if value is None else f"{value:.6f}"
+
+
+@dataclass(frozen=True)
+class ServingChoice:
+    """The runtime and precision a version is served with, and the figures behind it."""
+
+    runtime: str
+    precision: str
+    reason: str
+    tolerance: float
+    fp32: dict[str, float | None] = field(default_factory=dict)
+    int8: dict[str, float | None] | None = None
+
+    def tags(self) -> dict[str, str]:
+        """The version's ``serving.*`` tags (the Predictor serves ``serving.precision``)."""
+        tags = {
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "reason": self.reason,
+            "int8_tolerance": str(self.tolerance),
+        }
+        tags |= {f"fp32_{name}": tag_value(self.fp32.get(name)) for name in SERVING_FIGURES}
+        if self.int8 is not None:
+            tags |= {f"int8_{name}": tag_value(self.int8.get(name)) for name in SERVING_FIGURES}
+        return {SERVING_TAG + k: v for k, v in tags.items()}
+
+
+def _figures(report: EvaluationReport) -> dict[str, float | None]:
+    return {name: report.figure(name) for name in SERVING_FIGURES}
+
+
+def serving_choice(
+    fp32: EvaluationReport, int8: EvaluationReport | None, tolerance: float
+) -> ServingChoice:
+    """The served precision: INT8 when each of its test figures (accuracy, ROC AUC and,
+    for a model with an open-set detector, the out-of-domain 'unknown' share) is within
+    ``tolerance`` of FP32's (either direction: a model that answers differently is not the
+    model that was gated), otherwise FP32. ``int8`` None: the version has no INT8 artifact."""
+    base = _figures(fp32)
+    if int8 is None:
+        return ServingChoice("onnx", "fp32", "no INT8 artifact", tolerance, base)
+    quant = _figures(int8)
+    missing = [n for n in SERVING_FIGURES if (base[n] is None) != (quant[n] is None)]
+    if missing:
+        reason = f"INT8 lacks {', '.join(missing)} that FP32 has"
+        return ServingChoice("onnx", "fp32", reason, tolerance, base, quant)
+    diffs = {
+        name: abs(a - b)
+        for name in SERVING_FIGURES
+        if (a := base[name]) is not None and (b := quant[name]) is not None
+    }
+    worst = max(diffs, key=lambda n: diffs[n]) if diffs else None
+    if worst is not None and not diffs[worst] <= tolerance + EPS:
+        reason = (
+            f"INT8 test {worst} {quant[worst]:.4f} differs from FP32's {base[worst]:.4f} "
+            f"by more than {tolerance:g}"
+        )
+        return ServingChoice("onnx", "fp32", reason, tolerance, base, quant)
+    largest = "" if worst is None else f" (largest difference: {worst} {diffs[worst]:.4f})"
+    reason = f"INT8 test figures within {tolerance:g} of FP32's{largest}"
+    return ServingChoice("onnx", "int8", reason, tolerance, base, quant)
+
+
+def serving_of(
+    fp32: EvaluationReport,
+    int8: EvaluationReport | None,
+    *,
+    keras_reason: str | None,
+    tolerance: float,
+) -> ServingChoice:
+    """:func:`serving_choice`, or Keras in FP32 when the version was scored as Keras
+    (``keras_reason`` says why: no usable ONNX artifact, or ``serving_runtime=keras``)."""
+    if keras_reason is not None:
+        return ServingChoice("keras", "fp32", keras_reason, tolerance, _figures(fp32))
+    return serving_choice(fp32, int8, tolerance)
