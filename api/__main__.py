@@ -21,16 +21,16 @@ def main() -> None:
         os.environ.setdefault(key, value)
     # Before TensorFlow starts: its thread pools follow the container's CPU limit, not the
     # host's cores (an oversubscribed quota is throttled).
-    threads = settings.inference_threads or cpu_limit()
+    threads = settings.serving.inference_threads or cpu_limit()
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
     os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(min(2, threads)))
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    configure_logging(settings.log_level)
+    configure_logging(settings.serving.log_level)
     uvicorn.run(
         create_app(settings),
-        http=protocol_with_header_timeout(settings.header_timeout_s),
-        host=settings.api_host,
-        port=settings.api_port,
+        http=protocol_with_header_timeout(settings.serving.header_timeout_s),
+        host=settings.serving.api_host,
+        port=settings.serving.api_port,
         workers=1,
         log_config=None,
         access_log=False,
@@ -38,7 +38,7 @@ def main() -> None:
         server_header=False,
         timeout_graceful_shutdown=20,
         # Beyond this many connections and requests in flight uvicorn answers 503 at once.
-        limit_concurrency=settings.api_max_connections,
+        limit_concurrency=settings.serving.api_max_connections,
         # Idle keep-alive connections are closed after 5 s; request bodies are bounded by
         # api.middleware.BodyDeadlineMiddleware (uvicorn has no body read timeout).
         timeout_keep_alive=5,

@@ -31,7 +31,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Lites
     svc = services or Services.build(settings)
 
     def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-        problem: Problem = from_exception(exc, max_body_bytes=settings.max_body_bytes)
+        problem: Problem = from_exception(exc, max_body_bytes=settings.serving.max_body_bytes)
         if problem.status in INPUT_STATUSES:
             svc.metrics.count_invalid(problem.code)
         return problem_response(problem, request)
@@ -41,10 +41,10 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Lites
         log.info(
             "api started",
             extra={
-                "model": f"models:/{settings.model_name}@{settings.model_alias}",
+                "model": f"models:/{settings.tracking.model_name}@{settings.serving.model_alias}",
                 "tracking_uri": redact_uri(settings.resolved_tracking_uri),
-                "microbatch_max": settings.microbatch_max,
-                "queue_size": settings.queue_size,
+                "microbatch_max": settings.serving.microbatch_max,
+                "queue_size": settings.serving.queue_size,
             },
         )
 
@@ -69,15 +69,17 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Lites
                 security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}
             ),
         ),
-        request_max_body_size=settings.max_body_bytes,
-        multipart_form_part_limit=settings.max_batch_images + 16,
+        request_max_body_size=settings.serving.max_body_bytes,
+        multipart_form_part_limit=settings.serving.max_batch_images + 16,
         logging_config=None,
         debug=False,
     )
     # Outermost layer (also sees requests that match no route).
     app.asgi_handler = RequestContextMiddleware(
         BodyDeadlineMiddleware(
-            app.asgi_handler, settings.body_read_timeout_s, settings.min_upload_bytes_per_s
+            app.asgi_handler,
+            settings.serving.body_read_timeout_s,
+            settings.serving.min_upload_bytes_per_s,
         ),
         svc.metrics,
     )

@@ -66,7 +66,9 @@ DEPENDENCIES: dict[str, Provide] = {
 def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Admit only requests with the admin bearer token (403 when none is configured)."""
     settings = services_of(connection.app.state).settings
-    expected = settings.admin_token.get_secret_value() if settings.admin_token else ""
+    expected = (
+        settings.serving.admin_token.get_secret_value() if settings.serving.admin_token else ""
+    )
     if not expected:
         raise Problem(
             403, "admin-disabled", "admin endpoints are disabled: DANDELION_ADMIN_TOKEN is not set"

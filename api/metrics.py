@@ -19,7 +19,8 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from dandelion_lib.core.config import UNCERTAIN, UNKNOWN, Settings
+from dandelion_lib.core.face_settings import MonitoringSettings
+from dandelion_lib.core.labels import UNCERTAIN, UNKNOWN
 from dandelion_lib.lifecycle.monitoring import DriftMonitor
 
 __all__ = ["CONTENT_TYPE_LATEST", "ApiMetrics"]
@@ -47,7 +48,9 @@ class ApiMetrics:
         live_accuracy_floor: float = 0.9,
     ):
         if drift_psi_threshold is None:
-            drift_psi_threshold = float(Settings.model_fields["drift_psi_threshold"].default)
+            drift_psi_threshold = float(
+                MonitoringSettings.model_fields["drift_psi_threshold"].default
+            )
         self.registry = registry or CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)

@@ -141,7 +141,7 @@ async def read_single_image(request: Request[Any, Any, Any]) -> Upload:
 
 async def read_batch_images(request: Request[Any, Any, Any], settings: Settings) -> list[Upload]:
     """The images of ``POST /predict/batch`` (in order)."""
-    max_images = settings.max_batch_images
+    max_images = settings.serving.max_batch_images
     media_type = _media_type(request)
     if media_type != "multipart/form-data":
         body = await request.body()

@@ -66,7 +66,9 @@ def _baseline(workdir: Path, source: str) -> dict[str, Any]:
     t = time.perf_counter()
     # the scoring step (notebook 03 in the DAG): scored once, saved; promote reads the scores
     client = registry.configure_mlflow(settings)
-    challenger = registry.get_alias_version(client, settings.model_name, registry.CHALLENGER)
+    challenger = registry.get_alias_version(
+        client, settings.tracking.model_name, registry.CHALLENGER
+    )
     split = scoring.Split.of(open_store(settings=settings), result.dataset_version, settings)
     scoring.challenger_scores(settings, client, split, challenger)
     laps["evaluate"] = time.perf_counter() - t

@@ -139,7 +139,7 @@ def _give_feedback(settings: Any, result: Any, held: dict[str, list[Path]]) -> t
                             pred.label,
                             pred.confidence,
                             pred.probabilities,
-                            model_name=settings.model_name,
+                            model_name=settings.tracking.model_name,
                             model_version=result.model_version,
                             image_sha256=sha256_hex(data),
                         )
@@ -209,7 +209,7 @@ def _retrain(tmp: Path, mode: Mode) -> None:
     )
     warm = train(config, settings, store=store, progress=False)
     _describe("retraining, warm feature store", warm, settings)
-    cold_settings = settings.model_copy(update={"feature_cache": False})
+    cold_settings = settings.updated(**{"feature_cache": False})
     control = train(config, cold_settings, store=store, progress=False)
     _describe("control: retraining, DANDELION_FEATURE_CACHE=false", control, settings)
 

@@ -190,7 +190,7 @@ def _register(workdir: Path, images: list[bytes]) -> str:
             keras_forward=runtime.keras_forward(model, size),
             parity_pixels=_pixels(images[1::8][:48]),
             calibration_pixels=pixels,
-            max_batch=settings.inference_batch_max,
+            max_batch=settings.serving.inference_batch_max,
             threads=cpu_limit(),
         )
         print(

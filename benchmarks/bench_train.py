@@ -51,7 +51,7 @@ def _extraction(settings: Any, store: Any) -> None:
     for extraction in ("keras", "auto"):
         for key in list(store.list(PREFIX + "/")):
             store.delete(key)
-        run_settings = settings.model_copy(update={"extraction_runtime": extraction})
+        run_settings = settings.updated(**{"extraction_runtime": extraction})
         r = train(TrainConfig(seed=SEEDS[0]), run_settings, store=store, progress=False)
         runs[extraction] = r
         phases = ", ".join(f"{k} {v:.1f} s" for k, v in r.timings.items())

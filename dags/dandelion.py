@@ -77,7 +77,7 @@ def notebook(task_id: str, parameters: dict[str, Any], **kwargs: Any) -> Papermi
         input_nb=f"{{{{ dandelion.notebook('{task_id}') }}}}",
         output_nb=f"{{{{ dandelion.output_notebook(run_id, '{task_id}') }}}}",
         parameters={**COMMON, **parameters},
-        kernel_name=SETTINGS.kernel_name,
+        kernel_name=SETTINGS.orchestration.kernel_name,
         language_name="python",
         log_output=True,
         do_xcom_push=False,
@@ -160,7 +160,7 @@ with DAG(
     dag_id="dandelion_retrain",
     description="Retrain on each new dataset version and weekly; skips when nothing changed.",
     schedule=AssetOrTimeSchedule(
-        timetable=CronTriggerTimetable(SETTINGS.retrain_cron, timezone="UTC"),
+        timetable=CronTriggerTimetable(SETTINGS.orchestration.retrain_cron, timezone="UTC"),
         assets=orch.DATASET_ASSET | orch.FEEDBACK_ASSET,
     ),
     doc_md=__doc__,
@@ -176,7 +176,7 @@ with DAG(
 with DAG(
     dag_id="dandelion_feedback",
     description="Starts retraining when enough accepted feedback waits for a dataset version.",
-    schedule=CronTriggerTimetable(SETTINGS.feedback_watch_cron, timezone="UTC"),
+    schedule=CronTriggerTimetable(SETTINGS.orchestration.feedback_watch_cron, timezone="UTC"),
     doc_md=__doc__,
     **DAG_ARGS,
 ):

@@ -94,16 +94,16 @@ def task_env(settings: Settings, source: str | None = None) -> dict[str, str]:
         for key, value in dotenv_values(".env").items():
             if key.upper().startswith("DANDELION_") and value is not None:
                 env.setdefault(key.upper(), os.environ.get(key, value))
-    src = source or settings.source
+    src = source or settings.ingest.source
     if "://" not in src:  # a local folder
         src = str(Path(src).expanduser().resolve())
     env["DANDELION_SOURCE"] = src
-    negatives = settings.negatives_source
+    negatives = settings.ingest.negatives_source
     if negatives and "://" not in negatives:
         env["DANDELION_NEGATIVES_SOURCE"] = str(Path(negatives).expanduser().resolve())
-    if settings.notebooks_dir is not None:
+    if settings.orchestration.notebooks_dir is not None:
         env["DANDELION_NOTEBOOKS_DIR"] = str(settings.resolved_notebooks_dir)
-    if settings.airflow_home is not None:
+    if settings.orchestration.airflow_home is not None:
         env["DANDELION_AIRFLOW_HOME"] = str(settings.resolved_airflow_home)
     store = settings.resolved_store_url
     if "://" not in store:  # a plain local path
@@ -195,7 +195,7 @@ def run_pipeline(
 ) -> int:
     """Run ``dag`` with ``airflow dags test`` on the embedded defaults and print its summary;
     returns the exit status (1 when the run failed or wrote no summary)."""
-    check_kernel(settings.kernel_name)
+    check_kernel(settings.orchestration.kernel_name)
     env = task_env(settings, source=source)
     home = Path(env["AIRFLOW_HOME"])
     if ensure_airflow_db(env):

@@ -139,15 +139,15 @@ def model_summary(settings: Settings, trained: str | None) -> dict[str, Any]:
     client = registry.configure_mlflow(settings)
     aliases: dict[str, str] = {}
     for alias in (registry.CHAMPION, registry.CHALLENGER):
-        mv = registry.get_alias_version(client, settings.model_name, alias)
+        mv = registry.get_alias_version(client, settings.tracking.model_name, alias)
         if mv is not None:
             aliases[alias] = str(mv.version)
     version = trained or aliases.get(registry.CHAMPION)
     out: dict[str, Any] = {"aliases": aliases}
     if version:
-        mv = client.get_model_version(settings.model_name, version)
+        mv = client.get_model_version(settings.tracking.model_name, version)
         out["model"] = {
-            "name": settings.model_name,
+            "name": settings.tracking.model_name,
             "version": str(version),
             **_test_figures(client, mv),
             "trained_in_this_run": bool(trained),

@@ -24,9 +24,9 @@ from typing import Any
 
 import httpx
 
-from dandelion_lib.core.config import DEFAULT_LABELS, NEITHER, UNCERTAIN, UNKNOWN
 from dandelion_lib.core.errors import DandelionError
 from dandelion_lib.core.images import DEFAULT_MAX_PIXELS
+from dandelion_lib.core.labels import DEFAULT_LABELS, NEITHER, UNCERTAIN, UNKNOWN
 
 UPLOAD_FIELD = "file"
 """Multipart field of the image in ``POST /predict``."""

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import ipywidgets as w
 
-from dandelion_lib.core.config import NEITHER, Settings
+from dandelion_lib.core.config import Settings
 from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.core.labels import NEITHER
 from dandelion_lib.data.feedback import FeedbackStore
 from dandelion_lib.data.review import AwaitingDataset, ReviewItem, ReviewQueue
 from dashboards.client import make_thumbnail, percent
@@ -198,7 +199,7 @@ class ReviewPage:
             FeedbackStore.from_settings(settings),
             page_size=page_size,
             refresh_interval_s=refresh_interval_s,
-            max_image_pixels=settings.max_image_pixels,
+            max_image_pixels=settings.images.max_image_pixels,
         )
 
     # --- state -------------------------------------------------------------------------------

@@ -71,13 +71,17 @@ class Page:
 
 def app_page(settings: Settings) -> Page:
     """The end-user app: ``app.ipynb`` on ``app_host:app_port``, open to its users."""
-    return Page("app", NOTEBOOK, settings.app_host, settings.app_port)
+    return Page("app", NOTEBOOK, settings.app.app_host, settings.app.app_port)
 
 
 def review_page(settings: Settings) -> Page:
     """The reviewer page: ``review.ipynb`` on ``review_host:review_port``, behind
     ``review_token`` (:class:`ServeConfigError` when it is unset or too short)."""
-    secret = settings.review_token.get_secret_value().strip() if settings.review_token else ""
+    secret = (
+        settings.review.review_token.get_secret_value().strip()
+        if settings.review.review_token
+        else ""
+    )
     if not secret:
         raise ServeConfigError(
             "the reviewer page needs a token: set DANDELION_REVIEW_TOKEN (e.g. to the output "
@@ -87,7 +91,9 @@ def review_page(settings: Settings) -> Page:
         raise ServeConfigError(
             f"DANDELION_REVIEW_TOKEN is too short: use at least {MIN_TOKEN_LENGTH} characters"
         )
-    return Page("review", REVIEW_NOTEBOOK, settings.review_host, settings.review_port, secret)
+    return Page(
+        "review", REVIEW_NOTEBOOK, settings.review.review_host, settings.review.review_port, secret
+    )
 
 
 class CappedKernelManager(AsyncMappingKernelManager):
@@ -246,9 +252,9 @@ def voila_argv(settings: Settings, page: Page | None = None) -> list[str]:
         "--VoilaConfiguration.allow_template_override=NO",
         "--VoilaConfiguration.allow_theme_override=NO",
         "--VoilaConfiguration.multi_kernel_manager_class=dashboards.serve.CappedKernelManager",
-        f"--CappedKernelManager.max_kernels={settings.app_max_kernels}",
-        f"--MappingKernelManager.cull_idle_timeout={settings.app_cull_idle_s}",
-        f"--MappingKernelManager.cull_interval={max(1, min(60, settings.app_cull_idle_s // 2))}",
+        f"--CappedKernelManager.max_kernels={settings.app.app_max_kernels}",
+        f"--MappingKernelManager.cull_idle_timeout={settings.app.app_cull_idle_s}",
+        f"--MappingKernelManager.cull_interval={max(1, min(60, settings.app.app_cull_idle_s // 2))}",
         "--MappingKernelManager.cull_connected=True",
         "--MappingKernelManager.cull_busy=False",
     ]
@@ -263,7 +269,7 @@ def environment(settings: Settings) -> dict[str, str]:
     if extra:
         jp = [*extra, *filter(None, os.environ.get("JUPYTER_PATH", "").split(os.pathsep))]
         env["JUPYTER_PATH"] = os.pathsep.join(jp)
-    env["DANDELION_API_URL"] = settings.api_url
+    env["DANDELION_API_URL"] = settings.serving.api_url
     return env
 
 
@@ -289,9 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     else:
-        print(f"dandelion app on {base} (API {settings.api_url})", flush=True)
+        print(f"dandelion app on {base} (API {settings.serving.api_url})", flush=True)
     # All files of one selection arrive in one websocket message (tornado's default cap: 10 MiB).
-    tornado_settings = {"websocket_max_message_size": settings.app_max_upload_bytes}
+    tornado_settings = {"websocket_max_message_size": settings.app.app_max_upload_bytes}
     extra: dict[str, Any] = {"token": page.token} if page.token else {}
     DandelionVoila.launch_instance(
         argv=[*voila_argv(settings, page), *args], tornado_settings=tornado_settings, **extra

@@ -17,8 +17,9 @@ from typing import Any
 
 import ipywidgets as w
 
-from dandelion_lib.core.config import NEITHER, UNCERTAIN, UNKNOWN, Settings
+from dandelion_lib.core.config import Settings
 from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.core.labels import NEITHER, UNCERTAIN, UNKNOWN
 from dashboards.client import (
     ApiClient,
     ApiUnavailableError,
@@ -242,14 +243,14 @@ class DandelionApp:
     @classmethod
     def from_settings(cls, settings: Settings, api_url: str | None = None) -> DandelionApp:
         client = ApiClient(
-            api_url or settings.api_url,
-            timeout=settings.app_request_timeout_s,
+            api_url or settings.serving.api_url,
+            timeout=settings.app.app_request_timeout_s,
             labels=settings.labels,
         )
         return cls(
             client,
-            health_interval_s=settings.app_health_interval_s,
-            max_image_pixels=settings.max_image_pixels,
+            health_interval_s=settings.app.app_health_interval_s,
+            max_image_pixels=settings.images.max_image_pixels,
         )
 
     # --- API state ---------------------------------------------------------------------------

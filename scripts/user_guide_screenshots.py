@@ -48,7 +48,8 @@ def wait_http(url: str, timeout: float) -> None:
 
 def pick_photos(ood: Path | None, tmp: Path) -> list[Path]:
     """A confident dandelion and grass of the test split and an object answered unknown."""
-    from dandelion_lib.core.config import UNKNOWN, get_settings
+    from dandelion_lib.core.config import get_settings
+    from dandelion_lib.core.labels import UNKNOWN
     from dandelion_lib.core.storage import open_store
     from dandelion_lib.data import dataset
     from dandelion_lib.lifecycle import registry
@@ -56,7 +57,9 @@ def pick_photos(ood: Path | None, tmp: Path) -> list[Path]:
 
     settings = get_settings()
     registry.configure_mlflow(settings)
-    predictor = Predictor.load(registry.model_uri(settings.model_name, "champion"), settings)
+    predictor = Predictor.load(
+        registry.model_uri(settings.tracking.model_name, "champion"), settings
+    )
     store = open_store(settings=settings)
     m = dataset.load_manifest(store, predictor.dataset_version)
     test = m[m["split"] == "test"].sort_values("sha256")

@@ -38,15 +38,15 @@ class Services:
         feedback_store: FeedbackStore | None = None,
     ) -> Services:
         metrics = ApiMetrics(
-            drift_psi_threshold=settings.drift_psi_threshold,
-            live_accuracy_floor=settings.live_accuracy_floor,
+            drift_psi_threshold=settings.monitoring.drift_psi_threshold,
+            live_accuracy_floor=settings.feedback.live_accuracy_floor,
         )
         models = ModelManager(settings, metrics, loader=loader)
         queue = InferenceQueue(
             metrics,
-            max_batch=settings.microbatch_max,
-            wait_ms=settings.microbatch_wait_ms,
-            capacity=settings.queue_size,
+            max_batch=settings.serving.microbatch_max,
+            wait_ms=settings.serving.microbatch_wait_ms,
+            capacity=settings.serving.queue_size,
         )
         store = feedback_store or FeedbackStore.from_settings(settings)
         recorder = PredictionLog(store)
@@ -66,11 +66,11 @@ class Services:
                 store,
                 recorder,
                 metrics,
-                accuracy_window=settings.feedback_accuracy_window,
+                accuracy_window=settings.feedback.feedback_accuracy_window,
                 bulkhead=Bulkhead(
                     "feedback",
-                    limit=settings.feedback_concurrency,
-                    deadline_s=settings.feedback_timeout_s,
+                    limit=settings.feedback.feedback_concurrency,
+                    deadline_s=settings.feedback.feedback_timeout_s,
                 ),
             ),
         )
@@ -94,5 +94,5 @@ class Services:
         """Stop the background work; a stuck database holds shutdown at most its timeout."""
         self.models.stop()
         self.queue.stop()
-        self.recorder.stop(timeout=self.settings.feedback_timeout_s)
+        self.recorder.stop(timeout=self.settings.feedback.feedback_timeout_s)
         self.recorder.store.close()

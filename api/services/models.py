@@ -88,8 +88,8 @@ class ModelManager:
     ):
         self.settings = settings
         self.metrics = metrics
-        self.name = settings.model_name
-        self.alias = settings.model_alias
+        self.name = settings.tracking.model_name
+        self.alias = settings.serving.model_alias
         self._loader = loader or self._default_loader
         self._current: ServingModel | None = None
         self._check_lock = threading.Lock()
@@ -104,7 +104,7 @@ class ModelManager:
         self.reason = f"checking the registry for models:/{self.name}@{self.alias}"
         # Admin reloads run here, never in the request worker pool; the poller has its own
         # thread. One reload at a time (a second waits for the first's lock anyway).
-        self.reloads = Bulkhead("registry", limit=1, deadline_s=settings.reload_timeout_s)
+        self.reloads = Bulkhead("registry", limit=1, deadline_s=settings.serving.reload_timeout_s)
 
     # --- public ----------------------------------------------------------------------------
     @property
@@ -193,8 +193,8 @@ class ModelManager:
         return Predictor.load(
             uri,
             self.settings,
-            max_pixels=self.settings.max_image_pixels,
-            min_side=self.settings.min_image_side,
+            max_pixels=self.settings.images.max_image_pixels,
+            min_side=self.settings.images.min_image_side,
             policy=AnswerPolicy.from_settings(self.settings),
         )
 
@@ -210,7 +210,7 @@ class ModelManager:
             except Exception:  # never let the poller die
                 log.exception("model check failed unexpectedly")
             # First load: retry sooner while nothing is served.
-            interval = self.settings.reload_interval_s
+            interval = self.settings.serving.reload_interval_s
             if self._current is None:
                 interval = min(interval, 5.0)
             self._wake.wait(interval)
@@ -290,8 +290,8 @@ class ModelManager:
             loaded_at=dt.datetime.now(dt.UTC),
             drift=DriftMonitor(
                 predictor.drift_reference,
-                window=self.settings.drift_window,
-                threshold=self.settings.drift_psi_threshold,
+                window=self.settings.monitoring.drift_window,
+                threshold=self.settings.monitoring.drift_psi_threshold,
             ),
         )
         self.last_failure = None
@@ -325,7 +325,7 @@ class ModelManager:
             openset=p.detector.to_dict() if p and p.detector is not None else None,
             last_failure=self.last_failure.info() if self.last_failure else None,
             last_check_at=self.last_check_at.isoformat() if self.last_check_at else None,
-            reload_interval_s=self.settings.reload_interval_s,
+            reload_interval_s=self.settings.serving.reload_interval_s,
             serving=ServingInfo(
                 runtime=p.runtime,
                 precision=p.precision,
@@ -360,7 +360,7 @@ def registry_http_env(settings: Settings) -> dict[str, str]:
     registry check busy for minutes; the API names the outage in seconds instead.
     """
     return {
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(settings.registry_timeout_s),
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(settings.registry_retries),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(settings.serving.registry_timeout_s),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(settings.serving.registry_retries),
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     }

@@ -87,7 +87,11 @@ class Macros:
         self.default_notebooks = default_notebooks
 
     def notebooks_dir(self) -> Path:
-        return (_settings().notebooks_dir or self.default_notebooks).expanduser().resolve()
+        return (
+            (_settings().orchestration.notebooks_dir or self.default_notebooks)
+            .expanduser()
+            .resolve()
+        )
 
     @staticmethod
     def store_url() -> str:
@@ -99,11 +103,11 @@ class Macros:
 
     @staticmethod
     def source() -> str:
-        return _settings().source
+        return _settings().ingest.source
 
     @staticmethod
     def model_name() -> str:
-        return _settings().model_name
+        return _settings().tracking.model_name
 
     def notebook(self, task_id: str) -> str:
         """Absolute path of the notebook a step runs."""
@@ -203,9 +207,9 @@ def io_retries(settings: Settings | None = None) -> dict[str, Any]:
     """Retry arguments of the I/O steps: exponential backoff from the settings' delay; no
     retry of a failed quality gate or a non-transient notebook error (:class:`GateRetryPolicy`)."""
     settings = settings or _settings()
-    delay = timedelta(seconds=settings.pipeline_retry_delay_s)
+    delay = timedelta(seconds=settings.orchestration.pipeline_retry_delay_s)
     return {
-        "retries": settings.pipeline_retries,
+        "retries": settings.orchestration.pipeline_retries,
         "retry_delay": delay,
         "retry_exponential_backoff": 2.0,
         "max_retry_delay": max(delay * 8, timedelta(seconds=1)),
@@ -247,7 +251,7 @@ def _mlflow_runs_of_task(context: Any) -> list[Any]:
     """MLflow runs the notebook of this task started (tagged through MLFLOW_RUN_CONTEXT)."""
     settings = _settings()
     client = registry.configure_mlflow(settings)
-    experiment = client.get_experiment_by_name(settings.experiment)
+    experiment = client.get_experiment_by_name(settings.tracking.experiment)
     if experiment is None:
         return []
     query = (
@@ -294,7 +298,9 @@ def prepare_notebook(context: Any) -> None:
 
     task = context["task"]
     try:
-        pipeline.check_kernel(task.kernel_name or _settings().kernel_name)
+        pipeline.check_kernel(
+            task.orchestration.kernel_name or _settings().orchestration.kernel_name
+        )
     except pipeline.KernelMissingError as exc:
         raise _fail(str(exc)) from None
     if not Path(str(task.input_nb)).is_file():
@@ -346,21 +352,23 @@ def _after_train(context: Any, runs: list[str], url: str | None) -> None:
         mv
         for run_id in runs
         for mv in client.search_model_versions(f"run_id = '{run_id}'")
-        if mv.name == settings.model_name
+        if mv.name == settings.tracking.model_name
     ]
     if not versions:
         raise _fail(
-            f"the training notebook registered no version of model {settings.model_name!r} "
+            f"the training notebook registered no version of model {settings.tracking.model_name!r} "
             f"(MLflow runs of this task: {runs or 'none'})"
         )
     mv = max(versions, key=lambda v: int(v.version))
     tags = _run_context_tags(context)
     for key in (CODE_VERSION_TAG, DATASET_VERSION_TAG, RUN_ID_TAG):
         if key in tags:
-            client.set_model_version_tag(settings.model_name, mv.version, key, tags[key])
+            client.set_model_version_tag(settings.tracking.model_name, mv.version, key, tags[key])
     if url:
         notebooks = url.rsplit("/", 1)[0] + "/"
-        client.set_model_version_tag(settings.model_name, mv.version, NOTEBOOK_TAG, notebooks)
+        client.set_model_version_tag(
+            settings.tracking.model_name, mv.version, NOTEBOOK_TAG, notebooks
+        )
     ti = context["ti"]
     ti.xcom_push(key="model_version", value=str(mv.version))
     ti.xcom_push(key="mlflow_run_id", value=mv.run_id)
@@ -468,7 +476,7 @@ def resolve_dataset(**context: Any) -> dict[str, Any]:
                 sources.add(event.source_dag_id)
     settings = _settings()
     added = None
-    if settings.ingest_feedback:
+    if settings.ingest.ingest_feedback:
         try:
             added = add_accepted_feedback(settings, store=_store(), progress=False)
         except SourceUnavailableError as exc:
@@ -500,9 +508,9 @@ def feedback_waiting(**context: Any) -> bool:
     log.info(
         "%d accepted feedback photos wait for a dataset version (threshold %d)",
         waiting.count,
-        settings.retrain_feedback_threshold,
+        settings.orchestration.retrain_feedback_threshold,
     )
-    return waiting.count >= settings.retrain_feedback_threshold
+    return waiting.count >= settings.orchestration.retrain_feedback_threshold
 
 
 def announce_feedback(**context: Any) -> int:
@@ -588,10 +596,12 @@ def promote(model_version: str, dataset_version: str, **context: Any) -> dict[st
 
     settings = _settings()
     client = registry.configure_mlflow(settings)
-    challenger = registry.get_alias_version(client, settings.model_name, registry.CHALLENGER)
+    challenger = registry.get_alias_version(
+        client, settings.tracking.model_name, registry.CHALLENGER
+    )
     if challenger is None or str(challenger.version) != str(model_version):
         raise _fail(
-            f"{settings.model_name}@{registry.CHALLENGER} is "
+            f"{settings.tracking.model_name}@{registry.CHALLENGER} is "
             f"{'missing' if challenger is None else f'version {challenger.version}'}, "
             f"not the version {model_version} trained in this run"
         )
@@ -609,7 +619,7 @@ def promote(model_version: str, dataset_version: str, **context: Any) -> dict[st
     log.info("%s", result.summary())
     if not result.promoted:
         raise _fail(
-            f"{settings.model_name} version {model_version} not promoted: {outcome['reason']}"
+            f"{settings.tracking.model_name} version {model_version} not promoted: {outcome['reason']}"
         )
     return outcome
 

@@ -38,7 +38,7 @@ def cli(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # clean stderr
     settings = get_settings()
     configure_mlflow(settings)
-    uri = args.model or model_uri(settings.model_name, settings.model_alias)
+    uri = args.model or model_uri(settings.tracking.model_name, settings.serving.model_alias)
     report = drift_report(
         uri,
         args.images,

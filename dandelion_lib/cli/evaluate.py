@@ -36,12 +36,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def cli(args: argparse.Namespace) -> int:
     settings = get_settings()
     registry.configure_mlflow(settings)
-    uri = args.model or registry.model_uri(settings.model_name, registry.CHAMPION)
+    uri = args.model or registry.model_uri(settings.tracking.model_name, registry.CHAMPION)
     predictor = Predictor.load(
         uri,
         settings,
-        max_pixels=settings.max_image_pixels,
-        min_side=settings.min_image_side,
+        max_pixels=settings.images.max_image_pixels,
+        min_side=settings.images.min_image_side,
         policy=AnswerPolicy.from_settings(settings),
     )
     skipped: list[str] = []

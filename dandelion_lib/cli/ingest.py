@@ -60,7 +60,7 @@ def cli(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
-    settings = load_settings().model_copy(update=updates)
+    settings = load_settings().updated(**updates)
     report = ingest(settings, extend=args.extend, progress=args.progress)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))

@@ -23,12 +23,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def cli(args: argparse.Namespace) -> int:
     settings = get_settings()
     registry.configure_mlflow(settings)
-    uri = args.model or registry.model_uri(settings.model_name, settings.model_alias)
+    uri = args.model or registry.model_uri(
+        settings.tracking.model_name, settings.serving.model_alias
+    )
     predictor = Predictor.load(
         uri,
         settings,
-        max_pixels=settings.max_image_pixels,
-        min_side=settings.min_image_side,
+        max_pixels=settings.images.max_image_pixels,
+        min_side=settings.images.min_image_side,
         policy=AnswerPolicy.from_settings(settings),
     )
     failed = 0

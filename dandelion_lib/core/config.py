@@ -1,4 +1,4 @@
-"""One typed settings object for every part of dandelion.
+"""Typed settings for every part of dandelion, in groups.
 
 Values come from environment variables prefixed ``DANDELION_`` (or a ``.env`` file),
 falling back to the embedded defaults below, which run everything on one machine:
@@ -15,36 +15,27 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_LABELS: tuple[str, ...] = ("dandelion", "grass")
-"""Training labels, in class-index order (the default of ``DANDELION_LABELS``)."""
-
-UNCERTAIN = "uncertain"
-"""Answer given below the confidence threshold; never a training label."""
-
-UNKNOWN = "unknown"
-"""Answer for a photo that is neither class (out of domain); never a training label. It is
-also the manifest label of the ``negatives`` source: out-of-domain photos the open-set
-detector is fitted on."""
-
-NEITHER = "neither"
-"""Feedback label: the photo shows neither class (after review, a negative example)."""
+from dandelion_lib.core.face_settings import (
+    AppSettings,
+    FeedbackSettings,
+    MonitoringSettings,
+    ReviewSettings,
+    ServingSettings,
+    SettingsGroup,
+)
+from dandelion_lib.core.labels import DEFAULT_LABELS
 
 DEFAULT_SOURCE = "https://raw.githubusercontent.com/btphan95/greenr-airflow/refs/heads/master/data"
 
 
-class Settings(BaseSettings):
-    """All configuration; see docs/configuration.md for the full table."""
+class StorageSettings(SettingsGroup):
+    """Where state lives: the work directory and the object store."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="DANDELION_", env_file=".env", extra="ignore", frozen=True
-    )
-
-    # --- locations -------------------------------------------------------------------------
     workdir: Path = Field(Path(".dandelion"), description="Embedded state: store, MLflow DB.")
     store_url: str | None = Field(
         None,
@@ -55,11 +46,21 @@ class Settings(BaseSettings):
         None, description="S3 endpoint for MinIO or another S3-compatible server."
     )
     s3_region: str = Field("us-east-1", description="S3 region name.")
+
+
+class TrackingSettings(SettingsGroup):
+    """MLflow tracking and the model registry."""
+
     tracking_uri: str | None = Field(
         None, description="MLflow tracking/registry URI. Default: sqlite:///<workdir>/mlflow.db."
     )
+    experiment: str = Field("dandelion", description="MLflow experiment name.")
+    model_name: str = Field("dandelion", description="Registered model name.")
 
-    # --- ingestion -------------------------------------------------------------------------
+
+class IngestSettings(SettingsGroup):
+    """Ingestion: sources, downloads, dataset quality gates and splits."""
+
     source: str = Field(
         DEFAULT_SOURCE,
         description="Image source: an HTTP base URL (<label>/<8-digit index>.jpg) or a local "
@@ -76,10 +77,6 @@ class Settings(BaseSettings):
         description="Ingestion adds accepted feedback images (`dandelion feedback review "
         "--accept`) under the label the user gave; `neither` becomes a negative.",
     )
-    labels: tuple[str, ...] = Field(
-        DEFAULT_LABELS,
-        description='Class labels, in model output order (env: JSON list, e.g. \'["dandelion","grass"]\').',
-    )
     source_start: int = Field(0, description="First image index of the HTTP layout.")
     source_count: int = Field(200, description="Images per label in the HTTP layout.")
     max_per_class: int | None = Field(
@@ -92,11 +89,6 @@ class Settings(BaseSettings):
     http_backoff_s: float = Field(
         0.5, description="First retry delay; doubles on each further retry."
     )
-    max_download_bytes: int = Field(50 * 1024 * 1024, description="Larger downloads are rejected.")
-    min_image_side: int = Field(32, description="Smaller images are rejected.")
-    max_image_pixels: int = Field(
-        40_000_000, description="Larger images are rejected (decompression-bomb guard)."
-    )
     min_images_per_class: int = Field(20, description="Ingestion fails below this per class.")
     max_class_imbalance: float = Field(
         3.0, description="Ingestion fails when largest/smallest class count exceeds this."
@@ -108,7 +100,20 @@ class Settings(BaseSettings):
     )
     split_seed: int = Field(42, description="Seed of the deterministic train/val/test split.")
 
-    # --- training --------------------------------------------------------------------------
+
+class ImageSettings(SettingsGroup):
+    """What image is acceptable: the limits every face applies."""
+
+    max_download_bytes: int = Field(50 * 1024 * 1024, description="Larger downloads are rejected.")
+    min_image_side: int = Field(32, description="Smaller images are rejected.")
+    max_image_pixels: int = Field(
+        40_000_000, description="Larger images are rejected (decompression-bomb guard)."
+    )
+
+
+class TrainingSettings(SettingsGroup):
+    """Training: the feature store and feature extraction."""
+
     feature_cache: bool = Field(
         True,
         description="Training reads the frozen backbone's embeddings from the feature store "
@@ -121,19 +126,20 @@ class Settings(BaseSettings):
         description="Images per embedding-extraction task of the training DAGs (extract_features "
         "is mapped over shards of the dataset version of this size, one task each).",
     )
-
-    # --- model registry --------------------------------------------------------------------
-    experiment: str = Field("dandelion", description="MLflow experiment name.")
-    model_name: str = Field("dandelion", description="Registered model name.")
-    promotion_floor: float = Field(0.90, description="Minimum test accuracy to promote.")
-    promotion_tolerance: float = Field(
-        0.01, description="Allowed accuracy drop versus the current champion."
-    )
     extraction_runtime: Literal["auto", "keras"] = Field(
         "auto",
         description="What extracts the frozen backbone's features in training: 'auto' = ONNX "
         "Runtime when it matches TensorFlow within 1e-4 on the first batch, else TensorFlow; "
         "'keras' = always TensorFlow.",
+    )
+
+
+class PromotionSettings(SettingsGroup):
+    """The promotion gate and the served precision."""
+
+    promotion_floor: float = Field(0.90, description="Minimum test accuracy to promote.")
+    promotion_tolerance: float = Field(
+        0.01, description="Allowed accuracy drop versus the current champion."
     )
     int8_tolerance: float = Field(
         0.01,
@@ -159,7 +165,10 @@ class Settings(BaseSettings):
         "(pointer datasets/benchmark).",
     )
 
-    # --- orchestration (Airflow) -----------------------------------------------------------
+
+class OrchestrationSettings(SettingsGroup):
+    """The pipeline: notebooks, Airflow, retraining triggers."""
+
     notebooks_dir: Path | None = Field(
         None, description="Notebooks the pipeline runs. Default: the project's notebooks/ folder."
     )
@@ -187,143 +196,81 @@ class Settings(BaseSettings):
         description="How often the dandelion_feedback DAG counts accepted feedback (cron, UTC).",
     )
 
-    # --- serving ---------------------------------------------------------------------------
-    api_url: str = Field("http://127.0.0.1:8000", description="Where clients reach the API.")
-    api_host: str = Field("127.0.0.1", description="API bind address.")
-    api_port: int = Field(8000, description="API port.")
-    model_alias: str = Field("champion", description="Alias the API serves.")
-    serving_runtime: Literal["auto", "onnx", "keras"] = Field(
-        "auto",
-        description="How the Predictor runs a model: 'auto' = the version's ONNX Runtime "
-        "artifact in the precision the gate chose, Keras when the version has none or it "
-        "cannot be loaded; 'onnx' = that artifact or an error; 'keras' = always Keras.",
-    )
-    confidence_threshold: float = Field(
-        0.6, description="Below this confidence the answer is 'uncertain'."
-    )
-    max_body_bytes: int = Field(10 * 1024 * 1024, description="Request body limit.")
-    body_read_timeout_s: float = Field(
-        30.0,
-        gt=0,
-        description="Grace period for a request body; after it the body must keep arriving "
-        "at min_upload_bytes_per_s, else 408 and the connection is closed.",
-    )
-    min_upload_bytes_per_s: int = Field(
-        1024, ge=0, description="Slowest average upload rate accepted after the grace period."
-    )
-    header_timeout_s: float = Field(
-        10.0,
-        gt=0,
-        description="Time a client has to send a request's headers, else 408 and the "
-        "connection is closed.",
-    )
-    api_max_connections: int = Field(
-        1000,
-        gt=0,
-        description="Open connections and requests in flight before the API answers 503.",
-    )
-    max_batch_images: int = Field(32, description="Images per /predict/batch request.")
-    microbatch_max: int = Field(32, description="Largest micro-batch run by the model.")
-    microbatch_wait_ms: float = Field(5.0, description="Wait for more requests to batch.")
-    queue_size: int = Field(256, description="Pending images before 503 + Retry-After.")
-    reload_interval_s: float = Field(30.0, description="Registry alias polling period.")
-    registry_timeout_s: int = Field(
-        10,
-        gt=0,
-        description="Per-request timeout of the API's registry calls (MLflow HTTP), so a down "
-        "or hanging registry is named in seconds, not minutes.",
-    )
-    registry_retries: int = Field(
-        1, ge=0, description="Retries of one registry request by the API (MLflow HTTP)."
-    )
-    reload_timeout_s: float = Field(
-        30.0,
-        gt=0,
-        description="Deadline of POST /admin/reload; past it 503 reload-timeout (the check "
-        "goes on; GET /model shows its outcome).",
-    )
-    feedback_timeout_s: float = Field(
-        5.0,
-        gt=0,
-        description="Deadline of a feedback request's database and object-store work, and the "
-        "database's lock and connect wait (SQLite busy timeout; PostgreSQL connect, pool and "
-        "statement timeouts). Past it: 503 feedback-timeout with Retry-After.",
-    )
-    feedback_concurrency: int = Field(
-        4,
-        gt=0,
-        description="Feedback requests served at once (their own threads, apart from "
-        "predictions); one more answers 503 feedback-busy at once.",
-    )
-    admin_token: SecretStr | None = Field(
-        None, description="Bearer token for /admin/*; admin endpoints are refused when unset."
-    )
-    feedback_db_url: str | None = Field(
-        None, description="SQLAlchemy URL of the feedback DB. Default: SQLite in workdir."
-    )
-    drift_window: int = Field(200, description="Served images kept for live drift scores.")
-    feedback_accuracy_window: int = Field(
-        200, description="Latest feedback items behind the live accuracy gauge."
-    )
-    live_accuracy_floor: float = Field(
-        0.9,
-        ge=0,
-        le=1,
-        description="Live accuracy below which the alert DandelionLiveAccuracyLow fires "
-        "(exported as dandelion_live_accuracy_floor).",
-    )
-    log_level: str = Field("INFO", description="Log level of the API's JSON logs.")
-    inference_threads: int | None = Field(
-        None,
-        gt=0,
-        description="Intra-op threads of the API's model runtime. Default: the container's CPU "
-        "limit (cgroup quota, rounded up), else the CPUs this process may run on.",
-    )
-    inference_batch_max: int = Field(
-        8,
-        gt=0,
-        description="Most images one ONNX Runtime call runs; a larger micro-batch runs in "
-        "chunks of this size. The runtime's memory arena keeps the peak of the largest batch "
-        "it has run, and on CPUs a batch past 8 is no faster per image (docs/model.md).",
+
+GROUPS: dict[str, type[SettingsGroup]] = {
+    "storage": StorageSettings,
+    "tracking": TrackingSettings,
+    "ingest": IngestSettings,
+    "images": ImageSettings,
+    "training": TrainingSettings,
+    "promotion": PromotionSettings,
+    "orchestration": OrchestrationSettings,
+    "serving": ServingSettings,
+    "feedback": FeedbackSettings,
+    "monitoring": MonitoringSettings,
+    "app": AppSettings,
+    "review": ReviewSettings,
+}
+"""Each group's attribute name on :class:`Settings` and its class."""
+
+
+class Settings(BaseSettings):
+    """All configuration, in typed groups (``settings.storage.store_url``,
+    ``settings.serving.confidence_threshold``...); see docs/configuration.md for the table.
+
+    Environment variables stay flat (``DANDELION_STORE_URL``), and so do the names accepted by
+    the constructor and :meth:`updated` (``Settings(workdir=...)``): each is routed to its group.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="DANDELION_", env_file=".env", extra="ignore", frozen=True
     )
 
-    # --- monitoring ------------------------------------------------------------------------
-    drift_psi_threshold: float = Field(
-        0.2, description="PSI above which a feature counts as drifted (if also above noise)."
+    labels: tuple[str, ...] = Field(
+        DEFAULT_LABELS,
+        description='Class labels, in model output order (env: JSON list, e.g. \'["dandelion","grass"]\').',
     )
-    drift_share_threshold: float = Field(
-        0.5, description="Share of drifted features at or above which a batch has drifted."
-    )
-    drift_min_images: int = Field(20, description="Fewest images an offline drift check accepts.")
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    promotion: PromotionSettings = Field(default_factory=PromotionSettings)
+    orchestration: OrchestrationSettings = Field(default_factory=OrchestrationSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    app: AppSettings = Field(default_factory=AppSettings)
+    review: ReviewSettings = Field(default_factory=ReviewSettings)
 
-    # --- web app ---------------------------------------------------------------------------
-    app_host: str = Field("127.0.0.1", description="Web app (Voila) bind address.")
-    app_port: int = Field(8866, description="Web app (Voila) port.")
-    app_max_kernels: int = Field(
-        10, description="Concurrent app sessions (one ~90 MB kernel each); more get HTTP 503."
-    )
-    app_cull_idle_s: int = Field(
-        900, description="Shut down an app session's kernel after this many idle seconds."
-    )
-    app_health_interval_s: float = Field(
-        5.0, description="How often the app re-checks the API (banner and recovery)."
-    )
-    app_request_timeout_s: float = Field(30.0, description="App-to-API request timeout.")
-    app_max_upload_bytes: int = Field(
-        64 * 1024 * 1024, description="Largest upload to the app (all files picked at once)."
-    )
+    @model_validator(mode="before")
+    @classmethod
+    def _route_flat_names(cls, data: Any) -> Any:
+        """``Settings(store_url=...)``: each flat field name goes to its group."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for group, model in GROUPS.items():
+            flat = {k: data.pop(k) for k in list(data) if k in model.model_fields}
+            if not flat:
+                continue
+            given = data.get(group)
+            base = given.model_dump() if isinstance(given, BaseModel) else dict(given or {})
+            data[group] = model(**(base | flat))
+        return data
 
-    # --- reviewer page ---------------------------------------------------------------------
-    review_host: str = Field(
-        "127.0.0.1",
-        description="Reviewer page (Voila) bind address; never behind the public ingress.",
-    )
-    review_port: int = Field(8867, description="Reviewer page (Voila) port.")
-    review_token: SecretStr | None = Field(
-        None,
-        description="Token reviewers open the reviewer page with (`/?token=...`, at least 16 "
-        "characters); the page refuses to start when unset.",
-    )
+    def flat(self) -> dict[str, Any]:
+        """Every setting by its flat name (``{"store_url": ..., "split_seed": ...}``)."""
+        out: dict[str, Any] = {"labels": self.labels}
+        for group in GROUPS:
+            out |= getattr(self, group).model_dump()
+        return out
+
+    def updated(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` (flat field names, validated), e.g. ``updated(split_seed=1)``."""
+        data: dict[str, Any] = {"labels": self.labels}
+        data |= {group: getattr(self, group).model_dump() for group in GROUPS}
+        return Settings(**(data | changes))
 
     @field_validator("labels")
     @classmethod
@@ -335,31 +282,34 @@ class Settings(BaseSettings):
             raise ValueError(f"labels must be lower-case names ([a-z0-9_-]): {bad}")
         return labels
 
-    # --- derived ---------------------------------------------------------------------------
     @property
     def workdir_path(self) -> Path:
-        return self.workdir.expanduser().resolve()
+        return self.storage.workdir.expanduser().resolve()
 
     @property
     def resolved_store_url(self) -> str:
-        return self.store_url or (self.workdir_path / "store").as_uri()
+        return self.storage.store_url or (self.workdir_path / "store").as_uri()
 
     @property
     def resolved_tracking_uri(self) -> str:
-        return self.tracking_uri or f"sqlite:///{self.workdir_path / 'mlflow.db'}"
+        return self.tracking.tracking_uri or f"sqlite:///{self.workdir_path / 'mlflow.db'}"
 
     @property
     def resolved_airflow_home(self) -> Path:
-        return (self.airflow_home or self.workdir_path / "airflow").expanduser().resolve()
+        return (
+            (self.orchestration.airflow_home or self.workdir_path / "airflow")
+            .expanduser()
+            .resolve()
+        )
 
     @property
     def resolved_notebooks_dir(self) -> Path:
         default = Path(__file__).resolve().parents[1] / "notebooks"
-        return (self.notebooks_dir or default).expanduser().resolve()
+        return (self.orchestration.notebooks_dir or default).expanduser().resolve()
 
     @property
     def resolved_feedback_db_url(self) -> str:
-        return self.feedback_db_url or f"sqlite:///{self.workdir_path / 'feedback.db'}"
+        return self.feedback.feedback_db_url or f"sqlite:///{self.workdir_path / 'feedback.db'}"
 
 
 @lru_cache(maxsize=1)

@@ -19,8 +19,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from dandelion_lib.core.config import DEFAULT_LABELS
 from dandelion_lib.core.images import decode_image
+from dandelion_lib.core.labels import DEFAULT_LABELS
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",

@@ -24,7 +24,7 @@ from enum import StrEnum
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from dandelion_lib.core.config import Settings
+from dandelion_lib.core.config import ImageSettings, Settings
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -100,7 +100,7 @@ class InvalidImageError(ValueError):
 
 
 def _setting_default(name: str) -> int:
-    default = Settings.model_fields[name].default
+    default = ImageSettings.model_fields[name].default
     assert isinstance(default, int)
     return default
 
@@ -122,9 +122,9 @@ class ImageLimits:
     @classmethod
     def from_settings(cls, settings: Settings, *, with_bytes: bool = False) -> ImageLimits:
         return cls(
-            max_pixels=settings.max_image_pixels,
-            min_side=settings.min_image_side,
-            max_bytes=settings.max_download_bytes if with_bytes else None,
+            max_pixels=settings.images.max_image_pixels,
+            min_side=settings.images.min_image_side,
+            max_bytes=settings.images.max_download_bytes if with_bytes else None,
         )
 
 

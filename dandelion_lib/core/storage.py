@@ -357,8 +357,8 @@ def open_store(settings: Settings, url: str | None = None) -> ObjectStore:
         return S3Store(
             parsed.netloc,
             parsed.path,
-            endpoint_url=settings.s3_endpoint_url,
-            region=settings.s3_region,
+            endpoint_url=settings.storage.s3_endpoint_url,
+            region=settings.storage.s3_region,
         )
     if parsed.scheme == "file":
         return LocalStore(unquote(parsed.path))

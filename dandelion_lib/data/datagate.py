@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from dandelion_lib.core.config import UNKNOWN, Settings
+from dandelion_lib.core.config import Settings
 from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.core.labels import UNKNOWN
 from dandelion_lib.core.storage import ObjectStore, open_store
 from dandelion_lib.data import dataset
 from dandelion_lib.data.dataset import MANIFEST_COLUMNS, SPLITS
@@ -44,13 +45,13 @@ def _class_problems(df: Any, settings: Settings) -> list[str]:
     counts = df["label"].value_counts()
     present = [int(counts.get(label, 0)) for label in labels]
     problems = [
-        f"{label}: {n} images < minimum {settings.min_images_per_class}"
+        f"{label}: {n} images < minimum {settings.ingest.min_images_per_class}"
         for label, n in zip(labels, present, strict=True)
-        if n < settings.min_images_per_class
+        if n < settings.ingest.min_images_per_class
     ]
-    if min(present) > 0 and max(present) / min(present) > settings.max_class_imbalance:
+    if min(present) > 0 and max(present) / min(present) > settings.ingest.max_class_imbalance:
         problems.append(
-            f"class imbalance {max(present) / min(present):.2f} > {settings.max_class_imbalance:g}"
+            f"class imbalance {max(present) / min(present):.2f} > {settings.ingest.max_class_imbalance:g}"
         )
     return problems
 

@@ -27,9 +27,9 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from dandelion_lib.core.config import UNKNOWN
 from dandelion_lib.core.errors import DandelionError
 from dandelion_lib.core.features import STAT_COLUMNS, FeatureSpec, bytes_to_model_input
+from dandelion_lib.core.labels import UNKNOWN
 from dandelion_lib.core.storage import ObjectNotFoundError, ObjectStore
 from dandelion_lib.data.splits import split_ood
 

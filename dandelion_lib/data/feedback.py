@@ -36,9 +36,10 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from dandelion_lib.core.config import DEFAULT_LABELS, NEITHER, UNKNOWN, Settings
+from dandelion_lib.core.config import Settings
 from dandelion_lib.core.errors import DandelionError
 from dandelion_lib.core.images import ImageLimits, InvalidImageError, accept_image, canonical_image
+from dandelion_lib.core.labels import DEFAULT_LABELS, NEITHER, UNKNOWN
 from dandelion_lib.core.storage import ObjectStore, open_store, sha256_hex
 
 TRAINING_LABELS: tuple[str, ...] = DEFAULT_LABELS
@@ -260,8 +261,8 @@ class FeedbackStore:
             settings.resolved_feedback_db_url,
             store=open_store(settings=settings),
             labels=settings.labels,
-            max_image_pixels=settings.max_image_pixels,
-            timeout_s=settings.feedback_timeout_s,
+            max_image_pixels=settings.images.max_image_pixels,
+            timeout_s=settings.feedback.feedback_timeout_s,
         )
 
     # --- connection ----------------------------------------------------------------------

@@ -25,13 +25,15 @@ class HttpSource(Source):
         self.base_url = base_url.rstrip("/")
         self.description = self.base_url
         self.settings = settings
-        self.concurrency = max(1, settings.http_concurrency)
-        count = settings.source_count
-        if settings.max_per_class is not None:
-            count = min(count, settings.max_per_class)
-        self.indices = range(settings.source_start, settings.source_start + max(count, 0))
+        self.concurrency = max(1, settings.ingest.http_concurrency)
+        count = settings.ingest.source_count
+        if settings.ingest.max_per_class is not None:
+            count = min(count, settings.ingest.max_per_class)
+        self.indices = range(
+            settings.ingest.source_start, settings.ingest.source_start + max(count, 0)
+        )
         self._client = httpx.Client(
-            timeout=httpx.Timeout(settings.http_timeout_s),
+            timeout=httpx.Timeout(settings.ingest.http_timeout_s),
             limits=httpx.Limits(
                 max_connections=self.concurrency, max_keepalive_connections=self.concurrency
             ),
@@ -51,21 +53,21 @@ class HttpSource(Source):
 
     def fetch(self, item: SourceItem, known: dict[str, Any] | None) -> Fetched:
         headers = _conditional_headers(known or {})
-        retries = max(0, self.settings.http_retries)
+        retries = max(0, self.settings.ingest.http_retries)
         for attempt in range(retries + 1):
             try:
                 return self._get(item.source, headers, conditional=bool(headers))
             except _Retryable as exc:
                 if attempt == retries:
                     raise FetchError(exc.reason, exc.detail) from None
-                delay = self.settings.http_backoff_s * (2**attempt)
+                delay = self.settings.ingest.http_backoff_s * (2**attempt)
                 if exc.retry_after is not None:
                     delay = max(delay, min(exc.retry_after, 30.0))
                 time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _get(self, url: str, headers: dict[str, str], conditional: bool) -> Fetched:
-        timeout = self.settings.http_timeout_s
+        timeout = self.settings.ingest.http_timeout_s
         deadline = time.monotonic() + timeout
         try:
             with self._client.stream("GET", url, headers=headers) as resp:
@@ -82,7 +84,7 @@ class HttpSource(Source):
 
     def _body(self, resp: httpx.Response, deadline: float) -> bytes:
         """The response's bytes, at most ``max_download_bytes`` of them, before ``deadline``."""
-        limit = self.settings.max_download_bytes
+        limit = self.settings.images.max_download_bytes
         chunks: list[bytes] = []
         size = 0
         for chunk in resp.iter_bytes():

@@ -114,13 +114,15 @@ class IngestReport:
 
 def make_source(spec: str | None, settings: Settings) -> Source:
     """An HTTP source for ``http(s)://`` URLs, otherwise a local folder (path or file:// URL);
-    ``spec`` defaults to ``settings.source``."""
-    spec = spec or settings.source
+    ``spec`` defaults to ``settings.ingest.source``."""
+    spec = spec or settings.ingest.source
     parsed = urlparse(spec)
     if parsed.scheme in ("http", "https"):
         return HttpSource(spec, settings)
     path = unquote(parsed.path) if parsed.scheme == "file" else spec
-    return FolderSource(path, settings.labels, settings.max_per_class, settings.max_download_bytes)
+    return FolderSource(
+        path, settings.labels, settings.ingest.max_per_class, settings.images.max_download_bytes
+    )
 
 
 def make_negatives_source(spec: str, settings: Settings) -> NegativesSource:
@@ -129,7 +131,7 @@ def make_negatives_source(spec: str, settings: Settings) -> NegativesSource:
     if parsed.scheme not in ("", "file"):
         raise IngestError(f"DANDELION_NEGATIVES_SOURCE must be a local folder, got {spec!r}")
     path = unquote(parsed.path) if parsed.scheme == "file" else spec
-    return NegativesSource(path, settings.max_download_bytes)
+    return NegativesSource(path, settings.images.max_download_bytes)
 
 
 def _sources(
@@ -138,10 +140,10 @@ def _sources(
     """The run's source: ``source``, the negatives and accepted feedback, combined."""
     src = source if isinstance(source, Source) else make_source(source, settings)
     parts = [src]
-    negatives = negatives or settings.negatives_source
+    negatives = negatives or settings.ingest.negatives_source
     if negatives:
         parts.append(make_negatives_source(negatives, settings))
-    if settings.ingest_feedback:
+    if settings.ingest.ingest_feedback:
         reviewed = accepted_feedback(settings)
         if reviewed:
             parts.append(FeedbackSource(reviewed, store, settings.labels))
@@ -160,9 +162,9 @@ def ingest(
     progress: bool | None = None,
     negatives: str | None = None,
 ) -> IngestReport:
-    """Ingest ``source`` (default: ``settings.source``) into ``store`` as a dataset version.
+    """Ingest ``source`` (default: ``settings.ingest.source``) into ``store`` as a dataset version.
 
-    ``negatives`` (default: ``settings.negatives_source``; unset: none) is a folder of
+    ``negatives`` (default: ``settings.ingest.negatives_source``; unset: none) is a folder of
     out-of-domain photos ingested alongside as the ``negatives`` source.
 
     With ``extend``, the images of the current latest version are kept alongside the
@@ -196,8 +198,8 @@ def ingest(
     # Stable splits: an image of the latest version keeps its split; only new images are split.
     manifest = dataset.build_manifest(
         records,
-        seed=settings.split_seed,
-        near_duplicate_distance=settings.near_duplicate_distance,
+        seed=settings.ingest.split_seed,
+        near_duplicate_distance=settings.ingest.near_duplicate_distance,
         previous=previous,
     )
     _summarise(manifest, report, settings.labels)
@@ -258,7 +260,7 @@ def _stored_report(report: IngestReport, settings: Settings) -> dict[str, Any]:
         d.pop(k, None)
     d["created_at"] = datetime.now(UTC).isoformat()
     d["settings"] = {
-        k: getattr(settings, k)
+        k: settings.flat()[k]
         for k in (
             "labels",
             "negatives_source",
@@ -291,7 +293,7 @@ def add_accepted_feedback(
         feedback.close()
     if not waiting:
         return None
-    only_feedback = settings.model_copy(update={"ingest_feedback": False, "negatives_source": None})
+    only_feedback = settings.updated(**{"ingest_feedback": False, "negatives_source": None})
     return ingest(
         only_feedback,
         source=FeedbackSource(reviewed, store, settings.labels),

@@ -19,15 +19,15 @@ def check_quality(classes: dict[str, dict[str, int]], rejected: int, settings: S
     counts = {label: classes.get(label, {}).get("total", 0) for label in settings.labels}
     left_out = f"; {rejected} items rejected" if rejected else ""
     for label, n in counts.items():
-        if n < settings.min_images_per_class:
+        if n < settings.ingest.min_images_per_class:
             raise DatasetQualityError(
                 f"class {label!r} has {n} valid images, below the minimum of "
-                f"{settings.min_images_per_class} (DANDELION_MIN_IMAGES_PER_CLASS){left_out}"
+                f"{settings.ingest.min_images_per_class} (DANDELION_MIN_IMAGES_PER_CLASS){left_out}"
             )
     hi, lo = max(counts.values()), min(counts.values())
-    if lo and hi / lo > settings.max_class_imbalance:
+    if lo and hi / lo > settings.ingest.max_class_imbalance:
         shown = ", ".join(f"{k} {v}" for k, v in counts.items())
         raise DatasetQualityError(
             f"class balance {hi / lo:.2f}:1 ({shown}) is worse than the limit "
-            f"{settings.max_class_imbalance:g}:1 (DANDELION_MAX_CLASS_IMBALANCE)"
+            f"{settings.ingest.max_class_imbalance:g}:1 (DANDELION_MAX_CLASS_IMBALANCE)"
         )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sqlalchemy import case, func, select
 
-from dandelion_lib.core.config import UNCERTAIN, UNKNOWN
+from dandelion_lib.core.labels import UNCERTAIN, UNKNOWN
 from dandelion_lib.data import dataset
 from dandelion_lib.data.feedback import (
     FEEDBACK_SOURCE_PREFIX,

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dandelion_lib.core.config import NEITHER, UNKNOWN, Settings
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.labels import NEITHER, UNKNOWN
 from dandelion_lib.core.storage import ObjectNotFoundError, ObjectStore
 from dandelion_lib.data.feedback import (
     FEEDBACK_SOURCE_PREFIX,

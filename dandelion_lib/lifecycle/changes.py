@@ -70,7 +70,7 @@ class TrainingDecision:
 def champion_lineage(settings: Settings) -> dict[str, Any] | None:
     """Version, dataset version and code version of the current champion (None: no champion)."""
     client = registry.configure_mlflow(settings)
-    mv = registry.get_alias_version(client, settings.model_name, registry.CHAMPION)
+    mv = registry.get_alias_version(client, settings.tracking.model_name, registry.CHAMPION)
     if mv is None:
         return None
     tags = dict(mv.tags or {})
@@ -81,7 +81,9 @@ def champion_lineage(settings: Settings) -> dict[str, Any] | None:
         code = code or run_tags.get(CODE_VERSION_TAG)
         dataset_version = dataset_version or run_tags.get(DATASET_VERSION_TAG)
     if dataset_version is None:
-        dataset_version = registry.logged_dataset_version(settings.model_name, str(mv.version))
+        dataset_version = registry.logged_dataset_version(
+            settings.tracking.model_name, str(mv.version)
+        )
     return {"version": str(mv.version), "dataset_version": dataset_version, "code_version": code}
 
 
@@ -103,7 +105,7 @@ def decide_training(
     if force:
         return decide(True, "training forced")
     if champion is None:
-        return decide(True, f"no {settings.model_name}@champion yet")
+        return decide(True, f"no {settings.tracking.model_name}@champion yet")
     if champion["dataset_version"] != dataset_version:
         return decide(
             True,

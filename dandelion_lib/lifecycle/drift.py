@@ -161,12 +161,12 @@ def _reference(predictor_or_reference: Any) -> tuple[str, dict[str, Any]]:
 def _readable(
     paths: list[Path], images_dir: str | Path, settings: Settings
 ) -> tuple[list[dict[str, float]], list[tuple[str, str]]]:
-    """:func:`batch_stats`, with at least ``settings.drift_min_images`` readable images."""
+    """:func:`batch_stats`, with at least ``settings.monitoring.drift_min_images`` readable images."""
     rows, skipped = batch_stats(paths, settings)
-    if len(rows) < settings.drift_min_images:
+    if len(rows) < settings.monitoring.drift_min_images:
         unreadable = f" ({len(skipped)} unreadable)" if skipped else ""
         raise DriftError(
-            f"a drift check needs at least {settings.drift_min_images} readable images; "
+            f"a drift check needs at least {settings.monitoring.drift_min_images} readable images; "
             f"{images_dir} has {len(rows)}{unreadable}"
         )
     return rows, skipped
@@ -205,9 +205,9 @@ def drift_report(
     (:func:`~dandelion_lib.lifecycle.monitoring.build_reference`), or a model URI such as
     ``models:/dandelion@champion``. ``threshold`` and ``share_threshold`` default to the
     settings'. Raises :class:`DriftError` when there is no reference or fewer than
-    ``settings.drift_min_images`` readable images.
+    ``settings.monitoring.drift_min_images`` readable images.
     """
-    threshold = settings.drift_psi_threshold if threshold is None else threshold
+    threshold = settings.monitoring.drift_psi_threshold if threshold is None else threshold
     paths = image_paths(images_dir)  # a wrong folder fails before any registry call
     source, reference = _reference(predictor_or_reference)
     rows, skipped = _readable(paths, images_dir, settings)
@@ -228,7 +228,9 @@ def drift_report(
         features=features,
         drifted_share=sum(flags.values()) / len(flags),
         share_threshold=(
-            settings.drift_share_threshold if share_threshold is None else share_threshold
+            settings.monitoring.drift_share_threshold
+            if share_threshold is None
+            else share_threshold
         ),
         skipped=skipped,
         batch_stats=columns,

@@ -135,7 +135,7 @@ def judge(
         tolerance=tolerance,
         challenger_ood_unknown=served.figure("ood_unknown_share"),
         champion_ood_unknown=None if champion is None else champion.figure("ood_unknown_share"),
-        ood_tolerance=settings.promotion_ood_tolerance,
+        ood_tolerance=settings.promotion.promotion_ood_tolerance,
     )
     return replace(decision, reason=decision.reason + note) if note else decision
 

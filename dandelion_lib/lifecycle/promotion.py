@@ -106,7 +106,7 @@ def promote(
     recorded as such and the gate then applies the floor only.
     """
     client = configure_mlflow(settings)
-    name = settings.model_name
+    name = settings.tracking.model_name
     candidate = get_alias_version(client, name, candidate_alias)
     if candidate is None:
         raise PromotionError(
@@ -142,19 +142,19 @@ def _judge(
     """The gate on the scores (no I/O): the served precision, the decision, and the reports
     behind them, as an unrecorded :class:`PromotionResult` (``same``: the candidate is the
     champion already, its own report is the champion's)."""
-    choice = scores.serving(settings.int8_tolerance)
+    choice = scores.serving(settings.promotion.int8_tolerance)
     served = scores.report(choice.precision)
     champion = served if same else (rival.report if rival is not None else None)
     decision = gate.judge(
         served,
         champion,
         settings,
-        floor=settings.promotion_floor if floor is None else floor,
-        tolerance=settings.promotion_tolerance if tolerance is None else tolerance,
+        floor=settings.promotion.promotion_floor if floor is None else floor,
+        tolerance=settings.promotion.promotion_tolerance if tolerance is None else tolerance,
         note=rival.note if rival is not None else "",
     )
     return PromotionResult(
-        name=settings.model_name,
+        name=settings.tracking.model_name,
         challenger_version=scores.version,
         champion_version_before=champion_version,
         champion_version_after=champion_version,
@@ -237,7 +237,7 @@ def _promotion_tags(settings: Settings, result: PromotionResult) -> dict[str, st
         "test_images": str(report.metrics["n"]) if report is not None else "0",
         "challenger_ood_unknown_share": tag_value(d.challenger_ood_unknown),
         "champion_ood_unknown_share": tag_value(d.champion_ood_unknown),
-        "ood_tolerance": str(settings.promotion_ood_tolerance),
+        "ood_tolerance": str(settings.promotion.promotion_ood_tolerance),
         "benchmark_dataset_version": result.benchmark_version or "none",
         "challenger_benchmark_accuracy": _accuracy_tag(result.challenger_benchmark),
         "champion_benchmark_accuracy": _accuracy_tag(result.champion_benchmark),

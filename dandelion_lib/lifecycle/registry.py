@@ -72,13 +72,13 @@ def use_experiment(settings: Settings) -> str:
 
     uri = settings.resolved_tracking_uri
     client = MlflowClient(tracking_uri=uri)
-    if client.get_experiment_by_name(settings.experiment) is None:
+    if client.get_experiment_by_name(settings.tracking.experiment) is None:
         location = None
         if uri.startswith("sqlite:"):
             location = (settings.workdir_path / "mlartifacts").as_uri()
         with contextlib.suppress(MlflowException):  # created meanwhile by another process
-            client.create_experiment(settings.experiment, artifact_location=location)
-    return str(mlflow.set_experiment(settings.experiment).experiment_id)
+            client.create_experiment(settings.tracking.experiment, artifact_location=location)
+    return str(mlflow.set_experiment(settings.tracking.experiment).experiment_id)
 
 
 def _pip_requirements() -> list[str]:

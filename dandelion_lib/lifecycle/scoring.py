@@ -38,7 +38,9 @@ class Split:
     @classmethod
     def of(cls, store: Any, version: str, settings: Settings) -> Split:
         """``version``'s test split, with the store's (or the pinned) benchmark version."""
-        return cls(store, version, benchmark_version(store, settings.benchmark_dataset_version))
+        return cls(
+            store, version, benchmark_version(store, settings.promotion.benchmark_dataset_version)
+        )
 
     def manifest(self) -> Any:
         """The dataset version's manifest (read once)."""
@@ -183,14 +185,14 @@ def score_version(settings: Settings, uri: str, split: Split) -> Scores:
     scores = Scores(
         version=str(fp32.version),
         dataset_version=split.version,
-        serving_runtime=settings.serving_runtime,
+        serving_runtime=settings.serving.serving_runtime,
         runtime=fp32.runtime,
         runtime_note=fp32.runtime_note,
         fp32=split.score(fp32),
         int8=None if int8 is None else split.score(int8),
         benchmark_version=split.benchmark,
     )
-    precision = scores.serving(settings.int8_tolerance).precision
+    precision = scores.serving(settings.promotion.int8_tolerance).precision
     served = int8 if precision == "int8" and int8 is not None else fp32
     benchmark = split.score_benchmark(served)
     if benchmark is None:
@@ -212,8 +214,8 @@ def challenger_scores(settings: Settings, client: Any, split: Split, mv: Any) ->
     (:func:`score_version`) and saved."""
     saved = saved_scores(client, mv)
     if saved is not None:
-        precision = saved.serving(settings.int8_tolerance).precision
-        if saved.holds(split, settings.serving_runtime, precision):
+        precision = saved.serving(settings.promotion.int8_tolerance).precision
+        if saved.holds(split, settings.serving.serving_runtime, precision):
             return saved
     scores = score_version(settings, f"models:/{mv.name}/{mv.version}", split)
     if mv.run_id:
@@ -228,7 +230,7 @@ def champion_scores(settings: Settings, client: Any, split: Split, mv: Any) -> C
     or scored has no report and a note that says why."""
     precision = (mv.tags or {}).get(SERVING_TAG + "precision") or "fp32"
     saved = saved_scores(client, mv)
-    if saved is not None and saved.holds(split, settings.serving_runtime, precision):
+    if saved is not None and saved.holds(split, settings.serving.serving_runtime, precision):
         report = saved.report(precision)
         return ChampionScores(str(mv.version), report, saved.benchmark_report(precision))
     uri = f"models:/{mv.name}/{mv.version}"

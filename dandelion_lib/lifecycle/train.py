@@ -126,9 +126,9 @@ def feature_extractor(backbone: Any, settings: Settings) -> FeatureExtractor:
     :class:`FeatureExtractor`; ``extraction_runtime=keras`` keeps TensorFlow)."""
     return FeatureExtractor(
         backbone,
-        max_batch=settings.inference_batch_max,
-        fast=settings.extraction_runtime == "auto",
-        threads=settings.inference_threads,
+        max_batch=settings.serving.inference_batch_max,
+        fast=settings.training.extraction_runtime == "auto",
+        threads=settings.serving.inference_threads,
     )
 
 
@@ -150,13 +150,13 @@ def extract_feature_shard(
     of training: every view training will read (unaugmented, and the augmented views of
     training images), computing only what is missing. Returns the counts of cached and
     computed embeddings; empty when training does not cache features. Shards are cut from
-    the images in sha256 order, ``settings.feature_shard_size`` each
+    the images in sha256 order, ``settings.training.feature_shard_size`` each
     (:func:`dandelion_lib.training.extraction.feature_shards` says how many)."""
     if not extraction.caches_features(config, settings):
         return {}
     store = store or open_store(settings=settings)
     data = load_data(config, settings, store)
-    rows = extraction.shard_rows(data, shard, settings.feature_shard_size)
+    rows = extraction.shard_rows(data, shard, settings.training.feature_shard_size)
     backbone = model_lib.build_backbone(config.backbone, config.weights, data.spec.image_size)
     fstore = extraction.open_feature_store(store, data.spec, backbone)
     extractor = feature_extractor(backbone, settings)
@@ -210,7 +210,7 @@ def _fit_frozen(
     cached and computed, and which runtime extracted them."""
     fstore = (
         extraction.open_feature_store(store, data.spec, backbone)
-        if settings.feature_cache
+        if settings.training.feature_cache
         else None
     )
     extractor = feature_extractor(backbone, settings)
@@ -316,7 +316,7 @@ def build_runtime(
     calibrated on the first ``int8_calibration_images`` training images). A failed FP32
     parity check stops registration (:class:`dandelion_lib.serving.runtime.RuntimeParityError`)."""
     parity = data.pixels["val"] if len(data.pixels.get("val", ())) else data.pixels["test"]
-    calibration = data.pixels["train"][: settings.int8_calibration_images]
+    calibration = data.pixels["train"][: settings.promotion.int8_calibration_images]
     record = runtime.build(
         full,
         data.spec.image_size,
@@ -324,8 +324,8 @@ def build_runtime(
         keras_forward=runtime.keras_forward(full, data.spec.image_size),
         parity_pixels=np.asarray(parity, dtype=np.float32),
         calibration_pixels=np.asarray(calibration, dtype=np.float32) if len(calibration) else None,
-        max_batch=settings.inference_batch_max,
-        threads=settings.inference_threads or cpu_limit(),
+        max_batch=settings.serving.inference_batch_max,
+        threads=settings.serving.inference_threads or cpu_limit(),
     )
     mlflow.log_dict(record.to_dict(), "runtime_parity.json")
     for precision, figures in record.parity.items():
@@ -355,7 +355,7 @@ def log_model(
             drift_reference=reference,
             metrics=metrics,
             dataset_version=data.version,
-            registered_model_name=settings.model_name if register else None,
+            registered_model_name=settings.tracking.model_name if register else None,
             input_example=data.pixels["test"][:1].astype(np.float32),
             detector=detector,
             runtime_dir=Path(tmp) / runtime.DIR,
@@ -364,8 +364,10 @@ def log_model(
     if not register:
         return logged.model_uri, None
     version = str(logged.version)
-    registry.register_challenger(mlflow.MlflowClient(), settings.model_name, version, data.version)
-    return f"models:/{settings.model_name}/{version}", version
+    registry.register_challenger(
+        mlflow.MlflowClient(), settings.tracking.model_name, version, data.version
+    )
+    return f"models:/{settings.tracking.model_name}/{version}", version
 
 
 def train(

@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dandelion_lib.core.config import UNCERTAIN, UNKNOWN, Settings, cpu_limit
+from dandelion_lib.core.config import Settings, cpu_limit
 from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.core.face_settings import ServingSettings
 from dandelion_lib.core.features import FeatureSpec, image_stats, to_model_input
 from dandelion_lib.core.images import (
     DEFAULT_MAX_PIXELS,
@@ -41,6 +42,7 @@ from dandelion_lib.core.images import (
     ImageLimits,
     accept_image,
 )
+from dandelion_lib.core.labels import UNCERTAIN, UNKNOWN
 from dandelion_lib.serving import runtime as runtime_lib
 from dandelion_lib.training.openset import ARTIFACT_NAME, OpenSetDetector, OpenSetError
 
@@ -92,14 +94,14 @@ class AnswerPolicy:
     3. otherwise the top label.
     """
 
-    threshold: float = float(Settings.model_fields["confidence_threshold"].default)
+    threshold: float = float(ServingSettings.model_fields["confidence_threshold"].default)
     uncertain: str = UNCERTAIN
     unknown: str = UNKNOWN
     ood_threshold: float | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AnswerPolicy:
-        return cls(threshold=settings.confidence_threshold)
+        return cls(threshold=settings.serving.confidence_threshold)
 
     def decide(self, prediction: Prediction) -> Answer:
         score = prediction.ood_score
@@ -154,7 +156,7 @@ class Predictor:
     ) -> Predictor:
         """Load ``models:/<name>@<alias>`` (or any MLflow model URI) and warm it up.
 
-        ``runtime`` (default: ``settings.serving_runtime``): ``auto`` runs the version's
+        ``runtime`` (default: ``settings.serving.serving_runtime``): ``auto`` runs the version's
         ONNX artifact in ``precision`` (default: the ``serving.precision`` tag the gate set,
         else ``fp32``), falling back to FP32 ONNX and then to Keras when an artifact is
         missing or corrupt (the reason is kept in ``runtime_note``); ``onnx`` fails instead
@@ -164,8 +166,8 @@ class Predictor:
         import mlflow
         from mlflow.exceptions import MlflowException
 
-        runtime = runtime or settings.serving_runtime
-        threads = threads or settings.inference_threads or cpu_limit()
+        runtime = runtime or settings.serving.serving_runtime
+        threads = threads or settings.serving.inference_threads or cpu_limit()
         try:
             # No progress bar in CLI output or the API's JSON logs (unless asked for).
             os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -176,7 +178,7 @@ class Predictor:
                 name, version, tags = _resolve(uri)
                 serving = {k: v for k, v in tags.items() if k.startswith(SERVING_TAG)}
                 wanted = precision or serving.get(SERVING_TAG + "precision") or "fp32"
-                batch = settings.inference_batch_max
+                batch = settings.serving.inference_batch_max
                 loaded = _load_runtime(uri, local, runtime, wanted, threads, batch)
                 model = None if loaded.forward is not None else _load_keras(uri, local)
                 detector = _load_detector(local, meta)

@@ -294,17 +294,19 @@ def _shard_rows(data: TrainingData) -> pd.DataFrame:
 def caches_features(config: TrainConfig, settings: Settings) -> bool:
     """Whether training reads the feature store: the cache is on and the backbone is a
     frozen pretrained one (:func:`dandelion_lib.training.model.is_pretrained`)."""
-    return settings.feature_cache and model_lib.is_pretrained(config.backbone, config.weights)
+    return settings.training.feature_cache and model_lib.is_pretrained(
+        config.backbone, config.weights
+    )
 
 
 def feature_shards(config: TrainConfig, settings: Settings, *, store: Any = None) -> int:
-    """How many extraction shards of ``settings.feature_shard_size`` images the dataset
+    """How many extraction shards of ``settings.training.feature_shard_size`` images the dataset
     version of ``config`` has (at least one; extraction does nothing without the cache)."""
     if not caches_features(config, settings):
         return 1
     store = store or open_store(settings=settings)
     n = len(_shard_rows(load_data(config, settings, store)))
-    return max(1, -(-n // settings.feature_shard_size))
+    return max(1, -(-n // settings.training.feature_shard_size))
 
 
 def shard_rows(data: TrainingData, shard: int, size: int) -> pd.DataFrame:

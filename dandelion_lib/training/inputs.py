@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dandelion_lib.core.config import UNKNOWN, Settings
+from dandelion_lib.core.config import Settings
 from dandelion_lib.core.features import FeatureSpec
+from dandelion_lib.core.labels import UNKNOWN
 from dandelion_lib.data import dataset
 from dandelion_lib.data.dataset import load_examples
 from dandelion_lib.training.config import TrainConfig, TrainingError

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from dandelion_lib.core.config import DEFAULT_LABELS as LABELS
+from dandelion_lib.core.labels import DEFAULT_LABELS as LABELS
 from tests.api.conftest import ApiServer, OpenSetParts, fit_openset, mean_colour
 
 UNKNOWN_METRIC = 'dandelion_predictions_total{label="unknown"}'

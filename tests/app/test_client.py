@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from dandelion_lib.core.config import Settings
 from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.core.face_settings import ServingSettings
 from dashboards.client import ApiClient, ApiProblemError, ApiUnavailableError, Health
 from tests.app.conftest import APP_MODEL, AppApi, dead_url
 
-THRESHOLD = Settings.model_fields["confidence_threshold"].default
+THRESHOLD = ServingSettings.model_fields["confidence_threshold"].default
 
 
 def test_not_ready_then_ready(app_api: AppApi) -> None:

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from dandelion_lib.core.config import DEFAULT_LABELS as LABELS
-from dandelion_lib.core.config import Settings
+from dandelion_lib.core.face_settings import ServingSettings
+from dandelion_lib.core.labels import DEFAULT_LABELS as LABELS
 from tests.app.conftest import (
     APP_MODEL,
     ARTIFACTS,
@@ -31,7 +31,7 @@ from tests.app.conftest import (
 )
 from tests.conftest import ROOT, free_port
 
-THRESHOLD = Settings.model_fields["confidence_threshold"].default
+THRESHOLD = ServingSettings.model_fields["confidence_threshold"].default
 
 
 def _confident_examples(model: AppModel, greenr: Path) -> dict[str, Path]:

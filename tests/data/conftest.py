@@ -20,7 +20,7 @@ def data_settings(tmp_path_factory: pytest.TempPathFactory, greenr_dir: Path) ->
 
 @pytest.fixture(scope="session")
 def data_store(data_settings: Settings) -> LocalStore:
-    store = LocalStore(data_settings.workdir / "store")
+    store = LocalStore(data_settings.storage.workdir / "store")
     ingest(data_settings, store=store, progress=False)
     return store
 

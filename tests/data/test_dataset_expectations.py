@@ -26,8 +26,8 @@ def test_schema(manifest: pd.DataFrame) -> None:
 def test_image_sizes_and_statistics_in_range(
     manifest: pd.DataFrame, data_settings: Settings
 ) -> None:
-    assert (manifest[["width", "height"]] >= data_settings.min_image_side).all().all()
-    assert (manifest["width"] * manifest["height"] <= data_settings.max_image_pixels).all()
+    assert (manifest[["width", "height"]] >= data_settings.images.min_image_side).all().all()
+    assert (manifest["width"] * manifest["height"] <= data_settings.images.max_image_pixels).all()
     stats = manifest[list(STAT_COLUMNS)]
     assert ((stats >= 0) & (stats <= 1)).all().all()
     assert (stats.std() > 0).all(), "a statistic is constant over the dataset"
@@ -39,8 +39,8 @@ def test_label_set(manifest: pd.DataFrame, data_settings: Settings) -> None:
 
 def test_class_balance(manifest: pd.DataFrame, data_settings: Settings) -> None:
     counts = manifest["label"].value_counts()
-    assert counts.min() >= data_settings.min_images_per_class
-    assert counts.max() / counts.min() <= data_settings.max_class_imbalance
+    assert counts.min() >= data_settings.ingest.min_images_per_class
+    assert counts.max() / counts.min() <= data_settings.ingest.max_class_imbalance
     assert counts.to_dict() == {"dandelion": 200, "grass": 200}
 
 

@@ -119,7 +119,7 @@ def test_pointer_is_written_last(greenr_dir: Path, tmp_path: Path) -> None:
     store.fail = False
     first = ingest(base, store=store, progress=False)
     store.fail = True
-    bigger = base.model_copy(update={"max_per_class": 40})
+    bigger = base.updated(**{"max_per_class": 40})
     with pytest.raises(OSError, match="simulated crash"):
         ingest(bigger, store=store, progress=False)
     # Readers still see the complete previous version.

@@ -352,9 +352,7 @@ def test_accepted_feedback_joins_the_next_version(
     }
     assert "accepted feedback (4)" in after.source
 
-    off = ingest(
-        settings.model_copy(update={"ingest_feedback": False}), store=store, progress=False
-    )
+    off = ingest(settings.updated(**{"ingest_feedback": False}), store=store, progress=False)
     assert off.version == before.version
 
     # Retraining's ingestion: the latest version (``before`` again) plus the accepted photos

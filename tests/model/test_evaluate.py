@@ -106,7 +106,7 @@ def test_cli_evaluate_images_prints_the_metrics_table(
     from dandelion_lib.lifecycle.registry import configure_mlflow
     from dandelion_lib.serving.predict import Predictor
 
-    monkeypatch.setenv("DANDELION_WORKDIR", str(model_env.settings.workdir))
+    monkeypatch.setenv("DANDELION_WORKDIR", str(model_env.settings.storage.workdir))
     get_settings.cache_clear()
     try:
         code = cli.main(
@@ -134,7 +134,7 @@ def test_cli_evaluate_reports_a_missing_folder_in_one_line(
     from dandelion_lib import cli
     from dandelion_lib.core.config import get_settings
 
-    monkeypatch.setenv("DANDELION_WORKDIR", str(model_env.settings.workdir))
+    monkeypatch.setenv("DANDELION_WORKDIR", str(model_env.settings.storage.workdir))
     get_settings.cache_clear()
     empty = tmp_path / "empty"
     (empty / "grass").mkdir(parents=True)
@@ -182,7 +182,7 @@ def test_cli_predict_prints_labels_and_flags_invalid_files(
         files.append(str(path))
     bad = tmp_path / "page.jpg"
     bad.write_text("<html>not an image</html>")
-    monkeypatch.setenv("DANDELION_WORKDIR", str(model_env.settings.workdir))
+    monkeypatch.setenv("DANDELION_WORKDIR", str(model_env.settings.storage.workdir))
     get_settings.cache_clear()
     try:
         code = cli.main(["predict", "--model", lite0_trained.model_uri, *files, str(bad)])
@@ -217,7 +217,7 @@ def test_cli_evaluate_with_negatives_reports_the_open_set_figures(
         (negatives / kind).mkdir(parents=True)
         for photo in sorted((ood_dir / kind).glob("*.jpg"))[-4:]:
             shutil.copy(photo, negatives / kind / photo.name)
-    monkeypatch.setenv("DANDELION_WORKDIR", str(model_env.settings.workdir))
+    monkeypatch.setenv("DANDELION_WORKDIR", str(model_env.settings.storage.workdir))
     get_settings.cache_clear()
     try:
         args = ["evaluate", "--model", trained.model_uri, "--images", str(labelled_folder)]

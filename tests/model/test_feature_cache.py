@@ -93,7 +93,7 @@ def test_the_cache_can_be_turned_off(model_env: Any, copied_store: Any) -> None:
 
     # also: the settings given to train() choose the extraction runtime (not the process's)
     update = {"feature_cache": False, "extraction_runtime": "keras"}
-    settings = model_env.settings.model_copy(update=update)
+    settings = model_env.settings.updated(**update)
     config = tiny_config(
         max_images_per_class=PER_CLASS,
         augment=False,
@@ -199,7 +199,7 @@ def test_sharded_extraction_fills_what_training_reads(model_env: Any, copied_sto
     from dandelion_lib.lifecycle.train import extract_feature_shard
     from dandelion_lib.training.extraction import feature_shards
 
-    settings = model_env.settings.model_copy(update={"feature_shard_size": 10})
+    settings = model_env.settings.updated(**{"feature_shard_size": 10})
     fields = {"augment": True, "augment_copies": 1, "epochs": 5, "register": False}
     config = tiny_config(max_images_per_class=PER_CLASS, openset_method="none", **fields)
     shards = feature_shards(config, settings, store=copied_store)
@@ -219,6 +219,6 @@ def test_sharded_extraction_fills_what_training_reads(model_env: Any, copied_sto
     metrics = MlflowClient().get_run(result.run_id).data.metrics
     assert metrics["features_computed"] == 0
     assert metrics["features_cached"] == 6 * PER_CLASS + 2 * PER_CLASS
-    off = settings.model_copy(update={"feature_cache": False})
+    off = settings.updated(**{"feature_cache": False})
     assert feature_shards(config, off, store=copied_store) == 1
     assert extract_feature_shard(config, 0, off, store=copied_store) == {}

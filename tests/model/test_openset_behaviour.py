@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from dandelion_lib.core.config import UNKNOWN
+from dandelion_lib.core.labels import UNKNOWN
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dandelion_lib.core.config import UNKNOWN, Settings
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.labels import UNKNOWN
 from dandelion_lib.lifecycle import evaluate
 from dandelion_lib.serving.predict import OUT_OF_DOMAIN, ModelUnavailableError, Predictor
 from dandelion_lib.training.openset import ARTIFACT_NAME, OpenSetDetector

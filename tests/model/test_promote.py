@@ -130,7 +130,7 @@ def test_promotion_flow(
         # 4. A pinned benchmark version (half of the test split): both models are scored on
         #    it too and the figures logged; the gate still decides on the version's test split.
         bench, first_class_share = _half_test_version(model_env)
-        pinned = model_env.settings.model_copy(update={"benchmark_dataset_version": bench})
+        pinned = model_env.settings.updated(**{"benchmark_dataset_version": bench})
         fourth = promotion.promote(pinned, store=model_env.store)
         assert not fourth.promoted and fourth.benchmark_version == bench
         tags = _tags(client, weak_version)
@@ -168,7 +168,7 @@ def test_gate_serves_fp32_when_int8_is_not_within_tolerance(
     client = mlflow_client
     good = lite0_trained.model_version
     client.set_registered_model_alias("dandelion", registry.CHALLENGER, good)
-    strict = model_env.settings.model_copy(update={"int8_tolerance": 0.0})
+    strict = model_env.settings.updated(**{"int8_tolerance": 0.0})
     try:
         result = promotion.promote(strict, store=model_env.store, floor=0.0)
         serving = _serving(client, good)
@@ -183,7 +183,7 @@ def test_gate_serves_fp32_when_int8_is_not_within_tolerance(
         assert (served.runtime, served.precision) == ("onnx", "fp32")
         assert served.serving["serving.precision"] == "fp32"
 
-        lenient = model_env.settings.model_copy(update={"int8_tolerance": 1.0})
+        lenient = model_env.settings.updated(**{"int8_tolerance": 1.0})
         promotion.promote(lenient, store=model_env.store, floor=0.0)
         assert _serving(client, good)["precision"] == "int8"
         served = Predictor.load("models:/dandelion@champion", model_env.settings)

@@ -82,7 +82,9 @@ def test_registration_records_the_runtime_and_its_parity(lite0_copy: Path, model
     assert record["format"] == "onnx" and record["features"] is True
     assert set(record["files"]) == {"fp32", "int8"}
     # the first int8_calibration_images of the tiny model's 80 training photos (tests: 32)
-    assert record["calibration_images"] == min(model_env.settings.int8_calibration_images, 80)
+    assert record["calibration_images"] == min(
+        model_env.settings.promotion.int8_calibration_images, 80
+    )
     fp32 = record["parity"]["fp32"]
     assert fp32["n"] == 60 and fp32["max_abs_diff"] <= runtime.FP32_PARITY_TOLERANCE
     assert fp32["label_flips"] == 0

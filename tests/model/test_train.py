@@ -124,7 +124,7 @@ def test_offline_keras_backbone_fails_in_one_line_before_any_run(
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    monkeypatch.setenv("DANDELION_WORKDIR", str(model_env.settings.workdir))
+    monkeypatch.setenv("DANDELION_WORKDIR", str(model_env.settings.storage.workdir))
     monkeypatch.setenv("DANDELION_STORE_URL", model_env.settings.resolved_store_url)
     get_settings.cache_clear()
     experiment = mlflow_client.get_experiment_by_name("dandelion").experiment_id

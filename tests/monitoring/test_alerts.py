@@ -113,7 +113,10 @@ def test_required_alerts_exist() -> None:
 def test_thresholds_mirror_the_settings() -> None:
     s = Settings()
     exprs = {r["alert"]: r["expr"] for r in alert_rules()}
-    assert f"dandelion_drift_share >= {s.drift_share_threshold}" in exprs["DandelionDataDrift"]
+    assert (
+        f"dandelion_drift_share >= {s.monitoring.drift_share_threshold}"
+        in exprs["DandelionDataDrift"]
+    )
     # The live-accuracy floor is the API's setting, exported by the API as a gauge.
     assert (
         "dandelion_live_accuracy < on (job, instance) dandelion_live_accuracy_floor"
@@ -121,7 +124,7 @@ def test_thresholds_mirror_the_settings() -> None:
     )
     low = next(r for r in alert_rules() if r["alert"] == "DandelionLiveAccuracyLow")
     assert (
-        f"reviewer page (port {s.review_port}, `nox -s review`)"
+        f"reviewer page (port {s.review.review_port}, `nox -s review`)"
         in (low["annotations"]["description"])
     )
     exported = ApiMetrics(live_accuracy_floor=0.85).render().decode()

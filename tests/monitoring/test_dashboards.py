@@ -133,9 +133,9 @@ def test_panel_thresholds_mirror_the_settings() -> None:
     s = Settings()
     panels = {p["title"]: p for p in dashboards()["model.json"]["panels"]}
     steps = panels["Drift (PSI) per feature"]["fieldConfig"]["defaults"]["thresholds"]["steps"]
-    assert steps[-1]["value"] == s.drift_psi_threshold
+    assert steps[-1]["value"] == s.monitoring.drift_psi_threshold
     steps = panels["Live accuracy (feedback)"]["fieldConfig"]["defaults"]["thresholds"]["steps"]
-    assert steps[-1]["value"] == s.promotion_floor
+    assert steps[-1]["value"] == s.promotion.promotion_floor
 
 
 def test_layout_and_datasources() -> None:

@@ -147,7 +147,7 @@ def test_gate_flags_small_unbalanced_or_unknown_classes(
     ingested: tuple[Settings, LocalStore, str],
 ) -> None:
     settings, df = _manifest(ingested)
-    strict = settings.model_copy(update={"min_images_per_class": 20, "max_class_imbalance": 1.5})
+    strict = settings.updated(**{"min_images_per_class": 20, "max_class_imbalance": 1.5})
     grass = df[df["label"] == "grass"]
     dropped = df.drop(grass.index[grass["split"] == "train"][:7])  # 5 grass left
     problems = datagate.check_manifest(dropped, strict)
@@ -177,7 +177,7 @@ def test_validate_dataset_raises_one_line_naming_the_problems(
     ingested: tuple[Settings, LocalStore, str],
 ) -> None:
     settings, store, version = ingested
-    strict = settings.model_copy(update={"min_images_per_class": 50})
+    strict = settings.updated(**{"min_images_per_class": 50})
     with pytest.raises(datagate.DataValidationError) as err:
         datagate.validate_dataset(version, strict, store)
     assert str(err.value) == (
@@ -194,21 +194,21 @@ def _register_champion(settings: Settings, *, dataset: str, code: str, on_run: b
     from dandelion_lib.lifecycle import registry
 
     client: MlflowClient = registry.configure_mlflow(settings)
-    exp = client.get_experiment_by_name(settings.experiment) or client.get_experiment(
-        client.create_experiment(settings.experiment)
+    exp = client.get_experiment_by_name(settings.tracking.experiment) or client.get_experiment(
+        client.create_experiment(settings.tracking.experiment)
     )
     lineage = {runs.DATASET_VERSION_TAG: dataset, runs.CODE_VERSION_TAG: code}
     run = client.create_run(exp.experiment_id, tags=lineage if on_run else {})
     client.set_terminated(run.info.run_id)
-    if not client.search_registered_models(f"name = '{settings.model_name}'"):
-        client.create_registered_model(settings.model_name)
+    if not client.search_registered_models(f"name = '{settings.tracking.model_name}'"):
+        client.create_registered_model(settings.tracking.model_name)
     mv = client.create_model_version(
-        settings.model_name,
+        settings.tracking.model_name,
         source=f"{run.info.artifact_uri}/model",
         run_id=run.info.run_id,
         tags={} if on_run else lineage,
     )
-    client.set_registered_model_alias(settings.model_name, "champion", mv.version)
+    client.set_registered_model_alias(settings.tracking.model_name, "champion", mv.version)
     return str(mv.version)
 
 

@@ -166,7 +166,7 @@ def test_ingestion_times_with_and_without_microseconds_mix() -> None:
 
 
 def test_negatives_split_by_kind_and_keep_near_duplicates_together() -> None:
-    from dandelion_lib.core.config import UNKNOWN
+    from dandelion_lib.core.labels import UNKNOWN
 
     neg = []
     for kind in ("objects", "daisy"):
@@ -189,7 +189,7 @@ def test_negatives_split_by_kind_and_keep_near_duplicates_together() -> None:
 
 
 def _negatives(n: int, prefix: str = "ood") -> list[dict]:
-    from dandelion_lib.core.config import UNKNOWN
+    from dandelion_lib.core.labels import UNKNOWN
 
     rows = []
     for i in range(n):

@@ -70,8 +70,8 @@ def test_limits_come_from_settings() -> None:
     assert ImageLimits.from_settings(settings).max_bytes is None
     defaults = Settings()
     assert (
-        defaults.max_image_pixels,
-        defaults.min_image_side,
+        defaults.images.max_image_pixels,
+        defaults.images.min_image_side,
     ) == (DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE)
     with pytest.raises(InvalidImageError) as info:
         accept_image(encode(photo(), "PNG"), limits)  # 64x48 > 1000 pixels

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dandelion_lib.core.config import UNCERTAIN, UNKNOWN, Settings
+from dandelion_lib.core.config import Settings
+from dandelion_lib.core.labels import UNCERTAIN, UNKNOWN
 from dandelion_lib.serving.predict import (
     LOW_CONFIDENCE,
     OUT_OF_DOMAIN,
@@ -182,7 +183,7 @@ def test_load_runs_on_the_settings_it_is_given(
     monkeypatch.setenv("DANDELION_INFERENCE_BATCH_MAX", "7")
     get_settings.cache_clear()
     try:
-        assert get_settings().serving_runtime == "keras"  # what the environment says
+        assert get_settings().serving.serving_runtime == "keras"  # what the environment says
         given = Settings(serving_runtime="onnx", inference_threads=2, inference_batch_max=4)
         predictor = Predictor.load(str(folder), given)
     finally:
