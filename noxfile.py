@@ -79,6 +79,21 @@ def _run(session: nox.Session, program: str, *args: str, env: dict[str, str] | N
     session.run(str(BIN / program), *args, env=base, external=True)
 
 
+def _exec(session: nox.Session, program: str, *args: str) -> None:
+    """Replace nox with a server of the shared venv (it runs until interrupted).
+
+    Ctrl-C and SIGTERM then reach the server itself, which shuts down cleanly: nox kills its
+    child 0.5 s after an interrupt (mid-shutdown: the API's lifespan and Voila's kernels take
+    seconds) and, sent SIGTERM, exits leaving its child running.
+    """
+    env = {**os.environ, **_env(session)}
+    argv = [str(BIN / program), *args]
+    session.log(" ".join(argv))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, env)
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Default test suite (fast and medium tests; excludes the `slow` marker), with coverage
@@ -93,9 +108,30 @@ def tests(session: nox.Session) -> None:
     _run(session, "pytest", *cov, "--durations=15", *session.posargs)
 
 
+UNIT_TESTS = (
+    "tests/unit",
+    "tests/app/test_view.py",
+    "tests/monitoring/test_dashboards.py",
+    "tests/monitoring/test_drift.py",
+)
+"""Where the fast tier's tests live (tests/README.md, "Tiers"): every test of tests/unit and
+the tests marked ``unit`` elsewhere; naming the files spares collecting the whole suite."""
+
+
+@nox.session
+def unit(session: nox.Session) -> None:
+    """The fast tier, in under a minute: the tests marked ``unit`` (tests/unit and other
+    sub-second tests; no servers, no training). Arguments are added to pytest's
+    (``nox -s unit -- -k config``)."""
+    tier = ["-m", "unit and not slow and not faults", "--durations=5"]
+    _run(session, "pytest", *tier, *UNIT_TESTS, *session.posargs)
+
+
 @nox.session
 def slow(session: nox.Session) -> None:
-    """Slow suites: full training, end-to-end pipeline, browser tests."""
+    """Slow suites: the default recipe's full training, the pipeline through Airflow (end to
+    end, notebook steps, feedback trigger, StatsD), the notebooks' training run, browser
+    tests."""
     _run(session, "pytest", "-m", "slow", "--durations=15", *session.posargs)
 
 
@@ -109,12 +145,15 @@ def faults(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff (lint + format check), mypy, and the import-linter contracts (pyproject.toml)."""
+    """ruff (lint + format check), mypy, the import-linter contracts (pyproject.toml) and the
+    core library's size and complexity limits (scripts/check_size.py)."""
     _run(session, "ruff", "check", ".")
     _run(session, "ruff", "format", "--check", ".")
     _run(session, "mypy")
     # dags/ is on sys.path under Airflow; the contracts see dandelion_tasks the same way.
     _run(session, "lint-imports", env={"PYTHONPATH": str(ROOT / "dags")})
+    # Modules <= 500 lines, functions <= 60, radon complexity <= 15 in the core library.
+    _run(session, "python", "scripts/check_size.py")
 
 
 @nox.session
@@ -126,29 +165,32 @@ def pipeline(session: nox.Session) -> None:
 
 @nox.session
 def serve(session: nox.Session) -> None:
-    """The prediction API on the embedded defaults (run `nox -s pipeline` first)."""
-    _run(session, "python", "-m", "api")
+    """The prediction API on the embedded defaults (run `nox -s pipeline` first) on
+    http://127.0.0.1:8000 (DANDELION_API_HOST, DANDELION_API_PORT)."""
+    _exec(session, "python", "-m", "api")
 
 
 @nox.session
 def app(session: nox.Session) -> None:
-    """The web app (Voila) on http://127.0.0.1:8866; it calls the API of `nox -s serve`."""
-    _run(session, "python", "-m", "dashboards.serve", *session.posargs)
+    """The web app (Voila) on http://127.0.0.1:8866 (DANDELION_APP_PORT); it calls the API
+    of `nox -s serve` (DANDELION_API_URL)."""
+    _exec(session, "python", "-m", "dashboards.serve", *session.posargs)
 
 
 @nox.session
 def review(session: nox.Session) -> None:
-    """The reviewer page (Voila) on http://127.0.0.1:8867/?token=<DANDELION_REVIEW_TOKEN>,
-    on the embedded defaults' feedback database and store; it refuses to start without
-    DANDELION_REVIEW_TOKEN (docs/user-guide.md, Reviewer's guide)."""
-    _run(session, "python", "-m", "dashboards.serve", "--review", *session.posargs)
+    """The reviewer page (Voila) on http://127.0.0.1:8867/?token=<DANDELION_REVIEW_TOKEN>
+    (DANDELION_REVIEW_PORT), on the embedded defaults' feedback database and store; it refuses
+    to start without DANDELION_REVIEW_TOKEN (docs/user-guide.md, Reviewer's guide)."""
+    _exec(session, "python", "-m", "dashboards.serve", "--review", *session.posargs)
 
 
 @nox.session
 def lab(session: nox.Session) -> None:
     """JupyterLab on notebooks/ with the `dandelion` kernel and the embedded defaults, to
-    explore and retrain by hand (`nox -s pipeline` first for a dataset and a model)."""
-    _run(session, "python", "-m", "dashboards.lab", *session.posargs)
+    explore and retrain by hand (`nox -s pipeline` first for a dataset and a model); also as
+    root. Arguments go to JupyterLab: `nox -s lab -- --port=8890`."""
+    _exec(session, "python", "-m", "dashboards.lab", *session.posargs)
 
 
 @nox.session

@@ -2,7 +2,7 @@
 # dandelion serving API: `python -m api` (Litestar on uvicorn), port 8000.
 # Build from the repository root:  docker build -f docker/api.Dockerfile -t dandelion-api .
 
-# --- build stage: only what serving needs, at the versions of requirements.lock ----------------
+# --- build stage: the `serve` extra, at the versions of requirements.lock ----------------------
 FROM python:3.11.14-slim-bookworm AS builder
 # Optional: another package index (a mirror, or the loopback wheelhouse index of
 # `nox -s images` on machines without index access): --build-arg PIP_INDEX_URL=URL
@@ -12,13 +12,13 @@ ARG UV_DEFAULT_INDEX
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy
 RUN pip install --no-cache-dir uv==0.13.9 && python -m venv --without-pip /opt/venv
 WORKDIR /src
-COPY requirements.lock ./
-# The lock is the constraint set: exactly the pinned versions. No TensorFlow or Keras: the model
-# runs on ONNX Runtime (the artifact every version gets at registration, dandelion_lib/serving/runtime.py);
-# MLflow's client only (mlflow-skinny), scipy for the drift tests.
+COPY requirements.lock pyproject.toml ./
+# The dependencies of pyproject.toml's `serve` extra (the project itself is copied as source
+# below), exactly at the lock's versions. No TensorFlow or Keras: the model runs on ONNX Runtime
+# (the artifact every version gets at registration, dandelion_lib/serving/runtime.py); MLflow's
+# client only (mlflow-skinny), scipy for the drift tests.
 RUN uv pip install --python /opt/venv/bin/python --constraint requirements.lock \
-        "litestar[standard]" uvicorn "psycopg[binary]" onnxruntime mlflow-skinny boto3 \
-        numpy scipy pillow httpx pydantic pydantic-settings sqlalchemy prometheus-client
+        -r pyproject.toml --extra serve
 
 # --- runtime stage: no compilers, no uv, no sources beyond the API package --------------------
 FROM python:3.11.14-slim-bookworm

@@ -1,11 +1,12 @@
 # syntax=docker/dockerfile:1
 # dandelion web app: Voila serving dashboards/app.ipynb on port 8866 (`python -m dashboards.serve`).
 # The app calls the API over HTTP (DANDELION_API_URL); its kernel needs no TensorFlow, so this
-# image installs only Voila, ipywidgets, httpx, Pillow (thumbnails) and the settings'
-# dependencies, pinned by the lock. The same image serves the reviewer page on port 8867
-# (`python -m dashboards.serve --review`, compose's `review` service, k8s/base/review/), whose
-# kernel reads the feedback database and the store directly: SQLAlchemy + psycopg, boto3, NumPy
-# (image checks), pandas + pyarrow (the latest dataset manifest). Still no TensorFlow.
+# image installs only pyproject.toml's `app` extra (Voila, ipywidgets, ipykernel) and the core
+# dependencies (httpx, Pillow for thumbnails, the settings'), pinned by the lock. The same image
+# serves the reviewer page on port 8867 (`python -m dashboards.serve --review`, compose's
+# `review` service, k8s/base/review/), whose kernel reads the feedback database and the store
+# directly: SQLAlchemy + psycopg, boto3, NumPy (image checks), pandas + pyarrow (the latest
+# dataset manifest). Still no TensorFlow.
 # Build from the repository root:  docker build -f docker/app.Dockerfile -t dandelion-app .
 
 FROM python:3.11.14-slim-bookworm AS builder
@@ -17,10 +18,10 @@ ARG UV_DEFAULT_INDEX
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy
 RUN pip install --no-cache-dir uv==0.13.9 && python -m venv --without-pip /opt/venv
 WORKDIR /src
-COPY requirements.lock ./
+COPY requirements.lock pyproject.toml ./
+# The dependencies of the `app` extra (the project itself is copied as source below).
 RUN uv pip install --python /opt/venv/bin/python --constraint requirements.lock \
-        voila ipywidgets ipykernel httpx pillow pydantic pydantic-settings \
-        sqlalchemy "psycopg[binary]" boto3 numpy pandas pyarrow \
+        -r pyproject.toml --extra app \
     && /opt/venv/bin/python -m ipykernel install --prefix /opt/venv \
         --name dandelion --display-name "Python (dandelion)"
 
@@ -46,8 +47,8 @@ RUN groupadd --system --gid 10001 dandelion \
 COPY --from=builder /opt/venv /opt/venv
 COPY docker/healthcheck.py /usr/local/bin/dandelion-healthcheck
 WORKDIR /app
-# dandelion_lib is copied as source (only its config module is imported by the app), so the
-# image does not pull the library's TensorFlow dependency.
+# dandelion_lib is copied as source: the app imports only its core and data modules (the
+# reviewer page's feedback store and review queue).
 COPY dandelion_lib/ dandelion_lib/
 COPY dashboards/ dashboards/
 USER 10001:10001

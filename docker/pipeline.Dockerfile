@@ -19,10 +19,11 @@ WORKDIR /src
 COPY requirements.lock pyproject.toml README.md ./
 # The locked dependencies in their own layer, installed against an empty package: a change to
 # dandelion_lib/ then rebuilds only the small layer below, not the TensorFlow/Airflow install.
-# psycopg 3 is the PostgreSQL driver of the Airflow metadata DB (sync and async engines).
+# The `pipeline` extra brings `train` (TensorFlow) and psycopg 3, the PostgreSQL driver of the
+# Airflow metadata DB (sync and async engines).
 RUN mkdir dandelion_lib && touch dandelion_lib/__init__.py \
     && uv pip install --python /opt/venv/bin/python --constraint requirements.lock \
-        ".[pipeline]" "psycopg[binary]" \
+        ".[pipeline]" \
     && /opt/venv/bin/python -m ipykernel install --prefix /opt/venv \
         --name dandelion --display-name "Python (dandelion)" \
     && rm -rf dandelion_lib build dandelion.egg-info

@@ -39,6 +39,18 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
+UNIT = Path(__file__).resolve().parent / "unit"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test of tests/unit is in the fast tier (mark ``unit``, ``nox -s unit``); a test
+    elsewhere joins it with ``@pytest.mark.unit`` (tests/README.md, "Tiers")."""
+    for item in items:
+        if item.path.is_relative_to(UNIT):
+            item.add_marker(pytest.mark.unit)
+
+
 @pytest.fixture(scope="session")
 def greenr_dir() -> Path:
     """The reference dataset: <label>/<8-digit index>.jpg, 200 per label."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,53 @@ def test_runtime_stage_is_non_root_lean_and_healthchecked(dockerfile: Path) -> N
     assert "apt-get install" not in runs
     # The dependencies arrive built from the build stage, not installed here.
     assert any(line.startswith("COPY --from=builder /opt/venv") for line in final)
+
+
+TRAINING = {"tensorflow", "tensorflow-cpu", "keras", "tf2onnx"}
+
+
+def requirement_names(extra: str | None) -> set[str]:
+    """Distributions the core dependencies plus ``extra`` name (``dandelion[x]`` followed)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pending = list(project["dependencies"]) + list(project["optional-dependencies"].get(extra, []))
+    names: set[str] = set()
+    while pending:
+        name, _, extras = re.split(r"[\s<>=!~;]", pending.pop(), maxsplit=1)[0].partition("[")
+        if name == project["name"]:
+            for included in extras.rstrip("]").split(","):
+                pending += project["optional-dependencies"][included]
+        else:
+            names.add(name.lower())
+    return names
+
+
+def test_extras_keep_tensorflow_out_of_the_serving_faces() -> None:
+    """The core and the `serve` (API) and `app` extras have no TensorFlow; `train` has it and
+    `pipeline` includes `train`."""
+    for extra in (None, "serve", "app"):
+        assert not requirement_names(extra) & TRAINING, extra
+    assert {"tensorflow-cpu", "keras", "tf2onnx"} <= requirement_names("train")
+    assert requirement_names("train") <= requirement_names("pipeline")
+    assert {"onnxruntime", "mlflow-skinny", "litestar"} <= requirement_names("serve")
+    assert {"voila", "ipykernel", "psycopg"} <= requirement_names("app")
+
+
+@pytest.mark.parametrize(
+    ("image", "extra"), [("api", "serve"), ("app", "app"), ("pipeline", "pipeline")]
+)
+def test_images_install_their_extra_pinned_by_the_lock(image: str, extra: str) -> None:
+    """The first install of the build stage: the extra with the lock as constraints, and no
+    package named by hand."""
+    builder = " ".join(stages(ROOT / "docker" / f"{image}.Dockerfile")[0])
+    command = builder[builder.index("uv pip install ") :].split("&&")[0].split()[3:]
+    assert command[command.index("--constraint") + 1] == "requirements.lock"
+    rest = [a for a in command if not a.startswith("-")]
+    rest = [a for a in rest if a not in {"/opt/venv/bin/python", "requirements.lock"}]
+    if "--extra" in command:
+        assert command[command.index("-r") + 1] == "pyproject.toml"
+        assert rest == ["pyproject.toml", extra]
+    else:
+        assert rest == [f'".[{extra}]"']
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)

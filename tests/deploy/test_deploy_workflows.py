@@ -60,6 +60,24 @@ def test_ci_runs_the_local_nox_sessions() -> None:
         assert f"nox -s {session}" in commands, session
 
 
+def test_ci_gives_the_suites_their_datasets() -> None:
+    """GitHub has no shared copies of the datasets the suites read (tests/conftest.py): each
+    suite's job fetches them over HTTP first and points the tests at them."""
+    jobs = workflow("ci.yml")["jobs"]
+    for name in ("tests", "slow", "faults"):
+        job_steps = jobs[name]["steps"]
+        runs = [s.get("run", "") for s in job_steps]
+        fetch = [i for i, r in enumerate(runs) if "scripts/fetch-test-datasets.py" in r]
+        suite = runs.index(f"nox -s {name}")
+        assert len(fetch) == 1 and fetch[0] < suite, name
+        dest = runs[fetch[0]].split()[-1].strip('"').replace("$RUNNER_TEMP", "${{ runner.temp }}")
+        assert job_steps[suite]["env"] == {
+            "DANDELION_TEST_DATASET": f"{dest}/greenr",
+            "DANDELION_OOD_DATASET": f"{dest}/ood-dev",
+        }
+    assert (ROOT / "scripts" / "fetch-test-datasets.py").is_file()
+
+
 def test_cd_builds_tagged_images_then_dev_then_protected_prod() -> None:
     data = workflow("cd.yml")
     assert set(data["on"]) == {"push"} and set(data["on"]["push"]) == {"tags"}
