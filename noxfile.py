@@ -94,6 +94,13 @@ def _exec(session: nox.Session, program: str, *args: str) -> None:
     os.execve(argv[0], argv, env)
 
 
+KEEP_BYTECODE = {"PYTHONDONTWRITEBYTECODE": ""}
+"""The test sessions keep the bytecode (``.pyc``, git-ignored) of what they import, even where
+the machine sets PYTHONDONTWRITEBYTECODE: otherwise every process a test starts (the API, the
+CLI, kernels, Airflow, Voila) compiles TensorFlow, MLflow and Airflow from source again, which
+takes about as long as collecting the whole suite."""
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Default test suite (fast and medium tests; excludes the `slow` marker), with coverage
@@ -105,7 +112,7 @@ def tests(session: nox.Session) -> None:
     cov = ["--cov", "--cov-report=term:skip-covered"]
     if session.posargs:
         cov.append("--cov-fail-under=0")
-    _run(session, "pytest", *cov, "--durations=15", *session.posargs)
+    _run(session, "pytest", *cov, "--durations=15", *session.posargs, env=KEEP_BYTECODE)
 
 
 UNIT_TESTS = (
@@ -124,15 +131,15 @@ def unit(session: nox.Session) -> None:
     sub-second tests; no servers, no training). Arguments are added to pytest's
     (``nox -s unit -- -k config``)."""
     tier = ["-m", "unit and not slow and not faults", "--durations=5"]
-    _run(session, "pytest", *tier, *UNIT_TESTS, *session.posargs)
+    _run(session, "pytest", *tier, *UNIT_TESTS, *session.posargs, env=KEEP_BYTECODE)
 
 
 @nox.session
 def slow(session: nox.Session) -> None:
     """Slow suites: the default recipe's full training, the pipeline through Airflow (end to
-    end, notebook steps, feedback trigger, StatsD), the notebooks' training run, browser
-    tests."""
-    _run(session, "pytest", "-m", "slow", "--durations=15", *session.posargs)
+    end, notebook steps, feedback trigger, StatsD), the notebooks under Papermill, browser
+    tests (tests/README.md, "Tiers")."""
+    _run(session, "pytest", "-m", "slow", "--durations=15", *session.posargs, env=KEEP_BYTECODE)
 
 
 @nox.session

@@ -50,7 +50,9 @@ def download(url: str, retries: int = 4, timeout: float = 30.0) -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": "dandelion-test-datasets"})
     for attempt in range(retries + 1):
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            # A fresh opener reads the proxy variables now; urlopen's global one keeps
+            # whatever they were at the process's first request.
+            with urllib.request.build_opener().open(request, timeout=timeout) as response:
                 return bytes(response.read())
         except urllib.error.HTTPError as exc:
             if exc.code not in RETRYABLE or attempt == retries:

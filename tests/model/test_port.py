@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,8 @@ def test_offline_keras_applications_name_the_offline_backbone(
     for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     monkeypatch.delenv("NO_PROXY", raising=False)
+    # urlopen builds its global opener, proxies included, once: drop the one built here.
+    monkeypatch.setattr(urllib.request, "_opener", None)
     monkeypatch.delenv("no_proxy", raising=False)
     with pytest.raises(lite0_lib.BackboneUnavailableError) as info:
         model_lib.build_backbone("mobilenet_v2", weights="imagenet")

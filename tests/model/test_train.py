@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,8 @@ def test_offline_keras_backbone_fails_in_one_line_before_any_run(
     for var in ("HTTPS_PROXY", "https_proxy"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     monkeypatch.delenv("NO_PROXY", raising=False)
+    # urlopen builds its global opener, proxies included, once: drop the one built here.
+    monkeypatch.setattr(urllib.request, "_opener", None)
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.setenv("DANDELION_WORKDIR", str(model_env.settings.storage.workdir))
     monkeypatch.setenv("DANDELION_STORE_URL", model_env.settings.resolved_store_url)
