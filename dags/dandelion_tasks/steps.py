@@ -299,7 +299,7 @@ def prepare_notebook(context: Any) -> None:
     task = context["task"]
     try:
         pipeline.check_kernel(
-            task.orchestration.kernel_name or _settings().orchestration.kernel_name
+            task.kernel_name or _settings().orchestration.kernel_name
         )
     except pipeline.KernelMissingError as exc:
         raise _fail(str(exc)) from None

@@ -229,7 +229,7 @@ class Registry:
                 keras_forward=runtime.keras_forward(model, spec.image_size),
                 parity_pixels=pixels.astype(np.float32),
                 calibration_pixels=pixels.astype(np.float32),
-                max_batch=Settings().inference_batch_max,
+                max_batch=Settings().serving.inference_batch_max,
             )
             return self._log(model, detector, runtime_dir=out, runtime_record=record.to_dict())
 
