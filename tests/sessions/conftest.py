@@ -26,6 +26,10 @@ __all__ = ["NoxSession", "free_port", "nox_session", "wait_http"]
 
 # A server that shut down on a signal: 0, or killed by that signal re-raised after its
 # graceful shutdown (uvicorn re-raises SIGTERM), or 130 (Ctrl-C).
+STOP_TIMEOUT_S = 180
+"""How long a stopped session may take to exit: Voila and JupyterLab shut their kernels down
+first, which takes more than a minute on a busy 2-core machine."""
+
 CLEAN_EXITS = {0, 130, -signal.SIGINT, -signal.SIGTERM}
 
 
@@ -53,13 +57,13 @@ class NoxSession:
         """Ctrl-C: SIGINT to the session's process group; returns the exit status."""
         self.record_children()
         os.killpg(self.proc.pid, signal.SIGINT)
-        return self.proc.wait(timeout=60)
+        return self.proc.wait(timeout=STOP_TIMEOUT_S)
 
     def terminate(self) -> int:
         """SIGTERM to the session's process (as a supervisor or `kill` sends it)."""
         self.record_children()
         self.proc.terminate()
-        return self.proc.wait(timeout=60)
+        return self.proc.wait(timeout=STOP_TIMEOUT_S)
 
     def leftovers(self, grace: float = 15.0) -> list[str]:
         """Processes started under the session, or in its process group, still running."""
