@@ -26,11 +26,11 @@ __all__ = ["NoxSession", "free_port", "nox_session", "wait_http"]
 
 # A server that shut down on a signal: 0, or killed by that signal re-raised after its
 # graceful shutdown (uvicorn re-raises SIGTERM), or 130 (Ctrl-C).
+CLEAN_EXITS = {0, 130, -signal.SIGINT, -signal.SIGTERM}
+
 STOP_TIMEOUT_S = 180
 """How long a stopped session may take to exit: Voila and JupyterLab shut their kernels down
 first, which takes more than a minute on a busy 2-core machine."""
-
-CLEAN_EXITS = {0, 130, -signal.SIGINT, -signal.SIGTERM}
 
 
 @dataclass
