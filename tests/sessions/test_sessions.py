@@ -122,7 +122,7 @@ def test_lab_starts_as_the_current_user_with_the_dandelion_kernel(tmp_path: Path
 @pytest.mark.slow
 def test_app_page_renders_and_its_kernel_ends_with_the_session(tmp_path: Path) -> None:
     """`nox -s app` with the API down: the page (its notebook run in a kernel) has the app's
-    title; Ctrl-C shuts the kernel down."""
+    title; SIGTERM shuts the kernel down (without a terminal, Ctrl-C does not reach Voila's shutdown)."""
     port = free_port()
     env = session_env(
         tmp_path, DANDELION_APP_PORT=str(port), DANDELION_API_URL=f"http://127.0.0.1:{free_port()}"
@@ -135,7 +135,7 @@ def test_app_page_renders_and_its_kernel_ends_with_the_session(tmp_path: Path) -
         assert page_title(page.text) == notebook_title("app.ipynb")
         assert httpx.get(f"{base}/health/live").json()["sessions"] == 1
         assert session.record_children(), "the page's kernel runs under the session"
-        status = session.interrupt()
+        status = session.terminate()
     assert_stopped_cleanly(session, status, "Kernel shutdown")
 
 
