@@ -32,7 +32,7 @@ from api.schemas import (
 from dandelion_lib.core.config import Settings
 from dandelion_lib.lifecycle.monitoring import DriftMonitor
 from dandelion_lib.lifecycle.registry import configure_mlflow
-from dandelion_lib.serving.predict import SERVING_TAG, AnswerPolicy, Predictor
+from dandelion_lib.serving.predict import SERVING_TAG, Predictor
 
 log = logging.getLogger("api.model")
 
@@ -190,13 +190,7 @@ class ModelManager:
 
     # --- internals -------------------------------------------------------------------------
     def _default_loader(self, uri: str) -> Predictor:
-        return Predictor.load(
-            uri,
-            self.settings,
-            max_pixels=self.settings.images.max_image_pixels,
-            min_side=self.settings.images.min_image_side,
-            policy=AnswerPolicy.from_settings(self.settings),
-        )
+        return Predictor.load_for_users(uri, self.settings)
 
     def _registry(self) -> Any:
         if self._client is None:

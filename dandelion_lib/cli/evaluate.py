@@ -10,7 +10,7 @@ from dandelion_lib.core.storage import open_store
 from dandelion_lib.lifecycle import registry
 from dandelion_lib.lifecycle.evaluate import evaluate_folder, evaluate_split
 from dandelion_lib.lifecycle.metrics import EvaluationError
-from dandelion_lib.serving.predict import AnswerPolicy, Predictor
+from dandelion_lib.serving.predict import Predictor
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,13 +37,7 @@ def cli(args: argparse.Namespace) -> int:
     settings = get_settings()
     registry.configure_mlflow(settings)
     uri = args.model or registry.model_uri(settings.tracking.model_name, registry.CHAMPION)
-    predictor = Predictor.load(
-        uri,
-        settings,
-        max_pixels=settings.images.max_image_pixels,
-        min_side=settings.images.min_image_side,
-        policy=AnswerPolicy.from_settings(settings),
-    )
+    predictor = Predictor.load_for_users(uri, settings)
     skipped: list[str] = []
     if args.negatives and not args.images:
         raise EvaluationError("--negatives goes with --images (a dataset split has its own)")

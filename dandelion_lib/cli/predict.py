@@ -10,7 +10,7 @@ from typing import Any
 from dandelion_lib.core.config import get_settings
 from dandelion_lib.core.images import InvalidImageError
 from dandelion_lib.lifecycle import registry
-from dandelion_lib.serving.predict import AnswerPolicy, Predictor
+from dandelion_lib.serving.predict import Predictor
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,13 +26,7 @@ def cli(args: argparse.Namespace) -> int:
     uri = args.model or registry.model_uri(
         settings.tracking.model_name, settings.serving.model_alias
     )
-    predictor = Predictor.load(
-        uri,
-        settings,
-        max_pixels=settings.images.max_image_pixels,
-        min_side=settings.images.min_image_side,
-        policy=AnswerPolicy.from_settings(settings),
-    )
+    predictor = Predictor.load_for_users(uri, settings)
     failed = 0
     for name in args.images:
         path = Path(name)

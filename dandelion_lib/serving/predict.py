@@ -205,6 +205,18 @@ class Predictor:
         predictor.warmup()
         return predictor
 
+    @classmethod
+    def load_for_users(cls, uri: str, settings: Settings) -> Predictor:
+        """:meth:`load` as users are answered: with the settings' image limits and answer
+        policy (the API, ``dandelion predict`` and ``dandelion evaluate``)."""
+        return cls.load(
+            uri,
+            settings,
+            max_pixels=settings.images.max_image_pixels,
+            min_side=settings.images.min_image_side,
+            policy=AnswerPolicy.from_settings(settings),
+        )
+
     @property
     def labels(self) -> tuple[str, ...]:
         return self.spec.labels
