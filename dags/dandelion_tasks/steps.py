@@ -298,9 +298,7 @@ def prepare_notebook(context: Any) -> None:
 
     task = context["task"]
     try:
-        pipeline.check_kernel(
-            task.kernel_name or _settings().orchestration.kernel_name
-        )
+        pipeline.check_kernel(task.kernel_name or _settings().orchestration.kernel_name)
     except pipeline.KernelMissingError as exc:
         raise _fail(str(exc)) from None
     if not Path(str(task.input_nb)).is_file():
