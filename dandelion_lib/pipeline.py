@@ -26,6 +26,7 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
 from dandelion_lib.core.config import Settings
 from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.data.sources import absolute_source_specs
 from dandelion_lib.summary import format_summary, read_summary
 
 
@@ -94,10 +95,8 @@ def task_env(settings: Settings, source: str | None = None) -> dict[str, str]:
         for key, value in dotenv_values(".env").items():
             if key.upper().startswith("DANDELION_") and value is not None:
                 env.setdefault(key.upper(), os.environ.get(key, value))
-    src = source or settings.ingest.source
-    if "://" not in src:  # a local folder
-        src = str(Path(src).expanduser().resolve())
-    env["DANDELION_SOURCE"] = src
+    # local folders made absolute, each source keeping its name
+    env["DANDELION_SOURCE"] = absolute_source_specs(source or settings.ingest.source)
     negatives = settings.ingest.negatives_source
     if negatives and "://" not in negatives:
         env["DANDELION_NEGATIVES_SOURCE"] = str(Path(negatives).expanduser().resolve())

@@ -44,6 +44,15 @@ def _fmt_counts(counts: dict[str, Any]) -> str:
     return f"{counts.get('images', '?')} images ({labels}; {split_text}{tail})"
 
 
+def _fmt_origins(origins: dict[str, Any]) -> str:
+    """Per source: its images and their splits (``counts["origins"]``)."""
+    parts = []
+    for origin, counts in origins.items():
+        splits = " / ".join(f"{s} {counts[s]}" for s in ("train", "val", "test") if s in counts)
+        parts.append(f"{origin} {counts.get('images', '?')} ({splits})")
+    return "; ".join(parts)
+
+
 def _fmt_model_figures(model: dict[str, Any]) -> str:
     acc = model.get("test_accuracy")
     text = f"test accuracy {acc:.4f}" if isinstance(acc, float) else "no test accuracy"
@@ -99,6 +108,8 @@ def _data_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         counts = summary.get("counts") or {}
         text = _fmt_counts(counts) if counts else ""
         rows.append(("dataset", f"{summary['dataset_version']}  {text}"))
+        if len(counts.get("origins") or {}) > 1:
+            rows.append(("sources", _fmt_origins(counts["origins"])))
     if summary.get("training"):
         rows.append(("training", _fmt_training(summary)))
     if (summary.get("features") or {}).get("images"):

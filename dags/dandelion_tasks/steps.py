@@ -650,7 +650,7 @@ def report(**context: Any) -> dict[str, Any]:
     if counts:
         summary["counts"] = {
             k: counts[k]
-            for k in ("images", "labels", "negatives", "splits", "rejected_at_ingest")
+            for k in ("images", "labels", "negatives", "splits", "origins", "rejected_at_ingest")
             if k in counts
         }
     summary["training"] = ti.xcom_pull(task_ids="check_changes", key="decision")

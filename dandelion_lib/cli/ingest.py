@@ -26,7 +26,11 @@ def load_settings() -> Settings:
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", help="HTTP base URL or local folder (DANDELION_SOURCE)")
+    parser.add_argument(
+        "--source",
+        help="HTTP base URL or local folder, or several comma-separated, each optionally "
+        "named name=spec (DANDELION_SOURCE)",
+    )
     parser.add_argument("--store", help="object store URL (DANDELION_STORE_URL)")
     parser.add_argument("--start", type=int, help="first index of the HTTP layout")
     parser.add_argument("--count", type=int, help="images per label of the HTTP layout")

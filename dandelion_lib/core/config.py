@@ -63,8 +63,12 @@ class IngestSettings(SettingsGroup):
 
     source: str = Field(
         DEFAULT_SOURCE,
-        description="Image source: an HTTP base URL (<label>/<8-digit index>.jpg) or a local "
-        "folder with one sub-folder per label.",
+        description="Labelled image sources, comma-separated, each an HTTP base URL "
+        "(<label>/<8-digit index>.jpg) or a local folder with one sub-folder per label, "
+        "optionally named `name=spec` (e.g. `greenr-url-or-folder,mine=/photos/lawn`). Each "
+        "image records its source's name (`origin` in the manifest); unnamed: a folder's "
+        "basename, `greenr` for the default URL, another URL's last path segment. Names must "
+        "be unique; splits are stratified by source and class.",
     )
     negatives_source: str | None = Field(
         None,

@@ -76,12 +76,19 @@ def _split_problems(df: Any, labels: tuple[str, ...]) -> list[str]:
 
 
 def dataset_counts(df: Any, labels: tuple[str, ...]) -> dict[str, Any]:
-    """Image counts of a manifest: total, per label, per split."""
+    """Image counts of a manifest: total, per label, per split, and per origin (the source's
+    name: ``images`` and per-split counts)."""
+    origins = {
+        str(origin): {"images": len(rows)}
+        | {split: int((rows["split"] == split).sum()) for split in SPLITS}
+        for origin, rows in df.groupby("origin", sort=True)
+    }
     return {
         "images": len(df),
         "labels": {label: int((df["label"] == label).sum()) for label in labels},
         "negatives": int((df["label"] == UNKNOWN).sum()),
         "splits": {split: int((df["split"] == split).sum()) for split in SPLITS},
+        "origins": origins,
     }
 
 

@@ -2,8 +2,8 @@
 
 A dataset version is one Parquet manifest, ``datasets/<version>/manifest.parquet``, with one
 row per image (see :data:`MANIFEST_COLUMNS`). ``<version>`` is derived from the manifest's
-content (which images, their labels, groups and splits), so the same input always yields the
-same version and any change yields a new one. Versions are immutable: an existing manifest is
+content (which images, their labels, origins, groups and splits), so the same input always
+yields the same version and any change yields a new one. Versions are immutable: an existing manifest is
 never rewritten. ``datasets/latest`` (JSON ``{"version": ...}``) is written last, atomically,
 so readers only ever see complete versions.
 
@@ -11,6 +11,10 @@ Rows labelled :data:`~dandelion_lib.core.config.UNKNOWN` are the ``negatives`` s
 are neither class, which the open-set detector is fitted on (never a class of the model).
 Their split is :func:`dandelion_lib.data.splits.split_ood`'s, stratified by kind (the photo's
 folder): ``fit`` photos are their ``train`` split, ``eval`` photos their ``test`` split.
+
+Each row's ``origin`` names the source it came from (``greenr``, a folder's name, ``negatives``,
+``feedback``...; see :mod:`dandelion_lib.data.sources`). A manifest written before origins were
+recorded (schema 1) reads with the origin :data:`LEGACY_ORIGIN` for every row.
 """
 
 from __future__ import annotations
@@ -33,13 +37,19 @@ from dandelion_lib.core.labels import UNKNOWN
 from dandelion_lib.core.storage import ObjectNotFoundError, ObjectStore
 from dandelion_lib.data.splits import split_ood
 
-MANIFEST_SCHEMA_VERSION = "1"
+MANIFEST_SCHEMA_VERSION = "2"
+"""2: the ``origin`` column (1: none; such manifests read with :data:`LEGACY_ORIGIN`)."""
+
+LEGACY_ORIGIN = "default"
+"""The origin of every image of a manifest written before origins were recorded: which
+source it came from is not known (the greenr reference set, most likely)."""
 
 BASE_COLUMNS: tuple[str, ...] = (
     "sha256",
     "label",
     "key",
     "source",
+    "origin",
     "width",
     "height",
     "format",
@@ -62,7 +72,17 @@ BENCHMARK_KEY = "datasets/benchmark"
 stable, so every later version's test split contains it)."""
 _VERSION_RE = re.compile(r"^[0-9a-f]{16}$")
 
-_STRING_COLUMNS = ("sha256", "label", "key", "source", "format", "phash", "group", "split")
+_STRING_COLUMNS = (
+    "sha256",
+    "label",
+    "key",
+    "source",
+    "origin",
+    "format",
+    "phash",
+    "group",
+    "split",
+)
 _INT_COLUMNS = ("width", "height", "bytes")
 
 
@@ -125,23 +145,29 @@ def _rank_key(seed: int, group: str) -> str:
     return hashlib.sha256(f"{seed}:{group}".encode()).hexdigest()
 
 
-def assign_splits(labels: list[str], groups: list[str], seed: int) -> list[str]:
+def assign_splits(
+    labels: list[str], groups: list[str], seed: int, origins: list[str] | None = None
+) -> list[str]:
     """Deterministic stratified 70/15/15 split that keeps each near-duplicate group whole.
 
-    Each group belongs to the stratum of its most common label. Within a stratum, groups
-    are ordered by a seeded hash of their id and laid end to end; a group goes to the split
-    its midpoint falls in. The result depends only on the content and the seed, and adding
-    an image moves at most the groups next to a split boundary.
+    Each group belongs to the stratum of its most common ``(origin, label)`` pair (ties: the
+    smallest pair), so every source's part of every class is split 70/15/15 on its own and
+    each source's test part is about 15% of that source; without ``origins`` (or with one
+    origin) the strata are the labels. Within a stratum, groups are ordered by a seeded hash
+    of their id and laid end to end; a group goes to the split its midpoint falls in. The
+    result depends only on the content and the seed, and adding an image moves at most the
+    groups next to a split boundary.
     """
     members: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
-    strata: dict[str, list[str]] = {}
+    keys = list(zip(origins or [""] * len(labels), labels, strict=True))
+    strata: dict[tuple[str, str], list[str]] = {}
     for g, idx in members.items():
-        counts: dict[str, int] = {}
+        counts: dict[tuple[str, str], int] = {}
         for i in idx:
-            counts[labels[i]] = counts.get(labels[i], 0) + 1
-        stratum = min(counts, key=lambda lab: (-counts[lab], lab))
+            counts[keys[i]] = counts.get(keys[i], 0) + 1
+        stratum = min(counts, key=lambda key: (-counts[key], key))
         strata.setdefault(stratum, []).append(g)
     out = [""] * len(labels)
     bounds = np.cumsum([SPLIT_FRACTIONS[s] for s in SPLITS])
@@ -189,15 +215,18 @@ def build_manifest(
     near_duplicate_distance: int,
     previous: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """A manifest from per-image records (every column except ``group`` and ``split``).
+    """A manifest from per-image records (every column except ``group`` and ``split``; a
+    record without ``origin`` gets :data:`LEGACY_ORIGIN`).
 
-    Rows are sorted by ``(label, sha256)``; groups and splits are computed here. With the
-    ``previous`` version's manifest, splits are stable (:func:`stable_splits`): an image of
-    it keeps its split, and only the new images are split.
+    Rows are sorted by ``(label, sha256)``; groups and splits are computed here, stratified
+    by origin and label (:func:`assign_splits`). With the ``previous`` version's manifest,
+    splits are stable (:func:`stable_splits`): an image of it keeps its split, and only the
+    new images are split.
     """
     df = pd.DataFrame(list(records))
     if df.empty:
         df = pd.DataFrame({c: [] for c in MANIFEST_COLUMNS})
+    df = _with_origin(df)
     df = df.sort_values(["label", "sha256"], kind="stable").reset_index(drop=True)
     df["group"] = near_duplicate_groups(
         df["sha256"].tolist(), df["phash"].tolist(), near_duplicate_distance
@@ -216,6 +245,7 @@ def build_manifest(
             df.loc[~negative, "label"].iloc[rows].tolist(),
             df.loc[~negative, "group"].iloc[rows].tolist(),
             seed,
+            df.loc[~negative, "origin"].iloc[rows].astype(str).tolist(),
         ),
     )
     neg_shas = df.loc[negative, "sha256"].tolist()
@@ -288,8 +318,19 @@ def stable_splits(
     return out
 
 
+def _with_origin(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with an ``origin`` column: :data:`LEGACY_ORIGIN` where it has none (a manifest
+    of schema 1) or a row lacks one."""
+    if "origin" not in df.columns:
+        return df.assign(origin=LEGACY_ORIGIN)
+    origin = df["origin"].where(df["origin"].notna() & (df["origin"] != ""), LEGACY_ORIGIN)
+    return df.assign(origin=origin)
+
+
 def normalize_manifest(df: pd.DataFrame) -> pd.DataFrame:
-    """Columns in schema order with schema dtypes; raises :class:`DatasetError` if any is missing."""
+    """Columns in schema order with schema dtypes; raises :class:`DatasetError` if any is
+    missing. A manifest without ``origin`` (schema 1) gets :data:`LEGACY_ORIGIN`."""
+    df = _with_origin(df)
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise DatasetError(f"manifest lacks columns {missing}")
@@ -305,13 +346,18 @@ def normalize_manifest(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def compute_version(df: pd.DataFrame) -> str:
-    """Content-derived version id: 16 hex digits over the images, labels, groups and splits.
+    """Content-derived version id: 16 hex digits over the images, labels, origins, groups and
+    splits.
 
-    Provenance (``source``, ``ingested_at``) and derived statistics are left out, so the
-    same images ingested from a folder or over HTTP, today or tomorrow, get the same version.
+    The origin (the source's name) counts: it decides the strata of the split and the
+    per-source evaluation. Provenance (``source``, ``ingested_at``) and derived statistics
+    are left out, so the same images from same-named sources, from a folder or over HTTP,
+    today or tomorrow, get the same version.
     """
     h = hashlib.sha256(f"dandelion-manifest-v{MANIFEST_SCHEMA_VERSION}\n".encode())
-    rows = sorted(zip(df["sha256"], df["label"], df["key"], df["group"], df["split"], strict=True))
+    columns = ("sha256", "label", "key", "origin", "group", "split")
+    df = _with_origin(df)
+    rows = sorted(zip(*(df[c].astype(str) for c in columns), strict=True))
     for row in rows:
         h.update(("\t".join(row) + "\n").encode())
     return h.hexdigest()[:16]

@@ -13,16 +13,24 @@ from typing import Any
 import httpx
 
 from dandelion_lib.core.config import Settings
-from dandelion_lib.data.sources import Fetched, FetchError, Source, SourceItem
+from dandelion_lib.data.sources import (
+    Fetched,
+    FetchError,
+    Source,
+    SourceItem,
+    default_source_name,
+)
 
 
 class HttpSource(Source):
-    """``<base_url>/<label>/<8-digit index>.jpg`` for each label and index."""
+    """``<base_url>/<label>/<8-digit index>.jpg`` for each label and index; its items' origin
+    is ``origin`` (default: :func:`~dandelion_lib.data.sources.default_source_name`)."""
 
     RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
-    def __init__(self, base_url: str, settings: Settings):
+    def __init__(self, base_url: str, settings: Settings, origin: str | None = None):
         self.base_url = base_url.rstrip("/")
+        self.origin = origin or default_source_name(base_url)
         self.description = self.base_url
         self.settings = settings
         self.concurrency = max(1, settings.ingest.http_concurrency)
@@ -43,7 +51,7 @@ class HttpSource(Source):
 
     def items(self) -> list[SourceItem]:
         return [
-            SourceItem(label, f"{self.base_url}/{label}/{i:08d}.jpg")
+            SourceItem(label, f"{self.base_url}/{label}/{i:08d}.jpg", self.origin)
             for label in self.settings.labels
             for i in self.indices
         ]

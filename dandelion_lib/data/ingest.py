@@ -2,9 +2,12 @@
 
 A run reads its sources (:mod:`dandelion_lib.data.sources`), chosen from the settings:
 
-* ``Settings.source`` (:func:`make_source`): the reference HTTP URL layout
+* ``Settings.source`` (:func:`make_sources`): one or more labelled sources, comma-separated,
+  each optionally named ``name=spec``: the reference HTTP URL layout
   (:class:`~dandelion_lib.data.httpsource.HttpSource`) or a local folder with one sub-folder
-  per label (:class:`~dandelion_lib.data.sources.FolderSource`);
+  per label (:class:`~dandelion_lib.data.sources.FolderSource`). Each image records its
+  source's name in the manifest's ``origin`` column
+  (:func:`~dandelion_lib.data.sources.parse_source_specs` names unnamed ones);
 * ``Settings.negatives_source`` (optional): a local folder of photos that are neither class,
   one sub-folder per kind (:class:`~dandelion_lib.data.sources.NegativesSource`), stored and
   versioned like every other image with the label ``unknown`` (the answer they should get;
@@ -29,7 +32,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 import pandas as pd
 
@@ -50,6 +53,9 @@ from dandelion_lib.data.sources import (
     NegativesSource,
     Source,
     accepted_feedback,
+    folder_path,
+    is_http,
+    parse_source_specs,
 )
 
 
@@ -57,7 +63,9 @@ from dandelion_lib.data.sources import (
 class IngestReport:
     """What a run did. ``fetched``: items whose bytes were read or downloaded; ``new``: images
     stored by this run; ``unchanged``: images already in the store; ``duplicates``: items
-    collapsed onto an identical image; ``rejected``: items left out, with reasons."""
+    collapsed onto an identical image; ``rejected``: items left out, with reasons;
+    ``classes``: label -> ``total`` and per-split counts; ``origins``: the same per origin
+    (origin -> label -> counts)."""
 
     source: str
     store: str
@@ -71,6 +79,7 @@ class IngestReport:
     created: bool = False
     images: int = 0
     classes: dict[str, dict[str, int]] = field(default_factory=dict)
+    origins: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     near_duplicate_groups: int = 0
     seconds: float = 0.0
     feedback: list[dict[str, Any]] = field(default_factory=list)
@@ -93,9 +102,12 @@ class IngestReport:
             f"unchanged {self.unchanged}, duplicates {self.duplicates}, "
             f"rejected {len(self.rejected)}",
         ]
-        for label, counts in self.classes.items():
-            parts = " / ".join(f"{s} {counts.get(s, 0)}" for s in dataset.SPLITS)
-            lines.append(f"  {label}: {counts.get('total', 0)} ({parts})")
+        lines += [f"  {label}: {_split_counts(counts)}" for label, counts in self.classes.items()]
+        if len(self.origins) > 1:
+            lines.append("  per source:")
+            for origin, labels in self.origins.items():
+                text = ", ".join(f"{lab} {_split_counts(c)}" for lab, c in labels.items())
+                lines.append(f"    {origin}: {text}")
         if self.near_duplicate_groups:
             lines.append(f"  near-duplicate groups: {self.near_duplicate_groups}")
         if self.rejected:
@@ -109,20 +121,52 @@ class IngestReport:
         return "\n".join(lines)
 
 
+def _split_counts(counts: dict[str, int]) -> str:
+    parts = " / ".join(f"{s} {counts.get(s, 0)}" for s in dataset.SPLITS)
+    return f"{counts.get('total', 0)} ({parts})"
+
+
 # --- sources ------------------------------------------------------------------------------
 
 
-def make_source(spec: str | None, settings: Settings) -> Source:
-    """An HTTP source for ``http(s)://`` URLs, otherwise a local folder (path or file:// URL);
-    ``spec`` defaults to ``settings.ingest.source``."""
-    spec = spec or settings.ingest.source
-    parsed = urlparse(spec)
-    if parsed.scheme in ("http", "https"):
-        return HttpSource(spec, settings)
-    path = unquote(parsed.path) if parsed.scheme == "file" else spec
+def make_sources(value: str | None, settings: Settings) -> list[Source]:
+    """The labelled sources of ``value`` (default: ``settings.ingest.source``), in its order:
+    a comma-separated list of specs, each optionally named ``name=spec``
+    (:func:`~dandelion_lib.data.sources.parse_source_specs`). An ``http(s)://`` URL is an HTTP
+    source, anything else a local folder (path or file:// URL). Raises :class:`IngestError`
+    when two share a name or a location, or a name is reserved."""
+    named = parse_source_specs(value or settings.ingest.source)
+    sources = [_labelled_source(name, spec, settings) for name, spec in named]
+    seen: dict[str, str] = {}
+    for src in sources:
+        if src.description in seen:
+            raise IngestError(
+                f"sources {seen[src.description]!r} and {src.origin!r} are the same "
+                f"({src.description}); list it once in DANDELION_SOURCE"
+            )
+        seen[src.description] = src.origin
+    return sources
+
+
+def _labelled_source(name: str, spec: str, settings: Settings) -> Source:
+    if is_http(spec):
+        return HttpSource(spec, settings, origin=name)
     return FolderSource(
-        path, settings.labels, settings.ingest.max_per_class, settings.images.max_download_bytes
+        folder_path(spec),
+        settings.labels,
+        settings.ingest.max_per_class,
+        settings.images.max_download_bytes,
+        origin=name,
     )
+
+
+def make_source(spec: str | None, settings: Settings) -> Source:
+    """One labelled source: an HTTP source for ``http(s)://`` URLs, otherwise a local folder
+    (path or file:// URL), optionally named ``name=spec``; ``spec`` defaults to
+    ``settings.ingest.source``. A list of several (:func:`make_sources`) is combined into one
+    :class:`CombinedSource`."""
+    sources = make_sources(spec, settings)
+    return sources[0] if len(sources) == 1 else CombinedSource(*sources)
 
 
 def make_negatives_source(spec: str, settings: Settings) -> NegativesSource:
@@ -130,16 +174,15 @@ def make_negatives_source(spec: str, settings: Settings) -> NegativesSource:
     parsed = urlparse(spec)
     if parsed.scheme not in ("", "file"):
         raise IngestError(f"DANDELION_NEGATIVES_SOURCE must be a local folder, got {spec!r}")
-    path = unquote(parsed.path) if parsed.scheme == "file" else spec
-    return NegativesSource(path, settings.images.max_download_bytes)
+    return NegativesSource(folder_path(spec), settings.images.max_download_bytes)
 
 
 def _sources(
     settings: Settings, source: Source | str | None, store: ObjectStore, negatives: str | None
 ) -> Source:
-    """The run's source: ``source``, the negatives and accepted feedback, combined."""
-    src = source if isinstance(source, Source) else make_source(source, settings)
-    parts = [src]
+    """The run's source: ``source`` (one or more labelled sources), the negatives and
+    accepted feedback, combined in this order."""
+    parts = [source] if isinstance(source, Source) else make_sources(source, settings)
     negatives = negatives or settings.ingest.negatives_source
     if negatives:
         parts.append(make_negatives_source(negatives, settings))
@@ -147,7 +190,7 @@ def _sources(
         reviewed = accepted_feedback(settings)
         if reviewed:
             parts.append(FeedbackSource(reviewed, store, settings.labels))
-    return CombinedSource(*parts) if len(parts) > 1 else src
+    return CombinedSource(*parts) if len(parts) > 1 else parts[0]
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -162,7 +205,9 @@ def ingest(
     progress: bool | None = None,
     negatives: str | None = None,
 ) -> IngestReport:
-    """Ingest ``source`` (default: ``settings.ingest.source``) into ``store`` as a dataset version.
+    """Ingest ``source`` (default: ``settings.ingest.source``; a :class:`Source`, or a spec or
+    comma-separated list of specs as :func:`make_sources` reads them) into ``store`` as a
+    dataset version.
 
     ``negatives`` (default: ``settings.ingest.negatives_source``; unset: none) is a folder of
     out-of-domain photos ingested alongside as the ``negatives`` source.
@@ -245,13 +290,24 @@ def _latest_manifest(store: ObjectStore) -> pd.DataFrame | None:
 
 def _summarise(manifest: pd.DataFrame, report: IngestReport, labels: tuple[str, ...]) -> None:
     report.images = len(manifest)
-    for label in sorted(set(labels) | set(manifest["label"])):
-        rows = manifest[manifest["label"] == label]
-        counts = {"total": len(rows)}
-        counts.update({s: int((rows["split"] == s).sum()) for s in dataset.SPLITS})
-        report.classes[label] = counts
+    report.classes = _class_counts(manifest, sorted(set(labels) | set(manifest["label"])))
+    report.origins = {
+        str(origin): _class_counts(rows, sorted(set(rows["label"])))
+        for origin, rows in manifest.groupby("origin", sort=True)
+    }
     sizes = manifest["group"].value_counts()
     report.near_duplicate_groups = int((sizes > 1).sum())
+
+
+def _class_counts(rows: pd.DataFrame, labels: list[str]) -> dict[str, dict[str, int]]:
+    """Label -> ``total`` and per-split counts of ``rows``."""
+    out = {}
+    for label in labels:
+        of_label = rows[rows["label"] == label]
+        counts = {"total": len(of_label)}
+        counts.update({s: int((of_label["split"] == s).sum()) for s in dataset.SPLITS})
+        out[label] = counts
+    return out
 
 
 def _stored_report(report: IngestReport, settings: Settings) -> dict[str, Any]:

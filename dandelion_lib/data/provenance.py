@@ -1,7 +1,9 @@
 """Which images a dataset version gets, and where each one comes from.
 
-Exact duplicates collapse into one manifest record per ``(label, sha256)`` (the first source
-in sorted order is recorded); the same bytes under two labels are a ``label_conflict``, except
+Exact duplicates collapse into one manifest record per ``(label, sha256)``: the item of the
+first source in the run's order (the labelled sources in the order they are listed, then the
+negatives, then feedback) is recorded, with its origin; within one source, the first path or
+URL in sorted order. The same bytes under two labels are a ``label_conflict``, except
 that feedback never relabels a photo a curated source labels (:func:`collapse`) and that a
 version extending an earlier one keeps that version's label (:func:`extend_previous`). Every
 accepted-feedback photo of a version keeps its provenance in the version's report
@@ -38,11 +40,17 @@ def _is_feedback(source: str) -> bool:
 
 
 def collapse(ok: list[Outcome]) -> Records:
-    """Manifest records from valid outcomes: one per (label, sha256); the same bytes under
-    two labels are rejected as ``label_conflict``."""
+    """Manifest records from valid outcomes (in the order of the run's items): one per
+    (label, sha256); the same bytes under two labels are rejected as ``label_conflict``.
+
+    Among exact duplicates, the record keeps the item of the source listed first (its
+    ``origin`` and ``source``), then the smallest ``source``: deterministic, whatever order
+    the pool fetched them in."""
     by_sha: dict[str, list[Outcome]] = {}
+    rank: dict[str, int] = {}
     for o in ok:
         by_sha.setdefault(o.sha256 or "", []).append(o)
+        rank.setdefault(o.item.origin, len(rank))
     out = Records()
     for sha, outcomes in by_sha.items():
         group = _curated_label(outcomes, out.rejected)
@@ -51,7 +59,7 @@ def collapse(ok: list[Outcome]) -> Records:
             detail = f"identical bytes are labelled {' and '.join(labels)}"
             out.rejected += [_conflict(o, detail) for o in group]
             continue
-        first = min(group, key=lambda o: o.item.source)
+        first = min(group, key=lambda o: (rank[o.item.origin], o.item.source))
         out.duplicates += len(group) - 1
         out.records.append(_record(sha, first))
     return out
@@ -81,6 +89,7 @@ def _record(sha: str, first: Outcome) -> dict[str, Any]:
         "label": first.item.label,
         "key": raw_key(first.item.label, sha, image["ext"]),
         "source": first.item.source,
+        "origin": first.item.origin or dataset.LEGACY_ORIGIN,
         "width": image["width"],
         "height": image["height"],
         "format": image["format"],

@@ -7,17 +7,24 @@
 * :class:`CombinedSource`: several of them ingested as one dataset version.
 
 The HTTP layout is :class:`dandelion_lib.data.httpsource.HttpSource`.
+
+Every source has an ``origin``, the name recorded in the manifest's ``origin`` column for each
+of its images: a labelled source's name (:func:`parse_source_specs`: ``name=spec`` or a name
+derived from the spec), :data:`NEGATIVES_ORIGIN` for the negatives, :data:`FEEDBACK_ORIGIN`
+for accepted feedback.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
-from dandelion_lib.core.config import Settings
+from dandelion_lib.core.config import DEFAULT_SOURCE, Settings
 from dandelion_lib.core.labels import NEITHER, UNKNOWN
 from dandelion_lib.core.storage import ObjectNotFoundError, ObjectStore
 from dandelion_lib.data.feedback import (
@@ -26,13 +33,26 @@ from dandelion_lib.data.feedback import (
     FeedbackStore,
     FeedbackUnavailableError,
 )
-from dandelion_lib.data.rejections import SourceUnavailableError
+from dandelion_lib.data.rejections import IngestError, SourceUnavailableError
+
+NEGATIVES_ORIGIN = "negatives"
+"""The origin of the negatives (``DANDELION_NEGATIVES_SOURCE``)."""
+FEEDBACK_ORIGIN = "feedback"
+"""The origin of accepted feedback photos."""
+DEFAULT_SOURCE_NAME = "greenr"
+"""The name of :data:`~dandelion_lib.core.config.DEFAULT_SOURCE`, the greenr reference set."""
+RESERVED_NAMES = frozenset({NEGATIVES_ORIGIN, FEEDBACK_ORIGIN, "default"})
+"""Names a labelled source cannot take: the other origins, and ``default`` (the origin of the
+images of a manifest written before origins were recorded)."""
+
+_NAMED = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)=(?P<spec>.+)$")
 
 
 @dataclass(frozen=True)
 class SourceItem:
     label: str
     source: str  # URL or path, recorded in the manifest's ``source`` column
+    origin: str = ""  # the source's name, recorded in the manifest's ``origin`` column
 
 
 @dataclass
@@ -57,6 +77,8 @@ class Source(ABC):
 
     description: str
     concurrency: int = 4
+    origin: str = ""
+    """The name its items record as their origin."""
 
     @abstractmethod
     def items(self) -> list[SourceItem]:
@@ -95,8 +117,10 @@ class FolderSource(Source):
         labels: tuple[str, ...],
         limit: int | None = None,
         max_bytes: int | None = None,
+        origin: str | None = None,
     ):
         self.root = Path(os.path.abspath(Path(root).expanduser()))  # noqa: PTH100 - no symlink resolving
+        self.origin = origin or self.root.name
         self.labels = labels
         self.limit = limit
         self.max_bytes = max_bytes
@@ -114,7 +138,7 @@ class FolderSource(Source):
         out: list[SourceItem] = []
         for label in self.labels:
             files = _visible_files(self.root / label, self.root)
-            out += [SourceItem(label, str(p)) for p in files[: self.limit]]
+            out += [SourceItem(label, str(p), self.origin) for p in files[: self.limit]]
         return out
 
     def fetch(self, item: SourceItem, known: dict[str, Any] | None) -> Fetched:
@@ -137,7 +161,7 @@ class NegativesSource(FolderSource):
     and are left out."""
 
     def __init__(self, root: str | os.PathLike[str], max_bytes: int | None = None):
-        super().__init__(root, (UNKNOWN,), None, max_bytes)
+        super().__init__(root, (UNKNOWN,), None, max_bytes, NEGATIVES_ORIGIN)
         self.description = f"negatives {self.root}"
 
     def items(self) -> list[SourceItem]:
@@ -150,12 +174,17 @@ class NegativesSource(FolderSource):
             raise SourceUnavailableError(
                 f"negatives folder {self.root} has no sub-folders (one per kind of photo)"
             )
-        return [SourceItem(UNKNOWN, str(p)) for kind in kinds for p in _visible_files(kind, kind)]
+        return [
+            SourceItem(UNKNOWN, str(p), self.origin)
+            for kind in kinds
+            for p in _visible_files(kind, kind)
+        ]
 
 
 class CombinedSource(Source):
-    """Several sources (the labelled one, negatives, accepted feedback) ingested as one
-    dataset version; each item is fetched by the source that listed it."""
+    """Several sources (the labelled ones, negatives, accepted feedback) ingested as one
+    dataset version; each item is fetched by the source that listed it. Items are listed
+    part by part, in the order of ``parts``."""
 
     def __init__(self, *parts: Source):
         self.parts = parts
@@ -191,13 +220,16 @@ class FeedbackSource(Source):
         self.store = store
         self.labels = labels
         self.description = f"accepted feedback ({len(records)})"
+        self.origin = FEEDBACK_ORIGIN
 
     def items(self) -> list[SourceItem]:
         out = []
         for r in self.records:
             label = UNKNOWN if r.correct_label == NEITHER else r.correct_label
             if label in self.labels or label == UNKNOWN:
-                out.append(SourceItem(label, f"{FEEDBACK_SOURCE_PREFIX}{r.feedback_id}"))
+                out.append(
+                    SourceItem(label, f"{FEEDBACK_SOURCE_PREFIX}{r.feedback_id}", self.origin)
+                )
         return out
 
     def fetch(self, item: SourceItem, known: dict[str, Any] | None) -> Fetched:
@@ -223,3 +255,80 @@ def accepted_feedback(settings: Settings) -> list[FeedbackRecord]:
         ) from None
     finally:
         feedback.close()
+
+
+# --- naming the labelled sources ----------------------------------------------------------
+
+
+def is_http(spec: str) -> bool:
+    return urlparse(spec).scheme in ("http", "https")
+
+
+def folder_path(spec: str) -> str:
+    """The local path of a folder spec (a path or a ``file://`` URL)."""
+    parsed = urlparse(spec)
+    return unquote(parsed.path) if parsed.scheme == "file" else spec
+
+
+def default_source_name(spec: str) -> str:
+    """The name of an unnamed source: ``greenr`` for the default HTTP source, the last
+    non-empty path segment of another URL (its host when it has none), a folder's basename."""
+    if is_http(spec):
+        if spec.rstrip("/") == DEFAULT_SOURCE.rstrip("/"):
+            return DEFAULT_SOURCE_NAME
+        parsed = urlparse(spec)
+        segments = [s for s in unquote(parsed.path).split("/") if s]
+        return segments[-1] if segments else parsed.hostname or ""
+    return Path(os.path.abspath(Path(folder_path(spec)).expanduser())).name  # noqa: PTH100
+
+
+def parse_source_specs(value: str) -> list[tuple[str, str]]:
+    """``(name, spec)`` of each labelled source of a comma-separated list, in its order.
+
+    Each entry is a spec (an HTTP base URL, a local folder or a ``file://`` URL), optionally
+    named ``name=spec`` (a name is letters, digits, ``.``, ``_`` and ``-``); an unnamed one
+    gets :func:`default_source_name`. Raises :class:`IngestError` when the list is empty, two
+    sources share a name or a spec, or a name is one of :data:`RESERVED_NAMES`.
+    """
+    out: list[tuple[str, str]] = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        named = _NAMED.match(entry)
+        name, spec = (named["name"], named["spec"].strip()) if named else ("", entry)
+        out.append((name or default_source_name(spec), spec))
+    if not out:
+        raise IngestError("DANDELION_SOURCE is empty: give an HTTP base URL or a local folder")
+    _check_names(out)
+    return out
+
+
+def _check_names(named: list[tuple[str, str]]) -> None:
+    seen: dict[str, str] = {}
+    for name, spec in named:
+        if not name:
+            raise IngestError(f"source {spec!r} has no name: write it as name={spec}")
+        if name in RESERVED_NAMES:
+            raise IngestError(
+                f"source {spec!r} is named {name!r}, a reserved name "
+                f"({', '.join(sorted(RESERVED_NAMES))}): write it as another-name={spec}"
+            )
+        if name in seen:
+            raise IngestError(
+                f"two sources are named {name!r} ({seen[name]} and {spec}): "
+                f"name them apart in DANDELION_SOURCE, e.g. {name}-2={spec}"
+            )
+        seen[name] = spec
+
+
+def absolute_source_specs(value: str) -> str:
+    """``value`` (a list of sources) with every local folder as an absolute path, each keeping
+    its name (written ``name=path`` where the path's basename would name it otherwise)."""
+    out = []
+    for name, spec in parse_source_specs(value):
+        if "://" in spec:
+            out.append(spec if default_source_name(spec) == name else f"{name}={spec}")
+            continue
+        path = str(Path(spec).expanduser().resolve())
+        out.append(path if Path(path).name == name else f"{name}={path}")
+    return ",".join(out)

@@ -33,6 +33,16 @@ def test_image_sizes_and_statistics_in_range(
     assert (stats.std() > 0).all(), "a statistic is constant over the dataset"
 
 
+def test_one_source_splits_as_by_label_alone(
+    manifest: pd.DataFrame, data_settings: Settings
+) -> None:
+    """The reference set alone: one origin, split exactly as stratified by label only."""
+    assert manifest["origin"].nunique() == 1
+    labels, groups = manifest["label"].tolist(), manifest["group"].tolist()
+    seed = data_settings.ingest.split_seed
+    assert manifest["split"].tolist() == dataset.assign_splits(labels, groups, seed)
+
+
 def test_label_set(manifest: pd.DataFrame, data_settings: Settings) -> None:
     assert set(manifest["label"]) == set(data_settings.labels) == {"dandelion", "grass"}
 

@@ -26,10 +26,13 @@ from tests.integration.conftest import FaultServer
 
 @pytest.fixture(scope="module")
 def reference_version(greenr_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The version of the reference dataset, ingested from the folder into a scratch store."""
+    """The version of the reference dataset, ingested from the folder into a scratch store
+    (named ``greenr`` as the HTTP source below: the origin is part of the version)."""
     tmp = tmp_path_factory.mktemp("ref")
     report = ingest(
-        Settings(workdir=tmp, source=str(greenr_dir)), store=LocalStore(tmp / "s"), progress=False
+        Settings(workdir=tmp, source=f"greenr={greenr_dir}"),
+        store=LocalStore(tmp / "s"),
+        progress=False,
     )
     assert report.images == 400
     return str(report.version)
@@ -54,7 +57,7 @@ def test_killed_run_leaves_nothing_partial_and_rerun_completes(
     env = {
         **os.environ,
         **_store_env(store, endpoint),
-        "DANDELION_SOURCE": http_source.url,
+        "DANDELION_SOURCE": f"greenr={http_source.url}",
         "DANDELION_WORKDIR": str(tmp_path / "work"),
         "DANDELION_HTTP_CONCURRENCY": "2",
     }
@@ -92,7 +95,7 @@ def test_killed_run_leaves_nothing_partial_and_rerun_completes(
 
     # The re-run completes and yields exactly the version of an uninterrupted ingestion.
     http_source.delay_s = 0.0
-    settings = Settings(workdir=tmp_path / "work", source=http_source.url)
+    settings = Settings(workdir=tmp_path / "work", source=f"greenr={http_source.url}")
     report = ingest(settings, store=store, progress=False)
     assert report.images == 400 and not report.rejected
     assert report.new + report.unchanged == 400 and report.unchanged >= len(raw)

@@ -102,19 +102,20 @@ def test_folder_validation_and_idempotent_rerun(
 def test_same_images_same_version_from_folder_and_http(
     greenr_dir: Path, http_source: FaultServer, tmp_path: Path
 ) -> None:
+    """The same images from same-named sources (the origin counts): the same version."""
     a = ingest(
-        _settings(tmp_path, greenr_dir, max_per_class=25),
+        _settings(tmp_path, f"greenr={greenr_dir}", max_per_class=25),
         store=LocalStore(tmp_path / "a"),
         progress=False,
     )
     b = ingest(
-        _settings(tmp_path, http_source.url, max_per_class=25),
+        _settings(tmp_path, f"greenr={http_source.url}", max_per_class=25),
         store=LocalStore(tmp_path / "b"),
         progress=False,
     )
     assert a.images == b.images == 50 and a.version == b.version
     other_seed = ingest(
-        _settings(tmp_path, greenr_dir, max_per_class=25, split_seed=7),
+        _settings(tmp_path, f"greenr={greenr_dir}", max_per_class=25, split_seed=7),
         store=LocalStore(tmp_path / "c"),
         progress=False,
     )

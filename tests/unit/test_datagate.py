@@ -26,6 +26,7 @@ def manifest(
                     label=label,
                     key=f"raw/{label}/{sha}.jpg",
                     source=sha,
+                    origin="greenr",
                     width=64,
                     height=64,
                     format="JPEG",
@@ -48,6 +49,7 @@ def test_a_sound_manifest_passes() -> None:
         "labels": {"dandelion": 5, "grass": 5},
         "negatives": 0,
         "splits": {"train": 6, "val": 2, "test": 2},
+        "origins": {"greenr": {"images": 10, "train": 6, "val": 2, "test": 2}},
     }
 
 

@@ -249,3 +249,71 @@ def test_without_a_previous_version_the_split_is_the_fresh_one() -> None:
     assert plain.equals(
         dataset.build_manifest(records, seed=3, near_duplicate_distance=0, previous=empty)
     )
+
+
+# --- origins: several labelled sources in one dataset -------------------------------------
+
+
+def _from(origin: str, n_per_label: int) -> list[dict]:
+    rows = []
+    for r in _records(n_per_label):
+        sha = _sha(f"{origin}{r['sha256']}")
+        rows.append(r | {"sha256": sha, "key": f"raw/{r['label']}/{sha}.jpg", "origin": origin})
+        rows[-1]["phash"] = _sha(sha)[:16]
+    return rows
+
+
+def test_splits_are_stratified_by_origin_and_label() -> None:
+    """Each source's part of each class is split 70/15/15 on its own: each source's test part
+    is 15% of it, however small the source is next to the others."""
+    df = dataset.build_manifest(
+        _from("greenr", 200) + _from("mine", 20), seed=42, near_duplicate_distance=0
+    )
+    counts = df.groupby(["origin", "label"])["split"].value_counts().to_dict()
+    for label in ("dandelion", "grass"):
+        assert [counts[("greenr", label, s)] for s in dataset.SPLITS] == [140, 30, 30]
+        assert [counts[("mine", label, s)] for s in dataset.SPLITS] == [14, 3, 3]
+    # the origin is content: renaming a source gives another version
+    renamed = df.assign(origin=df["origin"].replace("mine", "lawn"))
+    assert dataset.compute_version(renamed) != dataset.compute_version(df)
+
+
+def test_one_source_splits_as_before_origins_existed() -> None:
+    """With a single source the strata are the labels' members, so the split is exactly the
+    label-only one (near-duplicate groups with mixed labels included)."""
+    rows = _from("greenr", 60)
+    for i in range(0, 30, 3):  # near-duplicate groups, some across the two labels
+        rows[i + 1]["phash"] = rows[i]["phash"]
+        rows[60 + i]["phash"] = rows[i]["phash"]
+    df = dataset.build_manifest(rows, seed=5, near_duplicate_distance=0)
+    assert (df.groupby("group").size() > 1).sum() == 10
+    labels, groups = df["label"].tolist(), df["group"].tolist()
+    assert df["split"].tolist() == dataset.assign_splits(labels, groups, seed=5)
+    assert dataset.assign_splits(labels, groups, 5, ["greenr"] * len(df)) == df["split"].tolist()
+    # records without an origin (as before) get the legacy one, and the same split
+    bare = [{k: v for k, v in r.items() if k != "origin"} for r in rows]
+    old = dataset.build_manifest(bare, seed=5, near_duplicate_distance=0)
+    assert set(old["origin"]) == {dataset.LEGACY_ORIGIN}
+    assert old["split"].tolist() == df["split"].tolist()
+
+
+def test_a_manifest_without_origins_still_reads(tmp_path: Path) -> None:
+    """A version written before origins were recorded (schema 1) reads with the origin
+    ``default``; a later version built on it keeps its images' splits."""
+    store = LocalStore(tmp_path)
+    old = dataset.build_manifest(_records(20), seed=42, near_duplicate_distance=0)
+    legacy = old.drop(columns=["origin"])
+    store.put_bytes(dataset.manifest_key("0123456789abcdef"), dataset.manifest_to_parquet(legacy))
+    store.put_json(dataset.LATEST_KEY, {"version": "0123456789abcdef"})
+    loaded = dataset.load_manifest(store)
+    assert tuple(loaded.columns) == dataset.MANIFEST_COLUMNS
+    assert set(loaded["origin"]) == {"default"}
+    assert loaded["split"].tolist() == old["split"].tolist()
+    later = dataset.build_manifest(
+        _records(20) + _from("mine", 20), seed=42, near_duplicate_distance=0, previous=loaded
+    )
+    kept = later[later["origin"] == "default"]
+    assert dict(zip(kept["sha256"], kept["split"], strict=True)) == dict(
+        zip(old["sha256"], old["split"], strict=True)
+    )
+    assert set(later[later["origin"] == "mine"]["split"]) == set(dataset.SPLITS)

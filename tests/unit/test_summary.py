@@ -29,6 +29,26 @@ def test_a_failed_run_says_which_step() -> None:
     assert "validate_data: dataset x failed validation" in text
 
 
+def test_the_dataset_row_counts_per_source() -> None:
+    counts = {
+        "images": 530,
+        "labels": {"dandelion": 265, "grass": 265},
+        "splits": {"train": 371, "val": 80, "test": 79},
+        "origins": {
+            "greenr": {"images": 400, "train": 280, "val": 60, "test": 60},
+            "mine": {"images": 130, "train": 91, "val": 20, "test": 19},
+        },
+    }
+    record = {"status": "succeeded", "dataset_version": "0123456789abcdef", "counts": counts}
+    text = format_summary(record)
+    assert (
+        "  sources    greenr 400 (train 280 / val 60 / test 60); mine 130 (train 91 / val 20 / "
+        "test 19)" in text
+    )
+    one = {**counts, "origins": {"greenr": counts["origins"]["greenr"]}}
+    assert "sources" not in format_summary(record | {"counts": one})
+
+
 def test_the_extraction_shards_are_added_up() -> None:
     from dandelion_lib.summary import feature_totals
 
