@@ -56,6 +56,12 @@ def _fmt_origins(origins: dict[str, Any]) -> str:
 def _fmt_model_figures(model: dict[str, Any]) -> str:
     acc = model.get("test_accuracy")
     text = f"test accuracy {acc:.4f}" if isinstance(acc, float) else "no test accuracy"
+    right = model.get("test_right_answers")
+    if isinstance(right, float):
+        text = f"right answers {right:.4f}, {text}"
+    worst = model.get("test_max_source_unknown_share")
+    if isinstance(worst, float):
+        text += f", in-domain photos answered unknown {worst:.4f} (worst source)"
     ood = model.get("test_ood_unknown_share")
     if isinstance(ood, float):
         text += f", out-of-domain photos answered unknown {ood:.4f}"
@@ -168,17 +174,17 @@ def model_summary(settings: Settings, trained: str | None) -> dict[str, Any]:
 
 
 def _test_figures(client: Any, mv: Any) -> dict[str, float | None]:
-    """``test_accuracy`` and ``test_ood_unknown_share`` of a model version: its saved scores
+    """The ``test_*`` headline figures (:data:`~dandelion_lib.lifecycle.scorecard.HEADLINE`)
+    of a model version: its saved scores
     as served (``serving.precision``), else its training run's metrics."""
     saved = scorecard.load(client, mv.run_id) if mv.run_id else None
     if saved is not None:
         precision = (mv.tags or {}).get(SERVING_TAG + "precision") or "fp32"
         return {f"test_{k}": v for k, v in scorecard.headline(saved, precision).items()}
     metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
-    acc = metrics.get("test_accuracy")
     return {
-        "test_accuracy": float(acc) if acc is not None else None,
-        "test_ood_unknown_share": metrics.get("test_ood_unknown_share"),
+        f"test_{name}": float(metrics[f"test_{name}"]) if f"test_{name}" in metrics else None
+        for name in scorecard.HEADLINE
     }
 
 

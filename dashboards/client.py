@@ -92,11 +92,15 @@ class ModelInfo:
     alias: str | None = None
     test_accuracy: float | None = None
     loaded_at: str | None = None
+    right_answers: float | None = None
+    """Share of test photos whose answer is their true label (``uncertain`` and
+    ``unknown`` are not right)."""
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> ModelInfo:
         metrics = body.get("metrics") or {}
         acc = metrics.get("test_accuracy")
+        right = metrics.get("test_right_answers")
         loaded = body.get("loaded_at")
         if isinstance(loaded, int | float):
             loaded = datetime.fromtimestamp(loaded, UTC).isoformat(timespec="seconds")
@@ -106,13 +110,23 @@ class ModelInfo:
             alias=body.get("alias"),
             test_accuracy=float(acc) if isinstance(acc, int | float) else None,
             loaded_at=loaded,
+            right_answers=float(right) if isinstance(right, int | float) else None,
         )
 
     @property
     def headline(self) -> str:
-        """``"dandelion v3 (champion) · test accuracy 97.5 %"``."""
+        """``"dandelion v3 (champion) · right answers 96.9 % · test accuracy 97.5 %"`` (right
+        answers only when the model's scores have them)."""
         alias = f" ({self.alias})" if self.alias else ""
-        return f"{self.name} v{self.version}{alias} · test accuracy {percent(self.test_accuracy)}"
+        right = (
+            f" · right answers {percent(self.right_answers)}"
+            if self.right_answers is not None
+            else ""
+        )
+        return (
+            f"{self.name} v{self.version}{alias}{right} · "
+            f"test accuracy {percent(self.test_accuracy)}"
+        )
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,19 @@ class PromotionSettings(SettingsGroup):
         description="Allowed drop of the share of out-of-domain test photos answered 'unknown' "
         "versus the current champion.",
     )
+    promotion_max_source_unknown: float = Field(
+        0.03,
+        ge=0,
+        le=1,
+        description="Highest share of any labelled source's test photos the challenger may "
+        "answer 'unknown' (from 2 photos on); above it the challenger is not promoted.",
+    )
+    promotion_right_answers_tolerance: float = Field(
+        0.01,
+        ge=0,
+        description="Allowed drop of right answers (test photos whose answer is their true "
+        "label) versus the current champion.",
+    )
     benchmark_dataset_version: str | None = Field(
         None,
         description="Dataset version whose test split is promotion's frozen benchmark "

@@ -31,6 +31,7 @@ from dandelion_lib.data import dataset
 from dandelion_lib.lifecycle.metrics import (
     EvaluationError,
     EvaluationReport,
+    answer_metrics,
     classification_metrics,
     slice_metrics,
 )
@@ -75,6 +76,9 @@ def evaluate_arrays(
     metrics = classification_metrics(y_true, probs, labels)
     metrics["uncertain_share"] = (
         float(np.mean(frame["answer"] == policy.uncertain)) if len(frame) else 0.0
+    )
+    metrics |= answer_metrics(
+        frame, probs, labels, unknown=policy.unknown, uncertain=policy.uncertain
     )
     if policy.ood_threshold is not None and _all_scored(preds):
         in_correct = pred == np.asarray(y_true)
@@ -187,9 +191,10 @@ def list_labelled_folder(root: str | Path, labels: tuple[str, ...]) -> list[tupl
 
 
 def _read_folder(
-    predictor: Any, found: list[tuple[Path, str]], skipped: list[str]
+    predictor: Any, found: list[tuple[Path, str]], skipped: list[str], origin: str = ""
 ) -> tuple[list[np.ndarray], list[str], list[dict[str, Any]]]:
-    """Model inputs, labels (or kinds) and metadata of readable images; others -> skipped."""
+    """Model inputs, labels (or kinds) and metadata (``origin``: the source's name) of
+    readable images; others -> skipped."""
     # The predictor's own acceptance rule (see Predictor.decode), keeping the image size.
     limits = ImageLimits(max_pixels=predictor.max_pixels, min_side=predictor.min_side)
     pixels, names, meta = [], [], []
@@ -201,7 +206,7 @@ def _read_folder(
             continue
         pixels.append(to_model_input(img, predictor.spec))
         names.append(name)
-        meta.append({"path": str(path), "width": img.width, "height": img.height})
+        meta.append({"path": str(path), "origin": origin, "width": img.width, "height": img.height})
     return pixels, names, meta
 
 
@@ -226,10 +231,14 @@ def evaluate_folder(
     predictor: Any, root: str | Path, negatives: str | Path | None = None
 ) -> tuple[EvaluationReport, list[str]]:
     """Score every image of a labelled folder (and, for the open-set figures, of a folder of
-    out-of-domain photos, ``negatives/<kind>/*``); returns the report and skipped files."""
+    out-of-domain photos, ``negatives/<kind>/*``); returns the report and skipped files. The
+    folder is one source, named after it in the per-source figures."""
     labels = tuple(predictor.labels)
     skipped: list[str] = []
-    pixels, names, meta = _read_folder(predictor, list_labelled_folder(root, labels), skipped)
+    origin = Path(root).resolve().name or str(root)
+    pixels, names, meta = _read_folder(
+        predictor, list_labelled_folder(root, labels), skipped, origin
+    )
     if not pixels:
         raise EvaluationError(f"no readable images in {root}")
     neg = None

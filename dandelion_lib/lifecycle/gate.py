@@ -2,8 +2,11 @@
 
 * :func:`serving_choice` / :func:`serving_of`: the runtime and precision a version is served
   with (INT8 only when its test figures are within ``int8_tolerance`` of FP32's);
-* :func:`promotion_gate`: promote or not (accuracy floor, tolerance versus the champion, and no
-  regression in how many of the split's out-of-domain photos are answered ``unknown``);
+* :func:`promotion_gate`: promote or not (accuracy floor, tolerance versus the champion, no
+  regression in how many of the split's out-of-domain photos are answered ``unknown``) and
+  :func:`user_verdict`, what users get: no labelled source's test photos refused (answered
+  ``unknown``) above ``promotion_max_source_unknown``, and right answers not below the
+  champion's by more than ``promotion_right_answers_tolerance``;
 * :func:`judge`: :func:`promotion_gate` applied to the reports of the served challenger and of
   the champion on the same test split.
 
@@ -40,6 +43,50 @@ class GateDecision:
     """Share of the split's out-of-domain photos the challenger answers ``unknown``."""
     champion_ood_unknown: float | None = None
     ood_tolerance: float | None = None
+    challenger_right_answers: float | None = None
+    """Share of the test photos whose answer is their true label."""
+    champion_right_answers: float | None = None
+    source_unknown: dict[str, float] = field(default_factory=dict)
+    """Per labelled source, the share of its test photos the challenger answers ``unknown``."""
+
+
+MIN_REFUSED = 2
+"""A source's refusals fail the gate only from this many photos on: on a test part of 30
+photos, one photo alone is above 3 % and says little."""
+
+
+def user_verdict(
+    source_unknown: dict[str, tuple[float, int]],
+    max_share: float,
+    right_answers: tuple[float | None, float | None],
+    tolerance: float,
+) -> tuple[bool, str]:
+    """What users get: (passes, rejection reason or the note a pass adds).
+
+    ``source_unknown``: per labelled source, (share of its test photos answered ``unknown``,
+    how many photos that is); ``right_answers``: (challenger's, champion's or None)."""
+    worst = sorted(source_unknown.items(), key=lambda kv: (-kv[1][0], kv[0]))
+    for origin, (share, refused) in worst:
+        if share > max_share + EPS and refused >= MIN_REFUSED:
+            return False, (
+                f"source {origin!r}: {share:.4f} of its test photos answered 'unknown' "
+                f"({refused} photos), above {max_share:.4f}"
+            )
+    challenger, champion = right_answers
+    note = ""
+    if challenger is not None and champion is not None:
+        if challenger < champion - tolerance - EPS:
+            return False, (
+                f"right answers {challenger:.4f} are below the champion's {champion:.4f} "
+                f"by more than {tolerance:.4f}"
+            )
+        note = f"; right answers {challenger:.4f} (champion {champion:.4f})"
+    elif challenger is not None:
+        note = f"; right answers {challenger:.4f}"
+    if worst:
+        origin, (share, _) = worst[0]
+        note += f"; most refused source {origin!r} {share:.4f}"
+    return True, note
 
 
 def _accuracy_verdict(
@@ -137,7 +184,43 @@ def judge(
         champion_ood_unknown=None if champion is None else champion.figure("ood_unknown_share"),
         ood_tolerance=settings.promotion.promotion_ood_tolerance,
     )
+    refused = source_refusals(served)
+    answers = (
+        served.figure("right_answers"),
+        None if champion is None else champion.figure("right_answers"),
+    )
+    decision = replace(
+        decision,
+        challenger_right_answers=answers[0],
+        champion_right_answers=answers[1],
+        source_unknown={k: v[0] for k, v in refused.items()},
+    )
+    if decision.promote:
+        ok, text = user_verdict(
+            refused,
+            settings.promotion.promotion_max_source_unknown,
+            answers,
+            settings.promotion.promotion_right_answers_tolerance,
+        )
+        decision = replace(
+            decision,
+            promote=ok,
+            reason=decision.reason + text if ok else text,
+        )
     return replace(decision, reason=decision.reason + note) if note else decision
+
+
+def source_refusals(report: EvaluationReport) -> dict[str, tuple[float, int]]:
+    """Per labelled source of ``report``: (share answered ``unknown``, how many photos)."""
+    by_source = report.metrics.get("by_source") or {}
+    return {
+        str(origin): (
+            float(f["unknown_share"]),
+            round(float(f["unknown_share"]) * float(f["n"])),
+        )
+        for origin, f in by_source.items()
+        if f.get("unknown_share") is not None and f["unknown_share"] == f["unknown_share"]
+    }
 
 
 def tag_value(value: float | None) -> str:

@@ -3,7 +3,11 @@
 * :func:`classification_metrics`: accuracy, macro precision / recall / F1, ROC AUC,
   expected calibration error (ECE), log loss and the confusion matrix.
 * :func:`slice_metrics`: the same accuracy figures per slice (image size bucket,
-  orientation, true label).
+  orientation, true label, source).
+* :func:`answer_metrics`: **right answers**, the share of in-domain photos whose answer (what
+  the user is told) is their true label, ``uncertain`` and ``unknown`` counted as not right;
+  and per labelled source (the manifest's ``origin``): right answers, argmax accuracy, the
+  shares answered ``unknown`` and ``uncertain``, ECE.
 * :class:`EvaluationReport`: one model's metrics, slices and predictions on one set of images;
   :meth:`EvaluationReport.to_dict` / :meth:`EvaluationReport.from_dict` keep it as JSON (the
   saved scores of :mod:`dandelion_lib.lifecycle.scoring`).
@@ -34,10 +38,28 @@ SIZE_BUCKETS: tuple[tuple[str, int, int], ...] = (
 """Image size slices by the shorter side in pixels (small, typical, larger photos of the
 reference data; every one is resized to the model input size)."""
 
-SUMMARY_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "ece", "log_loss")
+SUMMARY_METRICS = (
+    "right_answers",
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "roc_auc",
+    "ece",
+    "log_loss",
+)
 """The figures :meth:`EvaluationReport.table` lists first."""
 
-PREDICTION_COLUMNS = ("sha256", "path", "label", "predicted", "confidence", "answer", "ood_score")
+PREDICTION_COLUMNS = (
+    "sha256",
+    "path",
+    "origin",
+    "label",
+    "predicted",
+    "confidence",
+    "answer",
+    "ood_score",
+)
 """The per-image columns a saved report keeps (those present)."""
 
 
@@ -141,11 +163,54 @@ def slice_metrics(frame: pd.DataFrame) -> pd.DataFrame:
         orientation=[orientation(w, h) for w, h in shapes],
     )
     rows = [
-        {"slice": f"{kind}={value}", "n": len(part), "accuracy": float(part["correct"].mean())}
-        for kind in ("size", "orientation", "label")
+        {
+            "slice": f"{'source' if kind == 'origin' else kind}={value}",
+            "n": len(part),
+            "accuracy": float(part["correct"].mean()),
+        }
+        for kind in ("size", "orientation", "label", "origin")
+        if kind in f
         for value, part in f.groupby(kind, sort=True)
     ]
     return pd.DataFrame(rows, columns=["slice", "n", "accuracy"])
+
+
+SOURCE_FIGURES = ("n", "right_answers", "accuracy", "unknown_share", "uncertain_share", "ece")
+"""The figures :func:`answer_metrics` gives per source."""
+
+
+def _share(mask: Any) -> float:
+    values = np.asarray(mask, dtype=bool)
+    return float(values.mean()) if len(values) else float("nan")
+
+
+def answer_metrics(
+    frame: pd.DataFrame, probs: np.ndarray, labels: tuple[str, ...], *, unknown: str, uncertain: str
+) -> dict[str, Any]:
+    """``right_answers`` (share of ``frame``'s photos whose ``answer`` is their ``label``) and,
+    when ``frame`` has an ``origin`` column, the same per source: ``by_source`` (origin ->
+    :data:`SOURCE_FIGURES`), also flattened as ``source_<origin>_<figure>`` for MLflow, and
+    ``max_source_unknown_share`` (the worst source's share answered ``unknown``)."""
+    out: dict[str, Any] = {"right_answers": _share(frame["answer"] == frame["label"])}
+    if "origin" not in frame or frame.empty:
+        return out
+    y_true = np.asarray([labels.index(lab) for lab in frame["label"]])
+    by_source: dict[str, dict[str, float]] = {}
+    for origin, part in frame.groupby("origin", sort=True):
+        rows = part.index.to_numpy()
+        by_source[str(origin)] = {
+            "n": float(len(part)),
+            "right_answers": _share(part["answer"] == part["label"]),
+            "accuracy": _share(part["predicted"] == part["label"]),
+            "unknown_share": _share(part["answer"] == unknown),
+            "uncertain_share": _share(part["answer"] == uncertain),
+            "ece": expected_calibration_error(y_true[rows], probs[rows]),
+        }
+    out["by_source"] = by_source
+    out["max_source_unknown_share"] = max(f["unknown_share"] for f in by_source.values())
+    for origin, figures in by_source.items():
+        out |= {f"source_{origin}_{name}": value for name, value in figures.items()}
+    return out
 
 
 def _is_figure(value: Any) -> TypeGuard[int | float]:
@@ -192,11 +257,36 @@ class EvaluationReport:
             "",
             f"{'metric':<24}{'value':>10}",
         ]
-        lines += [f"{name:<24}{self.metrics[name]:>10.4f}" for name in SUMMARY_METRICS]
+        lines += [
+            f"{name:<24}{self.metrics[name]:>10.4f}"
+            for name in SUMMARY_METRICS
+            if name in self.metrics
+        ]
         for label in self.labels:
             for m in ("precision", "recall", "f1"):
                 lines.append(f"{m + '_' + label:<24}{self.metrics[f'{m}_{label}']:>10.4f}")
-        return "\n".join(lines + self._open_set_lines() + self._confusion_and_slice_lines())
+        return "\n".join(
+            lines
+            + self._source_lines()
+            + self._open_set_lines()
+            + self._confusion_and_slice_lines()
+        )
+
+    def _source_lines(self) -> list[str]:
+        by_source = self.metrics.get("by_source") or {}
+        if not by_source:
+            return []
+        lines = ["", "per source (right answers: the answer is the true label)"]
+        lines.append(f"{'source':<24}" + "".join(f"{n:>16}" for n in SOURCE_FIGURES))
+        for origin, figures in by_source.items():
+            cells = "".join(
+                f"{figures.get(n, float('nan')):>16.0f}"
+                if n == "n"
+                else f"{figures.get(n, float('nan')):>16.4f}"
+                for n in SOURCE_FIGURES
+            )
+            lines.append(f"{origin:<24}{cells}")
+        return lines
 
     def _open_set_lines(self) -> list[str]:
         names = [

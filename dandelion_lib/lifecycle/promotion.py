@@ -238,6 +238,13 @@ def _promotion_tags(settings: Settings, result: PromotionResult) -> dict[str, st
         "challenger_ood_unknown_share": tag_value(d.challenger_ood_unknown),
         "champion_ood_unknown_share": tag_value(d.champion_ood_unknown),
         "ood_tolerance": str(settings.promotion.promotion_ood_tolerance),
+        "challenger_right_answers": tag_value(d.challenger_right_answers),
+        "champion_right_answers": tag_value(d.champion_right_answers),
+        "max_source_unknown": str(settings.promotion.promotion_max_source_unknown),
+        "source_unknown_shares": ", ".join(
+            f"{k} {v:.4f}" for k, v in sorted(d.source_unknown.items())
+        )
+        or "none",
         "benchmark_dataset_version": result.benchmark_version or "none",
         "challenger_benchmark_accuracy": _accuracy_tag(result.challenger_benchmark),
         "champion_benchmark_accuracy": _accuracy_tag(result.champion_benchmark),

@@ -26,7 +26,7 @@ from typing import Any
 
 ARTIFACT = "scores.json"
 
-HEADLINE = ("accuracy", "ood_unknown_share")
+HEADLINE = ("right_answers", "accuracy", "ood_unknown_share", "max_source_unknown_share")
 """The figures of a saved report the run summary shows."""
 
 

@@ -261,9 +261,12 @@ def _fit_open_set(
             "openset_method_resolved": detector.method,
             "negatives_train": len(data.negative_pixels.get("train", ())),
             "negatives_test": len(data.negatives.get("test", ())),
+            "openset_sources": data.source_count,
         }
     )
     mlflow.log_metric("openset_threshold", float(detector.threshold or 0.0))
+    if detector.floor is not None:
+        mlflow.log_metric("openset_floor", float(detector.floor))
     laps.lap("fit_open_set")
     return detector
 

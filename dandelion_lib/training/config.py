@@ -69,6 +69,9 @@ class TrainConfig:
     ``mahalanobis``), one of :data:`dandelion_lib.training.openset.METHODS`, or ``none``."""
     openset_retention: float = openset.DEFAULT_RETENTION
     """Share of in-domain photos the detector's threshold keeps (calibrated on val)."""
+    openset_floor: float | None = None
+    """Lowest threshold of the detector; None: :func:`dandelion_lib.training.openset.score_floor`
+    (``logistic``: 1.0 with two or more labelled sources, 3.0 with one)."""
 
     def to_params(self) -> dict[str, Any]:
         return {k: ("None" if v is None else v) for k, v in dataclasses.asdict(self).items()}

@@ -323,7 +323,7 @@ def fit_open_set(
 ) -> openset.OpenSetDetector | None:
     """Step 6: fit the out-of-domain detector on the final model's features of the train
     split (and the negatives' train split), then calibrate its threshold on the val split
-    for ``openset_retention``. ``served`` gives the served model's features of model inputs;
+    (every labelled source's) for ``openset_retention``, never below ``openset_floor``. ``served`` gives the served model's features of model inputs;
     the cached features stand in for them when the backbone stayed frozen. ``None`` when the
     method is ``none``."""
     method = resolve_openset_method(config, data)
@@ -340,5 +340,8 @@ def fit_open_set(
     negatives = served(neg) if neg is not None and len(neg) else None
     detector = openset.OpenSetDetector(method=cast("openset.Method", method))
     detector.fit(features("train"), data.y["train"], negatives=negatives)
-    detector.calibrate(features("val"), config.openset_retention)
+    floor = config.openset_floor
+    if floor is None:
+        floor = openset.score_floor(method, data.source_count)
+    detector.calibrate(features("val"), config.openset_retention, floor=floor)
     return detector

@@ -21,6 +21,9 @@ from dandelion_lib.data import dataset
 from dandelion_lib.data.dataset import load_examples
 from dandelion_lib.training.config import TrainConfig, TrainingError
 
+FEEDBACK_ORIGIN = "feedback"
+"""The origin of accepted feedback photos in a manifest."""
+
 
 @dataclass
 class TrainingData:
@@ -41,6 +44,16 @@ class TrainingData:
     @property
     def labels(self) -> tuple[str, ...]:
         return self.spec.labels
+
+    @property
+    def source_count(self) -> int:
+        """How many labelled sources (origins) the train split holds; accepted feedback, a
+        handful of photos, does not count as one."""
+        rows = self.splits.get("train")
+        if rows is None or "origin" not in rows:
+            return 1
+        origins = set(rows["origin"]) - {FEEDBACK_ORIGIN}
+        return max(len(origins), 1)
 
     def negative_kinds(self, split: str) -> list[str]:
         rows = self.negatives.get(split)

@@ -38,7 +38,12 @@ Calibration is split-conformal: with ``n`` validation scores the threshold is th
 ``ceil(retention * (n + 1))``-th smallest, so a new in-domain photo exchangeable with the
 validation photos is kept with probability ``>= retention`` (not just the validation photos
 themselves, which with 60 photos would leave the expected false-``unknown`` share above
-``1 - retention``).
+``1 - retention``). The validation photos are those of every labelled source together.
+
+The guarantee holds only for photos like the validation photos, and ``logistic`` partly
+learns the sources' style. So its threshold is never below a **floor** on the "other" logit
+(:func:`score_floor`), higher with one labelled source, where "unlike the training photos"
+mostly means "another photographer" (docs/open-set.md: leave-one-source-out figures).
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ from dandelion_lib.core.errors import DandelionError
 OPENSET_SCHEMA_VERSION = "1"
 DEFAULT_RETENTION = 0.97
 """Share of in-domain validation photos the calibrated threshold keeps (answers)."""
+SCORE_FLOOR, SCORE_FLOOR_ONE_SOURCE = 1.0, 3.0
+"""Lowest ``logistic`` thresholds ("other" logits: odds 2.7:1 and 20:1) with 2+ sources, 1 source."""
 UNKNOWN_LABEL = "unknown"
 ARTIFACT_NAME = "openset.npz"
 """File name of the detector inside the MLflow model's artifacts."""
@@ -74,6 +81,14 @@ class OpenSetError(DandelionError):
 # --------------------------------------------------------------------------------------
 # The detector
 # --------------------------------------------------------------------------------------
+
+
+def score_floor(method: str, sources: int) -> float | None:
+    """The lowest threshold of ``method`` fitted on ``sources`` labelled sources (None: no
+    floor; only ``logistic`` scores are logits with a meaning independent of the data)."""
+    if method != "logistic":
+        return None
+    return SCORE_FLOOR if sources >= 2 else SCORE_FLOOR_ONE_SOURCE
 
 
 def threshold_for_retention(
@@ -169,6 +184,8 @@ class OpenSetDetector:
     retention: float | None = None
     """The in-domain retention the threshold was calibrated for."""
     calibration_size: int = 0
+    floor: float | None = None
+    """The lowest threshold :meth:`calibrate` may set (None: the conformal one as is)."""
     mean: np.ndarray | None = field(default=None, repr=False)
     reference: np.ndarray | None = field(default=None, repr=False)
     """Normalised in-domain training embeddings (``knn``, ``knn_ratio``)."""
@@ -219,6 +236,7 @@ class OpenSetDetector:
         if y.shape != (x.shape[0],):
             raise OpenSetError(f"labels must have shape ({x.shape[0]},), got {y.shape}")
         self.threshold, self.retention, self.calibration_size = None, None, 0
+        self.floor = None
         self.mean = x.mean(axis=0).astype(np.float32)
         self.reference = self.negatives = self.class_means = self.precision = None
         self.scale = self.coef = None
@@ -285,15 +303,20 @@ class OpenSetDetector:
             return near - _knn_distance(q, self.negatives, self.k)
         return near
 
-    def calibrate(self, val_features: Any, retention: float = DEFAULT_RETENTION) -> float:
+    def calibrate(
+        self, val_features: Any, retention: float = DEFAULT_RETENTION, floor: float | None = None
+    ) -> float:
         """Set and return the threshold for an in-domain ``retention`` (see
         :func:`threshold_for_retention`, conformal): at least ``retention`` of
         ``val_features`` score at or below it, and a new in-domain photo does with
-        probability ``>= retention``. Photos scoring above it are answered ``unknown``.
-        Calibrate on in-domain photos the detector was not fitted on.
+        probability ``>= retention``; never below ``floor`` (see :func:`score_floor`).
+        Photos scoring above it are answered ``unknown``. Calibrate on in-domain photos the
+        detector was not fitted on.
         """
         scores = self.score(val_features)
-        self.threshold = threshold_for_retention(scores, retention)
+        self.floor = floor
+        conformal = threshold_for_retention(scores, retention)
+        self.threshold = conformal if floor is None else max(conformal, float(floor))
         self.retention = float(retention)
         self.calibration_size = len(scores)
         return self.threshold
@@ -317,6 +340,7 @@ class OpenSetDetector:
             "threshold": self.threshold,
             "retention": self.retention,
             "calibration_size": self.calibration_size,
+            "floor": self.floor,
             "dim": self.dim,
         }
 
@@ -351,6 +375,7 @@ class OpenSetDetector:
         det.threshold = None if params.get("threshold") is None else float(params["threshold"])
         det.retention = None if params.get("retention") is None else float(params["retention"])
         det.calibration_size = int(params.get("calibration_size") or 0)
+        det.floor = None if params.get("floor") is None else float(params["floor"])
         for name in cls._ARRAYS:
             if arrays is not None and name in arrays:
                 setattr(det, name, np.asarray(arrays[name], dtype=np.float32))

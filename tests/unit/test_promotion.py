@@ -172,6 +172,11 @@ def test_scores_come_back_from_their_record_unchanged() -> None:
     assert back.fp32.predictions["answer"].tolist() == ["dandelion", "uncertain"] * 2
     assert back.fp32.true_indices().tolist() == [0, 1, 0, 1]
     assert back.serving(0.01).precision == "fp32"  # no INT8 artifact
-    assert scorecard.headline(record, "int8") == {"accuracy": 0.95, "ood_unknown_share": 0.9}
+    assert scorecard.headline(record, "int8") == {
+        "right_answers": None,
+        "accuracy": 0.95,
+        "ood_unknown_share": 0.9,
+        "max_source_unknown_share": None,
+    }
     keras = _scores(None, runtime="keras", runtime_note=None)
     assert keras.serving(0.01).reason == "serving_runtime is auto"
