@@ -147,7 +147,7 @@ def faults(session: nox.Session) -> None:
     """The standing fault suite (docs/reliability.md): dependencies locked, stopped, hanging
     or down at start; slow and hostile clients; each asserting the answers and that nothing
     was lost, on real processes."""
-    _run(session, "pytest", "-m", "faults", "--durations=15", *session.posargs)
+    _run(session, "pytest", "-m", "faults", "--durations=15", *session.posargs, env=KEEP_BYTECODE)
 
 
 @nox.session

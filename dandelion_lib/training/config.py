@@ -23,7 +23,8 @@ class TrainConfig:
     dataset_version: str | None = None
     """Dataset version to train on (default: the store's latest)."""
     backbone: str = "efficientnet_lite0"
-    """efficientnet_lite0 (offline), mobilenet_v2, efficientnet_b0 (download) or small_cnn."""
+    """efficientnet_lite0 (offline), mobilenet_v2, efficientnet_b0 (download), small_cnn, or
+    stand_in (a fixed, untrained stand-in for fast tests: not a real classifier)."""
     weights: str = "imagenet"
     """Backbone initialisation: imagenet or none."""
     image_size: int = DEFAULT_IMAGE_SIZE

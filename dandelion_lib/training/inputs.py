@@ -19,10 +19,8 @@ from dandelion_lib.core.features import FeatureSpec
 from dandelion_lib.core.labels import UNKNOWN
 from dandelion_lib.data import dataset
 from dandelion_lib.data.dataset import load_examples
+from dandelion_lib.data.sources import FEEDBACK_ORIGIN
 from dandelion_lib.training.config import TrainConfig, TrainingError
-
-FEEDBACK_ORIGIN = "feedback"
-"""The origin of accepted feedback photos in a manifest."""
 
 
 @dataclass
