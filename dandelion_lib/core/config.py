@@ -149,7 +149,31 @@ class PromotionSettings(SettingsGroup):
         0.01,
         ge=0,
         description="INT8 is served only if its test accuracy, ROC AUC and out-of-domain "
-        "'unknown' share are each within this of FP32's; otherwise FP32 is served.",
+        "'unknown' share are each within this of FP32's, or, when its agreement with FP32 "
+        "was measured, within max(this, 1.5 / n) for a figure over n test photos (one photo "
+        "answered differently never decides); otherwise FP32 is served.",
+    )
+    int8_min_agreement: float = Field(
+        0.99,
+        ge=0,
+        le=1,
+        description="INT8 is served only if the one-sided 95 % Wilson lower bound of the share "
+        "of photos it answers as FP32 reaches this (all splits and the negatives of the dataset "
+        "version; with 900 photos at most 4 may differ; under 268 photos 0.99 cannot be "
+        "reached and FP32 is served).",
+    )
+    int8_max_probability_diff: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="INT8 is served only if none of its probabilities differs from FP32's by "
+        "more than this on the photos compared for agreement.",
+    )
+    int8_agreement_photos: int = Field(
+        1000,
+        ge=0,
+        description="Most photos INT8 and FP32 are compared on (the test split first, then the "
+        "negatives, the validation and the training split).",
     )
     int8_calibration_images: int = Field(
         100,

@@ -7,7 +7,9 @@
    DAG's ``evaluate`` step, else scored now and saved. The current ``champion``, as served, on
    the same test split: its own saved scores when they are for that split, else scored now.
 2. The gate (:mod:`dandelion_lib.lifecycle.gate`, no I/O): :func:`gate.serving_of` picks the
-   precision (INT8 only when its figures are within ``int8_tolerance`` of FP32's) and
+   precision (INT8 only when it answers the dataset version's photos as FP32 does, by the
+   ``int8_min_agreement`` lower bound and ``int8_max_probability_diff``, and its test figures
+   do not drop beyond ``max(int8_tolerance, 1.5 / n)``) and
    :func:`gate.judge` decides on the challenger as it will be served (accuracy floor,
    tolerance versus the champion, and no regression in how many of the split's out-of-domain
    photos are answered ``unknown``).
@@ -142,7 +144,7 @@ def _judge(
     """The gate on the scores (no I/O): the served precision, the decision, and the reports
     behind them, as an unrecorded :class:`PromotionResult` (``same``: the candidate is the
     champion already, its own report is the champion's)."""
-    choice = scores.serving(settings.promotion.int8_tolerance)
+    choice = scores.serving(settings.promotion)
     served = scores.report(choice.precision)
     champion = served if same else (rival.report if rival is not None else None)
     decision = gate.judge(
@@ -207,6 +209,8 @@ def _log_run(settings: Settings, result: PromotionResult) -> str:
         mlflow.log_params(params | {"dataset_version": result.dataset_version})
         if result.serving is not None:
             mlflow.set_tags(result.serving.tags())
+            mlflow.log_params(_int8_params(settings))
+            mlflow.log_metrics(result.serving.agreement_figures())
         if result.challenger_report is not None:
             log_report(result.challenger_report, prefix="test_")
         _log_metrics(result.champion_report, "champion_test_")
@@ -214,6 +218,17 @@ def _log_run(settings: Settings, result: PromotionResult) -> str:
         _log_metrics(result.challenger_benchmark, "benchmark_test_")
         _log_metrics(result.champion_benchmark, "champion_benchmark_test_")
         return str(run.info.run_id)
+
+
+def _int8_params(settings: Settings) -> dict[str, float]:
+    """The settings that chose the served precision."""
+    p = settings.promotion
+    return {
+        "int8_tolerance": p.int8_tolerance,
+        "int8_min_agreement": p.int8_min_agreement,
+        "int8_max_probability_diff": p.int8_max_probability_diff,
+        "int8_agreement_photos": p.int8_agreement_photos,
+    }
 
 
 def _log_metrics(report: EvaluationReport | None, prefix: str) -> None:

@@ -11,6 +11,9 @@ record (a JSON object):
   :meth:`dandelion_lib.lifecycle.metrics.EvaluationReport.to_dict`;
 * ``benchmark`` and ``benchmark_precision``: the report on the benchmark split when it is
   another dataset version than ``dataset_version``.
+* ``agreement``: INT8 versus FP32 on the dataset version's photos
+  (:meth:`dandelion_lib.lifecycle.agreement.Agreement.to_dict`; ``null`` without INT8, absent
+  from records saved before it was measured).
 
 Light on purpose (JSON, and an MLflow client passed in): the run summary reads it in the
 process that parses the DAG files.

@@ -3,7 +3,9 @@ saved with its MLflow run (``scores.json``, :mod:`dandelion_lib.lifecycle.scorec
 
 The challenger is scored on the test split in FP32 (ONNX Runtime, or Keras for a version
 without a usable ONNX artifact or with ``serving_runtime=keras``) and, when it has one, in
-INT8; on the benchmark split (the frozen benchmark version's test split, logged for figures
+INT8, whose answers are also compared with FP32's on the dataset version's photos
+(:mod:`dandelion_lib.lifecycle.agreement`, up to ``int8_agreement_photos``); on the benchmark
+split (the frozen benchmark version's test split, logged for figures
 comparable over time) in the precision the gate would serve. The DAG's ``evaluate`` step
 (notebook 03) scores; the ``promote`` step, notebook 03 and the run summary read the saved
 result. The champion is read from its own saved scores when they are for the same test split
@@ -17,9 +19,10 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from dandelion_lib.core.config import Settings
+from dandelion_lib.core.config import PromotionSettings, Settings
 from dandelion_lib.data.dataset import DatasetError, benchmark_version, load_manifest
 from dandelion_lib.lifecycle import evaluate, gate, scorecard
+from dandelion_lib.lifecycle.agreement import Agreement, measure_agreement
 from dandelion_lib.lifecycle.metrics import EvaluationError, EvaluationReport
 from dandelion_lib.serving.predict import SERVING_TAG, ModelUnavailableError, Predictor
 
@@ -54,6 +57,10 @@ class Split:
             predictor, self.store, self.version, manifest=self.manifest()
         )
 
+    def agreement(self, fp32: Predictor, int8: Predictor, limit: int) -> Agreement:
+        """INT8 versus FP32 on the dataset version's photos (at most ``limit``)."""
+        return measure_agreement(fp32, int8, self.store, self.manifest(), limit=limit)
+
     def score_benchmark(self, predictor: Predictor) -> EvaluationReport | None:
         """``predictor``'s report on the benchmark split when it is another dataset version
         (None when there is none or it cannot be read)."""
@@ -83,6 +90,9 @@ class Scores:
     benchmark: EvaluationReport | None = None
     """The report on the benchmark split when it is another dataset version."""
     benchmark_precision: str | None = None
+    agreement: Agreement | None = None
+    """INT8 versus FP32 on the dataset version's photos (None: no INT8, or scores saved
+    before agreement was measured)."""
 
     def report(self, precision: str) -> EvaluationReport:
         """The test-split report in ``precision`` (FP32 when there is no INT8 report)."""
@@ -94,12 +104,14 @@ class Scores:
             return self.report(precision)
         return self.benchmark if self.benchmark_precision == precision else None
 
-    def serving(self, tolerance: float) -> gate.ServingChoice:
+    def serving(self, promotion: PromotionSettings) -> gate.ServingChoice:
         """The gate's runtime and precision for these scores (:func:`gate.serving_of`)."""
         keras = None
         if self.runtime != "onnx":
             keras = self.runtime_note or f"serving_runtime is {self.serving_runtime}"
-        return gate.serving_of(self.fp32, self.int8, keras_reason=keras, tolerance=tolerance)
+        return gate.serving_of(
+            self.fp32, self.int8, keras_reason=keras, promotion=promotion, agreement=self.agreement
+        )
 
     def holds(self, split: Split, serving_runtime: str, precision: str) -> bool:
         """Whether these scores answer for ``split`` (and its benchmark) as served in
@@ -128,6 +140,7 @@ class Scores:
             "benchmark_version": self.benchmark_version,
             "benchmark": None if self.benchmark is None else self.benchmark.to_dict(),
             "benchmark_precision": self.benchmark_precision,
+            "agreement": None if self.agreement is None else self.agreement.to_dict(),
             "scored_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
 
@@ -135,6 +148,7 @@ class Scores:
     def from_record(cls, record: dict[str, Any]) -> Scores:
         """The scores :meth:`to_record` wrote."""
         reports = record["reports"]
+        agreement = record.get("agreement")
 
         def report(data: dict[str, Any] | None) -> EvaluationReport | None:
             return None if data is None else EvaluationReport.from_dict(data)
@@ -150,6 +164,7 @@ class Scores:
             benchmark_version=record.get("benchmark_version"),
             benchmark=report(record.get("benchmark")),
             benchmark_precision=record.get("benchmark_precision"),
+            agreement=None if agreement is None else Agreement.from_dict(agreement),
         )
 
 
@@ -179,9 +194,11 @@ def saved_scores(client: Any, mv: Any) -> Scores | None:
 
 def score_version(settings: Settings, uri: str, split: Split) -> Scores:
     """Score a model version on ``split``: FP32 (ONNX, else Keras) and, when the version has
-    it, INT8 on the test split; the benchmark in the precision the gate would serve."""
+    it, INT8 on the test split, with INT8's agreement with FP32 on the dataset version's
+    photos; the benchmark in the precision the gate would serve."""
     fp32 = Predictor.load(uri, settings, precision="fp32")
     int8 = _load_int8(uri, settings) if fp32.runtime == "onnx" else None
+    limit = settings.promotion.int8_agreement_photos
     scores = Scores(
         version=str(fp32.version),
         dataset_version=split.version,
@@ -191,8 +208,9 @@ def score_version(settings: Settings, uri: str, split: Split) -> Scores:
         fp32=split.score(fp32),
         int8=None if int8 is None else split.score(int8),
         benchmark_version=split.benchmark,
+        agreement=None if int8 is None else split.agreement(fp32, int8, limit),
     )
-    precision = scores.serving(settings.promotion.int8_tolerance).precision
+    precision = scores.serving(settings.promotion).precision
     served = int8 if precision == "int8" and int8 is not None else fp32
     benchmark = split.score_benchmark(served)
     if benchmark is None:
@@ -214,7 +232,7 @@ def challenger_scores(settings: Settings, client: Any, split: Split, mv: Any) ->
     (:func:`score_version`) and saved."""
     saved = saved_scores(client, mv)
     if saved is not None:
-        precision = saved.serving(settings.promotion.int8_tolerance).precision
+        precision = saved.serving(settings.promotion).precision
         if saved.holds(split, settings.serving.serving_runtime, precision):
             return saved
     scores = score_version(settings, f"models:/{mv.name}/{mv.version}", split)

@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dandelion_lib.core.config import Settings
+from dandelion_lib.core.config import PromotionSettings, Settings
 from dandelion_lib.lifecycle import scorecard
+from dandelion_lib.lifecycle.agreement import Agreement
 from dandelion_lib.lifecycle.gate import judge, promotion_gate, serving_choice, serving_of
 from dandelion_lib.lifecycle.metrics import EvaluationReport, classification_metrics
 from dandelion_lib.lifecycle.scoring import Scores, Split
@@ -106,16 +107,21 @@ def _report(accuracy: float, ood: float | None = None, n: int = 4) -> Evaluation
     )
 
 
-def test_int8_is_served_only_within_the_tolerance() -> None:
+PROMOTION = PromotionSettings(int8_tolerance=0.01)
+
+
+def test_without_an_agreement_int8_is_served_only_within_the_tolerance() -> None:
+    """Scores saved before agreement was measured keep the rule of their time."""
     fp32 = _report(0.95, ood=0.9)
-    assert serving_choice(fp32, None, 0.01).reason == "no INT8 artifact"
-    close = serving_choice(fp32, _report(0.945, ood=0.9), 0.01)
+    assert serving_choice(fp32, None, PROMOTION).reason == "no INT8 artifact"
+    close = serving_choice(fp32, _report(0.945, ood=0.9), PROMOTION)
     assert close.precision == "int8" and "largest difference: accuracy 0.0050" in close.reason
-    far = serving_choice(fp32, _report(0.93, ood=0.9), 0.01)
+    far = serving_choice(fp32, _report(0.93, ood=0.9), PROMOTION)
     assert far.precision == "fp32" and "INT8 test accuracy 0.9300 differs" in far.reason
-    lacking = serving_choice(fp32, _report(0.95), 0.01)
+    lacking = serving_choice(fp32, _report(0.95), PROMOTION)
     assert lacking.precision == "fp32" and "INT8 lacks ood_unknown_share" in lacking.reason
-    keras = serving_of(fp32, None, keras_reason="no runtime artifact", tolerance=0.01)
+    assert "serving.int8_agreement" not in close.tags()
+    keras = serving_of(fp32, None, keras_reason="no runtime artifact", promotion=PROMOTION)
     assert (keras.runtime, keras.precision) == ("keras", "fp32")
     assert keras.tags()["serving.reason"] == "no runtime artifact"
     assert "serving.int8_accuracy" not in keras.tags()
@@ -162,6 +168,13 @@ def test_saved_scores_hold_only_for_their_split_benchmark_and_precision() -> Non
 def test_scores_come_back_from_their_record_unchanged() -> None:
     import json
 
+    measured = _scores("v2", agreement=Agreement(900, 899, 0.012, {"test": (60, 60)}))
+    back = Scores.from_record(json.loads(json.dumps(measured.to_record())))
+    assert back.agreement == measured.agreement
+    assert back.serving(PROMOTION).precision == "int8"
+    old = measured.to_record()
+    del old["agreement"]  # saved before agreement was measured: today's rule
+    assert Scores.from_record(old).agreement is None
     scores = _scores("v1", benchmark=_report(0.9), benchmark_precision="fp32", int8=None)
     record = json.loads(json.dumps(scores.to_record()))
     back = Scores.from_record(record)
@@ -171,7 +184,7 @@ def test_scores_come_back_from_their_record_unchanged() -> None:
     np.testing.assert_array_equal(back.fp32.probabilities, scores.fp32.probabilities)
     assert back.fp32.predictions["answer"].tolist() == ["dandelion", "uncertain"] * 2
     assert back.fp32.true_indices().tolist() == [0, 1, 0, 1]
-    assert back.serving(0.01).precision == "fp32"  # no INT8 artifact
+    assert back.serving(PROMOTION).precision == "fp32"  # no INT8 artifact
     assert scorecard.headline(record, "int8") == {
         "right_answers": None,
         "accuracy": 0.95,
@@ -179,4 +192,4 @@ def test_scores_come_back_from_their_record_unchanged() -> None:
         "max_source_unknown_share": None,
     }
     keras = _scores(None, runtime="keras", runtime_note=None)
-    assert keras.serving(0.01).reason == "serving_runtime is auto"
+    assert keras.serving(PROMOTION).reason == "serving_runtime is auto"
