@@ -10,6 +10,10 @@ same (it depends on the content only), so the seeds' answers on the held-out pho
 compared. Each model is scored as users are answered (the served runtime, the answer policy
 of the settings) on the test split.
 
+Each model is scored as promotion scores it (FP32 and INT8 on the test split and their
+agreement on the dataset version's photos); the report of the precision the gate would serve
+is the one measured, and how many trainings get INT8 is reported.
+
 Figures per seed, then mean ± spread (max - min) over the seeds, per source: **right
 answers** (the answer is the true label; ``uncertain`` and ``unknown`` are not right),
 argmax accuracy, in-domain refusals (answered ``unknown``), ECE; and the share of the held-out
@@ -146,12 +150,15 @@ def _not_right(frame: Any) -> list[dict[str, Any]]:
 
 
 def _seed_run(tmp: Path, seed: int) -> dict[str, Any]:
-    from dandelion_lib.lifecycle.evaluate import evaluate_split
+    from dandelion_lib.lifecycle.scoring import Split, score_version
 
     settings = _settings(tmp, f"seed{seed}")
     store, version, result = _train(settings, _sources(GREENR, INDOMAIN), seed)
     predictor = _served(settings, result.model_uri)
-    test = evaluate_split(predictor, store, version, "test")
+    # scored as promotion scores it: FP32 and INT8 on the test split, and their agreement
+    scores = score_version(settings, result.model_uri, Split.of(store, version, settings))
+    choice = scores.serving(settings.promotion)
+    test = scores.report(choice.precision)
     m = test.metrics
     run = {
         "seed": seed,
@@ -165,6 +172,9 @@ def _seed_run(tmp: Path, seed: int) -> dict[str, Any]:
         "before_floor": _without_floor(predictor, store, version, test),
         "answers": dict(zip(test.predictions["sha256"], test.predictions["answer"], strict=True)),
         "not_right": _not_right(test.predictions),
+        "served_precision": choice.precision,
+        "serving_reason": choice.reason,
+        "int8_agreement": None if scores.agreement is None else scores.agreement.to_dict(),
     }
     by = run["by_source"]
     print(
@@ -176,7 +186,7 @@ def _seed_run(tmp: Path, seed: int) -> dict[str, Any]:
         + f"; OOD refused {m.get('ood_unknown_share', float('nan')):.3f}"
         f" (hard {m.get('ood_unknown_share_hard', float('nan')):.3f}); "
         f"threshold {run['threshold']:.2f} (conformal {run['before_floor']['threshold']:.2f}); "
-        f"training {result.seconds:.0f} s",
+        f"training {result.seconds:.0f} s; served {choice.precision} ({choice.reason})",
         flush=True,
     )
     return run
@@ -241,7 +251,12 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         table[origin] = row
     kinds = sorted({k for r in runs for k in r["ood"]})
     ood = {k: _spread([r["ood"].get(k, np.nan) for r in runs]) for k in kinds}
-    return {"sources": table, "ood": ood, "agreement": _agreement(runs)}
+    int8 = {
+        "served_int8": sum(r["served_precision"] == "int8" for r in runs),
+        "trainings": len(runs),
+        "agreement": [r["int8_agreement"] for r in runs],
+    }
+    return {"sources": table, "ood": ood, "agreement": _agreement(runs), "int8": int8}
 
 
 def _verdict(name: str, value: float) -> str:
@@ -269,6 +284,15 @@ def _print(summary: dict[str, Any]) -> None:
     print("\nagreement of answers between seeds (held-out photos)")
     for pair, share in summary["agreement"].items():
         print(f"  seeds {pair}: {share:.4f}")
+    int8 = summary["int8"]
+    print(f"\nINT8 served for {int8['served_int8']} of {int8['trainings']} trainings")
+    for figures in int8["agreement"]:
+        if figures:
+            print(
+                f"  INT8 = FP32 on {figures['identical']} of {figures['photos']} photos "
+                f"(lower bound {figures['lower_bound']:.4f}), largest probability difference "
+                f"{figures['max_probability_diff']:.4f}"
+            )
 
 
 def main(mode: str = "all", *changes: str) -> int:

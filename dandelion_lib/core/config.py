@@ -167,7 +167,8 @@ class PromotionSettings(SettingsGroup):
         ge=0,
         le=1,
         description="INT8 is served only if none of its probabilities differs from FP32's by "
-        "more than this on the photos compared for agreement.",
+        "more than this on the photos compared for agreement that FP32 does not answer "
+        "'unknown' (a photo that is neither class has no meaningful class probabilities).",
     )
     int8_agreement_photos: int = Field(
         1000,

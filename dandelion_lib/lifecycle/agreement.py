@@ -130,10 +130,15 @@ def _answers(predictor: Any, preds: list[Prediction]) -> list[str]:
     return [predictor.policy.decide(p).label for p in preds]
 
 
-def _largest_difference(a: list[Prediction], b: list[Prediction]) -> float:
+def _largest_difference(a: list[Prediction], b: list[Prediction], shown: list[bool]) -> float:
+    """The largest probability difference over the photos whose probabilities back an answer
+    (``shown``: FP32 does not answer ``unknown``). For a photo answered ``unknown`` the two
+    class probabilities mean nothing (it is neither class); whether INT8 answers it
+    ``unknown`` too is counted by the identical answers."""
     diffs = [
         abs(float(pa.probabilities[label]) - float(pb.probabilities.get(label, 0.0)))
-        for pa, pb in zip(a, b, strict=True)
+        for pa, pb, keep in zip(a, b, shown, strict=True)
+        if keep
         for label in pa.probabilities
     ]
     return max(diffs, default=0.0)
@@ -144,17 +149,20 @@ def measure_agreement(
 ) -> Agreement:
     """Run ``fp32`` and ``int8`` (two Predictors of one model version) on the photos of a
     dataset version (``manifest``: every split and the negatives, test split first, at most
-    ``limit`` photos, :func:`comparison_rows`) and compare their answers and probabilities.
-    Labels are not needed: only whether both precisions answer alike."""
+    ``limit`` photos, :func:`comparison_rows`) and compare their answers, and their
+    probabilities where FP32 does not answer ``unknown``. Labels are not needed: only whether
+    both precisions answer alike."""
     rows = comparison_rows(manifest, limit)
     identical = np.zeros(len(rows), dtype=bool)
     largest = 0.0
     for chunk in _chunks(rows):
         pixels = dataset.load_examples(store, chunk, fp32.spec)
         a, b = predict_all(fp32, pixels), predict_all(int8, pixels)
-        same = [x == y for x, y in zip(_answers(fp32, a), _answers(int8, b), strict=True)]
+        answers = _answers(fp32, a)
+        same = [x == y for x, y in zip(answers, _answers(int8, b), strict=True)]
         identical[chunk.index.to_numpy()] = same
-        largest = max(largest, _largest_difference(a, b))
+        shown = [answer != fp32.policy.unknown for answer in answers]
+        largest = max(largest, _largest_difference(a, b, shown))
     parts = {
         part: (int(mask.sum()), int(identical[mask].sum()))
         for part in PARTS

@@ -3,6 +3,7 @@ the gate applies to it (dandelion_lib.lifecycle.gate.serving_choice)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -200,3 +201,35 @@ def test_one_out_of_domain_photo_does_not_decide_either() -> None:
     assert serving_choice(fp32, _report(57, ood=26 / 30), PROMOTION, AGREES).precision == "int8"
     refused = serving_choice(fp32, _report(57, ood=24 / 30), PROMOTION, AGREES)
     assert refused.precision == "fp32" and "ood_unknown_share" in refused.reason
+
+
+class _FakeOpenSet(_Fake):
+    """:class:`_Fake` with an out-of-domain score: photo 3 (``n2``) is out of domain."""
+
+    def __init__(self, shift: dict[int, float]) -> None:
+        super().__init__(shift)
+        self.policy = AnswerPolicy(threshold=0.7, ood_threshold=1.0)
+
+    def predict_arrays(self, batch: np.ndarray) -> list[Prediction]:
+        out = super().predict_arrays(batch)
+        return [
+            dataclasses.replace(p, ood_score=5.0 if int(x[0, 0, 0]) == 3 else 0.0)
+            for x, p in zip(batch, out, strict=True)
+        ]
+
+
+def test_probabilities_of_a_photo_answered_unknown_do_not_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    order = {sha: i for i, sha in enumerate(["t1", "t2", "n1", "n2", "v1", "r1"])}
+
+    def load(store: Any, rows: pd.DataFrame, spec: Any = None) -> np.ndarray:
+        return np.stack([np.full((2, 2, 3), order[s], dtype=np.uint8) for s in rows["sha256"]])
+
+    monkeypatch.setattr(agreement_lib.dataset, "load_examples", load)
+    # n2 is 'unknown' in both precisions: its probabilities may move, its answer does not
+    a = measure_agreement(
+        _FakeOpenSet({}), _FakeOpenSet({3: -0.4, 5: 0.02}), None, _manifest(), limit=100
+    )
+    assert (a.photos, a.identical) == (6, 6)
+    assert a.max_probability_diff == pytest.approx(0.02)
