@@ -197,9 +197,13 @@ def _loso(tmp: Path, left_out: Path, kept: list[Path]) -> dict[str, Any]:
     from dandelion_lib.lifecycle.evaluate import evaluate_folder
 
     # indomain-dev alone has 3.5 dandelions per lawn: above the default imbalance gate
+    from dandelion_lib.lifecycle.scoring import Split, score_version
+
     settings = _settings(tmp, f"loso-{left_out.name}").updated(max_class_imbalance=4.0)
-    _, _, result = _train(settings, _sources(*kept), SEEDS[0])
+    store, version, result = _train(settings, _sources(*kept), SEEDS[0])
     predictor = _served(settings, result.model_uri)
+    scores = score_version(settings, result.model_uri, Split.of(store, version, settings))
+    serving = scores.serving(settings.promotion)
     report, _ = evaluate_folder(predictor, left_out)
     m = report.metrics
     out = {
@@ -211,12 +215,15 @@ def _loso(tmp: Path, left_out: Path, kept: list[Path]) -> dict[str, Any]:
         "unknown_share": m.get("in_domain_unknown_share", float("nan")),
         "threshold": predictor.detector.threshold,
         "floor": predictor.detector.floor,
+        "served_precision": serving.precision,
+        "serving_reason": serving.reason,
     }
     print(
         f"without {left_out.name} (trained on {', '.join(out['trained_on'])}): "
         f"{out['photos']} photos of {left_out.name}: right answers {out['right_answers']:.4f}, "
         f"accuracy {out['accuracy']:.4f}, refused {out['unknown_share']:.4f} "
-        f"(threshold {out['threshold']:.2f}, floor {out['floor']})",
+        f"(threshold {out['threshold']:.2f}, floor {out['floor']}); "
+        f"served {serving.precision} ({serving.reason})",
         flush=True,
     )
     return out
@@ -321,6 +328,10 @@ def main(mode: str = "all", *changes: str) -> int:
                 _loso(Path(tmp), INDOMAIN, [GREENR]),
                 _loso(Path(tmp), GREENR, [INDOMAIN]),
             ]
+    trainings = [*result.get("runs", []), *result.get("leave_one_source_out", [])]
+    served = sum(r["served_precision"] == "int8" for r in trainings)
+    result["int8_served"] = {"int8": served, "trainings": len(trainings)}
+    print(f"\nINT8 served by the gate for {served} of {len(trainings)} trainings")
     result["seconds"] = time.monotonic() - started
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2, default=float))
