@@ -5,7 +5,7 @@ dandelions (TensorFlow flower photos) and the lawns (lawn-care websites); negati
 ``ood-dev`` (half of each kind fitted on, the other half only measured). Features: the
 default backbone's (EfficientNet-Lite0, 1600-d), extracted once per image.
 
-For each split seed (0-4; per source and class 70 / 15 / 15, as ingestion splits) and each
+For each split seed (0-4; the library's split: per source and class 70 / 15 / 15) and each
 setup, the default detector (``logistic``) is fitted on the training photos of the kept
 sources and the fitted negatives, and its threshold calibrated for 97 % retention on the kept
 sources' validation photos (pooled), then raised to a floor (none, 0, 1, 1.5, 2, 3):
@@ -74,18 +74,24 @@ def _features(photos: list[tuple[str, str, Path]]) -> tuple[np.ndarray, list[str
 
 
 def _split(source: np.ndarray, folder: np.ndarray, shas: list[str], seed: int) -> np.ndarray:
+    """The library's splits with split seed ``seed``: in-domain photos per (source, class)
+    (:func:`dandelion_lib.data.dataset.assign_splits`, each photo its own group), negatives
+    half fitted per kind (:func:`dandelion_lib.data.dataset.assign_negative_splits`)."""
+    from dandelion_lib.data.dataset import assign_negative_splits, assign_splits
+
     out = np.empty(len(shas), dtype=object)
-    for key in sorted(set(zip(source, folder, strict=True))):
-        idx = np.nonzero((source == key[0]) & (folder == key[1]))[0]
-        ranked = sorted(idx, key=lambda i: hashlib.sha256(f"{seed}:{shas[i]}".encode()).hexdigest())
-        n = len(ranked)
-        for pos, i in enumerate(ranked):
-            if key[0] == "ood":
-                out[i] = "train" if pos < round(n * 0.5) else "test"
-            else:
-                out[i] = (
-                    "train" if pos < round(n * 0.7) else "val" if pos < round(n * 0.85) else "test"
-                )
+    neg = source == "ood"
+    labelled = np.nonzero(~neg)[0]
+    out[labelled] = assign_splits(
+        [str(folder[i]) for i in labelled],
+        [shas[i] for i in labelled],
+        seed,
+        origins=[str(source[i]) for i in labelled],
+    )
+    negatives = np.nonzero(neg)[0]
+    out[negatives] = assign_negative_splits(
+        [shas[i] for i in negatives], [str(folder[i]) for i in negatives], seed
+    )
     return out
 
 
