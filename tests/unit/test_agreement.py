@@ -94,15 +94,21 @@ class _Fake:
         return out
 
 
-def test_measure_agreement_compares_answers_and_probabilities(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def _load_photo_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model inputs whose pixels hold the photo's number in the order photos are compared
+    (t1 0, t2 1, n1 2, n2 3, v1 4, r1 5), which the fakes read back."""
     order = {sha: i for i, sha in enumerate(["t1", "t2", "n1", "n2", "v1", "r1"])}
 
     def load(store: Any, rows: pd.DataFrame, spec: Any = None) -> np.ndarray:
         return np.stack([np.full((2, 2, 3), order[s], dtype=np.uint8) for s in rows["sha256"]])
 
     monkeypatch.setattr(agreement_lib.dataset, "load_examples", load)
+
+
+def test_measure_agreement_compares_answers_and_probabilities(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _load_photo_numbers(monkeypatch)
     monkeypatch.setattr(agreement_lib, "CHUNK", 4)  # two chunks
     # photo 2 (n1) crosses the 0.7 threshold in INT8: 'uncertain' instead of 'dandelion'
     int8 = _Fake({2: -0.25, 5: 0.01})
@@ -221,12 +227,7 @@ class _FakeOpenSet(_Fake):
 def test_probabilities_of_a_photo_answered_unknown_do_not_count(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    order = {sha: i for i, sha in enumerate(["t1", "t2", "n1", "n2", "v1", "r1"])}
-
-    def load(store: Any, rows: pd.DataFrame, spec: Any = None) -> np.ndarray:
-        return np.stack([np.full((2, 2, 3), order[s], dtype=np.uint8) for s in rows["sha256"]])
-
-    monkeypatch.setattr(agreement_lib.dataset, "load_examples", load)
+    _load_photo_numbers(monkeypatch)
     # n2 is 'unknown' in both precisions: its probabilities may move, its answer does not
     a = measure_agreement(
         _FakeOpenSet({}), _FakeOpenSet({3: -0.4, 5: 0.02}), None, _manifest(), limit=100
