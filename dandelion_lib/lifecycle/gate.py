@@ -18,6 +18,7 @@ The scores come from :mod:`dandelion_lib.lifecycle.scoring`; recording the decis
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -228,7 +229,7 @@ def source_refusals(report: EvaluationReport) -> dict[str, tuple[float, int]]:
             round(float(f["unknown_share"]) * float(f["n"])),
         )
         for origin, f in by_source.items()
-        if f.get("unknown_share") is not None and f["unknown_share"] == f["unknown_share"]
+        if f.get("unknown_share") is not None and not math.isnan(f["unknown_share"])
     }
 
 
