@@ -98,8 +98,10 @@ def task_env(settings: Settings, source: str | None = None) -> dict[str, str]:
     # local folders made absolute, each source keeping its name
     env["DANDELION_SOURCE"] = absolute_source_specs(source or settings.ingest.source)
     negatives = settings.ingest.negatives_source
-    if negatives and "://" not in negatives:
-        env["DANDELION_NEGATIVES_SOURCE"] = str(Path(negatives).expanduser().resolve())
+    if negatives:  # a local folder made absolute; a URL (file://, s3://) as it is
+        env["DANDELION_NEGATIVES_SOURCE"] = (
+            negatives if "://" in negatives else str(Path(negatives).expanduser().resolve())
+        )
     if settings.orchestration.notebooks_dir is not None:
         env["DANDELION_NOTEBOOKS_DIR"] = str(settings.resolved_notebooks_dir)
     if settings.orchestration.airflow_home is not None:

@@ -28,8 +28,8 @@ def load_settings() -> Settings:
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--source",
-        help="HTTP base URL or local folder, or several comma-separated, each optionally "
-        "named name=spec (DANDELION_SOURCE)",
+        help="HTTP base URL, s3://bucket/prefix or local folder, or several comma-separated, "
+        "each optionally named name=spec (DANDELION_SOURCE)",
     )
     parser.add_argument("--store", help="object store URL (DANDELION_STORE_URL)")
     parser.add_argument("--start", type=int, help="first index of the HTTP layout")
@@ -39,7 +39,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--extend", action="store_true", help="keep the images of the latest version too"
     )
     parser.add_argument(
-        "--negatives", help="folder of photos that are neither class (DANDELION_NEGATIVES_SOURCE)"
+        "--negatives",
+        help="folder or s3://bucket/prefix of photos that are neither class, one sub-folder "
+        "per kind (DANDELION_NEGATIVES_SOURCE)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(

@@ -64,16 +64,18 @@ class IngestSettings(SettingsGroup):
     source: str = Field(
         DEFAULT_SOURCE,
         description="Labelled image sources, comma-separated, each an HTTP base URL "
-        "(<label>/<8-digit index>.jpg) or a local folder with one sub-folder per label, "
-        "optionally named `name=spec` (e.g. `greenr-url-or-folder,mine=/photos/lawn`). Each "
-        "image records its source's name (`origin` in the manifest); unnamed: a folder's "
-        "basename, `greenr` for the default URL, another URL's last path segment. Names must "
-        "be unique; splits are stratified by source and class.",
+        "(<label>/<8-digit index>.jpg), a bucket `s3://bucket/prefix` (<prefix>/<label>/<file>) "
+        "or a local folder with one sub-folder per label, optionally named `name=spec` (e.g. "
+        "`greenr-url-or-folder,mine=/photos/lawn`). Each image records its source's name "
+        "(`origin` in the manifest); unnamed: a folder's basename, `greenr` for the default "
+        "URL, another URL's last path segment (a bucket's prefix's last part, or the bucket). "
+        "Names must be unique; splits are stratified by source and class.",
     )
     negatives_source: str | None = Field(
         None,
         description="Out-of-domain photos (neither class) ingested as the `negatives` source: a "
-        "local folder with one sub-folder per kind (e.g. daisy/, objects/). The open-set "
+        "local folder with one sub-folder per kind (e.g. daisy/, objects/), or a bucket "
+        "`s3://bucket/prefix` with one key prefix per kind. The open-set "
         "detector is fitted on them; unset: no negatives (a distance-only detector).",
     )
     ingest_feedback: bool = Field(

@@ -49,11 +49,25 @@ class CorruptObjectError(StoreError):
     """The object's bytes do not match the sha256 recorded when it was written."""
 
 
+class ObjectTooLargeError(StoreError):
+    """The object is larger than the reader allows."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
     size: int
     sha256: str | None
+
+
+@dataclass(frozen=True)
+class ListedObject:
+    """One object of a bucket listing (:meth:`S3Store.walk`): its key below the store's
+    prefix, its size and its ETag."""
+
+    key: str
+    size: int
+    etag: str
 
 
 def sha256_hex(data: bytes) -> str:
@@ -336,6 +350,53 @@ class S3Store(ObjectStore):
         except Exception as exc:
             raise self._error(exc, "list") from exc
         return iter(sorted(keys))
+
+    def walk(self, prefix: str = "", *, page_size: int = 1000) -> Iterator[ListedObject]:
+        """Every object under ``prefix`` (below the store's prefix) with its size and ETag,
+        in key order, one page of at most ``page_size`` keys per request, as the pages come
+        (nothing is held beyond a page). Unlike :meth:`list`, keys are not checked against
+        the store's key rules: this reads buckets that others write (an ingestion source)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self._client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(
+            Bucket=self.bucket, Prefix=full, PaginationConfig={"PageSize": page_size}
+        )
+        try:
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    etag = str(obj.get("ETag", "")).strip('"')
+                    yield ListedObject(obj["Key"][strip:], int(obj["Size"]), etag)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error(exc, "list") from exc
+
+    def get_limited(self, key: str, max_bytes: int) -> bytes:
+        """The bytes of an object listed by :meth:`walk` (its key is not checked, its
+        checksum not verified), reading no more than ``max_bytes`` + 1 of them; raises
+        :class:`ObjectTooLargeError` when it has more than ``max_bytes``."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        full = f"{self.prefix}/{key}" if self.prefix else key
+        try:
+            resp = self._client.get_object(Bucket=self.bucket, Key=full)
+            body = resp["Body"]
+            try:
+                data: bytes = body.read(max_bytes + 1)
+            finally:
+                body.close()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise ObjectNotFoundError(f"no object {key!r} in {self.url}") from None
+            raise self._error(exc, "read from") from exc
+        except BotoCoreError as exc:
+            raise self._error(exc, "read from") from exc
+        if len(data) > max_bytes:
+            raise ObjectTooLargeError(
+                f"object {key!r} in {self.url} has more than {max_bytes:,} bytes"
+            )
+        return data
 
     def delete(self, key: str) -> None:
         self._call(

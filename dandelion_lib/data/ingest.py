@@ -4,12 +4,15 @@ A run reads its sources (:mod:`dandelion_lib.data.sources`), chosen from the set
 
 * ``Settings.source`` (:func:`make_sources`): one or more labelled sources, comma-separated,
   each optionally named ``name=spec``: the reference HTTP URL layout
-  (:class:`~dandelion_lib.data.httpsource.HttpSource`) or a local folder with one sub-folder
-  per label (:class:`~dandelion_lib.data.sources.FolderSource`). Each image records its
+  (:class:`~dandelion_lib.data.httpsource.HttpSource`), a local folder with one sub-folder
+  per label (:class:`~dandelion_lib.data.sources.FolderSource`) or a bucket with one key
+  prefix per label (:class:`~dandelion_lib.data.s3source.S3Source`). Each image records its
   source's name in the manifest's ``origin`` column
   (:func:`~dandelion_lib.data.sources.parse_source_specs` names unnamed ones);
-* ``Settings.negatives_source`` (optional): a local folder of photos that are neither class,
-  one sub-folder per kind (:class:`~dandelion_lib.data.sources.NegativesSource`), stored and
+* ``Settings.negatives_source`` (optional): a local folder or a bucket of photos that are
+  neither class, one sub-folder (key prefix) per kind
+  (:class:`~dandelion_lib.data.sources.NegativesSource`,
+  :class:`~dandelion_lib.data.s3source.S3NegativesSource`), stored and
   versioned like every other image with the label ``unknown`` (the answer they should get;
   never a class of the model) and their path as provenance; the open-set detector is fitted
   on them (see :mod:`dandelion_lib.data.dataset` for their split);
@@ -46,6 +49,7 @@ from dandelion_lib.data.provenance import collapse, extend_previous, feedback_pr
 from dandelion_lib.data.quality import check_quality
 from dandelion_lib.data.rejections import IngestError, Rejection, SourceUnavailableError
 from dandelion_lib.data.review import ReviewQueue
+from dandelion_lib.data.s3source import S3NegativesSource, S3Source
 from dandelion_lib.data.sources import (
     CombinedSource,
     FeedbackSource,
@@ -55,6 +59,7 @@ from dandelion_lib.data.sources import (
     accepted_feedback,
     folder_path,
     is_http,
+    is_s3,
     parse_source_specs,
 )
 
@@ -133,7 +138,8 @@ def make_sources(value: str | None, settings: Settings) -> list[Source]:
     """The labelled sources of ``value`` (default: ``settings.ingest.source``), in its order:
     a comma-separated list of specs, each optionally named ``name=spec``
     (:func:`~dandelion_lib.data.sources.parse_source_specs`). An ``http(s)://`` URL is an HTTP
-    source, anything else a local folder (path or file:// URL). Raises :class:`IngestError`
+    source, an ``s3://bucket/prefix`` a bucket source, anything else a local folder (path or
+    file:// URL). Raises :class:`IngestError`
     when two share a name or a location, or a name is reserved."""
     named = parse_source_specs(value or settings.ingest.source)
     sources = [_labelled_source(name, spec, settings) for name, spec in named]
@@ -151,6 +157,8 @@ def make_sources(value: str | None, settings: Settings) -> list[Source]:
 def _labelled_source(name: str, spec: str, settings: Settings) -> Source:
     if is_http(spec):
         return HttpSource(spec, settings, origin=name)
+    if is_s3(spec):
+        return S3Source(spec, settings, origin=name)
     return FolderSource(
         folder_path(spec),
         settings.labels,
@@ -169,11 +177,16 @@ def make_source(spec: str | None, settings: Settings) -> Source:
     return sources[0] if len(sources) == 1 else CombinedSource(*sources)
 
 
-def make_negatives_source(spec: str, settings: Settings) -> NegativesSource:
-    """The ``negatives`` source of a local folder (path or file:// URL)."""
+def make_negatives_source(spec: str, settings: Settings) -> Source:
+    """The ``negatives`` source of a local folder (path or file:// URL) or a bucket
+    (``s3://bucket/prefix``)."""
     parsed = urlparse(spec)
+    if parsed.scheme == "s3":
+        return S3NegativesSource(spec, settings)
     if parsed.scheme not in ("", "file"):
-        raise IngestError(f"DANDELION_NEGATIVES_SOURCE must be a local folder, got {spec!r}")
+        raise IngestError(
+            f"DANDELION_NEGATIVES_SOURCE must be a local folder or an s3:// bucket, got {spec!r}"
+        )
     return NegativesSource(folder_path(spec), settings.images.max_download_bytes)
 
 

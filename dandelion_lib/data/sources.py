@@ -6,7 +6,9 @@
 * :class:`FeedbackSource`: accepted feedback with its image (:func:`accepted_feedback`);
 * :class:`CombinedSource`: several of them ingested as one dataset version.
 
-The HTTP layout is :class:`dandelion_lib.data.httpsource.HttpSource`.
+The HTTP layout is :class:`dandelion_lib.data.httpsource.HttpSource`, a bucket
+(``s3://bucket/prefix``) :class:`dandelion_lib.data.s3source.S3Source` and
+:class:`~dandelion_lib.data.s3source.S3NegativesSource`.
 
 Every source has an ``origin``, the name recorded in the manifest's ``origin`` column for each
 of its images: a labelled source's name (:func:`parse_source_specs`: ``name=spec`` or a name
@@ -264,6 +266,10 @@ def is_http(spec: str) -> bool:
     return urlparse(spec).scheme in ("http", "https")
 
 
+def is_s3(spec: str) -> bool:
+    return urlparse(spec).scheme == "s3"
+
+
 def folder_path(spec: str) -> str:
     """The local path of a folder spec (a path or a ``file://`` URL)."""
     parsed = urlparse(spec)
@@ -272,20 +278,23 @@ def folder_path(spec: str) -> str:
 
 def default_source_name(spec: str) -> str:
     """The name of an unnamed source: ``greenr`` for the default HTTP source, the last
-    non-empty path segment of another URL (its host when it has none), a folder's basename."""
-    if is_http(spec):
+    non-empty path segment of another URL (its host when it has none; a bucket source
+    ``s3://bucket/prefix``: the prefix's last part, or the bucket), a folder's basename."""
+    if is_http(spec) or is_s3(spec):
         if spec.rstrip("/") == DEFAULT_SOURCE.rstrip("/"):
             return DEFAULT_SOURCE_NAME
         parsed = urlparse(spec)
         segments = [s for s in unquote(parsed.path).split("/") if s]
-        return segments[-1] if segments else parsed.hostname or ""
+        host = parsed.netloc if is_s3(spec) else parsed.hostname
+        return segments[-1] if segments else host or ""
     return Path(os.path.abspath(Path(folder_path(spec)).expanduser())).name  # noqa: PTH100
 
 
 def parse_source_specs(value: str) -> list[tuple[str, str]]:
     """``(name, spec)`` of each labelled source of a comma-separated list, in its order.
 
-    Each entry is a spec (an HTTP base URL, a local folder or a ``file://`` URL), optionally
+    Each entry is a spec (an HTTP base URL, a bucket ``s3://bucket/prefix``, a local folder
+    or a ``file://`` URL), optionally
     named ``name=spec`` (a name is letters, digits, ``.``, ``_`` and ``-``); an unnamed one
     gets :func:`default_source_name`. Raises :class:`IngestError` when the list is empty, two
     sources share a name or a spec, or a name is one of :data:`RESERVED_NAMES`.
@@ -298,7 +307,9 @@ def parse_source_specs(value: str) -> list[tuple[str, str]]:
         name, spec = (named["name"], named["spec"].strip()) if named else ("", entry)
         out.append((name or default_source_name(spec), spec))
     if not out:
-        raise IngestError("DANDELION_SOURCE is empty: give an HTTP base URL or a local folder")
+        raise IngestError(
+            "DANDELION_SOURCE is empty: give an HTTP base URL, an s3:// bucket or a local folder"
+        )
     _check_names(out)
     return out
 

@@ -335,3 +335,10 @@ def test_task_env_carries_dotenv_settings_and_absolute_paths(
     assert env["DANDELION_STORE_URL"] == (tmp_path / "st").as_uri()
     assert env["DANDELION_WORKDIR"] == str(tmp_path / "w")
     assert pipeline.task_env(settings, source="http://h/x")["DANDELION_SOURCE"] == "http://h/x"
+    # buckets pass as they are; a local negatives folder is made absolute
+    in_bucket = settings.updated(source="s3://b/lawn", negatives_source="s3://b/negatives")
+    env = pipeline.task_env(in_bucket)
+    assert env["DANDELION_SOURCE"] == "s3://b/lawn"
+    assert env["DANDELION_NEGATIVES_SOURCE"] == "s3://b/negatives"
+    local = pipeline.task_env(settings.updated(negatives_source="neg"))
+    assert local["DANDELION_NEGATIVES_SOURCE"] == str(tmp_path / "neg")

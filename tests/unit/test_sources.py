@@ -26,6 +26,26 @@ def test_default_names() -> None:
     assert default_source_name("http://host:8000") == "host"
     assert default_source_name("../shared/datasets/indomain-dev/") == "indomain-dev"
     assert default_source_name("file:///photos/my%20lawn") == "my lawn"
+    assert default_source_name("s3://shared-photos") == "shared-photos"
+    assert default_source_name("s3://bucket/team/lawn/") == "lawn"
+
+
+def test_bucket_sources_in_a_list(tmp_path: Path) -> None:
+    settings = Settings(workdir=tmp_path / "work", s3_endpoint_url="http://127.0.0.1:9")
+    sources = make_sources(
+        f"s3://shared-photos,s3://b/team/lawn/,mine=s3://b/p,{tmp_path}", settings
+    )
+    assert [type(s).__name__ for s in sources] == ["S3Source"] * 3 + ["FolderSource"]
+    assert [s.origin for s in sources] == ["shared-photos", "lawn", "mine", tmp_path.name]
+    assert [s.description for s in sources[:3]] == [
+        "s3://shared-photos",
+        "s3://b/team/lawn",
+        "s3://b/p",
+    ]
+    with pytest.raises(IngestError, match="are the same"):
+        make_sources("s3://b/p,other=s3://b/p/", settings)
+    with pytest.raises(IngestError, match=r"s3://bucket\[/prefix\]"):
+        make_sources("x=s3:///nobucket", settings)
 
 
 def test_a_list_of_sources_named_or_not_in_its_order() -> None:
