@@ -3,10 +3,14 @@
 * Binds ``Settings.app_host:app_port`` (default 127.0.0.1:8866); the app calls the API at
   ``Settings.api_url``.
 * Only ``dashboards/app.ipynb`` is served; no code is shown and tracebacks never reach the page.
-* Each browser tab gets its own kernel; at most ``Settings.app_max_kernels`` run or start at
-  once (more tabs get Voila's HTTP 503 page saying the app is at capacity, also when they
-  arrive together) and a kernel idle for ``Settings.app_cull_idle_s`` is shut down, even
-  while its tab is still open.
+* Each browser tab gets its own kernel, and only a browser does (:mod:`dashboards.visits`):
+  a page load without the visit cookie gets a small page whose script sets it, so clients
+  that run no JavaScript start no kernel. At most ``Settings.app_max_kernels`` kernels run or
+  start at once, at most ``Settings.app_max_kernels_per_visitor`` per visitor (browser);
+  past either cap the page is a queue page (HTTP 503, ``Retry-After``) that tries again by
+  itself, also when page loads arrive together. A kernel whose page has not connected
+  ``Settings.app_connect_timeout_s`` after rendering, or idle for
+  ``Settings.app_cull_idle_s``, is shut down (the latter even while its tab is still open).
 * ``/logout`` (there are no accounts) and malformed template static paths answer 404.
 * Probes that start no kernel: ``GET /health/live`` (200 while the server runs) and
   ``GET /health/ready`` (503 while all sessions are taken). Probing ``/`` would start a kernel
@@ -37,14 +41,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
 from jupyter_server.utils import url_path_join
 from tornado import web
-from traitlets import Integer
+from traitlets import Bool
 from voila.app import Voila
 from voila.static_file_handler import TemplateStaticFileHandler
+from voila.tornado.handler import TornadoVoilaHandler
 
 from dandelion_lib.core.config import Settings, get_settings
+from dashboards.visits import GatedVoilaHandler
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "dashboards" / "app.ipynb"
@@ -94,41 +99,6 @@ def review_page(settings: Settings) -> Page:
     return Page(
         "review", REVIEW_NOTEBOOK, settings.review.review_host, settings.review.review_port, secret
     )
-
-
-class CappedKernelManager(AsyncMappingKernelManager):
-    """The default kernel manager with a cap on kernels (HTTP 503 beyond it).
-
-    A kernel joins ``list_kernel_ids()`` only once its process has started (seconds), so
-    kernels being started are counted too: the check and the count happen with no ``await``
-    in between, on the one event loop, so concurrent page loads cannot all pass the check.
-    """
-
-    max_kernels = Integer(20, config=True, help="Most kernels running at once.")
-    starting: int = 0
-    """Kernels being started (not listed yet)."""
-
-    @property
-    def sessions(self) -> int:
-        """Kernels running or being started."""
-        return len(self.list_kernel_ids()) + self.starting
-
-    async def start_kernel(self, *args: Any, **kwargs: Any) -> str:  # type: ignore[override]
-        kernel_id = kwargs.get("kernel_id")
-        if kernel_id is not None and kernel_id in self:
-            return str(await super().start_kernel(*args, **kwargs))
-        sessions = self.sessions
-        if sessions >= self.max_kernels:
-            self.log.warning("refusing a new app session: %d kernels running or starting", sessions)
-            raise web.HTTPError(
-                503,
-                reason=f"The app is at capacity ({self.max_kernels} sessions); try again shortly",
-            )
-        self.starting += 1
-        try:
-            return str(await super().start_kernel(*args, **kwargs))
-        finally:
-            self.starting -= 1  # by now the kernel is listed (or failed to start)
 
 
 class HealthHandler(web.RequestHandler):
@@ -181,7 +151,19 @@ class SafeTemplateStaticFileHandler(TemplateStaticFileHandler):  # type: ignore[
 
 class DandelionVoila(Voila):  # type: ignore[misc]  # voila has no type hints: Voila is Any
     """Voila plus the health endpoints (matched before Voila's catch-all notebook route),
-    and 4xx instead of 500 on ``/logout`` and bad template static paths."""
+    4xx instead of 500 on ``/logout`` and bad template static paths, and the notebook page of
+    :class:`dashboards.visits.GatedVoilaHandler` (the visit gate when ``visit_gate``)."""
+
+    visit_gate = Bool(False, config=True, help="Serve the page to browsers only.")
+
+    def _page_handler(self, handler: Any) -> Any:
+        """Voila's notebook route with our handler (the page's title for its own pages)."""
+        if len(handler) != 3 or handler[1] is not TornadoVoilaHandler:
+            return handler
+        metadata = json.loads(Path(self.notebook_path).read_text()).get("metadata", {})
+        title = str(metadata.get("title", "dandelion"))
+        options = {**handler[2], "gate": self.visit_gate, "page_title": title}
+        return (handler[0], GatedVoilaHandler, options)
 
     def init_handlers(self) -> list[Any]:
         health = (
@@ -194,7 +176,8 @@ class DandelionVoila(Voila):  # type: ignore[misc]  # voila has no type hints: V
             url_path_join(self.server_url, r"/voila/templates/(.*)"),
             SafeTemplateStaticFileHandler,
         )
-        return [health, logout, static, *super().init_handlers()]
+        voila = [self._page_handler(h) for h in super().init_handlers()]
+        return [health, logout, static, *voila]
 
 
 def _kernel_path() -> list[str]:
@@ -251,8 +234,11 @@ def voila_argv(settings: Settings, page: Page | None = None) -> list[str]:
         "--show_tracebacks=False",
         "--VoilaConfiguration.allow_template_override=NO",
         "--VoilaConfiguration.allow_theme_override=NO",
-        "--VoilaConfiguration.multi_kernel_manager_class=dashboards.serve.CappedKernelManager",
+        "--VoilaConfiguration.multi_kernel_manager_class=dashboards.visits.CappedKernelManager",
         f"--CappedKernelManager.max_kernels={settings.app.app_max_kernels}",
+        f"--CappedKernelManager.max_per_visitor={settings.app.app_max_kernels_per_visitor}",
+        f"--CappedKernelManager.connect_timeout={settings.app.app_connect_timeout_s}",
+        f"--DandelionVoila.visit_gate={page.name == 'app'}",
         f"--MappingKernelManager.cull_idle_timeout={settings.app.app_cull_idle_s}",
         f"--MappingKernelManager.cull_interval={max(1, min(60, settings.app.app_cull_idle_s // 2))}",
         "--MappingKernelManager.cull_connected=True",

@@ -145,10 +145,23 @@ class AppSettings(SettingsGroup):
     app_host: str = Field("127.0.0.1", description="Web app (Voila) bind address.")
     app_port: int = Field(8866, description="Web app (Voila) port.")
     app_max_kernels: int = Field(
-        10, description="Concurrent app sessions (one ~90 MB kernel each); more get HTTP 503."
+        10,
+        description="Concurrent app sessions (one ~90 MB kernel each); more get the queue page "
+        "(HTTP 503, retrying by itself).",
     )
     app_cull_idle_s: int = Field(
         900, description="Shut down an app session's kernel after this many idle seconds."
+    )
+    app_max_kernels_per_visitor: int = Field(
+        3,
+        ge=1,
+        description="App sessions one visitor (one browser) may hold; more get the queue page.",
+    )
+    app_connect_timeout_s: int = Field(
+        60,
+        ge=1,
+        description="Shut down an app kernel whose page has not connected this many seconds "
+        "after rendering (a client that is not a browser).",
     )
     app_health_interval_s: float = Field(
         5.0, description="How often the app re-checks the API (banner and recovery)."

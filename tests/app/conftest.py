@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import ROOT, free_port, wait_http
@@ -44,6 +46,18 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 ARTIFACTS = ROOT / "test-artifacts" / "app"
+
+
+VISIT_VALUE = re.compile(r'"dandelion_visit=([^;"]+);')
+
+
+def visit_cookies(url: str) -> dict[str, str]:
+    """The visit cookie a browser gets from the app's gate page (its script sets it), taken
+    from the page as a script would: plain HTTP that then starts kernels like a browser."""
+    gate = httpx.get(url, timeout=30)
+    match = VISIT_VALUE.search(gate.text)
+    assert gate.status_code == 200 and match, gate.text[:500]
+    return {"dandelion_visit": match.group(1)}
 
 
 def dead_url() -> str:

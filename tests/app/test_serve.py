@@ -1,6 +1,7 @@
 """The production Voila configuration of ``python -m dashboards.serve``, on a real Voila server.
 
-Plain HTTP is enough here: rendering the page runs the notebook in a fresh kernel; the browser
+Plain HTTP is enough here (with the visit cookie a browser's script takes from the gate page):
+rendering the page runs the notebook in a fresh kernel; the browser
 tests cover what the page then does. The API is down in these tests (nothing listens on its
 port), which the app must survive.
 """
@@ -19,7 +20,7 @@ import pytest
 import yaml
 
 from dashboards.serve import NOTEBOOK
-from tests.app.conftest import dead_url
+from tests.app.conftest import dead_url, visit_cookies
 from tests.conftest import ROOT
 
 
@@ -27,7 +28,7 @@ def test_page_is_titled_and_shows_no_source(voila: Callable[..., Any]) -> None:
     title = json.loads(NOTEBOOK.read_text())["metadata"]["title"]
     # A read-only home (hardened container): Jupyter's data dir is not writable.
     with voila(dead_url(), env={"JUPYTER_DATA_DIR": "/proc/not-writable"}) as url:
-        page = httpx.get(url, timeout=90)
+        page = httpx.get(url, timeout=90, cookies=visit_cookies(url))
         assert page.status_code == 200
         assert f"<title>{title}</title>" in page.text
         for source in ("DandelionApp.from_settings", "api_url = None", "import "):
@@ -49,8 +50,13 @@ def test_sessions_are_capped_idle_ones_culled_and_probes_start_none(
             assert ready.status_code == 200
         assert ready.json() == {"status": "ok", "sessions": 0, "max_sessions": 1}
 
-        assert httpx.get(url, timeout=90).status_code == 200  # its kernel stays until culled
-        refused = httpx.get(url, timeout=90)
+        visit = visit_cookies(url)
+        for _ in range(3):  # plain page loads (no visit cookie) start no kernel
+            assert "JavaScript" in httpx.get(url, timeout=10).text
+        assert httpx.get(f"{url}/health/ready", timeout=10).json()["sessions"] == 0
+        page = httpx.get(url, timeout=90, cookies=visit)
+        assert page.status_code == 200  # its kernel stays until culled
+        refused = httpx.get(url, timeout=90, cookies=visit_cookies(url))  # another visitor
         assert refused.status_code == 503
         assert "capacity" in refused.text
         full = httpx.get(f"{url}/health/ready", timeout=10)
@@ -60,7 +66,7 @@ def test_sessions_are_capped_idle_ones_culled_and_probes_start_none(
         deadline = time.monotonic() + 90
         while True:  # the idle kernel is culled, which frees the slot
             time.sleep(1)
-            status = httpx.get(url, timeout=90).status_code
+            status = httpx.get(url, timeout=90, cookies=visit).status_code
             if status == 200:
                 break
             assert status == 503
@@ -86,29 +92,32 @@ def test_deployments_probe_the_kernel_free_endpoints_and_bind_all_interfaces() -
     assert compose["services"]["app"]["healthcheck"]["test"][-1].endswith("/health/live")
 
 
-async def _gather_pages(url: str, n: int) -> list[httpx.Response]:
+async def _gather_pages(url: str, cookies: list[dict[str, str]]) -> list[httpx.Response]:
     async with httpx.AsyncClient(timeout=180) as client:
-        return list(await asyncio.gather(*(client.get(url) for _ in range(n))))
+        return list(await asyncio.gather(*(client.get(url, cookies=c) for c in cookies)))
 
 
-def _load_pages(url: str, n: int) -> list[httpx.Response]:
-    """``n`` concurrent page loads, on an event loop of their own thread (a test that ran
-    before may leave a loop running in this one, e.g. Playwright's sync API)."""
+def load_pages(url: str, cookies: list[dict[str, str]]) -> list[httpx.Response]:
+    """Concurrent page loads, one per cookie set, on an event loop of their own thread (a
+    test that ran before may leave a loop running in this one, e.g. Playwright's sync API)."""
     with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, _gather_pages(url, n)).result()
+        return pool.submit(asyncio.run, _gather_pages(url, cookies)).result()
 
 
 @pytest.mark.faults
 def test_the_session_cap_holds_under_concurrent_page_loads(voila: Callable[..., Any]) -> None:
-    """Five page loads at once with a cap of two: two pages, three friendly refusals, never
-    more than two kernels (each kernel takes seconds to start, the window of the race)."""
+    """Five visitors' page loads at once with a cap of two: two pages, three queue pages that
+    retry by themselves, never more than two kernels (each kernel takes seconds to start, the
+    window of the race)."""
     with voila(dead_url(), app_max_kernels=2, app_cull_idle_s=10) as url:
-        answers = _load_pages(url, 5)
+        answers = load_pages(url, [visit_cookies(url) for _ in range(5)])
         statuses = sorted(r.status_code for r in answers)
         assert statuses == [200, 200, 503, 503, 503], statuses
         for refused in (r for r in answers if r.status_code == 503):
             assert "capacity" in refused.text and "Traceback" not in refused.text
             assert refused.headers["content-type"].startswith("text/html")
+            assert refused.headers["retry-after"] == "5"
+            assert '<meta http-equiv="refresh" content="5">' in refused.text
         ready = httpx.get(f"{url}/health/ready", timeout=10).json()
         assert ready == {"status": "at_capacity", "sessions": 2, "max_sessions": 2}
 

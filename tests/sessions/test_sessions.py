@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.app.conftest import visit_cookies
 from tests.conftest import ROOT
 from tests.sessions.conftest import (
     assert_stopped_cleanly,
@@ -121,8 +122,8 @@ def test_lab_starts_as_the_current_user_with_the_dandelion_kernel(tmp_path: Path
 
 @pytest.mark.slow
 def test_app_page_renders_and_its_kernel_ends_with_the_session(tmp_path: Path) -> None:
-    """`nox -s app` with the API down: the page (its notebook run in a kernel) has the app's
-    title; SIGTERM shuts the kernel down (without a terminal, Ctrl-C does not reach Voila's shutdown)."""
+    """`nox -s app` with the API down: the page (its notebook run in a kernel, past the visit
+    gate) has the app's title; SIGTERM shuts the kernel down (without a terminal, Ctrl-C does not reach Voila's shutdown)."""
     port = free_port()
     env = session_env(
         tmp_path, DANDELION_APP_PORT=str(port), DANDELION_API_URL=f"http://127.0.0.1:{free_port()}"
@@ -130,7 +131,7 @@ def test_app_page_renders_and_its_kernel_ends_with_the_session(tmp_path: Path) -
     base = f"http://127.0.0.1:{port}"
     with nox_session("app", tmp_path, env=env) as session:
         ready(session, f"{base}/health/live")
-        page = httpx.get(f"{base}/", timeout=180)
+        page = httpx.get(f"{base}/", timeout=180, cookies=visit_cookies(base))
         assert page.status_code == 200
         assert page_title(page.text) == notebook_title("app.ipynb")
         assert httpx.get(f"{base}/health/live").json()["sessions"] == 1
