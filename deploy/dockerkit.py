@@ -26,6 +26,10 @@ _XDG = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
 CACHE = Path(os.environ.get("DANDELION_DOCKER_CACHE", _XDG / "dandelion" / "docker")).resolve()
 PROJECT_IMAGES = ("api", "app", "pipeline", "mlflow")
 STAND_INS_IMAGE = "dandelion-rehearsal/stand-ins:local"
+# The wheelhouse index's loopback port. Fixed, because the index URL reaches the builds as a
+# build argument, which is part of each RUN layer's cache key: a new port per run would rebuild
+# the TensorFlow/Airflow layers every time although the lock did not change.
+INDEX_PORT = 38471
 
 
 class StepFailed(RuntimeError):
@@ -129,7 +133,10 @@ class _QuietServer(http.server.ThreadingHTTPServer):
 def serve_index(folder: Path) -> Iterator[str]:
     """Serve a wheel folder as a simple index on loopback; yields the index URL."""
     handler = functools.partial(_IndexHandler, directory=str(folder))
-    server = _QuietServer(("127.0.0.1", 0), handler)
+    try:
+        server = _QuietServer(("127.0.0.1", INDEX_PORT), handler)
+    except OSError:  # taken (another build on this machine): any port, the builds then miss
+        server = _QuietServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

