@@ -183,6 +183,26 @@ def test_api_settings_point_at_the_stack(config: dict[str, Any]) -> None:
     assert config["services"]["app"]["environment"]["DANDELION_API_URL"] == "http://api:8000"
 
 
+def test_airflow_services_see_the_feedback_loop(config: dict[str, Any]) -> None:
+    """Every Airflow service (tasks run in the scheduler under LocalExecutor; the dag-processor
+    parses with the same settings) reads the feedback database the API writes and the same
+    store: without it, dandelion_feedback counts an empty SQLite file and never fires."""
+    services = config["services"]
+    api = services["api"]["environment"]
+    airflow = [
+        n for n, s in services.items() if s.get("image") == services["airflow-scheduler"]["image"]
+    ]
+    assert {"airflow-scheduler", "airflow-dag-processor", "airflow-apiserver"} <= set(airflow)
+    for name in airflow:
+        env = services[name]["environment"]
+        for key in (
+            "DANDELION_FEEDBACK_DB_URL",
+            "DANDELION_STORE_URL",
+            "DANDELION_S3_ENDPOINT_URL",
+        ):
+            assert env.get(key) == api[key], (name, key)
+
+
 def test_reviewer_page_service(config: dict[str, Any]) -> None:
     """The reviewer page: the app's image and hardening, `dashboards.serve --review` bound to
     0.0.0.0 inside the container, port 8867 published on the host's loopback only, the token from
