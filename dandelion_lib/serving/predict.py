@@ -12,6 +12,10 @@ in the precision the promotion gate chose (tag ``serving.precision``), falling b
 and then to the Keras model (traced once into a TensorFlow graph) when an artifact is missing or
 corrupt; ``runtime_note`` says why.
 
+Asked to (``explain``), it also says where the model looked: a class activation map for the top
+class, from the feature maps the same forward pass returns (:mod:`dandelion_lib.serving.explain`;
+ONNX runtimes of versions registered with them only).
+
 A model logged with an open-set detector (``openset.npz`` next to the Keras model, its
 parameters in the metadata) scores the features, and every :class:`Prediction` then carries an
 out-of-domain score.
@@ -44,6 +48,7 @@ from dandelion_lib.core.images import (
 )
 from dandelion_lib.core.labels import UNCERTAIN, UNKNOWN
 from dandelion_lib.serving import runtime as runtime_lib
+from dandelion_lib.serving.explain import Explainer, Explanation, ExplanationUnavailableError
 from dandelion_lib.training.openset import ARTIFACT_NAME, OpenSetDetector, OpenSetError
 
 SERVING_TAG = "serving."
@@ -66,6 +71,8 @@ class Prediction:
     probabilities: dict[str, float]
     confidence: float
     ood_score: float | None = None
+    explanation: Explanation | None = None
+    """Where the model looked, for the top class ``label`` (only when asked for)."""
 
 
 OUT_OF_DOMAIN = "out_of_domain"
@@ -137,6 +144,10 @@ class Predictor:
     """Why the runtime asked for is not the one running (a missing or corrupt artifact)."""
     serving: dict[str, str] = field(default_factory=dict)
     """The version's ``serving.*`` tags: the gate's runtime choice and its figures."""
+    explainer: Explainer | None = None
+    """Reads the runtime's feature maps into explanations (None: :attr:`explain_unavailable`)."""
+    explain_unavailable: str | None = "this model cannot explain its answers"
+    """Why :meth:`predict_arrays` cannot explain (None when it can)."""
     _forward: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -199,7 +210,7 @@ class Predictor:
             precision=loaded.precision,
             runtime_note=loaded.note,
             serving=serving,
-            **options,
+            **(options | loaded.explain_fields()),
         )
         predictor._forward = loaded.forward
         predictor.warmup()
@@ -240,21 +251,44 @@ class Predictor:
         features, probs = self._forward(batch.astype(np.float32, copy=False))
         return features, np.asarray(probs)
 
-    def predict_arrays(self, batch: np.ndarray) -> list[Prediction]:
-        """Predict a batch of model inputs ``(N, size, size, 3)``."""
-        features, probs = self._run(batch)
+    def predict_arrays(
+        self, batch: np.ndarray, explain: bool | list[bool] = False
+    ) -> list[Prediction]:
+        """Predict a batch of model inputs ``(N, size, size, 3)``; ``explain`` (for all, or
+        per image) adds an :class:`~dandelion_lib.serving.explain.Explanation` of the top
+        class, from the same forward pass. Raises
+        :class:`~dandelion_lib.serving.explain.ExplanationUnavailableError` when explanations
+        are asked for and this model cannot give them (:attr:`explain_unavailable`)."""
+        wanted = [explain] * len(batch) if isinstance(explain, bool) else list(explain)
+        maps: list[Any] = []
+        if any(wanted):
+            if self.explainer is None or self.explain_unavailable is not None:
+                raise ExplanationUnavailableError(
+                    self.explain_unavailable or "this model cannot explain its answers"
+                )
+            features, probs, maps = self._forward.with_maps(batch.astype(np.float32, copy=False))
+            probs = np.asarray(probs)
+        else:
+            features, probs = self._run(batch)
         scores: list[float | None] = [None] * len(probs)
         if self.detector is not None and features is not None:
             scores = [float(v) for v in self.detector.score(features)]
         out = []
-        for row, score in zip(probs, scores, strict=True):
+        for n, (row, score) in enumerate(zip(probs, scores, strict=True)):
             i = int(np.argmax(row))
+            explanation = None
+            if maps and wanted[n]:
+                assert self.explainer is not None and features is not None
+                explanation = self.explainer.explain(
+                    [m[n] for m in maps], features[n], i, self.labels[i]
+                )
             out.append(
                 Prediction(
                     label=self.labels[i],
                     probabilities={lab: float(p) for lab, p in zip(self.labels, row, strict=True)},
                     confidence=float(row[i]),
                     ood_score=score,
+                    explanation=explanation,
                 )
             )
         return out
@@ -289,6 +323,11 @@ class _Loaded:
     precision: str
     forward: Any = None
     note: str | None = None
+    explainer: Explainer | None = None
+    explain_note: str | None = "explanations need the model version's ONNX runtime"
+
+    def explain_fields(self) -> dict[str, Any]:
+        return {"explainer": self.explainer, "explain_unavailable": self.explain_note}
 
 
 def _load_runtime(
@@ -300,7 +339,7 @@ def _load_runtime(
     tried: list[str] = []
     for wanted in dict.fromkeys((precision, "fp32")):
         try:
-            forward, _ = runtime_lib.load(local, wanted, threads=threads, max_batch=max_batch)
+            forward, record = runtime_lib.load(local, wanted, threads=threads, max_batch=max_batch)
         except runtime_lib.RuntimeArtifactError as exc:
             if runtime == "onnx":
                 raise ModelUnavailableError(f"cannot load model {uri}: {exc}") from exc
@@ -309,7 +348,11 @@ def _load_runtime(
         note = "; ".join(tried) or None
         if note:
             log.warning("model %s: serving %s ONNX instead: %s", uri, wanted, note)
-        return _Loaded("onnx", wanted, forward, note)
+        try:
+            explainer, explain_note = runtime_lib.load_explainer(local, record), None
+        except ExplanationUnavailableError as exc:
+            explainer, explain_note = None, str(exc)
+        return _Loaded("onnx", wanted, forward, note, explainer, explain_note)
     note = "; ".join(dict.fromkeys(tried))
     log.warning("model %s: serving the Keras model: %s", uri, note)
     return _Loaded("keras", "fp32", None, note)

@@ -11,7 +11,13 @@ the MLflow model version's ``runtime/`` folder, beside the Keras model:
 * ``runtime/model.int8.onnx`` — INT8; its difference from Keras is recorded, not enforced
   here: the promotion gate decides whether it is served (:mod:`dandelion_lib.lifecycle.gate`);
 * ``runtime/runtime.json`` — :class:`RuntimeRecord`: format, opset, outputs, each file's
-  sha256 and its parity figures (also in the MLmodel metadata as ``runtime``).
+  sha256 and its parity figures (also in the MLmodel metadata as ``runtime``);
+* ``runtime/explain.npz`` — the head's weights for explanations
+  (:mod:`dandelion_lib.serving.explain`), when the backbone pools its features from feature
+  maps the graph can return: both graphs then also output those maps, after the features and
+  the probabilities. They are fetched only when an explanation is asked for
+  (:meth:`OnnxForward.with_maps`); a version registered without them serves as before and
+  cannot explain its answers.
 
 Why ONNX Runtime: on the served architecture it is 2.2-2.4x faster than TensorFlow at
 batch 1, loads in under a second and keeps ~100 MB resident instead of ~800 MB; OpenVINO
@@ -36,6 +42,7 @@ import numpy.typing as npt
 
 from dandelion_lib.core.errors import DandelionError
 from dandelion_lib.core.storage import sha256_hex
+from dandelion_lib.serving import explain as explain_lib
 
 FORMAT = "onnx"
 DIR = "runtime"
@@ -92,6 +99,9 @@ class RuntimeRecord:
     """precision -> :class:`Parity` against Keras on the validation split."""
     tolerance: float = FP32_PARITY_TOLERANCE
     calibration_images: int = 0
+    explain: dict[str, Any] = field(default_factory=dict)
+    """Empty, or ``file`` (the head for explanations), its ``sha256`` and ``maps`` (how many
+    feature maps each graph outputs after the probabilities)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,23 +144,48 @@ def keras_forward(model: Any, size: int) -> Forward:
 def _graph_function(model: Any, size: int) -> tuple[Any, bool]:
     """The TensorFlow function ``x -> (features, probabilities)`` (or ``(probabilities,)``)
     and whether it returns features."""
+    function, features, _ = _graph_function_maps(model, size, maps=False)
+    return function, features
+
+
+def _graph_function_maps(
+    model: Any, size: int, *, maps: bool
+) -> tuple[Any, bool, explain_lib.Explainer | None]:
+    """:func:`_graph_function`; with ``maps``, for a backbone + head whose feature maps and
+    head :mod:`~dandelion_lib.serving.explain` can read, the function also returns those maps
+    after the probabilities, and the :class:`~dandelion_lib.serving.explain.Explainer` that
+    reads them (else None)."""
+    import keras
     import tensorflow as tf
 
     spec = [tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")]
     parts = split_model(model)
     if parts is None:
-        return tf.function(lambda x: (model(x, training=False),), input_signature=spec), False
+        return tf.function(lambda x: (model(x, training=False),), input_signature=spec), False, None
     backbone, head = parts
+    found = explain_lib.feature_maps(backbone) if maps else None
+    layers = explain_lib.head_layers(head) if found else None
+    if found is None or layers is None:
 
-    def both(x: Any) -> Any:
-        features = backbone(x, training=False)
-        return features, head(features, training=False)
+        def both(x: Any) -> Any:
+            features = backbone(x, training=False)
+            return features, head(features, training=False)
 
-    return tf.function(both, input_signature=spec), True
+        return tf.function(both, input_signature=spec), True, None
+    tensors, segments = found
+    probe = keras.Model(backbone.inputs, [backbone.outputs[0], *tensors])
+
+    def with_maps(x: Any) -> Any:
+        features, *feature_maps = probe(x, training=False)
+        return (features, head(features, training=False), *feature_maps)
+
+    explainer = explain_lib.Explainer(segments, layers)
+    return tf.function(with_maps, input_signature=spec), True, explainer
 
 
-def export_fp32(model: Any, size: int, path: Path) -> bool:
-    """Write the model as FP32 ONNX to ``path``; returns whether it outputs features.
+def export_fp32(model: Any, size: int, path: Path) -> tuple[bool, explain_lib.Explainer | None]:
+    """Write the model as FP32 ONNX to ``path``; returns whether it outputs features, and
+    the explainer of the feature maps it outputs after them (None: no maps).
 
     The graph is frozen (variables -> constants) before conversion, so every fitted
     statistic is a constant of the graph, not an input.
@@ -160,7 +195,7 @@ def export_fp32(model: Any, size: int, path: Path) -> bool:
         convert_variables_to_constants_v2,
     )
 
-    function, features = _graph_function(model, size)
+    function, features, explainer = _graph_function_maps(model, size, maps=True)
     frozen = convert_variables_to_constants_v2(function.get_concrete_function())
     tf2onnx.convert.from_graph_def(
         frozen.graph.as_graph_def(),
@@ -169,7 +204,7 @@ def export_fp32(model: Any, size: int, path: Path) -> bool:
         opset=OPSET,
         output_path=str(path),
     )
-    return features
+    return features, explainer
 
 
 def quantize_int8(fp32: Path, path: Path, calibration: npt.NDArray[np.float32]) -> None:
@@ -228,7 +263,9 @@ class OnnxForward:
     figures").
     """
 
-    def __init__(self, path: Path, *, threads: int, features: bool, max_batch: int) -> None:
+    def __init__(
+        self, path: Path, *, threads: int, features: bool, max_batch: int, maps: int = 0
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -240,21 +277,44 @@ class OnnxForward:
         self.input = self.session.get_inputs()[0].name
         self.has_features = features
         self.max_batch = max_batch
+        names = [o.name for o in self.session.get_outputs()]
+        answers = 2 if features else 1
+        if len(names) < answers + maps:
+            raise RuntimeArtifactError(
+                f"{path.name} has {len(names)} outputs, the record names {answers + maps}"
+            )
+        self.outputs = names[:answers]
+        self.map_outputs = names[answers : answers + maps]
+        """The feature maps' outputs (empty: this graph cannot explain)."""
 
     def __call__(self, x: npt.NDArray[np.float32]) -> tuple[Any, Any]:
-        chunks = [
-            self.session.run(
-                None, {self.input: np.ascontiguousarray(x[i : i + self.max_batch], np.float32)}
-            )
-            for i in range(0, max(len(x), 1), self.max_batch)
-        ]
-        outputs = [
-            np.concatenate(part) if len(chunks) > 1 else part[0]
-            for part in zip(*chunks, strict=True)
-        ]
+        outputs = self._run(x, self.outputs)
         if self.has_features:
             return outputs[0], outputs[1]
         return None, outputs[0]
+
+    def with_maps(self, x: npt.NDArray[np.float32]) -> tuple[Any, Any, list[Any]]:
+        """``(features, probabilities, feature maps (N, rows, cols, channels) each)``: the
+        same answers as a plain call, and the maps for an explanation."""
+        if not self.map_outputs or not self.has_features:
+            raise explain_lib.ExplanationUnavailableError(
+                "this model version's runtime does not output its feature maps (registered "
+                "before explanations existed, or its backbone does not pool feature maps)"
+            )
+        outputs = self._run(x, [*self.outputs, *self.map_outputs])
+        return outputs[0], outputs[1], outputs[2:]
+
+    def _run(self, x: npt.NDArray[np.float32], names: list[str]) -> list[Any]:
+        chunks = [
+            self.session.run(
+                names, {self.input: np.ascontiguousarray(x[i : i + self.max_batch], np.float32)}
+            )
+            for i in range(0, max(len(x), 1), self.max_batch)
+        ]
+        return [
+            np.concatenate(part) if len(chunks) > 1 else part[0]
+            for part in zip(*chunks, strict=True)
+        ]
 
 
 def _probabilities(forward: Forward, pixels: npt.NDArray[np.float32], batch: int) -> Any:
@@ -285,7 +345,8 @@ def build(
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         fp32 = out_dir / FILES["fp32"]
-        features = export_fp32(model, size, fp32)
+        features, explainer = export_fp32(model, size, fp32)
+        explain = _save_explainer(explainer, out_dir)
         files = {"fp32": FILES["fp32"]}
         if calibration_pixels is not None and len(calibration_pixels):
             quantize_int8(fp32, out_dir / FILES["int8"], calibration_pixels)
@@ -312,12 +373,40 @@ def build(
             sha256={p: sha256_hex((out_dir / n).read_bytes()) for p, n in files.items()},
             parity=parity,
             calibration_images=0 if calibration_pixels is None else len(calibration_pixels),
+            explain=explain,
         )
         (out_dir / RECORD).write_text(json.dumps(record.to_dict(), indent=2, sort_keys=True))
         return record
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
+
+
+def _save_explainer(explainer: explain_lib.Explainer | None, out_dir: Path) -> dict[str, Any]:
+    """Write the explainer beside the graphs; the record's ``explain`` entry ({} for none)."""
+    if explainer is None:
+        return {}
+    path = out_dir / explain_lib.ARTIFACT
+    explainer.save(path)
+    maps = len({i for i, _ in explainer.segments})
+    return {"file": path.name, "sha256": sha256_hex(path.read_bytes()), "maps": maps}
+
+
+def load_explainer(model_dir: Path, record: RuntimeRecord) -> explain_lib.Explainer:
+    """The explainer of a downloaded model version; raises
+    :class:`~dandelion_lib.serving.explain.ExplanationUnavailableError` saying why not."""
+    name = record.explain.get("file")
+    if not name:
+        raise explain_lib.ExplanationUnavailableError(
+            "this model version cannot explain its answers: it was registered without the "
+            "feature maps explanations need (retrain it to add them)"
+        )
+    path = model_dir / DIR / str(name)
+    if not path.is_file() or sha256_hex(path.read_bytes()) != record.explain.get("sha256"):
+        raise explain_lib.ExplanationUnavailableError(
+            f"this model version cannot explain its answers: {DIR}/{name} is missing or corrupt"
+        )
+    return explain_lib.Explainer.load(path)
 
 
 def load(
@@ -351,7 +440,10 @@ def load(
             f"{path.stat().st_size:,} bytes)"
         )
     try:
-        forward = OnnxForward(path, threads=threads, features=record.features, max_batch=max_batch)
+        maps = int(record.explain.get("maps", 0))
+        forward = OnnxForward(
+            path, threads=threads, features=record.features, max_batch=max_batch, maps=maps
+        )
         return forward, record
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

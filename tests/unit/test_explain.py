@@ -1,0 +1,122 @@
+"""The class activation map (dandelion_lib.serving.explain) on hand-made maps and heads: the
+gradient through the head, CAM's exactness for a linear head over average-pooled maps, the
+grid's range, and the artifact's round trip. The served runtime's maps are tested in
+tests/model/test_explain_model.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dandelion_lib.serving.explain import (
+    Explainer,
+    ExplanationUnavailableError,
+    HeadLayer,
+)
+
+RNG = np.random.default_rng(3)
+
+
+def linear_head(dim: int, classes: int = 2) -> tuple[HeadLayer, ...]:
+    mean, std = RNG.normal(size=dim), RNG.uniform(0.5, 2.0, size=dim)
+    kernel, bias = RNG.normal(size=(dim, classes)), RNG.normal(size=classes)
+    return (HeadLayer("standardize", mean, std), HeadLayer("dense", kernel, bias, "softmax"))
+
+
+def logits(layers: tuple[HeadLayer, ...], x: np.ndarray) -> np.ndarray:
+    for layer in layers:
+        x = (x - layer.a) / layer.b if layer.kind == "standardize" else x @ layer.a + layer.b
+        x = np.maximum(x, 0.0) if layer.activation == "relu" else x
+    return x
+
+
+def margin(layers: tuple[HeadLayer, ...], x: np.ndarray, target: int) -> float:
+    z = logits(layers, x)
+    return float(z[target] - np.delete(z, target).mean())
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_the_gradient_is_the_class_margins_gradient(hidden: bool) -> None:
+    layers = linear_head(6, classes=3)
+    if hidden:  # a small hidden ReLU layer: Grad-CAM's closed form through it
+        layers = (
+            layers[0],
+            HeadLayer("dense", RNG.normal(size=(6, 5)), RNG.normal(size=5), "relu"),
+            HeadLayer("dense", RNG.normal(size=(5, 3)), RNG.normal(size=3), "softmax"),
+        )
+    explainer = Explainer(((0, "avg"),), layers)
+    x = RNG.normal(size=6)
+    eps = 1e-6
+    for target in range(3):
+        numeric = [
+            (margin(layers, x + eps * e, target) - margin(layers, x - eps * e, target)) / (2 * eps)
+            for e in np.eye(6)
+        ]
+        assert np.allclose(explainer.gradient(x, target), numeric, atol=1e-5)
+
+
+def test_a_linear_head_over_average_pooled_maps_is_exact_cam() -> None:
+    # two maps of one grid, average-pooled: the margin is the mean of the unclipped map
+    maps = [RNG.uniform(0, 3, size=(4, 5, 3)), RNG.normal(size=(4, 5, 2))]
+    layers = linear_head(5)
+    explainer = Explainer(((0, "avg"), (1, "avg")), layers)
+    features = np.concatenate([m.mean(axis=(0, 1)) for m in maps])
+    grad = explainer.gradient(features, 1)
+    cam = maps[0] @ grad[:3] + maps[1] @ grad[3:]
+    base = margin(layers, np.zeros(5), 1)
+    assert np.isclose(cam.mean() + base, margin(layers, features, 1))
+    got = explainer.explain(maps, features, 1, "grass")
+    assert got.explains == "grass" and got.grid.shape == (4, 5)
+    expected = np.maximum(cam, 0) / np.maximum(cam, 0).max()
+    assert np.allclose(got.grid, expected, atol=1e-6)
+    assert got.grid.min() >= 0.0 and got.grid.max() == pytest.approx(1.0)
+
+
+def test_the_hot_cell_is_where_the_evidence_is() -> None:
+    # one channel that raises dandelion's logit, one that lowers it; a pool of each kind
+    head = (HeadLayer("dense", np.array([[2.0, -2.0], [-1.0, 1.0]]), np.zeros(2), "softmax"),)
+    grid = np.zeros((3, 3, 1))
+    grid[0, 2, 0] = 5.0  # evidence for class 0 in the top-right cell
+    explainer = Explainer(((0, "avg"), (0, "max")), head)
+    features = np.array([grid.mean(), grid.max()])
+    got = explainer.explain([grid], features, 0, "dandelion")
+    assert np.argwhere(got.grid == 1.0).tolist() == [[0, 2]]
+    # the other class finds no evidence anywhere: an all-zero grid, not NaN
+    other = explainer.explain([grid], features, 1, "grass").grid
+    assert np.isfinite(other).all()
+    assert other.max() == 0.0
+
+
+def test_maps_of_another_grid_are_resized_and_widths_must_match() -> None:
+    head = linear_head(3)
+    explainer = Explainer(((0, "avg"), (1, "max")), head)
+    maps = [RNG.uniform(size=(4, 4, 2)), RNG.uniform(size=(2, 2, 1))]
+    features = np.array([*maps[0].mean(axis=(0, 1)), maps[1].max()])
+    assert explainer.explain(maps, features, 0, "dandelion").grid.shape == (4, 4)
+    with pytest.raises(ExplanationUnavailableError, match="give 2 features, the head takes 3"):
+        Explainer(((0, "avg"),), head).explain(maps[:1], features, 0, "dandelion")
+
+
+def test_the_artifact_round_trips_and_a_bad_one_says_so(tmp_path: Path) -> None:
+    explainer = Explainer(((0, "avg"), (0, "max")), linear_head(4))
+    path = tmp_path / "explain.npz"
+    explainer.save(path)
+    back = Explainer.load(path)
+    assert back.segments == explainer.segments
+    x = RNG.normal(size=4)
+    assert np.allclose(back.gradient(x, 0), explainer.gradient(x, 0))
+    path.write_bytes(b"not an archive")
+    with pytest.raises(ExplanationUnavailableError, match=r"explain\.npz cannot be read"):
+        Explainer.load(path)
+
+
+def test_an_explanation_answers_a_small_grid() -> None:
+    head = linear_head(2)
+    maps = [RNG.uniform(size=(2, 3, 2))]
+    got = Explainer(((0, "avg"),), head).explain(maps, maps[0].mean(axis=(0, 1)), 0, "dandelion")
+    body = got.to_dict()
+    assert body["class"] == "dandelion" and body["shape"] == [2, 3]
+    assert len(body["grid"]) == 2 and all(len(row) == 3 for row in body["grid"])
+    assert all(round(v, 3) == v for row in body["grid"] for v in row)
