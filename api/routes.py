@@ -11,6 +11,7 @@ from typing import Any
 
 from litestar import Response, get, post
 from litestar.di import Provide
+from litestar.params import Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_503_SERVICE_UNAVAILABLE
 
 from api.dependencies import admin_guard
@@ -21,6 +22,7 @@ from api.openapi import (
     PREDICT_OPERATION,
     problems,
 )
+from api.problems import Problem
 from api.schemas import (
     BatchResponse,
     FeedbackResponse,
@@ -37,30 +39,57 @@ from api.services.predictions import PredictionService
 from api.uploads import Upload, read_batch_images, read_feedback, read_single_image
 
 
+def read_explain(
+    flag: str | None = Parameter(
+        query="explain",
+        default=None,
+        description="`true` adds `explanation`: where the model looked, for the top class "
+        "(default `false`; 409 `explanation-unavailable` when the served version cannot).",
+        schema_extra={"type": "boolean", "oneOf": None},
+    ),
+) -> bool:
+    """The ``explain`` query flag: ``true``/``false`` (or ``1``/``0``), else a 400."""
+    value = "false" if flag is None else flag.strip().lower()
+    if value in ("true", "1"):
+        return True
+    if value in ("false", "0"):
+        return False
+    shown = flag if flag is not None and len(flag) <= 20 else "a long value"
+    raise Problem(400, "invalid-parameter", f"explain must be true or false, not {shown!r}")
+
+
 @post(
     "/predict",
     status_code=HTTP_200_OK,
     operation_class=PREDICT_OPERATION,
-    responses=problems(400, 413, 415, 422, 503),
+    responses=problems(400, 409, 413, 415, 422, 503),
     tags=["predict"],
     summary="Classify one image",
-    dependencies={"upload": Provide(read_single_image)},
+    dependencies={
+        "upload": Provide(read_single_image),
+        "explain": Provide(read_explain, sync_to_thread=False),
+    },
 )
-async def predict(upload: Upload, predictions: PredictionService) -> PredictResponse:
-    return await predictions.predict_one(upload)
+async def predict(upload: Upload, explain: bool, predictions: PredictionService) -> PredictResponse:
+    return await predictions.predict_one(upload, explain=explain)
 
 
 @post(
     "/predict/batch",
     status_code=HTTP_200_OK,
     operation_class=BATCH_OPERATION,
-    responses=problems(400, 413, 415, 503),
+    responses=problems(400, 409, 413, 415, 503),
     tags=["predict"],
     summary="Classify several images (per-item errors)",
-    dependencies={"uploads": Provide(read_batch_images)},
+    dependencies={
+        "uploads": Provide(read_batch_images),
+        "explain": Provide(read_explain, sync_to_thread=False),
+    },
 )
-async def predict_batch(uploads: list[Upload], predictions: PredictionService) -> BatchResponse:
-    return await predictions.predict_batch(uploads)
+async def predict_batch(
+    uploads: list[Upload], explain: bool, predictions: PredictionService
+) -> BatchResponse:
+    return await predictions.predict_batch(uploads, explain=explain)
 
 
 @get("/health/live", tags=["health"], summary="The process is up")

@@ -16,11 +16,22 @@ class ModelRef(msgspec.Struct):
     version: str | None
 
 
+class Explanation(msgspec.Struct):
+    """Where the model looked: ``grid`` (``shape`` rows x columns, row 0 the photo's top,
+    spanning the whole photo) in [0, 1], 1 where the evidence for ``class`` is strongest.
+    ``class`` is the top class: the answer, or for ``uncertain`` / ``unknown`` the class the
+    model leaned towards."""
+
+    class_: str = msgspec.field(name="class")
+    shape: list[int]
+    grid: list[list[float]]
+
+
 class PredictResponse(msgspec.Struct):
     """``label`` is a training label, ``uncertain`` (in-domain, not sure) or ``unknown``
     (neither class); ``reason`` says why for the last two (``low_confidence``,
     ``out_of_domain``); ``ood_score`` is the out-of-domain score (``None`` for a model
-    without an open-set detector)."""
+    without an open-set detector); ``explanation`` only when asked for (``explain=true``)."""
 
     prediction_id: str
     label: str
@@ -30,6 +41,7 @@ class PredictResponse(msgspec.Struct):
     latency_ms: float
     reason: str | None = None
     ood_score: float | None = None
+    explanation: Explanation | msgspec.UnsetType = msgspec.UNSET
 
 
 class ProblemDetail(msgspec.Struct, omit_defaults=True):

@@ -52,6 +52,7 @@ class _Job:
     predictor: Predictor
     future: asyncio.Future[Prediction]
     loop: asyncio.AbstractEventLoop
+    explain: bool = False
 
 
 class InferenceQueue:
@@ -134,14 +135,20 @@ class InferenceQueue:
 
     # --- prediction ------------------------------------------------------------------------
     async def predict(
-        self, ticket: Ticket, arrays: list[np.ndarray], predictor: Predictor
+        self,
+        ticket: Ticket,
+        arrays: list[np.ndarray],
+        predictor: Predictor,
+        *,
+        explain: bool = False,
     ) -> list[Prediction]:
         """Predict decoded arrays admitted with ``ticket``; they are queued together, so
-        they share model calls with each other and with concurrent requests."""
+        they share model calls with each other and with concurrent requests (``explain``:
+        with an explanation each, from the same model call)."""
         if not arrays:
             return []
         loop = asyncio.get_running_loop()
-        jobs = [_Job(a, predictor, loop.create_future(), loop) for a in arrays]
+        jobs = [_Job(a, predictor, loop.create_future(), loop, explain) for a in arrays]
         with self._cond:
             if self._stop:
                 raise RuntimeError("the server is shutting down")
@@ -187,7 +194,10 @@ class InferenceQueue:
         for jobs in groups.values():
             start = time.perf_counter()
             try:
-                preds = jobs[0].predictor.predict_arrays(np.stack([j.array for j in jobs]))
+                wanted = [j.explain for j in jobs]
+                preds = jobs[0].predictor.predict_arrays(
+                    np.stack([j.array for j in jobs]), explain=wanted if any(wanted) else False
+                )
             except Exception as exc:
                 log.error("model call failed", exc_info=exc, extra={"batch_size": len(jobs)})
                 for job in jobs:

@@ -16,12 +16,13 @@ import uuid
 from dataclasses import dataclass
 
 import anyio.to_thread
+import msgspec
 import numpy as np
 
 from api.context import request_id_var, request_start_var
 from api.metrics import ApiMetrics
 from api.problems import Problem
-from api.schemas import BatchItem, BatchResponse, ModelRef, PredictResponse
+from api.schemas import BatchItem, BatchResponse, Explanation, ModelRef, PredictResponse
 from api.services.inference import InferenceQueue, QueueFullError
 from api.services.models import ModelManager, ServingModel
 from api.services.recording import PredictionLog
@@ -76,7 +77,8 @@ class PredictionService:
         self.metrics = metrics
         self.recorder = recorder
 
-    def serving(self) -> ServingModel:
+    def serving(self, explain: bool = False) -> ServingModel:
+        """The model to answer with; with ``explain``, one that can explain (else a 409)."""
         model = self.models.current
         if model is None:
             raise Problem(
@@ -85,6 +87,9 @@ class PredictionService:
                 f"no model is loaded yet ({self.models.reason})",
                 headers={"Retry-After": "5"},
             )
+        reason = model.predictor.explain_unavailable
+        if explain and reason is not None:
+            raise Problem(409, "explanation-unavailable", f"{reason}; ask without explain")
         return model
 
     def _queue_full(self, exc: QueueFullError) -> Problem:
@@ -95,8 +100,8 @@ class PredictionService:
             headers={"Retry-After": str(exc.retry_after)},
         )
 
-    async def predict_one(self, upload: Upload) -> PredictResponse:
-        model = self.serving()
+    async def predict_one(self, upload: Upload, *, explain: bool = False) -> PredictResponse:
+        model = self.serving(explain)
         try:
             with self.queue.admit(1) as ticket:
                 try:
@@ -104,14 +109,16 @@ class PredictionService:
                 except Problem as problem:
                     self.queue.discard(ticket)
                     raise problem from None
-                (pred,) = await self.queue.predict(ticket, [decoded.array], model.predictor)
+                (pred,) = await self.queue.predict(
+                    ticket, [decoded.array], model.predictor, explain=explain
+                )
         except QueueFullError as exc:
             raise self._queue_full(exc) from None
         return self._answer(model, pred, decoded)
 
-    async def predict_batch(self, uploads: list[Upload]) -> BatchResponse:
+    async def predict_batch(self, uploads: list[Upload], *, explain: bool = False) -> BatchResponse:
         """Per-item results in order: a ``prediction`` or an ``error`` (a problem) each."""
-        model = self.serving()
+        model = self.serving(explain)
         items = [BatchItem(index=i, filename=u.filename) for i, u in enumerate(uploads)]
         try:
             with self.queue.admit(len(uploads)) as ticket:
@@ -119,7 +126,7 @@ class PredictionService:
                 good = [(i, d) for i, d in enumerate(decoded) if isinstance(d, Decoded)]
                 self.queue.discard(ticket, len(uploads) - len(good))
                 preds = await self.queue.predict(
-                    ticket, [d.array for _, d in good], model.predictor
+                    ticket, [d.array for _, d in good], model.predictor, explain=explain
                 )
         except QueueFullError as exc:
             raise self._queue_full(exc) from None
@@ -189,4 +196,13 @@ class PredictionService:
             latency_ms=round(latency_ms, 3),
             reason=answer.reason,
             ood_score=pred.ood_score,
+            explanation=_explanation(pred),
         )
+
+
+def _explanation(pred: Prediction) -> Explanation | msgspec.UnsetType:
+    """The answer's ``explanation`` (left out of the body unless one was computed)."""
+    if pred.explanation is None:
+        return msgspec.UNSET
+    body = pred.explanation.to_dict()
+    return Explanation(class_=body["class"], shape=body["shape"], grid=body["grid"])

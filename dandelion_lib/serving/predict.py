@@ -305,11 +305,11 @@ class Predictor:
             raise DandelionError("no images to extract features from")
         return np.concatenate(parts)
 
-    def predict_bytes(self, images: list[bytes]) -> list[Prediction]:
+    def predict_bytes(self, images: list[bytes], explain: bool = False) -> list[Prediction]:
         """Decode and predict several images (raises on the first invalid one)."""
         if not images:
             return []
-        return self.predict_arrays(np.stack([self.decode(b)[0] for b in images]))
+        return self.predict_arrays(np.stack([self.decode(b)[0] for b in images]), explain)
 
     def warmup(self) -> None:
         size = self.spec.image_size
