@@ -5,8 +5,8 @@
 #   scripts/backup-object-store.sh OUT_DIR
 # Buckets: BUCKETS (default "dandelion mlflow", the dev overlay's; prod: set yours).
 # Where: S3_ENDPOINT_URL and the AWS_* credentials when set (prod: AWS S3, no endpoint);
-# otherwise the dev overlay's MinIO (NAMESPACE), through a port-forward and the dandelion-s3
-# Secret's keys. Restore: scripts/restore-object-store.sh. For prod, also enable bucket
+# otherwise the dev overlay's MinIO (NAMESPACE), through a port-forward and MinIO's root keys.
+# Scheduled in-cluster backups: the object-store-backup CronJob (k8s/base/backup/). Restore: scripts/restore-object-store.sh. For prod, also enable bucket
 # versioning: it covers deletions between backups.
 set -euo pipefail
 out="${1:?usage: backup-object-store.sh OUT_DIR}"

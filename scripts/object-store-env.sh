@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sourced by scripts/backup-object-store.sh and restore-object-store.sh: sets `endpoint_args`
 # for the AWS CLI. With S3_ENDPOINT_URL (or AWS credentials for AWS S3) in the environment it
-# uses them; otherwise it port-forwards the dev overlay's MinIO and takes the platform's keys
-# from the dandelion-s3 Secret (stopped when the calling script exits).
+# uses them; otherwise it port-forwards the dev overlay's MinIO and takes MinIO's root keys
+# from the minio-root Secret (an operator's tool: a restore writes to every bucket, which no
+# component's credential may do; stopped when the calling script exits).
 set -euo pipefail
 
 # shellcheck disable=SC2034  # endpoint_args is read by the sourcing script
@@ -20,8 +21,8 @@ object_store_env() {
       curl -sf "http://127.0.0.1:${port}/minio/health/live" >/dev/null && break
       sleep 1
     done
-    AWS_ACCESS_KEY_ID="$(kubectl -n "$ns" get secret dandelion-s3 -o 'jsonpath={.data.access-key-id}' | base64 -d)"
-    AWS_SECRET_ACCESS_KEY="$(kubectl -n "$ns" get secret dandelion-s3 -o 'jsonpath={.data.secret-access-key}' | base64 -d)"
+    AWS_ACCESS_KEY_ID="$(kubectl -n "$ns" get secret minio-root -o 'jsonpath={.data.root-user}' | base64 -d)"
+    AWS_SECRET_ACCESS_KEY="$(kubectl -n "$ns" get secret minio-root -o 'jsonpath={.data.root-password}' | base64 -d)"
     export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}"
     endpoint_args=(--endpoint-url "http://127.0.0.1:${port}")
   fi

@@ -65,11 +65,23 @@ def render(overlay: str) -> str:
     return proc.stdout
 
 
-def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
+def pod_template(obj: dict[str, Any]) -> dict[str, Any]:
+    """The pod template (metadata and spec) of a workload, a CronJob's included."""
     spec = obj["spec"]
     if obj["kind"] == "CronJob":
         spec = spec["jobTemplate"]["spec"]
-    return spec["template"]["spec"]
+    template: dict[str, Any] = spec["template"]
+    return template
+
+
+def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = pod_template(obj)["spec"]
+    return spec
+
+
+def pod_labels(obj: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = pod_template(obj)["metadata"]["labels"]
+    return labels
 
 
 def containers(obj: dict[str, Any]) -> list[dict[str, Any]]:

@@ -325,7 +325,8 @@ def chart_pods(namespace: str, release: str = "airflow") -> dict[str, Pod]:
             "triggerer", (("triggerer-logs", CHART_PORTS["triggererLogs"], "TCP"),)
         ),
         "airflow-task": pod("worker"),
-        "airflow-migrations": pod("run-airflow-migrations"),
+        # No chart migration Job (migrateDatabaseJob.enabled: false): ours is
+        # k8s/airflow/migrate-db/, modelled from its rendered manifest.
         "airflow-statsd": pod(
             "statsd",
             (
@@ -340,9 +341,10 @@ def workload_pods(objs: list[dict[str, Any]]) -> dict[str, Pod]:
     """One pod per rendered workload (its template's labels and container ports)."""
     pods = {}
     for obj in objs:
-        if obj["kind"] not in {"Deployment", "StatefulSet", "DaemonSet", "Job"}:
+        if obj["kind"] not in {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}:
             continue
-        template = obj["spec"]["template"]
+        spec = obj["spec"]["jobTemplate"]["spec"] if obj["kind"] == "CronJob" else obj["spec"]
+        template = spec["template"]
         ports = tuple(
             (p.get("name"), p["containerPort"], p.get("protocol", "TCP"))
             for c in template["spec"]["containers"]

@@ -16,6 +16,7 @@ from deploy_support import (
     containers,
     find,
     load_all,
+    pod_labels,
     pod_spec,
     workloads,
 )
@@ -171,9 +172,9 @@ def test_pdbs_select_running_pods(rendered: Objects, overlay: str) -> None:
     assert {p["metadata"]["name"] for p in pdbs} >= {"api"}
     for pdb in pdbs:
         selector = pdb["spec"]["selector"]["matchLabels"]
-        assert any(
-            selects(selector, w["spec"]["template"]["metadata"]["labels"]) for w in workloads(objs)
-        ), pdb["metadata"]["name"]
+        assert any(selects(selector, pod_labels(w)) for w in workloads(objs)), pdb["metadata"][
+            "name"
+        ]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -182,7 +183,7 @@ def test_every_pod_is_covered_by_a_network_policy(rendered: Objects, overlay: st
     policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
     assert any(p["spec"]["podSelector"] == {} for p in policies), "default deny missing"
     for w in workloads(objs):
-        labels = w["spec"]["template"]["metadata"]["labels"]
+        labels = pod_labels(w)
         specific = [
             p
             for p in policies
@@ -199,11 +200,7 @@ def test_services_and_ingresses_resolve(rendered: Objects, overlay: str) -> None
     services = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Service"}
     for svc in services.values():
         selector = svc["spec"]["selector"]
-        backends = [
-            w
-            for w in workloads(objs)
-            if selects(selector, w["spec"]["template"]["metadata"]["labels"])
-        ]
+        backends = [w for w in workloads(objs) if selects(selector, pod_labels(w))]
         assert backends, f"Service {svc['metadata']['name']} selects no pods"
         port_names = {p.get("name") for w in backends for c in containers(w) for p in c["ports"]}
         for port in svc["spec"]["ports"]:
@@ -367,11 +364,7 @@ def test_mlflow_schema_job_runs_the_servers_image_and_script(
 
 
 def _selected_pods(objs: list[dict[str, Any]], selector: dict[str, str]) -> set[str]:
-    return {
-        w["metadata"]["name"]
-        for w in workloads(objs)
-        if selects(selector, w["spec"]["template"]["metadata"]["labels"])
-    }
+    return {w["metadata"]["name"] for w in workloads(objs) if selects(selector, pod_labels(w))}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

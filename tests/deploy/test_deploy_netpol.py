@@ -35,8 +35,9 @@ def airflow_values(overlay: str) -> dict[str, Any]:
     return deep_merge(load(AIRFLOW / "values.yaml"), load(AIRFLOW / f"values-{overlay}.yaml"))
 
 
-def admin_user_objects(namespace: str) -> list[dict[str, Any]]:
-    proc = run(tool("kubectl"), "kustomize", str(AIRFLOW / "admin-user"))
+def admin_user_objects(namespace: str, name: str = "admin-user") -> list[dict[str, Any]]:
+    """One of our Airflow Jobs (admin-user, migrate-db) as deploy.sh applies it."""
+    proc = run(tool("kubectl"), "kustomize", str(AIRFLOW / name))
     assert proc.returncode == 0, proc.stderr
     objs = load_all(proc.stdout)
     for obj in objs:
@@ -56,6 +57,7 @@ def build(objs: list[dict[str, Any]], overlay: str, values: dict[str, Any]) -> t
     pods: dict[str, Any] = {
         **workload_pods(objs),
         **workload_pods(admin_user_objects(ns)),
+        **workload_pods(admin_user_objects(ns, "migrate-db")),
         **chart_pods(ns),
         "ingress": Pod(
             "ingress-nginx-controller", "ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"}
@@ -91,7 +93,7 @@ REQUIRED = [
     # Metadata database: scheduler, api-server, migrations, the admin-user Job.
     ("airflow-scheduler", "database", None, "TCP"),
     ("airflow-api-server", "database", None, "TCP"),
-    ("airflow-migrations", "database", None, "TCP"),
+    ("airflow-migrate-db", "database", None, "TCP"),  # our Job, before the chart
     ("airflow-admin-user", "database", None, "TCP"),
     # The pipeline's tasks: the store, MLflow, their logs; StatsD from every component.
     ("airflow-task", "object-store", None, "TCP"),
@@ -125,7 +127,13 @@ REQUIRED = [
     ("prometheus", "mlflow", 5000, "TCP"),
     ("prometheus", "airflow-statsd", 9102, "TCP"),
 ]
-DEV_ONLY = [("minio-init", "minio", 9000, "TCP")]
+DEV_ONLY = [
+    ("minio-init", "minio", 9000, "TCP"),
+    # The backup CronJobs: dumps from the database, uploads and mirrors in the object store.
+    ("postgres-backup", "postgres", 5432, "TCP"),
+    ("postgres-backup", "minio", 9000, "TCP"),
+    ("object-store-backup", "minio", 9000, "TCP"),
+]
 
 DENIED = [
     ("app", "database", None, "TCP"),
@@ -149,6 +157,10 @@ DENIED = [
     ("review", "api", 8000, "TCP"),
     ("review", "mlflow", 5000, "TCP"),
     ("review", "airflow-api-server", 8080, "TCP"),
+    # The backups reach their data, not the services.
+    ("postgres-backup", "mlflow", 5000, "TCP"),
+    ("object-store-backup", "api", 8000, "TCP"),
+    ("app", "object-store-backup", 8080, "TCP"),
 ]
 
 

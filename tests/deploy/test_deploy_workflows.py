@@ -129,6 +129,7 @@ def test_finding_5_jobs_give_up_before_deploy_sh_stops_waiting() -> None:
     jobs = {
         "MLFLOW_SCHEMA_TIMEOUT_S": ROOT / "k8s" / "base" / "mlflow" / "db-upgrade-job.yaml",
         "ADMIN_TIMEOUT_S": ROOT / "k8s" / "airflow" / "admin-user" / "job.yaml",
+        "AIRFLOW_MIGRATE_TIMEOUT_S": ROOT / "k8s" / "airflow" / "migrate-db" / "job.yaml",
     }
     for variable, path in jobs.items():
         assert load(path)["spec"]["activeDeadlineSeconds"] < budget(variable), path.name
@@ -165,6 +166,7 @@ def test_finding_5_bootstrap_order_has_no_cycle() -> None:
         "job/mlflow-db-upgrade",
         '-l "$STAGE_MLFLOW"',
         "rollout status deployment/mlflow",
+        "job/airflow-migrate-db",
         "helm upgrade --install",
         "job/airflow-admin-user",
         "if has_champion",

@@ -16,3 +16,12 @@ SQL
 create mlflow "$MLFLOW_DB_PASSWORD" mlflow
 create airflow "$AIRFLOW_DB_PASSWORD" airflow
 create dandelion "$FEEDBACK_DB_PASSWORD" feedback
+
+# The backup CronJobs' read-only login (dev overlay; compose runs without it): every table of
+# every database, nothing writable (pg_read_all_data, PostgreSQL 14+).
+if [ -n "${BACKUP_DB_PASSWORD:-}" ]; then
+  psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname postgres \
+    --set=password="$BACKUP_DB_PASSWORD" <<'SQL'
+CREATE ROLE backup LOGIN PASSWORD :'password' IN ROLE pg_read_all_data;
+SQL
+fi
