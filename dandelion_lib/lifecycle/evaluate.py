@@ -37,16 +37,17 @@ from dandelion_lib.lifecycle.metrics import (
 )
 from dandelion_lib.serving.predict import AnswerPolicy, Prediction
 from dandelion_lib.training import openset
+from dandelion_lib.training.inputs import Pixels, StoredPixels
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
-Negatives = tuple[np.ndarray | None, list[str]]
+Negatives = tuple[Pixels | None, list[str]]
 """Model inputs of out-of-domain photos (None: none) and their kinds."""
 
 
 def evaluate_arrays(
     predictor: Any,
-    pixels: np.ndarray,
+    pixels: Pixels,
     y_true: np.ndarray,
     meta: pd.DataFrame,
     *,
@@ -54,7 +55,8 @@ def evaluate_arrays(
     batch_size: int = 32,
     negatives: Negatives | None = None,
 ) -> EvaluationReport:
-    """Score model inputs (``(N, size, size, 3)``) with their labels and metadata.
+    """Score model inputs (``(N, size, size, 3)``: an array, or :class:`StoredPixels` read
+    batch by batch) with their labels and metadata.
 
     ``meta`` has one row per image with at least ``width`` and ``height`` (original size).
     ``negatives`` (model inputs of out-of-domain photos and their kinds) adds the open-set
@@ -126,7 +128,7 @@ def _open_set_metrics(
     )
 
 
-def predict_all(predictor: Any, pixels: np.ndarray, batch_size: int = 32) -> list[Prediction]:
+def predict_all(predictor: Any, pixels: Pixels, batch_size: int = 32) -> list[Prediction]:
     """The predictor's :class:`~dandelion_lib.serving.predict.Prediction` of every input, in batches."""
     out: list[Prediction] = []
     for start in range(0, len(pixels), batch_size):
@@ -144,7 +146,8 @@ def _probabilities(preds: list[Prediction], labels: tuple[str, ...]) -> npt.NDAr
 def evaluate_split(
     predictor: Any, store: Any, version: str, split: str = "test", *, manifest: Any = None
 ) -> EvaluationReport:
-    """Score ``predictor`` on one split of a dataset version from the store."""
+    """Score ``predictor`` on one split of a dataset version from the store; images are read
+    batch by batch, so memory does not grow with the split."""
     manifest = manifest if manifest is not None else dataset.load_manifest(store, version)
     rows = manifest[manifest["split"] == split].sort_values("sha256").reset_index(drop=True)
     negative = dataset.is_negative(rows)
@@ -155,12 +158,12 @@ def evaluate_split(
     unknown = sorted(set(rows["label"]) - set(labels))
     if unknown:
         raise EvaluationError(f"dataset labels {unknown} are not model labels {list(labels)}")
-    pixels = dataset.load_examples(store, rows, predictor.spec)
+    pixels = StoredPixels(store, rows, predictor.spec)
     y = np.asarray([labels.index(lab) for lab in rows["label"]])
     negatives = None
     if len(neg) and getattr(predictor, "detector", None) is not None:
         kinds = [dataset.negative_kind(s) for s in neg["source"]]
-        negatives = (dataset.load_examples(store, neg, predictor.spec), kinds)
+        negatives = (StoredPixels(store, neg, predictor.spec), kinds)
     return evaluate_arrays(
         predictor,
         pixels,

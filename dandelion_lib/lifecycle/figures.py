@@ -19,6 +19,7 @@ from dandelion_lib.lifecycle.metrics import (
     expected_calibration_error,
     roc_auc,
 )
+from dandelion_lib.training.inputs import Pixels
 
 
 def confusion_figure(matrix: list[list[int]], labels: tuple[str, ...]) -> Any:
@@ -68,7 +69,7 @@ def calibration_figure(y_true: Any, probs: np.ndarray, bins: int = ECE_BINS) -> 
     return fig
 
 
-def misclassified_figure(pixels: np.ndarray, report: EvaluationReport, max_images: int = 16) -> Any:
+def misclassified_figure(pixels: Pixels, report: EvaluationReport, max_images: int = 16) -> Any:
     """A grid of misclassified images, titled ``true -> predicted (confidence)``."""
     frame = report.predictions
     wrong = np.flatnonzero((frame["label"] != frame["predicted"]).to_numpy())[:max_images]
@@ -97,7 +98,7 @@ def report_figures(report: EvaluationReport) -> dict[str, Any]:
 
 
 def log_report(
-    report: EvaluationReport, pixels: np.ndarray | None = None, prefix: str = "test_"
+    report: EvaluationReport, pixels: Pixels | None = None, prefix: str = "test_"
 ) -> None:
     """Log a report's metrics, slices and figures into the active MLflow run."""
     mlflow.log_metrics(report.scalar_metrics(prefix))

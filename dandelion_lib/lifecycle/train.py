@@ -184,7 +184,7 @@ def _log_epochs(history: dict[str, list[float]]) -> None:
 
 def _prepare(config: TrainConfig, data: TrainingData, store: Any, laps: Laps) -> model_lib.Backbone:
     """Seeds, then the backbone (first: a missing download fails before any image is read),
-    then every split's pixels."""
+    then every split's model inputs (read from the store when a step walks them)."""
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     laps.restart()
@@ -325,7 +325,7 @@ def build_runtime(
         data.spec.image_size,
         out_dir,
         keras_forward=runtime.keras_forward(full, data.spec.image_size),
-        parity_pixels=np.asarray(parity, dtype=np.float32),
+        parity_pixels=parity.as_float32(),  # read from the store batch by batch
         calibration_pixels=np.asarray(calibration, dtype=np.float32) if len(calibration) else None,
         max_batch=settings.serving.inference_batch_max,
         threads=settings.serving.inference_threads or cpu_limit(),

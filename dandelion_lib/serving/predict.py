@@ -49,6 +49,7 @@ from dandelion_lib.core.images import (
 from dandelion_lib.core.labels import UNCERTAIN, UNKNOWN
 from dandelion_lib.serving import runtime as runtime_lib
 from dandelion_lib.serving.explain import Explainer, Explanation, ExplanationUnavailableError
+from dandelion_lib.training.inputs import Pixels
 from dandelion_lib.training.openset import ARTIFACT_NAME, OpenSetDetector, OpenSetError
 
 SERVING_TAG = "serving."
@@ -293,7 +294,7 @@ class Predictor:
             )
         return out
 
-    def features(self, pixels: np.ndarray, batch_size: int = 32) -> npt.NDArray[np.float32]:
+    def features(self, pixels: Pixels, batch_size: int = 32) -> npt.NDArray[np.float32]:
         """The backbone features ``(N, D)`` of model inputs, exactly as served."""
         parts = []
         for start in range(0, len(pixels), batch_size):

@@ -328,14 +328,15 @@ def build(
     out_dir: Path,
     *,
     keras_forward: Forward,
-    parity_pixels: npt.NDArray[np.float32],
+    parity_pixels: Any,
     calibration_pixels: npt.NDArray[np.float32] | None,
     max_batch: int,
     threads: int = 1,
     batch_size: int = 32,
 ) -> RuntimeRecord:
     """Convert ``model`` into ``out_dir`` (FP32, and INT8 when calibration images are given),
-    check FP32 parity against ``keras_forward`` on ``parity_pixels`` and write the record.
+    check FP32 parity against ``keras_forward`` on ``parity_pixels`` (float32 model inputs:
+    an array, or any sequence whose slices are arrays, read batch by batch) and write the record.
     Each runtime scores ``batch_size`` images per call, in chunks of ``max_batch`` (the
     ``inference_batch_max`` setting, as when served).
 

@@ -24,7 +24,6 @@ from keras import layers
 from dandelion_lib.core.config import Settings
 from dandelion_lib.core.features import FeatureSpec
 from dandelion_lib.core.storage import open_store
-from dandelion_lib.data.dataset import load_examples
 from dandelion_lib.data.featurestore import (
     FeatureStore,
     cached_embeddings,
@@ -34,7 +33,7 @@ from dandelion_lib.data.featurestore import (
 )
 from dandelion_lib.training import model as model_lib
 from dandelion_lib.training.config import TrainConfig
-from dandelion_lib.training.inputs import TrainingData, load_data
+from dandelion_lib.training.inputs import CHUNK, Pixels, StoredPixels, TrainingData, load_data
 
 AUGMENT_ALGORITHM = 1
 """Bumped when :func:`augment_views` draws or applies its transformations differently."""
@@ -64,7 +63,7 @@ def make_augmenter(config: TrainConfig) -> Any:
 
 
 def make_dataset(
-    pixels: np.ndarray,
+    pixels: Pixels,
     labels: np.ndarray | None = None,
     *,
     batch_size: int = 32,
@@ -75,15 +74,21 @@ def make_dataset(
     """A ``tf.data`` pipeline: uint8 pixels -> float32 model inputs (optionally augmented).
 
     With ``labels`` it yields ``(inputs, one-hot labels)``; map calls are sequential so
-    seeded augmentation is reproducible.
+    seeded augmentation is reproducible. :class:`StoredPixels` are read batch by batch: the
+    pipeline shuffles and batches their positions (the same order as for an array), so
+    only a batch of images is in memory at a time.
     """
 
-    ds = tf.data.Dataset.from_tensor_slices(pixels if labels is None else (pixels, labels))
+    stored = isinstance(pixels, StoredPixels)
+    items = np.arange(len(pixels)) if stored else pixels
+    ds = tf.data.Dataset.from_tensor_slices(items if labels is None else (items, labels))
     if shuffle_seed is not None:
         ds = ds.shuffle(len(pixels), seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
 
     def prepare(x: Any, y: Any = None) -> Any:
+        if isinstance(pixels, StoredPixels):
+            x = _read_batch(pixels, x)
         x = tf.cast(x, tf.float32)
         if augmenter is not None:
             x = tf.clip_by_value(augmenter(x, training=True), 0.0, 255.0)
@@ -92,14 +97,33 @@ def make_dataset(
     return ds.map(prepare).prefetch(2)
 
 
+def _read_batch(pixels: StoredPixels, positions: Any) -> Any:
+    """The images at the positions of a batch, read inside a ``tf.data`` pipeline."""
+    batch = tf.numpy_function(lambda p: pixels[p.tolist()], [positions], tf.uint8, stateful=False)
+    batch.set_shape([None, *pixels.shape[1:]])
+    return batch
+
+
+def _chunks(pixels: Pixels, positions: list[int]) -> Any:
+    """The images at ``positions`` of ``pixels``, :data:`CHUNK` at a time (an array's rows,
+    or :class:`StoredPixels` read then)."""
+    for start in range(0, len(positions), CHUNK):
+        yield positions[start : start + CHUNK], np.asarray(pixels[positions[start : start + CHUNK]])
+
+
 def _extract(extractor: Any, dataset: Any, dim: int) -> npt.NDArray[np.float32]:
     parts = [np.asarray(extractor(batch), dtype=np.float32) for batch in dataset]
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
-def extract_features(extractor: Any, pixels: np.ndarray, dim: int) -> npt.NDArray[np.float32]:
-    """Backbone features of ``pixels`` (uint8 model inputs), unaugmented."""
-    return _extract(extractor, make_dataset(pixels), dim)
+def extract_features(extractor: Any, pixels: Pixels, dim: int) -> npt.NDArray[np.float32]:
+    """Backbone features of ``pixels`` (uint8 model inputs), unaugmented; images are read
+    :data:`CHUNK` at a time."""
+    parts = [
+        _extract(extractor, make_dataset(chunk), dim)
+        for _, chunk in _chunks(pixels, list(range(len(pixels))))
+    ]
+    return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
 def open_feature_store(store: Any, spec: FeatureSpec, backbone: Any) -> FeatureStore:
@@ -114,7 +138,7 @@ def open_feature_store(store: Any, spec: FeatureSpec, backbone: Any) -> FeatureS
 
 def split_features(
     extractor: Any,
-    pixels: np.ndarray,
+    pixels: Pixels,
     shas: list[str],
     dim: int,
     fstore: FeatureStore | None,
@@ -125,7 +149,10 @@ def split_features(
     of each (``features_cached``, ``features_computed``)."""
 
     def compute(positions: list[int]) -> npt.NDArray[np.float32]:
-        return extract_features(extractor, pixels[positions], dim)
+        parts = [
+            _extract(extractor, make_dataset(chunk), dim) for _, chunk in _chunks(pixels, positions)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
     feats, cached, computed = cached_embeddings(fstore, shas, compute)
     _tally(counts, cached, computed)
@@ -217,7 +244,7 @@ def augment_views(
 
 def augmented_features(
     extractor: Any,
-    pixels: np.ndarray,
+    pixels: Pixels,
     shas: list[str],
     dim: int,
     config: TrainConfig,
@@ -235,8 +262,11 @@ def augmented_features(
     for copy in range(config.augment_copies):
 
         def compute(positions: list[int], copy: int = copy) -> npt.NDArray[np.float32]:
-            view = augment_views(pixels[positions], [shas[p] for p in positions], copy, config)
-            return _extract(extractor, view, dim)
+            parts = [
+                _extract(extractor, augment_views(chunk, [shas[p] for p in at], copy, config), dim)
+                for at, chunk in _chunks(pixels, positions)
+            ]
+            return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
         feats, cached, computed = cached_embeddings(
             fstore, shas, compute, view=augmented_view_name(config, copy)
@@ -329,12 +359,12 @@ def embed_shard(
     the counts of cached and computed embeddings and of ``images``."""
     counts: dict[str, int] = {}
     if len(rows):
-        pixels = load_examples(store, rows, spec)
+        pixels = StoredPixels(store, rows, spec)
         shas = _shas(rows)
         split_features(extractor, pixels, shas, dim, fstore, counts)
         train = (rows["split"] == "train").to_numpy()
         train_shas = [sha for sha, t in zip(shas, train, strict=True) if t]
-        augmented_features(extractor, pixels[train], train_shas, dim, config, fstore, counts)
+        augmented_features(extractor, pixels.take(train), train_shas, dim, config, fstore, counts)
         _add_augmented(counts)
     counts["images"] = len(rows)
     return counts

@@ -24,7 +24,7 @@ from dandelion_lib.training import model as model_lib
 from dandelion_lib.training import openset
 from dandelion_lib.training.config import TrainConfig, TrainingError
 from dandelion_lib.training.extraction import embed_training_data, make_dataset
-from dandelion_lib.training.inputs import TrainingData
+from dandelion_lib.training.inputs import Pixels, TrainingData
 
 HEAD_LEARNING_RATE = 0.1
 END_TO_END_LEARNING_RATE = 1e-3
@@ -268,7 +268,8 @@ def fit_pixels(
     *,
     end_to_end: bool,
 ) -> None:
-    """Step 5 (optional): fine-tune the top blocks, or train end to end, on augmented pixels."""
+    """Step 5 (optional): fine-tune the top blocks, or train end to end, on augmented pixels
+    (read from the store batch by batch, :func:`~dandelion_lib.training.extraction.make_dataset`)."""
     epochs = config.epochs if end_to_end else config.fine_tune_epochs
     if epochs <= 0:
         return
@@ -319,7 +320,7 @@ def resolve_openset_method(config: TrainConfig, data: TrainingData) -> str:
 def fit_open_set(
     config: TrainConfig,
     data: TrainingData,
-    served: Callable[[np.ndarray], npt.NDArray[np.float32]],
+    served: Callable[[Pixels], npt.NDArray[np.float32]],
 ) -> openset.OpenSetDetector | None:
     """Step 6: fit the out-of-domain detector on the final model's features of the train
     split (and the negatives' train split), then calibrate its threshold on the val split

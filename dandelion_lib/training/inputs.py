@@ -3,11 +3,14 @@
 
 Images go from store bytes to model inputs through
 :func:`dandelion_lib.data.dataset.load_examples`, the same path the
-:class:`~dandelion_lib.serving.predict.Predictor` uses when serving.
+:class:`~dandelion_lib.serving.predict.Predictor` uses when serving. A split's model inputs
+are :class:`StoredPixels`: read from the store only for the rows a slice asks for, so no
+stage holds every image of a split in memory (its peak does not grow with the dataset).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +25,65 @@ from dandelion_lib.data.dataset import load_examples
 from dandelion_lib.data.sources import FEEDBACK_ORIGIN
 from dandelion_lib.training.config import TrainConfig, TrainingError
 
+CHUNK = 256
+"""Images read from the store at a time when a stage walks a whole split (a multiple of the
+32-image batches of extraction and scoring, so batches are the same as on one array)."""
+
+
+class StoredPixels:
+    """The model inputs of manifest ``rows``, read from the store when sliced.
+
+    ``pixels[i]`` is one image ``(size, size, 3)``; a slice, a list of positions or a boolean
+    mask gives the ``uint8`` array ``(n, size, size, 3)`` of those rows, loaded then
+    (:func:`~dandelion_lib.data.dataset.load_examples`), ``float32`` with ``dtype``.
+    :meth:`take` selects rows without reading them and :meth:`chunks` walks them
+    :data:`CHUNK` at a time. Nothing is kept between reads.
+    """
+
+    def __init__(
+        self, store: Any, rows: pd.DataFrame, spec: FeatureSpec, dtype: Any = np.uint8
+    ) -> None:
+        self.store = store
+        self.rows = rows.reset_index(drop=True)
+        self.spec = spec
+        self.dtype = np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        size = self.spec.image_size
+        return (len(self.rows), size, size, 3)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, int | np.integer):
+            return np.asarray(self[[int(index)]][0])
+        picked = load_examples(self.store, self.rows.iloc[index], self.spec)
+        return picked if self.dtype == np.uint8 else picked.astype(self.dtype)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """Every image at once: only for inputs known to be small."""
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+    def take(self, index: Any) -> StoredPixels:
+        """The rows at ``index`` (a slice, positions or a boolean mask), still unread."""
+        return StoredPixels(self.store, self.rows.iloc[index], self.spec, self.dtype)
+
+    def as_float32(self) -> StoredPixels:
+        return StoredPixels(self.store, self.rows, self.spec, np.float32)
+
+    def chunks(self, positions: Sequence[int] | None = None) -> Iterator[np.ndarray]:
+        """The images at ``positions`` (default: all), :data:`CHUNK` at a time, in order."""
+        order = list(range(len(self))) if positions is None else list(positions)
+        for start in range(0, len(order), CHUNK):
+            yield self[order[start : start + CHUNK]]
+
+
+Pixels = np.ndarray | StoredPixels
+"""Model inputs: an array in memory, or rows of the store read when sliced."""
+
 
 @dataclass
 class TrainingData:
@@ -33,9 +95,9 @@ class TrainingData:
     splits: dict[str, pd.DataFrame]
     negatives: dict[str, pd.DataFrame] = field(default_factory=dict)
     """The ``negatives`` source's rows (label ``unknown``) per split (train, test)."""
-    pixels: dict[str, np.ndarray] = field(default_factory=dict)
+    pixels: dict[str, StoredPixels] = field(default_factory=dict)
     y: dict[str, np.ndarray] = field(default_factory=dict)
-    negative_pixels: dict[str, np.ndarray] = field(default_factory=dict)
+    negative_pixels: dict[str, StoredPixels] = field(default_factory=dict)
     features: dict[str, np.ndarray] = field(default_factory=dict)
     """Unaugmented backbone features per split, when the backbone stayed frozen."""
 
@@ -87,12 +149,13 @@ def load_data(config: TrainConfig, settings: Settings, store: Any) -> TrainingDa
 
 
 def load_pixels(data: TrainingData, store: Any) -> None:
-    """Step 2: every split's model inputs and class indices, through the serving path."""
+    """Step 2: every split's model inputs (:class:`StoredPixels`, read through the serving
+    path when a step walks them) and class indices."""
     labels = data.labels
-    data.pixels = {s: load_examples(store, rows, data.spec) for s, rows in data.splits.items()}
+    data.pixels = {s: StoredPixels(store, rows, data.spec) for s, rows in data.splits.items()}
     data.y = {
         s: np.asarray([labels.index(v) for v in rows["label"]]) for s, rows in data.splits.items()
     }
     data.negative_pixels = {
-        s: load_examples(store, rows, data.spec) for s, rows in data.negatives.items()
+        s: StoredPixels(store, rows, data.spec) for s, rows in data.negatives.items()
     }

@@ -222,3 +222,59 @@ def test_sharded_extraction_fills_what_training_reads(model_env: Any, copied_sto
     off = settings.updated(**{"feature_cache": False})
     assert feature_shards(config, off, store=copied_store) == 1
     assert extract_feature_shard(config, 0, off, store=copied_store) == {}
+
+
+class _CountingStore:
+    """The model tests' real store, counting the images it reads."""
+
+    def __init__(self, store: Any) -> None:
+        self.store, self.reads = store, 0
+
+    def get_bytes(self, key: str) -> bytes:
+        self.reads += 1
+        return bytes(self.store.get_bytes(key))
+
+
+def test_stored_pixels_read_only_what_a_step_walks(model_env: Any, monkeypatch: Any) -> None:
+    """A split's model inputs are read from the store per slice, never all at once: the
+    same images as one array, the same shuffled batches for fine-tuning, and the same
+    features when extraction walks them a chunk at a time."""
+    from dandelion_lib.core.features import FeatureSpec
+    from dandelion_lib.data.dataset import load_examples
+    from dandelion_lib.training import extraction
+    from dandelion_lib.training.inputs import StoredPixels
+
+    spec = FeatureSpec(labels=("dandelion", "grass"))
+    rows = model_env.manifest[model_env.manifest["split"] == "train"].head(10)
+    array = load_examples(model_env.store, rows, spec)
+    counting = _CountingStore(model_env.store)
+    stored = StoredPixels(counting, rows, spec)
+    assert len(stored) == 10 and stored.shape == array.shape and counting.reads == 0
+    np.testing.assert_array_equal(stored[2:5], array[2:5])
+    np.testing.assert_array_equal(stored[7], array[7])
+    np.testing.assert_array_equal(stored.take(slice(6, 8))[[1]], array[[7]])
+    assert counting.reads == 3 + 1 + 1
+    y = np.arange(10) % 2
+
+    def batches(pixels: Any) -> list[Any]:
+        ds = extraction.make_dataset(pixels, y, batch_size=4, shuffle_seed=3)
+        return [(x.numpy(), t.numpy()) for x, t in ds]
+
+    for (a, ta), (b, tb) in zip(batches(array), batches(stored), strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(ta, tb)
+
+    backbone = tiny_model_backbone(spec.image_size)
+    whole = extraction.extract_features(backbone, array, 64)
+    monkeypatch.setattr(extraction, "CHUNK", 3)  # 10 images in 4 reads
+    counting.reads = 0
+    np.testing.assert_allclose(extraction.extract_features(backbone, stored, 64), whole, atol=1e-5)
+    assert counting.reads == 10
+
+
+def tiny_model_backbone(size: int) -> Any:
+    """The stand-in backbone's graph as an extractor (float32 inputs -> 64 features)."""
+    from dandelion_lib.training import model as model_lib
+
+    backbone = model_lib.build_backbone("stand_in", "imagenet", size)
+    return lambda batch: backbone.model(batch, training=False)
