@@ -19,6 +19,10 @@ reference photos); every server loads it from there. Images: the 400 reference J
 cycled. Targets: API p50 at c=1 <= 0.5x the TensorFlow floor's p50; API throughput at c=16
 >= 6x the naive server's; API resident memory <= 400 MiB (after this load; ``bench -- soak``
 holds the API under load for longer). Servers run one at a time on the same cores.
+
+Explanations' cost (:mod:`benchmarks.explain_cost`): the ONNX floors and the API at c=1,
+with and without ``explain=true``; target p50 with <= 1.15x without (``bench -- serve
+explain`` measures only that: the model, two floors, two API runs).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import explain_cost
 from tests.process_support import free_port, running
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,13 +281,15 @@ def _floor(uri: str, runtime: str, precision: str) -> dict[str, float]:
     return out
 
 
-def _floor_in_subprocess(workdir: Path, uri: str, runtime: str, precision: str) -> Any:
+def _floor_in_subprocess(
+    workdir: Path, uri: str, runtime: str, precision: str, kind: str = "floor"
+) -> Any:
     import json
     import subprocess
 
     env = _env(workdir, 0)
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_serve", "floor", uri, runtime, precision],
+        [sys.executable, "-m", "benchmarks.bench_serve", kind, uri, runtime, precision],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -347,8 +354,11 @@ def _row(name: str, s: dict[str, float]) -> str:
 SERVERS = (("onnx", "fp32"), ("onnx", "int8"), ("keras", "fp32"))
 
 
-def _api(workdir: Path, tmp: str, runtime: str, precision: str, images: list[bytes]) -> Any:
-    """The API serving ``runtime``/``precision``: c=1 and c=16, mean batch, resident memory."""
+def _api(
+    workdir: Path, tmp: str, runtime: str, precision: str, images: list[bytes], only: str = ""
+) -> Any:
+    """The API serving ``runtime``/``precision``: c=1 and c=16, mean batch, resident memory
+    (``only="explain"``: just the cost of explanations at c=1)."""
     _set_precision(workdir, precision)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -359,6 +369,8 @@ def _api(workdir: Path, tmp: str, runtime: str, precision: str, images: list[byt
 
         serving = httpx.get(f"{url}/model", timeout=30).json()["serving"]
         assert (serving["runtime"], serving["precision"]) == (runtime, precision), serving
+        if only == "explain":
+            return explain_cost.api(url, images)
         c1 = _load(url, images, 1, N_C1)
         before = _batches(url)
         c16 = _load(url, images, 16, N_C16)
@@ -368,7 +380,15 @@ def _api(workdir: Path, tmp: str, runtime: str, precision: str, images: list[byt
     return c1, c16, mean_batch, rss, hwm
 
 
-def main() -> None:
+def _explain_costs(workdir: Path, tmp: str, uri: str, images: list[bytes]) -> list[str]:
+    """Explanations' cost on ONNX FP32 and INT8: floors, then the API at c=1."""
+    onnx = ("fp32", "int8")
+    floors = {pr: _floor_in_subprocess(workdir, uri, "onnx", pr, "explain-floor") for pr in onnx}
+    apis = {pr: _api(workdir, tmp, "onnx", pr, images, only="explain") for pr in onnx}
+    return explain_cost.report(floors, apis)
+
+
+def main(part: str = "all") -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     images = _images()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
@@ -377,6 +397,11 @@ def main() -> None:
         t0 = time.perf_counter()
         uri = _register(workdir, images)
         print(f"model registered in {time.perf_counter() - t0:.0f} s: {uri} (EfficientNet-Lite0)")
+        explained = _explain_costs(workdir, tmp, uri, images)
+        if part == "explain":
+            print(f"\ncores: {os.cpu_count()}, load average at the end: {os.getloadavg()[0]:.1f}")
+            print("\n" + "\n".join(explained))
+            return
 
         floors = {
             (rt, pr): _floor_in_subprocess(workdir, uri, rt, pr)
@@ -435,6 +460,7 @@ def main() -> None:
         f"api keras fp32 (before): p50 c=1 / TF floor {keras_api[0]['p50_ms'] / tf_floor['p50_ms']:.2f}x; "
         f"req/s c=16 / naive {keras_api[1]['rps'] / naive_c16['rps']:.2f}x; RSS {keras_api[3]:.0f} MiB"
     )
+    print("\n" + "\n".join(explained))
 
 
 if __name__ == "__main__":
@@ -444,5 +470,9 @@ if __name__ == "__main__":
         import json
 
         print(json.dumps(_floor(sys.argv[2], sys.argv[3], sys.argv[4])))
+    elif len(sys.argv) == 5 and sys.argv[1] == "explain-floor":
+        import json
+
+        print(json.dumps(explain_cost.floor(sys.argv[2], sys.argv[4], _images())))
     else:
         main()
