@@ -35,6 +35,7 @@ from dandelion_lib.core.errors import DandelionError
 from dandelion_lib.core.features import STAT_COLUMNS, FeatureSpec, bytes_to_model_input
 from dandelion_lib.core.labels import UNKNOWN
 from dandelion_lib.core.storage import ObjectNotFoundError, ObjectStore
+from dandelion_lib.data.neardup import near_duplicate_groups as near_duplicate_groups
 from dandelion_lib.data.splits import split_ood
 
 MANIFEST_SCHEMA_VERSION = "2"
@@ -100,42 +101,6 @@ def manifest_key(version: str) -> str:
 
 def report_key(version: str) -> str:
     return f"{DATASETS_PREFIX}{version}/report.json"
-
-
-# --- near-duplicate groups ----------------------------------------------------------------
-
-
-def near_duplicate_groups(sha256s: list[str], phashes: list[str], max_distance: int) -> list[str]:
-    """Group images whose perceptual hashes are within ``max_distance`` bits (transitively).
-
-    Returns one group id per image: the first 16 hex digits of the smallest sha256 in its
-    group, so ids depend only on content. ``max_distance < 0`` disables grouping.
-    """
-    n = len(sha256s)
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    if n > 1 and max_distance >= 0:
-        values = np.array([int(h, 16) for h in phashes], dtype=np.uint64)
-        bytes_ = values.view(np.uint8).reshape(n, 8)
-        popcount = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1)
-        for i in range(n - 1):
-            dist = popcount[bytes_[i + 1 :] ^ bytes_[i]].sum(axis=1)
-            for j in np.nonzero(dist <= max_distance)[0]:
-                a, b = find(i), find(i + 1 + int(j))
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
-    roots: dict[int, str] = {}
-    for i in range(n):
-        r = find(i)
-        if r not in roots or sha256s[i] < roots[r]:
-            roots[r] = sha256s[i]
-    return [roots[find(i)][:16] for i in range(n)]
 
 
 # --- split --------------------------------------------------------------------------------
