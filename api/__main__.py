@@ -12,7 +12,7 @@ def main() -> None:
     from api.app import create_app
     from api.logs import configure_logging
     from api.services.models import registry_http_env
-    from api.transport import protocol_with_header_timeout
+    from api.transport import protocol_with_limits
     from dandelion_lib.core.config import cpu_limit, get_settings
 
     settings = get_settings()
@@ -28,7 +28,12 @@ def main() -> None:
     configure_logging(settings.serving.log_level)
     uvicorn.run(
         create_app(settings),
-        http=protocol_with_header_timeout(settings.serving.header_timeout_s),
+        # Header deadline and connection limits, refused in problem+json (api/transport.py).
+        http=protocol_with_limits(
+            settings.serving.header_timeout_s,
+            settings.serving.api_max_connections,
+            settings.serving.api_max_connections_per_client,
+        ),
         host=settings.serving.api_host,
         port=settings.serving.api_port,
         workers=1,
@@ -37,8 +42,6 @@ def main() -> None:
         proxy_headers=True,
         server_header=False,
         timeout_graceful_shutdown=20,
-        # Beyond this many connections and requests in flight uvicorn answers 503 at once.
-        limit_concurrency=settings.serving.api_max_connections,
         # Idle keep-alive connections are closed after 5 s; request bodies are bounded by
         # api.middleware.BodyDeadlineMiddleware (uvicorn has no body read timeout).
         timeout_keep_alive=5,

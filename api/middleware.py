@@ -112,7 +112,7 @@ class RequestContextMiddleware:
 
 
 class BodyDeadlineMiddleware:
-    """Request bodies must keep arriving (uvicorn has no body read timeout).
+    """Request bodies must keep arriving (uvicorn has no body read timeout), on every route.
 
     From the handler's first read, the body may take ``grace_s`` seconds plus one second per
     ``min_rate`` bytes received: the next part must arrive before
@@ -120,6 +120,11 @@ class BodyDeadlineMiddleware:
     slowloris upload, a ``Content-Length`` larger than the body) gets 408
     ``body-timeout`` and the connection is closed. Reads after the body is complete (waiting
     for a disconnect) are not limited.
+
+    A response sent before the request's body was read to its end (a 404, a route that
+    ignores bodies, an error mid-body) says ``Connection: close``, and the server closes the
+    connection once it is sent: the rest of the body is never waited for, so a body trickled
+    to such a route cannot hold the connection.
     """
 
     def __init__(self, app: ASGIApp, grace_s: float, min_rate: float):
@@ -162,4 +167,20 @@ class BodyDeadlineMiddleware:
                 complete = True
             return message
 
-        await self.app(scope, timed_receive, send)
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not complete and _has_body(scope):
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, timed_receive, closing_send)
+
+
+def _has_body(scope: Scope) -> bool:
+    """Whether the request announces a body (a non-zero ``Content-Length``, or chunked)."""
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            return value.strip() not in (b"0", b"")
+        if key == b"transfer-encoding":
+            return True
+    return False

@@ -14,6 +14,7 @@ from api.services.models import Loader, ModelManager
 from api.services.predictions import PredictionService
 from api.services.recording import PredictionLog
 from dandelion_lib.core.config import Settings
+from dandelion_lib.core.images import DecodeBudget
 from dandelion_lib.data.feedback import FeedbackStore, FeedbackUnavailableError
 
 log = logging.getLogger("api")
@@ -48,7 +49,9 @@ class Services:
             wait_ms=settings.serving.microbatch_wait_ms,
             capacity=settings.serving.queue_size,
         )
+        budget = DecodeBudget(settings.serving.decode_budget_bytes)
         store = feedback_store or FeedbackStore.from_settings(settings)
+        store.decode_budget = budget  # feedback images count against the predictions' budget
         recorder = PredictionLog(store)
         return cls(
             settings=settings,
@@ -61,6 +64,7 @@ class Services:
                 queue=queue,
                 metrics=metrics,
                 recorder=recorder,
+                budget=budget,
             ),
             feedback=FeedbackService(
                 store,

@@ -10,6 +10,7 @@ from api.metrics import ApiMetrics
 from api.problems import Problem
 from api.schemas import FeedbackResponse, FeedbackSubmission, ModelRef
 from api.services.recording import PredictionLog
+from dandelion_lib.core.images import DecodeBudgetExceeded
 from dandelion_lib.core.storage import StoreError
 from dandelion_lib.data.feedback import (
     DuplicateFeedbackError,
@@ -101,6 +102,10 @@ class FeedbackService:
             raise Problem(409, "duplicate-feedback", str(exc)) from None
         except InvalidFeedbackError as exc:
             raise Problem(422, "invalid-feedback", str(exc)) from None
+        except DecodeBudgetExceeded as exc:
+            raise Problem(
+                503, "decode-busy", str(exc), headers={"Retry-After": str(exc.retry_after_s)}
+            ) from None
         except (FeedbackUnavailableError, StoreError) as exc:
             log.error("feedback not stored: %s", exc)
             raise Problem(

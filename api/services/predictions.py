@@ -27,7 +27,12 @@ from api.services.inference import InferenceQueue, QueueFullError
 from api.services.models import ModelManager, ServingModel
 from api.services.recording import PredictionLog
 from api.uploads import Upload
-from dandelion_lib.core.images import InvalidImageError, RejectReason
+from dandelion_lib.core.images import (
+    DecodeBudget,
+    DecodeBudgetExceeded,
+    InvalidImageError,
+    RejectReason,
+)
 from dandelion_lib.data.feedback import PredictionRecord
 from dandelion_lib.serving.predict import Prediction, Predictor
 
@@ -47,12 +52,16 @@ def image_problem(exc: InvalidImageError) -> Problem:
     return Problem(reason.status, reason.problem, str(exc), reason=reason.value)
 
 
-def decode(predictor: Predictor, data: bytes) -> Decoded:
+def decode(predictor: Predictor, data: bytes, budget: DecodeBudget | None = None) -> Decoded:
     """Bytes -> model input + statistics, or :class:`Problem` (runs in a worker thread)."""
     try:
-        array, stats = predictor.decode(data)
+        array, stats = predictor.decode(data, budget)
     except InvalidImageError as exc:
         raise image_problem(exc) from None
+    except DecodeBudgetExceeded as exc:
+        raise Problem(
+            503, "decode-busy", str(exc), headers={"Retry-After": str(exc.retry_after_s)}
+        ) from None
     except Exception as exc:  # preprocessing an accepted image failed: still the input's fault
         text = str(exc).strip().splitlines()
         detail = f"the image cannot be decoded ({text[0][:200] if text else type(exc).__name__})"
@@ -71,8 +80,10 @@ class PredictionService:
         queue: InferenceQueue,
         metrics: ApiMetrics,
         recorder: PredictionLog | None,
+        budget: DecodeBudget | None = None,
     ):
         self.models = models
+        self.budget = budget
         self.queue = queue
         self.metrics = metrics
         self.recorder = recorder
@@ -105,7 +116,9 @@ class PredictionService:
         try:
             with self.queue.admit(1) as ticket:
                 try:
-                    decoded = await anyio.to_thread.run_sync(decode, model.predictor, upload.data)
+                    decoded = await anyio.to_thread.run_sync(
+                        decode, model.predictor, upload.data, self.budget
+                    )
                 except Problem as problem:
                     self.queue.discard(ticket)
                     raise problem from None
@@ -139,15 +152,14 @@ class PredictionService:
         failed = sum(item.error is not None for item in items)
         return BatchResponse(results=items, succeeded=len(items) - failed, failed=failed)
 
-    @staticmethod
-    def _decode_all(model: ServingModel, uploads: list[Upload]) -> list[Decoded | Problem]:
+    def _decode_all(self, model: ServingModel, uploads: list[Upload]) -> list[Decoded | Problem]:
         out: list[Decoded | Problem] = []
         for upload in uploads:
             if upload.error is not None:
                 out.append(upload.error)
                 continue
             try:
-                out.append(decode(model.predictor, upload.data))
+                out.append(decode(model.predictor, upload.data, self.budget))
             except Problem as problem:
                 out.append(problem)
         return out

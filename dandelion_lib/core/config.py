@@ -113,7 +113,12 @@ class ImageSettings(SettingsGroup):
     max_download_bytes: int = Field(50 * 1024 * 1024, description="Larger downloads are rejected.")
     min_image_side: int = Field(32, description="Smaller images are rejected.")
     max_image_pixels: int = Field(
-        40_000_000, description="Larger images are rejected (decompression-bomb guard)."
+        32_000_000,
+        gt=0,
+        description="Larger images are rejected, from their header before decoding "
+        "(decompression-bomb guard). Derived from the model input (352 px): JPEG decodes at "
+        "1/8 scale at most, and a side past 2 x 8 x 352 = 5,632 px decodes at more than twice "
+        "the input even then; 5,632 squared is 31.7 M pixels, rounded up.",
     )
 
 

@@ -54,7 +54,25 @@ class ServingSettings(SettingsGroup):
     api_max_connections: int = Field(
         1000,
         gt=0,
-        description="Open connections and requests in flight before the API answers 503.",
+        description="Open connections before the API answers 503 too-many-connections (with "
+        "Retry-After) and closes the next one.",
+    )
+    api_max_connections_per_client: int = Field(
+        50,
+        gt=0,
+        description="Open connections from one peer address before the API answers 503 "
+        "too-many-client-connections (with Retry-After) and closes the next one. Behind the "
+        "Kubernetes ingress the peer is the ingress controller, so the ingress's own limit "
+        "(limit-connections: 20 per client address) applies there and this is set to "
+        "api_max_connections.",
+    )
+    decode_budget_bytes: int = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="Bytes the images being decoded at once may take, each counted at its "
+        "worst case from its header; past it 503 decode-busy with Retry-After, and an image "
+        "whose worst case alone exceeds it 413. Sized from the 1 GiB container limit: the "
+        "API serving FP32 under load takes ~600 MiB, leaving ~420 MiB; 256 MiB keeps headroom.",
     )
     max_batch_images: int = Field(32, description="Images per /predict/batch request.")
     microbatch_max: int = Field(32, description="Largest micro-batch run by the model.")

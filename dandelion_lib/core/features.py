@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from dandelion_lib.core.images import decode_image
+from dandelion_lib.core.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, decode_image
 from dandelion_lib.core.labels import DEFAULT_LABELS
 
 __all__ = [
@@ -38,6 +38,9 @@ DEFAULT_IMAGE_SIZE = 352
 """Model input size in pixels. The backbone is convolutional, so any size works; on the
 reference data 352 px beat 224 px (the backbone's pretraining size) in cross-validation:
 small photos are upscaled and the flowers appear at the scale the backbone learned."""
+
+DECODE_MARGIN = 2
+"""Images are decoded at no less than this many times the model input per side."""
 
 STAT_COLUMNS: tuple[str, ...] = (
     "brightness",
@@ -62,6 +65,13 @@ class FeatureSpec:
     input_range: tuple[float, float] = (0.0, 255.0)
     normalization: str = "inside the model"
     labels: tuple[str, ...] = field(default=DEFAULT_LABELS)
+
+    @property
+    def decode_side(self) -> int:
+        """The short side images are decoded at, at least (reduce-on-load,
+        :func:`~dandelion_lib.core.images.decode_image`): twice the input, so the resize to
+        the input still filters the full image as a full-size decode would."""
+        return DECODE_MARGIN * self.image_size
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -99,7 +109,14 @@ def bytes_to_model_input(
     data: bytes, spec: FeatureSpec | None = None, **limits: int
 ) -> npt.NDArray[np.float32]:
     """:func:`~dandelion_lib.core.images.decode_image` then :func:`to_model_input`: the one path from bytes to model input."""
-    return to_model_input(decode_image(data, **limits), spec)
+    spec = spec or FeatureSpec()
+    img = decode_image(
+        data,
+        max_pixels=limits.get("max_pixels", DEFAULT_MAX_PIXELS),
+        min_side=limits.get("min_side", DEFAULT_MIN_SIDE),
+        decode_side=spec.decode_side,
+    )
+    return to_model_input(img, spec)
 
 
 def image_stats(img: Image.Image) -> dict[str, float]:

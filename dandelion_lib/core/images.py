@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from dandelion_lib.core.config import ImageSettings, Settings
+from dandelion_lib.core.image_bytes import END_FINDERS
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -118,6 +121,9 @@ class ImageLimits:
     max_bytes: int | None = None
     """Larger inputs are refused before decoding; ``None``: no byte limit here (the API's
     body limit applies before)."""
+    decode_side: int | None = None
+    """Decode at the size a model needs: the short side is reduced on load to no less than
+    this (:func:`decode_image`); ``None``: full size (images that are stored)."""
 
     @classmethod
     def from_settings(cls, settings: Settings, *, with_bytes: bool = False) -> ImageLimits:
@@ -126,6 +132,95 @@ class ImageLimits:
             min_side=settings.images.min_image_side,
             max_bytes=settings.images.max_download_bytes if with_bytes else None,
         )
+
+
+class DecodeBudgetExceeded(Exception):
+    """The decodes in flight hold the whole :class:`DecodeBudget`: try again shortly."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DecodeBudget:
+    """Bytes that decodes in flight may hold together; thread-safe.
+
+    Each decode reserves its worst case (:func:`decode_cost`, from the image's header) for
+    as long as it decodes. One that does not fit beside those in flight is refused at once
+    (:class:`DecodeBudgetExceeded`, a 503 in the API); one whose worst case alone exceeds
+    the budget is too large to decode here at all (:class:`InvalidImageError`, too large).
+    """
+
+    def __init__(self, limit_bytes: int):
+        if limit_bytes < 1:
+            raise ValueError("a decode budget needs limit_bytes >= 1")
+        self.limit_bytes = limit_bytes
+        self._lock = threading.Lock()
+        self._held = 0
+        self.refused = 0
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    @contextlib.contextmanager
+    def reserve(self, cost: int) -> Iterator[None]:
+        if cost > self.limit_bytes:
+            raise InvalidImageError(
+                RejectReason.TOO_LARGE,
+                f"decoding this image takes up to {_mib(cost)}; the server decodes at most "
+                f"{_mib(self.limit_bytes)} at once (send a smaller image, or a JPEG)",
+            )
+        with self._lock:
+            if self._held + cost > self.limit_bytes:
+                self.refused += 1
+                raise DecodeBudgetExceeded(
+                    f"the server is decoding other images ({_mib(self._held)} of "
+                    f"{_mib(self.limit_bytes)} in use; this one needs up to {_mib(cost)})"
+                )
+            self._held += cost
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held -= cost
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+_BYTES_PER_PIXEL = {
+    "1": 2,
+    "L": 2,
+    "RGB": 5,
+    "CMYK": 8,
+    "YCbCr": 8,
+    **dict.fromkeys(("I;16", "I;16B", "I;16L", "I", "F"), 13),
+}
+"""Peak bytes per pixel of decoding an image in each mode, then reducing it, measured with
+Pillow 13 on 40 MP images and rounded up (docs/reliability.md): Pillow keeps RGB in 4 bytes a
+pixel; palette, RGBA and 16-bit grey are converted once at full size before reducing (9 bytes
+measured); grey in 16 or 32 bits is stretched in floats (26 bytes measured at full size);
+modes not listed: :data:`_DEFAULT_BYTES_PER_PIXEL`."""
+_DEFAULT_BYTES_PER_PIXEL = 10
+_FORMAT_BYTES_PER_PIXEL = {"WEBP": 16}
+"""Formats whose decoder needs a buffer of its own beside Pillow's (WebP: 15 measured)."""
+_DECODER_BYTES = 4 * 2**20
+"""Fixed working memory of one decode (decoder state, the reduced image)."""
+
+
+def decode_cost(img: Image.Image, decode_side: int | None = None) -> int:
+    """Worst-case bytes that decoding the opened ``img`` holds at its peak: its pixels (after
+    ``draft``, which shrinks a JPEG before decoding) x the bytes a pixel of its format and
+    mode takes; twice that when the image is converted at full size (not reduced for
+    ``decode_side``: RGBA measured 19 bytes a pixel)."""
+    width, height = img.size
+    per_pixel = _FORMAT_BYTES_PER_PIXEL.get(
+        img.format or "", _BYTES_PER_PIXEL.get(img.mode, _DEFAULT_BYTES_PER_PIXEL)
+    )
+    full_size = decode_side is None or min(width, height) // decode_side < 2
+    return width * height * per_pixel * (2 if full_size else 1) + _DECODER_BYTES
 
 
 @dataclass(frozen=True)
@@ -137,7 +232,7 @@ class AcceptedImage:
     ext: str
 
 
-def sniff_format(data: bytes) -> str:
+def sniff_format(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     """The accepted format of ``data`` from its header, or :class:`InvalidImageError`.
 
     Only accepted formats are parsed; the header of any other is matched against Pillow's
@@ -148,8 +243,10 @@ def sniff_format(data: bytes) -> str:
     try:
         with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as probe:
             fmt = probe.format or ""
-    except Image.DecompressionBombError as exc:
-        raise InvalidImageError(RejectReason.TOO_LARGE, f"image is too large: {exc}") from None
+    except Image.DecompressionBombError:
+        raise InvalidImageError(
+            RejectReason.TOO_LARGE, _too_many_pixels(None, max_pixels)
+        ) from None
     except UnidentifiedImageError:
         if _signature_of(data, ACCEPTED_FORMATS):  # an accepted format, broken inside
             raise InvalidImageError(
@@ -202,8 +299,16 @@ def decode_image(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = DEFAULT_MIN_SIDE,
+    decode_side: int | None = None,
+    budget: DecodeBudget | None = None,
 ) -> Image.Image:
-    """Decode untrusted bytes fully into an RGB image (EXIF orientation applied).
+    """Decode untrusted bytes into an RGB image (EXIF orientation applied).
+
+    ``decode_side``: decode at the size a model needs, not at full size: JPEG is decoded at
+    a reduced scale (1/2, 1/4 or 1/8, ``draft``) and other formats are reduced right after
+    decoding, before any conversion, so that the short side stays at least ``decode_side``
+    (``None``: full size, for images that are stored). ``budget``: the decode reserves its
+    worst-case bytes (:func:`decode_cost`) there first (:class:`DecodeBudgetExceeded`).
 
     Raises :class:`InvalidImageError` for empty, non-image, truncated, oversized
     (decompression bomb) or too small inputs. The first frame of an animation is used.
@@ -216,16 +321,27 @@ def decode_image(
             img: Image.Image = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:
+                raise InvalidImageError(RejectReason.TOO_LARGE, _too_many_pixels(img, max_pixels))
+            if min(width, height) < min_side:
                 raise InvalidImageError(
-                    RejectReason.TOO_LARGE,
-                    f"image is {width}x{height} = {width * height:,} pixels; "
-                    f"the limit is {max_pixels:,}",
+                    RejectReason.TOO_SMALL,
+                    f"image is {width}x{height}; each side must be at least {min_side} px",
                 )
-            img.load()
-    except InvalidImageError:
+            if decode_side is not None and img.format == "JPEG":
+                img.draft(None, (decode_side, decode_side))
+            with (
+                budget.reserve(decode_cost(img, decode_side))
+                if budget
+                else contextlib.nullcontext()
+            ):
+                img.load()
+                return _to_rgb(_oriented(img, decode_side))
+    except (InvalidImageError, DecodeBudgetExceeded):
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidImageError(RejectReason.TOO_LARGE, f"image is too large: {exc}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidImageError(
+            RejectReason.TOO_LARGE, _too_many_pixels(None, max_pixels)
+        ) from None
     except UnidentifiedImageError:
         raise InvalidImageError(
             RejectReason.NOT_AN_IMAGE, "the file is not a supported image"
@@ -234,19 +350,60 @@ def decode_image(
         raise InvalidImageError(
             RejectReason.TRUNCATED, f"the image is truncated or corrupt ({exc})"
         ) from None
-    if min(width, height) < min_side:
-        raise InvalidImageError(
-            RejectReason.TOO_SMALL,
-            f"image is {width}x{height}; each side must be at least {min_side} px",
-        )
-    # Broken EXIF must not reject an otherwise valid image.
-    with contextlib.suppress(Exception):
-        img = ImageOps.exif_transpose(img) or img
-    return _to_rgb(img)
 
 
-def accept_image(data: bytes, limits: ImageLimits | None = None) -> AcceptedImage:
-    """The acceptance rule: byte limit, header sniff, full decode within the pixel limits.
+def _too_many_pixels(img: Image.Image | None, max_pixels: int) -> str:
+    """The refusal of an image over the pixel limit, quoting the configured limit."""
+    if img is None:  # refused by Pillow's own guard before its size was known
+        return f"image is too large: more than {max_pixels:,} pixels (the limit)"
+    width, height = img.size
+    return f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
+
+
+def _oriented(img: Image.Image, decode_side: int | None) -> Image.Image:
+    """``img`` reduced for ``decode_side`` (see :func:`_reduce`), its EXIF orientation applied
+    (read before reducing: a reduced copy has no file to read it from)."""
+    orientation = 1
+    with contextlib.suppress(Exception):  # broken EXIF must not reject a valid image
+        orientation = int(img.getexif().get(ExifTags.Base.Orientation, 1))
+    if decode_side is not None:
+        img = _reduce(img, decode_side)
+    method = _TRANSPOSE.get(orientation)
+    return img.transpose(method) if method is not None else img
+
+
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _reduce(img: Image.Image, side: int) -> Image.Image:
+    """``img`` reduced by a whole factor (box filter) keeping its short side >= ``side``."""
+    factor = min(img.size) // side
+    if factor < 2:
+        return img
+    if img.mode in _UNREDUCIBLE_MODES:
+        img = img.convert(_REDUCIBLE_AS.get(img.mode, "L"))
+    return img.reduce(factor)
+
+
+_REDUCIBLE_AS = {"P": "RGBA", "PA": "RGBA", "I;16": "I", "I;16B": "I", "I;16L": "I"}
+"""Modes Image.reduce cannot take, and the mode each is converted to first (16-bit grey to
+32-bit, so that :func:`_to_rgb` still stretches its range); others ("1"): L."""
+_UNREDUCIBLE_MODES = frozenset({"1", *_REDUCIBLE_AS})
+
+
+def accept_image(
+    data: bytes, limits: ImageLimits | None = None, budget: DecodeBudget | None = None
+) -> AcceptedImage:
+    """The acceptance rule: byte limit, header sniff, decode within the pixel limits (at the
+    size ``limits.decode_side`` asks for; within ``budget`` when one is given).
 
     Every failure, including decoders failing in unexpected ways on hostile input, is an
     :class:`InvalidImageError`.
@@ -256,10 +413,16 @@ def accept_image(data: bytes, limits: ImageLimits | None = None) -> AcceptedImag
         raise InvalidImageError(RejectReason.EMPTY, "the file is empty")
     if limits.max_bytes is not None and len(data) > limits.max_bytes:
         raise InvalidImageError(RejectReason.TOO_LARGE, f"more than {limits.max_bytes:,} bytes")
-    fmt = sniff_format(data)
+    fmt = sniff_format(data, limits.max_pixels)
     try:
-        img = decode_image(data, max_pixels=limits.max_pixels, min_side=limits.min_side)
-    except InvalidImageError:
+        img = decode_image(
+            data,
+            max_pixels=limits.max_pixels,
+            min_side=limits.min_side,
+            decode_side=limits.decode_side,
+            budget=budget,
+        )
+    except (InvalidImageError, DecodeBudgetExceeded):
         raise
     except Exception as exc:  # malformed files can make decoders fail in odd ways
         raise InvalidImageError(RejectReason.TRUNCATED, _corrupt(exc)) from None
@@ -314,7 +477,7 @@ def canonical_image(data: bytes, accepted: AcceptedImage) -> CanonicalImage:
     * BMP and TIFF (their end is not well defined) and any file whose end is not found: the
       decoded pixels re-encoded losslessly as PNG.
     """
-    finder = _END_FINDERS.get(accepted.format)
+    finder = END_FINDERS.get(accepted.format)
     end = finder(data) if finder is not None else None
     if end is not None:
         if end == len(data):
@@ -330,111 +493,3 @@ def canonical_image(data: bytes, accepted: AcceptedImage) -> CanonicalImage:
     buf = io.BytesIO()
     accepted.image.save(buf, format="PNG", optimize=False)
     return CanonicalImage(buf.getvalue(), "PNG", FORMAT_EXTENSIONS["PNG"], reencoded=True)
-
-
-def _jpeg_end(data: bytes) -> int | None:
-    """Offset just after the EOI marker that ends the first image, walking the segments."""
-    n = len(data)
-    if data[:2] != b"\xff\xd8":
-        return None
-    i: int | None = 2
-    while i is not None and i < n:
-        if data[i] != 0xFF:
-            return None
-        while i < n and data[i] == 0xFF:  # fill bytes
-            i += 1
-        if i >= n:
-            return None
-        marker = data[i]
-        i += 1
-        if marker == 0xD9:  # EOI
-            return i
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
-            continue
-        length = int.from_bytes(data[i : i + 2], "big") if i + 2 <= n else 0
-        if length < 2:
-            return None
-        i += length
-        if marker == 0xDA:  # SOS: entropy-coded data follows
-            i = _jpeg_scan_end(data, i)
-    return None
-
-
-def _jpeg_scan_end(data: bytes, i: int) -> int | None:
-    """Offset of the marker after entropy-coded data starting at ``i`` (stuffed ``FF 00``
-    bytes and RSTn markers are part of the data)."""
-    n = len(data)
-    while True:
-        j = data.find(b"\xff", i)
-        if j < 0 or j + 1 >= n:
-            return None
-        following = data[j + 1]
-        if following == 0xFF:  # fill byte before a marker
-            i = j + 1
-        elif following == 0x00 or 0xD0 <= following <= 0xD7:  # stuffed byte, RSTn
-            i = j + 2
-        else:
-            return j
-
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _png_end(data: bytes) -> int | None:
-    """Offset just after the IEND chunk (its CRC included)."""
-    if not data.startswith(_PNG_SIGNATURE):
-        return None
-    i, n = len(_PNG_SIGNATURE), len(data)
-    while i + 12 <= n:
-        length = int.from_bytes(data[i : i + 4], "big")
-        kind = data[i + 4 : i + 8]
-        i += 12 + length
-        if kind == b"IEND":
-            return i if i <= n else None
-    return None
-
-
-def _webp_end(data: bytes) -> int | None:
-    """Offset just after the RIFF container (its size field, padded to even)."""
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
-        return None
-    size = int.from_bytes(data[4:8], "little")
-    end = 8 + size + (size & 1)
-    return end if end <= len(data) else None
-
-
-def _gif_end(data: bytes) -> int | None:
-    """Offset just after the trailer (0x3B), walking the blocks."""
-    n = len(data)
-    if data[:6] not in (b"GIF87a", b"GIF89a") or n < 13:
-        return None
-
-    def sub_blocks(i: int) -> int | None:
-        while i < n:
-            size = data[i]
-            i += 1
-            if size == 0:
-                return i
-            i += size
-        return None
-
-    flags = data[10]
-    i: int | None = 13 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0)
-    while i is not None and i < n:
-        block = data[i]
-        if block == 0x3B:
-            return i + 1
-        if block == 0x21:  # extension: label, then sub-blocks
-            i = sub_blocks(i + 2)
-        elif block == 0x2C:  # image descriptor, local colour table, LZW code size
-            if i + 10 > n:
-                return None
-            local = data[i + 9]
-            i += 10 + (3 * 2 ** ((local & 7) + 1) if local & 0x80 else 0) + 1
-            i = sub_blocks(i)
-        else:
-            return None
-    return None
-
-
-_END_FINDERS = {"JPEG": _jpeg_end, "PNG": _png_end, "WEBP": _webp_end, "GIF": _gif_end}

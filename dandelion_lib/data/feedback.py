@@ -36,6 +36,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from dandelion_lib.core import images as acceptance
 from dandelion_lib.core.config import Settings
 from dandelion_lib.core.errors import DandelionError
 from dandelion_lib.core.images import ImageLimits, InvalidImageError, accept_image, canonical_image
@@ -247,6 +248,7 @@ class FeedbackStore:
         self.store = store
         self.labels = tuple(labels)
         self.max_image_pixels = max_image_pixels
+        self.decode_budget: acceptance.DecodeBudget | None = None  # the API's, if set
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
 
@@ -450,7 +452,7 @@ class FeedbackStore:
             raise InvalidFeedbackError("this feedback store keeps no images")
         try:
             limits = ImageLimits(self.max_image_pixels) if self.max_image_pixels else None
-            accepted = accept_image(image, limits)
+            accepted = accept_image(image, limits, self.decode_budget)
         except InvalidImageError as exc:
             raise InvalidFeedbackError(f"the feedback image is unusable: {exc}") from None
         # Stored: the image only (nothing after its end); matched: the bytes as predicted.

@@ -43,6 +43,7 @@ from dandelion_lib.core.features import FeatureSpec, image_stats, to_model_input
 from dandelion_lib.core.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIDE,
+    DecodeBudget,
     ImageLimits,
     accept_image,
 )
@@ -235,11 +236,16 @@ class Predictor:
 
     @property
     def limits(self) -> ImageLimits:
-        return ImageLimits(max_pixels=self.max_pixels, min_side=self.min_side)
+        return ImageLimits(
+            max_pixels=self.max_pixels, min_side=self.min_side, decode_side=self.spec.decode_side
+        )
 
-    def decode(self, data: bytes) -> tuple[npt.NDArray[np.float32], dict[str, float]]:
-        """Bytes -> (model input, image statistics). Raises InvalidImageError."""
-        img = accept_image(data, self.limits).image
+    def decode(
+        self, data: bytes, budget: DecodeBudget | None = None
+    ) -> tuple[npt.NDArray[np.float32], dict[str, float]]:
+        """Bytes -> (model input, image statistics), decoded at the size the model needs
+        (within ``budget`` when given). Raises InvalidImageError (DecodeBudgetExceeded)."""
+        img = accept_image(data, self.limits, budget).image
         return to_model_input(img, self.spec), image_stats(img)
 
     def decide(self, prediction: Prediction) -> Answer:

@@ -1,0 +1,122 @@
+"""The structure of encoded image files, walked byte by byte without decoding: where an image
+ends (:data:`END_FINDERS`; bytes after it are no part of the image).
+
+:func:`dandelion_lib.core.images.canonical_image` uses it to decide which bytes are stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def _jpeg_end(data: bytes) -> int | None:
+    """Offset just after the EOI marker that ends the first image, walking the segments."""
+    n = len(data)
+    if data[:2] != b"\xff\xd8":
+        return None
+    i: int | None = 2
+    while i is not None and i < n:
+        if data[i] != 0xFF:
+            return None
+        while i < n and data[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            return None
+        marker = data[i]
+        i += 1
+        if marker == 0xD9:  # EOI
+            return i
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            continue
+        length = int.from_bytes(data[i : i + 2], "big") if i + 2 <= n else 0
+        if length < 2:
+            return None
+        i += length
+        if marker == 0xDA:  # SOS: entropy-coded data follows
+            i = _jpeg_scan_end(data, i)
+    return None
+
+
+def _jpeg_scan_end(data: bytes, i: int) -> int | None:
+    """Offset of the marker after entropy-coded data starting at ``i`` (stuffed ``FF 00``
+    bytes and RSTn markers are part of the data)."""
+    n = len(data)
+    while True:
+        j = data.find(b"\xff", i)
+        if j < 0 or j + 1 >= n:
+            return None
+        following = data[j + 1]
+        if following == 0xFF:  # fill byte before a marker
+            i = j + 1
+        elif following == 0x00 or 0xD0 <= following <= 0xD7:  # stuffed byte, RSTn
+            i = j + 2
+        else:
+            return j
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_end(data: bytes) -> int | None:
+    """Offset just after the IEND chunk (its CRC included)."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    i, n = len(_PNG_SIGNATURE), len(data)
+    while i + 12 <= n:
+        length = int.from_bytes(data[i : i + 4], "big")
+        kind = data[i + 4 : i + 8]
+        i += 12 + length
+        if kind == b"IEND":
+            return i if i <= n else None
+    return None
+
+
+def _webp_end(data: bytes) -> int | None:
+    """Offset just after the RIFF container (its size field, padded to even)."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return None
+    size = int.from_bytes(data[4:8], "little")
+    end = 8 + size + (size & 1)
+    return end if end <= len(data) else None
+
+
+def _gif_end(data: bytes) -> int | None:
+    """Offset just after the trailer (0x3B), walking the blocks."""
+    n = len(data)
+    if data[:6] not in (b"GIF87a", b"GIF89a") or n < 13:
+        return None
+
+    def sub_blocks(i: int) -> int | None:
+        while i < n:
+            size = data[i]
+            i += 1
+            if size == 0:
+                return i
+            i += size
+        return None
+
+    flags = data[10]
+    i: int | None = 13 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0)
+    while i is not None and i < n:
+        block = data[i]
+        if block == 0x3B:
+            return i + 1
+        if block == 0x21:  # extension: label, then sub-blocks
+            i = sub_blocks(i + 2)
+        elif block == 0x2C:  # image descriptor, local colour table, LZW code size
+            if i + 10 > n:
+                return None
+            local = data[i + 9]
+            i += 10 + (3 * 2 ** ((local & 7) + 1) if local & 0x80 else 0) + 1
+            i = sub_blocks(i)
+        else:
+            return None
+    return None
+
+
+END_FINDERS: dict[str, Callable[[bytes], int | None]] = {
+    "JPEG": _jpeg_end,
+    "PNG": _png_end,
+    "WEBP": _webp_end,
+    "GIF": _gif_end,
+}
