@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,14 +80,17 @@ def _run(session: nox.Session, program: str, *args: str, env: dict[str, str] | N
     session.run(str(BIN / program), *args, env=base, external=True)
 
 
-def _exec(session: nox.Session, program: str, *args: str) -> None:
+def _exec(
+    session: nox.Session, program: str, *args: str, env: dict[str, str] | None = None
+) -> None:
     """Replace nox with a server of the shared venv (it runs until interrupted).
 
     Ctrl-C and SIGTERM then reach the server itself, which shuts down cleanly: nox kills its
     child 0.5 s after an interrupt (mid-shutdown: the API's lifespan and Voila's kernels take
-    seconds) and, sent SIGTERM, exits leaving its child running.
+    seconds) and, sent SIGTERM, exits leaving its child running. ``env`` adds defaults (the
+    environment's own values win).
     """
-    env = {**os.environ, **_env(session)}
+    env = {**(env or {}), **os.environ, **_env(session)}
     argv = [str(BIN / program), *args]
     session.log(" ".join(argv))
     sys.stdout.flush()
@@ -173,8 +177,16 @@ def pipeline(session: nox.Session) -> None:
 @nox.session
 def serve(session: nox.Session) -> None:
     """The prediction API on the embedded defaults (run `nox -s pipeline` first) on
-    http://127.0.0.1:8000 (DANDELION_API_HOST, DANDELION_API_PORT)."""
-    _exec(session, "python", "-m", "api")
+    http://127.0.0.1:8000 (DANDELION_API_HOST, DANDELION_API_PORT), with the glibc malloc
+    settings of the API image (docs/reliability.md, "Memory under a soak")."""
+    _exec(session, "python", "-m", "api", env=api_allocator_env())
+
+
+def api_allocator_env() -> dict[str, str]:
+    """The glibc malloc settings (``MALLOC_*``) the API image sets (docker/api.Dockerfile):
+    glibc reads them when the process starts, so a host must set them before the API runs."""
+    text = (ROOT / "docker" / "api.Dockerfile").read_text()
+    return dict(re.findall(r"\b(MALLOC_[A-Z_]+)=(\S+)", text))
 
 
 @nox.session

@@ -97,6 +97,9 @@ class Bulkhead:
         threading.Thread(target=work, name=f"{self.name}-call", daemon=True).start()
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.deadline_s)
+        except asyncio.CancelledError:  # the request went away (shutdown): the thread goes on
+            future.add_done_callback(_consume)
+            raise
         except TimeoutError:
             self.timed_out += 1
             # Retrieve a late exception so asyncio does not log it as never retrieved.

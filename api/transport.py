@@ -26,6 +26,8 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from api.context import shutting_down
+
 RETRY_AFTER_S = 1
 """What a refused client is told to wait: connections free up as requests end."""
 LINGER_S = 2.0
@@ -120,6 +122,12 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
                 del self.per_client[self._peer]
             self._peer = None
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown reaches each connection: requests still waiting on a
+        dependency are told (:data:`api.context.shutting_down`) and answer at once."""
+        shutting_down.set()
+        super().shutdown()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -11,6 +11,7 @@ is not retried until the alias moves again or an admin forces a reload.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import threading
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from api.bulkhead import Bulkhead, BulkheadError, BulkheadFull
+from api.context import shutting_down
 from api.metrics import ApiMetrics
 from api.problems import Problem
 from api.schemas import (
@@ -35,6 +37,8 @@ from dandelion_lib.lifecycle.registry import configure_mlflow
 from dandelion_lib.serving.predict import SERVING_TAG, Predictor
 
 log = logging.getLogger("api.model")
+SHUTDOWN_POLL_S = 0.25
+"""How often a waiting reload looks whether the server is shutting down."""
 
 Loader = Callable[[str], Predictor]
 
@@ -135,8 +139,20 @@ class ModelManager:
         Answers within ``reload_timeout_s``: past it (or while another reload still runs)
         :class:`Problem` 503; the check goes on and ``GET /model`` shows its outcome.
         """
+        call = asyncio.ensure_future(self.reloads.call(self.check, True))
+        while not call.done():  # the deadline, or the server's shutdown, ends the wait
+            await asyncio.wait({call}, timeout=SHUTDOWN_POLL_S)
+            if shutting_down.is_set() and not call.done():
+                call.cancel()
+                raise Problem(
+                    503,
+                    "shutting-down",
+                    "the server is shutting down; the reload was not finished (GET /model on "
+                    "the next instance shows the model it serves)",
+                    headers={"Retry-After": "30"},
+                )
         try:
-            result = await self.reloads.call(self.check, True)
+            result = call.result()
         except BulkheadError as exc:
             raise self._reload_unavailable(exc) from None
         return ReloadResponse(

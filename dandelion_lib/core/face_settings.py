@@ -89,10 +89,13 @@ class ServingSettings(SettingsGroup):
         1, ge=0, description="Retries of one registry request by the API (MLflow HTTP)."
     )
     reload_timeout_s: float = Field(
-        30.0,
+        15.0,
         gt=0,
+        le=15.0,
         description="Deadline of POST /admin/reload; past it 503 reload-timeout (the check "
-        "goes on; GET /model shows its outcome).",
+        "goes on; GET /model shows its outcome). At most 15 s, so that it ends within the "
+        "API's 20 s graceful shutdown with time to spare; a reload in flight when shutdown "
+        "starts answers 503 shutting-down at once.",
     )
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for /admin/*; admin endpoints are refused when unset."

@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import re
+import signal
 import socket
 import threading
 import time
@@ -27,7 +28,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from tests.api.conftest import Registry, api_env, start_api, stop_api
+from tests.api.conftest import ADMIN_TOKEN, Registry, api_env, start_api, stop_api
+from tests.api.test_api_faults import HangingProxy
 from tests.conftest import ROOT, free_port, wait_http
 
 pytestmark = pytest.mark.faults
@@ -322,3 +324,37 @@ def test_connection_limits_answer_problem_json_with_retry_after(
     while (status := predict(api, greenr_dir).status_code) != 200:
         assert time.monotonic() < deadline, status
         time.sleep(0.5)
+
+
+# --- shutdown ---------------------------------------------------------------------------------
+def test_sigint_during_a_hung_reload_answers_a_problem_not_a_500(
+    registry: Registry, champion: str, tmp_path: Path
+) -> None:
+    """The registry hangs (a proxy that accepts and never answers) while an admin reload waits
+    on it with the default deadline; SIGINT: the reload answers 503 problem+json, the process
+    exits within the client's wait, and its log has no 500 and no traceback."""
+    proxy = HangingProxy(registry.tracking_uri)
+    try:
+        with api_process(tmp_path, proxy.url, DANDELION_REGISTRY_TIMEOUT_S="10") as api:
+            proxy.mode = "hang"
+            with cf.ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(
+                    httpx.post,
+                    f"{api.url}/admin/reload",
+                    headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
+                    timeout=CLIENT_WAIT_S,
+                )
+                time.sleep(2.0)  # the reload waits on the hung registry
+                assert not pending.done()
+                api.proc.send_signal(signal.SIGINT)
+                reply = pending.result()
+                api.proc.wait(timeout=CLIENT_WAIT_S)
+    finally:
+        proxy.close()
+    assert reply.status_code == 503, reply.text
+    assert reply.headers["content-type"] == "application/problem+json"
+    assert reply.json()["code"] in {"shutting-down", "reload-timeout"}
+    assert int(reply.headers["retry-after"]) > 0
+    log = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in log
+    assert '"status": 500' not in log and "Exception in ASGI application" not in log
