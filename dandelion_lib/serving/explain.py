@@ -104,6 +104,15 @@ class Explainer:
             raise ExplanationUnavailableError(f"{path.name} cannot be read: {exc}") from exc
         return cls(segments, tuple(layers))
 
+    def logits(self, features: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+        """The head's logits ``(N, classes)`` of pooled features ``(N, D)``, in float64 (the
+        model's probabilities are their softmax, without float32's saturation at 1)."""
+        x = np.asarray(features, dtype=np.float64)
+        for layer in self.layers:
+            x = (x - layer.a) / layer.b if layer.kind == "standardize" else x @ layer.a + layer.b
+            x = np.maximum(x, 0.0) if layer.activation == "relu" else x
+        return np.asarray(x)
+
     def gradient(self, features: npt.NDArray[Any], target: int) -> npt.NDArray[np.float64]:
         """d(logit[target] - mean of the other logits) / d(features), for one image."""
         x = np.asarray(features, dtype=np.float64)
@@ -221,3 +230,162 @@ def head_layers(head: Any) -> tuple[HeadLayer, ...] | None:
         else:
             return None
     return tuple(out) if out else None
+
+
+# --- faithfulness and pictures (numpy + PIL) -----------------------------------------------
+DELETION_FRACTION = 0.2
+"""Share of the grid's cells masked by the deletion test."""
+
+
+def top_cells(grid: npt.NDArray[Any], fraction: float = DELETION_FRACTION) -> npt.NDArray[np.intp]:
+    """Flat indices of the hottest ``fraction`` of the grid's cells (by area)."""
+    k = max(1, round(fraction * grid.size))
+    return np.argsort(-np.asarray(grid).ravel(), kind="stable")[:k]
+
+
+def mask_cells(
+    pixels: npt.NDArray[Any], shape: tuple[int, int], cells: npt.NDArray[np.intp]
+) -> npt.NDArray[np.float32]:
+    """A copy of one model input ``(size, size, 3)`` with the grid ``cells`` (flat indices of
+    a ``shape`` grid over the whole input) filled with the photo's mean colour."""
+    out = np.array(pixels, dtype=np.float32)
+    height, width = out.shape[:2]
+    fill = out.reshape(-1, 3).mean(axis=0)
+    rows, cols = shape
+    for cell in np.asarray(cells).ravel():
+        r, c = divmod(int(cell), cols)
+        top, bottom = r * height // rows, (r + 1) * height // rows
+        left, right = c * width // cols, (c + 1) * width // cols
+        out[top:bottom, left:right] = fill
+    return out
+
+
+def log_softmax(logits: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+    """Log-probabilities ``(N, classes)`` of logits, computed without overflow."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return np.asarray(z - np.log(np.exp(z).sum(axis=1, keepdims=True)))
+
+
+def random_region(
+    shape: tuple[int, int], cells: int, rng: np.random.Generator
+) -> npt.NDArray[np.intp]:
+    """Flat indices of ``cells`` cells forming one random near-square region of the grid
+    (the first ``cells`` of a random window, row by row): a region like a hot spot."""
+    rows, cols = shape
+    height = min(rows, max(1, round(np.sqrt(cells))))
+    width = min(cols, -(-cells // height))
+    top = int(rng.integers(0, rows - height + 1))
+    left = int(rng.integers(0, cols - width + 1))
+    window = [(top + r) * cols + left + c for r in range(height) for c in range(width)]
+    return np.asarray(window[:cells], dtype=np.intp)
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """One photo's deletion test: the explained class's log-probability before, with its
+    hottest cells masked, and with a random region of as many cells masked (mean of the
+    draws)."""
+
+    before: float
+    top: float
+    random: float
+
+    @property
+    def holds(self) -> bool:
+        """Masking the hot cells lowers the class's probability more than a random region
+        (compared on log-probabilities: the same order, without saturating at 1)."""
+        return self.before - self.top > self.before - self.random
+
+
+def deletion_test(
+    predict: Any,
+    pixels: npt.NDArray[Any],
+    explanation: Explanation,
+    target: int,
+    rng: np.random.Generator,
+    draws: int = 3,
+) -> Deletion:
+    """Mask the hottest :data:`DELETION_FRACTION` of ``explanation``'s grid, and ``draws``
+    random regions of as many cells (:func:`random_region`), in one photo; ``predict`` maps a
+    batch of model inputs to log-probabilities ``(N, classes)`` (or any score in the same
+    order as the probabilities) and ``target`` is the explained class's index."""
+    grid = explanation.grid
+    shape = (int(grid.shape[0]), int(grid.shape[1]))
+    hot = top_cells(grid)
+    chosen = [hot] + [random_region(shape, len(hot), rng) for _ in range(draws)]
+    batch = np.stack(
+        [np.asarray(pixels, np.float32)] + [mask_cells(pixels, shape, c) for c in chosen]
+    )
+    probs = np.asarray(predict(batch))[:, target]
+    return Deletion(float(probs[0]), float(probs[1]), float(probs[2:].mean()))
+
+
+def flower_mask(pixels: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+    """Yellow or white pixels of an RGB image in [0, 255]: a dandelion's flower or seed head
+    (a simple colour rule: hue 35-70 degrees, saturation >= 0.35, value >= 0.6; or
+    saturation <= 0.15 and value >= 0.8)."""
+    rgb = np.asarray(pixels, dtype=np.float64) / 255.0
+    value = rgb.max(axis=-1)
+    spread = value - rgb.min(axis=-1)
+    saturation = np.where(value > 0, spread / np.maximum(value, 1e-9), 0.0)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    safe = np.maximum(spread, 1e-9)
+    hue = (
+        np.where(
+            value == r,
+            ((g - b) / safe) % 6,
+            np.where(value == g, (b - r) / safe + 2, 4 + (r - g) / safe),
+        )
+        * 60.0
+    )
+    yellow = (hue >= 35) & (hue <= 70) & (saturation >= 0.35) & (value >= 0.6)
+    white = (saturation <= 0.15) & (value >= 0.8)
+    return np.asarray(yellow | white)
+
+
+def cell_shares(mask: npt.NDArray[np.bool_], shape: tuple[int, int]) -> npt.NDArray[np.float64]:
+    """The share of ``mask``'s pixels in each cell of a ``shape`` grid over the image."""
+    rows, cols = shape
+    height, width = mask.shape
+    out = np.zeros(shape)
+    for r in range(rows):
+        for c in range(cols):
+            block = mask[
+                r * height // rows : (r + 1) * height // rows,
+                c * width // cols : (c + 1) * width // cols,
+            ]
+            out[r, c] = block.mean() if block.size else 0.0
+    return out
+
+
+_COLOURS = np.array(  # a "jet" ramp: dark blue, blue, cyan, yellow, red
+    [[0, 0, 128], [0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 0]],
+    dtype=np.float64,
+)
+"""Cold to hot; red, the hottest, stands out on yellow flowers and green lawns alike."""
+
+
+def colour_map(grid: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
+    """RGB colours ``(..., 3)`` of values in [0, 1] on :data:`_COLOURS`' ramp."""
+    v = np.clip(np.asarray(grid, dtype=np.float64), 0.0, 1.0) * (len(_COLOURS) - 1)
+    low = np.floor(v).astype(int).clip(0, len(_COLOURS) - 2)
+    t = (v - low)[..., None]
+    return np.asarray(_COLOURS[low] * (1 - t) + _COLOURS[low + 1] * t, dtype=np.uint8)
+
+
+def overlay(image: Any, grid: npt.NDArray[Any], opacity: float = 0.55) -> Any:
+    """The photo (a PIL image, any size) with the grid drawn over it: stretched to the photo's
+    own width and height (the grid spans the whole photo), smoothly upsampled, coloured by
+    :func:`colour_map`, more opaque where hotter (up to ``opacity``). Returns an RGB image."""
+    from PIL import Image
+
+    photo = image.convert("RGB")
+    values = Image.fromarray(np.asarray(np.clip(grid, 0, 1) * 255, dtype=np.uint8), mode="L")
+    smooth = (
+        np.asarray(values.resize(photo.size, Image.Resampling.BICUBIC), dtype=np.float64) / 255.0
+    )
+    colours = colour_map(smooth).astype(np.float64)
+    alpha = (opacity * (0.25 + 0.75 * smooth))[..., None]
+    mixed = np.asarray(photo, dtype=np.float64) * (1 - alpha) + colours * alpha
+    return Image.fromarray(np.asarray(mixed.round(), dtype=np.uint8), mode="RGB")

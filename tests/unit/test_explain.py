@@ -12,8 +12,16 @@ import pytest
 
 from dandelion_lib.serving.explain import (
     Explainer,
+    Explanation,
     ExplanationUnavailableError,
     HeadLayer,
+    cell_shares,
+    colour_map,
+    deletion_test,
+    flower_mask,
+    mask_cells,
+    overlay,
+    top_cells,
 )
 
 RNG = np.random.default_rng(3)
@@ -120,3 +128,56 @@ def test_an_explanation_answers_a_small_grid() -> None:
     assert body["class"] == "dandelion" and body["shape"] == [2, 3]
     assert len(body["grid"]) == 2 and all(len(row) == 3 for row in body["grid"])
     assert all(round(v, 3) == v for row in body["grid"] for v in row)
+
+
+def test_masking_fills_the_chosen_cells_with_the_photos_mean_colour() -> None:
+    pixels = RNG.uniform(0, 255, size=(8, 12, 3)).astype(np.float32)
+    grid = np.zeros((2, 3))
+    grid[1, 2], grid[0, 0] = 1.0, 0.5
+    assert top_cells(grid, fraction=0.34).tolist() == [5, 0]
+    out = mask_cells(pixels, (2, 3), np.array([5]))
+    assert np.allclose(out[4:, 8:], pixels.reshape(-1, 3).mean(axis=0))
+    assert np.array_equal(out[:4], pixels[:4]) and np.array_equal(out[4:, :8], pixels[4:, :8])
+
+
+def test_the_deletion_test_compares_the_hot_cells_with_random_ones() -> None:
+    # a "model" whose class-0 probability is the share of bright-red pixels
+    def predict(batch: np.ndarray) -> np.ndarray:
+        red = ((batch[..., 0] > 200) & (batch[..., 1] < 50)).mean(axis=(1, 2))
+        return np.stack([red, 1 - red], axis=1)
+
+    pixels = np.zeros((20, 20, 3), np.float32)
+    pixels[:4, :4] = (255, 0, 0)  # red only in the top-left cell of a 5 x 5 grid
+    grid = np.zeros((5, 5), np.float32)
+    grid[0, 0] = 1.0
+    hot = Explanation("dandelion", grid)
+    got = deletion_test(predict, pixels, hot, 0, np.random.default_rng(0))
+    assert got.before == pytest.approx(0.04) and got.top == 0.0 and got.holds
+    away = np.add.outer(np.arange(5), np.arange(5)) / 8.0  # hottest far from the red cell
+    wrong = Explanation("dandelion", away.astype(np.float32))
+    assert not deletion_test(predict, pixels, wrong, 0, np.random.default_rng(0)).holds
+
+
+def test_the_flower_colour_rule() -> None:
+    colours = np.array([[[250, 220, 30], [245, 245, 240], [60, 140, 40], [120, 110, 20]]], float)
+    # dandelion yellow, seed-head white, lawn green, dark olive
+    assert flower_mask(colours).tolist() == [[True, True, False, False]]
+    mask = np.zeros((4, 4), bool)
+    mask[:2, :2] = True
+    assert cell_shares(mask, (2, 2)).tolist() == [[1.0, 0.0], [0.0, 0.0]]
+
+
+def test_the_overlay_spans_the_photo_at_its_own_aspect_ratio() -> None:
+    from PIL import Image
+
+    photo = Image.new("RGB", (300, 120), (128, 128, 128))
+    grid = np.zeros((11, 11), np.float32)
+    grid[:, 8:] = 1.0  # hot on the right
+    out = overlay(photo, grid)
+    assert out.size == photo.size and out.mode == "RGB"
+    array = np.asarray(out, dtype=float)
+    right, left = array[:, -20:].mean(axis=(0, 1)), array[:, :20].mean(axis=(0, 1))
+    assert right[0] > 180 and right[0] > right[2] + 80  # red where hot
+    assert left[2] > left[0]  # a light blue tint where cold
+    assert np.abs(left - 128).max() < 60  # the photo still shows through
+    assert colour_map(np.array([0.0, 1.0])).tolist() == [[0, 0, 128], [255, 0, 0]]
