@@ -166,6 +166,10 @@ class Result:
     feedback: str | None = None
     reason: str | None = None
     ood_score: float | None = None
+    explanation: dict[str, Any] | None = None
+    """Where the model looked (the API's ``explanation``: ``class``, ``shape``, ``grid``)."""
+    explain_note: str | None = None
+    """Why there is no explanation although one was asked for."""
     time: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     @property
@@ -250,9 +254,15 @@ def content_type(filename: str) -> str:
 
 
 def make_thumbnail(
-    data: bytes, size: int = 160, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes,
+    size: int = 160,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    explanation: dict[str, Any] | None = None,
 ) -> bytes | None:
     """A small JPEG preview of an image, or None when the bytes are not a decodable image.
+    With ``explanation`` (an answer's), the preview has the map drawn over it
+    (:func:`dandelion_lib.serving.explain.overlay`: a colour map with transparency, stretched
+    to the photo's aspect ratio).
 
     Only the header is trusted for the pixel count, so a decompression bomb is never decoded.
     Without Pillow installed (it is optional for the app) there is no preview either.
@@ -268,6 +278,12 @@ def make_thumbnail(
             img.draft("RGB", (size, size))
             thumb = ImageOps.exif_transpose(img).convert("RGB")
             thumb.thumbnail((size, size))
+            if explanation is not None:
+                import numpy as np
+
+                from dandelion_lib.serving.explain import overlay
+
+                thumb = overlay(thumb, np.asarray(explanation["grid"], dtype=np.float32))
             out = io.BytesIO()
             thumb.save(out, format="JPEG", quality=85)
             return out.getvalue()
@@ -340,20 +356,30 @@ class ApiClient:
         """The served model (``GET /model``)."""
         return ModelInfo.from_json(self._request("GET", "/model").json())
 
-    def predict(self, filename: str, data: bytes) -> Result:
-        """Classify one file. A refused file gives a Result with ``error`` set.
+    def predict(self, filename: str, data: bytes, *, explain: bool = False) -> Result:
+        """Classify one file. A refused file gives a Result with ``error`` set. With
+        ``explain`` the answer says where the model looked (``explanation``); a model that
+        cannot (the API's 409) answers without, and ``explain_note`` says why.
 
         Raises ApiUnavailableError when the API cannot answer at all.
         """
         result = Result(filename=filename, size=len(data))
+        files = {UPLOAD_FIELD: (filename, data, content_type(filename))}
         try:
-            response = self._request(
-                "POST", "/predict", files={UPLOAD_FIELD: (filename, data, content_type(filename))}
-            )
+            try:
+                path = "/predict?explain=true" if explain else "/predict"
+                response = self._request("POST", path, files=files)
+            except ApiProblemError as exc:
+                if not explain or exc.status != 409:
+                    raise
+                result.explain_note = str(exc).removesuffix("; ask without explain")
+                response = self._request("POST", "/predict", files=files)
         except ApiProblemError as exc:
             result.error = str(exc)
             return result
         body = response.json()
+        explanation = body.get("explanation")
+        result.explanation = explanation if isinstance(explanation, dict) else None
         model = body.get("model") or {}
         result.label = str(body["label"])
         result.probabilities = {k: float(v) for k, v in (body.get("probabilities") or {}).items()}

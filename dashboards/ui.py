@@ -63,6 +63,7 @@ STYLE = """
 .dl-history th, .dl-history td { border-bottom: 1px solid #ddd; padding: 3px 8px;
   text-align: left; vertical-align: top; }
 .dl-history th { white-space: nowrap; }
+.dl-looked { font-size: 11px; color: #555; max-width: 160px; }
 </style>
 """
 
@@ -217,6 +218,15 @@ class DandelionApp:
         self.upload.add_class("dl-upload")
         self.status = w.HTML()
         self.status.add_class("dl-status")
+        self.explain = w.Checkbox(
+            value=False,
+            description="Show where the model looked",
+            indent=False,
+            layout=w.Layout(width="auto"),
+        )
+        self.explain.add_class("dl-explain-toggle")
+        self._previews: list[tuple[w.Image, w.HTML, bytes, bytes]] = []
+        """Cards' (image, caption, photo, photo with the map) that can show the map."""
         self.results = w.VBox()
         self.results.add_class("dl-results")
         self.history_table = w.HTML(history_html(self.history))
@@ -229,7 +239,7 @@ class DandelionApp:
                 self.header,
                 self.banner,
                 w.HTML(intro_html(self.labels)),
-                w.HBox([self.upload, self.status]),
+                w.HBox([self.upload, self.explain, self.status]),
                 self.results,
                 w.HTML("<h3>This session</h3>"),
                 self.download,
@@ -238,6 +248,7 @@ class DandelionApp:
         )
         self.widget.add_class("dl-app")
         self.upload.observe(self._on_upload, names="value")
+        self.explain.observe(self._on_explain, names="value")
         self._render_header()
 
     @classmethod
@@ -338,7 +349,7 @@ class DandelionApp:
                 result = Result(filename=name, size=len(data), error=f"not sent: {unavailable}")
             else:
                 try:
-                    result = self.client.predict(name, data)
+                    result = self.client.predict(name, data, explain=self.explain.value)
                 except ApiUnavailableError as exc:
                     unavailable = str(exc)
                     result = Result(filename=name, size=len(data), error=unavailable)
@@ -356,11 +367,39 @@ class DandelionApp:
         self.history_table.value = history_html(self.history)
         self.download.value = csv_link_html(self.history)
 
+    def _on_explain(self, change: dict[str, Any]) -> None:
+        """Switch every card that has a map between the photo and the photo with the map
+        (new uploads ask for maps while the toggle is on)."""
+        with self._lock:
+            for image, caption, plain, looked in self._previews:
+                image.value = looked if change["new"] else plain
+                caption.layout.display = None if change["new"] else "none"
+
+    def _preview(self, result: Result, data: bytes, thumb: bytes) -> w.Widget:
+        """The card's photo; with an explanation, one that the toggle switches to the map."""
+        image = w.Image(value=thumb, format="jpeg", layout=w.Layout(width="120px"))
+        explanation = result.explanation
+        looked = None
+        if explanation is not None:
+            looked = make_thumbnail(data, max_pixels=self.max_image_pixels, explanation=explanation)
+        if looked is None or explanation is None:
+            return image
+        image.add_class("dl-preview-explained")
+        caption = w.HTML(
+            f'<div class="dl-looked">Red: where the model found {_esc(explanation["class"])}</div>'
+        )
+        caption.add_class("dl-looked-box")
+        self._previews.append((image, caption, thumb, looked))
+        shown = bool(self.explain.value)
+        image.value = looked if shown else thumb
+        caption.layout.display = None if shown else "none"
+        return w.VBox([image, caption])
+
     def _card(self, result: Result, data: bytes) -> w.Widget:
         thumb = make_thumbnail(data, max_pixels=self.max_image_pixels) if result.ok else None
         preview: w.Widget
         if thumb is not None:
-            preview = w.Image(value=thumb, format="jpeg", layout=w.Layout(width="120px"))
+            preview = self._preview(result, data, thumb)
         elif result.ok:  # no Pillow: the browser scales the photo the API accepted
             mime = content_type(result.filename)
             kind = mime.removeprefix("image/") if mime.startswith("image/") else "jpeg"
@@ -368,6 +407,13 @@ class DandelionApp:
         else:
             preview = w.HTML('<div class="dl-noprev">no preview</div>')
         parts: list[w.Widget] = [w.HTML(result_summary_html(result, self.labels))]
+        if result.ok and result.explain_note:
+            note = w.HTML(
+                '<div class="dl-legend">This model cannot show where it looked '
+                f"({_esc(result.explain_note)})</div>"
+            )
+            note.add_class("dl-explain-note")
+            parts.append(note)
         if result.ok:
             if not result.unknown:  # the two classes' shares mean little for neither class
                 parts.append(w.HTML(probability_bar_html(result.probabilities)))
