@@ -1,5 +1,6 @@
 """The structure of encoded image files, walked byte by byte without decoding: where an image
-ends (:data:`END_FINDERS`; bytes after it are no part of the image).
+ends (:data:`END_FINDERS`; bytes after it are no part of the image), and the same bytes
+without comments and metadata (:data:`METADATA_STRIPPERS`).
 
 :func:`dandelion_lib.core.images.canonical_image` uses it to decide which bytes are stored.
 """
@@ -120,3 +121,93 @@ END_FINDERS: dict[str, Callable[[bytes], int | None]] = {
     "WEBP": _webp_end,
     "GIF": _gif_end,
 }
+
+
+# --- metadata ---------------------------------------------------------------------------------
+_JPEG_KEPT_APP = ((0xE0, b"JFIF\x00"), (0xE2, b"ICC_PROFILE\x00"), (0xEE, b"Adobe"))
+"""Application segments that decoding needs (JFIF, the colour profile, Adobe's colour
+transform); every other APPn (EXIF, XMP, ...) and every comment (COM) is metadata."""
+
+
+def strip_jpeg_metadata(data: bytes) -> bytes | None:
+    """``data`` (a JPEG ending at its EOI) without comment and metadata segments, or ``None``
+    when its structure cannot be walked."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    out, i = [data[:2]], 2
+    while (segment := _jpeg_segment(data, i)) is not None:
+        start, marker, end = segment
+        if not _jpeg_metadata(marker, data[start:end]):
+            out.append(data[start:end])
+        if marker == 0xD9:  # EOI
+            return b"".join(out)
+        i = end
+    return None
+
+
+def _jpeg_segment(data: bytes, i: int) -> tuple[int, int, int] | None:
+    """(start, marker, end) of the marker segment at ``i``; an SOS segment ends with its
+    entropy-coded data. ``None`` when the bytes there are not a segment."""
+    n, start = len(data), i
+    if i >= n or data[i] != 0xFF:
+        return None
+    while i < n and data[i] == 0xFF:  # fill bytes
+        i += 1
+    if i >= n:
+        return None
+    marker = data[i]
+    i += 1
+    if marker == 0xD9 or marker == 0x01 or 0xD0 <= marker <= 0xD7:  # EOI, TEM, RSTn
+        return start, marker, i
+    length = int.from_bytes(data[i : i + 2], "big") if i + 2 <= n else 0
+    if length < 2 or i + length > n:
+        return None
+    end: int | None = i + length
+    if marker == 0xDA:  # SOS: entropy-coded data follows
+        end = _jpeg_scan_end(data, i + length)
+    return (start, marker, end) if end is not None else None
+
+
+def _jpeg_metadata(marker: int, segment: bytes) -> bool:
+    """A comment (COM), or an application segment decoding does not need."""
+    if marker == 0xFE:
+        return True
+    if not 0xE0 <= marker <= 0xEF:
+        return False
+    payload = segment[segment.index(marker.to_bytes(1, "big")) + 3 :]
+    return not any(marker == m and payload.startswith(p) for m, p in _JPEG_KEPT_APP)
+
+
+_PNG_KEPT = frozenset(
+    b"IHDR PLTE IDAT IEND tRNS cHRM gAMA iCCP sBIT sRGB cICP bKGD pHYs acTL fcTL fdAT".split()
+)
+"""Chunks that carry the image; text (tEXt, zTXt, iTXt), EXIF, times and any other chunk are
+metadata."""
+
+
+def strip_png_metadata(data: bytes) -> bytes | None:
+    """``data`` (a PNG ending at its IEND) with only the chunks of :data:`_PNG_KEPT`, or
+    ``None`` when its structure cannot be walked."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    out = [_PNG_SIGNATURE]
+    i, n = len(_PNG_SIGNATURE), len(data)
+    while i + 12 <= n:
+        length = int.from_bytes(data[i : i + 4], "big")
+        kind = data[i + 4 : i + 8]
+        end = i + 12 + length
+        if end > n:
+            return None
+        if kind in _PNG_KEPT:
+            out.append(data[i:end])
+        i = end
+        if kind == b"IEND":
+            return b"".join(out)
+    return None
+
+
+METADATA_STRIPPERS: dict[str, Callable[[bytes], bytes | None]] = {
+    "JPEG": strip_jpeg_metadata,
+    "PNG": strip_png_metadata,
+}
+"""Formats whose metadata can be cut without touching the pixels; others are re-encoded."""

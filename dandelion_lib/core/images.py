@@ -23,11 +23,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
-import numpy as np
-from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from dandelion_lib.core.config import ImageSettings, Settings
-from dandelion_lib.core.image_bytes import END_FINDERS
+from dandelion_lib.core.image_bytes import END_FINDERS, METADATA_STRIPPERS
+from dandelion_lib.core.pixels import oriented, to_rgb
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -335,7 +335,7 @@ def decode_image(
                 else contextlib.nullcontext()
             ):
                 img.load()
-                return _to_rgb(_oriented(img, decode_side))
+                return to_rgb(oriented(img, decode_side))
     except (InvalidImageError, DecodeBudgetExceeded):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -358,45 +358,6 @@ def _too_many_pixels(img: Image.Image | None, max_pixels: int) -> str:
         return f"image is too large: more than {max_pixels:,} pixels (the limit)"
     width, height = img.size
     return f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
-
-
-def _oriented(img: Image.Image, decode_side: int | None) -> Image.Image:
-    """``img`` reduced for ``decode_side`` (see :func:`_reduce`), its EXIF orientation applied
-    (read before reducing: a reduced copy has no file to read it from)."""
-    orientation = 1
-    with contextlib.suppress(Exception):  # broken EXIF must not reject a valid image
-        orientation = int(img.getexif().get(ExifTags.Base.Orientation, 1))
-    if decode_side is not None:
-        img = _reduce(img, decode_side)
-    method = _TRANSPOSE.get(orientation)
-    return img.transpose(method) if method is not None else img
-
-
-_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-
-
-def _reduce(img: Image.Image, side: int) -> Image.Image:
-    """``img`` reduced by a whole factor (box filter) keeping its short side >= ``side``."""
-    factor = min(img.size) // side
-    if factor < 2:
-        return img
-    if img.mode in _UNREDUCIBLE_MODES:
-        img = img.convert(_REDUCIBLE_AS.get(img.mode, "L"))
-    return img.reduce(factor)
-
-
-_REDUCIBLE_AS = {"P": "RGBA", "PA": "RGBA", "I;16": "I", "I;16B": "I", "I;16L": "I"}
-"""Modes Image.reduce cannot take, and the mode each is converted to first (16-bit grey to
-32-bit, so that :func:`_to_rgb` still stretches its range); others ("1"): L."""
-_UNREDUCIBLE_MODES = frozenset({"1", *_REDUCIBLE_AS})
 
 
 def accept_image(
@@ -435,24 +396,13 @@ def _corrupt(exc: BaseException) -> str:
     return f"the image is corrupt ({type(exc).__name__}{': ' + first if first else ''})"
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = float(arr.max()) or 1.0
-        img = Image.fromarray((arr / hi * 255.0).clip(0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB") if img.mode != "RGB" else img
-
-
 @dataclass(frozen=True)
 class CanonicalImage:
     """What is stored for an accepted image: ``data`` in ``format`` (extension ``ext``).
 
     ``trailing_bytes`` were cut after the image's end marker; ``reencoded`` says the decoded
-    pixels were re-encoded losslessly as PNG (formats whose end cannot be found reliably).
+    pixels were re-encoded losslessly as PNG (formats whose end cannot be found reliably);
+    ``metadata_bytes`` of comments and metadata were cut (``strip_metadata``).
     """
 
     data: bytes
@@ -460,13 +410,20 @@ class CanonicalImage:
     ext: str
     trailing_bytes: int = 0
     reencoded: bool = False
+    metadata_bytes: int = 0
 
     @property
     def changed(self) -> bool:
-        return self.reencoded or self.trailing_bytes > 0
+        return self.reencoded or self.trailing_bytes > 0 or self.metadata_bytes > 0
 
 
-def canonical_image(data: bytes, accepted: AcceptedImage) -> CanonicalImage:
+def canonical_image(
+    data: bytes,
+    accepted: AcceptedImage,
+    *,
+    strip_metadata: bool = False,
+    budget: DecodeBudget | None = None,
+) -> CanonicalImage:
     """The one rule for the bytes that are stored of an accepted image (``data``, accepted as
     ``accepted`` by :func:`accept_image`).
 
@@ -476,19 +433,31 @@ def canonical_image(data: bytes, accepted: AcceptedImage) -> CanonicalImage:
       after the end (an appended ZIP or HTML payload) are cut. The cut bytes must decode again.
     * BMP and TIFF (their end is not well defined) and any file whose end is not found: the
       decoded pixels re-encoded losslessly as PNG.
+    * ``strip_metadata`` (images users send: feedback): JPEG and PNG also lose their comment
+      and metadata segments (COM, EXIF, XMP, text chunks: a ``<script>`` in a comment is not
+      stored); other formats, and a file whose pixels change without them (an EXIF
+      rotation), are re-encoded. The second decode counts against ``budget``.
     """
     finder = END_FINDERS.get(accepted.format)
     end = finder(data) if finder is not None else None
-    if end is not None:
-        if end == len(data):
+    stripper = METADATA_STRIPPERS.get(accepted.format) if strip_metadata else None
+    kept = data[:end] if end is not None else None
+    if kept is not None and strip_metadata:
+        kept = stripper(kept) if stripper is not None else None
+    if kept is not None:
+        if kept == data:
             return CanonicalImage(data, accepted.format, accepted.ext)
-        cut = data[:end]
         pixels = accepted.image.width * accepted.image.height
         with contextlib.suppress(InvalidImageError):
-            again = decode_image(cut, max_pixels=pixels, min_side=1)
+            again = decode_image(kept, max_pixels=pixels, min_side=1, budget=budget)
             if again.size == accepted.image.size and again.tobytes() == accepted.image.tobytes():
+                trailing = len(data) - (end or 0)
                 return CanonicalImage(
-                    cut, accepted.format, accepted.ext, trailing_bytes=len(data) - end
+                    kept,
+                    accepted.format,
+                    accepted.ext,
+                    trailing_bytes=trailing,
+                    metadata_bytes=len(data) - trailing - len(kept),
                 )
     buf = io.BytesIO()
     accepted.image.save(buf, format="PNG", optimize=False)

@@ -455,8 +455,8 @@ class FeedbackStore:
             accepted = accept_image(image, limits, self.decode_budget)
         except InvalidImageError as exc:
             raise InvalidFeedbackError(f"the feedback image is unusable: {exc}") from None
-        # Stored: the image only (nothing after its end); matched: the bytes as predicted.
-        canonical = canonical_image(image, accepted)
+        # Stored: the image only (no trailer, no metadata); matched: the bytes as predicted.
+        canonical = canonical_image(image, accepted, strip_metadata=True, budget=self.decode_budget)
         key = f"feedback/{label}/{sha256_hex(canonical.data)}.{canonical.ext}"
         self.store.put_bytes(key, canonical.data, content_type=f"image/{canonical.format.lower()}")
         return key, digest

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import io
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from dandelion_lib.core.features import FeatureSpec
 from tests.api.conftest import ApiServer
@@ -67,6 +69,16 @@ def test_predict_multipart_and_raw_match_the_model(api_server: ApiServer, greenr
                 assert body["latency_ms"] > 0
                 _check_against_reference(api_server, body, data)
             assert multipart.json()["prediction_id"] != raw.json()["prediction_id"]
+
+
+def test_an_all_black_image_is_answered_unknown(api_server: ApiServer) -> None:
+    """A flat frame has nothing to classify: `unknown` with reason `blank_image`."""
+    buf = io.BytesIO()
+    Image.new("RGB", (640, 480)).save(buf, "JPEG")
+    with api_server.client() as c:
+        r = c.post("/predict", content=buf.getvalue(), headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    assert (r.json()["label"], r.json()["reason"]) == ("unknown", "blank_image")
 
 
 def test_model_is_better_than_chance_through_the_api(

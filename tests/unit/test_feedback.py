@@ -79,6 +79,19 @@ def test_only_the_image_of_a_feedback_upload_is_stored(feedback: FeedbackStore, 
     assert hashlib.sha256(clean).hexdigest() in fb.image_key
 
 
+def test_a_comment_in_a_feedback_jpeg_is_not_stored(feedback: FeedbackStore) -> None:
+    """A `<script>` in a JPEG comment (COM) segment was stored verbatim."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (40, 160, 40)).save(buf, "JPEG", comment=b"<script>x()</script>")
+    image = buf.getvalue()
+    fb = feedback.add_feedback(record(feedback, image), "dandelion", image)
+    assert fb.image_key is not None and fb.image_key.endswith(".jpg")
+    assert feedback.store is not None
+    stored = feedback.store.get_bytes(fb.image_key)
+    assert b"<script>" not in stored and len(stored) < len(image)
+    assert Image.open(io.BytesIO(stored)).tobytes() == Image.open(io.BytesIO(image)).tobytes()
+
+
 def test_a_bmp_feedback_image_is_stored_as_png_pixels(feedback: FeedbackStore) -> None:
     """BMP has no reliable end marker: its decoded pixels are stored, re-encoded as PNG."""
     image = encode("BMP") + b"<html>payload</html>"

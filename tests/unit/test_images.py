@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from dandelion_lib.core.config import Settings
 from dandelion_lib.core.images import (
@@ -203,3 +203,61 @@ def test_formats_without_a_reliable_end_are_reencoded_losslessly(fmt: str) -> No
     again = accept_image(canonical.data)
     assert again.image.tobytes() == accepted.image.tobytes()
     assert canonical_image(canonical.data, again).data == canonical.data  # a fixed point
+
+
+SCRIPT = b"<script>alert(1)</script>"
+
+
+def jpeg_with_metadata() -> bytes:
+    """A JPEG carrying a comment (COM) with a script, an XMP packet and an EXIF block."""
+    main = save(textured(), "JPEG", quality=90, comment=SCRIPT)
+    exif = Image.Exif()
+    exif[0x010E] = SCRIPT.decode()  # ImageDescription
+    xmp = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta>" + SCRIPT + b"</x:xmpmeta>"
+    segments = b"".join(
+        marker + (len(body) + 2).to_bytes(2, "big") + body
+        for marker, body in [(b"\xff\xe1", b"Exif\x00\x00" + exif.tobytes()), (b"\xff\xe1", xmp)]
+    )
+    return main[:2] + segments + main[2:]
+
+
+def png_with_metadata() -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", SCRIPT.decode())
+    info.add_itxt("XML:com.adobe.xmp", SCRIPT.decode(), zip=True)
+    return save(textured(), "PNG", pnginfo=info)
+
+
+@pytest.mark.parametrize("make", [jpeg_with_metadata, png_with_metadata])
+def test_stored_user_images_lose_comments_and_metadata_not_pixels(make: Any) -> None:
+    data = make()
+    assert SCRIPT in data or b"alert" in data
+    accepted = accept_image(data)
+    canonical = canonical_image(data, accepted, strip_metadata=True)
+    assert b"script" not in canonical.data and b"alert" not in canonical.data
+    assert (canonical.format, canonical.reencoded) == (accepted.format, False)
+    assert canonical.metadata_bytes > 0 and canonical.changed
+    assert accept_image(canonical.data).image.tobytes() == accepted.image.tobytes()
+    assert canonical_image(canonical.data, accepted, strip_metadata=True).data == canonical.data
+
+
+def test_a_rotation_or_a_format_without_a_stripper_is_reencoded() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the rotation would be lost with the EXIF block
+    exif[0x010E] = SCRIPT.decode()
+    rotated = save(textured(), "JPEG", exif=exif.tobytes())
+    gif = save(textured().quantize(64), "GIF", comment=SCRIPT)
+    for data in (rotated, gif):
+        accepted = accept_image(data)
+        canonical = canonical_image(data, accepted, strip_metadata=True)
+        assert canonical.reencoded and canonical.format == "PNG"
+        assert b"script" not in canonical.data
+        assert accept_image(canonical.data).image.tobytes() == accepted.image.tobytes()
+
+
+@pytest.mark.parametrize("name", sorted(ORDINARY))
+def test_stripping_keeps_ordinary_files_decodable_and_identical_in_pixels(name: str) -> None:
+    data = ORDINARY[name]()
+    accepted = accept_image(data)
+    canonical = canonical_image(data, accepted, strip_metadata=True)
+    assert accept_image(canonical.data).image.tobytes() == accepted.image.tobytes()

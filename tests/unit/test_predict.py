@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,28 @@ def test_load_runs_on_the_settings_it_is_given(
     monkeypatch.setenv("DANDELION_SERVING_RUNTIME", "onnx")
     keras = Predictor.load(str(folder), Settings(serving_runtime="keras"))
     assert keras.runtime == "keras" and keras._forward is not None and keras.model is not None
+
+
+def test_a_blank_image_is_unknown_whatever_the_model_says() -> None:
+    """An all-black frame was answered `grass` at 91 %: a flat image has nothing to classify."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from dandelion_lib.core.features import bytes_to_model_input
+    from dandelion_lib.serving.predict import BLANK_IMAGE, Prediction, blank_inputs
+
+    def model_input(img: Image.Image) -> np.ndarray:
+        buf = io.BytesIO()
+        img.save(buf, "JPEG")
+        return bytes_to_model_input(buf.getvalue())
+
+    black = model_input(Image.new("RGB", (640, 480)))
+    green = model_input(Image.new("RGB", (640, 480), (40, 120, 30)))
+    rng = np.random.default_rng(0)
+    dark = model_input(Image.fromarray(rng.integers(0, 24, (480, 640, 3), dtype=np.uint8)))
+    assert blank_inputs(np.stack([black, green, dark])) == [True, True, False]
+    confident = Prediction("grass", {"dandelion": 0.09, "grass": 0.91}, 0.91, blank=True)
+    assert AnswerPolicy().decide(confident) == Answer(UNKNOWN, BLANK_IMAGE)
+    assert AnswerPolicy().decide(replace(confident, blank=False)) == Answer("grass")
