@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-from collections.abc import Iterator
+import os
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import ipywidgets as w
 import numpy as np
 import pytest
+from PIL import Image
 
 from dashboards.client import ApiClient
 from dashboards.ui import DandelionApp
-from tests.app.conftest import AppApi, wait_ready
-from tests.conftest import free_port, wait_http
+from tests.app.conftest import ARTIFACTS, AppApi, open_app, wait_ready
+from tests.conftest import ROOT, free_port, wait_http
 
 EXPLAIN_MODEL = "dandelion-app-explain"
 
@@ -73,14 +76,10 @@ def _find(widget: Any, kind: type, css: str) -> list[Any]:
 
 
 def _pixels(jpeg: bytes) -> np.ndarray:
-    from PIL import Image
-
     return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=float)
 
 
 def test_the_toggle_shows_where_the_model_looked(explaining_api: str, greenr_dir: Path) -> None:
-    from PIL import Image
-
     path = greenr_dir / "dandelion" / "00000002.jpg"
     data = path.read_bytes()
     app = DandelionApp(ApiClient(explaining_api))
@@ -122,3 +121,49 @@ def test_a_model_that_cannot_explain_still_answers(app_api: AppApi, greenr_dir: 
     (note,) = _find(card, w.HTML, "dl-explain-note")
     assert "This model cannot show where it looked" in note.value
     assert not _find(card, w.Image, "dl-preview-explained")
+
+
+@pytest.mark.slow  # drives Chromium on the real Voila app
+def test_the_toggle_in_chromium(
+    explaining_api: str, voila: Callable[..., Any], page: Any, greenr_dir: Path, tmp_path: Path
+) -> None:
+    """Screenshot ``test-artifacts/app/app-explain.png``; with ``DANDELION_TEST_UPDATE_DOCS=1``
+    it also replaces the user guide's ``docs/img/app-explain.png``."""
+    photos = [greenr_dir / "dandelion" / "00000002.jpg", greenr_dir / "grass" / "00000002.jpg"]
+    uploads = []
+    for path in photos:
+        uploads.append(tmp_path / f"{path.parent.name}-{path.name}")
+        shutil.copyfile(path, uploads[-1])
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with voila(explaining_api) as url:
+        open_app(page, url)
+        upload = page.locator(".dl-upload")
+        page.wait_for_function("!document.querySelector('.dl-upload').disabled", timeout=120_000)
+        toggle = page.locator(".dl-explain-toggle input")
+        assert "Show where the model looked" in page.locator(".dl-explain-toggle").inner_text()
+        toggle.check()
+        with page.expect_file_chooser() as chooser:
+            upload.click()
+        chooser.value.set_files([str(p) for p in uploads])
+        page.wait_for_function(
+            "document.querySelectorAll('.dl-card .dl-looked').length === 2", timeout=60_000
+        )
+        looked = page.locator(".dl-looked")
+        assert all(looked.nth(i).is_visible() for i in range(2))
+        assert "Red: where the model found" in looked.nth(0).inner_text()
+        images = page.locator(".dl-preview-explained")
+        shown = images.nth(0).get_attribute("src")
+        ratio = images.nth(0).evaluate("e => e.naturalWidth / e.naturalHeight")
+        with Image.open(uploads[-1]) as photo:  # newest first: the grass photo
+            assert ratio == pytest.approx(photo.width / photo.height, abs=0.02)
+        shot = ARTIFACTS / "app-explain.png"
+        page.screenshot(path=str(shot), full_page=True)
+        toggle.uncheck()  # back to the photos
+        page.wait_for_function(
+            "[...document.querySelectorAll('.dl-looked')].every(e => e.offsetParent === null)",
+            timeout=30_000,
+        )
+        assert images.nth(0).get_attribute("src") != shown
+    if os.environ.get("DANDELION_TEST_UPDATE_DOCS") == "1":
+        shutil.copyfile(shot, ROOT / "docs" / "img" / "app-explain.png")
+    assert page.page_errors == []
