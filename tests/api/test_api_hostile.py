@@ -119,16 +119,16 @@ def burst(api: Api, image: bytes, n: int = 8) -> list[httpx.Response]:
 
 
 # --- memory -----------------------------------------------------------------------------------
-def test_a_burst_of_large_pngs_stays_within_the_container_limit(
-    registry: Registry, champion: str, tmp_path: Path
-) -> None:
+def test_a_burst_of_large_pngs_stays_within_the_container_limit(limited_api: Api) -> None:
     """8 concurrent 40 MP PNGs (116 KB each; 268 MiB each in memory when decoded in full)
     are refused from their header (over the pixel limit, which is quoted); 8 concurrent
     31 MP PNGs, just under it, are decoded at most as many at a time as the decode budget
     holds: each answers 200 or 503 decode-busy with Retry-After. RSS stays under 1 GiB."""
     over, under = zero_png(6300), zero_png(5600)
     assert len(over) < 150_000
-    with api_process(tmp_path, registry.tracking_uri) as api, PeakRss(api.proc.pid) as rss:
+    api = limited_api  # the default image limits and decode budget
+    with PeakRss(api.proc.pid) as rss:
+        before = rss.peak
         refused = burst(api, over)
         answered = burst(api, under)
         answered += burst(api, under)
@@ -146,7 +146,7 @@ def test_a_burst_of_large_pngs_stays_within_the_container_limit(
             assert r.headers["content-type"] == "application/problem+json"
             assert r.json()["code"] == "decode-busy"
             assert int(r.headers["retry-after"]) > 0
-    print(f"peak RSS {rss.peak / 2**20:.0f} MiB; statuses {sorted(statuses)}")
+    print(f"RSS {before / 2**20:.0f} -> peak {rss.peak / 2**20:.0f} MiB; {sorted(statuses)}")
 
 
 # --- connections ------------------------------------------------------------------------------
