@@ -112,8 +112,9 @@ def training_steps(version_from: str) -> tuple[PythonOperator, PythonOperator]:
         op_kwargs={"dataset_version": validated},
         **IO_RETRIES,
     )
-    # One task per shard of the dataset version: spread over pods by the KubernetesExecutor,
-    # one after another on the embedded default.
+    # One task per run of consecutive shards of the dataset version (at most
+    # DANDELION_FEATURE_MAX_TASKS, under Airflow's max_map_length at any size): spread over
+    # pods by the KubernetesExecutor, one after another on the embedded default.
     extract = PythonOperator.partial(
         task_id="extract_features", python_callable=orch.extract_features, **IO_RETRIES
     ).expand(op_kwargs=plan.output)

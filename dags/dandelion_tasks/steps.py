@@ -568,23 +568,32 @@ def _train_config(dataset_version: str, context: Any) -> Any:
 
 
 def plan_features(dataset_version: str, **context: Any) -> list[dict[str, Any]]:
-    """The extraction shards of the dataset version: one ``extract_features`` task each
-    (``DANDELION_FEATURE_SHARD_SIZE`` images per shard; at least one)."""
-    from dandelion_lib.training import extraction  # imports TensorFlow: not at DAG parse time
+    """The mapped ``extract_features`` tasks of the dataset version: shards of
+    ``DANDELION_FEATURE_SHARD_SIZE`` images in at most ``DANDELION_FEATURE_MAX_TASKS`` runs of
+    consecutive shards, one task each (at least one), so the map stays under Airflow's
+    ``max_map_length`` at any dataset size."""
+    from dandelion_lib.lifecycle import extract  # imports TensorFlow: not at DAG parse time
 
-    shards = extraction.feature_shards(_train_config(dataset_version, context), _settings())
-    log.info("dataset %s: %d extraction shard(s)", dataset_version, shards)
-    return [{"dataset_version": dataset_version, "shard": i} for i in range(shards)]
+    groups = extract.plan_extraction(_train_config(dataset_version, context), _settings())
+    log.info(
+        "dataset %s: %d extraction shard(s) in %d task(s)",
+        dataset_version,
+        groups[-1][1],
+        len(groups),
+    )
+    return [{"dataset_version": dataset_version, "shards": list(g)} for g in groups]
 
 
-def extract_features(dataset_version: str, shard: int, **context: Any) -> dict[str, int]:
-    """One shard's backbone embeddings into the feature store (only the missing ones), so
-    that ``train`` reads them all from the cache; mapped over :func:`plan_features`."""
-    from dandelion_lib.lifecycle import train  # imports TensorFlow: not at DAG parse time
+def extract_features(dataset_version: str, shards: list[int], **context: Any) -> dict[str, int]:
+    """The shards ``[first, stop)`` of :func:`plan_features`: their backbone embeddings into
+    the feature store (only the missing ones), so that ``train`` reads them all from the
+    cache."""
+    from dandelion_lib.lifecycle import extract  # imports TensorFlow: not at DAG parse time
 
+    first, stop = (int(s) for s in shards)
     config = _train_config(dataset_version, context)
-    counts = train.extract_feature_shard(config, int(shard), _settings())
-    log.info("dataset %s shard %s: %s", dataset_version, shard, counts)
+    counts = extract.extract_shard_range(config, first, stop, _settings())
+    log.info("dataset %s shards %d-%d: %s", dataset_version, first, stop - 1, counts)
     return counts
 
 

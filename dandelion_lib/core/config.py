@@ -134,8 +134,17 @@ class TrainingSettings(SettingsGroup):
     feature_shard_size: int = Field(
         256,
         ge=1,
-        description="Images per embedding-extraction task of the training DAGs (extract_features "
-        "is mapped over shards of the dataset version of this size, one task each).",
+        description="Images per shard of embedding extraction in the training DAGs "
+        "(extract_features is mapped over groups of shards of the dataset version of this "
+        "size; see feature_max_tasks).",
+    )
+    feature_max_tasks: int = Field(
+        256,
+        ge=1,
+        description="At most this many mapped extract_features tasks per DAG run; a larger "
+        "dataset version gives each task several consecutive shards. Airflow refuses to map "
+        "more than its max_map_length (1,024 by default) tasks: 256 stays under it at any "
+        "size, with room for parallelism (a million images: 3,907 shards, 15 or 16 per task).",
     )
     extraction_runtime: Literal["auto", "keras"] = Field(
         "auto",

@@ -270,3 +270,19 @@ def cached_embeddings(
     except StoreError as exc:  # the cache is an optimisation: training goes on without it
         log.warning("cannot store features of key %s: %s", fstore.key, exc)
     return out, len(shas) - len(positions), len(positions)
+
+
+def shard_groups(shards: int, max_groups: int) -> list[tuple[int, int]]:
+    """``shards`` consecutive shards in at most ``max_groups`` runs ``[first, stop)`` of
+    nearly equal length (they differ by one at most), in order; at least one run."""
+    if max_groups < 1:
+        raise ValueError(f"max_groups must be at least 1, not {max_groups}")
+    shards = max(shards, 1)
+    groups = min(shards, max_groups)
+    base, extra = divmod(shards, groups)
+    out, first = [], 0
+    for g in range(groups):
+        stop = first + base + (1 if g < extra else 0)
+        out.append((first, stop))
+        first = stop
+    return out

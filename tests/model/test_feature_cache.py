@@ -213,6 +213,17 @@ def test_sharded_extraction_fills_what_training_reads(model_env: Any, copied_sto
         "features_cached_augmented", 0
     )
 
+    # a mapped task of several shards (the plan's groups) reads the version once, same counts
+    from dandelion_lib.lifecycle.extract import extract_shard_range, plan_extraction
+
+    assert plan_extraction(config, settings.updated(feature_max_tasks=3), store=copied_store) == [
+        (0, 2),
+        (2, 3),
+        (3, 4),
+    ]
+    whole = extract_shard_range(config, 0, shards, settings, store=copied_store)
+    assert whole["images"] == 36 and whole["features_computed"] == 0
+
     from dandelion_lib.lifecycle.train import train
 
     result = train(config, settings, store=copied_store, progress=False)
