@@ -571,28 +571,41 @@ def plan_features(dataset_version: str, **context: Any) -> list[dict[str, Any]]:
     """The mapped ``extract_features`` tasks of the dataset version: shards of
     ``DANDELION_FEATURE_SHARD_SIZE`` images in at most ``DANDELION_FEATURE_MAX_TASKS`` runs of
     consecutive shards, one task each (at least one), so the map stays under Airflow's
-    ``max_map_length`` at any dataset size."""
+    ``max_map_length`` at any dataset size. Each task's rows are written as one part, and the
+    feature store's index is compacted, so a task reads neither the whole manifest nor every
+    index file (``lifecycle.extract.write_plan``)."""
     from dandelion_lib.lifecycle import extract  # imports TensorFlow: not at DAG parse time
 
-    groups = extract.plan_extraction(_train_config(dataset_version, context), _settings())
+    config = _train_config(dataset_version, context)
+    tasks = extract.write_plan(config, _settings(), str(context.get("run_id") or "manual"))
     log.info(
         "dataset %s: %d extraction shard(s) in %d task(s)",
         dataset_version,
-        groups[-1][1],
-        len(groups),
+        tasks[-1]["shards"][1],
+        len(tasks),
     )
-    return [{"dataset_version": dataset_version, "shards": list(g)} for g in groups]
+    return [{"dataset_version": dataset_version, **t} for t in tasks]
 
 
-def extract_features(dataset_version: str, shards: list[int], **context: Any) -> dict[str, int]:
+def extract_features(
+    dataset_version: str,
+    shards: list[int],
+    part: str | None = None,
+    index: str | None = None,
+    **context: Any,
+) -> dict[str, int]:
     """The shards ``[first, stop)`` of :func:`plan_features`: their backbone embeddings into
     the feature store (only the missing ones), so that ``train`` reads them all from the
-    cache."""
+    cache. With a ``part`` (the plan's rows of these shards) only it and the compacted
+    feature ``index`` are read."""
     from dandelion_lib.lifecycle import extract  # imports TensorFlow: not at DAG parse time
 
     first, stop = (int(s) for s in shards)
     config = _train_config(dataset_version, context)
-    counts = extract.extract_shard_range(config, first, stop, _settings())
+    if part and index:
+        counts = extract.extract_part(config, part, index, _settings())
+    else:
+        counts = extract.extract_shard_range(config, first, stop, _settings())
     log.info("dataset %s shards %d-%d: %s", dataset_version, first, stop - 1, counts)
     return counts
 

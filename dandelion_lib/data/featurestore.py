@@ -12,6 +12,8 @@ Layout under the store (``<key>`` is 32 hex digits)::
     features/<key>/shards/<id>.npz           embeddings (float32, n x dim), one writer's batch
     features/<key>/manifests/<id>.json       the index of shard <id>: its sha256, its shape
                                              and one row per embedding [image sha256, view]
+    features/<key>/index/<id>.json           a compacted index: every manifest of the key at
+                                             the time it was written, in one object
 
 ``<id>`` is unique per write (time + random), so concurrent writers of the same key never
 overwrite each other. A writer stores the shard first and its manifest second: a crashed
@@ -19,6 +21,16 @@ writer leaves at most an unindexed shard, never a manifest entry pointing at a m
 shard. Readers merge every manifest of the key into one index (image sha256, view) ->
 (shard, row); an embedding written twice by two writers is taken from either (both were
 computed from the same inputs).
+
+**Compaction** (:meth:`FeatureStore.compact`, run by the DAGs' ``plan_features`` step before
+the mapped extraction tasks) merges every manifest into one compacted index object and removes
+older compacted indexes; manifests stay (they say which shards are live). A reader lists the
+manifests (one paginated listing), reads the newest compacted index once and reads only the
+manifests it does not cover. A mapped extraction task goes further: it opens the store
+*pinned* to the compacted index its plan names (``index=``) and reads that one object plus
+what it writes itself, never listing or reading the other tasks' manifests, so its reads do not
+grow with the number of shards. Manifests are never rewritten, so each instance reads each
+one at most once.
 
 ``view`` names which view of the image was embedded: ``"none"`` for the unaugmented image,
 ``aug<n>-<digest>`` for augmented view ``n`` (see :func:`dandelion_lib.training.extraction.augmented_view_name`).
@@ -97,13 +109,26 @@ class _Entry:
 class FeatureStore:
     """Embeddings of one key in an object store (layout: see the module docstring)."""
 
-    def __init__(self, store: ObjectStore, key: str, *, inputs: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        store: ObjectStore,
+        key: str,
+        *,
+        inputs: dict[str, Any] | None = None,
+        index: str | None = None,
+    ):
         if not key or not all(c in "0123456789abcdef" for c in key):
             raise ValueError(f"feature key must be hex digits, not {key!r}")
         self.store = store
         self.key = key
         self.root = f"{PREFIX}/{key}"
         self.inputs = inputs
+        self.pinned = index
+        """A compacted index this instance reads instead of listing the manifests, or None."""
+        self._read: dict[str, dict[str, Any]] = {}  # manifests read or written, by shard id
+        self._compacted: tuple[str, dict[str, dict[str, Any]]] | None = None
+        self._dropped: set[str] = set()
+        self._key_written = False
 
     # -- index -----------------------------------------------------------------------------
 
@@ -114,25 +139,76 @@ class FeatureStore:
         return f"{self.root}/shards/{shard_id}.npz"
 
     def _manifests(self) -> dict[str, dict[str, Any]]:
-        """Every readable manifest of the key, by shard id (oldest id first)."""
-        found: dict[str, dict[str, Any]] = {}
+        """Every readable manifest of the key, by shard id (oldest id first). Pinned: the
+        compacted index and this instance's own writes, nothing listed."""
+        if self.pinned is not None:
+            known = {**self._load_compacted(self.pinned), **self._read}
+            return {i: known[i] for i in sorted(known) if i not in self._dropped}
         prefix = f"{self.root}/manifests/"
-        for name in sorted(self.store.list(prefix)):
-            shard_id = name[len(prefix) :].removesuffix(".json")
-            try:
-                manifest = self.store.get_json(name)
-                rows = manifest["rows"]
-                if not isinstance(rows, list) or not isinstance(manifest["sha256"], str):
-                    raise ValueError("bad manifest")
-            except StoreUnavailableError as exc:  # the store, not the manifest: keep it
-                log.warning("feature manifest %s unreachable (%s); skipped", name, exc)
-                continue
-            except (StoreError, ValueError, KeyError, TypeError) as exc:
-                log.warning("feature manifest %s unreadable (%s); dropped", name, exc)
-                self._drop(shard_id)
-                continue
-            found[shard_id] = manifest
+        live = [n[len(prefix) :].removesuffix(".json") for n in self.store.list(prefix)]
+        compacted = self._newest_compacted()
+        found: dict[str, dict[str, Any]] = {}
+        for shard_id in sorted(live):
+            manifest = self._read.get(shard_id) or compacted.get(shard_id)
+            if manifest is None:
+                manifest = self._read_manifest(shard_id)
+            if manifest is not None:
+                found[shard_id] = manifest
         return found
+
+    def _read_manifest(self, shard_id: str) -> dict[str, Any] | None:
+        name = self._manifest_key(shard_id)
+        try:
+            manifest = self.store.get_json(name)
+            rows = manifest["rows"]
+            if not isinstance(rows, list) or not isinstance(manifest["sha256"], str):
+                raise ValueError("bad manifest")
+        except StoreUnavailableError as exc:  # the store, not the manifest: keep it
+            log.warning("feature manifest %s unreachable (%s); skipped", name, exc)
+            return None
+        except (StoreError, ValueError, KeyError, TypeError) as exc:
+            log.warning("feature manifest %s unreadable (%s); dropped", name, exc)
+            self._drop(shard_id)
+            return None
+        self._read[shard_id] = manifest
+        return dict(manifest)
+
+    def _index_keys(self) -> list[str]:
+        return sorted(self.store.list(f"{self.root}/index/"))
+
+    def _newest_compacted(self) -> dict[str, dict[str, Any]]:
+        names = self._index_keys()
+        return self._load_compacted(names[-1]) if names else {}
+
+    def _load_compacted(self, name: str) -> dict[str, dict[str, Any]]:
+        """The manifests a compacted index holds (read once per instance); none when it is
+        unreadable (then the manifests are read one by one, or, pinned, recomputed)."""
+        if self._compacted is not None and self._compacted[0] == name:
+            return self._compacted[1]
+        try:
+            doc = self.store.get_json(name)
+            manifests = dict(doc["manifests"])
+        except (StoreError, ValueError, KeyError, TypeError) as exc:
+            log.warning("compacted feature index %s unusable (%s); ignored", name, exc)
+            manifests = {}
+        self._compacted = (name, manifests)
+        return manifests
+
+    def compact(self) -> str:
+        """Merge every manifest of the key into one compacted index object; returns its key
+        (what :class:`FeatureStore` takes as ``index=``). Older compacted indexes are removed
+        once it is written."""
+        older = self._index_keys()
+        manifests = self._manifests()
+        name = f"{self.root}/index/{_new_id()}.json"
+        self.store.put_json(name, {"format": FORMAT_VERSION, "manifests": manifests})
+        for old in older:
+            try:
+                self.store.delete(old)
+            except StoreError as exc:  # pragma: no cover - the next compaction removes it
+                log.warning("cannot delete %s: %s", old, exc)
+        self._compacted = (name, manifests)
+        return name
 
     def index(
         self, manifests: dict[str, dict[str, Any]] | None = None
@@ -147,6 +223,8 @@ class FeatureStore:
 
     def _drop(self, shard_id: str) -> None:
         """Forget a shard: its manifest first (readers stop using it), then its data."""
+        self._dropped.add(shard_id)
+        self._read.pop(shard_id, None)
         for name in (self._manifest_key(shard_id), self._shard_key(shard_id)):
             try:
                 self.store.delete(name)
@@ -218,9 +296,11 @@ class FeatureStore:
             )
         if not len(shas):
             return None
-        if self.inputs is not None and not self.store.exists(f"{self.root}/key.json"):
-            self.store.put_json(f"{self.root}/key.json", self.inputs)
-        shard_id = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        if self.inputs is not None and not self._key_written:
+            if not self.store.exists(f"{self.root}/key.json"):
+                self.store.put_json(f"{self.root}/key.json", self.inputs)
+            self._key_written = True
+        shard_id = _new_id()
         buffer = io.BytesIO()
         np.savez(buffer, embeddings=embeddings)
         data = buffer.getvalue()
@@ -232,7 +312,13 @@ class FeatureStore:
             "rows": [[str(sha), view] for sha in shas],
         }
         self.store.put_json(self._manifest_key(shard_id), manifest)  # ... then its index
+        self._read[shard_id] = manifest
         return shard_id
+
+
+def _new_id() -> str:
+    """Unique per write (time + pid + random), sorting by time."""
+    return f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
 def cached_embeddings(

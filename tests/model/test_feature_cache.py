@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from dandelion_lib.core.storage import LocalStore, open_store
 from dandelion_lib.data.featurestore import FeatureStore
 from tests.model.conftest import tiny_config
+from tests.store_support import CountingStore
 
 PER_CLASS = 6
 """Images per class and split: 36 in all."""
@@ -289,3 +290,40 @@ def tiny_model_backbone(size: int) -> Any:
 
     backbone = model_lib.build_backbone("stand_in", "imagenet", size)
     return lambda batch: backbone.model(batch, training=False)
+
+
+def _task_requests(model_env: Any, store: Any, per_class: int, run_id: str) -> list[dict[str, int]]:
+    """Plan the DAG's extraction (one 3-image shard per task) and run every task; the
+    requests each task made to the store."""
+    from dandelion_lib.lifecycle.extract import extract_part, write_plan
+
+    settings = model_env.settings.updated(**{"feature_shard_size": 3, "feature_max_tasks": 64})
+    config = tiny_config(max_images_per_class=per_class, openset_method="none", augment=False)
+    counting = CountingStore(store)
+    tasks = write_plan(config, settings, run_id, store=counting)
+    assert len(tasks) == 6 * per_class // 3
+    out = []
+    for task in tasks:
+        counting.reset()
+        counts = extract_part(config, task["part"], task["index"], settings, store=counting)
+        assert counts["images"] == 3
+        assert not [k for k in counting.read_keys if "/manifests/" in k]
+        out.append({k: counting.calls[k] for k in ("get", "list", "info")})  # the reads
+    return out
+
+
+def test_extraction_tasks_read_the_same_at_any_number_of_shards(
+    model_env: Any, copied_store: Any, tmp_path: Path
+) -> None:
+    """A mapped task reads its part of the plan and one compacted feature index: as many
+    requests with 6 shards as with 12, on a cold store and when everything is cached."""
+    small_store = open_store(model_env.settings, (tmp_path / "small").as_uri())
+    shutil.copytree(Path(copied_store.root), tmp_path / "small")
+    for run in ("cold", "warm"):
+        small = _task_requests(model_env, small_store, 3, run)  # 18 images: 6 shards
+        large = _task_requests(model_env, copied_store, 6, run)  # 36 images: 12 shards
+        every = small + large
+        assert all(calls == every[0] for calls in every), (run, every)
+        assert every[0]["list"] == 0
+    # warm: the part, the compacted index and the one feature shard holding its rows
+    assert every[0]["get"] == 3

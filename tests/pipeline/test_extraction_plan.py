@@ -73,10 +73,18 @@ def test_a_million_images_are_planned_within_the_map_limit(
     monkeypatch.setenv("DANDELION_FEATURE_MAX_TASKS", "256")  # the default, named here
     monkeypatch.delenv("DANDELION_FEATURE_SHARD_SIZE", raising=False)
 
-    tasks = steps.plan_features(version, params={})  # the DAG's plan_features step, not run
+    # the DAG's plan_features step, not run; the stand-in backbone keys the feature store
+    params = {"notebook_params": {"train": {"backbone": "stand_in"}}}
+    tasks = steps.plan_features(version, params=params, run_id="manual__2026-01-01")
 
     assert len(tasks) == 256 < AIRFLOW_MAX_MAP_LENGTH
     ranges = [tuple(t["shards"]) for t in tasks]
     assert ranges == shard_groups(-(-n // 256), 256)  # 3,907 shards of 256, 15 or 16 a task
     assert ranges[-1][1] == 3907 and {t["dataset_version"] for t in tasks} == {version}
     assert {b - a for a, b in ranges} == {15, 16}
+    # each task's rows are one part of the plan; all read one compacted feature index
+    first = pd.read_parquet(io.BytesIO(store.get_bytes(tasks[0]["part"])))
+    last = pd.read_parquet(io.BytesIO(store.get_bytes(tasks[-1]["part"])))
+    assert len(first) == 16 * 256 and len(last) == n - ranges[-1][0] * 256
+    assert first["sha256"].is_monotonic_increasing and first["sha256"].iloc[-1] < last["sha256"][0]
+    assert len({t["index"] for t in tasks}) == 1 and store.exists(tasks[0]["index"])

@@ -14,6 +14,7 @@ from dandelion_lib.data.featurestore import (
     feature_key,
     weights_digest,
 )
+from tests.store_support import CountingStore
 
 SHAS = [f"{i:064x}" for i in range(5)]
 
@@ -156,3 +157,58 @@ def test_bad_arguments_are_refused(store: Any) -> None:
     with pytest.raises(ValueError, match="shape"):
         fs.put(SHAS, "none", _embeddings(4))
     assert fs.put([], "none", np.zeros((0, 3), np.float32)) is None
+
+
+# --- compaction: one compacted index instead of every manifest ---------------------------
+
+
+def _fill(store: Any, writes: int) -> FeatureStore:
+    """``writes`` shards of one embedding each, by as many writers."""
+    for i in range(writes):
+        FeatureStore(store, _key()).put([f"{i:064x}"], "none", _embeddings(1, seed=i))
+    return FeatureStore(store, _key())
+
+
+@pytest.mark.parametrize("writes", [3, 30])
+def test_a_compacted_index_is_read_instead_of_every_manifest(store: Any, writes: int) -> None:
+    counting = CountingStore(store)
+    _fill(counting, writes).compact()
+    counting.reset()
+    reader = FeatureStore(counting, _key())
+    shas = [f"{i:064x}" for i in range(writes)]
+    found, missing = reader.get(shas)
+    assert missing == [] and found is not None
+    np.testing.assert_array_equal(found[-1], _embeddings(1, seed=writes - 1)[0])
+    # one listing of the manifests, one of the compacted indexes, the index, then the shards
+    manifest_reads = [k for k in counting.read_keys if "/manifests/" in k]
+    assert manifest_reads == [] and counting.calls["list"] == 2
+    assert counting.calls["get"] == 1 + writes
+
+    # a later write is read on its own; a pinned reader never lists and sees only the index
+    _fill(counting, writes + 1)  # rewrites 0..writes-1 (harmless copies) and adds one
+    counting.reset()
+    again = FeatureStore(counting, _key()).index()
+    assert len(again) == writes + 1
+    assert len([k for k in counting.read_keys if "/manifests/" in k]) == writes + 1
+    index_key = next(iter(store.list(f"features/{_key()}/index/")))
+    counting.reset()
+    pinned = FeatureStore(counting, _key(), index=index_key)
+    assert len(pinned.index()) == writes and counting.calls["list"] == 0
+    pinned.put([f"{999:064x}"], "none", _embeddings(1))
+    assert (f"{999:064x}", "none") in pinned.index() and counting.calls["get"] == 1
+
+
+def test_compaction_keeps_one_index_and_drops_stay_dropped(store: Any) -> None:
+    fs = _fill(store, 4)
+    fs.compact()
+    first = fs.compact()
+    assert list(store.list(f"features/{fs.key}/index/")) == [first]
+    # a shard of the compacted index goes bad: dropped, recomputed, never read again
+    shard = fs.index()[(SHAS[2], "none")].shard
+    store.put_bytes(f"features/{fs.key}/shards/{shard}.npz", b"not a shard")
+    found, missing = FeatureStore(store, fs.key).get(SHAS[:4])
+    assert missing == [SHAS[2]] and found is not None
+    FeatureStore(store, fs.key).put([SHAS[2]], "none", _embeddings(1, seed=2))
+    later = FeatureStore(store, fs.key)
+    assert later.index()[(SHAS[2], "none")].shard != shard
+    assert later.get(SHAS[:4])[1] == []
