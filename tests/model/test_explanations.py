@@ -19,6 +19,12 @@ from dandelion_lib.serving import explain, runtime
 from dandelion_lib.serving.predict import Predictor
 from tests.model.test_runtime import _pixels
 
+HOLDS_FLOOR = 0.6
+"""Share of the 20 photos on which the hot cells must lower the probability more than a random
+region (measured: 0.70 on this model; the default model's target is 0.8, docs/model.md)."""
+DROP_RATIO = 1.5
+"""The hot cells' mean probability drop over the random regions' (measured: 2.6x)."""
+
 
 @pytest.fixture(scope="module")
 def photos(model_env: Any, test_split: Any, predictor: Predictor) -> np.ndarray:
@@ -117,3 +123,33 @@ def test_a_version_registered_without_feature_maps_serves_and_says_why(
     k = Predictor.load(str(local_copy), Settings(), runtime="keras")
     with pytest.raises(explain.ExplanationUnavailableError, match="ONNX runtime"):
         k.predict_arrays(photos[:1], explain=True)
+
+
+@pytest.mark.slow  # the real backbone's maps on 20 real photos, 5 forward passes each
+def test_masking_where_the_real_model_looked_lowers_its_answer_more_than_random(
+    model_env: Any, test_split: Any, lite0_predictor: Predictor
+) -> None:
+    """On the real backbone's tiny model (``lite0_trained``), 20 held-out photos: masking the
+    hottest 20 % of the map lowers the explained class's probability more than masking a
+    random region of as many cells, on most photos and on average by a wide margin (the
+    default model's figures on all held-out photos are ``bench -- explain``'s, docs/model.md)."""
+    pixels = _pixels(model_env, test_split.iloc[::3], lite0_predictor.spec)
+    explainer = lite0_predictor.explainer
+    assert explainer is not None
+
+    def log_probabilities(batch: np.ndarray) -> np.ndarray:
+        return explain.log_softmax(explainer.logits(lite0_predictor.features(batch)))
+
+    rng = np.random.default_rng(0)
+    results = []
+    for x in pixels:
+        (pred,) = lite0_predictor.predict_arrays(x[None], explain=True)
+        assert pred.explanation is not None and pred.explanation.grid.shape == (11, 11)
+        target = list(lite0_predictor.labels).index(pred.explanation.explains)
+        results.append(explain.deletion_test(log_probabilities, x, pred.explanation, target, rng))
+    holds = float(np.mean([r.holds for r in results]))
+    hot = float(np.mean([np.exp(r.before) - np.exp(r.top) for r in results]))
+    random = float(np.mean([np.exp(r.before) - np.exp(r.random) for r in results]))
+    assert len(results) == 20
+    assert holds >= HOLDS_FLOOR, [(r.before, r.top, r.random) for r in results]
+    assert hot >= DROP_RATIO * random
