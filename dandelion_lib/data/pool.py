@@ -19,7 +19,7 @@ import logging
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -237,10 +237,17 @@ def _progress_bar(total: int, enabled: bool | None) -> Any:
     return tqdm(total=total, unit="img", desc="ingest", disable=not enabled, leave=False)
 
 
+IN_FLIGHT_PER_THREAD = 4
+"""Items submitted ahead per worker thread: the pool never holds more than this many items'
+work (and bytes) at once, however long the source's listing."""
+
+
 def run_pool(worker: Worker, items: list[SourceItem], progress: bool | None) -> list[Outcome]:
     """Every item's outcome, in the order of ``items``. The first item is fetched alone: an
-    unreachable source fails fast with one clear error. New images are checkpointed into the
-    index now and then, so a killed run does not redo everything."""
+    unreachable source fails fast with one clear error. At most
+    ``IN_FLIGHT_PER_THREAD`` items per thread are in flight at once (bounded memory at any
+    number of items). New images are checkpointed into the index now and then, so a killed
+    run does not redo everything."""
     if not items:
         return []
     bar = _progress_bar(len(items), progress)
@@ -249,36 +256,57 @@ def run_pool(worker: Worker, items: list[SourceItem], progress: bool | None) -> 
         if first.reason == "connection_error":
             raise unreachable(worker.source, first.detail)
         bar.update(1)
-        with ThreadPoolExecutor(max_workers=worker.source.concurrency) as pool:
-            futures = [pool.submit(worker, item) for item in items[1:]]
-            outcomes = [first, *_collect(futures, worker.index, bar)]
+        threads = max(1, worker.source.concurrency)
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            window = threads * IN_FLIGHT_PER_THREAD
+            outcomes = [first, *_collect(pool, worker, items[1:], window, bar)]
     finally:
         bar.close()
     order = {item.source: i for i, item in enumerate(items)}
     return sorted(outcomes, key=lambda o: order[o.item.source])
 
 
-def _collect(futures: list[Future[Outcome]], index: SourceIndex, bar: Any) -> list[Outcome]:
+def _collect(
+    pool: ThreadPoolExecutor, worker: Worker, items: list[SourceItem], window: int, bar: Any
+) -> list[Outcome]:
+    """The outcomes of ``items``, with at most ``window`` of them submitted at a time."""
     outcomes: list[Outcome] = []
-    last_save = time.monotonic()
-    unsaved = 0
+    checkpoint = _Checkpoint(worker.index)
+    pending: set[Future[Outcome]] = set()
     try:
-        for fut in as_completed(futures):
-            o = fut.result()
-            outcomes.append(o)
-            bar.update(1)
-            if o.status == "new":
-                unsaved += 1
-                index.images[o.sha256 or ""] = o.image or {}
-                if o.entry is not None:
-                    index.sources[o.item.source] = o.entry
-            # Checkpoint now and then, so a killed run does not redo everything.
-            if unsaved >= 50 and time.monotonic() - last_save > 5.0:
-                index.save()
-                last_save, unsaved = time.monotonic(), 0
+        for item in items:
+            if len(pending) >= window:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                outcomes += [checkpoint.note(fut.result(), bar) for fut in done]
+            pending.add(pool.submit(worker, item))
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            outcomes += [checkpoint.note(fut.result(), bar) for fut in done]
     except BaseException:
         # Fail fast (e.g. the store became unreachable): drop what has not started.
-        for fut in futures:
+        for fut in pending:
             fut.cancel()
         raise
     return outcomes
+
+
+class _Checkpoint:
+    """Saves the source index now and then during a run, so a killed run does not redo
+    everything."""
+
+    def __init__(self, index: SourceIndex):
+        self.index = index
+        self.last_save = time.monotonic()
+        self.unsaved = 0
+
+    def note(self, o: Outcome, bar: Any) -> Outcome:
+        bar.update(1)
+        if o.status == "new":
+            self.unsaved += 1
+            self.index.images[o.sha256 or ""] = o.image or {}
+            if o.entry is not None:
+                self.index.sources[o.item.source] = o.entry
+        if self.unsaved >= 50 and time.monotonic() - self.last_save > 5.0:
+            self.index.save()
+            self.last_save, self.unsaved = time.monotonic(), 0
+        return o

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -177,3 +178,36 @@ def test_store_outage_mid_run_stops_promptly_without_a_version(
         ingest(settings, store=store, progress=False)
     assert store.puts < 100  # pending items were cancelled, not all attempted
     assert dataset.list_versions(store) == [] and not store.exists(dataset.LATEST_KEY)
+
+
+def test_the_pool_keeps_a_bounded_number_of_items_in_flight(
+    greenr_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However many items a source lists, at most IN_FLIGHT_PER_THREAD per thread are
+    submitted and not yet collected (a real thread pool, counting its futures)."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from dandelion_lib.data import pool
+
+    state = {"outstanding": 0, "peak": 0, "submitted": 0}
+
+    class CountingPool(ThreadPoolExecutor):
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+            state["outstanding"] += 1
+            state["submitted"] += 1
+            state["peak"] = max(state["peak"], state["outstanding"])
+            return super().submit(fn, *args, **kwargs)
+
+    collected = pool._Checkpoint.note
+
+    def note(self: Any, o: Any, bar: Any) -> Any:
+        state["outstanding"] -= 1
+        return collected(self, o, bar)
+
+    monkeypatch.setattr(pool, "ThreadPoolExecutor", CountingPool)
+    monkeypatch.setattr(pool._Checkpoint, "note", note)
+    settings = Settings(workdir=tmp_path, source=str(greenr_dir), max_per_class=60)
+    report = ingest(settings, store=LocalStore(tmp_path / "store"), progress=False)
+    assert report.images == 120 and state["submitted"] == 119  # the first item goes alone
+    threads = min(8, (os.cpu_count() or 1) * 2)  # FolderSource's concurrency
+    assert 0 < state["peak"] <= threads * pool.IN_FLIGHT_PER_THREAD < 119
