@@ -3,7 +3,8 @@
 # notebooks and the `dandelion` Jupyter kernel that Papermill runs them in. One image for every
 # Airflow component (api-server, scheduler, dag-processor, triggerer) and for the pods that the
 # KubernetesExecutor starts per task. Compatible with the official Airflow Helm chart: user
-# 50000 in group 0, AIRFLOW_HOME=/opt/airflow, `airflow` and `bash` on PATH.
+# 50000 in group 0, AIRFLOW_HOME=/opt/airflow, `airflow` and `bash` on PATH, and the official
+# image's /entrypoint and /clean-logs, which the chart's probes and sidecars run.
 # Build from the repository root:  docker build -f docker/pipeline.Dockerfile -t dandelion-pipeline .
 
 FROM python:3.11.14-slim-bookworm AS builder
@@ -55,6 +56,11 @@ RUN useradd --system --uid 50000 --gid 0 --home-dir /home/airflow --create-home 
     && pip uninstall --no-cache-dir -y -q pip setuptools wheel
 COPY --from=builder /opt/venv /opt/venv
 COPY docker/healthcheck.py /usr/local/bin/dandelion-healthcheck
+# The official image's contract that the Airflow chart's probes and log-groomer sidecars use:
+# `exec /entrypoint airflow jobs check ...` and `bash /clean-logs` (tests/images); executable
+# in git, COPY keeps the mode.
+COPY docker/entrypoint.sh /entrypoint
+COPY docker/clean-logs.sh /clean-logs
 # Baked-in DAGs and notebooks, on compose and on Kubernetes alike (no git-sync): the DAGs always
 # match the library of the same image.
 WORKDIR /opt/dandelion

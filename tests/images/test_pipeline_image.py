@@ -9,6 +9,10 @@ names the ConfigMap uses. The one fake: no Kubernetes API exists here, so the ex
 client is pointed at a kubeconfig whose server is a closed loopback port (the scheduler must
 still start and heartbeat; task pods are what only a real cluster shows).
 
+The probes and sidecars are the chart's own: the exact commands that the pinned chart version
+(AIRFLOW_CHART_VERSION=1.22.0 in k8s/deploy.sh) renders for `airflowVersion` 3.x (CHART_* below),
+run inside our image against the running component they check.
+
 Run by `nox -s images` after the build (DANDELION_IMAGE_TESTS=1); skipped elsewhere.
 """
 
@@ -48,6 +52,40 @@ users: [{name: none, user: {token: none}}]
 contexts: [{name: none, context: {cluster: none, user: none, namespace: dandelion-dev}}]
 current-context: none
 """
+
+
+def _chart_probe(check_args: str) -> list[str]:
+    """An exec probe as apache-airflow chart 1.22.0 renders it (chart/templates/_helpers.yaml)."""
+    return [
+        "sh",
+        "-c",
+        "CONNECTION_CHECK_MAX_COUNT=0 AIRFLOW__LOGGING__LOGGING_LEVEL=ERROR exec /entrypoint \\\n"
+        f"airflow jobs check {check_args}\n",
+    ]
+
+
+# Chart 1.22.0, airflowVersion >= 2.5.2 (ours: 3.x, k8s/airflow/values.yaml):
+# - scheduler livenessProbe and startupProbe, chart/templates/scheduler/scheduler-deployment.yaml
+#   (`scheduler_liveness_check_command`, `scheduler_startup_check_command` of _helpers.yaml);
+# - triggerer livenessProbe, chart/templates/triggerer/triggerer-deployment.yaml
+#   (`triggerer_liveness_check_command`);
+# - dag-processor livenessProbe, chart/templates/dag-processor/dag-processor-deployment.yaml
+#   (`dag_processor_liveness_check_command`: `--local` then `--job-type DagProcessorJob`).
+CHART_PROBES = {
+    "scheduler": _chart_probe("--job-type SchedulerJob --local"),
+    "triggerer": _chart_probe("--job-type TriggererJob --local"),
+    "dag-processor": _chart_probe("--local --job-type DagProcessorJob"),
+}
+# The log-groomer sidecars of the scheduler, triggerer, dag-processor and workers (same
+# templates; `logGroomerSidecar.args` of the chart's values.yaml, on by default) and their env.
+CHART_LOG_GROOMER = ["bash", "/clean-logs"]
+CHART_LOG_GROOMER_ENV = {
+    "AIRFLOW__LOG_RETENTION_DAYS": "15",
+    "AIRFLOW__LOG_CLEANUP_FREQUENCY_MINUTES": "15",
+}
+# What the kubelet allows an exec probe before it counts as failed is timeoutSeconds (20 s in
+# the chart for these probes); the check here waits longer on this shared machine and reports.
+PROBE_WAIT_S = 180
 
 
 @dataclass
@@ -252,3 +290,96 @@ def test_notebook_task_runs(cluster: Cluster) -> None:
         "region_name='us-east-1'); print(c.list_objects_v2(Bucket='dandelion').get('KeyCount',0))",
     )  # fmt: skip
     assert int(listing.stdout.strip().splitlines()[-1]) >= 12, listing.stdout
+
+
+def _run_probe(container: str, command: list[str]) -> tuple[int, float, str]:
+    start = time.monotonic()
+    proc = dk.docker("exec", container, *command, check=False, timeout=PROBE_WAIT_S)
+    return proc.returncode, time.monotonic() - start, proc.stdout + proc.stderr
+
+
+def _start(cluster: Cluster, component: str, *command: str) -> str:
+    """The named Airflow component of this cluster, started unless it already runs."""
+    tag = cluster.network.rsplit("-", 1)[1]
+    name = f"k8s-{component}-{tag}"
+    if dk.docker("inspect", name, check=False).returncode != 0:
+        cluster.names.append(name)
+        dk.docker("run", "-d", *cluster.airflow_args(name), *command)
+    return name
+
+
+def test_chart_probes_pass_against_running_components(cluster: Cluster) -> None:
+    """The chart's probe commands in our image: each fails while its component is not running
+    (the probe can fail), and passes once it heartbeats."""
+    probe = f"k8s-probe-{cluster.network.rsplit('-', 1)[1]}"
+    cluster.names.append(probe)
+    dk.docker("run", "-d", *cluster.airflow_args(probe), "sleep", "infinity")
+    code, _, out = _run_probe(probe, CHART_PROBES["triggerer"])
+    assert code != 0, f"triggerer probe passed with no triggerer running:\n{out}"
+
+    components = {
+        "scheduler": _start(cluster, "scheduler", "airflow", "scheduler"),
+        "triggerer": _start(cluster, "triggerer", "airflow", "triggerer"),
+        "dag-processor": _start(cluster, "dag-processor", "airflow", "dag-processor"),
+    }
+    deadline = time.monotonic() + 420
+    pending = dict(components)
+    took: dict[str, float] = {}
+    last: dict[str, str] = {}
+    while pending and time.monotonic() < deadline:
+        for component, name in list(pending.items()):
+            assert dk.inspect(name)["State"]["Running"], f"{name} exited\n{dk.container_logs(name)}"
+            code, seconds, out = _run_probe(name, CHART_PROBES[component])
+            last[component] = out
+            if code == 0:
+                took[component] = seconds
+                del pending[component]
+        time.sleep(3.0)
+    assert not pending, {
+        c: (last.get(c, ""), dk.container_logs(n)[-3000:]) for c, n in pending.items()
+    }
+    print("chart probes passed, seconds per probe:", {c: round(t, 1) for c, t in took.items()})
+
+
+def test_chart_log_groomer_sidecar(cluster: Cluster, tmp_path: Path) -> None:
+    """`bash /clean-logs` as the chart's sidecar: deletes old task logs, keeps recent ones and
+    other files, keeps running, and stops at once on SIGTERM."""
+    logs = tmp_path / "logs"
+    old = logs / "dag_id=dandelion_pipeline" / "run_id=old" / "task_id=ingest" / "attempt=1.log"
+    recent = logs / "dag_id=dandelion_pipeline" / "run_id=new" / "task_id=ingest" / "attempt=1.log"
+    other = logs / "scheduler" / "latest"
+    for path in (old, recent, other):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("log line\n")
+    month_ago = time.time() - 30 * 86400
+    os.utime(old, (month_ago, month_ago))
+    for folder in [logs, *logs.rglob("*")]:
+        if folder.is_dir():
+            folder.chmod(0o777)
+    # The chart mounts the logs volume there instead of the emptyDir the values give it.
+    args = cluster.spec.docker_args()
+    args = [a for i, a in enumerate(args) if not _is_logs_tmpfs(args, i)]
+    name = f"k8s-log-groomer-{cluster.network.rsplit('-', 1)[1]}"
+    cluster.names.append(name)
+    env = [x for k, v in CHART_LOG_GROOMER_ENV.items() for x in ("-e", f"{k}={v}")]
+    dk.docker(
+        "run", "-d", "--name", name, *args, *env, "-v", f"{logs}:/opt/airflow/logs",
+        dk.image_tag("pipeline"), *CHART_LOG_GROOMER,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while old.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not old.exists(), dk.container_logs(name)
+    assert not old.parent.exists(), "the emptied folders stay"
+    assert recent.exists() and other.exists()
+    assert dk.inspect(name)["State"]["Running"], dk.container_logs(name)
+    dk.docker("stop", "--time", "10", name)
+    state = dk.inspect(name)["State"]
+    assert state["ExitCode"] == 0, (state, dk.container_logs(name))
+
+
+def _is_logs_tmpfs(args: list[str], i: int) -> bool:
+    """args[i] is the emptyDir tmpfs of /opt/airflow/logs or its `--tmpfs` flag."""
+    if args[i] == "--tmpfs":
+        return i + 1 < len(args) and args[i + 1].startswith("/opt/airflow/logs:")
+    return args[i].startswith("/opt/airflow/logs:") and i > 0 and args[i - 1] == "--tmpfs"
