@@ -359,12 +359,13 @@ def embed_shard(
     the counts of cached and computed embeddings and of ``images``."""
     counts: dict[str, int] = {}
     if len(rows):
-        pixels = StoredPixels(store, rows, spec)
+        # A shard is small (feature_shard_size images): read once, not once per view.
+        pixels = StoredPixels(store, rows, spec)[:]
         shas = _shas(rows)
         split_features(extractor, pixels, shas, dim, fstore, counts)
         train = (rows["split"] == "train").to_numpy()
         train_shas = [sha for sha, t in zip(shas, train, strict=True) if t]
-        augmented_features(extractor, pixels.take(train), train_shas, dim, config, fstore, counts)
+        augmented_features(extractor, pixels[train], train_shas, dim, config, fstore, counts)
         _add_augmented(counts)
     counts["images"] = len(rows)
     return counts
