@@ -11,11 +11,11 @@ is its own:
   the split included);
 * ``near_dups_split``: the ingested manifest's near-duplicate grouping and split again, alone
   (:func:`~dandelion_lib.data.dataset.near_duplicate_groups`, ``assign_splits``);
-* ``plan``: the shard plan (:func:`~dandelion_lib.training.extraction.feature_shards`, what
-  the DAGs' ``plan_features`` task calls);
-* ``extract``: one process per shard, as the DAGs' mapped ``extract_features`` tasks
-  (:func:`~dandelion_lib.lifecycle.train.extract_feature_shard`): wall time and requests
-  summed, peak RSS the largest task's;
+* ``plan``: the extraction plan (:func:`~dandelion_lib.lifecycle.extract.plan_extraction`,
+  what the DAGs' ``plan_features`` task calls: runs of shards, one mapped task each);
+* ``extract``: one process per run of shards, as the DAGs' mapped ``extract_features``
+  tasks (:func:`~dandelion_lib.lifecycle.extract.extract_shard_range`): wall time and
+  requests summed, peak RSS the largest task's;
 * ``train``: the default recipe, from the feature store (``dandelion train``);
 * ``evaluate``: the challenger on the test split (``dandelion evaluate``);
 * ``promote``: the gate (``dandelion promote``).
@@ -191,15 +191,17 @@ def _stage_near_dups_split(work: Path, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _stage_plan(work: Path, args: dict[str, Any]) -> dict[str, Any]:
-    from dandelion_lib.training.extraction import feature_shards
+    from dandelion_lib.lifecycle.extract import plan_extraction
 
-    return {"shards": feature_shards(_config(args["backbone"]), _settings(work))}
+    groups = plan_extraction(_config(args["backbone"]), _settings(work))
+    return {"tasks": [list(g) for g in groups], "shards": groups[-1][1]}
 
 
 def _stage_extract(work: Path, args: dict[str, Any]) -> dict[str, Any]:
-    from dandelion_lib.lifecycle.train import extract_feature_shard
+    from dandelion_lib.lifecycle.extract import extract_shard_range
 
-    return extract_feature_shard(_config(args["backbone"]), args["shard"], _settings(work))
+    first, stop = args["shards"]
+    return extract_shard_range(_config(args["backbone"]), first, stop, _settings(work))
 
 
 def _stage_train(work: Path, args: dict[str, Any]) -> dict[str, Any]:
@@ -273,9 +275,10 @@ def _child(name: str, work: Path, **args: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def _extract_all(work: Path, shards: int, backbone: str) -> dict[str, Any]:
-    """Every mapped extraction task in its own process, one after another (one worker)."""
-    tasks = [_child("extract", work, backbone=backbone, shard=i) for i in range(shards)]
+def _extract_all(work: Path, groups: list[list[int]], backbone: str) -> dict[str, Any]:
+    """Every mapped extraction task (a run of shards) in its own process, one after another
+    (one worker)."""
+    tasks = [_child("extract", work, backbone=backbone, shards=g) for g in groups]
     requests = Counter[str]()
     for t in tasks:
         requests.update(t["requests"])
@@ -283,7 +286,7 @@ def _extract_all(work: Path, shards: int, backbone: str) -> dict[str, Any]:
         "seconds": sum(t["seconds"] for t in tasks),
         "peak_rss_mib": max(t["peak_rss_mib"] for t in tasks),
         "requests": dict(requests),
-        "out": {"tasks": shards, "task_seconds_max": max(t["seconds"] for t in tasks)},
+        "out": {"tasks": len(groups), "task_seconds_max": max(t["seconds"] for t in tasks)},
     }
 
 
@@ -298,7 +301,7 @@ def run_size(n: int, backbone: str, tmp: Path, only: str = "all") -> dict[str, A
     wanted = STAGES if only == "all" else _needed(only.split(","))
     for name in wanted:
         if name == "extract":
-            stages[name] = _extract_all(work, stages["plan"]["out"]["shards"], backbone)
+            stages[name] = _extract_all(work, stages["plan"]["out"]["tasks"], backbone)
         else:
             stages[name] = _child(name, work, backbone=backbone)
         _print_stage(n, name, stages[name])
@@ -311,7 +314,8 @@ def _needed(names: list[str]) -> tuple[str, ...]:
     if unknown:
         raise SystemExit(f"unknown stages {sorted(unknown)}; stages: {list(STAGES)}")
     last = max(STAGES.index(n) for n in names)
-    return tuple(n for i, n in enumerate(STAGES) if n in names or (i < last and n == "ingest"))
+    needs = {"ingest"} | ({"plan"} if "extract" in names else set())
+    return tuple(n for i, n in enumerate(STAGES) if n in names or (i < last and n in needs))
 
 
 def _print_stage(n: int, name: str, s: dict[str, Any]) -> None:
@@ -427,6 +431,9 @@ def _duration(seconds: float) -> str:
 def _print_projection(projection: dict[str, Any], target: int = MILLION) -> None:
     print(f"\nratios between sizes and projection to {target:,} photos (slope of the two largest):")
     for name, row in projection.items():
+        if not row["ratios"]:
+            print(f"  {name:16s} (one size: no slope to project)")
+            continue
         ratios = "; ".join(
             f"{r['from']}->{r['to']}: time/photo x{r['time_per_photo']:.2f}, "
             f"peak RSS x{r['peak_rss']:.2f}"
