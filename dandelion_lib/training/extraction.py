@@ -344,6 +344,26 @@ def shard_rows(data: TrainingData, shard: int, size: int) -> pd.DataFrame:
     return _shard_rows(data).iloc[shard * size : (shard + 1) * size].reset_index(drop=True)
 
 
+class _ShardPixels(StoredPixels):
+    """A shard's images (or some of them, :meth:`take`): read from the store once, when a
+    view first needs them (a shard is small), then served from memory to every view; never
+    read when every view is cached."""
+
+    def __init__(self, base: StoredPixels, at: Any = None, cache: list[Any] | None = None):
+        positions = np.arange(len(base)) if at is None else np.asarray(at)
+        super().__init__(base.store, base.rows.iloc[positions], base.spec)
+        self.base, self.at = base, positions
+        self.cache: list[Any] = [] if cache is None else cache
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if not self.cache:
+            self.cache.append(self.base[:])
+        return np.asarray(self.cache[0][self.at[index]])
+
+    def take(self, index: Any) -> StoredPixels:
+        return _ShardPixels(self.base, self.at[index], self.cache)
+
+
 def embed_shard(
     extractor: Any,
     rows: pd.DataFrame,
@@ -359,13 +379,12 @@ def embed_shard(
     the counts of cached and computed embeddings and of ``images``."""
     counts: dict[str, int] = {}
     if len(rows):
-        # A shard is small (feature_shard_size images): read once, not once per view.
-        pixels = StoredPixels(store, rows, spec)[:]
+        pixels = _ShardPixels(StoredPixels(store, rows, spec))
         shas = _shas(rows)
         split_features(extractor, pixels, shas, dim, fstore, counts)
         train = (rows["split"] == "train").to_numpy()
         train_shas = [sha for sha, t in zip(shas, train, strict=True) if t]
-        augmented_features(extractor, pixels[train], train_shas, dim, config, fstore, counts)
+        augmented_features(extractor, pixels.take(train), train_shas, dim, config, fstore, counts)
         _add_augmented(counts)
     counts["images"] = len(rows)
     return counts
