@@ -11,11 +11,12 @@ is its own:
   the split included);
 * ``near_dups_split``: the ingested manifest's near-duplicate grouping and split again, alone
   (:func:`~dandelion_lib.data.dataset.near_duplicate_groups`, ``assign_splits``);
-* ``plan``: the extraction plan (:func:`~dandelion_lib.lifecycle.extract.plan_extraction`,
-  what the DAGs' ``plan_features`` task calls: runs of shards, one mapped task each);
-* ``extract``: one process per run of shards, as the DAGs' mapped ``extract_features``
-  tasks (:func:`~dandelion_lib.lifecycle.extract.extract_shard_range`): wall time and
-  requests summed, peak RSS the largest task's;
+* ``plan``: the extraction plan (:func:`~dandelion_lib.lifecycle.extract.write_plan`, what
+  the DAGs' ``plan_features`` task calls: runs of shards, one mapped task each, each with its
+  part of the manifest);
+* ``extract``: one process per task, as the DAGs' mapped ``extract_features`` tasks
+  (:func:`~dandelion_lib.lifecycle.extract.extract_part`): wall time and requests summed,
+  peak RSS the largest task's;
 * ``train``: the default recipe, from the feature store (``dandelion train``);
 * ``evaluate``: the challenger on the test split (``dandelion evaluate``);
 * ``promote``: the gate (``dandelion promote``).
@@ -191,17 +192,20 @@ def _stage_near_dups_split(work: Path, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _stage_plan(work: Path, args: dict[str, Any]) -> dict[str, Any]:
-    from dandelion_lib.lifecycle.extract import plan_extraction
+    from dandelion_lib.lifecycle.extract import write_plan
 
-    groups = plan_extraction(_config(args["backbone"]), _settings(work))
-    return {"tasks": [list(g) for g in groups], "shards": groups[-1][1]}
+    tasks = write_plan(_config(args["backbone"]), _settings(work), "scale")
+    return {"tasks": tasks, "shards": tasks[-1]["shards"][1]}
 
 
 def _stage_extract(work: Path, args: dict[str, Any]) -> dict[str, Any]:
-    from dandelion_lib.lifecycle.extract import extract_shard_range
+    from dandelion_lib.lifecycle.extract import extract_part
 
-    first, stop = args["shards"]
-    return extract_shard_range(_config(args["backbone"]), first, stop, _settings(work))
+    task = args["task"]
+    if "part" not in task:  # the feature cache is off: the task does nothing
+        return {}
+    settings = _settings(work)
+    return extract_part(_config(args["backbone"]), task["part"], task["index"], settings)
 
 
 def _stage_train(work: Path, args: dict[str, Any]) -> dict[str, Any]:
@@ -275,10 +279,10 @@ def _child(name: str, work: Path, **args: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def _extract_all(work: Path, groups: list[list[int]], backbone: str) -> dict[str, Any]:
+def _extract_all(work: Path, groups: list[dict[str, Any]], backbone: str) -> dict[str, Any]:
     """Every mapped extraction task (a run of shards) in its own process, one after another
     (one worker)."""
-    tasks = [_child("extract", work, backbone=backbone, shards=g) for g in groups]
+    tasks = [_child("extract", work, backbone=backbone, task=g) for g in groups]
     requests = Counter[str]()
     for t in tasks:
         requests.update(t["requests"])
