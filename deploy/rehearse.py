@@ -9,8 +9,9 @@ Scenario: stack up (health-gated) -> the pipeline DAG runs in the Airflow contai
 (scheduler + dag-processor + api-server, LocalExecutor) against PostgreSQL-backed MLflow with S3
 (moto) artifacts -> champion registered -> API ready, predicts real photos -> the app page in
 Chromium classifies an upload and records feedback -> the feedback row is in PostgreSQL ->
-Prometheus scrapes every target. Faults: API restart, PostgreSQL outage, scheduler killed
-mid-task.
+Prometheus scrapes every target. Faults: API restart, scheduler killed mid-task, PostgreSQL outage (the scheduler must
+heartbeat again; a stale heartbeat is diagnosed), scheduler frozen (its health probe restarts
+it).
 
     python -m deploy.rehearse [--keep] [--per-class N]
 """
@@ -483,13 +484,14 @@ def fault_postgres_outage(r: Rehearsal) -> str:
     took = _wait("feedback accepted again", recovered, 180, every=3)
     # Components that exit without their database come back under their restart policy.
     healthy = _wait("every service healthy again", lambda: _all_healthy(r), 600, every=5)
+    from deploy.rehearse_heal import scheduler_heals  # it imports this module's helpers
+
+    heartbeat = scheduler_heals(r)
     restarted = sorted(k for k, n in _restarts(r).items() if n > restarts.get(k, 0))
-    age = _scheduler_heartbeat_age(r)
     return (
         f"PostgreSQL down {outage:.0f} s: feedback 503, predictions 200; feedback accepted "
         f"{took:.0f} s after it was back, every service healthy after {took + healthy:.0f} s "
-        f"(restarted by their restart policy: {', '.join(restarted) or 'none'}); scheduler "
-        f"heartbeat {'none' if age is None else f'{age:.0f} s old'}"
+        f"(restarted by their restart policy: {', '.join(restarted) or 'none'}); {heartbeat}"
     )
 
 
@@ -557,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"rehearse: SKIPPED, {problem}; nothing was rehearsed")
         return 0
+    # They import this module's helpers.
+    from deploy.rehearse_heal import fault_scheduler_frozen
+
     failed = False
     with rehearsal(opts.per_class, opts.keep) as r:
         steps: list[tuple[str, Callable[[Rehearsal], str]]] = [
@@ -570,13 +575,16 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if not opts.no_faults:
             # The scheduler is killed before the PostgreSQL outage: after an outage the scheduler
-            # has been seen to stop heartbeating without exiting (docs/deployment.md, open), and
-            # compose has nothing that restarts it; the outage step reports its heartbeat.
+            # has been seen to stop heartbeating without exiting (docs/deployment.md); the outage
+            # step requires a fresh heartbeat again (compose's health probe restarts a stale
+            # scheduler) and diagnoses a stale one (deploy/rehearse_heal.py).
             steps += [
                 ("fault: API container restart", fault_api_restart),
                 ("fault: scheduler killed mid-task", fault_scheduler_kill),
                 ("fault: PostgreSQL outage", fault_postgres_outage),
+                ("fault: scheduler frozen, healed by its health probe", fault_scheduler_frozen),
             ]
+
         try:
             for name, action in steps:
                 r.step(name, lambda a=action: a(r))  # type: ignore[misc]

@@ -203,6 +203,22 @@ def test_airflow_services_see_the_feedback_loop(config: dict[str, Any]) -> None:
             assert env.get(key) == api[key], (name, key)
 
 
+def test_a_stale_scheduler_is_restarted(config: dict[str, Any]) -> None:
+    """Docker never restarts an "unhealthy" container: the scheduler's probe ends its processes
+    after repeated 503s of Airflow's scheduler health check (stale heartbeat), its init process
+    then exits and the restart policy starts it again (docker/healthcheck.py)."""
+    sched = config["services"]["airflow-scheduler"]
+    env = sched["environment"]
+    assert env["AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK"] == "True"
+    assert env["PYTHONFAULTHANDLER"] == "1"  # the stacks reach the log first
+    assert sched["init"] is True
+    assert sched["restart"] in ("always", "unless-stopped")
+    test = sched["healthcheck"]["test"]
+    assert "--restart-after" in test and test[-1] == "http://127.0.0.1:8974/health"
+    # the rest of the Airflow environment is still there (a mapping merge, not a replacement)
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg://")
+
+
 def test_reviewer_page_service(config: dict[str, Any]) -> None:
     """The reviewer page: the app's image and hardening, `dashboards.serve --review` bound to
     0.0.0.0 inside the container, port 8867 published on the host's loopback only, the token from
