@@ -31,7 +31,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -50,8 +50,10 @@ from dandelion_lib.core.images import (
 from dandelion_lib.core.labels import UNCERTAIN, UNKNOWN
 from dandelion_lib.serving import runtime as runtime_lib
 from dandelion_lib.serving.explain import Explainer, Explanation, ExplanationUnavailableError
-from dandelion_lib.training.inputs import Pixels
 from dandelion_lib.training.openset import ARTIFACT_NAME, OpenSetDetector, OpenSetError
+
+if TYPE_CHECKING:  # pandas behind it: not at DAG parse time
+    from dandelion_lib.training.inputs import Pixels
 
 SERVING_TAG = "serving."
 """Prefix of the model-version tags that record the gate's runtime choice."""

@@ -276,6 +276,8 @@ def test_notebook_task_runs(cluster: Cluster) -> None:
         *cluster.airflow_args(
             name, "-v", f"{GREENR}:/data/greenr:ro",
             "-e", "DANDELION_SOURCE=/data/greenr", "-e", "DANDELION_MAX_PER_CLASS=6",
+            # The ConfigMap's negatives bucket is not seeded in this stand-in store.
+            "-e", "DANDELION_NEGATIVES_SOURCE=",
         ),
         "airflow", "tasks", "test", "dandelion_pipeline", "ingest",
         check=False, timeout=900,
