@@ -382,6 +382,37 @@ def stop_api(proc: subprocess.Popen) -> None:
     stop(proc, timeout=30, sig=signal.SIGINT)
 
 
+@contextlib.contextmanager
+def onnx_api(
+    api_server: ApiServer, workdir: Path, greenr: Path, alias: str, **tags: str
+) -> Iterator[tuple[ApiServer, str]]:
+    """Its own ``python -m api`` process serving, under ``alias``, a new version with the
+    ONNX runtime artifacts and the open-set detector, tagged to be served in INT8 (plus
+    ``serving.<name>`` ``tags``); yields the server and the version, then stops it and
+    removes the alias."""
+    registry: Registry = api_server.registry
+    parts = fit_openset(greenr, registry.parts)
+    photos = [p for p, _ in dataset_images(greenr, parity=0)[1::8]]
+    version = registry.register_with_runtime(parts.detector, photos)
+    client = registry.client()
+    for name, value in {"precision": "int8", **tags}.items():
+        client.set_model_version_tag(registry.name, version, f"serving.{name}", value)
+    registry.set_alias(version, alias)
+    port = free_port()
+    env = api_env(workdir, port, registry.tracking_uri, DANDELION_MODEL_ALIAS=alias)
+    proc = start_api(env, workdir / "server.log")
+    server = ApiServer(
+        f"http://127.0.0.1:{port}", proc, workdir / "server.log", workdir, env, registry
+    )
+    try:
+        wait_http(f"{server.url}/health/live", timeout=120, proc=proc)
+        server.wait_for_version(version, timeout=120)
+        yield server, version
+    finally:
+        stop_api(proc)
+        client.delete_registered_model_alias(registry.name, alias)
+
+
 @pytest.fixture(scope="session")
 def api_server(
     request: pytest.FixtureRequest, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory

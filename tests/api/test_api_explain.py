@@ -15,14 +15,9 @@ import pytest
 from dandelion_lib.core.config import Settings
 from tests.api.conftest import (
     ApiServer,
-    Registry,
     dataset_images,
-    fit_openset,
-    start_api,
-    stop_api,
+    onnx_api,
 )
-from tests.api.conftest import api_env as make_env
-from tests.conftest import free_port, wait_http
 
 ALIAS = "explain-test"
 DEFAULT_FIELDS = {
@@ -42,27 +37,9 @@ DEFAULT_FIELDS = {
 def explain_server(
     api_server: ApiServer, tmp_path_factory: pytest.TempPathFactory, greenr_dir: Path
 ) -> Iterator[tuple[ApiServer, str]]:
-    registry: Registry = api_server.registry
-    parts = fit_openset(greenr_dir, registry.parts)
-    photos = [p for p, _ in dataset_images(greenr_dir, parity=0)[1::8]]
-    version = registry.register_with_runtime(parts.detector, photos)
-    client = registry.client()
-    client.set_model_version_tag(registry.name, version, "serving.precision", "int8")
-    registry.set_alias(version, ALIAS)
     workdir = tmp_path_factory.mktemp("api-explain")
-    port = free_port()
-    env = make_env(workdir, port, registry.tracking_uri, DANDELION_MODEL_ALIAS=ALIAS)
-    proc = start_api(env, workdir / "server.log")
-    server = ApiServer(
-        f"http://127.0.0.1:{port}", proc, workdir / "server.log", workdir, env, registry
-    )
-    try:
-        wait_http(f"{server.url}/health/live", timeout=120, proc=proc)
-        server.wait_for_version(version, timeout=120)
-        yield server, version
-    finally:
-        stop_api(proc)
-        client.delete_registered_model_alias(registry.name, ALIAS)
+    with onnx_api(api_server, workdir, greenr_dir, ALIAS) as served:
+        yield served
 
 
 def _upload(path: Path) -> dict[str, tuple[str, bytes, str]]:
