@@ -12,29 +12,13 @@ from collections.abc import Callable
 
 def _jpeg_end(data: bytes) -> int | None:
     """Offset just after the EOI marker that ends the first image, walking the segments."""
-    n = len(data)
     if data[:2] != b"\xff\xd8":
         return None
-    i: int | None = 2
-    while i is not None and i < n:
-        if data[i] != 0xFF:
-            return None
-        while i < n and data[i] == 0xFF:  # fill bytes
-            i += 1
-        if i >= n:
-            return None
-        marker = data[i]
-        i += 1
+    i = 2
+    while (segment := _jpeg_segment(data, i)) is not None:
+        _, marker, i = segment
         if marker == 0xD9:  # EOI
             return i
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
-            continue
-        length = int.from_bytes(data[i : i + 2], "big") if i + 2 <= n else 0
-        if length < 2:
-            return None
-        i += length
-        if marker == 0xDA:  # SOS: entropy-coded data follows
-            i = _jpeg_scan_end(data, i)
     return None
 
 
