@@ -305,18 +305,28 @@ class S3Store(ObjectStore):
         )
         return ObjectInfo(key, len(data), digest.hexdigest())
 
-    def get_bytes(self, key: str, *, verify: bool = True) -> bytes:
+    def _get_object(self, key: str, full: str, limit: int | None) -> tuple[bytes, dict[str, Any]]:
+        """The bytes of the object at bucket key ``full`` (all of them, or at most ``limit``)
+        and its response; ``key`` names it in errors."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            resp = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
-            data: bytes = resp["Body"].read()
+            resp = self._client.get_object(Bucket=self.bucket, Key=full)
+            body = resp["Body"]
+            try:
+                data: bytes = body.read() if limit is None else body.read(limit)
+            finally:
+                body.close()
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise ObjectNotFoundError(f"no object {key!r} in {self.url}") from None
             raise self._error(exc, "read from") from exc
         except BotoCoreError as exc:
             raise self._error(exc, "read from") from exc
+        return data, resp
+
+    def get_bytes(self, key: str, *, verify: bool = True) -> bytes:
+        data, resp = self._get_object(key, self._key(key), None)
         recorded = resp.get("Metadata", {}).get("sha256")
         if verify and recorded and recorded != sha256_hex(data):
             raise CorruptObjectError(
@@ -376,22 +386,8 @@ class S3Store(ObjectStore):
         """The bytes of an object listed by :meth:`walk` (its key is not checked, its
         checksum not verified), reading no more than ``max_bytes`` + 1 of them; raises
         :class:`ObjectTooLargeError` when it has more than ``max_bytes``."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
         full = f"{self.prefix}/{key}" if self.prefix else key
-        try:
-            resp = self._client.get_object(Bucket=self.bucket, Key=full)
-            body = resp["Body"]
-            try:
-                data: bytes = body.read(max_bytes + 1)
-            finally:
-                body.close()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise ObjectNotFoundError(f"no object {key!r} in {self.url}") from None
-            raise self._error(exc, "read from") from exc
-        except BotoCoreError as exc:
-            raise self._error(exc, "read from") from exc
+        data, _ = self._get_object(key, full, max_bytes + 1)
         if len(data) > max_bytes:
             raise ObjectTooLargeError(
                 f"object {key!r} in {self.url} has more than {max_bytes:,} bytes"
