@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import re
 import shutil
@@ -49,6 +50,17 @@ ARTIFACTS = ROOT / "test-artifacts" / "app"
 
 
 VISIT_VALUE = re.compile(r'"dandelion_visit=([^;"]+);')
+
+
+def upload_entry(name: str, data: bytes) -> dict[str, Any]:
+    """One file as the app's ``FileUpload`` widget holds it in its ``value``."""
+    return {
+        "name": name,
+        "type": "",
+        "size": len(data),
+        "content": memoryview(data),
+        "last_modified": dt.datetime.now(dt.UTC),
+    }
 
 
 def visit_cookies(url: str) -> dict[str, str]:

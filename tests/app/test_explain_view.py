@@ -5,7 +5,6 @@ app model (served by Keras) cannot explain, and its cards say so and still answe
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import os
 import shutil
@@ -20,7 +19,7 @@ from PIL import Image
 
 from dashboards.client import ApiClient
 from dashboards.ui import DandelionApp
-from tests.app.conftest import ARTIFACTS, AppApi, open_app, wait_ready
+from tests.app.conftest import ARTIFACTS, AppApi, open_app, upload_entry, wait_ready
 from tests.conftest import ROOT, free_port, wait_http
 
 EXPLAIN_MODEL = "dandelion-app-explain"
@@ -58,16 +57,6 @@ def explaining_api(
         stop_api(proc)
 
 
-def _upload(name: str, data: bytes) -> dict[str, Any]:
-    return {
-        "name": name,
-        "type": "",
-        "size": len(data),
-        "content": memoryview(data),
-        "last_modified": dt.datetime.now(dt.UTC),
-    }
-
-
 def _find(widget: Any, kind: type, css: str) -> list[Any]:
     found = [widget] if isinstance(widget, kind) and css in widget._dom_classes else []
     for child in getattr(widget, "children", ()):
@@ -84,11 +73,11 @@ def test_the_toggle_shows_where_the_model_looked(explaining_api: str, greenr_dir
     data = path.read_bytes()
     app = DandelionApp(ApiClient(explaining_api))
     app.check()
-    before = _upload("before.jpg", data)
+    before = upload_entry("before.jpg", data)
     app.upload.value = (before,)  # toggle off: no map asked for
     assert not _find(app.results.children[0], w.Image, "dl-preview-explained")
     app.explain.value = True
-    app.upload.value = (_upload("dandelion.jpg", data),)
+    app.upload.value = (upload_entry("dandelion.jpg", data),)
     card = app.results.children[0]
     (image,) = _find(card, w.Image, "dl-preview-explained")
     (caption,) = _find(card, w.HTML, "dl-looked-box")
@@ -113,7 +102,9 @@ def test_a_model_that_cannot_explain_still_answers(app_api: AppApi, greenr_dir: 
     app = DandelionApp(ApiClient(app_api.url))
     app.check()
     app.explain.value = True
-    app.upload.value = (_upload("grass.jpg", (greenr_dir / "grass" / "00000002.jpg").read_bytes()),)
+    app.upload.value = (
+        upload_entry("grass.jpg", (greenr_dir / "grass" / "00000002.jpg").read_bytes()),
+    )
     card = app.results.children[0]
     result = next(iter(app.history))
     assert result.ok and result.explanation is None

@@ -6,7 +6,6 @@ going away for the app, reopening it is the API coming back, without restarting 
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import ipywidgets as w
 
 from dashboards.client import ApiClient
 from dashboards.ui import DandelionApp
-from tests.app.conftest import APP_MODEL, AppApi, TcpRelay
+from tests.app.conftest import APP_MODEL, AppApi, TcpRelay, upload_entry
 
 
 def _buttons(widget: Any) -> list[w.Button]:
@@ -30,16 +29,6 @@ def _html(widget: Any) -> str:
     return "".join(_html(child) for child in getattr(widget, "children", ()))
 
 
-def _upload_entry(name: str, data: bytes) -> dict[str, Any]:
-    return {
-        "name": name,
-        "type": "",
-        "size": len(data),
-        "content": memoryview(data),
-        "last_modified": dt.datetime.now(dt.UTC),
-    }
-
-
 def test_upload_results_history_and_feedback(app_api: AppApi, greenr_dir: Path) -> None:
     dandelion = (greenr_dir / "dandelion" / "00000002.jpg").read_bytes()
     grass = (greenr_dir / "grass" / "00000002.jpg").read_bytes()
@@ -50,9 +39,9 @@ def test_upload_results_history_and_feedback(app_api: AppApi, greenr_dir: Path) 
 
     # What the browser does: set the upload's value; the app classifies and clears it.
     app.upload.value = (
-        _upload_entry("dandelion.jpg", dandelion),
-        _upload_entry("grass.jpg", grass),
-        _upload_entry("notes.txt", b"not an image"),
+        upload_entry("dandelion.jpg", dandelion),
+        upload_entry("grass.jpg", grass),
+        upload_entry("notes.txt", b"not an image"),
     )
     assert app.upload.value == ()
     cards = app.results.children
