@@ -306,6 +306,15 @@ def registry(mlflow_server: str, s3_server: str, trained_parts: TrainedParts) ->
 
 
 # --- the API server process -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def champion(registry: Registry) -> str:
+    """A registered version of the test model with the ``champion`` alias (for a module that
+    starts its own API processes)."""
+    version = registry.register()
+    registry.set_alias(version)
+    return version
+
+
 @dataclass
 class ApiServer:
     url: str

@@ -75,14 +75,6 @@ class Api:
             time.sleep(0.3)
 
 
-@pytest.fixture(scope="module")
-def champion(registry: Registry) -> str:
-    """A registered version of the test model with the ``champion`` alias."""
-    version = registry.register()
-    registry.set_alias(version)
-    return version
-
-
 @contextlib.contextmanager
 def api_process(
     tmp_path: Path, tracking_uri: str, *, ready: bool = True, **overrides: str

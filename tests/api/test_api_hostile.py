@@ -54,13 +54,6 @@ class Api:
     workdir: Path
 
 
-@pytest.fixture(scope="module")
-def champion(registry: Registry) -> str:
-    version = registry.register()
-    registry.set_alias(version)
-    return version
-
-
 @contextlib.contextmanager
 def api_process(workdir: Path, tracking_uri: str, **overrides: str) -> Iterator[Api]:
     port = free_port()
