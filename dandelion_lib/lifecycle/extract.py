@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import pandas as pd
@@ -47,8 +48,8 @@ def extract_shard_range(
     config: TrainConfig, first: int, stop: int, settings: Settings, *, store: Any = None
 ) -> dict[str, int]:
     """Shards ``first`` to ``stop - 1`` into the feature store, as
-    :func:`dandelion_lib.lifecycle.train.extract_feature_shard` does for one, reading the
-    dataset version and building the backbone once. Returns the counts summed over the
+    each with :func:`~dandelion_lib.training.extraction.embed_shard`, reading the dataset
+    version and building the backbone once. Returns the counts summed over the
     shards; empty when training does not cache features."""
     if not extraction.caches_features(config, settings):
         return {}
@@ -56,23 +57,9 @@ def extract_shard_range(
     data = load_data(config, settings, store)
     backbone = model_lib.build_backbone(config.backbone, config.weights, data.spec.image_size)
     fstore = extraction.open_feature_store(store, data.spec, backbone)
-    extractor = feature_extractor(backbone, settings)
     size = settings.training.feature_shard_size
-    counts: Counter[str] = Counter()
-    for shard in range(first, stop):
-        rows = extraction.shard_rows(data, shard, size)
-        counts.update(
-            extraction.embed_shard(
-                extractor,
-                rows,
-                config,
-                data.spec,
-                store=store,
-                fstore=fstore,
-                dim=backbone.feature_dim,
-            )
-        )
-    return dict(counts)
+    shards = (extraction.shard_rows(data, shard, size) for shard in range(first, stop))
+    return _embed_shards(shards, backbone, config, data.spec, settings, store, fstore)
 
 
 def part_key(run_id: str, task: int) -> str:
@@ -124,20 +111,31 @@ def extract_part(
     backbone = model_lib.build_backbone(config.backbone, config.weights, spec.image_size)
     keyed = extraction.open_feature_store(store, spec, backbone)
     fstore = FeatureStore(store, keyed.key, inputs=keyed.inputs, index=index)
-    extractor = feature_extractor(backbone, settings)
     size = settings.training.feature_shard_size
+    shards = (
+        rows.iloc[start : start + size].reset_index(drop=True)
+        for start in range(0, max(len(rows), 1), size)
+    )
+    return _embed_shards(shards, backbone, config, spec, settings, store, fstore)
+
+
+def _embed_shards(
+    shards: Iterable[pd.DataFrame],
+    backbone: model_lib.Backbone,
+    config: TrainConfig,
+    spec: FeatureSpec,
+    settings: Settings,
+    store: Any,
+    fstore: FeatureStore,
+) -> dict[str, int]:
+    """Each shard's rows into the feature store (:func:`~dandelion_lib.training.extraction.embed_shard`)
+    with one extractor; the counts summed over the shards."""
+    extractor = feature_extractor(backbone, settings)
     counts: Counter[str] = Counter()
-    for start in range(0, max(len(rows), 1), size):
-        shard = rows.iloc[start : start + size].reset_index(drop=True)
+    for rows in shards:
         counts.update(
             extraction.embed_shard(
-                extractor,
-                shard,
-                config,
-                spec,
-                store=store,
-                fstore=fstore,
-                dim=backbone.feature_dim,
+                extractor, rows, config, spec, store=store, fstore=fstore, dim=backbone.feature_dim
             )
         )
     return dict(counts)

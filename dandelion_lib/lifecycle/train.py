@@ -143,28 +143,6 @@ def _log_extraction(extractor: Any) -> None:
         mlflow.set_tag("extraction_runtime_note", extractor.note)
 
 
-def extract_feature_shard(
-    config: TrainConfig, shard: int, settings: Settings, *, store: Any = None
-) -> dict[str, int]:
-    """Put shard ``shard`` of the dataset version's embeddings into the feature store ahead
-    of training: every view training will read (unaugmented, and the augmented views of
-    training images), computing only what is missing. Returns the counts of cached and
-    computed embeddings; empty when training does not cache features. Shards are cut from
-    the images in sha256 order, ``settings.training.feature_shard_size`` each
-    (:func:`dandelion_lib.training.extraction.feature_shards` says how many)."""
-    if not extraction.caches_features(config, settings):
-        return {}
-    store = store or open_store(settings=settings)
-    data = load_data(config, settings, store)
-    rows = extraction.shard_rows(data, shard, settings.training.feature_shard_size)
-    backbone = model_lib.build_backbone(config.backbone, config.weights, data.spec.image_size)
-    fstore = extraction.open_feature_store(store, data.spec, backbone)
-    extractor = feature_extractor(backbone, settings)
-    return extraction.embed_shard(
-        extractor, rows, config, data.spec, store=store, fstore=fstore, dim=backbone.feature_dim
-    )
-
-
 def _log_epochs(history: dict[str, list[float]]) -> None:
     """Every phase's per-epoch metrics, one MLflow step per epoch."""
     run = mlflow.active_run()

@@ -197,7 +197,7 @@ def test_augmented_views_depend_on_the_image_alone(model_env: Any) -> None:
 def test_sharded_extraction_fills_what_training_reads(model_env: Any, copied_store: Any) -> None:
     """The DAGs' mapped extract_features tasks: each shard puts its images' views into the
     feature store (the shards cover every image once); training then computes nothing."""
-    from dandelion_lib.lifecycle.train import extract_feature_shard
+    from dandelion_lib.lifecycle.extract import extract_shard_range, plan_extraction
     from dandelion_lib.training.extraction import feature_shards
 
     settings = model_env.settings.updated(**{"feature_shard_size": 10})
@@ -205,18 +205,18 @@ def test_sharded_extraction_fills_what_training_reads(model_env: Any, copied_sto
     config = tiny_config(max_images_per_class=PER_CLASS, openset_method="none", **fields)
     shards = feature_shards(config, settings, store=copied_store)
     assert shards == 4  # 36 images, 10 per shard
-    counts = [extract_feature_shard(config, i, settings, store=copied_store) for i in range(shards)]
+    counts = [
+        extract_shard_range(config, i, i + 1, settings, store=copied_store) for i in range(shards)
+    ]
     assert [c["images"] for c in counts] == [10, 10, 10, 6]
     assert sum(c["features_computed_augmented"] for c in counts) == 2 * PER_CLASS
     assert sum(c["features_computed"] for c in counts) == 6 * PER_CLASS + 2 * PER_CLASS
-    again = extract_feature_shard(config, 1, settings, store=copied_store)
+    again = extract_shard_range(config, 1, 2, settings, store=copied_store)
     assert again["features_computed"] == 0 and again["features_cached"] == 10 + again.get(
         "features_cached_augmented", 0
     )
 
     # a mapped task of several shards (the plan's groups) reads the version once, same counts
-    from dandelion_lib.lifecycle.extract import extract_shard_range, plan_extraction
-
     assert plan_extraction(config, settings.updated(feature_max_tasks=3), store=copied_store) == [
         (0, 2),
         (2, 3),
@@ -233,7 +233,7 @@ def test_sharded_extraction_fills_what_training_reads(model_env: Any, copied_sto
     assert metrics["features_cached"] == 6 * PER_CLASS + 2 * PER_CLASS
     off = settings.updated(**{"feature_cache": False})
     assert feature_shards(config, off, store=copied_store) == 1
-    assert extract_feature_shard(config, 0, off, store=copied_store) == {}
+    assert extract_shard_range(config, 0, 1, off, store=copied_store) == {}
 
 
 class _CountingStore:
