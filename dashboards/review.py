@@ -26,6 +26,7 @@ import ipywidgets as w
 
 from dandelion_lib.core.config import Settings
 from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.core.images import DEFAULT_MAX_PIXELS
 from dandelion_lib.core.labels import NEITHER
 from dandelion_lib.data.feedback import FeedbackStore
 from dandelion_lib.data.review import AwaitingDataset, ReviewItem, ReviewQueue
@@ -129,7 +130,7 @@ class ReviewPage:
         *,
         page_size: int = 50,
         refresh_interval_s: float = 10.0,
-        max_image_pixels: int = 40_000_000,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.feedback = feedback
         self.queue = ReviewQueue(feedback)

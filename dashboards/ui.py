@@ -19,6 +19,7 @@ import ipywidgets as w
 
 from dandelion_lib.core.config import Settings
 from dandelion_lib.core.errors import DandelionError
+from dandelion_lib.core.images import DEFAULT_MAX_PIXELS
 from dandelion_lib.core.labels import NEITHER, UNCERTAIN, UNKNOWN
 from dashboards.client import (
     ApiClient,
@@ -196,7 +197,7 @@ class DandelionApp:
         client: ApiClient,
         *,
         health_interval_s: float = 5.0,
-        max_image_pixels: int = 40_000_000,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.client = client
         self.health_interval_s = health_interval_s

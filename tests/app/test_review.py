@@ -219,3 +219,17 @@ def test_a_missing_photo_gets_a_placeholder(
         assert "photo unavailable" in preview.value
     finally:
         page.stop()
+
+
+def test_the_dashboards_decode_photos_under_the_library_pixel_limit() -> None:
+    """Without an explicit limit the pages refuse what the library refuses (the settings'
+    default of ``images.max_image_pixels``), not a figure of their own."""
+    import inspect
+
+    from dandelion_lib.core.config import ImageSettings
+    from dashboards.ui import DandelionApp
+
+    limit = ImageSettings().max_image_pixels
+    for page in (ReviewPage, DandelionApp):
+        default = inspect.signature(page).parameters["max_image_pixels"].default
+        assert default == limit, page
