@@ -56,6 +56,20 @@ class ApiMetrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
+        # Registered in this order, which is the order of the exposition text.
+        self._add_http(r)
+        self._add_predictions(r)
+        self._add_model(r)
+        self._add_queue(r)
+        self.invalid_inputs = Counter(
+            "dandelion_invalid_inputs", "Rejected inputs, by reason.", ["reason"], registry=r
+        )
+        self._add_feedback(r, live_accuracy_floor)
+        self._add_drift(r, drift_psi_threshold)
+        self._add_dependencies(r)
+
+    def _add_http(self, r: CollectorRegistry) -> None:
+        """Every request, by route template (see api/middleware.py)."""
         self.http_requests = Counter(
             "dandelion_http_requests",
             "HTTP requests by route template, method and status.",
@@ -69,15 +83,23 @@ class ApiMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+
+    def _add_predictions(self, r: CollectorRegistry) -> None:
         self.predictions = Counter(
             "dandelion_predictions", "Predictions served, by answered label.", ["label"], registry=r
         )
+        # Exported at 0 from the start, so increase() sees the first 'unknown' answers (the
+        # alert DandelionUnknownShareJump) and the first 'uncertain' ones.
+        for answer in (UNCERTAIN, UNKNOWN):
+            self.predictions.labels(label=answer)
         self.confidence = Histogram(
             "dandelion_prediction_confidence",
             "Confidence (top probability) of served predictions.",
             buckets=CONFIDENCE_BUCKETS,
             registry=r,
         )
+
+    def _add_model(self, r: CollectorRegistry) -> None:
         self.model_info = Info("dandelion_model", "The model version being served.", registry=r)
         self.model_loaded = Gauge(
             "dandelion_model_loaded", "1 when a model is loaded and warm.", registry=r
@@ -87,6 +109,9 @@ class ApiMetrics:
             "Model versions that failed to load (the previous one kept serving).",
             registry=r,
         )
+
+    def _add_queue(self, r: CollectorRegistry) -> None:
+        """Micro-batching and admission (api/services)."""
         self.batch_size = Histogram(
             "dandelion_inference_batch_size",
             "Images per model call (micro-batching).",
@@ -104,15 +129,16 @@ class ApiMetrics:
             "Requests answered 503 because the queue was full.",
             registry=r,
         )
-        self.invalid_inputs = Counter(
-            "dandelion_invalid_inputs", "Rejected inputs, by reason.", ["reason"], registry=r
-        )
+
+    def _add_feedback(self, r: CollectorRegistry, live_accuracy_floor: float) -> None:
         self.feedback = Counter(
             "dandelion_feedback",
             "Feedback received, by whether the model agreed.",
             ["agreement"],
             registry=r,
         )
+        for agreement in ("agree", "disagree"):
+            self.feedback.labels(agreement=agreement)
         self.live_accuracy = Gauge(
             "dandelion_live_accuracy",
             "Share of recent feedback where the model's label was correct (NaN: no feedback).",
@@ -126,6 +152,8 @@ class ApiMetrics:
             registry=r,
         )
         self.live_accuracy_floor.set(live_accuracy_floor)
+
+    def _add_drift(self, r: CollectorRegistry, drift_psi_threshold: float) -> None:
         self.drift_psi = Gauge(
             "dandelion_drift_psi",
             "Population stability index of served images vs the training reference.",
@@ -142,6 +170,8 @@ class ApiMetrics:
         self.drift_window = Gauge(
             "dandelion_drift_window_images", "Served images in the drift window.", registry=r
         )
+
+    def _add_dependencies(self, r: CollectorRegistry) -> None:
         self.dependency_failures = Counter(
             "dandelion_dependency_failures",
             "Requests answered 503 because a dependency (feedback, registry) was busy or "
@@ -152,12 +182,6 @@ class ApiMetrics:
         for dependency in ("feedback", "registry"):
             for reason in ("busy", "timeout"):
                 self.dependency_failures.labels(dependency=dependency, reason=reason)
-        for agreement in ("agree", "disagree"):
-            self.feedback.labels(agreement=agreement)
-        # Exported at 0 from the start, so increase() sees the first 'unknown' answers (the
-        # alert DandelionUnknownShareJump) and the first 'uncertain' ones.
-        for answer in (UNCERTAIN, UNKNOWN):
-            self.predictions.labels(label=answer)
 
     def set_model(self, name: str | None, version: str | None, alias: str) -> None:
         self.model_info.info({"name": name or "", "version": version or "", "alias": alias})

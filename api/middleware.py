@@ -52,10 +52,7 @@ class RequestContextMiddleware:
         if scope["type"] != ScopeType.HTTP:
             await self.app(scope, receive, send)
             return
-        incoming = next((v for k, v in scope["headers"] if k == REQUEST_ID_HEADER), None)
-        request_id = (
-            incoming.decode() if incoming and _VALID_ID.match(incoming) else uuid.uuid4().hex
-        )
+        request_id = _request_id(scope)
         start = time.perf_counter()
         id_token = request_id_var.set(request_id)
         start_token = request_start_var.set(start)
@@ -75,40 +72,54 @@ class RequestContextMiddleware:
         except Exception:
             log.exception("request failed outside the handlers")
             if not state["started"]:
-                start_event: HTTPResponseStartEvent = {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [(b"content-type", b"application/problem+json")],
-                }
-                await send_wrapper(start_event)
-                body_event: HTTPResponseBodyEvent = {
-                    "type": "http.response.body",
-                    "body": _PROBLEM_500,
-                    "more_body": False,
-                }
-                await send(body_event)
+                await _send_problem_500(send_wrapper)
         finally:
-            elapsed = time.perf_counter() - start
-            route = scope.get("path_template") or "unmatched"
-            method = scope.get("method", "")
-            status = state["status"]
-            self.metrics.http_requests.labels(route=route, method=method, status=str(status)).inc()
-            self.metrics.http_duration.labels(route=route, method=method).observe(elapsed)
-            quiet = route in QUIET_ROUTES and status < 400
-            log.log(
-                logging.DEBUG if quiet else logging.INFO,
-                "request",
-                extra={
-                    "method": method,
-                    "path": scope.get("path"),
-                    "route": route,
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000.0, 3),
-                    "client": (scope.get("client") or ("", 0))[0],
-                },
-            )
+            self._record(scope, state["status"], time.perf_counter() - start)
             request_id_var.reset(id_token)
             request_start_var.reset(start_token)
+
+    def _record(self, scope: Scope, status: int, elapsed: float) -> None:
+        """Count, time and log one finished request (probes and scrapes at DEBUG)."""
+        route = scope.get("path_template") or "unmatched"
+        method = scope.get("method", "")
+        self.metrics.http_requests.labels(route=route, method=method, status=str(status)).inc()
+        self.metrics.http_duration.labels(route=route, method=method).observe(elapsed)
+        quiet = route in QUIET_ROUTES and status < 400
+        log.log(
+            logging.DEBUG if quiet else logging.INFO,
+            "request",
+            extra={
+                "method": method,
+                "path": scope.get("path"),
+                "route": route,
+                "status": status,
+                "duration_ms": round(elapsed * 1000.0, 3),
+                "client": (scope.get("client") or ("", 0))[0],
+            },
+        )
+
+
+def _request_id(scope: Scope) -> str:
+    """The client's ``X-Request-ID`` when it is a sane token, otherwise a new one."""
+    incoming = next((v for k, v in scope["headers"] if k == REQUEST_ID_HEADER), None)
+    return incoming.decode() if incoming and _VALID_ID.match(incoming) else uuid.uuid4().hex
+
+
+async def _send_problem_500(send: Send) -> None:
+    """A problem+json 500 for an exception no handler answered, before any response started
+    (``send`` is the request's wrapper, so the answer carries the request id)."""
+    start_event: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": 500,
+        "headers": [(b"content-type", b"application/problem+json")],
+    }
+    await send(start_event)
+    body_event: HTTPResponseBodyEvent = {
+        "type": "http.response.body",
+        "body": _PROBLEM_500,
+        "more_body": False,
+    }
+    await send(body_event)
 
 
 class BodyDeadlineMiddleware:
