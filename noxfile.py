@@ -157,13 +157,14 @@ def faults(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff (lint + format check), mypy, the import-linter contracts (pyproject.toml) and the
-    core library's size and complexity limits (scripts/check_size.py)."""
+    size and complexity limits (scripts/check_size.py)."""
     _run(session, "ruff", "check", ".")
     _run(session, "ruff", "format", "--check", ".")
     _run(session, "mypy")
     # dags/ is on sys.path under Airflow; the contracts see dandelion_tasks the same way.
     _run(session, "lint-imports", env={"PYTHONPATH": str(ROOT / "dags")})
-    # Modules <= 500 lines, functions <= 60, radon complexity <= 15 in the core library.
+    # Modules <= 500 lines, functions <= 60, radon complexity <= 15 in the core library and the
+    # API; functions <= 60 in dags/ (scripts/check_size.py's GATED).
     _run(session, "python", "scripts/check_size.py")
 
 
