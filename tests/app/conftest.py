@@ -270,6 +270,44 @@ def app_api(
         yield api
 
 
+# --- a model that can explain its answers ----------------------------------------------------
+EXPLAIN_MODEL = "dandelion-app-explain"  # its own registered model, served by ONNX
+
+
+@pytest.fixture(scope="session")
+def explaining_api(
+    mlflow_server: str, s3_server: str, greenr_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """``python -m api`` serving ``EXPLAIN_MODEL@champion``, a version registered with its
+    runtime (INT8 ONNX, feature maps included: the tiny colour model on 16 px blocks), so it
+    can show where it looked (``explain=true``)."""
+    from tests.api.conftest import (
+        Registry,
+        api_env,
+        dataset_images,
+        fit_openset,
+        start_api,
+        stop_api,
+        train_parts,
+    )
+
+    registry = Registry(mlflow_server, s3_server, train_parts(greenr_dir), name=EXPLAIN_MODEL)
+    openset = fit_openset(greenr_dir, registry.parts)
+    photos = [p for p, _ in dataset_images(greenr_dir, parity=0)[1::8]]
+    registry.set_alias(registry.register_with_runtime(openset.detector, photos))
+    workdir = tmp_path_factory.mktemp("app-explain-api")
+    port = free_port()
+    env = api_env(workdir, port, registry.tracking_uri, DANDELION_MODEL_NAME=EXPLAIN_MODEL)
+    proc = start_api(env, workdir / "api.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health/live", timeout=120, proc=proc)
+        wait_ready(url)
+        yield url
+    finally:
+        stop_api(proc)
+
+
 class TcpRelay:
     """A loopback TCP relay to ``target``; ``stop()`` closes it and every open connection,
     ``start()`` opens it again on the same port: the API going away and coming back."""

@@ -1,60 +1,35 @@
-"""The app's "Show where the model looked" toggle, driven in-process (no browser) against the
-real API: a version registered with its ONNX runtime (feature maps included: the tiny colour
-model on 16 px blocks) gives cards whose photo switches to the photo with the map; the shared
-app model (served by Keras) cannot explain, and its cards say so and still answer."""
+"""Where the model looked, on the app and on the reviewer page, driven in-process (no browser)
+against the real API: a version registered with its ONNX runtime (feature maps included: the
+tiny colour model on 16 px blocks; ``explaining_api`` in conftest.py) gives cards whose photo
+switches to the photo with the map in the app, and a map beside each photo on the reviewer
+page; the shared app model (served by Keras) cannot explain, and both pages say so and work
+on."""
 
 from __future__ import annotations
 
+import hashlib
+import html
 import io
 import os
+import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import ipywidgets as w
 import numpy as np
 import pytest
 from PIL import Image
 
+from dandelion_lib.core.config import Settings
+from dandelion_lib.data.feedback import FeedbackStore, PredictionRecord
 from dashboards.client import ApiClient
+from dashboards.review import ReviewPage
 from dashboards.ui import DandelionApp
-from tests.app.conftest import ARTIFACTS, AppApi, open_app, upload_entry, wait_ready
-from tests.conftest import ROOT, free_port, wait_http
-
-EXPLAIN_MODEL = "dandelion-app-explain"
-
-
-@pytest.fixture(scope="module")
-def explaining_api(
-    mlflow_server: str, s3_server: str, greenr_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """``python -m api`` serving a version registered with its runtime (INT8 ONNX)."""
-    from tests.api.conftest import (
-        Registry,
-        api_env,
-        dataset_images,
-        fit_openset,
-        start_api,
-        stop_api,
-        train_parts,
-    )
-
-    registry = Registry(mlflow_server, s3_server, train_parts(greenr_dir), name=EXPLAIN_MODEL)
-    openset = fit_openset(greenr_dir, registry.parts)
-    photos = [p for p, _ in dataset_images(greenr_dir, parity=0)[1::8]]
-    registry.set_alias(registry.register_with_runtime(openset.detector, photos))
-    workdir = tmp_path_factory.mktemp("app-explain-api")
-    port = free_port()
-    env = api_env(workdir, port, registry.tracking_uri, DANDELION_MODEL_NAME=EXPLAIN_MODEL)
-    proc = start_api(env, workdir / "api.log")
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/health/live", timeout=120, proc=proc)
-        wait_ready(url)
-        yield url
-    finally:
-        stop_api(proc)
+from tests.app.conftest import ARTIFACTS, AppApi, open_app, upload_entry
+from tests.conftest import ROOT
 
 
 def _find(widget: Any, kind: type, css: str) -> list[Any]:
@@ -112,6 +87,105 @@ def test_a_model_that_cannot_explain_still_answers(app_api: AppApi, greenr_dir: 
     (note,) = _find(card, w.HTML, "dl-explain-note")
     assert "This model cannot show where it looked" in note.value
     assert not _find(card, w.Image, "dl-preview-explained")
+
+
+def _served_predictions(api_url: str) -> float:
+    """Predictions the API has served so far (its ``dandelion_predictions_total``)."""
+    text = httpx.get(f"{api_url}/metrics", timeout=30).text
+    return sum(
+        float(v) for v in re.findall(r"^dandelion_predictions_total\{[^}]*\} (\S+)$", text, re.M)
+    )
+
+
+def give_feedback(workdir: Path, photos: list[tuple[Path, str]]) -> list[str]:
+    """Feedback with each photo in ``workdir``'s embedded feedback database, answered by the
+    given model version: the user disagrees each time, so the queue keeps this order."""
+    store = FeedbackStore.from_settings(Settings(workdir=workdir))
+    ids = []
+    try:
+        for n, (path, version) in enumerate(photos):
+            image = path.read_bytes()
+            correct = path.parent.name
+            answer = "grass" if correct == "dandelion" else "dandelion"
+            prediction = PredictionRecord(
+                prediction_id=f"explained-{n}",
+                label=answer,
+                top_label=answer,
+                confidence=0.7 + n / 100,
+                probabilities={answer: 0.7 + n / 100, correct: 0.3 - n / 100},
+                model_name="dandelion",
+                model_version=version,
+                image_sha256=hashlib.sha256(image).hexdigest(),
+            )
+            store.record_predictions([prediction])
+            ids.append(store.add_feedback(prediction.prediction_id, correct, image).feedback_id)
+    finally:
+        store.close()
+    return ids
+
+
+def test_the_reviewer_page_shows_where_the_served_model_looked(
+    explaining_api: str, greenr_dir: Path, tmp_path: Path
+) -> None:
+    with ApiClient(explaining_api) as client:
+        served = client.model().version
+    photos = [greenr_dir / "dandelion" / "00000003.jpg", greenr_dir / "grass" / "00000004.jpg"]
+    same, older = give_feedback(tmp_path, [(photos[0], served), (photos[1], f"{served}0")])
+    settings = Settings(workdir=tmp_path, api_url=explaining_api)
+    page = ReviewPage.from_settings(settings, refresh_interval_s=0)
+    try:
+        before = _served_predictions(explaining_api)
+        assert page.refresh() and list(page.cards) == [same, older]
+        assert _served_predictions(explaining_api) == before + 2  # one per card
+        for fid, path in zip((same, older), photos, strict=True):
+            card = page.cards[fid]
+            assert card.looked is not None
+            image, caption = card.looked.children
+            assert isinstance(image, w.Image) and "dl-looked-map" in image._dom_classes
+            # beside the photo, at the photo's own aspect ratio, tinted by the map
+            assert card.widget.children.index(card.looked) == 2
+            with Image.open(path) as photo, Image.open(io.BytesIO(image.value)) as shown:
+                assert shown.width / shown.height == pytest.approx(
+                    photo.width / photo.height, abs=0.02
+                )
+            assert np.abs(_pixels(image.value) - _pixels(card.preview.value)).mean() > 5
+            assert "Red: where the model found" in caption.value
+            assert f"Map by version {served}, the model the API serves now" in caption.value
+        older_caption = page.cards[older].looked.children[1].value  # type: ignore[union-attr]
+        same_caption = page.cards[same].looked.children[1].value  # type: ignore[union-attr]
+        assert f"version {served}0 answered this feedback" in older_caption
+        assert "answered this feedback" not in same_caption
+        shown = page.cards[older].looked.children[0].value  # type: ignore[union-attr]
+        page.cards[same].accept.click()  # the page reloads: the other card's map is kept
+        assert list(page.cards) == [older]
+        assert page.cards[older].looked.children[0].value == shown  # type: ignore[union-attr]
+        assert _served_predictions(explaining_api) == before + 2  # not asked again
+    finally:
+        page.stop()
+
+
+def test_the_reviewer_page_says_when_the_served_model_cannot_explain(
+    app_api: AppApi, greenr_dir: Path, tmp_path: Path
+) -> None:
+    photos = [greenr_dir / "dandelion" / "00000005.jpg", greenr_dir / "grass" / "00000006.jpg"]
+    give_feedback(tmp_path, [(p, app_api.version) for p in photos])
+    page = ReviewPage.from_settings(
+        Settings(workdir=tmp_path, api_url=app_api.url), refresh_interval_s=0
+    )
+    try:
+        before = _served_predictions(app_api.url)
+        assert page.refresh() and len(page.cards) == 2
+        for card in page.cards.values():
+            assert card.looked is not None and isinstance(card.preview, w.Image)
+            (line,) = card.looked.children
+            assert (
+                f"No map: the API's model (version {app_api.version}) cannot show where it "
+                "looked (explanations need the model version's ONNX runtime)"
+            ) in html.unescape(line.value)
+        # the first card found out; the second was not sent (one answer without the map)
+        assert _served_predictions(app_api.url) == before + 1
+    finally:
+        page.stop()
 
 
 @pytest.mark.slow  # drives Chromium on the real Voila app

@@ -18,6 +18,7 @@ from dandelion_lib.core.config import Settings
 from dandelion_lib.data.feedback import FeedbackRecord, FeedbackStore, PredictionRecord
 from dandelion_lib.data.review import ReviewQueue
 from dashboards.review import ReviewPage
+from tests.app.conftest import dead_url
 
 _ids = itertools.count()
 
@@ -48,7 +49,8 @@ def give(
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(workdir=tmp_path)
+    """Embedded feedback database and store; no API (the maps: tests/app/test_explain_view.py)."""
+    return Settings(workdir=tmp_path, api_url=dead_url())
 
 
 @pytest.fixture
@@ -101,16 +103,35 @@ def test_the_queue_shows_photo_answer_label_and_version_most_informative_first(
     ]
     first, second = page.cards[no_photo.feedback_id], page.cards[wrong_high.feedback_id]
     # The photo, read from the store by its key, as a JPEG thumbnail; a placeholder without one.
-    image = second.widget.children[1]
+    image = second.preview
     assert isinstance(image, w.Image) and image.value[:2] == b"\xff\xd8"
-    assert "no photo sent" in first.widget.children[1].value
-    text = second.widget.children[2].children[0].value
+    assert isinstance(first.preview, w.HTML) and "no photo sent" in first.preview.value
+    text = second.text.value
     for part in ("disagrees", ">grass<", "confidence 90.0 %", "User says: <b>dandelion", "3"):
         assert part in text, part
-    assert "neither dandelion nor grass" in first.widget.children[2].children[0].value
-    assert "uncertain" in page.cards[unsure.feedback_id].widget.children[2].children[0].value
+    assert "neither dandelion nor grass" in first.text.value
+    assert "uncertain" in page.cards[unsure.feedback_id].text.value
     assert (waiting(page), pending(page)) == (0, 4)
     assert "no dataset version yet" in page.count.value
+
+
+def test_without_the_api_each_photo_card_says_so_in_one_line(
+    page: ReviewPage, settings: Settings, feedback: list[FeedbackRecord]
+) -> None:
+    """The maps come from the API; when nothing answers there, each card with a photo says
+    so beside it (no traceback) and the queue, the photos and the count are all there."""
+    no_photo = feedback[3]
+    assert page.cards[no_photo.feedback_id].looked is None
+    with_photo = [c for fid, c in page.cards.items() if fid != no_photo.feedback_id]
+    assert len(with_photo) == 3
+    for card in with_photo:
+        assert card.looked is not None
+        (line,) = card.looked.children
+        assert isinstance(line, w.HTML) and "dl-looked-none" in line.value
+        assert f"No map: cannot reach the API at {settings.serving.api_url}" in line.value
+        assert "Traceback" not in line.value
+        assert isinstance(card.preview, w.Image)
+    assert page.error.layout.display == "none" and pending(page) == 4
 
 
 def test_accept_and_reject_change_the_database_and_the_count(
@@ -215,8 +236,9 @@ def test_a_missing_photo_gets_a_placeholder(
     page = ReviewPage.from_settings(settings, refresh_interval_s=0)
     try:
         assert page.refresh()
-        preview = page.cards[feedback[2].feedback_id].widget.children[1]
-        assert "photo unavailable" in preview.value
+        card = page.cards[feedback[2].feedback_id]
+        assert isinstance(card.preview, w.HTML) and "photo unavailable" in card.preview.value
+        assert card.looked is None  # nothing to draw a map on
     finally:
         page.stop()
 

@@ -1,7 +1,7 @@
 """How the reviewer page is served (``python -m dashboards.serve --review``) and how
 ``nox -s lab`` starts JupyterLab: a token is required, the page has its own port and serves
-only ``review.ipynb``; the slow test runs the real Voila server (which runs the notebook in the
-``dandelion`` kernel) and clicks *Accept* in Chromium."""
+only ``review.ipynb``; the slow tests run the real Voila server (which runs the notebook in the
+``dandelion`` kernel), click *Accept* in Chromium and show the maps of where the model looked."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,11 +18,12 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from dandelion_lib.core.config import Settings
 from dandelion_lib.data.feedback import FeedbackStore, PredictionRecord
 from dashboards import lab, serve
-from tests.app.conftest import serve_process
+from tests.app.conftest import ARTIFACTS, dead_url, serve_process
 from tests.conftest import ROOT, free_port
 
 TOKEN = "s3cret-review-token-0123456789"
@@ -142,7 +144,7 @@ def test_the_served_review_page_needs_the_token_serves_only_itself_and_records_c
     """One server: plain HTTP for the token and what is served, then Chromium for a click."""
     agreement, disagreement = seed(tmp_path, greenr_dir)
     with (
-        review_server(tmp_path, DANDELION_REVIEW_TOKEN=TOKEN) as url,
+        review_server(tmp_path, DANDELION_REVIEW_TOKEN=TOKEN, DANDELION_API_URL=dead_url()) as url,
         httpx.Client(base_url=url, timeout=120) as client,
     ):
         denied = client.get("/")
@@ -176,3 +178,34 @@ def test_the_served_review_page_needs_the_token_serves_only_itself_and_records_c
         assert pending is not None and pending.reviewed_at is None
     finally:
         store.close()
+
+
+@pytest.mark.slow
+def test_the_served_review_page_shows_where_the_model_looked_in_chromium(
+    tmp_path: Path, greenr_dir: Path, page: Any, explaining_api: str
+) -> None:
+    """Screenshot ``test-artifacts/app/review-explain.png``; with
+    ``DANDELION_TEST_UPDATE_DOCS=1`` it also replaces the user guide's
+    ``docs/img/review-explain.png``."""
+    seed(tmp_path, greenr_dir)
+    photo = greenr_dir / "dandelion" / "00000021.jpg"  # the disagreement: first in the queue
+    env = {"DANDELION_REVIEW_TOKEN": TOKEN, "DANDELION_API_URL": explaining_api}
+    with review_server(tmp_path, **env) as url:
+        page.goto(f"{url}/?token={TOKEN}", wait_until="domcontentloaded", timeout=90_000)
+        page.wait_for_function(
+            "document.querySelectorAll('.dl-item img.dl-looked-map').length === 2",
+            timeout=120_000,
+        )
+        first = page.locator(".dl-item").nth(0)
+        assert first.locator("img").count() == 2  # the photo, and the photo with the map
+        caption = first.locator(".dl-looked").inner_text()
+        assert "Red: where the model found" in caption and "the model the API serves now" in caption
+        ratio = first.locator("img.dl-looked-map").evaluate("e => e.naturalWidth / e.naturalHeight")
+        with Image.open(photo) as image:
+            assert ratio == pytest.approx(image.width / image.height, abs=0.02)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shot = ARTIFACTS / "review-explain.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert "Traceback" not in page.content() and page.page_errors == []
+    if os.environ.get("DANDELION_TEST_UPDATE_DOCS") == "1":
+        shutil.copyfile(shot, ROOT / "docs" / "img" / "review-explain.png")
