@@ -222,7 +222,8 @@ def test_a_stale_scheduler_is_restarted(config: dict[str, Any]) -> None:
 def test_reviewer_page_service(config: dict[str, Any]) -> None:
     """The reviewer page: the app's image and hardening, `dashboards.serve --review` bound to
     0.0.0.0 inside the container, port 8867 published on the host's loopback only, the token from
-    .env, the same feedback database and store settings as the API."""
+    .env, the same feedback database and store settings as the API, the API's address for the
+    maps of where the model looked."""
     services = config["services"]
     review, app, api = services["review"], services["app"], services["api"]
     assert review["image"] == app["image"]
@@ -245,6 +246,7 @@ def test_reviewer_page_service(config: dict[str, Any]) -> None:
     for key in ("DANDELION_FEEDBACK_DB_URL", "DANDELION_STORE_URL", "DANDELION_S3_ENDPOINT_URL",
                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):  # fmt: skip
         assert env[key] == api["environment"][key], key
+    assert env["DANDELION_API_URL"] == app["environment"]["DANDELION_API_URL"] == "http://api:8000"
     assert review["healthcheck"]["test"][-1] == "http://127.0.0.1:8867/health/live"
     assert {"postgres", "minio-init"} <= set(review["depends_on"])
     assert review["deploy"]["resources"]["limits"]["memory"]

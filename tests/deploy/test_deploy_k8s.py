@@ -409,6 +409,7 @@ def test_reviewer_page_deployment(rendered: Objects, overlay: str) -> None:
     config = find(objs, "ConfigMap", "dandelion-config")["data"]
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
     assert {config["DANDELION_WORKDIR"], "/tmp"} <= mounts
+    assert config["DANDELION_API_URL"] == "http://api:8000"  # the maps of where it looked
     service = find(objs, "Service", "review")
     assert service["spec"]["type"] == "ClusterIP"
     assert service["spec"]["ports"] == [

@@ -110,9 +110,11 @@ REQUIRED = [
     ("app", "kube-dns", 53, "UDP"),
     ("ingress", "api", 8000, "TCP"),
     ("ingress", "app", 8866, "TCP"),
-    # The reviewer page reads the feedback database and the store directly. Reviewers reach it
-    # with `kubectl port-forward` (through the API server and the kubelet: no pod-to-pod flow).
+    # The reviewer page reads the feedback database and the store directly, and asks the API
+    # where the model looked on each photo. Reviewers reach it with `kubectl port-forward`
+    # (through the API server and the kubelet: no pod-to-pod flow).
     ("review", "database", None, "TCP"),
+    ("review", "api", 8000, "TCP"),
     ("review", "object-store", None, "TCP"),
     ("review", "kube-dns", 53, "UDP"),
     ("review", "kube-dns", 53, "TCP"),
@@ -148,13 +150,12 @@ DENIED = [
     ("app", "airflow-statsd", 9125, "UDP"),
     ("prometheus", "airflow-api-server", 8080, "TCP"),
     ("mlflow-db-upgrade", "mlflow", 5000, "TCP"),
-    # The reviewer page is not public and talks to nothing but its data.
+    # The reviewer page is not public and talks to nothing but its data and the API.
     ("ingress", "review", 8867, "TCP"),
     ("internet", "review", 8867, "TCP"),
     ("app", "review", 8867, "TCP"),
     ("api", "review", 8867, "TCP"),
     ("prometheus", "review", 8867, "TCP"),
-    ("review", "api", 8000, "TCP"),
     ("review", "mlflow", 5000, "TCP"),
     ("review", "airflow-api-server", 8080, "TCP"),
     # The backups reach their data, not the services.
