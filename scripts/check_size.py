@@ -31,8 +31,9 @@ GATED: dict[str, frozenset[str]] = {
     # Only function length here for now: dags/dandelion_tasks/steps.py is still over the module
     # limit and its ``report`` over the complexity limit.
     "dags": frozenset({FUNCTION}),
-    # dashboards/ is not gated yet: the reviewer page's ``__init__`` (dashboards/review.py) is
-    # still over the function limit.
+    # Function length only so far: ``ApiClient.predict`` (dashboards/client.py) is over the
+    # complexity limit.
+    "dashboards": frozenset({FUNCTION}),
 }
 
 ROOT = Path(__file__).resolve().parents[1]
