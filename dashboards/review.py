@@ -54,6 +54,7 @@ REASONS = {
 
 STYLE = """
 <style>
+.celltag_dev-only { display: none !important; }
 .dl-review { max-width: 1100px; font-family: var(--jp-ui-font-family, sans-serif); }
 .dl-review h2 { margin: 0 0 4px 0; }
 .dl-count { background: #eef6ee; border: 1px solid #9cc99c; border-left: 6px solid #3a9d23;

@@ -203,6 +203,9 @@ def test_the_served_review_page_shows_where_the_model_looked_in_chromium(
         ratio = first.locator("img.dl-looked-map").evaluate("e => e.naturalWidth / e.naturalHeight")
         with Image.open(photo) as image:
             assert ratio == pytest.approx(image.width / image.height, abs=0.02)
+        # the notebook's notes (cells tagged dev-only) are hidden, as in the app
+        assert page.locator(".celltag_dev-only").count() >= 1
+        assert not page.get_by_text("All logic lives in").is_visible()
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shot = ARTIFACTS / "review-explain.png"
         page.screenshot(path=str(shot), full_page=True)
