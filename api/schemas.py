@@ -92,12 +92,15 @@ class LoadFailureInfo(msgspec.Struct):
 class ServingInfo(msgspec.Struct):
     """How the loaded model runs: ``runtime`` (``onnx`` or ``keras``), ``precision``
     (``fp32`` or ``int8``), why another runtime than the one asked for runs (``note``), and
-    the gate's choice with both precisions' test figures (the version's ``serving.*`` tags)."""
+    the gate's choice with both precisions' test figures (the version's ``serving.*`` tags);
+    with INT8, the FP32 recheck near a boundary (``recheck``: its margins and the photos
+    rechecked since the model was loaded; None when there is none)."""
 
     runtime: str
     precision: str
     note: str | None
     gate: dict[str, str]
+    recheck: dict[str, float] | None = None
 
 
 class ModelInfo(msgspec.Struct):

@@ -6,7 +6,8 @@
   plus batch-32 throughput. The best a request can do on that runtime.
 * (b) the API — ``python -m api`` (micro-batching, inference off the event loop) at 1 and 16
   concurrent clients, raw ``image/jpeg`` bodies over loopback HTTP, serving ONNX FP32, ONNX
-  INT8 (the ``serving.precision`` tag the gate sets) and Keras (``DANDELION_SERVING_RUNTIME=
+  INT8 (the ``serving.precision`` tag the gate sets; with its FP32 recheck near a boundary,
+  and alone) and Keras (``DANDELION_SERVING_RUNTIME=
   keras``: the API before the runtime artifacts); its resident memory after the load.
 * (c) baseline — how typical projects serve: a Litestar app whose handler decodes with PIL
   and calls Keras' ``model.predict`` per request (in the thread pool), same clients.
@@ -351,7 +352,8 @@ def _row(name: str, s: dict[str, float]) -> str:
     return f"{name:<40} {s['n']:>5.0f} {s['p50_ms']:>9.1f} {s['p99_ms']:>9.1f} {s['rps']:>9.1f}"
 
 
-SERVERS = (("onnx", "fp32"), ("onnx", "int8"), ("keras", "fp32"))
+SERVERS = (("onnx", "fp32"), ("onnx", "int8"), ("onnx", "int8 alone"), ("keras", "fp32"))
+"""``int8 alone``: INT8 without the FP32 recheck near a boundary (and without its session)."""
 
 
 def _api(
@@ -359,11 +361,15 @@ def _api(
 ) -> Any:
     """The API serving ``runtime``/``precision``: c=1 and c=16, mean batch, resident memory
     (``only="explain"``: just the cost of explanations at c=1)."""
+    precision, alone = precision.split()[0], precision.endswith("alone")
     _set_precision(workdir, precision)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     options = _server_options(workdir, port, tmp, f"api-{runtime}-{precision}")
     options["env"]["DANDELION_SERVING_RUNTIME"] = runtime
+    if alone:
+        options["env"]["DANDELION_INT8_RECHECK_MARGIN"] = "0"
+        options["env"]["DANDELION_INT8_RECHECK_CONFIDENCE_MARGIN"] = "0"
     with running(["-m", "api"], f"{url}/health/ready", **options) as proc:
         import httpx
 
@@ -440,7 +446,7 @@ def main(part: str = "all") -> None:
     print(_row("(c) naive model.predict c=16", naive_c16))
     print("\nresident memory after the load (MiB, now / peak):")
     for (rt, pr), (_, _, _, rss, hwm) in apis.items():
-        print(f"  api {rt} {pr:<5} {rss:7.0f} / {hwm:.0f}")
+        print(f"  api {rt} {pr:<10} {rss:7.0f} / {hwm:.0f}")
     print(f"  naive      {naive_rss[0]:7.0f} / {naive_rss[1]:.0f}")
 
     print()

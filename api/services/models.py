@@ -336,15 +336,26 @@ class ModelManager:
             last_failure=self.last_failure.info() if self.last_failure else None,
             last_check_at=self.last_check_at.isoformat() if self.last_check_at else None,
             reload_interval_s=self.settings.serving.reload_interval_s,
-            serving=ServingInfo(
-                runtime=p.runtime,
-                precision=p.precision,
-                note=p.runtime_note,
-                gate={k.removeprefix(SERVING_TAG): v for k, v in p.serving.items()},
-            )
-            if p
-            else None,
+            serving=_serving_info(p) if p else None,
         )
+
+
+def _serving_info(p: Predictor) -> ServingInfo:
+    """How ``p`` runs: runtime, precision, the gate's tags and INT8's FP32 recheck."""
+    recheck = p.recheck
+    return ServingInfo(
+        runtime=p.runtime,
+        precision=p.precision,
+        note=p.runtime_note,
+        gate={k.removeprefix(SERVING_TAG): v for k, v in p.serving.items()},
+        recheck=None
+        if recheck is None
+        else {
+            "ood_margin": recheck.ood_margin,
+            "confidence_margin": recheck.confidence_margin,
+            "rechecked": recheck.rechecked,
+        },
+    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -107,6 +107,20 @@ class ServingSettings(SettingsGroup):
         description="Intra-op threads of the API's model runtime. Default: the container's CPU "
         "limit (cgroup quota, rounded up), else the CPUs this process may run on.",
     )
+    int8_recheck_margin: float = Field(
+        1.5,
+        ge=0,
+        description="INT8 served: a photo whose open-set score INT8 puts within this of the "
+        "threshold (logits) is run again in FP32 and answered by FP32. INT8 moved the score "
+        "by at most 1.21 logits on 700 photos (docs/model.md), so the answers near the "
+        "boundary are FP32's (0: no recheck, and no FP32 session loaded beside INT8).",
+    )
+    int8_recheck_confidence_margin: float = Field(
+        0.15,
+        ge=0,
+        description="INT8 served: a photo whose confidence INT8 puts within this of "
+        "confidence_threshold is run again in FP32 too.",
+    )
     inference_batch_max: int = Field(
         8,
         gt=0,

@@ -50,7 +50,16 @@ from dandelion_lib.core.images import (
 from dandelion_lib.core.labels import UNCERTAIN, UNKNOWN
 from dandelion_lib.serving import runtime as runtime_lib
 from dandelion_lib.serving.explain import Explainer, Explanation, ExplanationUnavailableError
-from dandelion_lib.training.openset import ARTIFACT_NAME, OpenSetDetector, OpenSetError
+from dandelion_lib.serving.loading import (
+    ModelUnavailableError,
+    load_detector,
+    load_keras,
+    load_runtime,
+    read_metadata,
+    resolve,
+)
+from dandelion_lib.serving.recheck import Recheck
+from dandelion_lib.training.openset import OpenSetDetector, OpenSetError
 
 if TYPE_CHECKING:  # pandas behind it: not at DAG parse time
     from dandelion_lib.training.inputs import Pixels
@@ -59,10 +68,6 @@ SERVING_TAG = "serving."
 """Prefix of the model-version tags that record the gate's runtime choice."""
 
 log = logging.getLogger(__name__)
-
-
-class ModelUnavailableError(DandelionError):
-    """The model URI cannot be resolved or loaded (one user-facing line)."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,8 @@ class Predictor:
     """Reads the runtime's feature maps into explanations (None: :attr:`explain_unavailable`)."""
     explain_unavailable: str | None = "this model cannot explain its answers"
     """Why :meth:`predict_arrays` cannot explain (None when it can)."""
+    recheck: Recheck | None = None
+    """INT8 served: FP32 answers the photos near a boundary (:mod:`.recheck`)."""
     _forward: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -210,14 +217,13 @@ class Predictor:
             # The weights are read into memory, so the download is removed right after.
             with tempfile.TemporaryDirectory(prefix="dandelion-model-") as tmp:
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-                meta = _metadata(local)
-                name, version, tags = _resolve(uri)
+                meta = read_metadata(local)
+                name, version, tags = resolve(uri)
                 serving = {k: v for k, v in tags.items() if k.startswith(SERVING_TAG)}
                 wanted = precision or serving.get(SERVING_TAG + "precision") or "fp32"
-                batch = settings.serving.inference_batch_max
-                loaded = _load_runtime(uri, local, runtime, wanted, threads, batch)
-                model = None if loaded.forward is not None else _load_keras(uri, local)
-                detector = _load_detector(local, meta)
+                loaded = load_runtime(uri, local, runtime, wanted, settings, threads)
+                model = None if loaded.forward is not None else load_keras(uri, local)
+                detector = load_detector(local, meta)
         except (MlflowException, OSError, ValueError, zipfile.BadZipFile, OpenSetError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelUnavailableError(f"cannot load model {uri}: {first}") from exc
@@ -235,7 +241,7 @@ class Predictor:
             precision=loaded.precision,
             runtime_note=loaded.note,
             serving=serving,
-            **(options | loaded.explain_fields()),
+            **(options | loaded.fields()),
         )
         predictor._forward = loaded.forward
         predictor.warmup()
@@ -281,6 +287,28 @@ class Predictor:
         features, probs = self._forward(batch.astype(np.float32, copy=False))
         return features, np.asarray(probs)
 
+    def _outputs(self, batch: np.ndarray, explain: bool) -> tuple[Any, np.ndarray, list[Any]]:
+        """Features, probabilities and (``explain``) feature maps of ``batch``; with an INT8
+        runtime, FP32's for the photos INT8 puts near a boundary (:mod:`.recheck`)."""
+        maps: list[Any] = []
+        if explain:
+            if self.explainer is None or self.explain_unavailable is not None:
+                raise ExplanationUnavailableError(
+                    self.explain_unavailable or "this model cannot explain its answers"
+                )
+            features, probs, maps = self._forward.with_maps(batch.astype(np.float32, copy=False))
+        else:
+            features, probs = self._run(batch)
+        if self.recheck is None:
+            return features, np.asarray(probs), maps
+        return self.recheck.apply(
+            batch,
+            (features, np.asarray(probs), maps),
+            None if self.detector is None else self.detector.score,
+            self.policy.ood_threshold,
+            self.policy.threshold,
+        )
+
     def predict_arrays(
         self, batch: np.ndarray, explain: bool | list[bool] = False
     ) -> list[Prediction]:
@@ -290,16 +318,7 @@ class Predictor:
         :class:`~dandelion_lib.serving.explain.ExplanationUnavailableError` when explanations
         are asked for and this model cannot give them (:attr:`explain_unavailable`)."""
         wanted = [explain] * len(batch) if isinstance(explain, bool) else list(explain)
-        maps: list[Any] = []
-        if any(wanted):
-            if self.explainer is None or self.explain_unavailable is not None:
-                raise ExplanationUnavailableError(
-                    self.explain_unavailable or "this model cannot explain its answers"
-                )
-            features, probs, maps = self._forward.with_maps(batch.astype(np.float32, copy=False))
-            probs = np.asarray(probs)
-        else:
-            features, probs = self._run(batch)
+        features, probs, maps = self._outputs(batch, any(wanted))
         scores: list[float | None] = [None] * len(probs)
         blank = blank_inputs(batch)
         if self.detector is not None and features is not None:
@@ -347,135 +366,5 @@ class Predictor:
         size = self.spec.image_size
         for n in (1, 2):
             self.predict_arrays(np.zeros((n, size, size, 3), dtype=np.float32))
-
-
-@dataclass(frozen=True)
-class _Loaded:
-    runtime: str
-    precision: str
-    forward: Any = None
-    note: str | None = None
-    explainer: Explainer | None = None
-    explain_note: str | None = "explanations need the model version's ONNX runtime"
-
-    def explain_fields(self) -> dict[str, Any]:
-        return {"explainer": self.explainer, "explain_unavailable": self.explain_note}
-
-
-def _load_runtime(
-    uri: str, local: Path, runtime: str, precision: str, threads: int, max_batch: int
-) -> _Loaded:
-    """The ONNX session to serve (``forward`` None: load Keras), following ``runtime``."""
-    if runtime == "keras":
-        return _Loaded("keras", "fp32")
-    tried: list[str] = []
-    for wanted in dict.fromkeys((precision, "fp32")):
-        try:
-            forward, record = runtime_lib.load(local, wanted, threads=threads, max_batch=max_batch)
-        except runtime_lib.RuntimeArtifactError as exc:
-            if runtime == "onnx":
-                raise ModelUnavailableError(f"cannot load model {uri}: {exc}") from exc
-            tried.append(str(exc))
-            continue
-        note = "; ".join(tried) or None
-        if note:
-            log.warning("model %s: serving %s ONNX instead: %s", uri, wanted, note)
-        try:
-            explainer, explain_note = runtime_lib.load_explainer(local, record), None
-        except ExplanationUnavailableError as exc:
-            explainer, explain_note = None, str(exc)
-        return _Loaded("onnx", wanted, forward, note, explainer, explain_note)
-    note = "; ".join(dict.fromkeys(tried))
-    log.warning("model %s: serving the Keras model: %s", uri, note)
-    return _Loaded("keras", "fp32", None, note)
-
-
-def _load_keras(uri: str, local: Path) -> Any:
-    """The version's Keras model (the fallback runtime; needs TensorFlow)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        import mlflow.keras
-    except ImportError as exc:  # an image without TensorFlow
-        raise ModelUnavailableError(
-            f"cannot load model {uri}: it has no usable ONNX artifact and Keras is not "
-            f"installed here ({exc})"
-        ) from exc
-    try:
-        return mlflow.keras.load_model(str(local))
-    except (MlflowException, OSError, ValueError, zipfile.BadZipFile) as exc:
-        # Keras says "File not found" for any file that is not a zip archive.
-        problem = _model_file_problem(local)
-        if problem is None:
-            raise
-        raise ModelUnavailableError(f"cannot load model {uri}: {problem}") from exc
-
-
-def _metadata(local: Path) -> dict[str, Any]:
-    """The dandelion metadata of a downloaded model version (its MLmodel file's
-    ``metadata``). Read as YAML: ``mlflow.models.Model.load`` would import pandas for the
-    signature, which the API image does not carry."""
-    import yaml
-
-    path = local / "MLmodel"
-    if not path.is_file():
-        raise ValueError("it is not an MLflow model (no MLmodel file)")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ValueError(f"its MLmodel file cannot be read: {exc}") from exc
-    meta = doc.get("metadata") if isinstance(doc, dict) else None
-    return meta if isinstance(meta, dict) else {}
-
-
-def _model_file_problem(local: Path) -> str | None:
-    """What is wrong with the downloaded Keras model file, when something is: missing, not a
-    zip archive (truncated or overwritten) or a member failing its CRC check (corrupt)."""
-    files = sorted(local.rglob("*.keras"))
-    if not files:
-        return "the model file (model.keras) is missing from the model version"
-    for path in files:
-        name = path.relative_to(local).as_posix()
-        size = path.stat().st_size
-        if not zipfile.is_zipfile(path):
-            return f"the model file {name} is corrupt (not a .keras zip archive; {size:,} bytes)"
-        try:
-            with zipfile.ZipFile(path) as archive:
-                bad = archive.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            return f"the model file {name} is corrupt ({exc})"
-        if bad is not None:
-            return f"the model file {name} is corrupt (its member {bad} fails its CRC check)"
-    return None
-
-
-def _load_detector(local: Path, meta: dict[str, Any]) -> OpenSetDetector | None:
-    """The model's open-set detector, or None for a model logged without one."""
-    if not meta.get("openset"):
-        return None
-    path = local / ARTIFACT_NAME
-    if not path.is_file():
-        raise OpenSetError(
-            f"the model's metadata names an open-set detector but {ARTIFACT_NAME} is missing"
-        )
-    return OpenSetDetector.load(path)
-
-
-def _resolve(uri: str) -> tuple[str | None, str | None, dict[str, str]]:
-    """Registered name, version and version tags behind a ``models:/`` URI (None, None, {}
-    for other URIs)."""
-    if not uri.startswith("models:/"):
-        return None, None, {}
-    from mlflow import MlflowClient
-
-    ref = uri[len("models:/") :]
-    client = MlflowClient()
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        mv = client.get_model_version_by_alias(name, alias)
-    else:
-        name, _, number = ref.partition("/")
-        if not number:
-            return name, None, {}
-        mv = client.get_model_version(name, number)
-    return name, str(mv.version), dict(mv.tags or {})
+            if self.recheck is not None:
+                self.recheck.forward(np.zeros((n, size, size, 3), dtype=np.float32))

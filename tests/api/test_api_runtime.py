@@ -79,12 +79,16 @@ def test_the_api_serves_each_runtime(
     assert info["gate"] == {"precision": "int8", "reason": "set by this test"}
     int8 = _answers(server, photos)
     assert np.abs(int8 - reference).max() < 0.05  # quantized: close, not equal
+    # INT8 runs beside its FP32 session, which answers the photos near a boundary
+    recheck = server.model()["serving"]["recheck"]
+    assert (recheck["ood_margin"], recheck["confidence_margin"]) == (1.5, 0.15)
+    assert 0 <= recheck["rechecked"] <= len(photos) + 3  # the photos and the warm-up inputs
     assert not _tensorflow_loaded(server)
 
     # 2. The gate changes its mind: the same version is reloaded in FP32 (exact)
     registry.client().set_model_version_tag(registry.name, version, "serving.precision", "fp32")
     deadline_info = _wait_precision(server, "fp32")
-    assert deadline_info["runtime"] == "onnx"
+    assert (deadline_info["runtime"], deadline_info["recheck"]) == ("onnx", None)
     fp32 = _answers(server, photos)
     assert np.abs(fp32 - reference).max() <= 1e-4
     assert not _tensorflow_loaded(server)

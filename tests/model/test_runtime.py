@@ -144,8 +144,10 @@ def test_a_batch_larger_than_the_session_batch_runs_in_chunks_with_the_same_answ
 def test_int8_runtime_stays_close_to_the_model_it_came_from(
     model_env: Any, trained: Any, local_copy: Path, keras_predictor: Predictor, photos: np.ndarray
 ) -> None:
-    int8 = Predictor.load(trained.model_uri, model_env.settings, runtime="onnx", precision="int8")
-    assert (int8.runtime, int8.precision) == ("onnx", "int8")
+    # the INT8 session alone (no FP32 recheck near the boundaries)
+    alone = model_env.settings.updated(int8_recheck_margin=0.0, int8_recheck_confidence_margin=0.0)
+    int8 = Predictor.load(trained.model_uri, alone, runtime="onnx", precision="int8")
+    assert (int8.runtime, int8.precision, int8.recheck) == ("onnx", "int8", None)
     record = json.loads((local_copy / runtime.DIR / runtime.RECORD).read_text())
     val = record["parity"]["int8"]
     reference, got = _probs(keras_predictor, photos), _probs(int8, photos)
@@ -159,6 +161,42 @@ def test_int8_runtime_stays_close_to_the_model_it_came_from(
     assert 0 < val["max_abs_diff"] < 1 and val["label_flips"] <= 0.1 * val["n"]
     assert diff.mean() <= 0.1
     assert (reference.argmax(1) != got.argmax(1)).mean() <= 0.1
+
+
+def test_int8_answers_photos_near_a_boundary_with_fp32(
+    model_env: Any, trained: Any, photos: np.ndarray
+) -> None:
+    """INT8 served: the photos INT8 puts near the open-set threshold or the confidence
+    threshold get FP32's outputs (the same model version's FP32 session), the others INT8's."""
+    settings = model_env.settings
+    uri = trained.model_uri
+    fp32 = Predictor.load(uri, settings, runtime="onnx", precision="fp32")
+    off = settings.updated(int8_recheck_margin=0.0, int8_recheck_confidence_margin=0.0)
+    alone = Predictor.load(uri, off, runtime="onnx", precision="int8")
+    served = Predictor.load(uri, settings, runtime="onnx", precision="int8")
+    assert fp32.recheck is None and alone.recheck is None and served.recheck is not None
+    a, b, c = (p.predict_arrays(photos) for p in (fp32, alone, served))
+    recheck, policy = served.recheck, served.policy
+    near = [
+        abs(x.confidence - policy.threshold) < recheck.confidence_margin
+        or (
+            x.ood_score is not None
+            and policy.ood_threshold is not None
+            and abs(x.ood_score - policy.ood_threshold) < recheck.ood_margin
+        )
+        for x in b
+    ]
+    assert any(near) and not all(near), "the photos should be on both sides of the margins"
+    for f, i, got, is_near in zip(a, b, c, near, strict=True):
+        expected = f if is_near else i
+        assert got.probabilities == pytest.approx(expected.probabilities, abs=1e-6)
+        assert got.ood_score == pytest.approx(expected.ood_score, abs=1e-5)
+    before = recheck.rechecked
+    # margins that take in every photo: every answer is FP32's
+    wide = settings.updated(int8_recheck_margin=1e9, int8_recheck_confidence_margin=1.0)
+    everything = Predictor.load(uri, wide, runtime="onnx", precision="int8")
+    assert _probs(everything, photos) == pytest.approx(_probs(fp32, photos), abs=1e-6)
+    assert before >= sum(near)
 
 
 def test_evaluation_runs_the_runtime_it_is_given(
