@@ -11,7 +11,7 @@ Scenario: stack up (health-gated) -> the pipeline DAG runs in the Airflow contai
 Chromium classifies an upload and records feedback -> the feedback row is in PostgreSQL ->
 Prometheus scrapes every target. Faults: API restart, scheduler killed mid-task, PostgreSQL outage (the scheduler must
 heartbeat again; a stale heartbeat is diagnosed), scheduler frozen (its health probe restarts
-it).
+it). Last, the feedback loop through the containers into retraining (deploy/rehearse_loop.py).
 
     python -m deploy.rehearse [--keep] [--per-class N]
 """
@@ -561,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # They import this module's helpers.
     from deploy.rehearse_heal import fault_scheduler_frozen
+    from deploy.rehearse_loop import feedback_loop
 
     failed = False
     with rehearsal(opts.per_class, opts.keep) as r:
@@ -584,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
                 ("fault: PostgreSQL outage", fault_postgres_outage),
                 ("fault: scheduler frozen, healed by its health probe", fault_scheduler_frozen),
             ]
+        # Last: it leaves dandelion_retrain paused, its run stopped before training.
+        steps.append(("feedback loop: accepted photos in the next dataset version", feedback_loop))
 
         try:
             for name, action in steps:
