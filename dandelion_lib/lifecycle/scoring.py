@@ -24,7 +24,8 @@ from dandelion_lib.data.dataset import DatasetError, benchmark_version, load_man
 from dandelion_lib.lifecycle import evaluate, gate, scorecard
 from dandelion_lib.lifecycle.agreement import Agreement, measure_agreement
 from dandelion_lib.lifecycle.metrics import EvaluationError, EvaluationReport
-from dandelion_lib.serving.predict import SERVING_TAG, ModelUnavailableError, Predictor
+from dandelion_lib.serving.loading import ModelUnavailableError
+from dandelion_lib.serving.predict import SERVING_TAG, Predictor
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import pytest
 from dandelion_lib.core.config import Settings
 from dandelion_lib.core.labels import UNKNOWN
 from dandelion_lib.lifecycle import evaluate
-from dandelion_lib.serving.predict import OUT_OF_DOMAIN, ModelUnavailableError, Predictor
+from dandelion_lib.serving.loading import ModelUnavailableError
+from dandelion_lib.serving.predict import OUT_OF_DOMAIN, Predictor
 from dandelion_lib.training.openset import ARTIFACT_NAME, OpenSetDetector
 
 

@@ -17,7 +17,8 @@ from dandelion_lib.core.config import Settings
 from dandelion_lib.lifecycle.evaluate import evaluate_split
 from dandelion_lib.lifecycle.metrics import EvaluationReport
 from dandelion_lib.serving import runtime
-from dandelion_lib.serving.predict import ModelUnavailableError, Predictor
+from dandelion_lib.serving.loading import ModelUnavailableError
+from dandelion_lib.serving.predict import Predictor
 from tests.model.conftest import STAND_IN
 
 

@@ -117,7 +117,8 @@ def _truncate(path: Path) -> None:
 def test_a_corrupt_model_file_is_reported_as_corrupt(
     saved_model_dir: Path, tmp_path: Path, damage: Callable[[Path], None]
 ) -> None:
-    from dandelion_lib.serving.predict import ModelUnavailableError, Predictor
+    from dandelion_lib.serving.loading import ModelUnavailableError
+    from dandelion_lib.serving.predict import Predictor
 
     assert Predictor.load(str(saved_model_dir), Settings()).labels  # the intact copy loads
     broken = _broken_copy(saved_model_dir, tmp_path / "broken", damage)
@@ -129,7 +130,8 @@ def test_a_corrupt_model_file_is_reported_as_corrupt(
 
 
 def test_a_missing_model_file_is_reported_as_missing(saved_model_dir: Path, tmp_path: Path) -> None:
-    from dandelion_lib.serving.predict import ModelUnavailableError, Predictor
+    from dandelion_lib.serving.loading import ModelUnavailableError
+    from dandelion_lib.serving.predict import Predictor
 
     broken = _broken_copy(saved_model_dir, tmp_path / "broken", Path.unlink)
     with pytest.raises(ModelUnavailableError, match="missing"):
