@@ -63,6 +63,49 @@ def upload_entry(name: str, data: bytes) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Answered:
+    """A photo the model ``dandelion`` (version ``version``) answered ``answer`` with
+    ``confidence``, and the label the user gave it (``correct``)."""
+
+    image: bytes
+    answer: str
+    correct: str
+    version: str
+    confidence: float = 0.8
+
+
+def add_feedback(workdir: Path, items: list[Answered], prefix: str) -> list[str]:
+    """Pending feedback with each photo in ``workdir``'s embedded feedback database, in the
+    order given (prediction ids ``<prefix>-<n>``); returns the feedback ids."""
+    import hashlib
+
+    from dandelion_lib.core.config import Settings
+    from dandelion_lib.data.feedback import FeedbackStore, PredictionRecord
+
+    store = FeedbackStore.from_settings(Settings(workdir=workdir))
+    ids = []
+    try:
+        for n, item in enumerate(items):
+            other = "grass" if item.answer == "dandelion" else "dandelion"
+            prediction = PredictionRecord(
+                prediction_id=f"{prefix}-{n}",
+                label=item.answer,
+                top_label=item.answer,
+                confidence=item.confidence,
+                probabilities={item.answer: item.confidence, other: 1 - item.confidence},
+                model_name="dandelion",
+                model_version=item.version,
+                image_sha256=hashlib.sha256(item.image).hexdigest(),
+            )
+            store.record_predictions([prediction])
+            feedback = store.add_feedback(prediction.prediction_id, item.correct, item.image)
+            ids.append(feedback.feedback_id)
+    finally:
+        store.close()
+    return ids
+
+
 def visit_cookies(url: str) -> dict[str, str]:
     """The visit cookie a browser gets from the app's gate page (its script sets it), taken
     from the page as a script would: plain HTTP that then starts kernels like a browser."""

@@ -7,7 +7,6 @@ on."""
 
 from __future__ import annotations
 
-import hashlib
 import html
 import io
 import os
@@ -24,11 +23,10 @@ import pytest
 from PIL import Image
 
 from dandelion_lib.core.config import Settings
-from dandelion_lib.data.feedback import FeedbackStore, PredictionRecord
 from dashboards.client import ApiClient
 from dashboards.review import ReviewPage
 from dashboards.ui import DandelionApp
-from tests.app.conftest import ARTIFACTS, AppApi, open_app, upload_entry
+from tests.app.conftest import ARTIFACTS, Answered, AppApi, add_feedback, open_app, upload_entry
 from tests.conftest import ROOT
 
 
@@ -98,30 +96,14 @@ def _served_predictions(api_url: str) -> float:
 
 
 def give_feedback(workdir: Path, photos: list[tuple[Path, str]]) -> list[str]:
-    """Feedback with each photo in ``workdir``'s embedded feedback database, answered by the
-    given model version: the user disagrees each time, so the queue keeps this order."""
-    store = FeedbackStore.from_settings(Settings(workdir=workdir))
-    ids = []
-    try:
-        for n, (path, version) in enumerate(photos):
-            image = path.read_bytes()
-            correct = path.parent.name
-            answer = "grass" if correct == "dandelion" else "dandelion"
-            prediction = PredictionRecord(
-                prediction_id=f"explained-{n}",
-                label=answer,
-                top_label=answer,
-                confidence=0.7 + n / 100,
-                probabilities={answer: 0.7 + n / 100, correct: 0.3 - n / 100},
-                model_name="dandelion",
-                model_version=version,
-                image_sha256=hashlib.sha256(image).hexdigest(),
-            )
-            store.record_predictions([prediction])
-            ids.append(store.add_feedback(prediction.prediction_id, correct, image).feedback_id)
-    finally:
-        store.close()
-    return ids
+    """Feedback with each photo, answered by the given model version: the user disagrees each
+    time, and the confidence rises photo by photo, so the queue keeps this order."""
+    items = []
+    for n, (path, version) in enumerate(photos):
+        correct = path.parent.name
+        answer = "grass" if correct == "dandelion" else "dandelion"
+        items.append(Answered(path.read_bytes(), answer, correct, version, 0.7 + n / 100))
+    return add_feedback(workdir, items, "explained")
 
 
 def test_the_reviewer_page_shows_where_the_served_model_looked(

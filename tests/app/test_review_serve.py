@@ -5,7 +5,6 @@ only ``review.ipynb``; the slow tests run the real Voila server (which runs the 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -21,9 +20,9 @@ import pytest
 from PIL import Image
 
 from dandelion_lib.core.config import Settings
-from dandelion_lib.data.feedback import FeedbackStore, PredictionRecord
+from dandelion_lib.data.feedback import FeedbackStore
 from dashboards import lab, serve
-from tests.app.conftest import ARTIFACTS, dead_url, serve_process
+from tests.app.conftest import ARTIFACTS, Answered, add_feedback, dead_url, serve_process
 from tests.conftest import ROOT, free_port
 
 TOKEN = "s3cret-review-token-0123456789"
@@ -115,26 +114,12 @@ def review_server(tmp_path: Path, **env: str) -> Iterator[str]:
 def seed(workdir: Path, greenr: Path) -> list[str]:
     """Two pending feedback items with photos in ``workdir``'s embedded feedback database:
     a disagreement (first in the queue) and an agreement."""
-    settings = Settings(workdir=workdir)
-    store = FeedbackStore.from_settings(settings)
-    ids = []
-    try:
-        for n, (answer, correct) in enumerate((("grass", "grass"), ("grass", "dandelion"))):
-            image = (greenr / correct / f"{20 + n:08d}.jpg").read_bytes()
-            prediction = PredictionRecord(
-                prediction_id=f"served-{n}",
-                label=answer,
-                top_label=answer,
-                confidence=0.8,
-                probabilities={"dandelion": 0.2, "grass": 0.8},
-                model_version="5",
-                image_sha256=hashlib.sha256(image).hexdigest(),
-            )
-            store.record_predictions([prediction])
-            ids.append(store.add_feedback(prediction.prediction_id, correct, image).feedback_id)
-    finally:
-        store.close()
-    return ids
+    pairs = (("grass", "grass"), ("grass", "dandelion"))
+    items = [
+        Answered((greenr / correct / f"{20 + n:08d}.jpg").read_bytes(), answer, correct, "5")
+        for n, (answer, correct) in enumerate(pairs)
+    ]
+    return add_feedback(workdir, items, "served")
 
 
 @pytest.mark.slow
