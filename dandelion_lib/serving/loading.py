@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,20 +69,20 @@ def load_runtime(
             explainer, explain_note = runtime_lib.load_explainer(local, record), None
         except ExplanationUnavailableError as exc:
             explainer, explain_note = None, str(exc)
-        loaded = Loaded("onnx", wanted, forward, note, explainer, explain_note)
-        return replace(loaded, recheck=load_recheck(local, loaded, settings, threads))
+        recheck = load_recheck(local, wanted, settings, threads)
+        return Loaded("onnx", wanted, forward, note, explainer, explain_note, recheck)
     note = "; ".join(dict.fromkeys(tried))
     log.warning("model %s: serving the Keras model: %s", uri, note)
     return Loaded("keras", "fp32", None, note)
 
 
-def load_recheck(local: Path, loaded: Loaded, settings: Settings, threads: int) -> Recheck | None:
-    """INT8 served: the FP32 session that rechecks photos near a boundary (None: FP32 or
-    Keras served, the margin is 0, or the FP32 artifact cannot be loaded). It runs one photo
+def load_recheck(local: Path, precision: str, settings: Settings, threads: int) -> Recheck | None:
+    """INT8 ONNX served (``precision``): the FP32 session that rechecks photos near a boundary
+    (None: FP32 served, the margin is 0, or the FP32 artifact cannot be loaded). It runs one photo
     per call: ONNX Runtime's arena keeps the peak of the largest batch a session has run, and
     batches of 8 would double the API's memory (docs/model.md)."""
     serving = settings.serving
-    if loaded.precision != "int8" or loaded.forward is None or serving.int8_recheck_margin <= 0:
+    if precision != "int8" or serving.int8_recheck_margin <= 0:
         return None
     try:
         forward, _ = runtime_lib.load(local, "fp32", threads=threads, max_batch=1)

@@ -58,7 +58,7 @@ from dandelion_lib.serving.loading import (
     read_metadata,
     resolve,
 )
-from dandelion_lib.serving.recheck import Recheck
+from dandelion_lib.serving.recheck import Outputs, Recheck
 from dandelion_lib.training.openset import OpenSetDetector, OpenSetError
 
 if TYPE_CHECKING:  # pandas behind it: not at DAG parse time
@@ -287,9 +287,10 @@ class Predictor:
         features, probs = self._forward(batch.astype(np.float32, copy=False))
         return features, np.asarray(probs)
 
-    def _outputs(self, batch: np.ndarray, explain: bool) -> tuple[Any, np.ndarray, list[Any]]:
-        """Features, probabilities and (``explain``) feature maps of ``batch``; with an INT8
-        runtime, FP32's for the photos INT8 puts near a boundary (:mod:`.recheck`)."""
+    def _outputs(self, batch: np.ndarray, explain: bool) -> Outputs:
+        """Features, probabilities, (``explain``) feature maps and open-set scores of
+        ``batch``; with an INT8 runtime, FP32's for the photos INT8 puts near a boundary
+        (:mod:`.recheck`)."""
         maps: list[Any] = []
         if explain:
             if self.explainer is None or self.explain_unavailable is not None:
@@ -299,14 +300,12 @@ class Predictor:
             features, probs, maps = self._forward.with_maps(batch.astype(np.float32, copy=False))
         else:
             features, probs = self._run(batch)
+        score = None if self.detector is None or features is None else self.detector.score
+        outputs = (features, np.asarray(probs), maps, None if score is None else score(features))
         if self.recheck is None:
-            return features, np.asarray(probs), maps
+            return outputs
         return self.recheck.apply(
-            batch,
-            (features, np.asarray(probs), maps),
-            None if self.detector is None else self.detector.score,
-            self.policy.ood_threshold,
-            self.policy.threshold,
+            batch, outputs, score, self.policy.ood_threshold, self.policy.threshold
         )
 
     def predict_arrays(
@@ -318,11 +317,9 @@ class Predictor:
         :class:`~dandelion_lib.serving.explain.ExplanationUnavailableError` when explanations
         are asked for and this model cannot give them (:attr:`explain_unavailable`)."""
         wanted = [explain] * len(batch) if isinstance(explain, bool) else list(explain)
-        features, probs, maps = self._outputs(batch, any(wanted))
-        scores: list[float | None] = [None] * len(probs)
+        features, probs, maps, ood = self._outputs(batch, any(wanted))
+        scores = [None] * len(probs) if ood is None else [float(v) for v in ood]
         blank = blank_inputs(batch)
-        if self.detector is not None and features is not None:
-            scores = [float(v) for v in self.detector.score(features)]
         out = []
         for n, (row, score) in enumerate(zip(probs, scores, strict=True)):
             i = int(np.argmax(row))

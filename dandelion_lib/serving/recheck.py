@@ -17,6 +17,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+Outputs = tuple[Any, npt.NDArray[Any], list[Any], "npt.NDArray[np.float64] | None"]
+"""One forward pass's features (or None), probabilities, feature maps (empty unless an
+explanation is asked for) and open-set scores (None without a detector)."""
+
 
 @dataclass
 class Recheck:
@@ -47,19 +51,18 @@ class Recheck:
     def apply(
         self,
         batch: npt.NDArray[Any],
-        outputs: tuple[Any, Any, list[Any]],
+        outputs: Outputs,
         score: Callable[[Any], npt.NDArray[np.float64]] | None,
         ood_threshold: float | None,
         confidence_threshold: float,
-    ) -> tuple[Any, Any, list[Any]]:
-        """``outputs`` (features, probabilities, feature maps: INT8's) with FP32's rows for
-        the photos near a boundary; ``score`` maps features to open-set scores."""
-        features, probs, maps = outputs
-        probs = np.asarray(probs)
-        scores = None if score is None or features is None else score(features)
+    ) -> Outputs:
+        """``outputs`` (features, probabilities, feature maps and open-set scores: INT8's)
+        with FP32's rows for the photos near a boundary; ``score`` maps features to open-set
+        scores (only the rechecked photos are scored again)."""
+        features, probs, maps, scores = outputs
         idx = self.rows(probs, scores, ood_threshold, confidence_threshold)
         if not len(idx):
-            return features, probs, maps
+            return outputs
         self.rechecked += len(idx)
         x = np.ascontiguousarray(batch[idx], dtype=np.float32)
         if maps:
@@ -76,4 +79,7 @@ class Recheck:
             full = np.array(full, copy=True)
             full[idx] = part
             merged.append(full)
-        return features, probs, merged
+        if scores is not None and score is not None and f32_features is not None:
+            scores = scores.copy()
+            scores[idx] = score(f32_features)
+        return features, probs, merged, scores
