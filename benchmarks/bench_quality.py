@@ -121,6 +121,20 @@ def _served(settings: Any, uri: str) -> Any:
     return Predictor.load_for_users(uri, settings)
 
 
+def _scores(settings: Any, store: Any, version: str, result: Any) -> Any:
+    """The version's scores as promotion reads them (FP32 and INT8 on the test split, their
+    agreement): those training saved with its run."""
+    from dandelion_lib.lifecycle.registry import configure_mlflow
+    from dandelion_lib.lifecycle.scoring import Split, challenger_scores, score_version
+
+    client = configure_mlflow(settings)
+    split = Split.of(store, version, settings)
+    if result.model_version is None:  # register=false: nothing saved
+        return score_version(settings, result.model_uri, split)
+    mv = client.get_model_version(settings.tracking.model_name, result.model_version)
+    return challenger_scores(settings, client, split, mv)
+
+
 def _without_floor(predictor: Any, store: Any, version: str, test: Any) -> dict[str, float]:
     """Refusals per source with the threshold calibrated on the validation photos alone."""
     from dandelion_lib.lifecycle.evaluate import evaluate_split
@@ -150,13 +164,10 @@ def _not_right(frame: Any) -> list[dict[str, Any]]:
 
 
 def _seed_run(tmp: Path, seed: int) -> dict[str, Any]:
-    from dandelion_lib.lifecycle.scoring import Split, score_version
-
     settings = _settings(tmp, f"seed{seed}")
     store, version, result = _train(settings, _sources(GREENR, INDOMAIN), seed)
     predictor = _served(settings, result.model_uri)
-    # scored as promotion scores it: FP32 and INT8 on the test split, and their agreement
-    scores = score_version(settings, result.model_uri, Split.of(store, version, settings))
+    scores = _scores(settings, store, version, result)
     choice = scores.serving(settings.promotion)
     test = scores.report(choice.precision)
     m = test.metrics
@@ -197,12 +208,10 @@ def _loso(tmp: Path, left_out: Path, kept: list[Path]) -> dict[str, Any]:
     from dandelion_lib.lifecycle.evaluate import evaluate_folder
 
     # indomain-dev alone has 3.5 dandelions per lawn: above the default imbalance gate
-    from dandelion_lib.lifecycle.scoring import Split, score_version
-
     settings = _settings(tmp, f"loso-{left_out.name}").updated(max_class_imbalance=4.0)
     store, version, result = _train(settings, _sources(*kept), SEEDS[0])
     predictor = _served(settings, result.model_uri)
-    scores = score_version(settings, result.model_uri, Split.of(store, version, settings))
+    scores = _scores(settings, store, version, result)
     serving = scores.serving(settings.promotion)
     report, _ = evaluate_folder(predictor, left_out)
     m = report.metrics

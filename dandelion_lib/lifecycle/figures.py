@@ -1,6 +1,6 @@
 """Figures of an evaluation (confusion matrix, ROC, calibration, misclassified images) and
-:func:`log_report`, which logs a report's metrics, slices and figures into the active MLflow
-run."""
+of a training (learning curves), and :func:`log_report`, which logs a report's metrics, slices
+and figures into the active MLflow run."""
 
 from __future__ import annotations
 
@@ -122,3 +122,28 @@ def log_report(
 
 def _metric_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "_-." else "_" for c in text)
+
+
+def log_learning_curves(history: dict[str, list[float]]) -> None:
+    """The learning curves of a training, logged into the active MLflow run."""
+    fig = learning_curves_figure(history)
+    mlflow.log_figure(fig, "figures/learning_curves.png")
+    plt.close(fig)
+
+
+def learning_curves_figure(history: dict[str, list[float]]) -> Any:
+    """Loss and accuracy per epoch (train and validation)."""
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for key, style in ((metric, "-"), (f"val_{metric}", "--"), (f"refit_{metric}", ":")):
+            if history.get(key):
+                ax.plot(range(1, len(history[key]) + 1), history[key], style, label=key)
+        phases = history.get("phase", [])
+        if phases and max(phases) > 0:
+            ax.axvline(phases.index(1.0) + 0.5, color="grey", linewidth=0.8)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

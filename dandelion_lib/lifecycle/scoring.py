@@ -6,9 +6,11 @@ without a usable ONNX artifact or with ``serving_runtime=keras``) and, when it h
 INT8, whose answers are also compared with FP32's on the dataset version's photos
 (:mod:`dandelion_lib.lifecycle.agreement`, up to ``int8_agreement_photos``); on the benchmark
 split (the frozen benchmark version's test split, logged for figures
-comparable over time) in the precision the gate would serve. The DAG's ``evaluate`` step
-(notebook 03) scores; the ``promote`` step, notebook 03 and the run summary read the saved
-result. The champion is read from its own saved scores when they are for the same test split
+comparable over time) in the precision the gate would serve. Training scores the version it
+registers with the runtime it has just built and saves the result (:mod:`.train`); the DAG's
+``evaluate`` step (notebook 03), the ``promote`` step and the run summary read it, and score
+only a version that has no scores for the split (a version trained before, or another test
+split). The champion is read from its own saved scores when they are for the same test split
 and benchmark; otherwise it is scored on the challenger's test split, as it is served.
 """
 
@@ -94,6 +96,21 @@ class Scores:
     agreement: Agreement | None = None
     """INT8 versus FP32 on the dataset version's photos (None: no INT8, or scores saved
     before agreement was measured)."""
+
+    def named(self, version: str, uri: str) -> Scores:
+        """These scores as model version ``version`` (``uri``)'s: training scores a version
+        before the registry numbers it."""
+
+        def named(report: EvaluationReport | None) -> EvaluationReport | None:
+            return None if report is None else replace(report, model_uri=uri, model_version=version)
+
+        return replace(
+            self,
+            version=version,
+            fp32=replace(self.fp32, model_uri=uri, model_version=version),
+            int8=named(self.int8),
+            benchmark=named(self.benchmark),
+        )
 
     def report(self, precision: str) -> EvaluationReport:
         """The test-split report in ``precision`` (FP32 when there is no INT8 report)."""
@@ -199,9 +216,24 @@ def score_version(settings: Settings, uri: str, split: Split) -> Scores:
     photos; the benchmark in the precision the gate would serve."""
     fp32 = Predictor.load(uri, settings, precision="fp32")
     int8 = _load_int8(uri, settings) if fp32.runtime == "onnx" else None
+    return score_predictors(settings, fp32, int8, split, str(fp32.version))
+
+
+def score_predictors(
+    settings: Settings,
+    fp32: Predictor,
+    int8: Predictor | None,
+    split: Split,
+    version: str,
+    *,
+    benchmark: bool = True,
+) -> Scores:
+    """:func:`score_version` with the runtimes loaded: training scores the version it is
+    about to register with the runtime it has just built (:mod:`.train`), once. Without
+    ``benchmark`` the benchmark split is not scored (a model nothing will promote)."""
     limit = settings.promotion.int8_agreement_photos
     scores = Scores(
-        version=str(fp32.version),
+        version=version,
         dataset_version=split.version,
         serving_runtime=settings.serving.serving_runtime,
         runtime=fp32.runtime,
@@ -211,12 +243,14 @@ def score_version(settings: Settings, uri: str, split: Split) -> Scores:
         benchmark_version=split.benchmark,
         agreement=None if int8 is None else split.agreement(fp32, int8, limit),
     )
+    if not benchmark:
+        return scores
     precision = scores.serving(settings.promotion).precision
     served = int8 if precision == "int8" and int8 is not None else fp32
-    benchmark = split.score_benchmark(served)
-    if benchmark is None:
+    report = split.score_benchmark(served)
+    if report is None:
         return scores
-    return replace(scores, benchmark=benchmark, benchmark_precision=precision)
+    return replace(scores, benchmark=report, benchmark_precision=precision)
 
 
 def _load_int8(uri: str, settings: Settings) -> Predictor | None:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import numpy.typing as npt
@@ -38,16 +37,16 @@ from dandelion_lib.core.config import Settings, cpu_limit
 from dandelion_lib.core.features import STAT_COLUMNS
 from dandelion_lib.core.storage import open_store
 from dandelion_lib.data import dataset
-from dandelion_lib.lifecycle import evaluate, monitoring, registry
-from dandelion_lib.lifecycle.figures import log_report
-from dandelion_lib.lifecycle.metrics import EvaluationReport
+from dandelion_lib.lifecycle import evaluate, monitoring, registry, scorecard, scoring
+from dandelion_lib.lifecycle.figures import log_learning_curves, log_report
 from dandelion_lib.serving import runtime
+from dandelion_lib.serving.loading import ModelUnavailableError
 from dandelion_lib.serving.predict import Predictor
 from dandelion_lib.training import extraction, openset
 from dandelion_lib.training import model as model_lib
 from dandelion_lib.training.config import TrainConfig
 from dandelion_lib.training.fitting import EpochLog, Laps, fit_cached, fit_open_set, fit_pixels
-from dandelion_lib.training.inputs import TrainingData, load_data, load_pixels
+from dandelion_lib.training.inputs import StoredPixels, TrainingData, load_data, load_pixels
 
 
 @dataclass
@@ -249,34 +248,29 @@ def _fit_open_set(
     return detector
 
 
-def evaluate_model(
+def log_validation(
     full: Any,
     data: TrainingData,
     history: dict[str, list[float]],
     *,
     log_val: bool,
     detector: openset.OpenSetDetector | None = None,
-) -> EvaluationReport:
-    """Step 7: score the test split (and, with ``log_val``, the val split) through the
-    serving path, with the open-set detector and the negatives' test split; log them."""
-    predictor = Predictor(model=full, spec=data.spec, detector=detector)
-
-    def score(split: str) -> EvaluationReport:
-        return evaluate.evaluate_arrays(
-            predictor,
-            data.pixels[split],
-            data.y[split],
-            data.splits[split],
-            source=f"dataset {data.version} ({split} split)",
-            negatives=(data.negative_pixels.get(split), data.negative_kinds(split)),
-        )
-
-    report = score("test")
+) -> None:
+    """Step 7: the learning curves and, with ``log_val``, the val split's figures (Keras,
+    with the open-set detector and the negatives' val split). The test split is scored once,
+    on the served runtime, by :func:`score_model`."""
     if log_val:  # the refit head has seen val: its val figures would say nothing
-        mlflow.log_metrics(score("val").scalar_metrics("val_final_"))
-    log_report(report, data.pixels["test"], prefix="test_")
-    _log_learning_curves(history)
-    return report
+        predictor = Predictor(model=full, spec=data.spec, detector=detector)
+        report = evaluate.evaluate_arrays(
+            predictor,
+            data.pixels["val"],
+            data.y["val"],
+            data.splits["val"],
+            source=f"dataset {data.version} (val split)",
+            negatives=(data.negative_pixels.get("val"), data.negative_kinds("val")),
+        )
+        mlflow.log_metrics(report.scalar_metrics("val_final_"))
+    log_learning_curves(history)
 
 
 def log_run_inputs(config: TrainConfig, store: Any, data: TrainingData) -> None:
@@ -315,26 +309,69 @@ def build_runtime(
     return record
 
 
+def score_model(
+    full: Any,
+    data: TrainingData,
+    settings: Settings,
+    local: Path,
+    *,
+    store: Any,
+    detector: openset.OpenSetDetector | None,
+    register: bool,
+) -> scoring.Scores:
+    """Step 8c: the test split scored once, as the model will be served: the runtime just
+    built under ``local`` (FP32, and with ``register`` INT8 with its agreement and the
+    benchmark split: what the promotion gate reads, :mod:`.scoring`). Logged with its
+    figures; its ``test_*`` metrics are FP32's."""
+    split = scoring.Split.of(store, data.version, settings)
+    fp32 = Predictor.from_folder(
+        local,
+        settings,
+        spec=data.spec,
+        precision="fp32",
+        runtime=settings.serving.serving_runtime,
+        model=full,
+        detector=detector,
+    )
+    int8 = None
+    if register and fp32.runtime == "onnx":
+        try:
+            int8 = Predictor.from_folder(
+                local, settings, spec=data.spec, precision="int8", detector=detector
+            )
+        except ModelUnavailableError:
+            int8 = None  # the gate serves FP32; promotion says why
+    scores = scoring.score_predictors(settings, fp32, int8, split, "", benchmark=register)
+    pixels = StoredPixels(store, scores.fp32.predictions, data.spec)
+    log_report(scores.fp32, pixels, prefix="test_")
+    return scores
+
+
 def log_model(
     full: Any,
     data: TrainingData,
-    metrics: dict[str, float],
     settings: Settings,
     *,
+    store: Any,
     register: bool,
     detector: openset.OpenSetDetector | None = None,
-) -> tuple[str, str | None]:
-    """Step 8b: log the model (and its open-set detector) with its metadata; with ``register``, register it as the
-    ``challenger`` (and nothing more: promotion is :mod:`dandelion_lib.lifecycle.promotion`'s job).
-    Returns the model URI and the registered version."""
+) -> tuple[str, str | None, scoring.Scores]:
+    """Step 8b: log the model (and its open-set detector) with its metadata and test
+    figures (:func:`score_model`); with ``register``, register it as the ``challenger`` and
+    save its scores with the run (nothing more: promotion is
+    :mod:`dandelion_lib.lifecycle.promotion`'s job). Returns the model URI, the registered
+    version and the scores."""
     reference = monitoring.build_reference(data.splits["train"][list(STAT_COLUMNS)])
     with tempfile.TemporaryDirectory(prefix="dandelion-runtime-") as tmp:
         record = build_runtime(full, data, settings, Path(tmp) / runtime.DIR)
+        scores = score_model(
+            full, data, settings, Path(tmp), store=store, detector=detector, register=register
+        )
         logged = registry.log_keras_model(
             full,
             feature_spec=data.spec.to_dict(),
             drift_reference=reference,
-            metrics=metrics,
+            metrics=scores.fp32.scalar_metrics("test_"),
             dataset_version=data.version,
             registered_model_name=settings.tracking.model_name if register else None,
             input_example=data.pixels["test"][:1].astype(np.float32),
@@ -343,12 +380,14 @@ def log_model(
             runtime_record=record.to_dict(),
         )
     if not register:
-        return logged.model_uri, None
+        return logged.model_uri, None, scores
     version = str(logged.version)
-    registry.register_challenger(
-        mlflow.MlflowClient(), settings.tracking.model_name, version, data.version
-    )
-    return f"models:/{settings.tracking.model_name}/{version}", version
+    client = mlflow.MlflowClient()
+    uri = f"models:/{settings.tracking.model_name}/{version}"
+    scores = scores.named(version, uri)
+    scorecard.save(client, logged.run_id, scores.to_record())
+    registry.register_challenger(client, settings.tracking.model_name, version, data.version)
+    return uri, version, scores
 
 
 def train(
@@ -373,12 +412,12 @@ def train(
         full = _fit_model(config, backbone, data, log, laps, store=store, settings=settings)
         detector = _fit_open_set(config, full, data, laps)
         log_val = not backbone.pretrained or not config.refit_with_val
-        report = evaluate_model(full, data, log.history, log_val=log_val, detector=detector)
+        log_validation(full, data, log.history, log_val=log_val, detector=detector)
         laps.lap("evaluate")
-        metrics = report.scalar_metrics("test_")
-        uri, model_version = log_model(
-            full, data, metrics, settings, register=config.register, detector=detector
+        uri, model_version, scores = log_model(
+            full, data, settings, store=store, register=config.register, detector=detector
         )
+        report, metrics = scores.fp32, scores.fp32.scalar_metrics("test_")
         laps.lap("log_model")
         seconds = time.perf_counter() - laps.started
         mlflow.log_metrics(
@@ -430,28 +469,3 @@ def _log_dataset(store: Any, manifest: pd.DataFrame, version: str) -> None:
     mlflow.set_tags(
         {"dataset_version": version, "dataset_manifest_sha256": digest, "dataset_source": source}
     )
-
-
-def _log_learning_curves(history: dict[str, list[float]]) -> None:
-
-    fig = learning_curves_figure(history)
-    mlflow.log_figure(fig, "figures/learning_curves.png")
-    plt.close(fig)
-
-
-def learning_curves_figure(history: dict[str, list[float]]) -> Any:
-    """Loss and accuracy per epoch (train and validation)."""
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
-        for key, style in ((metric, "-"), (f"val_{metric}", "--"), (f"refit_{metric}", ":")):
-            if history.get(key):
-                ax.plot(range(1, len(history[key]) + 1), history[key], style, label=key)
-        phases = history.get("phase", [])
-        if phases and max(phases) > 0:
-            ax.axvline(phases.index(1.0) + 0.5, color="grey", linewidth=0.8)
-        ax.set_xlabel("epoch")
-        ax.set_title(metric)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig

@@ -51,6 +51,7 @@ from dandelion_lib.core.labels import UNCERTAIN, UNKNOWN
 from dandelion_lib.serving import runtime as runtime_lib
 from dandelion_lib.serving.explain import Explainer, Explanation, ExplanationUnavailableError
 from dandelion_lib.serving.loading import (
+    Loaded,
     ModelUnavailableError,
     load_detector,
     load_keras,
@@ -227,7 +228,8 @@ class Predictor:
         except (MlflowException, OSError, ValueError, zipfile.BadZipFile, OpenSetError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelUnavailableError(f"cannot load model {uri}: {first}") from exc
-        predictor = cls(
+        predictor = cls._of(
+            loaded,
             model=model,
             spec=FeatureSpec.from_dict(meta.get("feature_spec") or {}),
             name=name,
@@ -237,14 +239,42 @@ class Predictor:
             drift_reference=meta.get("drift_reference") or {},
             dataset_version=meta.get("dataset_version"),
             detector=detector,
+            serving=serving,
+            **options,
+        )
+        predictor.warmup()
+        return predictor
+
+    @classmethod
+    def from_folder(
+        cls,
+        local: Path,
+        settings: Settings,
+        *,
+        spec: FeatureSpec,
+        precision: str,
+        runtime: str = "onnx",
+        model: Any = None,
+        detector: OpenSetDetector | None = None,
+    ) -> Predictor:
+        """A model not registered yet: its ``runtime/`` folder under ``local`` as built by
+        training (ONNX in ``precision``), or the Keras ``model`` in memory with ``runtime``
+        ``keras``. Raises :class:`ModelUnavailableError` when the artifact cannot be loaded."""
+        threads = settings.serving.inference_threads or cpu_limit()
+        loaded = load_runtime(str(local), local, runtime, precision, settings, threads)
+        model = model if loaded.forward is None else None
+        return cls._of(loaded, model=model, spec=spec, detector=detector)
+
+    @classmethod
+    def _of(cls, loaded: Loaded, **fields: Any) -> Predictor:
+        """A Predictor running what :func:`~.loading.load_runtime` loaded, with ``fields``."""
+        predictor = cls(
             runtime=loaded.runtime,
             precision=loaded.precision,
             runtime_note=loaded.note,
-            serving=serving,
-            **(options | loaded.fields()),
+            **(fields | loaded.fields()),
         )
         predictor._forward = loaded.forward
-        predictor.warmup()
         return predictor
 
     @classmethod

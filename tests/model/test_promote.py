@@ -220,27 +220,39 @@ def test_gate_serves_fp32_when_int8_does_not_agree_with_fp32(
                 client.delete_model_version_tag("dandelion", good, key)
 
 
-def test_the_challenger_is_scored_once_and_its_saved_scores_are_read(
+def test_the_challenger_is_scored_once_by_training_and_promotion_reads_it(
     model_env: Any, trained: Any, mlflow_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The scores saved with the version's run (scores.json) answer every later promotion on
-    the same test split: nothing is scored again and the decision is the same."""
+    """Training saves the scores of the version it registers (scores.json, computed on the
+    runtime it built): promotion scores nothing, and the saved figures are those of the
+    registered version scored from the registry."""
     from dandelion_lib.lifecycle import evaluate, scoring
 
     client = mlflow_client
     good = trained.model_version
+    mv = client.get_model_version("dandelion", good)
+    saved = scoring.saved_scores(client, mv)
+    assert saved is not None and saved.version == good
+    assert saved.dataset_version == model_env.version and saved.runtime == "onnx"
+    assert saved.int8 is not None and saved.agreement is not None
+    assert saved.fp32.model_version == good
+    assert saved.fp32.metrics["accuracy"] == pytest.approx(trained.metrics["test_accuracy"])
+
+    split = scoring.Split.of(model_env.store, model_env.version, model_env.settings)
+    fresh = scoring.score_version(model_env.settings, f"models:/dandelion/{good}", split)
+    np.testing.assert_allclose(fresh.fp32.probabilities, saved.fp32.probabilities, atol=1e-4)
+    assert fresh.fp32.predictions["answer"].tolist() == saved.fp32.predictions["answer"].tolist()
+    assert fresh.agreement is not None and fresh.agreement.identical == saved.agreement.identical
+
+    def no_scoring(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("scored again")
+
+    monkeypatch.setattr(evaluate, "evaluate_split", no_scoring)
     client.set_registered_model_alias("dandelion", registry.CHALLENGER, good)
     try:
         first = promotion.promote(model_env.settings, store=model_env.store)
-        saved = scoring.saved_scores(client, client.get_model_version("dandelion", good))
-        assert saved is not None and saved.dataset_version == model_env.version
         assert first.serving is not None
         assert saved.report(first.serving.precision).accuracy == first.decision.challenger_accuracy
-
-        def no_scoring(*args: Any, **kwargs: Any) -> Any:
-            raise AssertionError("scored again")
-
-        monkeypatch.setattr(evaluate, "evaluate_split", no_scoring)
         again = promotion.promote(model_env.settings, store=model_env.store)
         assert again.decision.challenger_accuracy == first.decision.challenger_accuracy
         assert again.serving == first.serving and again.promoted
