@@ -24,10 +24,12 @@ from airflow.providers.standard.operators.python import PythonOperator, ShortCir
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param
 
 from dandelion_lib.core.config import get_settings
-from dandelion_tasks import steps as orch
+from dandelion_tasks import data_steps, hooks, model_steps, run_report
+from dandelion_tasks.common import DATASET_ASSET, FEEDBACK_ASSET, macros
+from dandelion_tasks.retries import io_retries
 
 SETTINGS = get_settings()
-IO_RETRIES = orch.io_retries(SETTINGS)
+IO_RETRIES = io_retries(SETTINGS)
 COMMON = {
     "store_url": "{{ dandelion.store_url() }}",
     "run_id": "{{ run_id }}",
@@ -51,13 +53,13 @@ DAG_ARGS: _DagArgs = {
     "start_date": datetime(2026, 1, 1),
     "catchup": False,
     "max_active_runs": 1,
-    "user_defined_macros": orch.macros(__file__),
-    "on_failure_callback": orch.on_run_failure,
+    "user_defined_macros": macros(__file__),
+    "on_failure_callback": hooks.on_run_failure,
     "default_args": {
         "owner": "dandelion",
         "retries": 0,
-        "on_failure_callback": orch.on_task_failure,
-        "on_retry_callback": orch.on_task_retry,
+        "on_failure_callback": hooks.on_task_failure,
+        "on_retry_callback": hooks.on_task_retry,
     },
     "params": {
         "force_train": Param(False, type="boolean", description="Train even if unchanged."),
@@ -81,8 +83,8 @@ def notebook(task_id: str, parameters: dict[str, Any], **kwargs: Any) -> Papermi
         language_name="python",
         log_output=True,
         do_xcom_push=False,
-        pre_execute=orch.prepare_notebook,
-        post_execute=orch.finish_notebook,
+        pre_execute=hooks.prepare_notebook,
+        post_execute=hooks.finish_notebook,
         **{**IO_RETRIES, **kwargs},
     )
 
@@ -95,20 +97,20 @@ def training_steps(version_from: str) -> tuple[PythonOperator, PythonOperator]:
     model_version = "{{ ti.xcom_pull(task_ids='train', key='model_version') }}"
     validate = PythonOperator(
         task_id="validate_data",
-        python_callable=orch.validate_data,
+        python_callable=data_steps.validate_data,
         op_kwargs={"dataset_version": version},
         **IO_RETRIES,
     )
     check = ShortCircuitOperator(
         task_id="check_changes",
-        python_callable=orch.check_changes,
+        python_callable=model_steps.check_changes,
         op_kwargs={"dataset_version": validated},
         ignore_downstream_trigger_rules=False,
         **IO_RETRIES,
     )
     plan = PythonOperator(
         task_id="plan_features",
-        python_callable=orch.plan_features,
+        python_callable=model_steps.plan_features,
         op_kwargs={"dataset_version": validated},
         **IO_RETRIES,
     )
@@ -116,7 +118,7 @@ def training_steps(version_from: str) -> tuple[PythonOperator, PythonOperator]:
     # DANDELION_FEATURE_MAX_TASKS, under Airflow's max_map_length at any size): spread over
     # pods by the KubernetesExecutor, one after another on the embedded default.
     extract = PythonOperator.partial(
-        task_id="extract_features", python_callable=orch.extract_features, **IO_RETRIES
+        task_id="extract_features", python_callable=model_steps.extract_features, **IO_RETRIES
     ).expand(op_kwargs=plan.output)
     train = notebook(
         "train", {"tracking_uri": "{{ dandelion.tracking_uri() }}", "dataset_version": validated}
@@ -132,12 +134,12 @@ def training_steps(version_from: str) -> tuple[PythonOperator, PythonOperator]:
     )
     promote = PythonOperator(
         task_id="promote",
-        python_callable=orch.promote,
+        python_callable=model_steps.promote,
         op_kwargs={"model_version": model_version, "dataset_version": validated},
         **IO_RETRIES,
     )
     report = PythonOperator(
-        task_id="report", python_callable=orch.report, **IO_RETRIES
+        task_id="report", python_callable=run_report.report, **IO_RETRIES
     ).as_teardown()
     validate >> check >> plan >> extract >> train >> evaluate >> promote >> report
     return validate, report
@@ -150,9 +152,7 @@ with DAG(
     doc_md=__doc__,
     **DAG_ARGS,
 ):
-    ingest = notebook(
-        "ingest", {"source": "{{ dandelion.source() }}"}, outlets=[orch.DATASET_ASSET]
-    )
+    ingest = notebook("ingest", {"source": "{{ dandelion.source() }}"}, outlets=[DATASET_ASSET])
     first, _ = training_steps("ingest")
     ingest >> first
 
@@ -162,13 +162,13 @@ with DAG(
     description="Retrain on each new dataset version and weekly; skips when nothing changed.",
     schedule=AssetOrTimeSchedule(
         timetable=CronTriggerTimetable(SETTINGS.orchestration.retrain_cron, timezone="UTC"),
-        assets=orch.DATASET_ASSET | orch.FEEDBACK_ASSET,
+        assets=DATASET_ASSET | FEEDBACK_ASSET,
     ),
     doc_md=__doc__,
     **DAG_ARGS,
 ):
     resolve = PythonOperator(
-        task_id="resolve_dataset", python_callable=orch.resolve_dataset, **IO_RETRIES
+        task_id="resolve_dataset", python_callable=data_steps.resolve_dataset, **IO_RETRIES
     )
     first, _ = training_steps("resolve_dataset")
     resolve >> first
@@ -182,12 +182,12 @@ with DAG(
     **DAG_ARGS,
 ):
     waiting = ShortCircuitOperator(
-        task_id="feedback_waiting", python_callable=orch.feedback_waiting, **IO_RETRIES
+        task_id="feedback_waiting", python_callable=data_steps.feedback_waiting, **IO_RETRIES
     )
     announce = PythonOperator(
         task_id="announce_feedback",
-        python_callable=orch.announce_feedback,
-        outlets=[orch.FEEDBACK_ASSET],
+        python_callable=data_steps.announce_feedback,
+        outlets=[FEEDBACK_ASSET],
         **IO_RETRIES,
     )
     waiting >> announce

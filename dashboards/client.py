@@ -200,6 +200,21 @@ class Result:
         other = next(lab for lab in labels if lab != self.label)
         return [("Correct", str(self.label)), (f"Wrong: it is {other}", other), neither]
 
+    def read_answer(self, body: dict[str, Any]) -> None:
+        """Take the answer fields from the JSON body of the API's ``POST /predict``."""
+        explanation = body.get("explanation")
+        self.explanation = explanation if isinstance(explanation, dict) else None
+        model = body.get("model") or {}
+        self.label = str(body["label"])
+        self.probabilities = {k: float(v) for k, v in (body.get("probabilities") or {}).items()}
+        self.confidence = float(body["confidence"]) if "confidence" in body else None
+        self.prediction_id = str(body["prediction_id"]) if body.get("prediction_id") else None
+        self.model_version = str(model["version"]) if model.get("version") else None
+        self.latency_ms = float(body["latency_ms"]) if "latency_ms" in body else None
+        self.reason = str(body["reason"]) if body.get("reason") else None
+        score = body.get("ood_score")
+        self.ood_score = float(score) if isinstance(score, int | float) else None
+
     def row(self, labels: Sequence[str]) -> dict[str, Any]:
         """A flat record for the history table and the CSV export (:func:`csv_columns`)."""
         p = self.probabilities
@@ -356,10 +371,14 @@ class ApiClient:
         """The served model (``GET /model``)."""
         return ModelInfo.from_json(self._request("GET", "/model").json())
 
-    def predict(self, filename: str, data: bytes, *, explain: bool = False) -> Result:
+    def predict(
+        self, filename: str, data: bytes, *, explain: bool = False, review: bool = False
+    ) -> Result:
         """Classify one file. A refused file gives a Result with ``error`` set. With
         ``explain`` the answer says where the model looked (``explanation``); a model that
-        cannot (the API's 409) answers without, and ``explain_note`` says why.
+        cannot (the API's 409) answers without, and ``explain_note`` says why. ``review``:
+        a photo already answered, looked at again (``purpose=review``): the API does not
+        count it as a user's prediction.
 
         Raises ApiUnavailableError when the API cannot answer at all.
         """
@@ -367,29 +386,16 @@ class ApiClient:
         files = {UPLOAD_FIELD: (filename, data, content_type(filename))}
         try:
             try:
-                path = "/predict?explain=true" if explain else "/predict"
-                response = self._request("POST", path, files=files)
+                response = self._request("POST", _predict_path(explain, review), files=files)
             except ApiProblemError as exc:
                 if not explain or exc.status != 409:
                     raise
                 result.explain_note = str(exc).removesuffix("; ask without explain")
-                response = self._request("POST", "/predict", files=files)
+                response = self._request("POST", _predict_path(False, review), files=files)
         except ApiProblemError as exc:
             result.error = str(exc)
             return result
-        body = response.json()
-        explanation = body.get("explanation")
-        result.explanation = explanation if isinstance(explanation, dict) else None
-        model = body.get("model") or {}
-        result.label = str(body["label"])
-        result.probabilities = {k: float(v) for k, v in (body.get("probabilities") or {}).items()}
-        result.confidence = float(body["confidence"]) if "confidence" in body else None
-        result.prediction_id = str(body["prediction_id"]) if body.get("prediction_id") else None
-        result.model_version = str(model["version"]) if model.get("version") else None
-        result.latency_ms = float(body["latency_ms"]) if "latency_ms" in body else None
-        result.reason = str(body["reason"]) if body.get("reason") else None
-        score = body.get("ood_score")
-        result.ood_score = float(score) if isinstance(score, int | float) else None
+        result.read_answer(response.json())
         return result
 
     def feedback(
@@ -423,3 +429,9 @@ class ApiClient:
         except ValueError:
             body = {}
         return body if isinstance(body, dict) else {}
+
+
+def _predict_path(explain: bool, review: bool) -> str:
+    """``/predict`` with its query: ``explain=true``, ``purpose=review`` when asked."""
+    query = [q for q, on in (("explain=true", explain), ("purpose=review", review)) if on]
+    return "/predict" + ("?" + "&".join(query) if query else "")

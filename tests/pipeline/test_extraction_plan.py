@@ -59,7 +59,7 @@ def test_shard_groups_cover_every_shard_once_in_bounded_runs(shards: int, tasks:
 def test_a_million_images_are_planned_within_the_map_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dandelion_tasks import steps
+    from dandelion_tasks import model_steps
 
     n = 1_000_000
     store = LocalStore(tmp_path / "store")
@@ -75,7 +75,7 @@ def test_a_million_images_are_planned_within_the_map_limit(
 
     # the DAG's plan_features step, not run; the stand-in backbone keys the feature store
     params = {"notebook_params": {"train": {"backbone": "stand_in"}}}
-    tasks = steps.plan_features(version, params=params, run_id="manual__2026-01-01")
+    tasks = model_steps.plan_features(version, params=params, run_id="manual__2026-01-01")
 
     assert len(tasks) == 256 < AIRFLOW_MAX_MAP_LENGTH
     ranges = [tuple(t["shards"]) for t in tasks]

@@ -42,18 +42,20 @@ DAG_FILE = """
 from datetime import datetime
 from airflow.providers.papermill.operators.papermill import PapermillOperator
 from airflow.sdk import DAG
-from dandelion_tasks import steps as orch
+from dandelion_tasks import hooks
+from dandelion_tasks.common import macros
+from dandelion_tasks.retries import io_retries
 
 with DAG(
     "notebook_steps",
     schedule=None,
     start_date=datetime(2026, 1, 1),
-    user_defined_macros=orch.macros(__file__),
-    on_failure_callback=orch.on_run_failure,
+    user_defined_macros=macros(__file__),
+    on_failure_callback=hooks.on_run_failure,
     params={"notebook_params": {"evaluate": {"steps": 3}}},
     default_args={
-        "on_failure_callback": orch.on_task_failure,
-        "on_retry_callback": orch.on_task_retry,
+        "on_failure_callback": hooks.on_task_failure,
+        "on_retry_callback": hooks.on_task_retry,
     },
 ):
     for task_id, kernel in (("evaluate", "dandelion"), ("train", "no-such-kernel")):
@@ -70,9 +72,9 @@ with DAG(
             kernel_name=kernel,
             language_name="python",
             do_xcom_push=False,
-            pre_execute=orch.prepare_notebook,
-            post_execute=orch.finish_notebook,
-            **orch.io_retries(),
+            pre_execute=hooks.prepare_notebook,
+            post_execute=hooks.finish_notebook,
+            **io_retries(),
         )
 """
 

@@ -25,7 +25,8 @@ from dandelion_lib.core.storage import LocalStore
 from dandelion_lib.data import datagate
 from dandelion_lib.data.ingest import ingest
 from dandelion_lib.lifecycle import changes
-from dandelion_tasks.steps import GateRetryPolicy, _one_line
+from dandelion_tasks.hooks import _one_line
+from dandelion_tasks.retries import GateRetryPolicy
 
 
 def test_run_key_is_store_safe() -> None:
