@@ -92,6 +92,12 @@ class ApiMetrics:
         # alert DandelionUnknownShareJump) and the first 'uncertain' ones.
         for answer in (UNCERTAIN, UNKNOWN):
             self.predictions.labels(label=answer)
+        self.review_predictions = Counter(
+            "dandelion_review_predictions",
+            "Answers to reviewers looking again at photos already answered (purpose=review): "
+            "not counted in dandelion_predictions, drift or the prediction log.",
+            registry=r,
+        )
         self.confidence = Histogram(
             "dandelion_prediction_confidence",
             "Confidence (top probability) of served predictions.",

@@ -58,6 +58,28 @@ def read_explain(
     raise Problem(400, "invalid-parameter", f"explain must be true or false, not {shown!r}")
 
 
+PURPOSES = ("answer", "review")
+
+
+def read_purpose(
+    value: str | None = Parameter(
+        query="purpose",
+        default=None,
+        description="`answer` (default): a user's photo, counted as a prediction (metrics, "
+        "drift, the prediction log that feedback refers to). `review`: a photo already "
+        "answered, looked at again (the reviewer page's maps): answered the same way but "
+        "counted only in `dandelion_review_predictions_total`.",
+        schema_extra={"type": "string", "enum": list(PURPOSES), "oneOf": None},
+    ),
+) -> bool:
+    """The ``purpose`` query value: whether the request is a review (else a 400)."""
+    purpose = "answer" if value is None else value.strip().lower()
+    if purpose in PURPOSES:
+        return purpose == "review"
+    shown = value if value is not None and len(value) <= 20 else "a long value"
+    raise Problem(400, "invalid-parameter", f"purpose must be answer or review, not {shown!r}")
+
+
 @post(
     "/predict",
     status_code=HTTP_200_OK,
@@ -68,10 +90,13 @@ def read_explain(
     dependencies={
         "upload": Provide(read_single_image),
         "explain": Provide(read_explain, sync_to_thread=False),
+        "review": Provide(read_purpose, sync_to_thread=False),
     },
 )
-async def predict(upload: Upload, explain: bool, predictions: PredictionService) -> PredictResponse:
-    return await predictions.predict_one(upload, explain=explain)
+async def predict(
+    upload: Upload, explain: bool, review: bool, predictions: PredictionService
+) -> PredictResponse:
+    return await predictions.predict_one(upload, explain=explain, review=review)
 
 
 @post(
@@ -84,12 +109,13 @@ async def predict(upload: Upload, explain: bool, predictions: PredictionService)
     dependencies={
         "uploads": Provide(read_batch_images),
         "explain": Provide(read_explain, sync_to_thread=False),
+        "review": Provide(read_purpose, sync_to_thread=False),
     },
 )
 async def predict_batch(
-    uploads: list[Upload], explain: bool, predictions: PredictionService
+    uploads: list[Upload], explain: bool, review: bool, predictions: PredictionService
 ) -> BatchResponse:
-    return await predictions.predict_batch(uploads, explain=explain)
+    return await predictions.predict_batch(uploads, explain=explain, review=review)
 
 
 @get("/health/live", tags=["health"], summary="The process is up")

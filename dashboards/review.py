@@ -10,8 +10,8 @@ each decision and by a background thread, so decisions of other reviewers and ne
 versions show up by themselves.
 
 Beside each photo the card shows where the model looked (:class:`Looked`): the page sends the
-stored photo to the API (``POST /predict?explain=true``, :class:`~dashboards.client.ApiClient`,
-as the app does) once per card, after the cards are shown, and draws the map over the photo
+stored photo to the API (``POST /predict?explain=true&purpose=review``,
+:class:`~dashboards.client.ApiClient`, as the app does, but not counted as a user's prediction) once per card, after the cards are shown, and draws the map over the photo
 with the app's renderer (:func:`~dashboards.client.make_thumbnail`). The map is the model the
 API serves now (its version is named, and the one that answered the feedback when they
 differ). When the API is unavailable, or its model cannot explain, the card says so in one
@@ -384,7 +384,7 @@ class ReviewPage:
             return no_map("the photo is unavailable")
         name = PurePosixPath(item.feedback.image_key or "photo.jpg").name
         try:
-            result = self.client.predict(name, data, explain=True)
+            result = self.client.predict(name, data, explain=True, review=True)
         except ApiUnavailableError as exc:
             return no_map(str(exc), lasting=False)
         if result.error is not None:

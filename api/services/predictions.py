@@ -111,7 +111,9 @@ class PredictionService:
             headers={"Retry-After": str(exc.retry_after)},
         )
 
-    async def predict_one(self, upload: Upload, *, explain: bool = False) -> PredictResponse:
+    async def predict_one(
+        self, upload: Upload, *, explain: bool = False, review: bool = False
+    ) -> PredictResponse:
         model = self.serving(explain)
         try:
             with self.queue.admit(1) as ticket:
@@ -127,10 +129,13 @@ class PredictionService:
                 )
         except QueueFullError as exc:
             raise self._queue_full(exc) from None
-        return self._answer(model, pred, decoded)
+        return self._answer(model, pred, decoded, review)
 
-    async def predict_batch(self, uploads: list[Upload], *, explain: bool = False) -> BatchResponse:
-        """Per-item results in order: a ``prediction`` or an ``error`` (a problem) each."""
+    async def predict_batch(
+        self, uploads: list[Upload], *, explain: bool = False, review: bool = False
+    ) -> BatchResponse:
+        """Per-item results in order: a ``prediction`` or an ``error`` (a problem) each
+        (``review``: see :meth:`_answer`)."""
         model = self.serving(explain)
         items = [BatchItem(index=i, filename=u.filename) for i, u in enumerate(uploads)]
         try:
@@ -148,7 +153,7 @@ class PredictionService:
                 self.metrics.count_invalid(item.code)
                 items[i].error = item.detail_struct()
         for (i, image), pred in zip(good, preds, strict=True):
-            items[i].prediction = self._answer(model, pred, image)
+            items[i].prediction = self._answer(model, pred, image, review)
         failed = sum(item.error is not None for item in items)
         return BatchResponse(results=items, succeeded=len(items) - failed, failed=failed)
 
@@ -164,13 +169,56 @@ class PredictionService:
                 out.append(problem)
         return out
 
-    def _answer(self, model: ServingModel, pred: Prediction, decoded: Decoded) -> PredictResponse:
+    def _answer(
+        self, model: ServingModel, pred: Prediction, decoded: Decoded, review: bool = False
+    ) -> PredictResponse:
+        """The response to one answered image, counted as a prediction (metrics, drift, the
+        prediction log); with ``review`` (a reviewer looking again at a photo already
+        answered) counted only as a review, so monitoring sees users' photos alone."""
         prediction_id = str(uuid.uuid4())
         predictor = model.predictor
         answer = predictor.decide(pred)
         label = answer.label
         started = request_start_var.get()
         latency_ms = (time.perf_counter() - started) * 1000.0 if started else 0.0
+        if review:
+            self.metrics.review_predictions.inc()
+        else:
+            self._count(model, pred, decoded, label, prediction_id)
+        log.info(
+            "prediction",
+            extra={
+                "prediction_id": prediction_id,
+                "label": label,
+                "confidence": round(pred.confidence, 4),
+                "ood_score": None if pred.ood_score is None else round(pred.ood_score, 4),
+                "model_name": predictor.name,
+                "model_version": predictor.version,
+                "purpose": "review" if review else "answer",
+            },
+        )
+        return PredictResponse(
+            prediction_id=prediction_id,
+            label=label,
+            probabilities=pred.probabilities,
+            confidence=pred.confidence,
+            model=ModelRef(name=predictor.name, version=predictor.version),
+            latency_ms=round(latency_ms, 3),
+            reason=answer.reason,
+            ood_score=pred.ood_score,
+            explanation=_explanation(pred),
+        )
+
+    def _count(
+        self,
+        model: ServingModel,
+        pred: Prediction,
+        decoded: Decoded,
+        label: str,
+        prediction_id: str,
+    ) -> None:
+        """A user's prediction into drift, the metrics and the prediction log."""
+        predictor = model.predictor
         model.drift.add(decoded.stats)
         self.metrics.predictions.labels(label=label).inc()
         self.metrics.confidence.observe(pred.confidence)
@@ -188,28 +236,6 @@ class PredictionService:
                     request_id=request_id_var.get(),
                 )
             )
-        log.info(
-            "prediction",
-            extra={
-                "prediction_id": prediction_id,
-                "label": label,
-                "confidence": round(pred.confidence, 4),
-                "ood_score": None if pred.ood_score is None else round(pred.ood_score, 4),
-                "model_name": predictor.name,
-                "model_version": predictor.version,
-            },
-        )
-        return PredictResponse(
-            prediction_id=prediction_id,
-            label=label,
-            probabilities=pred.probabilities,
-            confidence=pred.confidence,
-            model=ModelRef(name=predictor.name, version=predictor.version),
-            latency_ms=round(latency_ms, 3),
-            reason=answer.reason,
-            ood_score=pred.ood_score,
-            explanation=_explanation(pred),
-        )
 
 
 def _explanation(pred: Prediction) -> Explanation | msgspec.UnsetType:

@@ -490,6 +490,15 @@ def model_dashboard() -> dict:
         ),
         timeseries(
             lay,
+            "Reviews / s (not users' predictions)",
+            [(f"sum(rate(dandelion_review_predictions_total{{{API}}}[{RATE}]))", "reviews")],
+            unit="ops",
+            description="Answers to reviewers looking again at photos already answered "
+            "(purpose=review: the reviewer page's maps). They are left out of the predictions, "
+            "the answer shares and drift.",
+        ),
+        timeseries(
+            lay,
             "Share of predictions by label",
             [
                 (

@@ -358,3 +358,47 @@ def test_review_from_the_command_line(tmp_path: Path, greenr_dir: Path) -> None:
     missing = dandelion("review", "no-such-id", "--reject")
     assert missing.returncode == 2
     assert missing.stderr.strip().count("\n") == 0 and "no feedback with id" in missing.stderr
+
+
+def test_a_reviewers_second_look_is_not_counted_as_a_users_prediction(
+    api_server: ApiServer, greenr_dir: Path
+) -> None:
+    """``purpose=review`` (the reviewer page's maps): the same answer, but no prediction
+    counted, no drift sample and no prediction log row; a bad value is a 400 problem."""
+    image = (greenr_dir / DANDELION).read_bytes()
+    files = {"file": ("photo.jpg", image, "image/jpeg")}
+    with api_server.client() as c:
+        first = _predict(c, image)
+        label = f'dandelion_predictions_total{{label="{first["label"]}"}}'
+        counted, window = _metric(c, label), _metric(c, "dandelion_drift_window_images")
+        reviews = _metric(c, "dandelion_review_predictions_total")
+        r = c.post("/predict?purpose=review", files=files)
+        assert r.status_code == 200, r.text
+        review = r.json()
+        assert review["label"] == first["label"]
+        for name, p in first["probabilities"].items():
+            assert review["probabilities"][name] == pytest.approx(p, abs=1e-6)
+        assert _metric(c, label) == counted
+        assert _metric(c, "dandelion_drift_window_images") == window
+        assert _metric(c, "dandelion_review_predictions_total") == reviews + 1
+        for value in ("REVIEW", "answer"):  # case-insensitive, and the default by name
+            assert c.post("/predict", params={"purpose": value}, files=files).status_code == 200
+        bad = c.post("/predict?purpose=audit", files=files)
+        assert bad.status_code == 400
+        assert bad.headers["content-type"].startswith("application/problem+json")
+        assert bad.json()["detail"] == "purpose must be answer or review, not 'audit'"
+        after = _predict(c, image)  # logged after the review: the log is written in order
+
+    db = FeedbackStore(
+        f"sqlite:///{api_server.workdir / 'feedback.db'}",
+        store=LocalStore(api_server.workdir / "store"),
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while db.get_prediction(after["prediction_id"]) is None:
+            assert time.monotonic() < deadline, "prediction never reached the database"
+            time.sleep(0.2)
+        assert db.get_prediction(first["prediction_id"]) is not None
+        assert db.get_prediction(review["prediction_id"]) is None
+    finally:
+        db.close()

@@ -87,12 +87,15 @@ def test_a_model_that_cannot_explain_still_answers(app_api: AppApi, greenr_dir: 
     assert not _find(card, w.Image, "dl-preview-explained")
 
 
-def _served_predictions(api_url: str) -> float:
-    """Predictions the API has served so far (its ``dandelion_predictions_total``)."""
+def _served(api_url: str) -> tuple[float, float]:
+    """Users' predictions the API has counted so far (``dandelion_predictions_total``) and
+    its answers to reviews (``dandelion_review_predictions_total``)."""
     text = httpx.get(f"{api_url}/metrics", timeout=30).text
-    return sum(
+    users = sum(
         float(v) for v in re.findall(r"^dandelion_predictions_total\{[^}]*\} (\S+)$", text, re.M)
     )
+    reviews = re.findall(r"^dandelion_review_predictions_total (\S+)$", text, re.M)
+    return users, float(reviews[0])
 
 
 def give_feedback(workdir: Path, photos: list[tuple[Path, str]]) -> list[str]:
@@ -116,9 +119,10 @@ def test_the_reviewer_page_shows_where_the_served_model_looked(
     settings = Settings(workdir=tmp_path, api_url=explaining_api)
     page = ReviewPage.from_settings(settings, refresh_interval_s=0)
     try:
-        before = _served_predictions(explaining_api)
+        users, reviews = _served(explaining_api)
         assert page.refresh() and list(page.cards) == [same, older]
-        assert _served_predictions(explaining_api) == before + 2  # one per card
+        # one review per card, none counted as a user's prediction
+        assert _served(explaining_api) == (users, reviews + 2)
         for fid, path in zip((same, older), photos, strict=True):
             card = page.cards[fid]
             assert card.looked is not None
@@ -141,7 +145,7 @@ def test_the_reviewer_page_shows_where_the_served_model_looked(
         page.cards[same].accept.click()  # the page reloads: the other card's map is kept
         assert list(page.cards) == [older]
         assert page.cards[older].looked.children[0].value == shown  # type: ignore[union-attr]
-        assert _served_predictions(explaining_api) == before + 2  # not asked again
+        assert _served(explaining_api) == (users, reviews + 2)  # not asked again
     finally:
         page.stop()
 
@@ -155,7 +159,7 @@ def test_the_reviewer_page_says_when_the_served_model_cannot_explain(
         Settings(workdir=tmp_path, api_url=app_api.url), refresh_interval_s=0
     )
     try:
-        before = _served_predictions(app_api.url)
+        users, reviews = _served(app_api.url)
         assert page.refresh() and len(page.cards) == 2
         for card in page.cards.values():
             assert card.looked is not None and isinstance(card.preview, w.Image)
@@ -165,7 +169,7 @@ def test_the_reviewer_page_says_when_the_served_model_cannot_explain(
                 "looked (explanations need the model version's ONNX runtime)"
             ) in html.unescape(line.value)
         # the first card found out; the second was not sent (one answer without the map)
-        assert _served_predictions(app_api.url) == before + 1
+        assert _served(app_api.url) == (users, reviews + 1)
     finally:
         page.stop()
 
