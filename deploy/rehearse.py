@@ -11,7 +11,9 @@ Scenario: stack up (health-gated) -> the pipeline DAG runs in the Airflow contai
 Chromium classifies an upload and records feedback -> the feedback row is in PostgreSQL ->
 Prometheus scrapes every target. Faults: API restart, scheduler killed mid-task, PostgreSQL outage (the scheduler must
 heartbeat again; a stale heartbeat is diagnosed), scheduler frozen (its health probe restarts
-it). Last, the feedback loop through the containers into retraining (deploy/rehearse_loop.py).
+it). Then the feedback loop through the containers into retraining (deploy/rehearse_loop.py).
+Last, a backup of the databases and buckets restored into fresh storage, where MLflow finds the
+champion and the datasets and feedback rows are all there (deploy/rehearse_restore.py).
 
     python -m deploy.rehearse [--keep] [--per-class N]
 """
@@ -63,12 +65,13 @@ class Rehearsal:
     per_class: int
     steps: list[Step] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
+    project: str = PROJECT  # the compose project (the restore step starts a second one)
 
     # --- compose -------------------------------------------------------------------------------
     def compose(
         self, *args: str, check: bool = True, timeout: float | None = None
     ) -> subprocess.CompletedProcess[str]:
-        cmd = ["docker", "compose", "-p", PROJECT, "-f", str(ROOT / "compose.yaml")]
+        cmd = ["docker", "compose", "-p", self.project, "-f", str(ROOT / "compose.yaml")]
         cmd += ["-f", str(OVERRIDE), *args]
         proc = subprocess.run(
             cmd, env=self.env, capture_output=True, text=True, timeout=timeout, check=False
@@ -227,10 +230,15 @@ def _run_state(r: Rehearsal, run_id: str) -> tuple[str, dict[str, str]]:
     return state, {t["task_id"]: str(t["state"]) for t in tasks}
 
 
-def _airflow_db(r: Rehearsal, query: str) -> list[list[str]]:
-    """Rows of a query on the Airflow metadata database (psql in the postgres container)."""
-    out = r.exec("postgres", "psql", "-U", "postgres", "-d", "airflow", "-tAF", "|", "-c", query)
+def psql(r: Rehearsal, db: str, query: str) -> list[list[str]]:
+    """Rows of a query on database ``db`` (psql in the postgres container), fields split."""
+    out = r.exec("postgres", "psql", "-U", "postgres", "-d", db, "-tAF", "|", "-c", query)
     return [line.split("|") for line in out.splitlines() if line]
+
+
+def _airflow_db(r: Rehearsal, query: str) -> list[list[str]]:
+    """Rows of a query on the Airflow metadata database."""
+    return psql(r, "airflow", query)
 
 
 def _safe(run_id: str) -> str:
@@ -382,17 +390,7 @@ def app_in_browser(r: Rehearsal) -> str:
 
 
 def _feedback_rows(r: Rehearsal) -> int:
-    out = r.exec(
-        "postgres",
-        "psql",
-        "-U",
-        "postgres",
-        "-d",
-        "feedback",
-        "-tAc",
-        "select count(*) from feedback",
-    )
-    return int(out.strip())
+    return int(psql(r, "feedback", "select count(*) from feedback")[0][0])
 
 
 def feedback_in_postgres(r: Rehearsal) -> str:
@@ -562,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     # They import this module's helpers.
     from deploy.rehearse_heal import fault_scheduler_frozen
     from deploy.rehearse_loop import feedback_loop
+    from deploy.rehearse_restore import backup_restored
 
     failed = False
     with rehearsal(opts.per_class, opts.keep) as r:
@@ -585,8 +584,10 @@ def main(argv: list[str] | None = None) -> int:
                 ("fault: PostgreSQL outage", fault_postgres_outage),
                 ("fault: scheduler frozen, healed by its health probe", fault_scheduler_frozen),
             ]
-        # Last: it leaves dandelion_retrain paused, its run stopped before training.
+        # After the faults: it leaves dandelion_retrain paused, its run stopped before training.
         steps.append(("feedback loop: accepted photos in the next dataset version", feedback_loop))
+        # After the loop: the backup then holds its feedback rows, images and dataset version.
+        steps.append(("backup restored into a fresh stack", backup_restored))
 
         try:
             for name, action in steps:

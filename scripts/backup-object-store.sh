@@ -20,6 +20,6 @@ object_store_env "$ns"
 
 for bucket in "${buckets[@]}"; do
   mkdir -p "${out%/}/$bucket"
-  aws "${endpoint_args[@]}" s3 sync --only-show-errors "s3://$bucket" "${out%/}/$bucket"
+  aws_cli "${endpoint_args[@]}" s3 sync --only-show-errors "s3://$bucket" "${out%/}/$bucket"
   echo "backed up s3://$bucket: $(find "${out%/}/$bucket" -type f | wc -l) objects"
 done

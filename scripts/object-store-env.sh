@@ -1,10 +1,23 @@
 #!/usr/bin/env bash
-# Sourced by scripts/backup-object-store.sh and restore-object-store.sh: sets `endpoint_args`
-# for the AWS CLI. With S3_ENDPOINT_URL (or AWS credentials for AWS S3) in the environment it
+# Sourced by scripts/backup-object-store.sh and restore-object-store.sh: `aws_cli` runs the AWS
+# CLI (`aws` on PATH, else a pinned one fetched and run by uv, as scripts/pip.sh does for pip);
+# `object_store_env` sets `endpoint_args` for it. With S3_ENDPOINT_URL (or AWS credentials for AWS S3) in the environment it
 # uses them; otherwise it port-forwards the dev overlay's MinIO and takes MinIO's root keys
 # from the minio-root Secret (an operator's tool: a restore writes to every bucket, which no
 # component's credential may do; stopped when the calling script exits).
 set -euo pipefail
+AWSCLI_VERSION=1.45.11
+
+aws_cli() {
+  if command -v aws >/dev/null 2>&1; then
+    aws "$@"
+  elif command -v uv >/dev/null 2>&1; then
+    uv tool run --quiet --from "awscli==$AWSCLI_VERSION" aws "$@"
+  else
+    echo "no AWS CLI: install it (pip install awscli) or uv" >&2
+    return 1
+  fi
+}
 
 # shellcheck disable=SC2034  # endpoint_args is read by the sourcing script
 object_store_env() {

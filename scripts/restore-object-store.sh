@@ -19,6 +19,6 @@ delete=()
 [ "${RESTORE_DELETE:-0}" = 1 ] && delete=(--delete)
 for bucket in "${buckets[@]}"; do
   [ -d "${src%/}/$bucket" ] || { echo "no backup of $bucket in $src" >&2; exit 1; }
-  aws "${endpoint_args[@]}" s3 sync --only-show-errors "${delete[@]}" "${src%/}/$bucket" "s3://$bucket"
+  aws_cli "${endpoint_args[@]}" s3 sync --only-show-errors "${delete[@]}" "${src%/}/$bucket" "s3://$bucket"
   echo "restored s3://$bucket"
 done

@@ -4,12 +4,22 @@
 # Stop the writers first (docs/deployment.md, "Backup and restore"): scale api and mlflow to
 # 0 and `helm upgrade … --set scheduler.replicas=0`, then restore, then scale back.
 #   scripts/restore-postgres.sh BACKUP_DIR --yes [DATABASE ...]
-# Same modes as the backup: the dev StatefulSet (NAMESPACE), or a managed PostgreSQL (PGHOST…).
+# Same modes as the backup: the dev StatefulSet (NAMESPACE), docker compose's postgres service
+# (COMPOSE=1; compose: stop api, mlflow and the Airflow services first), or a managed
+# PostgreSQL (PGHOST…). The roles and empty databases must exist (a fresh server gets them from
+# k8s/overlays/dev/postgres/init-databases.sh on its first start).
 set -euo pipefail
 dir="${1:?usage: restore-postgres.sh BACKUP_DIR --yes [DATABASE ...]}"
 [ "${2:-}" = --yes ] || { echo "restoring overwrites the databases: pass --yes" >&2; exit 2; }
 shift 2
 ns="${NAMESPACE:-dandelion-dev}"
+in_server() {  # beside the server: compose's postgres service (COMPOSE=1), or the dev StatefulSet
+  if [ "${COMPOSE:-0}" = 1 ]; then
+    docker compose exec -T postgres "$@"
+  else
+    kubectl -n "$ns" exec -i statefulset/postgres -c postgres -- "$@"
+  fi
+}
 (cd "$dir" && sha256sum --check --quiet SHA256SUMS)
 if [ "$#" -gt 0 ]; then databases=("$@"); else databases=(mlflow airflow feedback); fi
 
@@ -25,8 +35,7 @@ for db in "${databases[@]}"; do
   if [ -n "${PGHOST:-}" ]; then
     pg_restore "${args[@]}" --dbname="$db" "$archive"
   else
-    kubectl -n "$ns" exec -i statefulset/postgres -c postgres -- \
-      pg_restore --username=postgres "${args[@]}" --dbname="$db" < "$archive"
+    in_server pg_restore --username=postgres "${args[@]}" --dbname="$db" < "$archive"
   fi
   echo "restored $db"
 done
