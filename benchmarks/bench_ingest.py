@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from tests.process_support import free_port, running
+from tests.process_support import free_port, running, s3_server
 
 ROOT = Path(__file__).resolve().parents[1]
 GREENR = Path(os.environ.get("DANDELION_TEST_DATASET", ROOT.parent / "shared/datasets/greenr"))
@@ -47,11 +47,10 @@ def main() -> None:
     # Dummy credentials for the loopback S3 server only.
     for k, v in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench")):
         os.environ.setdefault(k, v)
-    http_port, s3_port = free_port(), free_port()
+    http_port = free_port()
     http_args = ["http.server", str(http_port), "--bind", "127.0.0.1", "--directory", str(GREENR)]
-    s3_args = ["moto.server", "-H", "127.0.0.1", "-p", str(s3_port)]
-    source, endpoint = f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{s3_port}"
-    with running(["-m", *http_args], source), running(["-m", *s3_args], endpoint):
+    source = f"http://127.0.0.1:{http_port}"
+    with running(["-m", *http_args], source), s3_server() as endpoint:
         bucket = "bench"
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
             Bucket=bucket

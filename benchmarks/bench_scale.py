@@ -1,14 +1,17 @@
 """Scale: how each stage's time, memory and object-store requests grow with the number of photos.
 
 ``nox -s bench -- scale 200 1000`` generates N distinct photos per size, deterministically,
-from the shared datasets (greenr and indomain-dev): a random crop, a flip, colour jitter and
-a JPEG re-encoding of a source photo, and for :data:`NEAR_SHARE` of them a near-duplicate (a
-re-encoding of an earlier generated photo at another quality, a pixel's shift off). Then it
-runs the real stages on the embedded default, each in its own process so that its peak RSS
-is its own:
+from the shared datasets (greenr and indomain-dev; :mod:`benchmarks.scale_photos`): a random
+crop, a flip, colour jitter and a JPEG re-encoding of a source photo, and for 10 % of them a
+near-duplicate (a re-encoding of an earlier generated photo at another quality, a pixel's
+shift off). Then it runs the real stages on the embedded default, each in its own process so
+that its peak RSS is its own:
 
 * ``ingest``: :func:`dandelion_lib.data.ingest.ingest` from the folder (near-duplicates and
   the split included);
+* ``ingest_s3``: the same from ``s3://scale-photos/photos``, a bucket on moto's S3 server (a
+  process of its own) that the photos are uploaded to first (set-up, not timed), into a store
+  of its own (:mod:`benchmarks.scale_s3`);
 * ``near_dups_split``: the ingested manifest's near-duplicate grouping and split again, alone
   (:func:`~dandelion_lib.data.dataset.near_duplicate_groups`, ``assign_splits``);
 * ``plan``: the extraction plan (:func:`~dandelion_lib.lifecycle.extract.write_plan`, what
@@ -21,10 +24,11 @@ is its own:
 * ``evaluate``: the challenger on the test split (``dandelion evaluate``);
 * ``promote``: the gate (``dandelion promote``).
 
-Per stage and size it prints wall time, photos/s, peak RSS (the stage process's
-``ru_maxrss``) and object-store requests (calls of the store's get/put/info/list/delete;
-MLflow's own artifact writes are not counted), then the ratio between consecutive sizes and
-a projection to 1 M photos from the slope between the two largest sizes. It also times
+Per stage and size it prints wall time, photos/s, peak RSS (the stage process's ``VmHWM``)
+and object-store requests (calls of the store's get/put/info/list/delete; MLflow's own
+artifact writes are not counted; for ``ingest_s3`` also the S3 API calls of the source
+bucket's reads, by operation: list pages and GETs), then the ratio between consecutive sizes
+and a projection to 1 M photos from the slope between the two largest sizes. It also times
 near-duplicate grouping of synthetic perceptual hashes (``hashes=1000000``, the default) in a
 process of its own, stopped after ``hash_timeout=`` seconds (default 120). Results go to
 ``.dandelion/bench/scale.json`` (``DANDELION_BENCH_SCALE_JSON`` overrides the path);
@@ -37,7 +41,6 @@ folder, removed at the end.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import os
@@ -52,81 +55,23 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.scale_photos import NEAR_SHARE, SEED, generate_photos
+
 ROOT = Path(__file__).resolve().parents[1]
-DATASETS = ROOT.parent / "shared/datasets"
-SOURCES = (DATASETS / "greenr", DATASETS / "indomain-dev")
-LABELS = ("dandelion", "grass")
-NEAR_SHARE = 0.1
-"""Share of the generated photos that are near-duplicates of an earlier one."""
 OUT = Path(os.environ.get("DANDELION_BENCH_SCALE_JSON", ROOT / ".dandelion/bench/scale.json"))
-STAGES = ("ingest", "near_dups_split", "plan", "extract", "train", "evaluate", "promote")
+STAGES = (
+    "ingest",
+    "ingest_s3",
+    "near_dups_split",
+    "plan",
+    "extract",
+    "train",
+    "evaluate",
+    "promote",
+)
 MILLION = 1_000_000
 ONLY_BY_NAME = True
 """Minutes per size on the real backbone: runs only when named (`nox -s bench -- scale`)."""
-SEED = 2026
-
-
-# --------------------------------------------------------------------------------------
-# Photos
-# --------------------------------------------------------------------------------------
-
-
-def _source_photos() -> dict[str, list[Path]]:
-    found: dict[str, list[Path]] = {label: [] for label in LABELS}
-    for root in SOURCES:
-        for label in LABELS:
-            found[label] += sorted(p for p in (root / label).glob("*") if p.is_file())
-    return found
-
-
-def _variant(img: Any, rng: np.random.Generator) -> Any:
-    """A random crop (60-100 % of each side), a flip and colour jitter of ``img``."""
-    from PIL import ImageEnhance, ImageOps
-
-    w, h = img.size
-    cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
-    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    out = img.crop((x, y, x + cw, y + ch))
-    if rng.random() < 0.5:
-        out = ImageOps.mirror(out)
-    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-        out = enhance(out).enhance(float(rng.uniform(0.8, 1.2)))
-    return out
-
-
-def _jpeg(img: Any, quality: int) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def generate_photos(n: int, out: Path, seed: int = SEED) -> dict[str, int]:
-    """``n`` distinct photos under ``out/<label>/``, the same for the same ``n`` and seed;
-    returns how many of each kind (``variants``, ``near_duplicates``)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    sources = _source_photos()
-    made: list[tuple[str, Any]] = []
-    counts = Counter[str]()
-    for label in LABELS:
-        (out / label).mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        label = LABELS[i % 2]
-        earlier = [img for lab, img in made if lab == label]
-        if earlier and rng.random() < NEAR_SHARE:
-            base = earlier[int(rng.integers(len(earlier)))]
-            img = base.crop((1, 0, base.width, base.height))  # a pixel's shift
-            data, kind = _jpeg(img, int(rng.integers(60, 75))), "near_duplicates"
-        else:
-            pick = sources[label][int(rng.integers(len(sources[label])))]
-            with Image.open(pick) as src:
-                img = _variant(src.convert("RGB"), rng)
-            data, kind = _jpeg(img, int(rng.integers(80, 96))), "variants"
-            made = [*made[-199:], (label, img)]
-        (out / label / f"{i:07d}.jpg").write_bytes(data)
-        counts[kind] += 1
-    return dict(counts)
 
 
 # --------------------------------------------------------------------------------------
@@ -134,6 +79,7 @@ def generate_photos(n: int, out: Path, seed: int = SEED) -> dict[str, int]:
 # --------------------------------------------------------------------------------------
 
 REQUESTS = Counter[str]()
+S3_REQUESTS = Counter[str]()
 
 
 def _count_requests() -> None:
@@ -167,7 +113,20 @@ def _stage_ingest(work: Path, args: dict[str, Any]) -> dict[str, Any]:
     from dandelion_lib.data.ingest import ingest
 
     result = ingest(_settings(work), source=str(work / "photos"), progress=False)
-    return {"version": result.version}
+    return {"version": result.version, "images": result.images}
+
+
+def _stage_ingest_s3(work: Path, args: dict[str, Any]) -> dict[str, Any]:
+    """Ingest from the bucket into a store of its own (not the folder's: nothing is there)."""
+    from benchmarks.scale_s3 import count_s3_requests, use_dummy_credentials
+    from dandelion_lib.core.config import Settings
+    from dandelion_lib.data.ingest import ingest
+
+    use_dummy_credentials()
+    count_s3_requests(S3_REQUESTS)
+    settings = Settings(workdir=work / "work-s3", s3_endpoint_url=args["endpoint"])
+    result = ingest(settings, source=args["source"], progress=False)
+    return {"version": result.version, "images": result.images}
 
 
 def _stage_near_dups_split(work: Path, args: dict[str, Any]) -> dict[str, Any]:
@@ -258,6 +217,7 @@ def run_stage(name: str, work: str, args_json: str) -> None:
     seconds = time.perf_counter() - start
     peak = _peak_rss_mib()
     figures = {"seconds": seconds, "peak_rss_mib": peak, "requests": dict(REQUESTS), "out": out}
+    figures["s3_requests"] = dict(S3_REQUESTS)
     print("SCALE-STAGE " + json.dumps(figures, default=str), flush=True)
 
 
@@ -306,10 +266,22 @@ def run_size(n: int, backbone: str, tmp: Path, only: str = "all") -> dict[str, A
     for name in wanted:
         if name == "extract":
             stages[name] = _extract_all(work, stages["plan"]["out"]["tasks"], backbone)
+        elif name == "ingest_s3":
+            stages[name] = _ingest_s3(work, backbone)
         else:
             stages[name] = _child(name, work, backbone=backbone)
         _print_stage(n, name, stages[name])
     return {"photos": n, "generated": kinds, "stages": stages}
+
+
+def _ingest_s3(work: Path, backbone: str) -> dict[str, Any]:
+    """The photos uploaded to a bucket on moto's S3 server (set-up), then ingested from it."""
+    from benchmarks.scale_s3 import photo_bucket
+
+    with photo_bucket(work / "photos") as bucket:
+        print(f"  ({bucket['objects']} photos uploaded in {bucket['upload_seconds']:.1f} s)")
+        args = {"source": bucket["source"], "endpoint": bucket["endpoint"]}
+        return _child("ingest_s3", work, backbone=backbone, **args)
 
 
 def _needed(names: list[str]) -> tuple[str, ...]:
@@ -318,15 +290,17 @@ def _needed(names: list[str]) -> tuple[str, ...]:
     if unknown:
         raise SystemExit(f"unknown stages {sorted(unknown)}; stages: {list(STAGES)}")
     last = max(STAGES.index(n) for n in names)
-    needs = {"ingest"} | ({"plan"} if "extract" in names else set())
+    needs = {"ingest"} if set(names) - {"ingest", "ingest_s3"} else set()
+    needs |= {"plan"} if "extract" in names else set()
     return tuple(n for i, n in enumerate(STAGES) if n in names or (i < last and n in needs))
 
 
 def _print_stage(n: int, name: str, s: dict[str, Any]) -> None:
     requests = sum(s["requests"].values())
+    s3 = f" {sum(s3.values())} S3 requests {s3}" if (s3 := s.get("s3_requests")) else ""
     print(
         f"  {name:16s} {s['seconds']:8.1f} s {n / max(s['seconds'], 1e-9):9.1f} photos/s "
-        f"peak RSS {s['peak_rss_mib']:7.0f} MiB  {requests:7d} store requests  {s['out']}",
+        f"peak RSS {s['peak_rss_mib']:7.0f} MiB  {requests:7d} store requests{s3}  {s['out']}",
         flush=True,
     )
 
@@ -393,8 +367,8 @@ def _slope(a: tuple[float, float], b: tuple[float, float]) -> float:
 
 
 def _figure(stage: dict[str, Any], key: str) -> float:
-    if key == "requests":
-        return float(sum(stage["requests"].values()))
+    if key in ("requests", "s3_requests"):
+        return float(sum(stage.get(key, {}).values()))
     return float(stage[key])
 
 
@@ -417,7 +391,7 @@ def project(runs: list[dict[str, Any]], target: int = MILLION) -> dict[str, Any]
             )
         (n0, s0), (n1, s1) = points[-2] if len(points) > 1 else points[-1], points[-1]
         row: dict[str, Any] = {"ratios": ratios}
-        for key in ("seconds", "peak_rss_mib", "requests"):
+        for key in ("seconds", "peak_rss_mib", "requests", "s3_requests"):
             y0, y1 = _figure(s0, key), _figure(s1, key)
             slope = max(_slope((n0, y0), (n1, y1)), 0.0)
             row[f"{key}_per_photo"] = slope
@@ -449,6 +423,7 @@ def _print_projection(projection: dict[str, Any], target: int = MILLION) -> None
             f"{row['seconds_per_photo'] * 1000:.1f} ms per photo, peak RSS "
             f"{row[f'peak_rss_mib_at_{target}'] / 1024:6.2f} GiB, "
             f"{row[f'requests_at_{target}']:,.0f} store requests"
+            + (f", {s3:,.0f} S3 requests" if (s3 := row[f"s3_requests_at_{target}"]) else "")
         )
 
 

@@ -1,8 +1,8 @@
 """Servers in child processes on loopback, for tests and benchmarks (no pytest import).
 
 ``free_port`` picks a port, ``wait_http`` polls a URL until it answers, ``stop`` ends a
-process (a signal, then kill after a grace period), and ``running`` does all three around
-a ``with`` block.
+process (a signal, then kill after a grace period), ``running`` does all three around a
+``with`` block, and ``s3_server`` runs moto's S3 server that way.
 """
 
 from __future__ import annotations
@@ -83,3 +83,13 @@ def running(
     finally:
         if log:
             out.close()  # type: ignore[union-attr]
+
+
+@contextmanager
+def s3_server() -> Iterator[str]:
+    """moto's S3 server in a child process on loopback until the block ends; yields its
+    endpoint URL (any credentials are accepted: use dummy ones)."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    with running(["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], endpoint):
+        yield endpoint
