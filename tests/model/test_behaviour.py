@@ -1,9 +1,11 @@
 """Behavioural tests of the trained model on real test-split images (Made-With-ML style):
-invariance to horizontal flips, small rotations and +/-10 % brightness, and confident,
-correct answers on clear examples."""
+invariance to horizontal flips, small rotations and +/-10 % brightness, the same answer
+whatever file a user sends the photo as (phone-sized JPEG, EXIF orientation, PNG with alpha,
+WebP, CMYK, heavy compression), and confident, correct answers on clear examples."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +54,53 @@ def test_invariance(name: str, predictor: Predictor, images: list[Image.Image]) 
     shift = np.abs(base - moved)[:, 0]
     assert same_label >= 0.95, f"{name}: only {same_label:.0%} of labels unchanged"
     assert shift.mean() <= 0.05, f"{name}: mean probability shift {shift.mean():.3f}"
+
+
+def _encoded(img: Image.Image, fmt: str, **options: Any) -> bytes:
+    out = io.BytesIO()
+    img.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def _sideways_with_exif(img: Image.Image) -> bytes:
+    """Stored rotated, as phones do, with the EXIF orientation (6) that turns it upright."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = img.transpose(Image.Transpose.ROTATE_90)
+    return _encoded(rotated, "JPEG", quality=92, exif=exif.tobytes())
+
+
+ENCODINGS: dict[str, Callable[[Image.Image], bytes]] = {
+    "phone-sized jpeg": lambda im: _encoded(
+        im.resize((4032, round(4032 * im.height / im.width)), Image.Resampling.BICUBIC),
+        "JPEG",
+        quality=92,
+    ),
+    "exif orientation": _sideways_with_exif,
+    "png with alpha": lambda im: _encoded(im.convert("RGBA"), "PNG"),
+    "webp": lambda im: _encoded(im, "WEBP", quality=90),
+    "cmyk jpeg": lambda im: _encoded(im.convert("CMYK"), "JPEG", quality=92),
+    "jpeg quality 40": lambda im: _encoded(im, "JPEG", quality=40),
+}
+
+
+@pytest.mark.parametrize("name", list(ENCODINGS))
+def test_the_same_answer_whatever_file_the_photo_comes_in(
+    name: str, predictor: Predictor, images: list[Image.Image]
+) -> None:
+    """Through the users' path (bytes -> decode at the model's size -> answer): the file a
+    photo is sent as must not change its answer."""
+    base = predictor.predict_bytes([_encoded(im, "PNG") for im in images])
+    sent = predictor.predict_bytes([ENCODINGS[name](im) for im in images])
+    same = np.mean(
+        [
+            predictor.decide(a).label == predictor.decide(b).label
+            for a, b in zip(base, sent, strict=True)
+        ]
+    )
+    shift = np.mean([abs(a.confidence - b.confidence) for a, b in zip(base, sent, strict=True)])
+    assert same >= 0.95, f"{name}: only {same:.0%} of answers unchanged"
+    assert shift <= 0.02, f"{name}: mean confidence shift {shift:.3f}"
 
 
 def test_confident_on_clear_examples(
