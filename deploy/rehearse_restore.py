@@ -9,8 +9,9 @@ new volume, whose first start creates the roles and empty databases; a new S3 se
 scripts restore into it, and MLflow is started on the restored database and bucket. Checked
 through the components: MLflow's registry finds the `champion` alias at the same version and
 run, and its model's artifacts download through the restored MLflow server byte for byte as
-they were backed up; the library finds every dataset version, the same `datasets/latest`, and
-each manifest with its rows; the feedback rows and the Airflow runs are all there (psql), and
+they were backed up; the library finds every dataset version, the same `datasets/latest`,
+each manifest with its rows, and as many objects with their recorded sha256 as before (the
+backup keeps them beside the bytes: deploy/object_checksums.py); the feedback rows and the Airflow runs are all there (psql), and
 every feedback image is in the restored store.
 
 Only the storage and MLflow of the fresh stack run: the API, the app and the Airflow services
@@ -37,7 +38,7 @@ STORAGE = ("postgres", "minio", "minio-init")
 BUCKETS = ("dandelion", "mlflow")  # compose.yaml's STORE_BUCKET and MLFLOW_BUCKET defaults
 # The store as the library reads it (host interpreter: the session's environment): every
 # dataset version with its manifest's rows (checked against its recorded sha256 when one is
-# recorded), the latest pointer, the object count, whether the manifests still carry their
+# recorded), the latest pointer, the object count, how many objects and manifests carry a
 # recorded sha256, and which of the keys given are missing.
 STORE_STATE = """
 import json, os, sys
@@ -45,9 +46,11 @@ from dandelion_lib.core.storage import S3Store
 from dandelion_lib.data import dataset
 store = S3Store(sys.argv[1], endpoint_url=os.environ["S3_ENDPOINT_URL"])
 versions = dataset.list_versions(store)
+keys = list(store.list())
 infos = [store.info(dataset.manifest_key(v)) for v in versions]
 print(json.dumps({
-    "objects": sum(1 for _ in store.list()),
+    "objects": len(keys),
+    "objects_with_sha256": sum(1 for k in keys if (i := store.info(k)) and i.sha256),
     "latest": dataset.latest_version(store) if versions else None,
     "versions": {v: len(dataset.load_manifest(store, v)) for v in versions},
     "manifests_with_sha256": sum(1 for i in infos if i and i.sha256),
@@ -190,7 +193,8 @@ def _compare(before: dict[str, Any], after: dict[str, Any]) -> None:
     b, a = before["store"], after["store"]
     for what in ("champion", "feedback_rows", "dag_runs", "images"):
         assert after[what] == before[what], f"{what}: {before[what]} before, {after[what]} after"
-    for what in ("objects", "latest", "versions"):
+    checked = ("objects", "latest", "versions", "objects_with_sha256", "manifests_with_sha256")
+    for what in checked:
         assert a[what] == b[what], f"store {what}: {b[what]} before, {a[what]} after"
     assert not a["missing"], f"feedback images missing after the restore: {a['missing']}"
 
@@ -218,9 +222,10 @@ def _summary(taken: str, before: dict[str, Any], after: dict[str, Any], files: i
         f"up; {len(store['versions'])} dataset versions (latest {store['latest']}, "
         f"{store['objects']} store objects) as before; feedback rows {before['feedback_rows']} "
         f"before, {after['feedback_rows']} after, their {len(after['images'])} images in the "
-        f"store; Airflow runs {before['dag_runs']} -> {after['dag_runs']}; manifests with "
-        f"their recorded sha256: {before['store']['manifests_with_sha256']} before, "
-        f"{store['manifests_with_sha256']} after"
+        f"store; Airflow runs {before['dag_runs']} -> {after['dag_runs']}; objects with "
+        f"their recorded sha256: {before['store']['objects_with_sha256']} before, "
+        f"{store['objects_with_sha256']} after (manifests "
+        f"{store['manifests_with_sha256']} of {len(store['versions'])})"
     )
 
 

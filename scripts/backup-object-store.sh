@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Back up the object store's buckets (the dandelion store: raw images, datasets, embeddings,
 # feedback, Airflow task logs; MLflow's artifacts: the models) to a local folder, with the AWS
-# CLI (`aws s3 sync`: incremental, so a second run into the same folder copies only changes).
+# CLI (`aws s3 sync`: incremental, so a second run into the same folder copies only changes),
+# and each object's recorded sha256 beside it (OUT_DIR/<bucket>.sha256, deploy/object_checksums.py:
+# a folder keeps only the bytes), every file checked against it.
 #   scripts/backup-object-store.sh OUT_DIR
 # Buckets: BUCKETS (default "dandelion mlflow", the dev overlay's; prod: set yours).
 # Where: S3_ENDPOINT_URL and the AWS_* credentials when set (prod: AWS S3, no endpoint);
@@ -21,5 +23,6 @@ object_store_env "$ns"
 for bucket in "${buckets[@]}"; do
   mkdir -p "${out%/}/$bucket"
   aws_cli "${endpoint_args[@]}" s3 sync --only-show-errors "s3://$bucket" "${out%/}/$bucket"
+  object_checksums record "$bucket" "$out"
   echo "backed up s3://$bucket: $(find "${out%/}/$bucket" -type f | wc -l) objects"
 done

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Sourced by scripts/backup-object-store.sh and restore-object-store.sh: `aws_cli` runs the AWS
 # CLI (`aws` on PATH, else a pinned one fetched and run by uv, as scripts/pip.sh does for pip);
-# `object_store_env` sets `endpoint_args` for it. With S3_ENDPOINT_URL (or AWS credentials for AWS S3) in the environment it
+# `object_checksums` runs deploy/object_checksums.py (the objects' recorded sha256 kept across
+# a backup and a restore) with a Python that has boto3, else with a pinned boto3 through uv;
+# `object_store_env` sets `endpoint_args` for both. With S3_ENDPOINT_URL (or AWS credentials for AWS S3) in the environment it
 # uses them; otherwise it port-forwards the dev overlay's MinIO and takes MinIO's root keys
 # from the minio-root Secret (an operator's tool: a restore writes to every bucket, which no
 # component's credential may do; stopped when the calling script exits).
 set -euo pipefail
 AWSCLI_VERSION=1.45.11
+BOTO3_VERSION=1.44.8
 
 aws_cli() {
   if command -v aws >/dev/null 2>&1; then
@@ -15,6 +18,20 @@ aws_cli() {
     uv tool run --quiet --from "awscli==$AWSCLI_VERSION" aws "$@"
   else
     echo "no AWS CLI: install it (pip install awscli) or uv" >&2
+    return 1
+  fi
+}
+
+object_checksums() {
+  local tool endpoint=""
+  tool="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/deploy/object_checksums.py"
+  [ "${#endpoint_args[@]}" -eq 2 ] && endpoint="${endpoint_args[1]}"
+  if python3 -c "import boto3" >/dev/null 2>&1; then
+    S3_ENDPOINT_URL="$endpoint" python3 "$tool" "$@"
+  elif command -v uv >/dev/null 2>&1; then
+    S3_ENDPOINT_URL="$endpoint" uv run --quiet --no-project --with "boto3==$BOTO3_VERSION" python3 "$tool" "$@"
+  else
+    echo "no boto3: install it (pip install boto3) or uv" >&2
     return 1
   fi
 }
