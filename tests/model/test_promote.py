@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from dandelion_lib.core.labels import UNKNOWN
 from dandelion_lib.lifecycle import promotion, registry
-from tests.model.conftest import STAND_IN_FLOOR
+from tests.model.conftest import LITE0_AGREEMENT_PHOTOS, STAND_IN_FLOOR
 
 
 def _tags(client: Any, version: str) -> dict[str, str]:
@@ -97,6 +98,8 @@ def test_promotion_flow(
         assert serving["int8_tolerance"] == "0.01" and "int8_roc_auc" in serving
         assert serving["int8_test_tolerance"] == "0.025000"  # 1.5 / 60 photos
         assert int(serving["int8_agreement_photos"]) == len(model_env.manifest)
+        assert first.serving is not None and first.serving.agreement is not None
+        assert set(first.serving.agreement.parts) == {"test", "negatives", "val", "train"}
         if serving["precision"] == "int8":
             assert float(serving["int8_agreement_lower_bound"]) >= 0.99, serving
             assert float(serving["int8_max_probability_diff"]) <= 0.1, serving
@@ -164,8 +167,8 @@ def test_promotion_flow(
 def test_gate_serves_fp32_when_int8_does_not_agree_with_fp32(
     model_env: Any, lite0_trained: Any, mlflow_client: Any
 ) -> None:
-    """INT8 is judged by its agreement with FP32 on every photo of the dataset version:
-    a required agreement of 1 (no lower bound reaches it) or no probability difference at all
+    """INT8 is judged by its agreement with FP32 on the dataset version's photos (here at
+    most ``LITE0_AGREEMENT_PHOTOS``, the test split first): a required agreement of 1 (no lower bound reaches it) or no probability difference at all
     forces FP32; lenient settings let INT8 be served, and the Predictor then loads the
     precision the gate chose. The agreement is measured once, with the saved scores."""
     from dandelion_lib.serving.predict import Predictor
@@ -182,9 +185,12 @@ def test_gate_serves_fp32_when_int8_does_not_agree_with_fp32(
         assert result.serving is not None and result.serving.int8 is not None
         agreement = result.serving.agreement
         assert agreement is not None
-        # every photo of the version: its labelled splits and the negatives
-        assert agreement.photos == len(model_env.manifest) > 60
-        assert set(agreement.parts) == {"test", "negatives", "val", "train"}
+        # as many photos as training was allowed, the test split first
+        assert agreement.photos == LITE0_AGREEMENT_PHOTOS < len(model_env.manifest)
+        m = model_env.manifest
+        test_photos = int(((m["split"] == "test") & (m["label"] != UNKNOWN)).sum())
+        assert agreement.parts["test"][0] == test_photos  # the whole test split
+        assert len(agreement.parts) >= 2
         assert serving["int8_agreement_photos"] == str(agreement.photos)
         assert float(serving["int8_agreement_lower_bound"]) < 1.0
         assert 0 < float(serving["int8_max_probability_diff"]) <= 1.0  # quantization moved it
