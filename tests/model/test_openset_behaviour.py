@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 from dandelion_lib.core.labels import UNKNOWN
-from tests.model.conftest import LITE0_AGREEMENT_PHOTOS
 
 pytestmark = pytest.mark.slow
 
@@ -37,9 +36,9 @@ def served(model_env: Any) -> Any:
     from dandelion_lib.serving.predict import Predictor
     from dandelion_lib.training.config import TrainConfig
 
-    # INT8's agreement on 300 photos, not all 700: these tests load FP32 (LITE0_AGREEMENT_PHOTOS)
-    settings = model_env.settings.updated(int8_agreement_photos=LITE0_AGREEMENT_PHOTOS)
-    result = train(TrainConfig(register=False), settings, store=model_env.store, progress=False)
+    result = train(
+        TrainConfig(register=False), model_env.settings, store=model_env.store, progress=False
+    )
     configure_mlflow(model_env.settings)
     return Predictor.load(result.model_uri, model_env.settings)
 
