@@ -22,6 +22,7 @@ import pandas as pd
 
 from dandelion_lib.data import dataset
 from dandelion_lib.lifecycle.evaluate import predict_all
+from dandelion_lib.lifecycle.metrics import EvaluationReport
 from dandelion_lib.serving.predict import Prediction
 
 PARTS = ("test", "negatives", "val", "train")
@@ -109,6 +110,42 @@ class Agreement:
         )
 
 
+@dataclass(frozen=True)
+class Answered:
+    """Photos both precisions have already answered (the test split, scored in each): per
+    sha256, whether the answers are identical, and the largest probability difference that
+    counts (0.0 where FP32 answered ``unknown``, as in :func:`measure_agreement`)."""
+
+    identical: dict[str, bool] = field(default_factory=dict)
+    difference: dict[str, float] = field(default_factory=dict)
+
+
+def answered_in_reports(fp32: EvaluationReport, int8: EvaluationReport, unknown: str) -> Answered:
+    """What two reports of one model on the same photos (FP32's and INT8's) already compare,
+    so that :func:`measure_agreement` does not run those photos again. Nothing when the
+    reports are not on the same photos in the same order, or name other labels."""
+    a, b = fp32.predictions, int8.predictions
+    if (
+        fp32.labels != int8.labels
+        or "sha256" not in a
+        or "sha256" not in b
+        or a["sha256"].tolist() != b["sha256"].tolist()
+        or np.shape(fp32.probabilities) != np.shape(int8.probabilities)
+        or len(a) != len(fp32.probabilities)
+    ):
+        return Answered()
+    answers = a["answer"].to_numpy()
+    shown = answers != unknown
+    diff = np.abs(np.asarray(fp32.probabilities) - np.asarray(int8.probabilities))
+    largest = np.where(shown, diff.max(axis=1, initial=0.0), 0.0)
+    keys = a["sha256"].astype(str).tolist()
+    same = answers == b["answer"].to_numpy()
+    return Answered(
+        dict(zip(keys, same.tolist(), strict=True)),
+        dict(zip(keys, largest.tolist(), strict=True)),
+    )
+
+
 def comparison_rows(manifest: pd.DataFrame, limit: int) -> pd.DataFrame:
     """The manifest rows to compare, in :data:`PARTS` order (each part by sha256), one per
     photo, at most ``limit``; column ``part`` names the part of each."""
@@ -145,17 +182,27 @@ def _largest_difference(a: list[Prediction], b: list[Prediction], shown: list[bo
 
 
 def measure_agreement(
-    fp32: Any, int8: Any, store: Any, manifest: pd.DataFrame, *, limit: int
+    fp32: Any,
+    int8: Any,
+    store: Any,
+    manifest: pd.DataFrame,
+    *,
+    limit: int,
+    answered: Answered | None = None,
 ) -> Agreement:
     """Run ``fp32`` and ``int8`` (two Predictors of one model version) on the photos of a
     dataset version (``manifest``: every split and the negatives, test split first, at most
     ``limit`` photos, :func:`comparison_rows`) and compare their answers, and their
     probabilities where FP32 does not answer ``unknown``. Labels are not needed: only whether
-    both precisions answer alike."""
+    both precisions answer alike. Photos in ``answered`` (the test split's reports,
+    :func:`answered_in_reports`) count as they were answered there and are not run again."""
     rows = comparison_rows(manifest, limit)
+    known = answered or Answered()
+    done = rows["sha256"].isin(list(known.identical)).to_numpy()
     identical = np.zeros(len(rows), dtype=bool)
-    largest = 0.0
-    for chunk in _chunks(rows):
+    identical[done] = [known.identical[sha] for sha in rows["sha256"][done]]
+    largest = max((known.difference[sha] for sha in rows["sha256"][done]), default=0.0)
+    for chunk in _chunks(rows[~done]):
         pixels = dataset.load_examples(store, chunk, fp32.spec)
         a, b = predict_all(fp32, pixels), predict_all(int8, pixels)
         answers = _answers(fp32, a)

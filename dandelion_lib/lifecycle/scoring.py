@@ -24,7 +24,12 @@ from typing import Any
 from dandelion_lib.core.config import PromotionSettings, Settings
 from dandelion_lib.data.dataset import DatasetError, benchmark_version, load_manifest
 from dandelion_lib.lifecycle import evaluate, gate, scorecard
-from dandelion_lib.lifecycle.agreement import Agreement, measure_agreement
+from dandelion_lib.lifecycle.agreement import (
+    Agreement,
+    Answered,
+    answered_in_reports,
+    measure_agreement,
+)
 from dandelion_lib.lifecycle.metrics import EvaluationError, EvaluationReport
 from dandelion_lib.serving.loading import ModelUnavailableError
 from dandelion_lib.serving.predict import SERVING_TAG, Predictor
@@ -60,9 +65,14 @@ class Split:
             predictor, self.store, self.version, manifest=self.manifest()
         )
 
-    def agreement(self, fp32: Predictor, int8: Predictor, limit: int) -> Agreement:
-        """INT8 versus FP32 on the dataset version's photos (at most ``limit``)."""
-        return measure_agreement(fp32, int8, self.store, self.manifest(), limit=limit)
+    def agreement(
+        self, fp32: Predictor, int8: Predictor, limit: int, answered: Answered | None = None
+    ) -> Agreement:
+        """INT8 versus FP32 on the dataset version's photos (at most ``limit``; those in
+        ``answered`` are not run again)."""
+        return measure_agreement(
+            fp32, int8, self.store, self.manifest(), limit=limit, answered=answered
+        )
 
     def score_benchmark(self, predictor: Predictor) -> EvaluationReport | None:
         """``predictor``'s report on the benchmark split when it is another dataset version
@@ -232,16 +242,23 @@ def score_predictors(
     about to register with the runtime it has just built (:mod:`.train`), once. Without
     ``benchmark`` the benchmark split is not scored (a model nothing will promote)."""
     limit = settings.promotion.int8_agreement_photos
+    fp32_report = split.score(fp32)
+    int8_report = None if int8 is None else split.score(int8)
+    agreement = None
+    if int8 is not None and int8_report is not None:
+        # The test split's photos were just run in both precisions: compared, not run again.
+        answered = answered_in_reports(fp32_report, int8_report, fp32.policy.unknown)
+        agreement = split.agreement(fp32, int8, limit, answered)
     scores = Scores(
         version=version,
         dataset_version=split.version,
         serving_runtime=settings.serving.serving_runtime,
         runtime=fp32.runtime,
         runtime_note=fp32.runtime_note,
-        fp32=split.score(fp32),
-        int8=None if int8 is None else split.score(int8),
+        fp32=fp32_report,
+        int8=int8_report,
         benchmark_version=split.benchmark,
-        agreement=None if int8 is None else split.agreement(fp32, int8, limit),
+        agreement=agreement,
     )
     if not benchmark:
         return scores

@@ -234,3 +234,61 @@ def test_probabilities_of_a_photo_answered_unknown_do_not_count(
     )
     assert (a.photos, a.identical) == (6, 6)
     assert a.max_probability_diff == pytest.approx(0.02)
+
+
+class _Counting(_Fake):
+    """:class:`_Fake` that records the photos it is run on."""
+
+    def __init__(self, shift: dict[int, float]) -> None:
+        super().__init__(shift)
+        self.seen: list[int] = []
+
+    def predict_arrays(self, batch: np.ndarray) -> list[Prediction]:
+        self.seen += [int(x[0, 0, 0]) for x in batch]
+        return super().predict_arrays(batch)
+
+
+def _test_split_report(predictor: _Fake, shas: list[str], numbers: list[int]) -> EvaluationReport:
+    """``predictor``'s report on the given test photos, as evaluation writes it."""
+    preds = predictor.predict_arrays(
+        np.stack([np.full((2, 2, 3), n, dtype=np.uint8) for n in numbers])
+    )
+    probs = np.asarray([[p.probabilities[lab] for lab in predictor.labels] for p in preds])
+    answers = [predictor.policy.decide(p).label for p in preds]
+    return EvaluationReport(
+        model_uri=None,
+        model_version=None,
+        source="dataset v (test split)",
+        labels=predictor.labels,
+        metrics={},
+        slices=pd.DataFrame(),
+        predictions=pd.DataFrame({"sha256": shas, "answer": answers}),
+        probabilities=probs,
+    )
+
+
+def test_photos_answered_in_the_test_reports_are_not_run_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _load_photo_numbers(monkeypatch)
+    # t2 (photo 1) moves by 0.3 in INT8 and crosses the threshold; n1 (photo 2) moves by 0.25
+    shifts = {1: -0.3, 2: -0.25}
+    fresh = measure_agreement(_Fake({}), _Fake(shifts), None, _manifest(), limit=100)
+    fp32, int8 = _Counting({}), _Counting(shifts)
+    answered = agreement_lib.answered_in_reports(
+        _test_split_report(_Fake({}), ["t1", "t2"], [0, 1]),
+        _test_split_report(_Fake(shifts), ["t1", "t2"], [0, 1]),
+        fp32.policy.unknown,
+    )
+    assert answered.identical == {"t1": True, "t2": False}
+    reused = measure_agreement(fp32, int8, None, _manifest(), limit=100, answered=answered)
+    assert reused == fresh
+    assert (reused.photos, reused.identical) == (6, 4)
+    assert reused.max_probability_diff == pytest.approx(0.3)
+    assert fp32.seen == int8.seen == [2, 3, 4, 5]  # the test split was not run again
+    # reports on other photos than each other's are not used
+    other = _test_split_report(_Fake(shifts), ["t2", "t1"], [1, 0])
+    mismatched = agreement_lib.answered_in_reports(
+        _test_split_report(_Fake({}), ["t1", "t2"], [0, 1]), other, "unknown"
+    )
+    assert mismatched == agreement_lib.Answered()
