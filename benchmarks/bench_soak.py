@@ -24,6 +24,13 @@ The API runs with the glibc malloc settings its image sets (the ``MALLOC_*`` var
 docker/api.Dockerfile, see docs/reliability.md); ``nox -s bench -- soak 30 glibc`` runs it
 with glibc's defaults instead, to compare. The third argument is the ONNX Runtime precision
 served (``fp32``, the default, or ``int8``): ``nox -s bench -- soak 10 image int8``.
+
+``nox -s bench -- soak 30 image fp32 container`` runs the API in its built image instead
+(``nox -s images`` first; the tag compose.yaml gives it), as compose runs it: read-only with a
+tmpfs ``/tmp``, every capability dropped, ``no-new-privileges``, 2 CPUs and a 1 GiB memory
+limit, the image's own allocator settings. The temporary workdir (the registry and the
+feedback database) is mounted at the same path and the container shares the host's network;
+RSS is the container's API process's, read from the host's ``/proc``.
 """
 
 from __future__ import annotations
@@ -39,9 +46,12 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.client import HTTPConnection, HTTPException
 from pathlib import Path
+from typing import Any
 
 from benchmarks.bench_serve import (
     ROOT,
@@ -51,7 +61,7 @@ from benchmarks.bench_serve import (
     _set_precision,
     proc_status,
 )
-from tests.process_support import free_port, running
+from tests.process_support import free_port, running, stop, wait_http
 
 DEFAULT_MINUTES = 30.0
 SETTLED_AFTER_MIN = 5
@@ -386,27 +396,122 @@ def _allocator(env: dict[str, str], allocator: str) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("MALLOC_"))
 
 
-def _sample_minute(proc: subprocess.Popen[bytes], end: float) -> tuple[list[float], int, int]:
+@dataclass
+class Served:
+    """The API under load: the process that runs it (``python -m api``, or ``docker run``)
+    and the pid whose memory is measured (the API process itself)."""
+
+    proc: subprocess.Popen[bytes]
+    pid: int
+
+
+@contextmanager
+def _serving(
+    where: str, workdir: Path, port: int, tmp: str, allocator: str
+) -> Iterator[tuple[Served, str]]:
+    """The API serving ``workdir``'s registry on ``port`` until the block ends, in this
+    environment (``process``) or in its image (``container``); yields it and its allocator
+    settings as text."""
+    options = _server_options(workdir, port, tmp)
+    if where == "process":
+        allocator_env = _allocator(options["env"], allocator)
+        with running(["-m", "api"], f"http://127.0.0.1:{port}/health/ready", **options) as proc:
+            yield Served(proc, proc.pid), allocator_env
+        return
+    if where != "container":
+        raise SystemExit(f"where must be 'process' or 'container', not {where!r}")
+    if allocator != "image":
+        raise SystemExit("the container runs with its image's allocator settings only")
+    with _container(workdir, port, options) as served:
+        allocator_env = " ".join(f"{k}={v}" for k, v in sorted(image_allocator_env().items()))
+        yield served, f"{allocator_env} (the image's)"
+
+
+@contextmanager
+def _container(workdir: Path, port: int, options: dict[str, Any]) -> Iterator[Served]:
+    """``docker run`` of the API image as compose runs it (see the module docstring)."""
+    name = f"dandelion-soak-{uuid.uuid4().hex[:8]}"
+    # The image's user (10001) writes the feedback database and reads the model's artifacts.
+    for path in [workdir, *workdir.rglob("*")]:
+        path.chmod(0o777 if path.is_dir() else 0o666)
+    env = {k: v for k, v in options["env"].items() if k.startswith("DANDELION_")}
+    env["DANDELION_API_HOST"] = "127.0.0.1"
+    # The image has MLflow's client only (no SQL store): it reads the registry through a
+    # tracking server, as in the stack; the artifacts are read from the mounted workdir.
+    mlflow_port = free_port()
+    env["DANDELION_TRACKING_URI"] = f"http://127.0.0.1:{mlflow_port}"
+    server = running(
+        [
+            "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+            "--workers", "1", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+        ],
+        f"http://127.0.0.1:{mlflow_port}/health",
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        log=options["log"].with_name("mlflow.log"),
+        timeout=120,
+    )  # fmt: skip
+    with server, _api_container(name, env, workdir, options) as served:
+        yield served
+
+
+@contextmanager
+def _api_container(
+    name: str, env: dict[str, str], workdir: Path, options: dict[str, Any]
+) -> Iterator[Served]:
+    from deploy.dockerkit import image_tag
+
+    port = env["DANDELION_API_PORT"]
+    command = [
+        "docker", "run", "--rm", "--name", name, "--network", "host", "--read-only",
+        "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+        "--cpus", "2", "--memory", "1g", "-v", f"{workdir}:{workdir}",
+        *[arg for key, value in sorted(env.items()) for arg in ("-e", f"{key}={value}")],
+        image_tag("api"),
+    ]  # fmt: skip
+    with options["log"].open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_http(
+                f"http://127.0.0.1:{port}/health/ready",
+                timeout=options["timeout"],  # same as for the process
+                proc=proc,
+                ready=options["ready"],
+            )
+            pid = subprocess.run(
+                ["docker", "inspect", "-f", "{{.State.Pid}}", name],
+                capture_output=True, text=True, check=True,
+            ).stdout.strip()  # fmt: skip
+            yield Served(proc, int(pid))
+        finally:
+            stop(proc)
+            subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
+
+
+def _sample_minute(served: Served, end: float) -> tuple[list[float], int, int]:
     """RSS every RSS_EVERY_S until ``end`` (a batch in flight maps its buffers for a moment,
     so one sample can mislead), and the threads and fds at ``end``."""
     rss: list[float] = []
     while True:
         time.sleep(max(0.0, min(RSS_EVERY_S, end - time.monotonic())))
-        if proc.poll() is not None:
-            raise RuntimeError(f"the API exited with {proc.returncode}")
-        value, threads, fds = proc_sample(proc.pid)
+        if served.proc.poll() is not None:
+            raise RuntimeError(f"the API exited with {served.proc.returncode}")
+        value, threads, fds = proc_sample(served.pid)
         rss.append(value)
         if time.monotonic() >= end:
             return rss, threads, fds
 
 
 def main(
-    minutes: str | float = DEFAULT_MINUTES, allocator: str = "image", precision: str = "fp32"
+    minutes: str | float = DEFAULT_MINUTES,
+    allocator: str = "image",
+    precision: str = "fp32",
+    where: str = "process",
 ) -> int:
     """``minutes`` of load; ``allocator``: ``image`` (the API image's malloc settings, as
     deployed; variables already set here win) or ``glibc`` (glibc's defaults);
     ``precision``: the ONNX Runtime precision served (``fp32`` or ``int8``, as the gate's
-    ``serving.precision`` tag would choose)."""
+    ``serving.precision`` tag would choose); ``where``: ``process`` (``python -m api`` in
+    this environment) or ``container`` (the built API image, as compose runs it)."""
     minutes = float(minutes)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     images = _images()
@@ -418,13 +523,10 @@ def main(
         uri = _register(workdir, images)
         _set_precision(workdir, precision)
         port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        options = _server_options(workdir, port, tmp)
-        allocator_env = _allocator(options["env"], allocator)
-        with running(["-m", "api"], f"{url}/health/ready", **options) as proc:
-            rss0, threads0, fds0 = proc_sample(proc.pid)
+        with _serving(where, workdir, port, tmp, allocator) as (served, allocator_env):
+            rss0, threads0, fds0 = proc_sample(served.pid)
             print(
-                f"API pid {proc.pid} serving {uri} on ONNX Runtime {precision.upper()}; {CLIENTS} clients for {minutes:g} min; "
+                f"API pid {served.pid} ({where}) serving {uri} on ONNX Runtime {precision.upper()}; {CLIENTS} clients for {minutes:g} min; "
                 f"allocator: {allocator_env or 'glibc defaults'}; at ready: "
                 f"RSS {rss0:.1f} MiB, {threads0} threads, {fds0} fds",
                 flush=True,
@@ -448,7 +550,7 @@ def main(
             try:
                 while minute < minutes:
                     minute += 1
-                    rss, threads, fds = _sample_minute(proc, start + 60.0 * minute)
+                    rss, threads, fds = _sample_minute(served, start + 60.0 * minute)
                     samples.append((minute, statistics.median(rss)))
                     print(_line(minute, rss, threads, fds, *tally.take_window()), flush=True)
             finally:
@@ -466,7 +568,7 @@ def main(
                 if not (lost_predictions or lost_feedback) or time.monotonic() > deadline:
                     break
                 time.sleep(1.0)
-            rss_end, threads_end, fds_end = proc_sample(proc.pid)
+            rss_end, threads_end, fds_end = proc_sample(served.pid)
 
     failures = _report(tally, samples, lost_predictions, lost_feedback)
     print(f"after the load: RSS {rss_end:.1f} MiB, {threads_end} threads, {fds_end} fds")
