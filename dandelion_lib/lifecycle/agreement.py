@@ -199,9 +199,10 @@ def measure_agreement(
     rows = comparison_rows(manifest, limit)
     known = answered or Answered()
     done = rows["sha256"].isin(list(known.identical)).to_numpy()
+    reused = rows["sha256"][done].tolist()
     identical = np.zeros(len(rows), dtype=bool)
-    identical[done] = [known.identical[sha] for sha in rows["sha256"][done]]
-    largest = max((known.difference[sha] for sha in rows["sha256"][done]), default=0.0)
+    identical[done] = [known.identical[sha] for sha in reused]
+    largest = max((known.difference[sha] for sha in reused), default=0.0)
     for chunk in _chunks(rows[~done]):
         pixels = dataset.load_examples(store, chunk, fp32.spec)
         a, b = predict_all(fp32, pixels), predict_all(int8, pixels)

@@ -243,9 +243,9 @@ def score_predictors(
     ``benchmark`` the benchmark split is not scored (a model nothing will promote)."""
     limit = settings.promotion.int8_agreement_photos
     fp32_report = split.score(fp32)
-    int8_report = None if int8 is None else split.score(int8)
-    agreement = None
-    if int8 is not None and int8_report is not None:
+    int8_report, agreement = None, None
+    if int8 is not None:
+        int8_report = split.score(int8)
         # The test split's photos were just run in both precisions: compared, not run again.
         answered = answered_in_reports(fp32_report, int8_report, fp32.policy.unknown)
         agreement = split.agreement(fp32, int8, limit, answered)
