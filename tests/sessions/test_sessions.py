@@ -37,11 +37,16 @@ def page_title(html: str) -> str:
 
 
 def wait_kernel_ready(connection_file: Path) -> None:
-    """Until the kernel answers (stopping one still starting interrupts its start-up)."""
+    """Until the kernel answers (stopping one still starting interrupts its start-up).
+
+    The client is not the kernel's manager, so it judges the kernel alive by its heartbeat,
+    which by default counts one second without a reply as death. On a loaded machine a
+    starting kernel can be that late; it is given 30 s."""
     from jupyter_client import BlockingKernelClient
 
     client = BlockingKernelClient(connection_file=str(connection_file))
     client.load_connection_file()
+    client.hb_channel.time_to_dead = 30.0
     client.start_channels()
     try:
         client.wait_for_ready(timeout=120)
