@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from dandelion_lib.data import dataset
@@ -135,9 +136,7 @@ def answered_in_reports(fp32: EvaluationReport, int8: EvaluationReport, unknown:
     ):
         return Answered()
     answers = a["answer"].to_numpy()
-    shown = answers != unknown
-    diff = np.abs(np.asarray(fp32.probabilities) - np.asarray(int8.probabilities))
-    largest = np.where(shown, diff.max(axis=1, initial=0.0), 0.0)
+    largest = shown_differences(fp32.probabilities, int8.probabilities, answers != unknown)
     keys = a["sha256"].astype(str).tolist()
     same = answers == b["answer"].to_numpy()
     return Answered(
@@ -167,18 +166,21 @@ def _answers(predictor: Any, preds: list[Prediction]) -> list[str]:
     return [predictor.policy.decide(p).label for p in preds]
 
 
-def _largest_difference(a: list[Prediction], b: list[Prediction], shown: list[bool]) -> float:
-    """The largest probability difference over the photos whose probabilities back an answer
-    (``shown``: FP32 does not answer ``unknown``). For a photo answered ``unknown`` the two
-    class probabilities mean nothing (it is neither class); whether INT8 answers it
-    ``unknown`` too is counted by the identical answers."""
-    diffs = [
-        abs(float(pa.probabilities[label]) - float(pb.probabilities.get(label, 0.0)))
-        for pa, pb, keep in zip(a, b, shown, strict=True)
-        if keep
-        for label in pa.probabilities
-    ]
-    return max(diffs, default=0.0)
+def shown_differences(fp32: Any, int8: Any, shown: Any) -> npt.NDArray[np.float64]:
+    """Per photo, the largest difference between FP32's and INT8's class probabilities
+    (``n x classes`` each), counted only where FP32's answer does not say ``unknown``
+    (``shown``), else 0. For a photo answered ``unknown`` the class probabilities mean
+    nothing (it is neither class); whether INT8 answers it ``unknown`` too is counted by the
+    identical answers."""
+    diff = np.abs(np.asarray(fp32, np.float64) - np.asarray(int8, np.float64))
+    return np.where(np.asarray(shown, bool), diff.max(axis=1, initial=0.0), 0.0)
+
+
+def _probabilities(preds: list[Prediction], labels: list[str]) -> npt.NDArray[np.float64]:
+    return np.array(
+        [[float(p.probabilities.get(label, 0.0)) for label in labels] for p in preds],
+        np.float64,
+    ).reshape(len(preds), len(labels))
 
 
 def measure_agreement(
@@ -209,8 +211,10 @@ def measure_agreement(
         answers = _answers(fp32, a)
         same = [x == y for x, y in zip(answers, _answers(int8, b), strict=True)]
         identical[chunk.index.to_numpy()] = same
+        labels = list(a[0].probabilities) if a else []
         shown = [answer != fp32.policy.unknown for answer in answers]
-        largest = max(largest, _largest_difference(a, b, shown))
+        diffs = shown_differences(_probabilities(a, labels), _probabilities(b, labels), shown)
+        largest = max(largest, float(diffs.max(initial=0.0)))
     parts = {
         part: (int(mask.sum()), int(identical[mask].sum()))
         for part in PARTS
