@@ -112,6 +112,24 @@ def lite0_trained(model_env: ModelEnv) -> Any:
     return train(config, settings, store=model_env.store, progress=False)
 
 
+@pytest.fixture(scope="session")
+def default_predictor(model_env: ModelEnv) -> Any:
+    """The default recipe's model (full data, augmented views; not registered), loaded back
+    from its MLflow run as the API serves it. Slow: the backbone over about 1800 views of
+    photos, so only slow tests use it (the open-set behaviour and the explanations'
+    faithfulness), one training for both."""
+    from dandelion_lib.lifecycle.registry import configure_mlflow
+    from dandelion_lib.lifecycle.train import train
+    from dandelion_lib.serving.predict import Predictor
+    from dandelion_lib.training.config import TrainConfig
+
+    result = train(
+        TrainConfig(register=False), model_env.settings, store=model_env.store, progress=False
+    )
+    configure_mlflow(model_env.settings)
+    return Predictor.load(result.model_uri, model_env.settings)
+
+
 @pytest.fixture
 def mlflow_client(model_env: ModelEnv) -> Any:
     """An MLflow client on the model tests' tracking URI (also set as MLflow's global one)."""

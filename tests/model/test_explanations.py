@@ -2,7 +2,8 @@
 stand-in backbone: the answers do not change when an explanation is asked for, the grid is
 the backbone's map grid in [0, 1] and explains the top class, the gradient the explainer
 computes is the Keras head's, and a version registered without feature maps still serves
-and says why it cannot explain. Real model, real MLflow (SQLite), real photos."""
+and says why it cannot explain. Slow: the deletion test on the default recipe's model.
+Real model, real MLflow (SQLite), real photos."""
 
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ from dandelion_lib.serving.predict import Predictor
 from tests.model.test_runtime import _pixels
 
 HOLDS_FLOOR = 0.6
-"""Share of the 20 photos on which the hot cells must lower the probability more than a random
-region (measured: 0.70 on this model; the default model's target is 0.8, docs/model.md)."""
+"""Share of the test split's 60 photos on which the hot cells must lower the probability more
+than a random region (measured: 0.73 on the default recipe's model; the benchmark's target
+over every held-out photo is 0.8, docs/model.md)."""
 DROP_RATIO = 1.5
-"""The hot cells' mean probability drop over the random regions' (measured: 2.6x)."""
+"""The hot cells' mean probability drop over the random regions' (measured: 0.098 against
+0.013, 7.3x)."""
 
 
 @pytest.fixture(scope="module")
@@ -125,31 +128,33 @@ def test_a_version_registered_without_feature_maps_serves_and_says_why(
         k.predict_arrays(photos[:1], explain=True)
 
 
-@pytest.mark.slow  # the real backbone's maps on 20 real photos, 5 forward passes each
+@pytest.mark.slow  # the default recipe's training (shared); 60 real photos, 5 passes each
 def test_masking_where_the_real_model_looked_lowers_its_answer_more_than_random(
-    model_env: Any, test_split: Any, lite0_predictor: Predictor
+    model_env: Any, test_split: Any, default_predictor: Predictor
 ) -> None:
-    """On the real backbone's tiny model (``lite0_trained``), 20 held-out photos: masking the
-    hottest 20 % of the map lowers the explained class's probability more than masking a
-    random region of as many cells, on most photos and on average by a wide margin (the
-    default model's figures on all held-out photos are ``bench -- explain``'s, docs/model.md)."""
-    pixels = _pixels(model_env, test_split.iloc[::3], lite0_predictor.spec)
-    explainer = lite0_predictor.explainer
+    """On the default recipe's model (``default_predictor``, shared with the open-set
+    behaviour tests), the test split's 60 held-out photos: masking the hottest 20 % of the map
+    lowers the explained class's probability more than masking a random region of as many
+    cells, on most photos and on average by a wide margin (the figures on every held-out photo
+    of both sources are ``bench -- explain``'s, docs/model.md)."""
+    served = default_predictor
+    pixels = _pixels(model_env, test_split, served.spec)
+    explainer = served.explainer
     assert explainer is not None
 
     def log_probabilities(batch: np.ndarray) -> np.ndarray:
-        return explain.log_softmax(explainer.logits(lite0_predictor.features(batch)))
+        return explain.log_softmax(explainer.logits(served.features(batch)))
 
     rng = np.random.default_rng(0)
     results = []
     for x in pixels:
-        (pred,) = lite0_predictor.predict_arrays(x[None], explain=True)
+        (pred,) = served.predict_arrays(x[None], explain=True)
         assert pred.explanation is not None and pred.explanation.grid.shape == (11, 11)
-        target = list(lite0_predictor.labels).index(pred.explanation.explains)
+        target = list(served.labels).index(pred.explanation.explains)
         results.append(explain.deletion_test(log_probabilities, x, pred.explanation, target, rng))
     holds = float(np.mean([r.holds for r in results]))
     hot = float(np.mean([np.exp(r.before) - np.exp(r.top) for r in results]))
     random = float(np.mean([np.exp(r.before) - np.exp(r.random) for r in results]))
-    assert len(results) == 20
+    assert len(results) == len(test_split) == 60
     assert holds >= HOLDS_FLOOR, [(r.before, r.top, r.random) for r in results]
     assert hot >= DROP_RATIO * random

@@ -29,18 +29,9 @@ CLEAR_OBJECTS = (
 
 
 @pytest.fixture(scope="module")
-def served(model_env: Any) -> Any:
+def served(default_predictor: Any) -> Any:
     """The default recipe's model (not registered), loaded back from its MLflow run."""
-    from dandelion_lib.lifecycle.registry import configure_mlflow
-    from dandelion_lib.lifecycle.train import train
-    from dandelion_lib.serving.predict import Predictor
-    from dandelion_lib.training.config import TrainConfig
-
-    result = train(
-        TrainConfig(register=False), model_env.settings, store=model_env.store, progress=False
-    )
-    configure_mlflow(model_env.settings)
-    return Predictor.load(result.model_uri, model_env.settings)
+    return default_predictor
 
 
 def test_clear_objects_are_unknown(served: Any, model_env: Any, ood_dir: Path) -> None:
