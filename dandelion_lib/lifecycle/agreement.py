@@ -22,7 +22,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from dandelion_lib.data import dataset
-from dandelion_lib.lifecycle.evaluate import predict_all
+from dandelion_lib.lifecycle.evaluate import predict_all, probability_matrix
 from dandelion_lib.lifecycle.metrics import EvaluationReport
 from dandelion_lib.serving.predict import Prediction
 
@@ -176,13 +176,6 @@ def shown_differences(fp32: Any, int8: Any, shown: Any) -> npt.NDArray[np.float6
     return np.where(np.asarray(shown, bool), diff.max(axis=1, initial=0.0), 0.0)
 
 
-def _probabilities(preds: list[Prediction], labels: list[str]) -> npt.NDArray[np.float64]:
-    return np.array(
-        [[float(p.probabilities.get(label, 0.0)) for label in labels] for p in preds],
-        np.float64,
-    ).reshape(len(preds), len(labels))
-
-
 def measure_agreement(
     fp32: Any,
     int8: Any,
@@ -205,15 +198,17 @@ def measure_agreement(
     identical = np.zeros(len(rows), dtype=bool)
     identical[done] = [known.identical[sha] for sha in reused]
     largest = max((known.difference[sha] for sha in reused), default=0.0)
+    labels = tuple(fp32.labels)
     for chunk in _chunks(rows[~done]):
         pixels = dataset.load_examples(store, chunk, fp32.spec)
         a, b = predict_all(fp32, pixels), predict_all(int8, pixels)
         answers = _answers(fp32, a)
         same = [x == y for x, y in zip(answers, _answers(int8, b), strict=True)]
         identical[chunk.index.to_numpy()] = same
-        labels = list(a[0].probabilities) if a else []
         shown = [answer != fp32.policy.unknown for answer in answers]
-        diffs = shown_differences(_probabilities(a, labels), _probabilities(b, labels), shown)
+        diffs = shown_differences(
+            probability_matrix(a, labels), probability_matrix(b, labels), shown
+        )
         largest = max(largest, float(diffs.max(initial=0.0)))
     parts = {
         part: (int(mask.sum()), int(identical[mask].sum()))

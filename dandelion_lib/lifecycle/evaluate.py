@@ -65,7 +65,7 @@ def evaluate_arrays(
     """
     labels = tuple(predictor.labels)
     preds = predict_all(predictor, pixels, batch_size)
-    probs = _probabilities(preds, labels)
+    probs = probability_matrix(preds, labels)
     pred = probs.argmax(axis=1)
     policy: AnswerPolicy = getattr(predictor, "policy", AnswerPolicy())
     frame = meta.reset_index(drop=True).assign(
@@ -137,7 +137,8 @@ def predict_all(predictor: Any, pixels: Pixels, batch_size: int = 32) -> list[Pr
     return out
 
 
-def _probabilities(preds: list[Prediction], labels: tuple[str, ...]) -> npt.NDArray[np.float64]:
+def probability_matrix(preds: list[Prediction], labels: tuple[str, ...]) -> npt.NDArray[np.float64]:
+    """The predictions' class probabilities, ``n x labels``, in ``labels`` order."""
     if not preds:
         return np.zeros((0, len(labels)))
     return np.asarray([[p.probabilities[lab] for lab in labels] for p in preds], dtype=np.float64)
