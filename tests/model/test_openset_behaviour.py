@@ -4,7 +4,8 @@ detector, the model is logged to MLflow and loaded back by the Predictor, and th
 answers are checked: clear everyday objects of the negatives' *test* split (never fitted on)
 are ``unknown``; the dandelions of the reference test split are answered.
 
-Slow: the full default training (the backbone over about 1800 views of photos).
+Slow: the full default training (the backbone over about 1800 views of photos; the session
+fixture ``default_predictor``, shared with the explanations' deletion test).
 """
 
 from __future__ import annotations
@@ -28,13 +29,7 @@ CLEAR_OBJECTS = (
 )
 
 
-@pytest.fixture(scope="module")
-def served(default_predictor: Any) -> Any:
-    """The default recipe's model (not registered), loaded back from its MLflow run."""
-    return default_predictor
-
-
-def test_clear_objects_are_unknown(served: Any, model_env: Any, ood_dir: Path) -> None:
+def test_clear_objects_are_unknown(default_predictor: Any, model_env: Any, ood_dir: Path) -> None:
     m = model_env.manifest
     tested = {
         f"{Path(s).parent.name}/{Path(s).name}"
@@ -42,15 +37,20 @@ def test_clear_objects_are_unknown(served: Any, model_env: Any, ood_dir: Path) -
     }
     names = [n for n in CLEAR_OBJECTS if n in tested]  # never fitted on
     assert len(names) >= 3, "the negatives' split changed: pick clear objects of its test part"
-    preds = served.predict_bytes([(ood_dir / n).read_bytes() for n in names])
-    answers = {n: (served.decide(p).label, p.ood_score) for n, p in zip(names, preds, strict=True)}
+    preds = default_predictor.predict_bytes([(ood_dir / n).read_bytes() for n in names])
+    answers = {
+        n: (default_predictor.decide(p).label, p.ood_score)
+        for n, p in zip(names, preds, strict=True)
+    }
     assert all(a == UNKNOWN for a, _ in answers.values()), answers
 
 
-def test_test_split_dandelions_are_answered(served: Any, test_split: Any, model_env: Any) -> None:
+def test_test_split_dandelions_are_answered(
+    default_predictor: Any, test_split: Any, model_env: Any
+) -> None:
     dandelions = test_split[test_split["label"] == "dandelion"]
     blobs = [model_env.store.get_bytes(k) for k in dandelions["key"]]
-    answers = [served.decide(p).label for p in served.predict_bytes(blobs)]
+    answers = [default_predictor.decide(p).label for p in default_predictor.predict_bytes(blobs)]
     unknown = [k for k, a in zip(dandelions["key"], answers, strict=True) if a == UNKNOWN]
     # calibrated to keep 97 % of the val split; allow for the small test split
     assert len(unknown) <= 0.10 * len(dandelions), unknown
