@@ -177,9 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", default=list(dk.PROJECT_IMAGES))
     parser.add_argument("--skip-build", action="store_true", help="check the existing images")
     parser.add_argument(
+        "--build-only", action="store_true", help="build, and leave the checks to a later call"
+    )
+    parser.add_argument(
         "--stand-ins", action="store_true", help="also build the rehearsal stand-in image"
     )
     opts = parser.parse_args(argv)
+    if opts.skip_build and opts.build_only:
+        parser.error("--skip-build and --build-only exclude each other")
     problem = dk.engine_problem()
     if problem:
         print(f"images: SKIPPED, {problem}; nothing was built or checked")
@@ -198,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     except (StepFailed, subprocess.CalledProcessError) as exc:
         print(f"images: FAILED to build: {exc}")
         return 1
+    if opts.build_only:
+        return 0
     rows: list[str] = []
     failed = False
     for name in opts.names:
