@@ -243,20 +243,37 @@ def top_cells(grid: npt.NDArray[Any], fraction: float = DELETION_FRACTION) -> np
     return np.argsort(-np.asarray(grid).ravel(), kind="stable")[:k]
 
 
+DELETION_FILLS = ("black", "gray", "mean")
+"""What the deletion test puts in the masked cells: ``black`` (0, the zero of the model's
+input, which takes raw pixels in [0, 255]: the usual baseline of attribution methods),
+``gray`` (127.5, the middle of the range: the zero of the backbone's normalised input) or
+``mean`` (the photo's own mean colour)."""
+DELETION_FILL = "black"
+"""The fill the deletion target is judged with (docs/model.md shows every fill's figures)."""
+
+
 def mask_cells(
-    pixels: npt.NDArray[Any], shape: tuple[int, int], cells: npt.NDArray[np.intp]
+    pixels: npt.NDArray[Any],
+    shape: tuple[int, int],
+    cells: npt.NDArray[np.intp],
+    fill: str = DELETION_FILL,
 ) -> npt.NDArray[np.float32]:
     """A copy of one model input ``(size, size, 3)`` with the grid ``cells`` (flat indices of
-    a ``shape`` grid over the whole input) filled with the photo's mean colour."""
+    a ``shape`` grid over the whole input) filled as ``fill`` says (:data:`DELETION_FILLS`)."""
     out = np.array(pixels, dtype=np.float32)
     height, width = out.shape[:2]
-    fill = out.reshape(-1, 3).mean(axis=0)
+    if fill == "mean":
+        value = out.reshape(-1, 3).mean(axis=0)
+    elif fill in DELETION_FILLS:
+        value = np.full(3, 0.0 if fill == "black" else 127.5, np.float32)
+    else:
+        raise ValueError(f"fill must be one of {', '.join(DELETION_FILLS)}, not {fill!r}")
     rows, cols = shape
     for cell in np.asarray(cells).ravel():
         r, c = divmod(int(cell), cols)
         top, bottom = r * height // rows, (r + 1) * height // rows
         left, right = c * width // cols, (c + 1) * width // cols
-        out[top:bottom, left:right] = fill
+        out[top:bottom, left:right] = value
     return out
 
 
@@ -305,17 +322,19 @@ def deletion_test(
     target: int,
     rng: np.random.Generator,
     draws: int = 3,
+    fill: str = DELETION_FILL,
 ) -> Deletion:
     """Mask the hottest :data:`DELETION_FRACTION` of ``explanation``'s grid, and ``draws``
-    random regions of as many cells (:func:`random_region`), in one photo; ``predict`` maps a
-    batch of model inputs to log-probabilities ``(N, classes)`` (or any score in the same
-    order as the probabilities) and ``target`` is the explained class's index."""
+    random regions of as many cells (:func:`random_region`), in one photo, both filled as
+    ``fill`` says (:func:`mask_cells`); ``predict`` maps a batch of model inputs to
+    log-probabilities ``(N, classes)`` (or any score in the same order as the probabilities)
+    and ``target`` is the explained class's index."""
     grid = explanation.grid
     shape = (int(grid.shape[0]), int(grid.shape[1]))
     hot = top_cells(grid)
     chosen = [hot] + [random_region(shape, len(hot), rng) for _ in range(draws)]
     batch = np.stack(
-        [np.asarray(pixels, np.float32)] + [mask_cells(pixels, shape, c) for c in chosen]
+        [np.asarray(pixels, np.float32)] + [mask_cells(pixels, shape, c, fill) for c in chosen]
     )
     probs = np.asarray(predict(batch))[:, target]
     return Deletion(float(probs[0]), float(probs[1]), float(probs[2:].mean()))

@@ -6,11 +6,13 @@ tests/model/test_explain_model.py."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from dandelion_lib.serving.explain import (
+    DELETION_FILL,
     Explainer,
     Explanation,
     ExplanationUnavailableError,
@@ -130,14 +132,29 @@ def test_an_explanation_answers_a_small_grid() -> None:
     assert all(round(v, 3) == v for row in body["grid"] for v in row)
 
 
-def test_masking_fills_the_chosen_cells_with_the_photos_mean_colour() -> None:
+@pytest.mark.parametrize(
+    ("fill", "expected"),
+    [("black", lambda p: 0.0), ("gray", lambda p: 127.5), ("mean", lambda p: p.mean(axis=(0, 1)))],
+)
+def test_masking_fills_the_chosen_cells_only(fill: str, expected: Any) -> None:
     pixels = RNG.uniform(0, 255, size=(8, 12, 3)).astype(np.float32)
     grid = np.zeros((2, 3))
     grid[1, 2], grid[0, 0] = 1.0, 0.5
     assert top_cells(grid, fraction=0.34).tolist() == [5, 0]
-    out = mask_cells(pixels, (2, 3), np.array([5]))
-    assert np.allclose(out[4:, 8:], pixels.reshape(-1, 3).mean(axis=0))
+    out = mask_cells(pixels, (2, 3), np.array([5]), fill)
+    assert np.allclose(out[4:, 8:], expected(pixels))
     assert np.array_equal(out[:4], pixels[:4]) and np.array_equal(out[4:, :8], pixels[4:, :8])
+
+
+def test_the_deletion_test_judges_with_black_and_refuses_an_unknown_fill() -> None:
+    pixels = RNG.uniform(0, 255, size=(8, 12, 3)).astype(np.float32)
+    assert DELETION_FILL == "black"
+    assert np.array_equal(
+        mask_cells(pixels, (2, 3), np.array([0])),
+        mask_cells(pixels, (2, 3), np.array([0]), "black"),
+    )
+    with pytest.raises(ValueError, match="fill must be one of black, gray, mean"):
+        mask_cells(pixels, (2, 3), np.array([0]), "white")
 
 
 def test_the_deletion_test_compares_the_hot_cells_with_random_ones() -> None:
