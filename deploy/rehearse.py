@@ -577,12 +577,14 @@ def main(argv: list[str] | None = None) -> int:
             # The scheduler is killed before the PostgreSQL outage: after an outage the scheduler
             # has been seen to stop heartbeating without exiting (docs/deployment.md); the outage
             # step requires a fresh heartbeat again (compose's health probe restarts a stale
-            # scheduler) and diagnoses a stale one (deploy/rehearse_heal.py).
+            # scheduler) and diagnoses a stale one (deploy/rehearse_heal.py). The freeze comes
+            # first, while the scheduler container is older than its probe's grace (180 s): the
+            # probe then heals it as soon as it can, not 180 s after the last restart.
             steps += [
                 ("fault: API container restart", fault_api_restart),
+                ("fault: scheduler frozen, healed by its health probe", fault_scheduler_frozen),
                 ("fault: scheduler killed mid-task", fault_scheduler_kill),
                 ("fault: PostgreSQL outage", fault_postgres_outage),
-                ("fault: scheduler frozen, healed by its health probe", fault_scheduler_frozen),
             ]
         # After the faults: it leaves dandelion_retrain paused, its run stopped before training.
         steps.append(("feedback loop: accepted photos in the next dataset version", feedback_loop))
