@@ -96,10 +96,38 @@ a flat frame, JPEG-compressed or not, varies by 0; the flattest of the reference
 dev sets included, 893 photos) by 13 or more."""
 
 
+BLANK_SAMPLE_STEP = 8
+"""Every this many rows of a model input are read first by :func:`blank_inputs`."""
+
+
+def _channel_std(pixels: np.ndarray) -> np.ndarray:
+    """The standard deviation per image and channel of pixels ``(N, P, C)``, computed over
+    channel-contiguous copies (a reduction along a strided axis is several times slower)."""
+    std: np.ndarray = np.ascontiguousarray(pixels.transpose(0, 2, 1)).std(axis=2)
+    return std
+
+
 def blank_inputs(batch: np.ndarray) -> list[bool]:
-    """Which model inputs ``(N, size, size, 3)`` are blank: one flat colour (:data:`BLANK_STD`)."""
-    pixels = np.asarray(batch, dtype=np.float32).reshape(len(batch), -1, batch.shape[-1])
-    return [bool(std < BLANK_STD) for std in pixels.std(axis=1).max(axis=1)]
+    """Which model inputs ``(N, size, size, 3)`` are blank: one flat colour (:data:`BLANK_STD`).
+
+    Exact, and cheap for photos: every :data:`BLANK_SAMPLE_STEP`-th row is measured first. For
+    any subset S of an image's P pixels, the squared deviations over S from the image's mean
+    sum to at least those from S's own mean, so ``var >= |S| / P * var_S``: a photo whose
+    sampled rows already bound a channel's deviation at :data:`BLANK_STD` or more is not blank.
+    Only the others (flat or nearly so) are measured whole."""
+    pixels = np.asarray(batch, dtype=np.float32)
+    if len(pixels) == 0:
+        return []
+    n, channels = len(pixels), pixels.shape[-1]
+    sample = pixels[:, ::BLANK_SAMPLE_STEP].reshape(n, -1, channels)
+    share = sample.shape[1] * channels / pixels[0].size
+    bound = _channel_std(sample).max(axis=1) * np.sqrt(share)
+    return [
+        False
+        if bound[i] >= BLANK_STD
+        else bool(_channel_std(pixels[i : i + 1].reshape(1, -1, channels)).max() < BLANK_STD)
+        for i in range(n)
+    ]
 
 
 OUT_OF_DOMAIN = "out_of_domain"

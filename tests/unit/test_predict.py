@@ -226,6 +226,36 @@ def test_a_blank_image_is_unknown_whatever_the_model_says() -> None:
     rng = np.random.default_rng(0)
     dark = model_input(Image.fromarray(rng.integers(0, 24, (480, 640, 3), dtype=np.uint8)))
     assert blank_inputs(np.stack([black, green, dark])) == [True, True, False]
+    assert blank_inputs(np.stack([black, green, dark])[:0]) == []
     confident = Prediction("grass", {"dandelion": 0.09, "grass": 0.91}, 0.91, blank=True)
     assert AnswerPolicy().decide(confident) == Answer(UNKNOWN, BLANK_IMAGE)
     assert AnswerPolicy().decide(replace(confident, blank=False)) == Answer("grass")
+
+
+def test_blank_inputs_decides_as_the_whole_image_measured_in_float64() -> None:
+    """The sampled rows only shortcut the photos that clearly vary: every case is decided as
+    the standard deviation of all pixels (float64) decides it, including images whose sampled
+    rows are flat and whose other rows are not, and deviations just either side of the limit."""
+    import numpy as np
+
+    from dandelion_lib.serving.predict import BLANK_SAMPLE_STEP, BLANK_STD, blank_inputs
+
+    rng = np.random.default_rng(3)
+    size = 8 * BLANK_SAMPLE_STEP
+    images = []
+    for sigma in (0.0, 1.0, 1.9, 2.1, 6.0, 40.0):
+        images.append(120 + rng.normal(0, sigma, (size, size, 3)))
+    one_hot_pixel = np.full((size, size, 3), 200.0)
+    one_hot_pixel[5, 7, 1] = 150
+    images.append(one_hot_pixel)
+    unsampled_rows_vary = np.full((size, size, 3), 80.0)
+    unsampled_rows_vary[1::BLANK_SAMPLE_STEP] = rng.uniform(0, 255, (8, size, 3))
+    images.append(unsampled_rows_vary)
+    sampled_rows_vary = np.full((size, size, 3), 80.0)
+    sampled_rows_vary[::BLANK_SAMPLE_STEP, :, 2] = rng.uniform(0, 255, (8, size))
+    images.append(sampled_rows_vary)
+    batch = np.clip(np.stack(images), 0, 255).astype(np.float32)
+
+    whole = batch.astype(np.float64).reshape(len(batch), -1, 3).std(axis=1).max(axis=1)
+    assert blank_inputs(batch) == [bool(s < BLANK_STD) for s in whole]
+    assert blank_inputs(batch) == [True, True, True, False, False, False, True, False, False]
