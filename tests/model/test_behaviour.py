@@ -46,9 +46,17 @@ PERTURBATIONS: dict[str, Callable[[Image.Image], Image.Image]] = {
 }
 
 
+@pytest.fixture(scope="module")
+def base_probs(predictor: Predictor, images: list[Image.Image]) -> np.ndarray:
+    """The unperturbed photos' probabilities, once for every perturbation."""
+    return _probs(predictor, images)
+
+
 @pytest.mark.parametrize("name", list(PERTURBATIONS))
-def test_invariance(name: str, predictor: Predictor, images: list[Image.Image]) -> None:
-    base = _probs(predictor, images)
+def test_invariance(
+    name: str, predictor: Predictor, images: list[Image.Image], base_probs: np.ndarray
+) -> None:
+    base = base_probs
     moved = _probs(predictor, [PERTURBATIONS[name](im) for im in images])
     same_label = (base.argmax(1) == moved.argmax(1)).mean()
     shift = np.abs(base - moved)[:, 0]
@@ -84,13 +92,19 @@ ENCODINGS: dict[str, Callable[[Image.Image], bytes]] = {
 }
 
 
+@pytest.fixture(scope="module")
+def base_predictions(predictor: Predictor, images: list[Image.Image]) -> list[Any]:
+    """The photos sent as lossless PNGs, once for every other file type."""
+    return predictor.predict_bytes([_encoded(im, "PNG") for im in images])
+
+
 @pytest.mark.parametrize("name", list(ENCODINGS))
 def test_the_same_answer_whatever_file_the_photo_comes_in(
-    name: str, predictor: Predictor, images: list[Image.Image]
+    name: str, predictor: Predictor, images: list[Image.Image], base_predictions: list[Any]
 ) -> None:
     """Through the users' path (bytes -> decode at the model's size -> answer): the file a
     photo is sent as must not change its answer."""
-    base = predictor.predict_bytes([_encoded(im, "PNG") for im in images])
+    base = base_predictions
     sent = predictor.predict_bytes([ENCODINGS[name](im) for im in images])
     same = np.mean(
         [
