@@ -25,6 +25,11 @@ from tests.app.test_serve import load_pages
 
 KERNEL_ID = re.compile(r'"kernelId":\s*"([0-9a-f-]{36})"')
 CROWD = 50
+BROWSER_CONNECT_DEADLINE_S = 20
+"""The connect deadline of the browser's test (the product's default is 60 s). With 3 s, the
+page never showed the app within 90 s in two CI runs on a machine loaded by the other suites
+(it passes alone and under lighter loads): a page that connects its websocket later than the
+deadline loses its kernel, and 3 s is tight for Chromium under that load."""
 
 
 def sessions(url: str) -> int:
@@ -91,7 +96,7 @@ def test_a_browser_classifies_a_photo_right_after_a_crowd_of_plain_page_loads(
 ) -> None:
     photo = tmp_path / "dandelion.jpg"
     shutil.copyfile(greenr_dir / "dandelion" / "00000000.jpg", photo)
-    with voila(app_api.url, app_connect_timeout_s=3) as url:
+    with voila(app_api.url, app_connect_timeout_s=BROWSER_CONNECT_DEADLINE_S) as url:
         assert_crowd_started_nothing(url)
 
         started = time.monotonic()
@@ -112,7 +117,7 @@ def test_a_browser_classifies_a_photo_right_after_a_crowd_of_plain_page_loads(
         assert "dl-result-error" not in str(card.get_attribute("class"))
         assert photo.name in card.inner_text()
 
-        time.sleep(4)  # past the connect deadline: the browser's session stays
+        time.sleep(BROWSER_CONNECT_DEADLINE_S + 1)  # past the deadline: the browser's stays
         assert sessions(url) == 1
         assert page.locator(".dl-upload").is_enabled()
         assert page.page_errors == []
