@@ -40,7 +40,7 @@ def main() -> None:
     from dandelion_lib.data import dataset
     from dandelion_lib.data.dataset import load_examples
     from dandelion_lib.data.ingest import ingest
-    from dandelion_lib.lifecycle.train import feature_extractor
+    from dandelion_lib.lifecycle.extractor import feature_extractor
     from dandelion_lib.training import model as model_lib
     from dandelion_lib.training.config import TrainConfig
     from dandelion_lib.training.extraction import augmented_features, extract_features

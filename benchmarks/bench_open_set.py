@@ -81,7 +81,7 @@ def extract(settings_dir: Path) -> Features:
     from dandelion_lib.data.dataset import load_examples
     from dandelion_lib.data.ingest import ingest
     from dandelion_lib.data.splits import split_ood
-    from dandelion_lib.lifecycle.train import feature_extractor
+    from dandelion_lib.lifecycle.extractor import feature_extractor
     from dandelion_lib.training import model as model_lib
     from dandelion_lib.training.config import TrainConfig
     from dandelion_lib.training.extraction import augmented_features, extract_features

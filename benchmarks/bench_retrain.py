@@ -282,7 +282,7 @@ def _extraction(tmp: Path, mode: Mode) -> None:
     from dandelion_lib.core.config import Settings
     from dandelion_lib.core.features import FeatureSpec, bytes_to_model_input
     from dandelion_lib.core.storage import open_store, sha256_hex
-    from dandelion_lib.lifecycle.train import feature_extractor
+    from dandelion_lib.lifecycle.extractor import feature_extractor
     from dandelion_lib.training import model as model_lib
     from dandelion_lib.training.config import TrainConfig
     from dandelion_lib.training.extraction import open_feature_store, split_features

@@ -14,6 +14,10 @@ Layout under the store (``<key>`` is 32 hex digits)::
                                              and one row per embedding [image sha256, view]
     features/<key>/index/<id>.json           a compacted index: every manifest of the key at
                                              the time it was written, in one object
+    features/<key>/converted/<variant>.bin   the backbone converted once for extraction (e.g.
+    features/<key>/converted/<variant>.json  to ONNX; ``<variant>`` digests the converter's
+                                             versions) and its record: its sha256, the
+                                             difference measured against the original
 
 ``<id>`` is unique per write (time + random), so concurrent writers of the same key never
 overwrite each other. A writer stores the shard first and its manifest second: a crashed
@@ -58,7 +62,13 @@ import numpy as np
 import numpy.typing as npt
 
 from dandelion_lib.core.features import FeatureSpec
-from dandelion_lib.core.storage import ObjectStore, StoreError, StoreUnavailableError, sha256_hex
+from dandelion_lib.core.storage import (
+    ObjectNotFoundError,
+    ObjectStore,
+    StoreError,
+    StoreUnavailableError,
+    sha256_hex,
+)
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +324,42 @@ class FeatureStore:
         self.store.put_json(self._manifest_key(shard_id), manifest)  # ... then its index
         self._read[shard_id] = manifest
         return shard_id
+
+    # -- the converted backbone -------------------------------------------------------------
+
+    def _converted_keys(self, variant: str) -> tuple[str, str]:
+        if not variant or not all(c in "0123456789abcdef" for c in variant):
+            raise ValueError(f"converted-backbone variant must be hex digits, not {variant!r}")
+        return f"{self.root}/converted/{variant}.bin", f"{self.root}/converted/{variant}.json"
+
+    def get_converted(self, variant: str) -> tuple[bytes, dict[str, Any]] | None:
+        """The backbone as :meth:`put_converted` stored it for ``variant`` (what converted
+        it), and its record; None when absent, unreadable or not the bytes its record names
+        (then the caller converts again and overwrites it)."""
+        data_key, record_key = self._converted_keys(variant)
+        try:
+            record = self.store.get_json(record_key)
+            data = self.store.get_bytes(data_key)
+        except ObjectNotFoundError:
+            return None
+        except (StoreError, ValueError) as exc:
+            log.warning("converted backbone %s unusable (%s); converting again", data_key, exc)
+            return None
+        if not isinstance(record, dict) or record.get("sha256") != sha256_hex(data):
+            log.warning("converted backbone %s is not what its record names", data_key)
+            return None
+        return data, record
+
+    def put_converted(self, variant: str, data: bytes, record: dict[str, Any]) -> None:
+        """Store the backbone converted for ``variant`` (e.g. an ONNX graph of its features)
+        with ``record`` (what was measured of it): the bytes first, then the record with their
+        sha256, so a reader finds both or neither. An unreachable store stores nothing."""
+        data_key, record_key = self._converted_keys(variant)
+        try:
+            self.store.put_bytes(data_key, data)
+            self.store.put_json(record_key, {**record, "sha256": sha256_hex(data)})
+        except StoreError as exc:  # an optimisation: the next reader converts again
+            log.warning("cannot store the converted backbone of key %s: %s", self.key, exc)
 
 
 def _new_id() -> str:

@@ -28,7 +28,7 @@ from dandelion_lib.core.config import Settings
 from dandelion_lib.core.features import FeatureSpec
 from dandelion_lib.core.storage import open_store
 from dandelion_lib.data.featurestore import FeatureStore, shard_groups
-from dandelion_lib.lifecycle.train import feature_extractor
+from dandelion_lib.lifecycle.extractor import feature_extractor
 from dandelion_lib.training import extraction
 from dandelion_lib.training import model as model_lib
 from dandelion_lib.training.config import TrainConfig
@@ -130,7 +130,7 @@ def _embed_shards(
 ) -> dict[str, int]:
     """Each shard's rows into the feature store (:func:`~dandelion_lib.training.extraction.embed_shard`)
     with one extractor; the counts summed over the shards."""
-    extractor = feature_extractor(backbone, settings)
+    extractor = feature_extractor(backbone, settings, cache=fstore)
     counts: Counter[str] = Counter()
     for rows in shards:
         counts.update(

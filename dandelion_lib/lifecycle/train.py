@@ -8,7 +8,7 @@ The recipe itself lives in the training layer: the data it reads
 (:mod:`dandelion_lib.training.inputs`), the backbone features
 (:mod:`dandelion_lib.training.extraction`) and the fitting
 (:mod:`dandelion_lib.training.fitting`); this module keeps what needs MLflow, the serving
-path (the ONNX feature extractor, the Predictor, the runtime build), evaluation and the
+path (the Predictor, the runtime build), evaluation and the
 registry.
 """
 
@@ -26,7 +26,6 @@ from typing import Any
 import keras
 import mlflow
 import numpy as np
-import numpy.typing as npt
 import pandas as pd
 import tensorflow as tf
 from mlflow import MlflowClient
@@ -38,6 +37,7 @@ from dandelion_lib.core.features import STAT_COLUMNS
 from dandelion_lib.core.storage import open_store
 from dandelion_lib.data import dataset
 from dandelion_lib.lifecycle import evaluate, monitoring, registry, scorecard, scoring
+from dandelion_lib.lifecycle.extractor import feature_extractor, log_extraction
 from dandelion_lib.lifecycle.figures import log_learning_curves, log_report
 from dandelion_lib.serving import runtime
 from dandelion_lib.serving.loading import ModelUnavailableError
@@ -61,85 +61,6 @@ class TrainResult:
     timings: dict[str, float] = field(default_factory=dict)
     model: Any = field(default=None, repr=False)
     report: Any = field(default=None, repr=False)
-
-
-class FeatureExtractor:
-    """The frozen backbone: float32 pixels ``(N, size, size, 3)`` -> features ``(N, D)``.
-
-    On the first batch it converts the backbone to FP32 ONNX Runtime and compares the two on
-    that batch; where they agree within :data:`dandelion_lib.serving.runtime.FP32_PARITY_TOLERANCE`
-    (largest absolute feature difference) every batch runs on ONNX Runtime (about twice as fast
-    as TensorFlow on CPU), otherwise, or when the conversion fails, on the TensorFlow graph.
-    Nothing is converted when every feature comes from the feature store. ``runtime`` says
-    which one ran (``keras`` before the first batch), ``parity`` the difference measured.
-    """
-
-    def __init__(
-        self, backbone: Any, *, max_batch: int, fast: bool = True, threads: int | None = None
-    ) -> None:
-        size = int(backbone.model.input_shape[1])
-        spec = tf.TensorSpec([None, size, size, 3], tf.float32)
-        self.model = backbone.model
-        self.size = size
-        self.graph = tf.function(
-            lambda x: backbone.model(x, training=False), input_signature=[spec]
-        )
-        self.fast = fast
-        self.threads = threads or cpu_limit()
-        self.max_batch = max_batch  # images per ONNX Runtime call (inference_batch_max)
-        self.runtime = "keras"
-        self.parity: float | None = None
-        self.note: str | None = None
-        self._onnx: Any = None
-
-    def __call__(self, batch: Any) -> npt.NDArray[np.float32]:
-        if self.fast and self._onnx is None:
-            self._convert(batch)
-        if self._onnx is not None:
-            return np.asarray(self._onnx(np.asarray(batch, dtype=np.float32))[1])
-        return np.asarray(self.graph(batch))
-
-    def _convert(self, probe: Any) -> None:
-        self.fast = False  # one attempt
-        with tempfile.TemporaryDirectory(prefix="dandelion-backbone-") as tmp:
-            path = Path(tmp) / "backbone.onnx"
-            try:
-                runtime.export_fp32(self.model, self.size, path)
-                onnx = runtime.OnnxForward(
-                    path, threads=self.threads, features=False, max_batch=self.max_batch
-                )
-                reference = np.asarray(self.graph(probe))
-                got = np.asarray(onnx(np.asarray(probe, dtype=np.float32))[1])
-            except Exception as exc:  # any conversion failure: TensorFlow stays
-                self.note = f"ONNX conversion failed: {str(exc).splitlines()[0][:200]}"
-                return
-        self.parity = float(np.abs(reference - got).max()) if reference.size else 0.0
-        if self.parity <= runtime.FP32_PARITY_TOLERANCE:
-            self._onnx, self.runtime = onnx, "onnx"
-        else:
-            self.note = f"ONNX features differ by {self.parity:.1e}"
-
-
-def feature_extractor(backbone: Any, settings: Settings) -> FeatureExtractor:
-    """The backbone's feature extractor (ONNX Runtime where exact, see
-    :class:`FeatureExtractor`; ``extraction_runtime=keras`` keeps TensorFlow)."""
-    return FeatureExtractor(
-        backbone,
-        max_batch=settings.serving.inference_batch_max,
-        fast=settings.training.extraction_runtime == "auto",
-        threads=settings.serving.inference_threads,
-    )
-
-
-def _log_extraction(extractor: Any) -> None:
-    """Which runtime extracted the features (and its measured difference from TensorFlow)."""
-    if not isinstance(extractor, FeatureExtractor):
-        return
-    mlflow.set_tag("extraction_runtime", extractor.runtime)
-    if extractor.parity is not None:
-        mlflow.log_metric("extraction_onnx_max_abs_diff", extractor.parity)
-    if extractor.note:
-        mlflow.set_tag("extraction_runtime_note", extractor.note)
 
 
 def _log_epochs(history: dict[str, list[float]]) -> None:
@@ -190,11 +111,11 @@ def _fit_frozen(
         if settings.training.feature_cache
         else None
     )
-    extractor = feature_extractor(backbone, settings)
+    extractor = feature_extractor(backbone, settings, cache=fstore)
     head, counts = fit_cached(config, backbone, data, extractor, log, laps, fstore=fstore)
     mlflow.log_metrics({k: float(v) for k, v in counts.items()})
     mlflow.log_param("feature_store_key", fstore.key if fstore is not None else "None")
-    _log_extraction(extractor)
+    log_extraction(extractor)
     return head
 
 

@@ -5,7 +5,7 @@ alone, so it is cached too); and the same work ahead of training, in shards (the
 mapped ``extract_features`` tasks).
 
 An *extractor* is any callable from a batch of float32 model inputs to features ``(N, D)``:
-the backbone's graph, or :class:`dandelion_lib.lifecycle.train.FeatureExtractor`, which runs
+the backbone's graph, or :class:`dandelion_lib.lifecycle.extractor.FeatureExtractor`, which runs
 it on ONNX Runtime where that is exact.
 """
 

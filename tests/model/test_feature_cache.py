@@ -315,13 +315,18 @@ def _task_requests(model_env: Any, store: Any, per_class: int, run_id: str) -> l
 def test_extraction_tasks_read_the_same_at_any_number_of_shards(
     model_env: Any, copied_store: Any, tmp_path: Path
 ) -> None:
-    """A mapped task reads its part of the plan and one compacted feature index: as many
-    requests with 6 shards as with 12, on a cold store and when everything is cached."""
+    """A mapped task reads its part of the plan and one compacted feature index (and, when it
+    extracts, the backbone converted by the store's first task): as many requests with 6
+    shards as with 12, on a cold store and when everything is cached."""
     small_store = open_store(model_env.settings, (tmp_path / "small").as_uri())
     shutil.copytree(Path(copied_store.root), tmp_path / "small")
     for run in ("cold", "warm"):
         small = _task_requests(model_env, small_store, 3, run)  # 18 images: 6 shards
         large = _task_requests(model_env, copied_store, 6, run)  # 36 images: 12 shards
+        if run == "cold":  # each store's first task finds no converted backbone (one read)
+            assert small[0]["get"] == small[1]["get"] - 1 == large[0]["get"] == large[1]["get"] - 1
+            small[0]["get"] += 1  # and stores it; every later task reads it (two reads)
+            large[0]["get"] += 1
         every = small + large
         assert all(calls == every[0] for calls in every), (run, every)
         assert every[0]["list"] == 0

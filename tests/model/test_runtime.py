@@ -297,7 +297,7 @@ def test_training_extracts_features_on_onnx_where_exact(
 ) -> None:
     """The real backbone's training run extracted on ONNX Runtime; the rule itself (convert
     on first use, keep TensorFlow where ONNX Runtime differs) on the test stand-in."""
-    from dandelion_lib.lifecycle.train import FeatureExtractor, feature_extractor
+    from dandelion_lib.lifecycle.extractor import FeatureExtractor, feature_extractor
     from dandelion_lib.training import model as model_lib
 
     # the real backbone's tiny model was trained so: the run says which runtime extracted
@@ -325,3 +325,60 @@ def test_training_extracts_features_on_onnx_where_exact(
     drifting.graph = lambda x: np.asarray(graph(x)) + 1e-3  # a TensorFlow that disagrees
     drifting(photos[:8])
     assert drifting.runtime == "keras" and drifting.note and "differ by 1.0e-03" in drifting.note
+
+
+def test_the_converted_backbone_is_stored_once_and_read_by_every_later_extractor(
+    tmp_path: Path, photos: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first extractor of a backbone converts it and stores the graph in the feature
+    store; a later one (another task, another training) reads it and converts nothing; a
+    stored graph that is not what its record names is converted again. On the test
+    stand-in backbone; the store is a real local one."""
+    from dandelion_lib.core.features import FeatureSpec
+    from dandelion_lib.core.storage import LocalStore
+    from dandelion_lib.lifecycle.extractor import converted_variant, feature_extractor
+    from dandelion_lib.training import model as model_lib
+    from dandelion_lib.training.extraction import open_feature_store
+
+    backbone = model_lib.build_backbone(STAND_IN, "imagenet", photos.shape[1])
+    store = LocalStore(tmp_path / "store")
+    fstore = open_feature_store(store, FeatureSpec(image_size=photos.shape[1]), backbone)
+    variant = converted_variant()
+    assert re.fullmatch(r"[0-9a-f]{32}", variant) and converted_variant() == variant
+    stored = f"features/{fstore.key}/converted/{variant}"
+
+    first = feature_extractor(backbone, Settings(), cache=fstore)
+    features = first(photos[:8])
+    assert (first.runtime, first.cached) == ("onnx", False) and first.parity is not None
+    assert (
+        store.exists(f"{stored}.bin") and store.get_json(f"{stored}.json")["parity"] == first.parity
+    )
+
+    exports: list[Path] = []
+    export = runtime.export_fp32
+    monkeypatch.setattr(runtime, "export_fp32", lambda *a: exports.append(a[2]) or export(*a))
+    later = feature_extractor(backbone, Settings(), cache=fstore)
+    np.testing.assert_array_equal(later(photos[:8]), features)  # the same graph
+    assert (later.runtime, later.cached, later.parity, exports) == ("onnx", True, first.parity, [])
+
+    store.put_bytes(f"{stored}.bin", b"not the graph its record names")
+    again = feature_extractor(backbone, Settings(), cache=fstore)
+    np.testing.assert_allclose(again(photos[:8]), features, atol=runtime.FP32_PARITY_TOLERANCE)
+    assert (again.runtime, again.cached, len(exports)) == ("onnx", False, 1)
+    assert fstore.get_converted(variant) is not None  # stored anew, whole
+    assert feature_extractor(backbone, Settings(), cache=fstore)(photos[:2]).shape[0] == 2
+    assert len(exports) == 1
+
+    # a graph that does not reproduce TensorFlow is neither used nor stored
+    from dandelion_lib.lifecycle.extractor import FeatureExtractor
+
+    other = LocalStore(tmp_path / "other")
+    drifting = FeatureExtractor(
+        backbone,
+        max_batch=8,
+        cache=open_feature_store(other, FeatureSpec(image_size=photos.shape[1]), backbone),
+    )
+    graph = drifting.graph
+    drifting.graph = lambda x: np.asarray(graph(x)) + 1e-3
+    drifting(photos[:8])
+    assert drifting.runtime == "keras" and not list(other.list("features/"))

@@ -212,3 +212,23 @@ def test_compaction_keeps_one_index_and_drops_stay_dropped(store: Any) -> None:
     later = FeatureStore(store, fs.key)
     assert later.index()[(SHAS[2], "none")].shard != shard
     assert later.get(SHAS[:4])[1] == []
+
+
+def test_the_converted_backbone_is_found_whole_or_not_at_all(store: Any) -> None:
+    fs = FeatureStore(store, _key())
+    variant = "ab" * 16
+    assert fs.get_converted(variant) is None  # nothing stored yet
+    fs.put_converted(variant, b"graph bytes", {"parity": 1e-6})
+    data, record = fs.get_converted(variant) or (b"", {})
+    assert data == b"graph bytes" and record["parity"] == 1e-6
+    assert FeatureStore(store, _key()).get_converted("cd" * 16) is None  # another converter
+
+    # bytes that are not what the record names (overwritten, or a torn write): not used
+    store.put_bytes(f"features/{_key()}/converted/{variant}.bin", b"other bytes")
+    assert fs.get_converted(variant) is None
+    fs.put_converted(variant, b"graph bytes", {"parity": 1e-6})  # stored anew, whole
+    assert fs.get_converted(variant) == (b"graph bytes", record)
+    store.put_bytes(f"features/{_key()}/converted/{variant}.json", b"{not json")
+    assert fs.get_converted(variant) is None
+    with pytest.raises(ValueError, match="hex digits"):
+        fs.get_converted("../escape")
