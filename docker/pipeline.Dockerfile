@@ -18,8 +18,11 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 UV_COMPILE_BYTECODE=1 UV_
 RUN pip install --no-cache-dir uv==0.13.9 && python -m venv --without-pip /opt/venv
 WORKDIR /src
 COPY requirements.lock pyproject.toml README.md ./
-# The locked dependencies in their own layer, installed against an empty package: a change to
-# dandelion_lib/ then rebuilds only the small layer below, not the TensorFlow/Airflow install.
+# The locked dependencies, installed against an empty package: the environment (TensorFlow,
+# Airflow; about 2 GB) depends only on the lock and pyproject.toml, and the `dandelion` command
+# and the package's metadata come from pyproject.toml. The library itself is copied over the
+# empty package in the final stage, so a change to dandelion_lib/ rebuilds a layer of a few
+# hundred KB instead of copying the whole environment again.
 # The `pipeline` extra brings `train` (TensorFlow) and psycopg 3, the PostgreSQL driver of the
 # Airflow metadata DB (sync and async engines).
 RUN mkdir dandelion_lib && touch dandelion_lib/__init__.py \
@@ -28,9 +31,6 @@ RUN mkdir dandelion_lib && touch dandelion_lib/__init__.py \
     && /opt/venv/bin/python -m ipykernel install --prefix /opt/venv \
         --name dandelion --display-name "Python (dandelion)" \
     && rm -rf dandelion_lib build dandelion.egg-info
-COPY dandelion_lib/ dandelion_lib/
-RUN uv pip install --python /opt/venv/bin/python --no-deps --reinstall-package dandelion . \
-    && rm -rf build dandelion.egg-info
 
 FROM python:3.11.14-slim-bookworm
 LABEL org.opencontainers.image.title="dandelion-pipeline" \
@@ -61,6 +61,10 @@ COPY docker/healthcheck.py /usr/local/bin/dandelion-healthcheck
 # in git, COPY keeps the mode.
 COPY docker/entrypoint.sh /entrypoint
 COPY docker/clean-logs.sh /clean-logs
+# The library over the empty package of the environment's layer, compiled as the rest is.
+ARG SITE_PACKAGES=/opt/venv/lib/python3.11/site-packages
+COPY dandelion_lib/ ${SITE_PACKAGES}/dandelion_lib/
+RUN python -m compileall -q ${SITE_PACKAGES}/dandelion_lib
 # Baked-in DAGs and notebooks, on compose and on Kubernetes alike (no git-sync): the DAGs always
 # match the library of the same image.
 WORKDIR /opt/dandelion
