@@ -127,7 +127,7 @@ class FeatureStore:
         inputs: dict[str, Any] | None = None,
         index: str | None = None,
     ):
-        if not key or not all(c in "0123456789abcdef" for c in key):
+        if not _is_hex(key):
             raise ValueError(f"feature key must be hex digits, not {key!r}")
         self.store = store
         self.key = key
@@ -328,7 +328,7 @@ class FeatureStore:
     # -- the converted backbone -------------------------------------------------------------
 
     def _converted_keys(self, variant: str) -> tuple[str, str]:
-        if not variant or not all(c in "0123456789abcdef" for c in variant):
+        if not _is_hex(variant):
             raise ValueError(f"converted-backbone variant must be hex digits, not {variant!r}")
         return f"{self.root}/converted/{variant}.bin", f"{self.root}/converted/{variant}.json"
 
@@ -360,6 +360,11 @@ class FeatureStore:
             self.store.put_json(record_key, {**record, "sha256": sha256_hex(data)})
         except StoreError as exc:  # an optimisation: the next reader converts again
             log.warning("cannot store the converted backbone of key %s: %s", self.key, exc)
+
+
+def _is_hex(text: str) -> bool:
+    """Lower-case hex digits, at least one: a name that is safe inside an object key."""
+    return bool(text) and all(c in "0123456789abcdef" for c in text)
 
 
 def _new_id() -> str:

@@ -293,12 +293,15 @@ def test_registration_stops_when_fp32_does_not_reproduce_keras(
 
 
 def test_training_extracts_features_on_onnx_where_exact(
-    lite0_trained: Any, mlflow_client: Any, photos: np.ndarray
+    lite0_trained: Any, mlflow_client: Any, photos: np.ndarray, tmp_path: Path
 ) -> None:
     """The real backbone's training run extracted on ONNX Runtime; the rule itself (convert
     on first use, keep TensorFlow where ONNX Runtime differs) on the test stand-in."""
+    from dandelion_lib.core.features import FeatureSpec
+    from dandelion_lib.core.storage import LocalStore
     from dandelion_lib.lifecycle.extractor import FeatureExtractor, feature_extractor
     from dandelion_lib.training import model as model_lib
+    from dandelion_lib.training.extraction import open_feature_store
 
     # the real backbone's tiny model was trained so: the run says which runtime extracted
     run = mlflow_client.get_run(lite0_trained.run_id)
@@ -319,12 +322,16 @@ def test_training_extracts_features_on_onnx_where_exact(
     slow = feature_extractor(backbone, Settings(extraction_runtime="keras"))
     assert np.array_equal(slow(photos[:8]), reference) and slow.runtime == "keras"
 
-    # where ONNX Runtime does not reproduce TensorFlow, TensorFlow stays, and it says why
-    drifting = FeatureExtractor(backbone, max_batch=8)
+    # where ONNX Runtime does not reproduce TensorFlow, TensorFlow stays, it says why, and
+    # the feature store it was given holds no converted graph
+    store = LocalStore(tmp_path / "store")
+    cache = open_feature_store(store, FeatureSpec(image_size=photos.shape[1]), backbone)
+    drifting = FeatureExtractor(backbone, max_batch=8, cache=cache)
     graph = drifting.graph
     drifting.graph = lambda x: np.asarray(graph(x)) + 1e-3  # a TensorFlow that disagrees
     drifting(photos[:8])
     assert drifting.runtime == "keras" and drifting.note and "differ by 1.0e-03" in drifting.note
+    assert not list(store.list("features/"))
 
 
 def test_the_converted_backbone_is_stored_once_and_read_by_every_later_extractor(
@@ -332,8 +339,9 @@ def test_the_converted_backbone_is_stored_once_and_read_by_every_later_extractor
 ) -> None:
     """The first extractor of a backbone converts it and stores the graph in the feature
     store; a later one (another task, another training) reads it and converts nothing; a
-    stored graph that is not what its record names is converted again. On the test
-    stand-in backbone; the store is a real local one."""
+    stored graph that is not what its record names is converted again (a graph that does
+    not reproduce TensorFlow is never stored: the test above). On the test stand-in
+    backbone; the store is a real local one."""
     from dandelion_lib.core.features import FeatureSpec
     from dandelion_lib.core.storage import LocalStore
     from dandelion_lib.lifecycle.extractor import converted_variant, feature_extractor
@@ -368,17 +376,3 @@ def test_the_converted_backbone_is_stored_once_and_read_by_every_later_extractor
     assert fstore.get_converted(variant) is not None  # stored anew, whole
     assert feature_extractor(backbone, Settings(), cache=fstore)(photos[:2]).shape[0] == 2
     assert len(exports) == 1
-
-    # a graph that does not reproduce TensorFlow is neither used nor stored
-    from dandelion_lib.lifecycle.extractor import FeatureExtractor
-
-    other = LocalStore(tmp_path / "other")
-    drifting = FeatureExtractor(
-        backbone,
-        max_batch=8,
-        cache=open_feature_store(other, FeatureSpec(image_size=photos.shape[1]), backbone),
-    )
-    graph = drifting.graph
-    drifting.graph = lambda x: np.asarray(graph(x)) + 1e-3
-    drifting(photos[:8])
-    assert drifting.runtime == "keras" and not list(other.list("features/"))
