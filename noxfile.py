@@ -105,18 +105,40 @@ CLI, kernels, Airflow, Voila) compiles TensorFlow, MLflow and Airflow from sourc
 takes about as long as collecting the whole suite."""
 
 
+MAX_TEST_WORKERS = 4
+"""``nox -s tests`` runs at most this many test processes unless told otherwise: each holds
+its own servers and TensorFlow (about 2 GiB)."""
+
+
+def test_workers() -> int:
+    """How many processes ``nox -s tests`` runs the suite in: ``DANDELION_TEST_WORKERS``, or
+    the CPUs this process may use, at most :data:`MAX_TEST_WORKERS`. 1 runs it in one process
+    (``.ci/run`` does, since the slow suite runs beside it and already uses the other core)."""
+    value = os.environ.get("DANDELION_TEST_WORKERS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise SystemExit(f"DANDELION_TEST_WORKERS must be a whole number >= 1, not {value!r}")
+        return int(value)
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_TEST_WORKERS))
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Default test suite (fast and medium tests; excludes the `slow` marker), with coverage
     of dandelion_lib, api and dashboards, also in the processes the tests start.
 
     The floor (``fail_under`` in pyproject's ``[tool.coverage.report]``) applies to the full
-    suite; a run limited by arguments (``nox -s tests -- tests/api``) only reports.
+    suite; a run limited by arguments (``nox -s tests -- tests/api``) only reports. The suite
+    runs in :func:`test_workers` processes, a module's tests in one of them (tests/README.md,
+    "Tiers"); arguments run in one process.
     """
     cov = ["--cov", "--cov-report=term:skip-covered"]
+    workers: list[str] = []
     if session.posargs:
         cov.append("--cov-fail-under=0")
-    _run(session, "pytest", *cov, "--durations=15", *session.posargs, env=KEEP_BYTECODE)
+    elif test_workers() > 1:
+        workers = ["-n", str(test_workers()), "--dist", "loadscope"]
+    _run(session, "pytest", *cov, *workers, "--durations=15", *session.posargs, env=KEEP_BYTECODE)
 
 
 UNIT_TESTS = (

@@ -12,6 +12,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,15 +41,54 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
 UNIT = Path(__file__).resolve().parent / "unit"
+REAL_BACKBONE_FIXTURES = ("lite0_trained", "lite0_predictor")
+"""Session fixtures that train the real backbone (tests/model/conftest.py): about 100 s."""
+REAL_BACKBONE_MODULES = (
+    "tests/model/test_behaviour.py",
+    "tests/model/test_evaluate.py",
+    "tests/model/test_openset_model.py",
+    "tests/model/test_promote.py",
+    "tests/model/test_runtime.py",
+    "tests/model/test_train.py",
+)
+"""The modules whose tests use them: with several test processes (``nox -s tests``,
+``DANDELION_TEST_WORKERS``) they run in one process, so the real backbone is trained once."""
+SHARED_TRAINING_SCOPE = "real-backbone"
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects on the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test of tests/unit is in the fast tier (mark ``unit``, ``nox -s unit``); a test
-    elsewhere joins it with ``@pytest.mark.unit`` (tests/README.md, "Tiers")."""
+    elsewhere joins it with ``@pytest.mark.unit`` (tests/README.md, "Tiers"). A test that
+    uses the real backbone's training outside :data:`REAL_BACKBONE_MODULES` is an error:
+    with several processes it would train it a second time."""
     for item in items:
         if item.path.is_relative_to(UNIT):
             item.add_marker(pytest.mark.unit)
+        uses = set(getattr(item, "fixturenames", ())) & set(REAL_BACKBONE_FIXTURES)
+        module = item.nodeid.split("::", 1)[0]
+        if uses and module not in REAL_BACKBONE_MODULES:
+            raise pytest.UsageError(
+                f"{module} uses {', '.join(sorted(uses))}: add it to REAL_BACKBONE_MODULES "
+                "in tests/conftest.py"
+            )
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With several test processes (``-n``, ``--dist loadscope``, as ``nox -s tests`` runs
+    them): each module's tests run in one process (its module fixtures set up once), and
+    the modules of :data:`REAL_BACKBONE_MODULES` all in the same one."""
+    if config.getoption("dist", None) != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedTrainingScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.split("::", 1)[0] in REAL_BACKBONE_MODULES:
+                return SHARED_TRAINING_SCOPE
+            return str(super()._split_scope(nodeid))
+
+    return SharedTrainingScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
