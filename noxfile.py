@@ -136,8 +136,8 @@ def tests(session: nox.Session) -> None:
     workers: list[str] = []
     if session.posargs:
         cov.append("--cov-fail-under=0")
-    elif test_workers() > 1:
-        workers = ["-n", str(test_workers()), "--dist", "loadscope"]
+    elif (count := test_workers()) > 1:
+        workers = ["-n", str(count), "--dist", "loadscope"]
     _run(session, "pytest", *cov, *workers, "--durations=15", *session.posargs, env=KEEP_BYTECODE)
 
 

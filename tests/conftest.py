@@ -41,8 +41,8 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
 UNIT = Path(__file__).resolve().parent / "unit"
-REAL_BACKBONE_FIXTURES = ("lite0_trained", "lite0_predictor")
-"""Session fixtures that train the real backbone (tests/model/conftest.py): about 100 s."""
+REAL_BACKBONE_FIXTURES = frozenset({"lite0_trained", "lite0_predictor"})
+"""Session fixtures that train the real backbone (tests/model/conftest.py): about a minute."""
 REAL_BACKBONE_MODULES = (
     "tests/model/test_behaviour.py",
     "tests/model/test_evaluate.py",
@@ -56,6 +56,11 @@ REAL_BACKBONE_MODULES = (
 SHARED_TRAINING_SCOPE = "real-backbone"
 
 
+def _module(nodeid: str) -> str:
+    """The test file of a node id (``tests/x/test_y.py::test_z[p]`` -> ``tests/x/test_y.py``)."""
+    return nodeid.split("::", 1)[0]
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects on the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test of tests/unit is in the fast tier (mark ``unit``, ``nox -s unit``); a test
@@ -65,8 +70,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.is_relative_to(UNIT):
             item.add_marker(pytest.mark.unit)
-        uses = set(getattr(item, "fixturenames", ())) & set(REAL_BACKBONE_FIXTURES)
-        module = item.nodeid.split("::", 1)[0]
+        uses = REAL_BACKBONE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        module = _module(item.nodeid)
         if uses and module not in REAL_BACKBONE_MODULES:
             raise pytest.UsageError(
                 f"{module} uses {', '.join(sorted(uses))}: add it to REAL_BACKBONE_MODULES "
@@ -84,7 +89,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     class SharedTrainingScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            if nodeid.split("::", 1)[0] in REAL_BACKBONE_MODULES:
+            if _module(nodeid) in REAL_BACKBONE_MODULES:
                 return SHARED_TRAINING_SCOPE
             return str(super()._split_scope(nodeid))
 
